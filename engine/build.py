@@ -1,0 +1,133 @@
+"""Builds a run from its config: mesh, tokenizer, labels, model, sharded params, optimizer.
+
+The order matters: the trainability spec is compiled against the abstract param tree
+(LoRA leaves included), and its `frozen_prefix` then goes back into the model so the
+frozen stages run forward-only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from engine import sharding
+from engine.config import Config
+from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator
+from engine.errors import TenureError
+from engine.losses import task_losses
+from engine.optim import build_optimizer
+from engine.step import TrainState, init_state
+from engine.trainability import Trainability, compile_trainability
+from models.hf import load_hf, resolve_model_dir
+from models.tasks import build_task_model
+
+LABELLED = ("seq_cls", "pair_cls", "token_cls")
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    model_dir: str
+    arch: Any
+    tokenizer: Any
+    label_vocab: Any
+    model: Any
+    trainability: Trainability
+    tx: Any
+    losses: dict
+    state: TrainState
+    state_shardings: Any
+    total_steps: int
+    train_iter: Any
+    eval_batches: dict[str, list[dict]]  # split -> process-local numpy batches
+
+
+def _num_labels(cfg: Config, label_vocab) -> int | None:
+    if cfg.task.kind in LABELLED:
+        return len(label_vocab)
+    return 1 if cfg.task.kind == "regression" else None
+
+
+def _lora_spec(cfg: Config):
+    from models.lora import LoRASpec
+    if cfg.trainable.mode != "lora":
+        return None
+    lora = cfg.trainable.lora
+    return LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets), dropout=lora.dropout)
+
+
+def _model(cfg: Config, arch, num_labels, frozen_prefix: int):
+    if cfg.model.dropout is not None:
+        arch = arch.with_dropout(cfg.model.dropout)
+    return build_task_model(
+        arch, cfg.task.kind, num_labels=num_labels, pooling=cfg.task.pooling,
+        lora=_lora_spec(cfg), dtype=cfg.model.dtype, remat=cfg.model.remat,
+        frozen_prefix=frozen_prefix, normalize=cfg.task.normalize)
+
+
+def total_steps(cfg: Config, num_train_examples: int) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    if cfg.train.epochs:
+        return max(1, math.ceil(cfg.train.epochs * num_train_examples / cfg.data.batch_size))
+    raise TenureError("config: set train.steps or train.epochs")
+
+
+def _overlay(params: dict, loaded: dict, where: str) -> dict:
+    """Copies pretrained arrays into the initialised tree; shapes must agree exactly."""
+    out = dict(params)
+    for key, value in loaded.items():
+        if key not in params:
+            raise TenureError(f"{where}: checkpoint has '{key}' that the model does not")
+        if isinstance(value, dict):
+            out[key] = _overlay(params[key], value, f"{where}/{key}")
+        else:
+            if tuple(params[key].shape) != tuple(np.shape(value)):
+                raise TenureError(f"{where}/{key}: shape {np.shape(value)} in the checkpoint, "
+                                  f"{tuple(params[key].shape)} in the model")
+            out[key] = jax.device_put(np.asarray(value, np.float32), params[key].sharding)
+    return out
+
+
+def build_run(cfg: Config) -> Run:
+    mesh = sharding.make_mesh(cfg.mesh)
+    model_dir = resolve_model_dir(cfg.model.path)
+    arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
+    label_vocab = build_label_vocab(cfg.data, cfg.task.kind) if cfg.task.kind in LABELLED else None
+    num_labels = _num_labels(cfg, label_vocab)
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = build_train_iterator(cfg.data, cfg.task.kind, tokenizer, label_vocab,
+                                      seed=cfg.train.seed, **where)
+    eval_batches = {split: list(build_eval_batches(cfg.data, split, cfg.task.kind, tokenizer,
+                                                   label_vocab, **where))
+                    for split in ("validation", "test") if getattr(cfg.data, split)}
+    sample_batch = next(iter(eval_batches.values()))[0] if eval_batches else train_iter.peek()
+
+    probe = _model(cfg, arch, num_labels, frozen_prefix=0)
+    rng = jax.random.key(cfg.train.seed)
+    abstract = jax.eval_shape(lambda: probe.init(rng, sample_batch, deterministic=True)["params"])
+    trainability = compile_trainability(
+        abstract, cfg.trainable, num_layers=arch.num_layers)
+    model = _model(cfg, arch, num_labels, frozen_prefix=trainability.frozen_prefix)
+
+    params, param_shardings = sharding.init_sharded(
+        lambda: model.init(rng, sample_batch, deterministic=True)["params"], mesh)
+    if cfg.model.init == "pretrained":
+        params = dict(params)
+        params["backbone"] = _overlay(params["backbone"], pretrained, "backbone")
+        if pretrained_head and cfg.task.kind in ("mlm", "causal_lm", "sft"):
+            params["head"] = _overlay(params["head"], pretrained_head, "head")
+
+    steps = total_steps(cfg, train_iter.num_examples)
+    tx = build_optimizer(cfg.optim, trainability, steps)
+    state, state_shardings = init_state(params, param_shardings, tx, mesh,
+                                        jax.random.key(cfg.train.seed + 1))
+    return Run(cfg=cfg, mesh=mesh, model_dir=str(model_dir), arch=arch, tokenizer=tokenizer,
+               label_vocab=label_vocab, model=model, trainability=trainability, tx=tx,
+               losses=task_losses(cfg.task.kind, cfg.task), state=state,
+               state_shardings=state_shardings, total_steps=steps,
+               train_iter=train_iter, eval_batches=eval_batches)

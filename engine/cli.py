@@ -1,0 +1,112 @@
+"""`tenure` command line: train, eval, data inspect, hf check / export.
+
+User errors (`TenureError`) print as one line on stderr and exit with code 2; heavy
+imports happen inside each command so `tenure --help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from engine.errors import TenureError
+
+
+def _cmd_train(args) -> int:
+    from engine.config import load_config
+    from engine.train import train
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from engine.config import load_config
+    from engine.train import evaluate_checkpoint
+    evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.split)
+    return 0
+
+
+def _cmd_data_inspect(args) -> int:
+    from engine.config import load_config
+    from engine.data.inspect import inspect_data
+    from models.hf import load_tokenizer, resolve_model_dir
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model.path))
+    print(inspect_data(cfg.data, cfg.task.kind, tokenizer))
+    return 0
+
+
+def _cmd_hf_check(args) -> int:
+    from models.parity import check_parity
+    report = check_parity(args.dir, tolerance=args.tolerance)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_export(args) -> int:
+    from engine.config import load_config
+    from engine.train import export_checkpoint
+    export_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out,
+                      merge_lora=not args.lora_adapter)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tenure",
+        description="Fine-tune pretrained transformers in JAX and measure what they forget.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p):
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="config overrides, e.g. train.steps=100 optim.lr=3e-5")
+        return p
+
+    p = with_config(sub.add_parser("train", help="fine-tune a model as the config says"))
+    p.set_defaults(fn=_cmd_train)
+
+    p = with_config(sub.add_parser("eval", help="evaluate a checkpoint or HF directory"))
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir, checkpoint dir, step dir or HF model directory")
+    p.add_argument("--split", default="test", choices=["validation", "test"])
+    p.set_defaults(fn=_cmd_eval)
+
+    p = with_config(sub.add_parser("export", help="write a checkpoint as an HF model directory"))
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or step dir")
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--lora-adapter", action="store_true",
+                   help="write LoRA as a PEFT adapter instead of merging it")
+    p.set_defaults(fn=_cmd_export)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = with_config(data.add_parser(
+        "inspect", help="counts, labels, lengths, duplicates and bad records per split"))
+    p.set_defaults(fn=_cmd_data_inspect)
+
+    hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(
+        dest="hf_command", required=True, metavar="HF_COMMAND")
+    p = hf.add_parser("check", help="compare the engine's forward pass with HF PyTorch")
+    p.add_argument("dir", help="HF model directory (config.json + *.safetensors), or 'minilm'")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed")
+    p.set_defaults(fn=_cmd_hf_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TenureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

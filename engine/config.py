@@ -1,0 +1,156 @@
+"""Typed run config: YAML file + `key.sub=value` overrides -> validated `Config`.
+
+Each part of the engine owns its section as a pydantic model (extra keys forbidden);
+this module composes them and turns every validation failure into one `TenureError`
+line that names the key, so a typo never reaches the training loop.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.checkpoint import CheckpointConfig
+from engine.data.config import DataConfig
+from engine.errors import TenureError
+from engine.optim import OptimConfig
+from engine.sharding import MeshConfig
+from engine.trainability import TrainableConfig
+
+TaskKind = Literal[
+    "seq_cls", "pair_cls", "token_cls", "regression", "sft", "causal_lm", "mlm", "embedding"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(description="HF model directory (config.json + safetensors), or the alias 'minilm'")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="'random' keeps the architecture but re-initialises all weights")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype; parameters and optimizer state stay float32")
+    remat: Literal["none", "full", "dots"] = Field(
+        "none", description="rematerialisation policy for transformer layers")
+    dropout: float | None = Field(None, ge=0, lt=1, description="override the checkpoint's dropout rates")
+
+
+class TaskConfig(Section):
+    kind: TaskKind = Field(description="what the model is fine-tuned to do")
+    pooling: Literal["cls", "mean", "last"] | None = Field(
+        None, description="sequence pooling for classification/regression/embeddings; default per family")
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature (embedding task)")
+    normalize: bool = Field(True, description="L2-normalise embeddings (embedding task)")
+    max_new_tokens: int = Field(32, ge=1, description="greedy decoding length for generation metrics")
+    generation_examples: int = Field(
+        64, ge=0, description="examples decoded for BLEU/ROUGE per evaluation (0 = skip generation)")
+    few_shot: int = Field(
+        3, ge=0, description="k training examples in the prompt for the few-shot baseline (decoders)")
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(0, ge=0, description="evaluations without improvement before stopping (0 = off)")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as improvement")
+
+
+class TrainConfig(Section):
+    steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data when steps is unset")
+    seed: int = Field(0, description="seed for init, shuffling and dropout")
+    log_every: int = Field(10, ge=1, description="steps between TensorBoard scalar writes")
+    eval_every: int = Field(100, ge=1, description="steps between validation evaluations")
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    resume: bool = Field(True, description="resume from the newest good checkpoint in the run dir")
+
+
+class EvalConfig(Section):
+    metric: str = Field("accuracy", description="validation metric that picks the best checkpoint")
+    mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better")
+    max_batches: int | None = Field(None, ge=1, description="cap evaluation batches (None = all)")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(True, description="write TensorBoard event files under <run_dir>/tb")
+    progress: bool = Field(True, description="show a progress bar (plain lines when not a TTY)")
+
+
+class Config(Section):
+    run_dir: str = Field("runs/default", description="where logs, checkpoints and the HF export go")
+    model: ModelConfig
+    task: TaskConfig
+    data: DataConfig
+    trainable: TrainableConfig = TrainableConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise TenureError(f"override {text!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal string
+    return key.split("."), value
+
+
+def _set_path(tree: dict, keys: list[str], value: Any, where: str) -> None:
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise TenureError(f"{where}: '{'.'.join(keys[:i + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if kind == "missing":
+        return f"missing config key '{key}'"
+    return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def validate(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise TenureError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
+    """Reads YAML at `path`, applies `key.sub=value` overrides, validates."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise TenureError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TenureError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise TenureError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_path(tree, keys, value, f"override {text!r}")
+    return validate(tree, str(path))
+
+
+def to_dict(cfg: Config) -> dict:
+    """JSON-ready dict of the full config, defaults included (saved with checkpoints)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,131 @@
+"""Evaluators: one per task kind, each a jitted reducer plus host-side metrics.
+
+The jitted part turns a batch into small per-example arrays (predictions, labels,
+summed token NLL) so only those leave the device; the host part feeds them to the
+metric functions in `engine.metrics`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from engine import metrics, sharding
+
+IGNORE = -100
+
+
+def _token_nll(logits_BxLxV, labels_BxL, shift: bool):
+    if shift:  # causal LM: position t predicts token t+1
+        logits_BxLxV, labels_BxL = logits_BxLxV[:, :-1], labels_BxL[:, 1:]
+    valid_BxL = labels_BxL != IGNORE
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    safe_BxL = jnp.where(valid_BxL, labels_BxL, 0)
+    nll_BxL = -jnp.take_along_axis(logp_BxLxV, safe_BxL[..., None], axis=-1)[..., 0]
+    correct_BxL = jnp.argmax(logp_BxLxV, axis=-1) == safe_BxL
+    return ((nll_BxL * valid_BxL).sum(-1), valid_BxL.sum(-1),
+            (correct_BxL & valid_BxL).sum(-1))
+
+
+def reduce_batch(kind: str, outputs: dict, batch: dict) -> dict[str, jax.Array]:
+    """Per-example arrays for the host metrics (runs inside jit)."""
+    mask_B = batch["example_mask"]
+    if kind in ("seq_cls", "pair_cls"):
+        logits_BxC = outputs["logits"].astype(jnp.float32)
+        nll_B = -jnp.take_along_axis(jax.nn.log_softmax(logits_BxC), batch["labels"][:, None], -1)[:, 0]
+        return dict(pred=jnp.argmax(logits_BxC, -1), label=batch["labels"], nll=nll_B, mask=mask_B)
+    if kind == "token_cls":
+        return dict(pred=jnp.argmax(outputs["logits"], -1), label=batch["labels"], mask=mask_B)
+    if kind == "regression":
+        return dict(pred=outputs["predictions"].astype(jnp.float32), label=batch["labels"], mask=mask_B)
+    if kind in ("mlm", "sft", "causal_lm"):
+        nll_B, count_B, correct_B = _token_nll(outputs["logits"], batch["labels"], shift=kind != "mlm")
+        return dict(nll=nll_B, count=count_B, correct=correct_B, mask=mask_B)
+    if kind == "embedding":
+        return dict(query=outputs["query_embeddings"].astype(jnp.float32),
+                    passage=outputs["passage_embeddings"][:, 0].astype(jnp.float32), mask=mask_B)
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _to_host(tree: dict) -> dict[str, np.ndarray]:
+    # Outputs are replicated, so each process reads its own full copy (works multi-host).
+    return {k: np.asarray(v.addressable_data(0)) for k, v in tree.items()}
+
+
+def _pad_to(array: np.ndarray, length: int) -> np.ndarray:
+    if array.ndim < 2 or array.shape[1] == length:
+        return array
+    return np.pad(array, ((0, 0), (0, length - array.shape[1])), constant_values=IGNORE)
+
+
+def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
+    """Joins batches; token-level arrays from different length buckets pad with IGNORE."""
+    merged = {}
+    for k in parts[0]:
+        length = max(p[k].shape[1] if p[k].ndim > 1 else 0 for p in parts)
+        merged[k] = np.concatenate([_pad_to(p[k], length) for p in parts])
+    keep = merged.pop("mask") > 0
+    return {k: v[keep] for k, v in merged.items()}
+
+
+def task_metrics(kind: str, got: dict[str, np.ndarray], tag_names: list[str] | None) -> dict[str, float]:
+    """Host-side metrics from the concatenated per-example arrays of one split."""
+    if kind in ("seq_cls", "pair_cls"):
+        scores = metrics.classification_metrics(got["pred"], got["label"])
+        scores["loss"] = float(got["nll"].mean())
+        return scores
+    if kind == "token_cls":
+        return metrics.token_labelling_metrics(got["pred"], got["label"], tag_names)
+    if kind == "regression":
+        return metrics.regression_metrics(got["pred"], got["label"])
+    if kind in ("mlm", "sft", "causal_lm"):
+        count = float(got["count"].sum())
+        return {"perplexity": metrics.perplexity(float(got["nll"].sum()), count),
+                "loss": float(got["nll"].sum()) / max(count, 1.0),
+                "token_accuracy": float(got["correct"].sum()) / max(count, 1.0)}
+    if kind == "embedding":
+        scores_QxP = got["query"] @ got["passage"].T  # candidates: every passage in the split
+        return metrics.retrieval_metrics(scores_QxP, np.arange(len(scores_QxP)), ks=(1, 5, 10))
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """Evaluates one task on one split; `generate` adds BLEU/ROUGE for decoders."""
+    kind: str
+    reduce_fn: Callable  # jitted (params, batch) -> per-example arrays
+    tag_names: list[str] | None = None
+    generate: Callable[[Any], dict[str, float]] | None = None
+
+    def __call__(self, params, batches: Iterable[dict]) -> dict[str, float]:
+        parts = [_to_host(self.reduce_fn(params, batch)) for batch in batches]
+        scores = task_metrics(self.kind, _concat(parts), self.tag_names)
+        if self.generate is not None:
+            scores.update(self.generate(params))
+        return scores
+
+
+def make_evaluators(run) -> dict[str, Evaluator]:
+    """One evaluator per split the config names (validation, test)."""
+    mesh, kind = run.mesh, run.cfg.task.kind
+
+    def reduce(params, batch):
+        outputs = run.model.apply({"params": params}, batch, deterministic=True)
+        return reduce_batch(kind, outputs, batch)
+
+    reduce_fn = jax.jit(reduce, in_shardings=(run.state_shardings.params, sharding.batch_sharding(mesh)),
+                        out_shardings=NamedSharding(mesh, P()))
+    tags = run.label_vocab.names if kind == "token_cls" else None
+    evaluators = {}
+    for split in run.eval_batches:
+        generate = None
+        if kind in ("sft", "causal_lm") and run.cfg.task.generation_examples:
+            from engine.generation_eval import make_generation_eval
+            generate = make_generation_eval(run, split)
+        evaluators[split] = Evaluator(kind, reduce_fn, tags, generate)
+    return evaluators

@@ -1,0 +1,63 @@
+"""Config loading: YAML + overrides into typed sections; every mistake is one clear line."""
+import pytest
+
+from engine.config import load_config
+from engine.errors import TenureError
+
+BASE = """
+run_dir: runs/x
+model: {path: minilm}
+task: {kind: seq_cls}
+data: {format: text_label, train: data/wordnet_lexnames/train.jsonl}
+train: {steps: 10}
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE)
+    return path
+
+
+def test_yaml_and_overrides_are_typed(cfg_file):
+    cfg = load_config(cfg_file, ["train.steps=25", "optim.lr=3e-5", "mesh.data=2",
+                                 "trainable.mode=last_n", "trainable.last_n=2", "data.batch_size=8"])
+    assert cfg.train.steps == 25 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.mesh.data == 2
+    assert (cfg.trainable.mode, cfg.trainable.last_n) == ("last_n", 2)
+    assert cfg.data.batch_size == 8
+    assert cfg.model.path == "minilm" and cfg.task.kind == "seq_cls"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=3", "unknown config key 'train.stpes'"),
+    ("train.steps=abc", "config key 'train.steps'"),
+    ("task.kind=poetry", "config key 'task.kind'"),
+    ("optim.lr=-1", "config key 'optim.lr'"),
+    ("nonsense", "expected key.sub=value"),
+    ("run_dir.x=1", "'run_dir' is a value, not a section"),
+])
+def test_bad_keys_and_values_name_the_key(cfg_file, override, message):
+    with pytest.raises(TenureError) as err:
+        load_config(cfg_file, [override])
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_missing_section_and_missing_file(tmp_path, cfg_file):
+    broken = tmp_path / "b.yaml"
+    broken.write_text("model: {path: minilm}\ntask: {kind: seq_cls}\n")
+    with pytest.raises(TenureError, match="missing config key 'data'"):
+        load_config(broken)
+    with pytest.raises(TenureError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: [unclosed\ntask: {kind: seq_cls}\n")
+    with pytest.raises(TenureError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
