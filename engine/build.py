@@ -7,11 +7,11 @@ frozen stages run forward-only.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
+import flax.linen as nn
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from engine import sharding
 from engine.config import Config
@@ -22,9 +22,10 @@ from engine.optim import build_optimizer
 from engine.step import TrainState, init_state
 from engine.trainability import Trainability, compile_trainability
 from models.hf import load_hf, resolve_model_dir
-from models.tasks import build_task_model
+from models.tasks import ENCODER_FAMILIES, build_task_model, graft_pretrained
 
 LABELLED = ("seq_cls", "pair_cls", "token_cls")
+MODEL_KIND = {"sft": "causal_lm"}  # SFT is causal LM whose prompt tokens carry no labels
 
 
 @dataclasses.dataclass
@@ -60,43 +61,47 @@ def _lora_spec(cfg: Config):
     return LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets), dropout=lora.dropout)
 
 
+def _pooling(cfg: Config, arch) -> str:
+    if cfg.task.pooling:
+        return cfg.task.pooling
+    if cfg.task.kind == "embedding":
+        return "mean"
+    return "cls" if type(arch).__name__ in ENCODER_FAMILIES else "last"
+
+
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                  "embd_dropout", "attn_dropout", "resid_dropout", "attention_dropout")
+
+
+def _with_dropout(arch, rate: float | None):
+    """`model.dropout` overrides every dropout rate the architecture config has."""
+    if rate is None:
+        return arch
+    names = {f.name for f in dataclasses.fields(arch)} & set(DROPOUT_FIELDS)
+    return dataclasses.replace(arch, **{name: rate for name in names})
+
+
 def _model(cfg: Config, arch, num_labels, frozen_prefix: int):
-    if cfg.model.dropout is not None:
-        arch = arch.with_dropout(cfg.model.dropout)
     return build_task_model(
-        arch, cfg.task.kind, num_labels=num_labels, pooling=cfg.task.pooling,
-        lora=_lora_spec(cfg), dtype=cfg.model.dtype, remat=cfg.model.remat,
-        frozen_prefix=frozen_prefix, normalize=cfg.task.normalize)
+        arch, MODEL_KIND.get(cfg.task.kind, cfg.task.kind), num_labels=num_labels or 2,
+        pooling=_pooling(cfg, arch), lora=_lora_spec(cfg), dtype=jnp.dtype(cfg.model.dtype),
+        remat=cfg.model.remat, frozen_prefix=frozen_prefix,
+        normalize_embeddings=cfg.task.normalize)
 
 
-def total_steps(cfg: Config, num_train_examples: int) -> int:
+def total_steps(cfg: Config, num_train_batches: int) -> int:
     if cfg.train.steps:
         return cfg.train.steps
-    if cfg.train.epochs:
-        return max(1, math.ceil(cfg.train.epochs * num_train_examples / cfg.data.batch_size))
-    raise TenureError("config: set train.steps or train.epochs")
-
-
-def _overlay(params: dict, loaded: dict, where: str) -> dict:
-    """Copies pretrained arrays into the initialised tree; shapes must agree exactly."""
-    out = dict(params)
-    for key, value in loaded.items():
-        if key not in params:
-            raise TenureError(f"{where}: checkpoint has '{key}' that the model does not")
-        if isinstance(value, dict):
-            out[key] = _overlay(params[key], value, f"{where}/{key}")
-        else:
-            if tuple(params[key].shape) != tuple(np.shape(value)):
-                raise TenureError(f"{where}/{key}: shape {np.shape(value)} in the checkpoint, "
-                                  f"{tuple(params[key].shape)} in the model")
-            out[key] = jax.device_put(np.asarray(value, np.float32), params[key].sharding)
-    return out
+    if cfg.data.num_epochs:
+        return max(1, num_train_batches)
+    raise TenureError("config: set train.steps or data.num_epochs")
 
 
 def build_run(cfg: Config) -> Run:
     mesh = sharding.make_mesh(cfg.mesh)
     model_dir = resolve_model_dir(cfg.model.path)
     arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
+    arch = _with_dropout(arch, cfg.model.dropout)
     label_vocab = build_label_vocab(cfg.data, cfg.task.kind) if cfg.task.kind in LABELLED else None
     num_labels = _num_labels(cfg, label_vocab)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -109,7 +114,7 @@ def build_run(cfg: Config) -> Run:
 
     probe = _model(cfg, arch, num_labels, frozen_prefix=0)
     rng = jax.random.key(cfg.train.seed)
-    abstract = jax.eval_shape(lambda: probe.init(rng, sample_batch, deterministic=True)["params"])
+    abstract = nn.unbox(jax.eval_shape(lambda: probe.init(rng, sample_batch, deterministic=True)["params"]))
     trainability = compile_trainability(
         abstract, cfg.trainable, num_layers=arch.num_layers)
     model = _model(cfg, arch, num_labels, frozen_prefix=trainability.frozen_prefix)
@@ -117,15 +122,13 @@ def build_run(cfg: Config) -> Run:
     params, param_shardings = sharding.init_sharded(
         lambda: model.init(rng, sample_batch, deterministic=True)["params"], mesh)
     if cfg.model.init == "pretrained":
-        params = dict(params)
-        params["backbone"] = _overlay(params["backbone"], pretrained, "backbone")
-        if pretrained_head and cfg.task.kind in ("mlm", "causal_lm", "sft"):
-            params["head"] = _overlay(params["head"], pretrained_head, "head")
+        # Task heads start fresh; LM heads (MLM, untied causal LM) keep their pretrained weights.
+        keep_head = pretrained_head if cfg.task.kind in ("mlm", "causal_lm", "sft") else None
+        params = jax.device_put(graft_pretrained(params, pretrained, keep_head), param_shardings)
 
-    steps = total_steps(cfg, train_iter.num_examples)
+    steps = total_steps(cfg, train_iter.num_batches)
     tx = build_optimizer(cfg.optim, trainability, steps)
-    state, state_shardings = init_state(params, param_shardings, tx, mesh,
-                                        jax.random.key(cfg.train.seed + 1))
+    state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings)
     return Run(cfg=cfg, mesh=mesh, model_dir=str(model_dir), arch=arch, tokenizer=tokenizer,
                label_vocab=label_vocab, model=model, trainability=trainability, tx=tx,
                losses=task_losses(cfg.task.kind, cfg.task), state=state,

@@ -58,8 +58,7 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
-    epochs: float | None = Field(None, gt=0, description="passes over the training data when steps is unset")
+    steps: int | None = Field(None, ge=1, description="optimizer steps; unset = data.num_epochs passes")
     seed: int = Field(0, description="seed for init, shuffling and dropout")
     log_every: int = Field(10, ge=1, description="steps between TensorBoard scalar writes")
     eval_every: int = Field(100, ge=1, description="steps between validation evaluations")
@@ -70,7 +69,6 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     metric: str = Field("accuracy", description="validation metric that picks the best checkpoint")
     mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better")
-    max_batches: int | None = Field(None, ge=1, description="cap evaluation batches (None = all)")
 
 
 class LoggingConfig(Section):

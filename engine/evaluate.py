@@ -120,12 +120,12 @@ def make_evaluators(run) -> dict[str, Evaluator]:
 
     reduce_fn = jax.jit(reduce, in_shardings=(run.state_shardings.params, sharding.batch_sharding(mesh)),
                         out_shardings=NamedSharding(mesh, P()))
-    tags = run.label_vocab.names if kind == "token_cls" else None
+    tags = [str(t) for t in run.label_vocab.labels] if kind == "token_cls" else None
     evaluators = {}
     for split in run.eval_batches:
         generate = None
         if kind in ("sft", "causal_lm") and run.cfg.task.generation_examples:
-            from engine.generation_eval import make_generation_eval
-            generate = make_generation_eval(run, split)
+            from engine.generation_eval import GenerationEval
+            generate = GenerationEval(run, split)
         evaluators[split] = Evaluator(kind, reduce_fn, tags, generate)
     return evaluators

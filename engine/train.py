@@ -17,6 +17,7 @@ from engine.config import Config, to_dict
 from engine.data.pipeline import to_global_batch
 from engine.errors import TenureError
 from engine.evaluate import Evaluator, make_evaluators
+from engine.optim import build_schedule
 from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
 from engine.step import make_train_step
@@ -37,6 +38,10 @@ def _evaluate_all(run: Run, evaluators: dict[str, Evaluator], params, splits) ->
             for name, value in evaluators[split](params, batches).items():
                 scores[f"{split}/{name}"] = value
     return scores
+
+
+def _label_names(run: Run) -> list[str] | None:
+    return [str(label) for label in run.label_vocab.labels] if run.label_vocab else None
 
 
 def _print(msg: str) -> None:
@@ -61,11 +66,13 @@ def train(cfg: Config) -> dict:
     run_dir = pathlib.Path(cfg.run_dir)
     run = build_run(cfg)
     _print(f"model {run.model_dir}  task {cfg.task.kind}  mesh {dict(run.mesh.shape)}  "
-           f"steps {run.total_steps}\n{run.trainability.summary}")
-    step_fn = make_train_step(run.model, run.losses, run.tx, run.mesh, run.state_shardings)
+           f"steps {run.total_steps}\n{run.trainability.summary()}")
+    step_fn = make_train_step(run.model, run.losses, run.tx, run.mesh, run.state_shardings,
+                              lr_schedule=build_schedule(cfg.optim, run.total_steps),
+                              trainable_mask=run.trainability.trainable_mask,
+                              accum_steps=cfg.optim.grad_accum_steps)
     evaluators = make_evaluators(run)
-    ckpt = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", metric=f"validation/{cfg.eval.metric}",
-                        mode=cfg.eval.mode)
+    ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.resolved_dir(run_dir), **_ranking(cfg))
     tb = TBLogger(run_dir / "tb", enabled=distributed.is_primary() and cfg.logging.tensorboard)
     tb.text(0, "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```")
 
@@ -77,6 +84,11 @@ def train(cfg: Config) -> dict:
         _print(f"resumed from step {start} ({ckpt.directory})")
     else:
         history["baseline"] = _evaluate_all(run, evaluators, state.params, ("validation", "test"))
+        for split, evaluator in evaluators.items():  # decoders: the prompting baseline
+            if evaluator.generate is not None and cfg.task.few_shot:
+                few = evaluator.generate(state.params, with_examples=True)
+                history["baseline"].update(
+                    {f"{split}/{cfg.task.few_shot}shot_{k}": v for k, v in few.items()})
         tb.scalars(0, {f"baseline/{k}": v for k, v in history["baseline"].items()})
         _print("baseline (pretrained model, fresh head): " + json.dumps(
             {k: round(v, 4) for k, v in history["baseline"].items()}))
@@ -108,7 +120,7 @@ def train(cfg: Config) -> dict:
             ckpt.save(step, state, run.train_iter.get_state(),
                       extra={"step": step, "history": history, "config": to_dict(cfg),
                              "labels": run.label_vocab.to_json() if run.label_vocab else None},
-                      metrics=scores)
+                      metrics=scores, force=True)
             if stop:
                 _print(f"early stopping at step {step}: no improvement in "
                        f"validation/{cfg.eval.metric} for {cfg.train.early_stopping.patience} evals")
@@ -131,8 +143,7 @@ def train(cfg: Config) -> dict:
     export_dir = run_dir / "hf"
     if distributed.is_primary():
         export_hf(export_dir, run.arch, jax.device_get(final_params), cfg.task.kind, run.tokenizer,
-                  lora=run.model.lora, merge=True, label_names=run.label_vocab.names
-                  if run.label_vocab else None)
+                  lora=run.model.lora, merge=True, labels=_label_names(run))
     tb.close()
     summary = {"baseline": history.get("baseline", {}), "final": history["final"],
                "best_step": final_step, "run_dir": str(run_dir),
@@ -160,28 +171,19 @@ def _log_step(step, metrics, tokens, tb, progress, train_losses, log_every):
                    | {"train/tokens_per_second": progress.tokens_per_second})
 
 
-def _checkpointer_for(cfg: Config, path: str) -> tuple[Checkpointer, int | None]:
-    """A run dir, its checkpoints dir, or one step dir inside it."""
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise TenureError(f"checkpoint not found: {p}")
-    step = None
-    if p.name.isdigit():
-        p, step = p.parent, int(p.name)
-    elif (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    ckpt = Checkpointer(cfg.checkpoint, p, metric=f"validation/{cfg.eval.metric}", mode=cfg.eval.mode)
-    if ckpt.latest_step() is None:
-        raise TenureError(f"{p}: no checkpoint steps in this directory")
-    return ckpt, step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+def _ranking(cfg: Config) -> dict:
+    return dict(best_metric=f"validation/{cfg.eval.metric}", best_mode=cfg.eval.mode)
 
 
 def _restored_run(cfg: Config, path: str) -> tuple[Run, dict, int]:
     if (pathlib.Path(path) / "config.json").is_file():  # an HF directory: weights are the model
         run = build_run(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})}))
         return run, run.state.params, 0
+    ckpt, step = Checkpointer.open(path, cfg.checkpoint, **_ranking(cfg))
+    if ckpt.latest_step() is None:
+        raise TenureError(f"{ckpt.directory}: no checkpoint steps in this directory")
+    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
     run = build_run(cfg)
-    ckpt, step = _checkpointer_for(cfg, path)
     state, _, _ = ckpt.restore(step, _abstract(run.state, run.state_shardings))
     return run, state.params, step
 
@@ -203,5 +205,5 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool) -> Non
     if distributed.is_primary():
         export_hf(pathlib.Path(out), run.arch, jax.device_get(params), cfg.task.kind, run.tokenizer,
                   lora=run.model.lora, merge=merge_lora,
-                  label_names=run.label_vocab.names if run.label_vocab else None)
+                  labels=_label_names(run))
     _print(f"exported step {step} of {path} to {out}")

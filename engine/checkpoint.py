@@ -1,0 +1,310 @@
+"""Orbax checkpoints: train state, per-process data-iterator state and JSON extras per step.
+
+One step directory holds three items:
+- `state`: the train-state pytree (sharded jax.Arrays; restored into any target sharding),
+- `data`:  the data iterator's JSON state, one file per process (`process_{i}-of-{n}.json`),
+- `extra`: a JSON dict (config, label vocab, rng key data, metrics), written by the primary.
+Orbax writes each step into a temporary directory and renames it when complete, so an
+interrupted save never replaces or deletes the previous good step.
+"""
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as policies
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.errors import TenureError
+
+
+class CheckpointConfig(BaseModel):
+    """The `checkpoint` config section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str | None = Field(None, description="checkpoint directory; default <run_dir>/checkpoints")
+    every_steps: int = Field(1000, ge=1, description="save every this many train steps")
+    keep: int = Field(3, ge=1, description="how many of the most recent checkpoints to keep")
+    keep_best: bool = Field(False, description="also keep the best checkpoint by the eval metric "
+                            "(eval.metric / eval.mode)")
+    async_save: bool = Field(True, description="write in a background thread while training goes on")
+
+    def resolved_dir(self, run_dir: str | os.PathLike) -> Path:
+        return Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
+
+
+def _process_json(directory: str | os.PathLike) -> Path:
+    return Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class _ProcessJsonHandler(ocp.CheckpointHandler):
+    """Every process writes its own JSON file (data iterators are per-process).
+
+    Saving goes through orbax so the file lands inside the atomic step directory; restoring
+    reads the file directly (see `Checkpointer._read_data_state`).
+    """
+
+    def save(self, directory, args: "DataStateSave"):
+        _process_json(directory).write_text(json.dumps(args.state, indent=1, sort_keys=True))
+
+    def restore(self, directory, args=None):
+        return json.loads(_process_json(directory).read_text())
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+# Orbax requires a restore-args type for every handler it saves with.
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def _jsonable(value: Any) -> Any:
+    """Arrays (e.g. rng key data) become lists and numpy scalars Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        return np.asarray(value).tolist()
+    return value
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first[:300]}"
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def split_checkpoint_path(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """`--checkpoint PATH` names a run directory, its checkpoints directory or one step in it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TenureError(f"checkpoint directory not found: {path}")
+    if path.name.isdigit() and (path / "_CHECKPOINT_METADATA").exists():
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    return path, None
+
+
+class Checkpointer:
+    """Saves and restores train state, data-iterator state and extras with orbax.
+
+    Every process calls every method; orbax coordinates the processes and only the
+    primary writes shared metadata.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointConfig | None,
+        directory: str | os.PathLike,
+        *,
+        best_metric: str = "validation/accuracy",
+        best_mode: Literal["max", "min"] = "max",
+        read_only: bool = False,
+    ):
+        self.config = config or CheckpointConfig()
+        self.best_metric = best_metric
+        self.restored_step: int | None = None
+        self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise TenureError(f"checkpoint directory not found: {self.directory}")
+        cfg = self.config
+        latest = policies.LatestN(n=cfg.keep)
+        best_fn = None
+        preservation = latest
+        if cfg.keep_best:
+            best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
+            best = policies.BestN(
+                get_metric_fn=best_fn,
+                reverse=best_mode == "min",
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+            # "Any" keeps the latest `keep` steps (resume) and the best one (export).
+            preservation = policies.AnyPreservationPolicy([latest, best])
+        options = ocp.CheckpointManagerOptions(
+            # Orbax's default also saves the first step of a fresh run; we save only on
+            # multiples of every_steps (or force=True), plus when JAX signals preemption.
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(cfg.every_steps),
+                policies.PreemptionCheckpointingPolicy(),
+            ]),
+            best_fn=best_fn,
+            best_mode=best_mode,
+            preservation_policy=preservation,
+            enable_async_checkpointing=cfg.async_save,
+            # A crash mid-save leaves `<step>.orbax-checkpoint-tmp-*`; drop it on the next start.
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, config: CheckpointConfig | None = None, **ranking
+    ) -> tuple["Checkpointer", int | None]:
+        """A read-only checkpointer for `--checkpoint PATH`, and the step PATH names (if any).
+
+        Pass the run's config and `best_metric`/`best_mode` so `best_step()` ranks the same way.
+        """
+        directory, step = split_checkpoint_path(path)
+        return cls(config, directory, read_only=True, **ranking), step
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict | None = None,
+        extra: dict | None = None,
+        *,
+        metrics: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving `step` (async by default); False if `every_steps` skips this step.
+
+        `metrics` (e.g. {"validation/accuracy": 0.91}) rank checkpoints for keep_best and
+        come back as extra["metrics"]. Use force=True to save off the every_steps grid.
+        """
+        extra = _jsonable(extra or {})
+        if metrics is not None:
+            extra["metrics"] = _jsonable(metrics)
+        items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
+        if data_state is not None:
+            items["data"] = DataStateSave(_jsonable(data_state))
+        try:
+            return self._manager.save(
+                step, args=ocp.args.Composite(**items), metrics=self._tracked(extra), force=force
+            )
+        except Exception as error:
+            raise TenureError(
+                f"checkpoint save of step {step} to {self.directory} failed: {_one_line(error)}"
+            ) from error
+
+    def _tracked(self, extra: dict) -> dict | None:
+        metrics = extra.get("metrics") or {}
+        if self.config.keep_best and self.best_metric in metrics:
+            return {self.best_metric: float(metrics[self.best_metric])}
+        return None
+
+    def wait(self) -> None:
+        """Blocks until the background save is committed; raises if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise TenureError(
+                f"checkpoint save to {self.directory} failed: {_one_line(error)}"
+            ) from error
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the best `best_metric` value; None without keep_best or metrics."""
+        if not self.config.keep_best:
+            return None
+        return self._manager.best_step()
+
+    def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, Any, dict]:
+        """Returns (state, data_state, extra) of `step` (default: latest).
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct whose shardings say where the
+        restored arrays go; it may differ from the sharding the checkpoint was saved with.
+        data_state is None when the step was saved without one.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise TenureError(f"no checkpoint found in {self.directory}")
+        data_state = self._read_data_state(step)
+        state, extra = self._restore_state_and_extra(step, abstract_state)
+        self.restored_step = step
+        return state, data_state, extra
+
+    def _unreadable(self, step: int, reason: str) -> TenureError:
+        return TenureError(f"checkpoint {self.step_dir(step)} (step {step}) is unreadable: {reason}")
+
+    def _read_data_state(self, step: int) -> Any:
+        """This process's data-iterator state; local file I/O only, no collectives."""
+        if not self.step_dir(step).is_dir():
+            raise TenureError(f"checkpoint step {step} not found in {self.directory}")
+        data_dir = self.step_dir(step) / "data"
+        if not data_dir.is_dir():
+            return None
+        filename = _process_json(data_dir)
+        if not filename.exists():
+            raise self._unreadable(
+                step, f"{filename} missing (was it written with a different process count?)"
+            )
+        try:
+            return json.loads(filename.read_text())
+        except ValueError as error:
+            raise self._unreadable(step, f"{filename}: {_one_line(error)}") from error
+
+    def _restore_state_and_extra(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()
+        )
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as error:
+            raise self._unreadable(step, _one_line(error)) from error
+        return restored["state"], restored["extra"]
+
+    def restore_latest_good(
+        self, abstract_state: Any, log: Callable[[str], None] = print
+    ) -> tuple[Any, Any, dict]:
+        """Like `restore()` of the newest step that reads back, skipping (and logging) broken
+        ones; `restored_step` says which step it was.
+
+        All processes agree on each step before the collective orbax restore starts, so
+        they never resume from different steps.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                data_state, problem = self._read_data_state(step), None
+            except TenureError as error:
+                data_state, problem = None, str(error)
+            if _all_processes_ok(problem is None):
+                try:
+                    state, extra = self._restore_state_and_extra(step, abstract_state)
+                    self.restored_step = step
+                    return state, data_state, extra
+                except TenureError as error:
+                    problem = str(error)
+            log(f"skipping checkpoint step {step}: {problem or 'unreadable on another process'}")
+        raise TenureError(f"no restorable checkpoint in {self.directory}")
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

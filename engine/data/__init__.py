@@ -1,0 +1,1 @@
+"""Data sources, record formats, cleaning and augmentation for grain pipelines."""

@@ -1,0 +1,156 @@
+"""Named weighted mixing of example streams (replay), and a reservoir sample for replay buffers.
+
+Two modes, both deterministic given the seed and resumable from `get_state()`:
+  interleave: the weights are turned into the smallest integer ratio (e.g. {new: 5, replay: 1},
+      or 0.7/0.3 -> 7/3) and a fixed pattern of period sum(ratio) is repeated; every aligned
+      window of one period holds exactly ratio[name] examples of each source, spread out
+      by smooth weighted round robin (5:1 gives the period new new new replay new new).
+  random: example k comes from source s with probability weight_s / sum(weights); the
+      uniform draws come in blocks of 1024 from an rng seeded by (seed, k // 1024).
+Sources are expected to repeat (the pipeline repeats each one), so a small replay set cycles
+under a big new set; the mix ends when any source ends (only a finite primary source can).
+"""
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from engine.errors import TenureError
+
+MAX_PERIOD = 10_000
+DRAW_BLOCK = 1024
+
+
+def integer_ratio(weights: Mapping[str, float]) -> dict[str, int]:
+    """The smallest integer ratio equal to the weights (each rounded to 1/1000)."""
+    fracs = {k: Fraction(w).limit_denominator(1000) for k, w in weights.items()}
+    if any(f <= 0 for f in fracs.values()):
+        raise TenureError(f"data.train: mixture weights must be > 0, got {dict(weights)}")
+    scale = math.lcm(*(f.denominator for f in fracs.values()))
+    ints = {k: int(f * scale) for k, f in fracs.items()}
+    common = math.gcd(*ints.values())
+    ratio = {k: v // common for k, v in ints.items()}
+    if sum(ratio.values()) > MAX_PERIOD:
+        raise TenureError(f"data.train: mixture weights {dict(weights)} need an interleave period above "
+                          f"{MAX_PERIOD}; use simpler ratios or data.mix_mode=random")
+    return ratio
+
+
+def interleave_pattern(weights: Mapping[str, float]) -> list[str]:
+    """One period of source names, each name appearing ratio[name] times, evenly spread."""
+    ratio = integer_ratio(weights)
+    total = sum(ratio.values())
+    credit = {k: 0 for k in ratio}
+    pattern = []
+    for _ in range(total):
+        for k in ratio:
+            credit[k] += ratio[k]
+        pick = max(ratio, key=lambda k: credit[k])  # ties go to the first-named source
+        credit[pick] -= total
+        pattern.append(pick)
+    return pattern
+
+
+class _MixIterator(grain.DatasetIterator):
+    def __init__(self, parents: dict[str, grain.DatasetIterator], weights: dict[str, float], mode: str, seed: int):
+        super().__init__(list(parents.values()))
+        self._sources = parents
+        self._names = list(parents)
+        self._mode, self._seed, self._step = mode, seed, 0
+        self._pattern = interleave_pattern(weights) if mode == "interleave" else None
+        total = sum(weights.values())
+        self._cumulative = np.cumsum([weights[k] / total for k in self._names])
+        self._block, self._draws = -1, np.empty(0)
+
+    def _pick(self, step: int) -> str:
+        if self._pattern is not None:
+            return self._pattern[step % len(self._pattern)]
+        block, offset = divmod(step, DRAW_BLOCK)
+        if block != self._block:
+            self._block, self._draws = block, np.random.default_rng([self._seed, block]).random(DRAW_BLOCK)
+        u = self._draws[offset]
+        return self._names[min(int(np.searchsorted(self._cumulative, u, side="right")), len(self._names) - 1)]
+
+    def __next__(self) -> Any:
+        name = self._pick(self._step)
+        element = next(self._sources[name])
+        self._step += 1
+        return element
+
+    def get_state(self) -> dict:
+        return {"step": self._step, "sources": {k: it.get_state() for k, it in self._sources.items()}}
+
+    def set_state(self, state: dict) -> None:
+        self._step = state["step"]
+        for k, it in self._sources.items():
+            it.set_state(state["sources"][k])
+
+
+class MixIterDataset(grain.IterDataset):
+    """Mixes named IterDatasets by weight (`mode` "interleave" or "random", see module doc)."""
+
+    def __init__(self, sources: Mapping[str, grain.IterDataset], weights: Mapping[str, float], *,
+                 mode: str = "interleave", seed: int = 0):
+        if set(sources) != set(weights):
+            raise TenureError(f"data.train: mixture sources {sorted(sources)} and weights {sorted(weights)} differ")
+        if mode not in ("interleave", "random"):
+            raise TenureError(f"data.mix_mode: expected 'interleave' or 'random', got {mode!r}")
+        integer_ratio(weights)  # validates weights early
+        super().__init__(list(sources.values()))
+        self._named = dict(sources)
+        self._weights, self._mode, self._seed = dict(weights), mode, seed
+
+    def __iter__(self) -> _MixIterator:
+        return _MixIterator({k: ds.__iter__() for k, ds in self._named.items()},
+                            self._weights, self._mode, self._seed)
+
+    def __str__(self) -> str:
+        return f"MixIterDataset(mode={self._mode}, weights={self._weights})"
+
+
+class ReservoirBuffer:
+    """A uniform random sample of up to `capacity` items from a stream (Vitter's algorithm R).
+
+    Item i (0-based) is kept when j = randint(0, i) < capacity, replacing slot j; j is drawn
+    from an rng seeded by (seed, i), so the buffer is a pure function of (seed, stream) and
+    its state is just the items and the count. Items must be JSON-serialisable to checkpoint.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0):
+        if capacity <= 0:
+            raise TenureError(f"replay buffer capacity must be > 0, got {capacity}")
+        self.capacity, self.seed = capacity, seed
+        self.seen = 0
+        self.items: list[Any] = []
+
+    def add(self, item: Any) -> None:
+        i = self.seen
+        self.seen += 1
+        if i < self.capacity:
+            self.items.append(item)
+            return
+        j = int(np.random.default_rng([self.seed, i]).integers(0, i + 1))
+        if j < self.capacity:
+            self.items[j] = item
+
+    def extend(self, items) -> None:
+        for item in items:
+            self.add(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def to_json(self) -> str:
+        return json.dumps({"capacity": self.capacity, "seed": self.seed, "seen": self.seen, "items": self.items})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReservoirBuffer":
+        state = json.loads(text)
+        buf = cls(state["capacity"], state["seed"])
+        buf.seen, buf.items = state["seen"], state["items"]
+        return buf

@@ -1,0 +1,323 @@
+"""grain pipelines: canonical records -> per-process numpy batches -> global jax.Arrays.
+
+Training (`build_train_iterator`), per source: equal per-process shards
+`records[:n - n % P][p::P]` -> seeded shuffle (a new order each epoch) -> repeat
+(`num_epochs`, or forever) -> featurise (MLM masks from an rng keyed by (seed, index)) ->
+read threads; named sources are then mixed (`mixture.MixIterDataset`), LM rows optionally
+packed, and rows batched to `batch_size / process_count` with bucketed padding. The
+iterator state is grain's (indices and small dicts), so it is JSON and resume is exact.
+
+Evaluation (`build_eval_batches`): every example exactly once, process p taking examples
+p, p+P, ...; every process yields the same number of batches, the last ones padded with
+`example_mask` 0 rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from engine.data.augment import augment
+from engine.data.cleaning import CleaningReport, clean
+from engine.data.config import DataConfig
+from engine.data.mixture import MixIterDataset
+from engine.data.packing import PackIterDataset, collate
+from engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, LabelVocab, over_length_error,
+                                 validate)
+from engine.data.sources import open_source, select
+from engine.data.tokenize import TASK_FORMATS, Featurizer, resolve_format
+from engine.errors import TenureError
+
+TASK_KINDS = tuple(TASK_FORMATS)
+_LABELLED_KINDS = ("seq_cls", "pair_cls", "token_cls")
+
+
+@dataclasses.dataclass
+class SplitReport:
+    """Where a split's records went: validation, cleaning, and the max_length check."""
+
+    split: str
+    bad_records: BadRecordReport
+    cleaning: CleaningReport
+    over_length: int = 0  # skipped because longer than max_length (only when truncate is false)
+
+
+def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
+                 label_vocab: LabelVocab | None = None, with_augment: bool = False):
+    """Read, validate, clean (and augment) one split -> (MapDataset of canonical records, SplitReport)."""
+    fmt = resolve_format(task_kind, cfg.format)
+    source = open_source(paths, cfg.file_format)
+    records, bad = validate(source, fmt, cfg.fields, cfg.on_bad_record, label_vocab=label_vocab,
+                            split=split, path=str(paths))
+    records, cleaned = clean(records, cfg.clean, TEXT_FIELDS[fmt], split=split, path=str(paths))
+    if with_augment and cfg.augment is not None and cfg.augment.copies:
+        records = augment(records, cfg.augment, cfg.seed, TEXT_FIELDS[fmt])
+    return records, SplitReport(split, bad, cleaned)
+
+
+def build_label_vocab(cfg: DataConfig, task_kind: str) -> LabelVocab | None:
+    """The label (or tag) vocabulary of the training data; None for unlabelled task kinds."""
+    if task_kind not in _LABELLED_KINDS:
+        return None
+    fmt = resolve_format(task_kind, cfg.format)
+    if fmt not in LABEL_FIELDS:
+        return None
+    all_records = []
+    for name, source in cfg.sources.items():
+        records, _ = load_records(cfg, source.path, task_kind, split=name)
+        all_records.extend(records[i] for i in range(len(records)))
+    if not all_records:
+        raise TenureError("data.train: no training data configured")
+    return LabelVocab.from_records(all_records, fmt)
+
+
+def num_negatives(records) -> int:
+    """Hard negatives per retrieval example: the fewest any record has (P = 1 + this)."""
+    return min(len(records[i].get("negatives") or []) for i in range(len(records)))
+
+
+def make_featurizer(cfg: DataConfig, task_kind: str, tokenizer, label_vocab, records=None) -> Featurizer:
+    fmt = resolve_format(task_kind, cfg.format)
+    negatives = num_negatives(records) if fmt == "retrieval" and records is not None else 0
+    return Featurizer(task_kind, fmt, tokenizer, label_vocab, max_length=cfg.max_length,
+                      mlm_probability=cfg.mlm_probability, num_negatives=negatives)
+
+
+def drop_over_length(records, featurizer: Featurizer, cfg: DataConfig, report: SplitReport, chunk: int = 256):
+    """With `truncate: false`, over-long records are bad records (error, or skipped and counted)."""
+    if cfg.truncate:
+        return records
+    kept = []
+    field = TEXT_FIELDS[featurizer.fmt][0]
+    for start in range(0, len(records), chunk):
+        batch = [records[i] for i in range(start, min(start + chunk, len(records)))]
+        for offset, (record, n) in enumerate(zip(batch, featurizer.lengths(batch))):
+            if n <= cfg.max_length:
+                kept.append(start + offset)
+            elif cfg.on_bad_record == "error":
+                raise over_length_error(record["location"], field, n, cfg.max_length)
+            else:
+                report.over_length += 1
+    if not kept:
+        raise TenureError(f"{report.split} data: no records left after the max_length check")
+    return select(records, np.asarray(kept))
+
+
+class _FeaturizeOne:
+    """Picklable per-example featuriser for grain `map` / `random_map` (workers included)."""
+
+    def __init__(self, featurizer: Featurizer):
+        self.featurizer = featurizer
+
+    def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        return self.featurizer([record], None if rng is None else [rng])[0]
+
+
+def _example_stream(records, featurizer: Featurizer, *, process_index: int, process_count: int,
+                    shuffle: bool, seed: int, num_epochs: int | None, read_threads: int) -> grain.IterDataset:
+    usable = len(records) - len(records) % process_count
+    if usable == 0:
+        raise TenureError(f"data.train: {len(records)} records cannot be split over {process_count} processes")
+    ds = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(records)
+    ds = ds[:usable][process_index::process_count]
+    if shuffle:
+        ds = ds.seed(seed).shuffle()
+    ds = ds.repeat(num_epochs)
+    featurize = _FeaturizeOne(featurizer)
+    ds = ds.random_map(featurize, seed=seed) if featurizer.task_kind == "mlm" else ds.map(featurize)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise TenureError(f"data.batch_size: {global_batch} is not divisible by the {process_count} processes")
+    return global_batch // process_count
+
+
+class TrainIterator:
+    """Process-local training batches; `get_state()` / `set_state()` resume exactly.
+
+    `num_examples`: records per epoch of the first (primary) source, over all processes,
+    after the equal-shard cut. `num_batches`: batches until the data ends (`num_epochs` set,
+    no packing), else None; batches may straddle epochs, only the last partial one is dropped.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, featurizer: Featurizer, *, num_examples: int,
+                 num_batches: int | None):
+        self.featurizer = featurizer
+        self.num_examples, self.num_batches = num_examples, num_batches
+        self.grain_iterator = iter(dataset)  # for grain.checkpoint.CheckpointSave / Restore
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self.grain_iterator)
+
+    def peek(self) -> dict[str, np.ndarray]:
+        """The next batch, without consuming it."""
+        state = self.get_state()
+        batch = next(self)
+        self.set_state(state)
+        return batch
+
+    def get_state(self) -> dict:
+        return self.grain_iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.grain_iterator.set_state(state)
+
+    def close(self) -> None:
+        self.grain_iterator.close()
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain worker processes read absl flags; outside an absl app they are unparsed (pitfall)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def train_dataset(cfg: DataConfig, task_kind: str, tokenizer, label_vocab, records_by_source: dict, *,
+                  process_index: int, process_count: int, seed: int,
+                  weights: dict[str, float] | None = None) -> tuple[grain.IterDataset, Featurizer]:
+    """The training IterDataset from already loaded (and checked) records per named source.
+
+    `weights` (default: the `cfg.train` weights, or equal) mix several sources."""
+    if cfg.pack and task_kind != "causal_lm":
+        raise TenureError(f"data.pack: packing applies to causal_lm only, not {task_kind!r}")
+    first = next(iter(records_by_source.values()))
+    featurizer = make_featurizer(cfg, task_kind, tokenizer, label_vocab, first)
+    streams = {}
+    for k, (name, records) in enumerate(records_by_source.items()):
+        # The first-named source sets the epoch count; the others repeat as long as needed.
+        epochs = cfg.num_epochs if k == 0 else None
+        streams[name] = _example_stream(records, featurizer, process_index=process_index,
+                                        process_count=process_count, shuffle=cfg.shuffle, seed=seed + k,
+                                        num_epochs=epochs, read_threads=cfg.read_threads)
+    if len(streams) == 1:
+        ds = next(iter(streams.values()))
+    else:
+        if weights is None:
+            configured = cfg.sources
+            weights = {n: configured[n].weight if n in configured else 1.0 for n in streams}
+        ds = MixIterDataset(streams, weights, mode=cfg.mix_mode, seed=seed)
+    pad_id = tokenizer.pad_token_id or 0
+    if cfg.pack:
+        ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
+    rows = local_batch_size(cfg.batch_size, process_count)
+    ds = ds.batch(rows, drop_remainder=True,
+                  batch_fn=functools.partial(collate, buckets=tuple(cfg.length_buckets), pad_id=pad_id))
+    if cfg.worker_count:
+        _mark_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                         per_worker_buffer_size=max(cfg.prefetch, 1)))
+    elif cfg.prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
+    return ds, featurizer
+
+
+def build_train_iterator(cfg: DataConfig, task_kind: str, tokenizer, label_vocab: LabelVocab | None, *,
+                         process_index: int = 0, process_count: int = 1, seed: int | None = None) -> TrainIterator:
+    """Training batches of this process (`batch_size / process_count` rows each).
+
+    Reads `cfg.train` (one path or named weighted sources), validates, cleans, augments,
+    and (with `truncate: false`) applies the max_length check before sharding, so every
+    process sees the same record set. `seed` defaults to `cfg.seed`.
+    """
+    if not cfg.sources:
+        raise TenureError("data.train: no training data configured")
+    seed = cfg.seed if seed is None else seed
+    fmt = resolve_format(task_kind, cfg.format)
+    records_by_source = {}
+    for name, source in cfg.sources.items():
+        records, report = load_records(cfg, source.path, task_kind, split=name, with_augment=True)
+        checker = make_featurizer(cfg, task_kind, tokenizer, label_vocab, records if fmt == "retrieval" else None)
+        records_by_source[name] = drop_over_length(records, checker, cfg, report)
+    ds, featurizer = train_dataset(cfg, task_kind, tokenizer, label_vocab, records_by_source,
+                                   process_index=process_index, process_count=process_count, seed=seed)
+    primary = len(next(iter(records_by_source.values())))
+    num_examples = primary - primary % process_count
+    finite = cfg.num_epochs is not None and not cfg.pack
+    num_batches = cfg.num_epochs * num_examples // cfg.batch_size if finite else None
+    return TrainIterator(ds, featurizer, num_examples=num_examples, num_batches=num_batches)
+
+
+class EvalBatches:
+    """Re-iterable padded eval batches; `len()` is the same on every process."""
+
+    def __init__(self, records, featurizer: Featurizer, *, global_batch: int, buckets, pad_id: int,
+                 process_index: int, process_count: int, seed: int):
+        self.records, self.featurizer = records, featurizer
+        self.rows = local_batch_size(global_batch, process_count)
+        self.num_examples = len(records)
+        self.num_batches = math.ceil(len(records) / global_batch)
+        self._indices = np.arange(len(records))[process_index::process_count]
+        self._buckets, self._pad_id, self._seed = tuple(buckets), pad_id, seed
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for b in range(self.num_batches):
+            chunk = self._indices[b * self.rows:(b + 1) * self.rows]
+            # A process with no examples left still yields a batch: one padding row template.
+            take = chunk if len(chunk) else self._indices[:1] if len(self._indices) else np.arange(1)
+            rngs = [np.random.default_rng([self._seed, int(i)]) for i in take]
+            examples = self.featurizer([self.records[int(i)] for i in take], rngs)
+            batch = collate(examples, self._buckets, pad_id=self._pad_id, rows=self.rows)
+            batch["example_mask"][len(chunk):] = 0.0
+            yield batch
+
+
+def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, label_vocab: LabelVocab | None,
+                       *, process_index: int = 0, process_count: int = 1) -> EvalBatches:
+    """Padded batches of `split` ("validation", "test" or "train") covering every example once."""
+    paths = {"validation": cfg.validation, "test": cfg.test}.get(split)
+    if split == "train":
+        paths = [p for s in cfg.sources.values() for p in ([s.path] if isinstance(s.path, str) else s.path)]
+    if not paths:
+        raise TenureError(f"data.{split}: no {split} data configured")
+    records, report = load_records(cfg, paths, task_kind, split=split, label_vocab=label_vocab)
+    featurizer = make_featurizer(cfg, task_kind, tokenizer, label_vocab, records)
+    records = drop_over_length(records, featurizer, cfg, report)
+    return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size, buckets=cfg.length_buckets,
+                       pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
+                       process_count=process_count, seed=cfg.seed)
+
+
+def _fill_value(key: str) -> int:
+    return -100 if key == "labels" else 0
+
+
+def _pad_to_common_lengths(local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Processes may pick different length buckets; pad every process to the largest."""
+    keys = sorted(local_batch)
+    widths = np.asarray([local_batch[k].shape[-1] if local_batch[k].ndim > 1 else 0 for k in keys], np.int32)
+    common = np.max(multihost_utils.process_allgather(widths), axis=0)
+    out = {}
+    for k, width in zip(keys, common):
+        v = local_batch[k]
+        if v.ndim > 1 and v.shape[-1] < width:
+            pad = [(0, 0)] * (v.ndim - 1) + [(0, int(width) - v.shape[-1])]
+            v = np.pad(v, pad, constant_values=_fill_value(k))
+        out[k] = v
+    return out
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                    data_axes: tuple[str, ...] = ("data", "fsdp")) -> dict[str, jax.Array]:
+    """Assemble the processes' local batches into global arrays sharded on the batch axis."""
+    axes = tuple(a for a in data_axes if a in mesh.axis_names)
+    if jax.process_count() > 1:
+        local_batch = _pad_to_common_lengths(local_batch)
+    sharding = NamedSharding(mesh, P(axes if axes else None))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

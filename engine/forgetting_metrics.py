@@ -1,0 +1,129 @@
+"""Continual-learning summaries of an accuracy matrix.
+
+``R[i, j]`` is the metric (accuracy, F1, ...; higher is better) on task ``j`` after
+training stage ``i``; tasks are trained in column order, so ``R`` is ``T x T`` and
+``R[j, j]`` is task ``j`` right after its own stage. Indices below are 0-based; the
+last stage is ``T-1``. An optional ``start_row`` holds the metric of the starting
+model (pretrained, before stage 0) on every task; an optional ``baseline`` vector ``b``
+holds the reference each task is compared with for forward transfer (GEM uses a
+randomly initialised model; for fine-tuning the starting model is the natural choice,
+so ``b`` defaults to ``start_row``).
+
+Undefined quantities (e.g. BWT with a single task) are NaN, never an exception.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def _matrix(R) -> np.ndarray:
+    matrix = np.asarray(R, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise ValueError(f"accuracy matrix must be square [stages, tasks], got shape {matrix.shape}")
+    return matrix
+
+
+def _vector(values, num_tasks: int, name: str) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float64)
+    if vector.shape != (num_tasks,):
+        raise ValueError(f"{name} must have shape ({num_tasks},), got {vector.shape}")
+    return vector
+
+
+def _mean_or_nan(values: np.ndarray) -> float:
+    return float(np.mean(values)) if values.size else float("nan")
+
+
+def average_accuracy(R) -> float:
+    """ACC = (1/T) * sum_j R[T-1, j]: mean over tasks after the last stage (GEM)."""
+    matrix = _matrix(R)
+    return float(matrix[-1].mean())
+
+
+def backward_transfer(R) -> float:
+    """BWT = (1/(T-1)) * sum_{j<T-1} (R[T-1, j] - R[j, j]) (GEM); negative = forgetting."""
+    matrix = _matrix(R)
+    last = matrix.shape[0] - 1
+    diag = np.diagonal(matrix)[:last]
+    return _mean_or_nan(matrix[last, :last] - diag)
+
+
+def forward_transfer(R, baseline) -> float:
+    """FWT = (1/(T-1)) * sum_{j>=1} (R[j-1, j] - b[j]) (GEM).
+
+    How much training on the earlier tasks helps task ``j`` before its own stage,
+    relative to the baseline ``b``.
+    """
+    matrix = _matrix(R)
+    num_tasks = matrix.shape[0]
+    b = _vector(baseline, num_tasks, "baseline")
+    before_own_stage = np.array([matrix[j - 1, j] for j in range(1, num_tasks)])
+    return _mean_or_nan(before_own_stage - b[1:])
+
+
+def forgetting_max_per_task(R) -> np.ndarray:
+    """Chaudhry et al. 2018 (RWalk): f_j = max_{l<T-1} R[l, j] - R[T-1, j], for j < T-1.
+
+    The maximum runs over every stage before the last, as in the paper; for the usual
+    case where a task peaks at or after its own stage this equals max over l in
+    [j, T-2]. The last task has no forgetting yet: NaN.
+    """
+    matrix = _matrix(R)
+    last = matrix.shape[0] - 1
+    forgetting = np.full(matrix.shape[1], np.nan)
+    if last > 0:
+        forgetting[:last] = matrix[:last, :last].max(axis=0) - matrix[last, :last]
+    return forgetting
+
+
+def forgetting_first_per_task(R) -> np.ndarray:
+    """Avalanche ``ExperienceForgetting``: f_j = R[j, j] - R[T-1, j], for j < T-1.
+
+    The accuracy right after first training on task ``j`` minus its final accuracy
+    (first, not max). Its mean over tasks is -BWT. The last task: NaN.
+    """
+    matrix = _matrix(R)
+    last = matrix.shape[0] - 1
+    forgetting = np.full(matrix.shape[1], np.nan)
+    forgetting[:last] = np.diagonal(matrix)[:last] - matrix[last, :last]
+    return forgetting
+
+
+@dataclass(frozen=True)
+class ForgettingSummary:
+    """All summaries of one accuracy matrix; per-task lists have NaN for the last task."""
+
+    acc: float
+    bwt: float
+    fwt: float
+    forgetting_max: float
+    forgetting_first: float
+    forgetting_max_per_task: list[float]
+    forgetting_first_per_task: list[float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(R, start_row=None, baseline=None) -> ForgettingSummary:
+    """ACC, BWT, FWT and both forgetting measures (per task and averaged over j < T-1).
+
+    FWT uses ``baseline`` if given, else ``start_row``; with neither it is NaN.
+    """
+    matrix = _matrix(R)
+    num_tasks = matrix.shape[0]
+    if start_row is not None:
+        start_row = _vector(start_row, num_tasks, "start_row")
+    reference = baseline if baseline is not None else start_row
+    fwt = forward_transfer(matrix, reference) if reference is not None else float("nan")
+    per_max = forgetting_max_per_task(matrix)
+    per_first = forgetting_first_per_task(matrix)
+    return ForgettingSummary(
+        acc=average_accuracy(matrix),
+        bwt=backward_transfer(matrix),
+        fwt=fwt,
+        forgetting_max=_mean_or_nan(per_max[:-1]),
+        forgetting_first=_mean_or_nan(per_first[:-1]),
+        forgetting_max_per_task=[float(x) for x in per_max],
+        forgetting_first_per_task=[float(x) for x in per_first],
+    )

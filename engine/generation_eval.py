@@ -1,0 +1,59 @@
+"""BLEU/ROUGE for decoders: greedy completions of a split's prompts against references.
+
+The same evaluator scores the base model zero-shot and few-shot (k training examples
+in the prompt) at the start of a run, so every SFT result has its prompting baseline.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine import metrics
+from engine.data.pipeline import load_records
+from engine.errors import TenureError
+from models.generate import greedy_generate
+
+
+class GenerationEval:
+    def __init__(self, run, split: str, batch_size: int = 16):
+        cfg = run.cfg
+        if (cfg.data.format or "prompt_completion") != "prompt_completion":
+            raise TenureError("task.generation_examples: generation metrics need "
+                              "data.format=prompt_completion (set it to 0 for chat data)")
+        records, _ = load_records(cfg.data, getattr(cfg.data, split), "sft", split=split)
+        count = min(cfg.task.generation_examples, len(records))
+        self.examples = [records[i] for i in range(count)]
+        train = cfg.data.train
+        train_paths = next(iter(train.values())).path if isinstance(train, dict) else train
+        train_records, _ = load_records(cfg.data, train_paths, "sft", split="train")
+        shots = [train_records[i] for i in range(min(cfg.task.few_shot, len(train_records)))]
+        self.few_shot_prefix = "".join(r["prompt"] + r["completion"] + "\n\n" for r in shots)
+        self.tokenizer, self.model = run.tokenizer, run.model
+        self.max_new_tokens, self.batch_size = cfg.task.max_new_tokens, batch_size
+        self.max_prompt_length = cfg.data.max_length
+
+        def logits(params, ids_BxT, mask_BxT, positions_BxT):
+            batch = {"input_ids": ids_BxT, "attention_mask": mask_BxT, "positions": positions_BxT}
+            return self.model.apply({"params": params}, batch, deterministic=True)["logits"]
+        self._logits = logits  # one object, so the decoding loop compiles once
+
+    def _prompt_ids(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = [self.tokenizer(p)["input_ids"][-self.max_prompt_length:] for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        ids_BxL = np.zeros((len(prompts), width), np.int32)
+        mask_BxL = np.zeros((len(prompts), width), np.int32)
+        for row, ids in enumerate(encoded):  # left padding: every row ends at the same column
+            ids_BxL[row, width - len(ids):] = ids
+            mask_BxL[row, width - len(ids):] = 1
+        return ids_BxL, mask_BxL
+
+    def __call__(self, params, with_examples: bool = False) -> dict[str, float]:
+        prefix = self.few_shot_prefix if with_examples else ""
+        hypotheses = []
+        for start in range(0, len(self.examples), self.batch_size):
+            chunk = self.examples[start:start + self.batch_size]
+            ids_BxL, mask_BxL = self._prompt_ids([prefix + r["prompt"] for r in chunk])
+            new_BxN = greedy_generate(self._logits, params, ids_BxL, mask_BxL, self.max_new_tokens,
+                                      eos_id=self.tokenizer.eos_token_id)
+            hypotheses += [t.split("\n")[0].strip() for t in
+                           self.tokenizer.batch_decode(new_BxN, skip_special_tokens=True)]
+        return metrics.generation_metrics(hypotheses, [r["completion"].strip() for r in self.examples])

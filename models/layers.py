@@ -1,0 +1,268 @@
+"""Shared transformer building blocks (Flax Linen), used by every model family.
+
+Conventions (stable API; the encoder and decoder families build on these):
+- Params are fp32 and created with `nn.with_logical_partitioning(init, axes)`; `dtype` is the
+  compute dtype (e.g. jnp.bfloat16): params and inputs are cast to it inside each op.
+- Logical axis names: vocab, embed, heads, kv_heads, mlp, norm, position, classes, lora_rank.
+- Dropout draws from the "dropout" rng stream (`apply(..., rngs={"dropout": key})`) and only
+  when `deterministic=False`.
+- LoRA: pass the same `lora: LoRASpec | None` to every Dense; a Dense adapts itself when its
+  module name is in `lora.targets` (leaves `lora_a` [in, r], `lora_b` [r, out]).
+
+Public API:
+  Dense(features, axes=("embed", "mlp"), use_bias=True, dtype, kernel_init, lora)(x, deterministic=True)
+  attention_mask(segment_ids_BxL, causal=False) -> bool [B, 1, L, L]
+  dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, dropout_rate=0.0,
+                        dropout_rng=None, deterministic=True, dtype=jnp.float32) -> [B, L, H, Dh]
+  MultiHeadAttention(num_heads, head_dim, num_kv_heads=None, qkv_bias=True, out_bias=True,
+                     dropout_rate=0.0, dtype, kernel_init, lora, names=(q, k, v, o), rope=None)
+                    (x_BxLxD, mask_Bx1xLxL, positions_BxL=None, deterministic=True) -> [B, L, D]
+     rope: callable(x_BxLxHxDh, positions_BxL) -> x_BxLxHxDh applied to q and k.
+  LayerNorm(eps=1e-12, dtype, use_bias=True)(x); RMSNorm(eps=1e-6, dtype)(x)
+  Mlp(hidden, activation="gelu", use_bias=True, dtype, kernel_init, lora, names=("fc_in", "fc_out"))(x)
+  SwiGLU(hidden, dtype, kernel_init, lora, names=("gate_proj", "up_proj", "down_proj"))(x)
+  ACTIVATIONS: HF activation name -> function ("gelu" is exact erf, "gelu_new" is tanh).
+  remat_module(module_cls, mode, static_argnums) -> module_cls wrapped in nn.remat
+     ("none" | "full" | "dots"); for `__call__(self, x, mask, positions, deterministic)` pass
+     static_argnums=(4,) (self counts as argument 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.lora import LoRASpec
+
+Dtype = Any
+# Large but finite, so a fully masked row softmaxes to a uniform (not NaN) distribution.
+MASK_VALUE = -1e30
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def _lora_a_init(key, shape, dtype=jnp.float32):
+    # Kaiming-uniform with a=sqrt(5), as torch.nn.Linear and PEFT use: bound = 1/sqrt(fan_in).
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel [+ bias] [+ dropout(x) @ lora_a @ lora_b * alpha / r]; kernel is [in, out]."""
+
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+    lora: LoRASpec | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        in_features = x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (in_features, self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None and self.lora.applies_to(self.name):
+            lora_a = self.param(
+                "lora_a", nn.with_logical_partitioning(_lora_a_init, (self.axes[0], "lora_rank")),
+                (in_features, self.lora.rank), jnp.float32)
+            lora_b = self.param(
+                "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
+                (self.lora.rank, self.features), jnp.float32)
+            x_in = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+            delta = jnp.dot(jnp.dot(x_in, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+            y = y + delta * jnp.asarray(self.lora.scale, self.dtype)
+        return y
+
+
+def attention_mask(segment_ids_BxL: jax.Array, causal: bool = False) -> jax.Array:
+    """Bool [B, 1, L, L]: query i may attend key j iff both are in the same non-zero segment
+    (and j <= i when causal). A plain padding mask is segment_ids = attention_mask (1 / 0)."""
+    seg_BxL = jnp.asarray(segment_ids_BxL)
+    same_BxLxL = seg_BxL[:, :, None] == seg_BxL[:, None, :]
+    real_BxLxL = (seg_BxL[:, :, None] != 0) & (seg_BxL[:, None, :] != 0)
+    mask_BxLxL = same_BxLxL & real_BxLxL
+    if causal:
+        length = seg_BxL.shape[1]
+        mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+    return mask_BxLxL[:, None]
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, dropout_rate=0.0,
+                          dropout_rng=None, deterministic=True, dtype=jnp.float32):
+    """Scaled dot-product attention with grouped-query heads (H a multiple of K).
+
+    Scores and softmax are fp32; masked scores are MASK_VALUE (finite), so rows with no
+    allowed key give finite (uniform) weights instead of NaN."""
+    batch, q_len, num_heads, head_dim = q_BxLxHxDh.shape
+    num_kv = k_BxSxKxDh.shape[2]
+    group = num_heads // num_kv
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(batch, q_len, num_kv, group, head_dim).astype(dtype)
+    scores_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh.astype(dtype),
+                                  preferred_element_type=jnp.float32)
+    scores_BxKxGxLxS = scores_BxKxGxLxS / jnp.sqrt(jnp.float32(head_dim))
+    mask_Bx1x1xLxS = mask_Bx1xLxS[:, :, None]
+    scores_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, MASK_VALUE)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxKxGxLxS.shape)
+        probs_BxKxGxLxS = jnp.where(keep, probs_BxKxGxLxS / (1.0 - dropout_rate), 0.0)
+    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS.astype(dtype), v_BxSxKxDh.astype(dtype))
+    return out_BxLxKxGxDh.reshape(batch, q_len, num_heads, head_dim)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention: Dense q/k/v ([D, H*Dh] / [D, K*Dh]), attention, Dense output [H*Dh, D]."""
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+    lora: LoRASpec | None = None
+    names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    rope: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL=None, deterministic: bool = True):
+        batch, length, embed = x_BxLxD.shape
+        num_kv = self.num_kv_heads or self.num_heads
+        dense = lambda feats, axes, bias, name: Dense(
+            feats, axes, bias, self.dtype, self.kernel_init, self.lora, name=name)
+        q_name, k_name, v_name, o_name = self.names
+        q = dense(self.num_heads * self.head_dim, ("embed", "heads"), self.qkv_bias, q_name)(x_BxLxD, deterministic)
+        k = dense(num_kv * self.head_dim, ("embed", "kv_heads"), self.qkv_bias, k_name)(x_BxLxD, deterministic)
+        v = dense(num_kv * self.head_dim, ("embed", "kv_heads"), self.qkv_bias, v_name)(x_BxLxD, deterministic)
+        q_BxLxHxDh = q.reshape(batch, length, self.num_heads, self.head_dim)
+        k_BxLxKxDh = k.reshape(batch, length, num_kv, self.head_dim)
+        v_BxLxKxDh = v.reshape(batch, length, num_kv, self.head_dim)
+        if self.rope is not None:
+            q_BxLxHxDh = self.rope(q_BxLxHxDh, positions_BxL)
+            k_BxLxKxDh = self.rope(k_BxLxKxDh, positions_BxL)
+        needs_rng = not deterministic and self.dropout_rate > 0.0
+        out_BxLxHxDh = dot_product_attention(
+            q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL, dropout_rate=self.dropout_rate,
+            dropout_rng=self.make_rng("dropout") if needs_rng else None,
+            deterministic=deterministic, dtype=self.dtype)
+        out_BxLxHD = out_BxLxHxDh.reshape(batch, length, self.num_heads * self.head_dim)
+        return dense(embed, ("heads", "embed"), self.out_bias, o_name)(out_BxLxHD, deterministic)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, statistics in fp32 (two-pass variance, like torch)."""
+
+    eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
+        if self.use_bias:
+            y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                               (features,), jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Llama): x / rms(x) in fp32, cast to the compute dtype, then times scale."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+class Mlp(nn.Module):
+    """Dense(hidden) -> activation -> Dense(D)."""
+
+    hidden: int
+    activation: str = "gelu"
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+    lora: LoRASpec | None = None
+    names: tuple[str, str] = ("fc_in", "fc_out")
+
+    @nn.compact
+    def __call__(self, x_BxLxD, deterministic: bool = True):
+        act = ACTIVATIONS[self.activation]
+        h = Dense(self.hidden, ("embed", "mlp"), self.use_bias, self.dtype, self.kernel_init, self.lora,
+                  name=self.names[0])(x_BxLxD, deterministic)
+        return Dense(x_BxLxD.shape[-1], ("mlp", "embed"), self.use_bias, self.dtype, self.kernel_init,
+                     self.lora, name=self.names[1])(act(h), deterministic)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases (Llama / Qwen2 / Mistral)."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+    lora: LoRASpec | None = None
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    @nn.compact
+    def __call__(self, x_BxLxD, deterministic: bool = True):
+        dense = lambda feats, axes, name: Dense(feats, axes, False, self.dtype, self.kernel_init, self.lora,
+                                                name=name)
+        gate = dense(self.hidden, ("embed", "mlp"), self.names[0])(x_BxLxD, deterministic)
+        up = dense(self.hidden, ("embed", "mlp"), self.names[1])(x_BxLxD, deterministic)
+        return dense(x_BxLxD.shape[-1], ("mlp", "embed"), self.names[2])(jax.nn.silu(gate) * up, deterministic)
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_module(module_cls, mode: str, static_argnums: tuple[int, ...] = ()):
+    """Wrap a layer class in nn.remat: "none" (as is), "full" (recompute everything in the
+    backward pass) or "dots" (save matmul outputs, recompute the rest)."""
+    if mode == "none":
+        return module_cls
+    if mode not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of none, full, dots; got {mode!r}")
+    return nn.remat(module_cls, policy=REMAT_POLICIES[mode], static_argnums=static_argnums)

@@ -1,0 +1,215 @@
+"""Llama-family decoder backbone (Llama, Qwen2, Mistral) in Flax Linen.
+
+Pre-RMSNorm blocks, grouped-query attention with RoPE, SwiGLU MLP, final RMSNorm; LM head
+tied to the token embedding (`attend`) or untied (the task wrapper's head/lm_head).
+Family differences are config values: Qwen2 has q/k/v bias (no o bias) and optional sliding
+layers; Mistral has a sliding window on every layer; Llama's `attention_bias` biases q/k/v/o.
+Param tree: embeddings/token, layers_{i}/{attn_norm, attn/{q_proj, k_proj, v_proj, o_proj},
+mlp_norm, mlp/{gate_proj, up_proj, down_proj}}, final_norm.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engine.errors import TenureError
+from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, remat_module
+from models.layers import attention_mask as segment_mask
+from models.lora import LoRASpec
+from models.rope import RopeSpec, apply_rope, inverse_frequencies, positions_from_segments, sliding_window_mask
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str = "llama"           # llama | qwen2 | mistral (decides HF names on export)
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008      # SwiGLU hidden width
+    num_layers: int = 32                # num_hidden_layers
+    num_heads: int = 32                 # num_attention_heads
+    num_kv_heads: int = 32              # num_key_value_heads (< num_heads: grouped-query attention)
+    head_dim: int = 128                 # from config when given, else hidden_size // num_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope: RopeSpec = RopeSpec()
+    qkv_bias: bool = False              # bias on q/k/v (Qwen2; Llama attention_bias)
+    o_bias: bool = False                # bias on o_proj (Llama attention_bias)
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False   # LM head = token embedding (attend)
+    sliding_window: int | None = None   # SLIDING layers see keys with q - k < window (HF Mistral)
+    layer_types: tuple[str, ...] = ()   # per layer FULL or SLIDING; () means all FULL
+    max_window_layers: int = 28         # Qwen2 only (kept for export)
+    initializer_range: float = 0.02     # stddev of fresh kernels
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None   # Llama 3 lists several
+    pad_token_id: int | None = None
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and bool(self.layer_types) and self.layer_types[layer] == SLIDING
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        model_type = d.get("model_type", "llama")
+        if model_type not in MODEL_TYPES:
+            raise TenureError(f"config.json: model_type {model_type!r} is not a Llama-family model")
+        if d.get("hidden_act", "silu") != "silu":
+            raise TenureError(f"config.json: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("mlp_bias", False):
+            raise TenureError("config.json: mlp_bias=true is not supported")
+        heads = d["num_attention_heads"]
+        layers = d["num_hidden_layers"]
+        window = d.get("sliding_window")
+        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+            window = None
+        layer_types = tuple(d.get("layer_types") or ())
+        if not layer_types:
+            if model_type == "qwen2":
+                start = d.get("max_window_layers", 28)
+                layer_types = tuple(SLIDING if window is not None and i >= start else FULL for i in range(layers))
+            else:
+                layer_types = (SLIDING if window is not None else FULL,) * layers
+        if model_type == "mistral":  # HF Mistral slides on every layer whenever sliding_window is set
+            layer_types = (SLIDING if window is not None else FULL,) * layers
+        bias = bool(d.get("attention_bias", False))
+        return cls(
+            model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=layers, num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=RopeSpec.from_hf(d),
+            qkv_bias=True if model_type == "qwen2" else bias, o_bias=bias if model_type == "llama" else False,
+            attention_dropout=float(d.get("attention_dropout", 0.0)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), sliding_window=window,
+            layer_types=layer_types, max_window_layers=d.get("max_window_layers", 28),
+            initializer_range=d.get("initializer_range", 0.02), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=_hashable(d.get("eos_token_id")), pad_token_id=d.get("pad_token_id"),
+        )
+
+    def to_hf(self) -> dict:
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+        d = {
+            "model_type": self.model_type, "architectures": [arch[self.model_type]],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps, "rope_parameters": self.rope.to_hf(), "hidden_act": "silu",
+            "attention_dropout": self.attention_dropout, "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range, "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+        }
+        if self.model_type == "llama":
+            if self.qkv_bias != self.o_bias:
+                raise TenureError("export: Llama's attention_bias covers q/k/v/o together; "
+                                  "this model has q/k/v bias without o bias (export it as qwen2)")
+            d.update(attention_bias=self.qkv_bias, mlp_bias=False)
+        elif self.model_type == "qwen2":
+            d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                     max_window_layers=self.max_window_layers, layer_types=list(self.layer_types))
+        else:
+            d.update(sliding_window=self.sliding_window)
+        return d
+
+
+def _hashable(value):
+    """Config values are hashable (the config is a static module attribute): lists become tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _rope(spec: RopeSpec, head_dim: int):
+    inv_freq = inverse_frequencies(spec, head_dim)
+    return lambda x_BxLxHxDh, positions_BxL: apply_rope(x_BxLxHxDh, positions_BxL, inv_freq)
+
+
+class LlamaEmbeddings(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        init = nn.initializers.normal(self.config.initializer_range)
+        self.token = self.param("token", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                                (self.config.vocab_size, self.config.hidden_size), jnp.float32)
+
+    def __call__(self, input_ids_BxL):
+        return jnp.take(self.token, input_ids_BxL, axis=0).astype(self.dtype)
+
+    def attend(self, hidden_BxLxD):
+        """Logits against the token embedding (the tied LM head), accumulated in fp32."""
+        return jnp.einsum("bld,vd->blv", hidden_BxLxD.astype(self.dtype), self.token.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class LlamaBlock(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    lora: LoRASpec | None = None
+
+    @nn.compact
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic: bool = True):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        h_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x_BxLxD)
+        h_BxLxD = MultiHeadAttention(
+            num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
+            qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, dropout_rate=cfg.attention_dropout, dtype=self.dtype,
+            kernel_init=init, lora=self.lora, rope=_rope(cfg.rope, cfg.head_dim), name="attn",
+        )(h_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
+        x_BxLxD = x_BxLxD + h_BxLxD
+        h_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD)
+        return x_BxLxD + SwiGLU(cfg.intermediate_size, self.dtype, init, self.lora, name="mlp")(h_BxLxD, deterministic)
+
+
+class LlamaDecoder(nn.Module):
+    """`__call__(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
+    deterministic=True) -> hidden_BxLxD` (after the final RMSNorm); `attend(hidden) -> logits`
+    (fp32; only meaningful when config.tie_word_embeddings).
+
+    token_type_ids are ignored (no segment embedding). Positions default to each token's index
+    among the real tokens of its segment. Each stage output is sown to
+    "intermediates"/"hidden_states" (embeddings, layers_0, ...).
+    """
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32         # compute dtype; params stay fp32
+    frozen_prefix: int = 0           # leading stages [embeddings, layers_0, ...] run forward-only
+    remat: str = "none"              # none | full | dots
+    lora: LoRASpec | None = None
+
+    def setup(self):
+        cfg = self.config
+        block = remat_module(LlamaBlock, self.remat, static_argnums=(4,))
+        self.embeddings = LlamaEmbeddings(cfg, self.dtype)
+        self.layers = [block(cfg, self.dtype, self.lora) for _ in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
+
+    def _stage_out(self, stage: int, x_BxLxD):
+        self.sow("intermediates", "hidden_states", x_BxLxD)
+        return jax.lax.stop_gradient(x_BxLxD) if stage == self.frozen_prefix - 1 else x_BxLxD
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
+                 deterministic: bool = True):
+        del token_type_ids
+        cfg = self.config
+        segments_BxL = attention_mask if segment_ids is None else segment_ids
+        positions_BxL = positions_from_segments(segments_BxL) if positions is None else positions
+        full_Bx1xLxL = segment_mask(segments_BxL, causal=True)
+        sliding_Bx1xLxL = None
+        if cfg.sliding_window is not None and any(cfg.is_sliding(i) for i in range(cfg.num_layers)):
+            sliding_Bx1xLxL = full_Bx1xLxL & sliding_window_mask(positions_BxL, cfg.sliding_window)
+        x_BxLxD = self._stage_out(0, self.embeddings(input_ids))
+        for i, layer in enumerate(self.layers):
+            mask_Bx1xLxL = sliding_Bx1xLxL if cfg.is_sliding(i) else full_Bx1xLxL
+            x_BxLxD = self._stage_out(i + 1, layer(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic))
+        return self.final_norm(x_BxLxD)
+
+    def attend(self, hidden_BxLxD):
+        return self.embeddings.attend(hidden_BxLxD)

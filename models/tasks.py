@@ -1,0 +1,174 @@
+"""Task models: a backbone (any family) plus a task head, as one Linen module.
+
+    model = build_task_model(arch_cfg, "seq_cls", num_labels=3, pooling="cls")
+    params = nn.unbox(model.init(key, batch)["params"])   # {"backbone": ..., ["head": ...]}
+    out = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": key})
+
+Backbones are looked up by the config class name in BACKBONES (imported lazily) and built as
+`Backbone(config=arch_cfg, dtype=, lora=, remat=, frozen_prefix=)`; they must implement
+`backbone(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
+deterministic=True) -> hidden_BxLxD` and `backbone.attend(hidden) -> logits over vocab`.
+Kinds with no head params (tied causal_lm, embedding without a pooler) have no "head" key.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from engine.errors import TenureError
+from models.heads import ClassifierHead, EmbeddingHead, LmHead, MlmHead, TokenClassifierHead
+from models.lora import LoRASpec
+
+TASK_KINDS = ("seq_cls", "pair_cls", "token_cls", "regression", "mlm", "causal_lm", "embedding")
+POOLINGS = ("cls", "mean", "last")
+# Config class name -> (module, backbone class).
+BACKBONES = {
+    "BertConfig": ("models.bert", "BertEncoder"),
+    "GPT2Config": ("models.gpt2", "GPT2Decoder"),
+    "LlamaConfig": ("models.llama", "LlamaDecoder"),
+}
+# Encoder families: BERT-style MLM head, and a biased sequence classifier (decoders' HF
+# *ForSequenceClassification `score` layers have no bias).
+ENCODER_FAMILIES = ("BertConfig",)
+
+
+def backbone_class(arch_cfg) -> type:
+    name = type(arch_cfg).__name__
+    if name not in BACKBONES:
+        raise TenureError(f"model: no backbone registered for {name}; known: {sorted(BACKBONES)}")
+    module, cls = BACKBONES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _num_layers(cfg) -> int:
+    for field in ("num_layers", "num_hidden_layers", "n_layer"):
+        if getattr(cfg, field, None) is not None:
+            return int(getattr(cfg, field))
+    raise TenureError(f"model: {type(cfg).__name__} has no layer count")
+
+
+def _dropout_rate(cfg) -> float:
+    for field in ("classifier_dropout", "hidden_dropout_prob", "resid_pdrop"):
+        value = getattr(cfg, field, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+class TaskModel(nn.Module):
+    """`__call__(batch, deterministic=True) -> dict` with keys by kind:
+    logits ([B, C] | [B, L, C] | [B, L, V]); regression adds predictions [B];
+    embedding gives embeddings [B, D], or query_embeddings [B, D] + passage_embeddings [B, P, D]
+    when the batch holds query_/passage_ fields."""
+
+    arch_cfg: Any
+    kind: str
+    num_labels: int = 2
+    pooling: str = "cls"
+    lora: LoRASpec | None = None
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    frozen_prefix: int = 0
+    normalize_embeddings: bool = True
+
+    def setup(self):
+        cfg = self.arch_cfg
+        self.backbone = backbone_class(cfg)(config=cfg, dtype=self.dtype, lora=self.lora, remat=self.remat,
+                                            frozen_prefix=self.frozen_prefix)
+        init = nn.initializers.normal(getattr(cfg, "initializer_range", 0.02))
+        if self.kind in ("seq_cls", "pair_cls", "regression"):
+            labels = 1 if self.kind == "regression" else self.num_labels
+            self.head = ClassifierHead(labels, self.pooling, bool(getattr(cfg, "pooler", False)),
+                                       _dropout_rate(cfg), self.dtype, init,
+                                       use_bias=type(cfg).__name__ in ENCODER_FAMILIES)
+        elif self.kind == "token_cls":
+            self.head = TokenClassifierHead(self.num_labels, _dropout_rate(cfg), self.dtype, init)
+        elif self.kind == "mlm":
+            self.head = MlmHead(cfg.vocab_size, cfg.hidden_act, cfg.layer_norm_eps, self.dtype, init)
+        elif self.kind == "causal_lm":
+            self.head = LmHead(cfg.vocab_size, bool(getattr(cfg, "tie_word_embeddings", True)), self.dtype, init)
+        else:
+            self.head = EmbeddingHead(self.pooling, self.normalize_embeddings, bool(getattr(cfg, "pooler", False)),
+                                      self.dtype, init)
+
+    def encode(self, batch, prefix: str = "", deterministic: bool = True):
+        """Backbone hidden states of batch[prefix + "input_ids"] (any leading shape, flattened to
+        rows): (hidden [N, L, D], attention_mask [N, L]). Use with `apply(..., method="encode")`."""
+        flat = lambda a: None if a is None else jnp.reshape(a, (-1, a.shape[-1]))
+        mask = flat(batch[f"{prefix}attention_mask"])
+        hidden = self.backbone(flat(batch[f"{prefix}input_ids"]), mask,
+                               token_type_ids=flat(batch.get(f"{prefix}token_type_ids")),
+                               segment_ids=flat(batch.get(f"{prefix}segment_ids")),
+                               positions=flat(batch.get(f"{prefix}positions")), deterministic=deterministic)
+        return hidden, mask
+
+    def __call__(self, batch: dict, deterministic: bool = True) -> dict:
+        if self.kind == "embedding":
+            return self._embeddings(batch, deterministic)
+        hidden_BxLxD, mask_BxL = self.encode(batch, "", deterministic)
+        if self.kind in ("seq_cls", "pair_cls", "regression"):
+            logits_BxC = self.head(hidden_BxLxD, mask_BxL, deterministic)
+            if self.kind == "regression":
+                return {"logits": logits_BxC, "predictions": logits_BxC[:, 0]}
+            return {"logits": logits_BxC}
+        if self.kind == "token_cls":
+            return {"logits": self.head(hidden_BxLxD, deterministic)}
+        return {"logits": self.head(hidden_BxLxD, self.backbone.attend)}
+
+    def _embeddings(self, batch, deterministic):
+        embed = lambda prefix: self.head(*self.encode(batch, prefix, deterministic))
+        if "query_input_ids" not in batch:
+            return {"embeddings": embed("")}
+        passages_BPxD = embed("passage_")
+        batch_size, num_passages = batch["passage_input_ids"].shape[:2]
+        return {"query_embeddings": embed("query_"),
+                "passage_embeddings": passages_BPxD.reshape(batch_size, num_passages, -1)}
+
+
+def build_task_model(arch_cfg, task_kind: str, num_labels: int = 2, pooling: str = "cls",
+                     lora: LoRASpec | None = None, dtype: Any = jnp.float32, remat: str = "none",
+                     frozen_prefix: int = 0, normalize_embeddings: bool = True) -> TaskModel:
+    """Validate the choices (TenureError naming the config key) and build the TaskModel."""
+    if task_kind not in TASK_KINDS:
+        raise TenureError(f"task.kind: {task_kind!r} is not one of {', '.join(TASK_KINDS)}")
+    if pooling not in POOLINGS:
+        raise TenureError(f"task.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if task_kind == "mlm" and type(arch_cfg).__name__ not in ENCODER_FAMILIES:
+        raise TenureError(f"task.kind: mlm needs an encoder (BERT family), got {type(arch_cfg).__name__}")
+    if remat not in ("none", "full", "dots"):
+        raise TenureError(f"model.remat: {remat!r} is not one of none, full, dots")
+    num_stages = _num_layers(arch_cfg) + 1
+    if not 0 <= frozen_prefix <= num_stages:
+        raise TenureError(f"trainable: frozen_prefix={frozen_prefix} is outside 0..{num_stages} "
+                          "(stages are embeddings + layers)")
+    backbone_class(arch_cfg)
+    return TaskModel(arch_cfg, task_kind, num_labels, pooling, lora, dtype, remat, frozen_prefix,
+                     normalize_embeddings)
+
+
+def graft_pretrained(params: dict, backbone: dict, head: dict | None = None) -> dict:
+    """Overlay pretrained leaves onto freshly initialised task params (boxed or unboxed).
+
+    Leaves the checkpoint lacks (LoRA adapters, a new classifier) keep their init values;
+    checkpoint leaves the model lacks (e.g. an MLM head under seq_cls) are ignored; a shape
+    mismatch raises TenureError naming the parameter path."""
+
+    def overlay(node, new, path):
+        if isinstance(node, dict):
+            return {k: overlay(v, new[k], f"{path}/{k}") if isinstance(new, dict) and k in new else v
+                    for k, v in node.items()}
+        value = node.unbox() if isinstance(node, nn.meta.AxisMetadata) else node
+        if tuple(value.shape) != tuple(new.shape):
+            raise TenureError(f"pretrained weights: {path} has shape {tuple(new.shape)}, "
+                              f"the model expects {tuple(value.shape)}")
+        new = jnp.asarray(new, value.dtype)
+        return node.replace_boxed(new) if isinstance(node, nn.meta.AxisMetadata) else new
+
+    out = dict(params)
+    out["backbone"] = overlay(params["backbone"], backbone, "backbone")
+    if head is not None and "head" in params:
+        out["head"] = overlay(params["head"], head, "head")
+    return out

@@ -1,0 +1,84 @@
+"""Two real JAX processes on localhost: disjoint train shards, global batches, eval coverage."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    port, pid, data_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    sys.path.insert(0, "tests")
+    from test_data_pipeline import word_tokenizer
+    from engine.data.config import DataConfig
+    from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
+
+    cfg = DataConfig(train=f"{data_dir}/train.jsonl", validation=f"{data_dir}/val.jsonl", batch_size=8,
+                     eval_batch_size=4, max_length=16, length_buckets=[4, 8, 16], shuffle=False, num_epochs=1,
+                     read_threads=1)
+    tok, vocab = word_tokenizer(), build_label_vocab(cfg, "seq_cls")
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    it = build_train_iterator(cfg, "seq_cls", tok, vocab, process_index=jax.process_index(), process_count=2)
+    local_ids, global_ids, shapes, widths = [], [], [], []
+    for batch in it:
+        local_ids += (batch["input_ids"][:, 1] - 5).tolist()
+        widths.append(batch["input_ids"].shape[1])
+        arrays = to_global_batch(batch, mesh)
+        shapes.append(list(arrays["input_ids"].shape))
+        global_ids.append((multihost_utils.process_allgather(arrays["input_ids"], tiled=True)[:, 1] - 5).tolist())
+    eval_ids = []
+    for batch in build_eval_batches(cfg, "validation", "seq_cls", tok, vocab, process_index=jax.process_index(),
+                                    process_count=2):
+        arrays = to_global_batch(batch, mesh)
+        ids = multihost_utils.process_allgather(arrays["input_ids"], tiled=True)[:, 1] - 5
+        mask = multihost_utils.process_allgather(arrays["example_mask"], tiled=True)
+        eval_ids += ids[mask > 0].tolist()
+    print("RESULT " + json.dumps({"local": local_ids, "global": global_ids, "shapes": shapes, "widths": widths,
+                                  "eval": eval_ids}))
+    jax.distributed.shutdown()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_read_disjoint_shards_and_build_global_batches(tmp_path):
+    # Odd records are 5 words long, even ones 1 word: process 1 pads to bucket 8, process 0 to
+    # bucket 4, so to_global_batch must agree on the common width.
+    _write(tmp_path / "train.jsonl", [{"text": " ".join([f"w{k}"] + ["w199"] * (4 * (k % 2))),
+                                       "label": "pos" if k % 2 else "neg"} for k in range(16)])
+    _write(tmp_path / "val.jsonl", [{"text": f"w{k}", "label": "neg"} for k in range(7)])
+    port, root = _free_port(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(tmp_path)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    r0, r1 = results
+    assert r0["local"] == [0, 2, 4, 6, 8, 10, 12, 14] and r1["local"] == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert r0["widths"] == [4, 4] and r1["widths"] == [8, 8]
+    assert r0["shapes"] == r1["shapes"] == [[8, 8], [8, 8]]
+    assert r0["global"] == r1["global"] == [[0, 2, 4, 6, 1, 3, 5, 7], [8, 10, 12, 14, 9, 11, 13, 15]]
+    # 7 eval examples, global batch 4: process 0 holds 0,2 | 4,6 and process 1 holds 1,3 | 5,(pad).
+    assert r0["eval"] == r1["eval"] == [0, 2, 1, 3, 4, 6, 5]

@@ -1,0 +1,223 @@
+"""Train iterator (shards, epochs, buckets, exact resume), eval batches, global arrays."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from engine.data.config import DataConfig
+from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
+from engine.errors import TenureError
+
+N_WORDS = 200
+FIRST_WORD = 5  # ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level BERT-style tokenizer over w0..w199 (id of wK = K + 5), with EOS for LM tasks."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{k}" for k in range(N_WORDS)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def labelled(n, length=lambda k: 1):
+    """Record k: text "wk" followed by filler words to `length(k)` words; label pos/neg by parity."""
+    return [{"text": " ".join([f"w{k}"] + ["w199"] * (length(k) - 1)), "label": "pos" if k % 2 else "neg"}
+            for k in range(n)]
+
+
+def record_ids(batch):
+    """Which record each real row holds (the first word after [CLS])."""
+    return [int(i) - FIRST_WORD for i, m in zip(batch["input_ids"][:, 1], batch["example_mask"]) if m]
+
+
+def make_cfg(tmp_path, n=20, **overrides):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled(n))
+    values = dict(train=train, batch_size=4, max_length=16, length_buckets=[4, 8, 16], shuffle=True, seed=1,
+                  read_threads=2)
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def test_config_defaults_and_errors():
+    cfg = DataConfig(max_length=128)
+    assert cfg.length_buckets == [32, 64, 128] and cfg.global_eval_batch_size == 32
+    assert DataConfig(max_length=100, length_buckets=[16, 64]).length_buckets == [16, 64, 100]
+    with pytest.raises(ValueError, match="length_buckets must lie in 1..max_length \\(16\\)"):
+        DataConfig(max_length=16, length_buckets=[8, 32])
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        DataConfig(batchsize=3)
+    cfg = DataConfig(train={"new": {"path": "a.jsonl", "weight": 5}, "replay": {"path": "b.jsonl"}})
+    assert {k: s.weight for k, s in cfg.sources.items()} == {"new": 5.0, "replay": 1.0}
+
+
+def test_epochs_cover_every_record_once_per_epoch(tmp_path):
+    cfg = make_cfg(tmp_path, num_epochs=2)
+    vocab = build_label_vocab(cfg, "seq_cls")
+    assert vocab.labels == ("neg", "pos")
+    it = build_train_iterator(cfg, "seq_cls", word_tokenizer(), vocab)
+    assert (it.num_examples, it.num_batches) == (20, 10)
+    peeked = it.peek()
+    batches = list(it)
+    assert len(batches) == 10
+    _assert_batches_equal([peeked], batches[:1])
+    assert set(batches[0]) == {"input_ids", "attention_mask", "labels", "example_mask"}
+    assert batches[0]["input_ids"].shape == (4, 4) and batches[0]["labels"].dtype == np.int32
+    seen = [k for b in batches for k in record_ids(b)]
+    assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:]) == list(range(20))
+    assert seen[:20] != seen[20:] and seen[:20] != list(range(20))  # shuffled, anew each epoch
+    labels = [int(lab) for b in batches for lab in b["labels"]]
+    assert labels == [k % 2 for k in seen]
+
+
+def test_batches_pad_to_the_smallest_bucket(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", labelled(8, length=lambda k: 1 if k < 4 else 5))
+    cfg = DataConfig(train=train, batch_size=4, max_length=16, length_buckets=[4, 8, 16], shuffle=False,
+                     num_epochs=1, read_threads=1)
+    widths = [b["input_ids"].shape[1] for b in build_train_iterator(cfg, "seq_cls", word_tokenizer(),
+                                                                      build_label_vocab(cfg, "seq_cls"))]
+    assert widths == [4, 8]  # 3 tokens -> bucket 4; 7 tokens -> bucket 8
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
+    cfg = make_cfg(tmp_path, n=21, num_epochs=1, shuffle=False)
+    tok, vocab = word_tokenizer(), build_label_vocab(cfg, "seq_cls")
+    shards = [[k for b in build_train_iterator(cfg, "seq_cls", tok, vocab, process_index=p, process_count=2)
+               for k in record_ids(b)] for p in (0, 1)]
+    # 21 records: the last is dropped so both processes get 10 (equal step counts).
+    assert shards[0] == list(range(0, 20, 2)) and shards[1] == list(range(1, 20, 2))
+    assert all(len(b["input_ids"]) == 2 for b in build_train_iterator(cfg, "seq_cls", tok, vocab, process_count=2))
+
+
+def _assert_batches_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert set(g) == set(w)
+        for key in w:
+            assert np.array_equal(g[key], w[key]), key
+
+
+def _resume_case(tmp_path, case):
+    tok = word_tokenizer()
+    if case == "seq_cls":
+        cfg = make_cfg(tmp_path)
+        return cfg, "seq_cls", build_label_vocab(cfg, "seq_cls"), tok
+    texts = [{"text": " ".join(f"w{(k * 7 + j) % N_WORDS}" for j in range(1 + k % 6))} for k in range(30)]
+    replay = [{"text": f"w{150 + k} w{160 + k}"} for k in range(5)]
+    new, old = write_jsonl(tmp_path / "new.jsonl", texts), write_jsonl(tmp_path / "old.jsonl", replay)
+    sources = {"new": {"path": new, "weight": 3}, "replay": {"path": old, "weight": 1}}
+    if case == "mlm_random_mix":
+        return DataConfig(train=sources, mix_mode="random", batch_size=4, max_length=16, read_threads=2), "mlm", None, tok
+    return DataConfig(train=sources, pack=True, batch_size=2, max_length=12, read_threads=2), "causal_lm", None, tok
+
+
+@pytest.mark.parametrize("case", ["seq_cls", "mlm_random_mix", "causal_lm_packed_mix"])
+def test_resume_gives_exactly_the_next_batches(tmp_path, case):
+    cfg, kind, vocab, tok = _resume_case(tmp_path, case)
+    uninterrupted = build_train_iterator(cfg, kind, tok, vocab)
+    expected = [next(uninterrupted) for _ in range(12)]
+    first = build_train_iterator(cfg, kind, tok, vocab)
+    for _ in range(4):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    first.close()
+    resumed = build_train_iterator(cfg, kind, tok, vocab)
+    resumed.set_state(state)
+    _assert_batches_equal([next(resumed) for _ in range(8)], expected[4:])
+    if kind == "causal_lm":
+        assert set(expected[0]) == {"input_ids", "attention_mask", "labels", "segment_ids", "positions",
+                                    "example_mask"}
+        assert expected[0]["input_ids"].shape == (2, 12) and expected[0]["segment_ids"].max() > 1
+
+
+def test_eval_batches_cover_every_example_once(tmp_path):
+    cfg = make_cfg(tmp_path, validation=write_jsonl(tmp_path / "v.jsonl", labelled(10)), eval_batch_size=4)
+    tok, vocab = word_tokenizer(), build_label_vocab(cfg, "seq_cls")
+    batches = list(build_eval_batches(cfg, "validation", "seq_cls", tok, vocab))
+    assert len(batches) == 3
+    np.testing.assert_array_equal(batches[-1]["example_mask"], [1, 1, 0, 0])
+    assert [k for b in batches for k in record_ids(b)] == list(range(10))
+    per_process = [list(build_eval_batches(cfg, "validation", "seq_cls", tok, vocab, process_index=p,
+                                           process_count=4)) for p in range(4)]
+    assert [len(b) for b in per_process] == [3, 3, 3, 3]
+    assert all(b["input_ids"].shape[0] == 1 for bs in per_process for b in bs)
+    covered = sorted(k for bs in per_process for b in bs for k in record_ids(b))
+    assert covered == list(range(10))
+
+
+def test_eval_rejects_labels_unseen_in_training(tmp_path):
+    val = write_jsonl(tmp_path / "v.jsonl", [{"text": "w1", "label": "pos"}, {"text": "w2", "label": "maybe"}])
+    cfg = make_cfg(tmp_path, validation=val)
+    with pytest.raises(TenureError, match=r"v.jsonl:2: field 'label': unknown label 'maybe' \(known: 'neg', 'pos'\)$"):
+        build_eval_batches(cfg, "validation", "seq_cls", word_tokenizer(), build_label_vocab(cfg, "seq_cls"))
+
+
+def test_over_length_records_are_bad_records_without_truncation(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", labelled(6, length=lambda k: 20 if k == 3 else 1))
+    cfg = DataConfig(train=train, batch_size=2, max_length=16, truncate=False, num_epochs=1, shuffle=False)
+    vocab = build_label_vocab(cfg, "seq_cls")
+    with pytest.raises(TenureError, match=r"t.jsonl:4: field 'text': 22 tokens, longer than max_length 16$"):
+        build_train_iterator(cfg, "seq_cls", word_tokenizer(), vocab)
+    skip = cfg.model_copy(update={"on_bad_record": "skip"})
+    got = [k for b in build_train_iterator(skip, "seq_cls", word_tokenizer(), vocab) for k in record_ids(b)]
+    assert got == [0, 1, 2, 4]  # 5 records left, the last one does not fill a batch of 2
+
+
+def test_to_global_batch_on_8_devices():
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    local = {"input_ids": np.arange(64, dtype=np.int32).reshape(8, 8), "example_mask": np.ones(8, np.float32)}
+    arrays = to_global_batch(local, mesh)
+    assert arrays["input_ids"].shape == (8, 8)
+    assert arrays["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(arrays["input_ids"]), local["input_ids"])
+    assert len(arrays["input_ids"].addressable_shards) == 8
+    assert arrays["input_ids"].addressable_shards[3].data.shape == (1, 8)
+
+
+def test_inspect_report(tmp_path):
+    from engine.data.inspect import inspect_data
+
+    train = write_jsonl(tmp_path / "train.jsonl", labelled(6, length=lambda k: k + 1)
+                        + [{"text": "w0", "label": "neg"}, {"txt": "w1", "label": "pos"}])
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": "w3", "label": "pos"}\n{"text": "w4 w5", "label": "zzz"}\nnot json\n')
+    cfg = DataConfig(train=train, validation=str(val), max_length=4, length_buckets=[4])
+    lines = inspect_data(cfg, "seq_cls", word_tokenizer()).splitlines()
+    assert lines[0] == "data: task seq_cls, format text_label, max_length 4, buckets [4], batch 32"
+    assert lines[1] == f"train ({train}): 8 read, 1 bad records, 7 kept"
+    assert lines[2] == f"  bad: {train}:8: field 'text': missing"
+    assert lines[4:7] == ["  exact duplicate texts remaining: 1", "  labels (2): neg 4 (57.1%), pos 3 (42.9%)",
+                          "  tokens: p50 5  p90 7  p99 7  max 8; 4 longer than max_length 4 (truncated)"]
+    assert lines[7] == f"validation ({val}): 3 read, 2 bad records, 1 kept"
+    assert lines[8:10] == [f"  bad: {val}:2: field 'label': unknown label 'zzz' (known: 'neg', 'pos')",
+                           f"  bad: {val}:3: invalid JSON: Expecting value at column 1"]
+    assert lines[-1] == "  tokens: p50 3  p90 3  p99 3  max 3; 0 longer than max_length 4 (truncated)"
+
+
+@pytest.mark.slow
+def test_worker_processes_match_threads_and_resume(tmp_path):
+    cfg = make_cfg(tmp_path, worker_count=1)
+    tok, vocab = word_tokenizer(), build_label_vocab(cfg, "seq_cls")
+    threads = build_train_iterator(cfg.model_copy(update={"worker_count": 0}), "seq_cls", tok, vocab)
+    expected = [next(threads) for _ in range(8)]
+    threads.close()
+    workers = build_train_iterator(cfg, "seq_cls", tok, vocab)
+    _assert_batches_equal([next(workers) for _ in range(3)], expected[:3])
+    state = json.loads(json.dumps(workers.get_state()))
+    workers.close()
+    resumed = build_train_iterator(cfg, "seq_cls", tok, vocab)
+    resumed.set_state(state)
+    _assert_batches_equal([next(resumed) for _ in range(5)], expected[3:])
+    resumed.close()

@@ -1,0 +1,75 @@
+"""Accuracy-matrix summaries against values worked out by hand."""
+import math
+
+import numpy as np
+import pytest
+
+from engine import forgetting_metrics as fm
+
+# R[i, j]: accuracy on task j after stage i.
+R = np.array([
+    [0.90, 0.20, 0.10],
+    [0.70, 0.80, 0.30],
+    [0.60, 0.85, 0.95],
+])
+START = np.array([0.50, 0.25, 0.15])
+
+
+def test_acc_bwt_by_hand():
+    assert fm.average_accuracy(R) == pytest.approx((0.60 + 0.85 + 0.95) / 3)
+    # BWT = mean over j < T-1 of R[T-1, j] - R[j, j] = ((0.60-0.90) + (0.85-0.80)) / 2
+    assert fm.backward_transfer(R) == pytest.approx(-0.125)
+
+
+def test_fwt_by_hand_with_start_row_as_baseline():
+    # FWT = ((R[0,1] - b1) + (R[1,2] - b2)) / 2 = ((0.20-0.25) + (0.30-0.15)) / 2
+    assert fm.forward_transfer(R, START) == pytest.approx(0.05)
+    summary = fm.summarize(R, start_row=START)
+    assert summary.fwt == pytest.approx(0.05)
+    # an explicit baseline wins over the start row
+    assert fm.summarize(R, start_row=START, baseline=[0, 0, 0]).fwt == pytest.approx((0.20 + 0.30) / 2)
+    assert math.isnan(fm.summarize(R).fwt)
+
+
+def test_forgetting_max_and_first_differ_when_a_task_improves_later():
+    # task 1 improves after its own stage (0.80 -> 0.85): negative forgetting under both
+    per_max = fm.forgetting_max_per_task(R)
+    per_first = fm.forgetting_first_per_task(R)
+    np.testing.assert_allclose(per_max[:2], [0.90 - 0.60, 0.80 - 0.85])
+    np.testing.assert_allclose(per_first[:2], [0.90 - 0.60, 0.80 - 0.85])
+    assert math.isnan(per_max[2]) and math.isnan(per_first[2])
+
+    # task 0 peaks at stage 1, after its own stage: max-based sees more forgetting than first-based
+    peaked = np.array([[0.70, 0.1, 0.1], [0.90, 0.8, 0.1], [0.60, 0.8, 0.9]])
+    assert fm.forgetting_max_per_task(peaked)[0] == pytest.approx(0.30)
+    assert fm.forgetting_first_per_task(peaked)[0] == pytest.approx(0.10)
+
+
+def test_summary_first_based_forgetting_is_minus_bwt():
+    summary = fm.summarize(R, start_row=START)
+    assert summary.forgetting_first == pytest.approx(-summary.bwt)
+    assert summary.forgetting_max == pytest.approx((0.30 - 0.05) / 2)
+    assert summary.as_dict()["acc"] == pytest.approx(0.80)
+    assert len(summary.as_dict()["forgetting_max_per_task"]) == 3
+
+
+def test_no_forgetting_and_total_forgetting():
+    perfect = np.tril(np.ones((3, 3)))  # every task learnt fully and kept
+    assert fm.backward_transfer(perfect) == 0.0
+    assert fm.summarize(perfect).forgetting_max == 0.0
+    wiped = np.eye(3)  # each stage erases every earlier task
+    assert fm.backward_transfer(wiped) == pytest.approx(-1.0)
+    assert fm.summarize(wiped).forgetting_max == pytest.approx(1.0)
+
+
+def test_single_task_gives_nan_not_an_error():
+    summary = fm.summarize([[0.7]])
+    assert summary.acc == pytest.approx(0.7)
+    assert math.isnan(summary.bwt) and math.isnan(summary.forgetting_max)
+
+
+def test_bad_shapes_are_errors():
+    with pytest.raises(ValueError, match="square"):
+        fm.average_accuracy(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="start_row must have shape"):
+        fm.summarize(R, start_row=[0.1, 0.2])

@@ -1,0 +1,105 @@
+"""Trainability spec -> labels, LR multipliers, forward-only prefix, counts."""
+import numpy as np
+import pytest
+
+from engine.errors import TenureError
+from engine.trainability import FROZEN, TrainableConfig, compile_trainability
+
+L = 3
+
+
+def fake_params(lora=False):
+    """A param tree shaped like the task-model contract (leaf sizes chosen to be countable)."""
+    dense = lambda i, o: {"kernel": np.zeros((i, o), np.float32), "bias": np.zeros(o, np.float32)}
+    layer = {"attention": {"query": dense(4, 4), "value": dense(4, 4)},
+             "attention_norm": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}}
+    if lora:
+        layer["attention"]["query"].update(lora_a=np.zeros((4, 2), np.float32), lora_b=np.zeros((2, 4), np.float32))
+    backbone = {"embeddings": {"word_embeddings": {"embedding": np.zeros((10, 4), np.float32)},
+                               "norm": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}},
+                "final_norm": {"scale": np.ones(4, np.float32)}}
+    backbone.update({f"layers_{i}": {k: dict(v) for k, v in layer.items()} for i in range(L)})
+    return {"backbone": backbone, "head": {"classifier": dense(4, 2)}}
+
+
+def labels_of(tr):
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            else:
+                flat[prefix + k] = v
+
+    walk(tr.labels, "")
+    return flat
+
+
+def trainable_paths(tr):
+    return sorted(p for p, label in labels_of(tr).items() if label != FROZEN)
+
+
+def test_full_trains_everything_with_no_prefix():
+    tr = compile_trainability(fake_params(), TrainableConfig(), L)
+    assert set(labels_of(tr).values()) == {"trainable"}
+    assert tr.frozen_prefix == 0 and tr.frozen_count == 0
+    # 40 embedding + 8 emb norm + 4 final norm + 3 * (2*(16+4) + 8) + head 10
+    assert tr.trainable_count == 40 + 8 + 4 + 3 * 48 + 10
+    assert tr.summary() == ("trainable 206/206 params (100.00%), forward-only stages 0/4, "
+                            "lr groups: trainablex1")
+
+
+def test_head_only_freezes_the_backbone():
+    tr = compile_trainability(fake_params(), TrainableConfig(mode="head"), L)
+    assert trainable_paths(tr) == ["head/classifier/bias", "head/classifier/kernel"]
+    assert tr.frozen_prefix == L + 1
+    assert (tr.trainable_count, tr.frozen_count) == (10, 196)
+
+
+def test_last_n_trains_top_layers_and_final_norm():
+    tr = compile_trainability(fake_params(), TrainableConfig(mode="last_n", last_n=1), L)
+    paths = trainable_paths(tr)
+    assert all(p.startswith(("backbone/layers_2/", "backbone/final_norm/", "head/")) for p in paths)
+    assert "backbone/final_norm/scale" in paths and len(paths) == 6 + 1 + 2  # 6 leaves in a layer
+    assert tr.frozen_prefix == 3  # embeddings, layers_0, layers_1 run forward-only
+    with pytest.raises(TenureError, match="trainable.last_n"):
+        compile_trainability(fake_params(), TrainableConfig(mode="last_n", last_n=4), L)
+
+
+def test_bitfit_and_lora_select_leaves_by_name():
+    bitfit = compile_trainability(fake_params(), TrainableConfig(mode="bitfit"), L)
+    assert all(p.endswith("bias") or p.startswith("head/") for p in trainable_paths(bitfit))
+    assert bitfit.frozen_prefix == 0  # the embeddings' norm bias trains
+    lora = compile_trainability(fake_params(lora=True), TrainableConfig(mode="lora"), L)
+    paths = trainable_paths(lora)
+    assert paths[:2] == ["backbone/layers_0/attention/query/lora_a", "backbone/layers_0/attention/query/lora_b"]
+    assert len(paths) == 2 * L + 2 and lora.frozen_prefix == 1
+    no_head = compile_trainability(fake_params(lora=True), TrainableConfig(mode="lora", train_head=False), L)
+    assert not any(p.startswith("head/") for p in trainable_paths(no_head))
+
+
+def test_regex_include_exclude():
+    cfg = TrainableConfig(mode="regex", include=[r"layers_1/", r"embeddings/norm"], exclude=[r"/bias$"])
+    paths = trainable_paths(compile_trainability(fake_params(), cfg, L))
+    assert paths == ["backbone/embeddings/norm/scale", "backbone/layers_1/attention/query/kernel",
+                     "backbone/layers_1/attention/value/kernel", "backbone/layers_1/attention_norm/scale",
+                     "head/classifier/kernel"]
+    with pytest.raises(ValueError, match="bad regex"):
+        TrainableConfig(include=["("])
+    with pytest.raises(TenureError, match="no parameter is trainable"):
+        compile_trainability(fake_params(), TrainableConfig(mode="regex", train_head=False), L)
+
+
+def test_llrd_multipliers_are_exact_powers():
+    decay = 0.8
+    tr = compile_trainability(fake_params(), TrainableConfig(llrd={"decay": decay}), L)
+    mults = tr.lr_multipliers
+    for layer in range(L):
+        assert mults[f"layers_{layer}"] == decay ** (L - layer)
+    assert mults["embeddings"] == decay ** (L + 1)
+    assert mults["top"] == 1.0
+    labels = labels_of(tr)
+    assert labels["backbone/layers_1/attention/query/kernel"] == "layers_1"
+    assert labels["backbone/final_norm/scale"] == "top" and labels["head/classifier/kernel"] == "top"
+    assert labels["backbone/embeddings/word_embeddings/embedding"] == "embeddings"
