@@ -122,8 +122,11 @@ def build_run(cfg: Config) -> Run:
     params, param_shardings = sharding.init_sharded(
         lambda: model.init(rng, sample_batch, deterministic=True)["params"], mesh)
     if cfg.model.init == "pretrained":
-        # Task heads start fresh; LM heads (MLM, untied causal LM) keep their pretrained weights.
-        keep_head = pretrained_head if cfg.task.kind in ("mlm", "causal_lm", "sft") else None
+        # Task heads start fresh; LM heads (MLM, untied causal LM) and BERT's pooler keep
+        # their pretrained weights.
+        keep_head = pretrained_head if cfg.task.kind in ("mlm", "causal_lm", "sft") else (
+            {"pooler": pretrained_head["pooler"]} if pretrained_head and "pooler" in pretrained_head
+            else None)
         params = jax.device_put(graft_pretrained(params, pretrained, keep_head), param_shardings)
 
     steps = total_steps(cfg, train_iter.num_batches)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from engine.losses import LossFn, total_loss
 from engine.sharding import batch_sharding, replicated
@@ -77,9 +77,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict
             return jax.tree.map(jnp.add, carry, (g, m)), None
 
         micro = _split_micro(batch, accum_steps)
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda: grad_fn(trainable, first, key)[::-1])
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1][1]))
+        (_, metrics_shape), grads_shape = jax.eval_shape(
+            grad_fn, trainable, jax.tree.map(lambda x: x[0], micro), key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
         summed, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
         grads, metrics = jax.tree.map(lambda x: x / accum_steps, summed)
 

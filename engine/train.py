@@ -104,10 +104,10 @@ def train(cfg: Config) -> dict:
         tokens = int(local["attention_mask"].sum()) * jax.process_count()
         state, metrics = step_fn(state, to_global_batch(local, run.mesh))
         if pending is not None:  # read the previous step's metrics while this one runs
-            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every)
+            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
         pending = (step, metrics, tokens)
         if step % cfg.train.eval_every == 0 or step == run.total_steps:
-            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every)
+            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
             pending = None
             scores = _evaluate_all(run, evaluators, state.params, ("validation",))
             tb.scalars(step, scores)
@@ -130,7 +130,7 @@ def train(cfg: Config) -> dict:
                       extra={"step": step, "history": history, "config": to_dict(cfg),
                              "labels": run.label_vocab.to_json() if run.label_vocab else None})
     if pending is not None:
-        _log_step(*pending, tb, progress, train_losses, cfg.train.log_every)
+        _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
     progress.close()
     ckpt.wait()
 
@@ -146,6 +146,7 @@ def train(cfg: Config) -> dict:
                   lora=run.model.lora, merge=True, labels=_label_names(run))
     tb.close()
     summary = {"baseline": history.get("baseline", {}), "final": history["final"],
+               "train_loss": history.get("train_loss", []),
                "best_step": final_step, "run_dir": str(run_dir),
                "tensorboard": str(run_dir / "tb"), "checkpoints": str(ckpt.directory),
                "hf_export": str(export_dir)}
@@ -159,12 +160,13 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _log_step(step, metrics, tokens, tb, progress, train_losses, log_every):
+def _log_step(step, metrics, tokens, tb, progress, train_losses, log_every, history):
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(values["loss"]):
         raise TenureError(f"step {step}: training loss is {values['loss']}; lower optim.lr "
                           "or check the data (the last good checkpoint is kept)")
     train_losses.append(values["loss"])
+    history.setdefault("train_loss", []).append(values["loss"])
     progress.update(step, values["loss"], tokens)
     if step % log_every == 0:
         tb.scalars(step, {f"train/{k}": v for k, v in values.items()}

@@ -2,9 +2,12 @@
 
     .venv/bin/python scripts/bench_data.py                      # bundled quickstart data, MiniLM
     .venv/bin/python scripts/bench_data.py --max-length 64 --read-threads 2 --workers 2
+    .venv/bin/python scripts/bench_data.py --train-config ''      # pipeline only
 
 Prints examples/s and tokens/s (real tokens, attention_mask == 1) over `--batches` batches,
-after a warm-up batch; set-up time (indexing, validation, cleaning) is reported apart.
+after a warm-up batch; set-up time (indexing, validation, cleaning) is reported apart. Then
+it times the quickstart model's jitted train step on the same kind of batches and prints
+the pipeline/training ratio, both measured in this one process.
 """
 from __future__ import annotations
 
@@ -59,13 +62,48 @@ def measure_pipeline_rate(cfg: DataConfig, tokenizer, batches: int) -> dict[str,
             "seconds": elapsed}
 
 
-def measure_train_rate(cfg: DataConfig, tokenizer, batches: int) -> float | None:
-    """Hook for the lead: examples/s consumed by the real jitted train step on these batches.
+def measure_train_rate(config_path: str, overrides: list[str], batches: int) -> dict[str, float]:
+    """Examples/s and tokens/s consumed by the real jitted train step of `config_path`.
 
-    Not measured yet (returns None): it needs the model, state and train step wiring. When
-    filled in, main() prints it and the pipeline/training ratio.
+    The step runs on batches taken from the pipeline beforehand (so data time is excluded),
+    after one warm-up step per length bucket (so compile time is excluded too).
     """
-    return None
+    import jax
+
+    from engine.build import build_run
+    from engine.config import load_config
+    from engine.data.pipeline import to_global_batch
+    from engine.optim import build_schedule
+    from engine.step import make_train_step
+
+    cfg = load_config(config_path, overrides)
+    run = build_run(cfg)
+    step_fn = make_train_step(run.model, run.losses, run.tx, run.mesh, run.state_shardings,
+                              lr_schedule=build_schedule(cfg.optim, run.total_steps),
+                              trainable_mask=run.trainability.trainable_mask,
+                              accum_steps=cfg.optim.grad_accum_steps)
+    local = [next(run.train_iter) for _ in range(batches)]
+    run.train_iter.close()
+    state, warmed = run.state, set()
+    for batch in local:  # compile every bucket the timed loop will meet
+        if batch["input_ids"].shape not in warmed:
+            warmed.add(batch["input_ids"].shape)
+            state, metrics = step_fn(state, to_global_batch(batch, run.mesh))
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch in local:
+        state, metrics = step_fn(state, to_global_batch(batch, run.mesh))
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    examples = sum(int(b["example_mask"].sum()) for b in local)
+    tokens = sum(int(b["attention_mask"].sum()) for b in local)
+    return {"examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed,
+            "step_s": elapsed / len(local)}
+
+
+def jax_devices() -> str:
+    import jax
+    return f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
 
 
 def main() -> None:
@@ -76,6 +114,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--read-threads", type=int, default=4)
     parser.add_argument("--workers", type=int, default=0, help="grain worker processes (0 = threads only)")
+    parser.add_argument("--train-config", default="configs/quickstart.yaml",
+                        help="also time this config's train step ('' to skip)")
+    parser.add_argument("--train-batches", type=int, default=10, help="timed train steps")
     args = parser.parse_args()
     data = args.data or generated_jsonl()
     cfg = DataConfig(train=data, max_length=args.max_length, batch_size=args.batch_size,
@@ -87,11 +128,14 @@ def main() -> None:
     print(f"set-up (index, validate, clean, first batch): {rate['setup_s']:.2f} s")
     print(f"pipeline: {rate['examples_per_s']:.0f} examples/s, {rate['tokens_per_s']:.0f} tokens/s "
           f"({args.batches} batches in {rate['seconds']:.2f} s)")
-    train = measure_train_rate(cfg, tokenizer, args.batches)
-    if train is None:
-        print("train step: not measured (measure_train_rate is not wired to the train step yet)")
-    else:
-        print(f"train step: {train:.0f} examples/s; pipeline/training ratio {rate['examples_per_s'] / train:.1f}x")
+    if args.train_config:
+        train = measure_train_rate(args.train_config, [f"data.max_length={args.max_length}",
+                                                       f"data.batch_size={args.batch_size}"],
+                                   args.train_batches)
+        print(f"train step ({args.train_config}, {jax_devices()}): {train['examples_per_s']:.1f} "
+              f"examples/s, {train['tokens_per_s']:.0f} tokens/s, {train['step_s']:.3f} s/step")
+        print(f"pipeline / training: {rate['examples_per_s'] / train['examples_per_s']:.1f}x "
+              "(>= 10x means training never waits on data)")
 
 
 if __name__ == "__main__":

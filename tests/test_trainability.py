@@ -1,9 +1,15 @@
 """Trainability spec -> labels, LR multipliers, forward-only prefix, counts."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from engine.errors import TenureError
 from engine.trainability import FROZEN, TrainableConfig, compile_trainability
+from models.bert import BertConfig
+from models.lora import LoRASpec
+from models.tasks import build_task_model
 
 L = 3
 
@@ -103,3 +109,19 @@ def test_llrd_multipliers_are_exact_powers():
     assert labels["backbone/layers_1/attention/query/kernel"] == "layers_1"
     assert labels["backbone/final_norm/scale"] == "top" and labels["head/classifier/kernel"] == "top"
     assert labels["backbone/embeddings/word_embeddings/embedding"] == "embeddings"
+
+
+def test_real_bert_lora_plus_head():
+    cfg = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=8)
+    model = build_task_model(cfg, "seq_cls", num_labels=3, lora=LoRASpec(rank=2, targets=("query", "value")))
+    batch = {"input_ids": jnp.ones((2, 4), jnp.int32), "attention_mask": jnp.ones((2, 4), jnp.int32)}
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"]
+    tr = compile_trainability(nn.unbox(params), TrainableConfig(mode="lora"), 2)
+    paths = trainable_paths(tr)
+    lora = [p for p in paths if p.startswith("backbone/")]
+    assert lora == [f"backbone/layers_{i}/attention/{m}/{leaf}" for i in range(2)
+                    for m in ("query", "value") for leaf in ("lora_a", "lora_b")]
+    assert all(p.startswith("head/") for p in paths if p not in lora)
+    assert tr.frozen_prefix == 1  # embeddings run forward-only
+    assert tr.trainable_count == 2 * 2 * (8 * 2 + 2 * 8) + (8 * 8 + 8) + (8 * 3 + 3)
