@@ -47,7 +47,7 @@ class TaskConfig(Section):
     normalize: bool = Field(True, description="L2-normalise embeddings (embedding task)")
     max_new_tokens: int = Field(32, ge=1, description="greedy decoding length for generation metrics")
     generation_examples: int = Field(
-        64, ge=0, description="examples decoded for BLEU/ROUGE per evaluation (0 = skip generation)")
+        64, ge=0, description="prompt_completion examples decoded for BLEU/ROUGE per evaluation (0 = skip)")
     few_shot: int = Field(
         3, ge=0, description="k training examples in the prompt for the few-shot baseline (decoders)")
 

@@ -7,15 +7,15 @@ metric functions in `engine.metrics`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from engine import metrics, sharding
+from engine import metrics
+from engine.step import make_eval_step
 
 IGNORE = -100
 
@@ -112,19 +112,15 @@ class Evaluator:
 
 def make_evaluators(run) -> dict[str, Evaluator]:
     """One evaluator per split the config names (validation, test)."""
-    mesh, kind = run.mesh, run.cfg.task.kind
-
-    def reduce(params, batch):
-        outputs = run.model.apply({"params": params}, batch, deterministic=True)
-        return reduce_batch(kind, outputs, batch)
-
-    reduce_fn = jax.jit(reduce, in_shardings=(run.state_shardings.params, sharding.batch_sharding(mesh)),
-                        out_shardings=NamedSharding(mesh, P()))
+    kind = run.cfg.task.kind
+    reduce_fn = make_eval_step(run.model, run.mesh, run.state_shardings.params,
+                               reduce_fn=functools.partial(reduce_batch, kind))
     tags = [str(t) for t in run.label_vocab.labels] if kind == "token_cls" else None
     evaluators = {}
     for split in run.eval_batches:
         generate = None
-        if kind in ("sft", "causal_lm") and run.cfg.task.generation_examples:
+        if (kind == "sft" and run.cfg.task.generation_examples
+                and (run.cfg.data.format or "prompt_completion") == "prompt_completion"):
             from engine.generation_eval import GenerationEval
             generate = GenerationEval(run, split)
         evaluators[split] = Evaluator(kind, reduce_fn, tags, generate)

@@ -9,16 +9,12 @@ import numpy as np
 
 from engine import metrics
 from engine.data.pipeline import load_records
-from engine.errors import TenureError
 from models.generate import greedy_generate
 
 
 class GenerationEval:
     def __init__(self, run, split: str, batch_size: int = 16):
         cfg = run.cfg
-        if (cfg.data.format or "prompt_completion") != "prompt_completion":
-            raise TenureError("task.generation_examples: generation metrics need "
-                              "data.format=prompt_completion (set it to 0 for chat data)")
         records, _ = load_records(cfg.data, getattr(cfg.data, split), "sft", split=split)
         count = min(cfg.task.generation_examples, len(records))
         self.examples = [records[i] for i in range(count)]

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from engine import distributed
-from engine.build import Run, build_run
+from engine.build import MODEL_KIND, Run, build_run
 from engine.checkpoint import Checkpointer
 from engine.config import Config, to_dict
 from engine.data.pipeline import to_global_batch
@@ -38,6 +38,10 @@ def _evaluate_all(run: Run, evaluators: dict[str, Evaluator], params, splits) ->
             for name, value in evaluators[split](params, batches).items():
                 scores[f"{split}/{name}"] = value
     return scores
+
+
+def _export_kind(cfg: Config) -> str:
+    return MODEL_KIND.get(cfg.task.kind, cfg.task.kind)
 
 
 def _label_names(run: Run) -> list[str] | None:
@@ -101,11 +105,10 @@ def train(cfg: Config) -> dict:
     step = start
     for step in range(start + 1, run.total_steps + 1):
         local = next(run.train_iter)
-        tokens = int(local["attention_mask"].sum()) * jax.process_count()
         state, metrics = step_fn(state, to_global_batch(local, run.mesh))
         if pending is not None:  # read the previous step's metrics while this one runs
             _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
-        pending = (step, metrics, tokens)
+        pending = (step, metrics)
         if step % cfg.train.eval_every == 0 or step == run.total_steps:
             _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
             pending = None
@@ -117,18 +120,15 @@ def train(cfg: Config) -> dict:
             if warning:
                 _print(f"warning: step {step}: {warning}")
             history.setdefault("evals", []).append({"step": step, **scores})
-            ckpt.save(step, state, run.train_iter.get_state(),
-                      extra={"step": step, "history": history, "config": to_dict(cfg),
-                             "labels": run.label_vocab.to_json() if run.label_vocab else None},
-                      metrics=scores, force=True)
+            _save(ckpt, run, step, state, history, metrics=scores)
             if stop:
                 _print(f"early stopping at step {step}: no improvement in "
                        f"validation/{cfg.eval.metric} for {cfg.train.early_stopping.patience} evals")
                 break
-        elif cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-            ckpt.save(step, state, run.train_iter.get_state(),
-                      extra={"step": step, "history": history, "config": to_dict(cfg),
-                             "labels": run.label_vocab.to_json() if run.label_vocab else None})
+        elif step % cfg.checkpoint.every_steps == 0:
+            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
+            pending = None
+            _save(ckpt, run, step, state, history)
     if pending is not None:
         _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
     progress.close()
@@ -142,7 +142,7 @@ def train(cfg: Config) -> dict:
     tb.scalars(final_step, {f"final/{k}": v for k, v in history["final"].items()})
     export_dir = run_dir / "hf"
     if distributed.is_primary():
-        export_hf(export_dir, run.arch, jax.device_get(final_params), cfg.task.kind, run.tokenizer,
+        export_hf(export_dir, run.arch, jax.device_get(final_params), _export_kind(cfg), run.tokenizer,
                   lora=run.model.lora, merge=True, labels=_label_names(run))
     tb.close()
     summary = {"baseline": history.get("baseline", {}), "final": history["final"],
@@ -160,8 +160,16 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _log_step(step, metrics, tokens, tb, progress, train_losses, log_every, history):
+def _save(ckpt: Checkpointer, run: Run, step: int, state, history: dict, metrics=None) -> None:
+    """State, data-iterator position, and what resuming needs to carry on the same run."""
+    ckpt.save(step, state, run.train_iter.get_state(), force=True, metrics=metrics,
+              extra={"step": step, "history": history, "config": to_dict(run.cfg),
+                     "labels": run.label_vocab.to_json() if run.label_vocab else None})
+
+
+def _log_step(step, metrics, tb, progress, train_losses, log_every, history):
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    tokens = int(values.pop("tokens"))
     if not np.isfinite(values["loss"]):
         raise TenureError(f"step {step}: training loss is {values['loss']}; lower optim.lr "
                           "or check the data (the last good checkpoint is kept)")
@@ -205,7 +213,7 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool) -> Non
     distributed.initialize()
     run, params, step = _restored_run(cfg, path)
     if distributed.is_primary():
-        export_hf(pathlib.Path(out), run.arch, jax.device_get(params), cfg.task.kind, run.tokenizer,
+        export_hf(pathlib.Path(out), run.arch, jax.device_get(params), _export_kind(cfg), run.tokenizer,
                   lora=run.model.lora, merge=merge_lora,
                   labels=_label_names(run))
     _print(f"exported step {step} of {path} to {out}")

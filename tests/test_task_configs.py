@@ -47,15 +47,18 @@ def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> d
 
 @pytest.mark.slow
 def test_seq_cls_quickstart_config(tmp_path):
-    s = _run("seq_cls", tmp_path, steps=40, rows=96,
+    s = _run("seq_cls", tmp_path, steps=40, rows=64,
              extra=["data.max_length=32", "optim.lr=3e-4", "optim.warmup_ratio=0"])
     assert s["final"]["test/accuracy"] > 2 * (1 / 16)  # 16 balanced classes
 
 
 @pytest.mark.slow
 def test_pair_cls_config(tmp_path):
-    s = _run("pair_cls", tmp_path, steps=30, rows=96)
-    assert s["final"]["test/accuracy"] > 0.6  # two balanced classes
+    s = _run("pair_cls", tmp_path, steps=40, rows=64,
+             extra=["data.max_length=48", "optim.lr=2e-4", "optim.warmup_ratio=0"])
+    labels = [json.loads(line)["label"] for line in open(tmp_path / "test.jsonl")]
+    majority = max(labels.count(x) for x in set(labels)) / len(labels)
+    assert s["final"]["test/accuracy"] > majority + 0.05
 
 
 @pytest.mark.slow
@@ -66,13 +69,14 @@ def test_ner_config(tmp_path):
 
 @pytest.mark.slow
 def test_regression_config(tmp_path):
-    s = _run("regression", tmp_path, steps=30, rows=96)
+    s = _run("regression", tmp_path, steps=40, rows=64,
+             extra=["data.max_length=48", "optim.lr=2e-4", "optim.warmup_ratio=0"])
     assert s["final"]["test/spearman"] > 0.2
 
 
 @pytest.mark.slow
 def test_mlm_config(tmp_path):
-    s = _run("mlm", tmp_path, steps=30, rows=64)
+    s = _run("mlm", tmp_path, steps=30, rows=48, extra=["data.max_length=32"])
     assert s["final"]["test/perplexity"] < s["baseline"]["test/perplexity"]
 
 

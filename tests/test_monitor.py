@@ -1,0 +1,38 @@
+"""Early stopping with patience, and the overfitting warning."""
+import pytest
+
+from engine.config import EarlyStoppingConfig
+from engine.errors import TenureError
+from engine.monitor import BestTracker, OverfitMonitor
+
+
+def test_best_tracker_patience_and_min_delta():
+    tracker = BestTracker("accuracy", "max", EarlyStoppingConfig(patience=2, min_delta=0.01), {})
+    results = [tracker.update(s, {"validation/accuracy": a})
+               for s, a in ((1, 0.5), (2, 0.6), (3, 0.605), (4, 0.59))]
+    assert results == [(True, False), (True, False), (False, False), (False, True)]
+    assert (tracker.best, tracker.best_step) == (0.6, 2)
+
+
+def test_best_tracker_min_mode_and_replay_after_resume():
+    history = {"evals": [{"step": 10, "validation/loss": 2.0}, {"step": 20, "validation/loss": 1.5}]}
+    tracker = BestTracker("loss", "min", EarlyStoppingConfig(patience=0), history)
+    assert (tracker.best, tracker.best_step) == (1.5, 20)
+    assert tracker.update(30, {"validation/loss": 1.7}) == (False, False)  # patience 0 = never stop
+
+
+def test_best_tracker_names_a_missing_metric():
+    tracker = BestTracker("f1", "max", EarlyStoppingConfig(), {})
+    with pytest.raises(TenureError, match="validation produced no 'validation/f1'"):
+        tracker.update(1, {"validation/accuracy": 0.3})
+
+
+def test_overfit_warning_when_validation_stalls_and_train_loss_falls():
+    monitor = OverfitMonitor(window=2)
+    scores = {"validation/loss": 1.0}
+    assert monitor.update(1.2, scores, improved=True) is None
+    assert scores["validation/generalization_gap"] == pytest.approx(-0.2)
+    assert monitor.update(1.0, {"validation/loss": 1.1}, improved=False) is None
+    warning = monitor.update(0.8, {"validation/loss": 1.3}, improved=False)
+    assert warning.startswith("validation has not improved for 2 evaluations")
+    assert monitor.update(0.7, {}, improved=True) is None  # an improvement resets it
