@@ -7,6 +7,7 @@ import pathlib
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import yaml
 
@@ -38,6 +39,11 @@ def _evaluate_all(run: Run, evaluators: dict[str, Evaluator], params, splits) ->
             for name, value in evaluators[split](params, batches).items():
                 scores[f"{split}/{name}"] = value
     return scores
+
+
+def _to_host(params):
+    """Full numpy copies of (possibly cross-host sharded) params on every process."""
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
 
 
 def _export_kind(cfg: Config) -> str:
@@ -115,6 +121,8 @@ def train(cfg: Config) -> dict:
             scores = _evaluate_all(run, evaluators, state.params, ("validation",))
             tb.scalars(step, scores)
             improved, stop = best.update(step, scores)
+            _print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items()))
+                   + ("  (best so far)" if improved else ""))
             warning = overfit.update(float(np.mean(train_losses)), scores, improved)
             train_losses.clear()
             if warning:
@@ -141,8 +149,9 @@ def train(cfg: Config) -> dict:
     history["final"] = _evaluate_all(run, evaluators, final_params, ("validation", "test"))
     tb.scalars(final_step, {f"final/{k}": v for k, v in history["final"].items()})
     export_dir = run_dir / "hf"
+    host_params = _to_host(final_params)  # collective: every process takes part
     if distributed.is_primary():
-        export_hf(export_dir, run.arch, jax.device_get(final_params), _export_kind(cfg), run.tokenizer,
+        export_hf(export_dir, run.arch, host_params, _export_kind(cfg), run.tokenizer,
                   lora=run.model.lora, merge=True, labels=_label_names(run))
     tb.close()
     summary = {"baseline": history.get("baseline", {}), "final": history["final"],
@@ -212,8 +221,9 @@ def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
 def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool) -> None:
     distributed.initialize()
     run, params, step = _restored_run(cfg, path)
+    host_params = _to_host(params)
     if distributed.is_primary():
-        export_hf(pathlib.Path(out), run.arch, jax.device_get(params), _export_kind(cfg), run.tokenizer,
+        export_hf(pathlib.Path(out), run.arch, host_params, _export_kind(cfg), run.tokenizer,
                   lora=run.model.lora, merge=merge_lora,
                   labels=_label_names(run))
     _print(f"exported step {step} of {path} to {out}")

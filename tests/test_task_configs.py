@@ -28,7 +28,7 @@ def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> d
     path = ROOT / ("configs/quickstart.yaml" if name == "seq_cls" else f"configs/tasks/{name}.yaml")
     base = load_config(path)
     overrides = [f"run_dir={tmp_path / 'run'}", f"train.steps={steps}", f"train.eval_every={steps}",
-                 "data.batch_size=8", "data.eval_batch_size=32", "logging.progress=false",
+                 "data.batch_size=8", "data.eval_batch_size=32",  # extra may override "logging.progress=false",
                  f"data.validation={_head(base.data.validation, rows, tmp_path / 'val.jsonl')}",
                  f"data.test={_head(base.data.test, rows, tmp_path / 'test.jsonl')}",
                  f"data.train={ROOT / base.data.train}", *extra]
@@ -54,8 +54,8 @@ def test_seq_cls_quickstart_config(tmp_path):
 
 @pytest.mark.slow
 def test_pair_cls_config(tmp_path):
-    s = _run("pair_cls", tmp_path, steps=40, rows=64,
-             extra=["data.max_length=48", "optim.lr=2e-4", "optim.warmup_ratio=0"])
+    s = _run("pair_cls", tmp_path, steps=80, rows=64,
+             extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
     labels = [json.loads(line)["label"] for line in open(tmp_path / "test.jsonl")]
     majority = max(labels.count(x) for x in set(labels)) / len(labels)
     assert s["final"]["test/accuracy"] > majority + 0.05
@@ -69,8 +69,8 @@ def test_ner_config(tmp_path):
 
 @pytest.mark.slow
 def test_regression_config(tmp_path):
-    s = _run("regression", tmp_path, steps=40, rows=64,
-             extra=["data.max_length=48", "optim.lr=2e-4", "optim.warmup_ratio=0"])
+    s = _run("regression", tmp_path, steps=80, rows=64,
+             extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
     assert s["final"]["test/spearman"] > 0.2
 
 
