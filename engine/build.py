@@ -97,7 +97,8 @@ def total_steps(cfg: Config, num_train_batches: int) -> int:
     raise TenureError("config: set train.steps or data.num_epochs")
 
 
-def build_run(cfg: Config) -> Run:
+def build_run(cfg: Config, whole_pretrained_head: bool = False) -> Run:
+    """`whole_pretrained_head` keeps the loaded task head too (evaluating an exported model)."""
     mesh = sharding.make_mesh(cfg.mesh)
     model_dir = resolve_model_dir(cfg.model.path)
     arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
@@ -124,7 +125,8 @@ def build_run(cfg: Config) -> Run:
     if cfg.model.init == "pretrained":
         # Task heads start fresh; LM heads (MLM, untied causal LM) and BERT's pooler keep
         # their pretrained weights.
-        keep_head = pretrained_head if cfg.task.kind in ("mlm", "causal_lm", "sft") else (
+        keep_head = pretrained_head if whole_pretrained_head or cfg.task.kind in (
+            "mlm", "causal_lm", "sft") else (
             {"pooler": pretrained_head["pooler"]} if pretrained_head and "pooler" in pretrained_head
             else None)
         params = jax.device_put(graft_pretrained(params, pretrained, keep_head), param_shardings)

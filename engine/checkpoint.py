@@ -123,6 +123,7 @@ class Checkpointer:
     ):
         self.config = config or CheckpointConfig()
         self.best_metric = best_metric
+        self.read_only = read_only
         self.restored_step: int | None = None
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
@@ -283,8 +284,10 @@ class Checkpointer:
         ones; `restored_step` says which step it was.
 
         All processes agree on each step before the collective orbax restore starts, so
-        they never resume from different steps.
+        they never resume from different steps. Broken steps newer than the restored one are
+        renamed `<step>.broken` (kept for inspection), so training can save those steps again.
         """
+        skipped = []
         for step in reversed(self.all_steps()):
             try:
                 data_state, problem = self._read_data_state(step), None
@@ -294,11 +297,22 @@ class Checkpointer:
                 try:
                     state, extra = self._restore_state_and_extra(step, abstract_state)
                     self.restored_step = step
+                    self._set_aside(skipped)
                     return state, data_state, extra
                 except TenureError as error:
                     problem = str(error)
             log(f"skipping checkpoint step {step}: {problem or 'unreadable on another process'}")
+            skipped.append(step)
         raise TenureError(f"no restorable checkpoint in {self.directory}")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps or self.read_only:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                self.step_dir(step).rename(self.directory / f"{step}.broken")
+        multihost_utils.sync_global_devices("tenure_checkpoint_set_aside")
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()

@@ -196,7 +196,8 @@ def _ranking(cfg: Config) -> dict:
 
 def _restored_run(cfg: Config, path: str) -> tuple[Run, dict, int]:
     if (pathlib.Path(path) / "config.json").is_file():  # an HF directory: weights are the model
-        run = build_run(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})}))
+        run = build_run(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})}),
+                        whole_pretrained_head=True)
         return run, run.state.params, 0
     ckpt, step = Checkpointer.open(path, cfg.checkpoint, **_ranking(cfg))
     if ckpt.latest_step() is None:

@@ -43,7 +43,8 @@ def test_two_process_training(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in outs[0][0]
-    assert outs[1][0] == ""  # only process 0 prints, writes TensorBoard, summary and export
+    # Only process 0 prints (gloo itself announces its connections on every process).
+    assert [l for l in outs[1][0].splitlines() if not l.startswith("[Gloo]")] == []
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["train_loss"]) == 6 and np.all(np.isfinite(summary["train_loss"]))
     assert {"test/accuracy", "validation/accuracy"} <= set(summary["final"])

@@ -114,6 +114,8 @@ def test_corrupt_latest_checkpoint_falls_back(data, tmp_path):
     assert "skipping checkpoint step 8" in result.stdout + result.stderr
     assert "resumed from step 4" in result.stdout
     assert (tmp_path / "checkpoints" / "4").is_dir()  # the last good checkpoint is intact
+    assert (tmp_path / "checkpoints" / "8.broken").is_dir()  # the bad one is kept aside
+    assert len(summary(tmp_path)["train_loss"]) == 10
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
