@@ -2,8 +2,8 @@
 
 `jax.distributed.initialize` is called only when the environment says this is a
 multi-process job: an explicit coordinator (`JAX_COORDINATOR_ADDRESS` with
-`JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`), a SLURM job step with several tasks, or a
-multi-worker TPU VM slice (JAX auto-detects both of the latter).
+`JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`), a SLURM job step with several tasks, or
+`TENURE_DISTRIBUTED=1` (set by tpu/launch.sh: JAX auto-detects the TPU slice's workers).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _wanted() -> bool:
         return True
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True
-    return len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    return os.environ.get("TENURE_DISTRIBUTED") == "1"
 
 
 def initialize() -> None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.errors import TenureError
-from models.layers import ACTIVATIONS, LayerNorm, Mlp, MultiHeadAttention, remat_module
+from models.layers import ACTIVATIONS, LayerNorm, Mlp, MultiHeadAttention, remat_module, tied_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import positions_from_segments
@@ -104,9 +104,7 @@ class GPT2Embeddings(nn.Module):
         return x_BxLxD.astype(self.dtype)
 
     def attend(self, hidden_BxLxD):
-        """Logits against the token embedding (the tied LM head), accumulated in fp32."""
-        return jnp.einsum("bld,vd->blv", hidden_BxLxD.astype(self.dtype), self.token.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return tied_logits(hidden_BxLxD, self.token, self.dtype)
 
 
 class GPT2Block(nn.Module):

@@ -86,6 +86,12 @@ class Dense(nn.Module):
         return y
 
 
+def tied_logits(hidden_BxLxD, table_VxD, dtype):
+    """Logits against an embedding table (a tied LM head), accumulated in fp32."""
+    return jnp.einsum("bld,vd->blv", hidden_BxLxD.astype(dtype), table_VxD.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def attention_mask(segment_ids_BxL: jax.Array, causal: bool = False) -> jax.Array:
     """Bool [B, 1, L, L]: query i may attend key j iff both are in the same non-zero segment
     (and j <= i when causal). A plain padding mask is segment_ids = attention_mask (1 / 0)."""

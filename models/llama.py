@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.errors import TenureError
-from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, remat_module
+from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, remat_module, tied_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import RopeSpec, apply_rope, inverse_frequencies, positions_from_segments, sliding_window_mask
@@ -143,9 +143,7 @@ class LlamaEmbeddings(nn.Module):
         return jnp.take(self.token, input_ids_BxL, axis=0).astype(self.dtype)
 
     def attend(self, hidden_BxLxD):
-        """Logits against the token embedding (the tied LM head), accumulated in fp32."""
-        return jnp.einsum("bld,vd->blv", hidden_BxLxD.astype(self.dtype), self.token.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return tied_logits(hidden_BxLxD, self.token, self.dtype)
 
 
 class LlamaBlock(nn.Module):

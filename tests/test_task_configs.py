@@ -47,14 +47,14 @@ def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> d
 
 @pytest.mark.slow
 def test_seq_cls_quickstart_config(tmp_path):
-    s = _run("seq_cls", tmp_path, steps=40, rows=64,
+    s = _run("seq_cls", tmp_path, steps=30, rows=48,
              extra=["data.max_length=32", "optim.lr=3e-4", "optim.warmup_ratio=0"])
     assert s["final"]["test/accuracy"] > 2 * (1 / 16)  # 16 balanced classes
 
 
 @pytest.mark.slow
 def test_pair_cls_config(tmp_path):
-    s = _run("pair_cls", tmp_path, steps=80, rows=64,
+    s = _run("pair_cls", tmp_path, steps=60, rows=48,
              extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
     labels = [json.loads(line)["label"] for line in open(tmp_path / "test.jsonl")]
     majority = max(labels.count(x) for x in set(labels)) / len(labels)
@@ -63,20 +63,20 @@ def test_pair_cls_config(tmp_path):
 
 @pytest.mark.slow
 def test_ner_config(tmp_path):
-    s = _run("ner", tmp_path, steps=40, rows=64, extra=["optim.lr=3e-4"])
+    s = _run("ner", tmp_path, steps=30, rows=48, extra=["optim.lr=3e-4"])
     assert s["final"]["test/f1"] > 0.2  # entity-level F1 of random tags is ~0
 
 
 @pytest.mark.slow
 def test_regression_config(tmp_path):
-    s = _run("regression", tmp_path, steps=80, rows=64,
+    s = _run("regression", tmp_path, steps=60, rows=64,
              extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
     assert s["final"]["test/spearman"] > 0.2
 
 
 @pytest.mark.slow
 def test_mlm_config(tmp_path):
-    s = _run("mlm", tmp_path, steps=30, rows=48, extra=["data.max_length=32"])
+    s = _run("mlm", tmp_path, steps=20, rows=32, extra=["data.max_length=32"])
     assert s["final"]["test/perplexity"] < s["baseline"]["test/perplexity"]
 
 
