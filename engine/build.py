@@ -24,7 +24,6 @@ from engine.trainability import Trainability, compile_trainability
 from models.hf import load_hf, resolve_model_dir
 from models.tasks import ENCODER_FAMILIES, build_task_model, graft_pretrained
 
-LABELLED = ("seq_cls", "pair_cls", "token_cls")
 MODEL_KIND = {"sft": "causal_lm"}  # SFT is causal LM whose prompt tokens carry no labels
 
 
@@ -48,7 +47,7 @@ class Run:
 
 
 def _num_labels(cfg: Config, label_vocab) -> int | None:
-    if cfg.task.kind in LABELLED:
+    if label_vocab is not None:
         return len(label_vocab)
     return 1 if cfg.task.kind == "regression" else None
 
@@ -103,7 +102,7 @@ def build_run(cfg: Config, whole_pretrained_head: bool = False) -> Run:
     model_dir = resolve_model_dir(cfg.model.path)
     arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
     arch = _with_dropout(arch, cfg.model.dropout)
-    label_vocab = build_label_vocab(cfg.data, cfg.task.kind) if cfg.task.kind in LABELLED else None
+    label_vocab = build_label_vocab(cfg.data, cfg.task.kind)  # None for unlabelled kinds
     num_labels = _num_labels(cfg, label_vocab)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = build_train_iterator(cfg.data, cfg.task.kind, tokenizer, label_vocab,
