@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from engine import sharding
 from engine.config import Config
 from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator
-from engine.errors import TenureError
+from models.errors import TenureError
 from engine.losses import task_losses
 from engine.optim import build_optimizer
 from engine.step import TrainState, init_state

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 class CheckpointConfig(BaseModel):

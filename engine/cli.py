@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 def _cmd_train(args) -> int:

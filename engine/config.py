@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.checkpoint import CheckpointConfig
 from engine.data.config import DataConfig
-from engine.errors import TenureError
+from models.errors import TenureError
 from engine.optim import OptimConfig
 from engine.sharding import MeshConfig
 from engine.trainability import TrainableConfig

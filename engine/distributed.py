@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 def _wanted() -> bool:

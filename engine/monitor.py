@@ -1,7 +1,7 @@
 """Watching validation during training: best-so-far with early stopping, and overfitting."""
 from __future__ import annotations
 
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 class BestTracker:

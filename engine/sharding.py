@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import TenureError
+from models.errors import TenureError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -16,7 +16,7 @@ from engine.build import MODEL_KIND, Run, build_run
 from engine.checkpoint import Checkpointer
 from engine.config import Config, to_dict
 from engine.data.pipeline import to_global_batch
-from engine.errors import TenureError
+from models.errors import TenureError
 from engine.evaluate import Evaluator, make_evaluators
 from engine.optim import build_schedule
 from engine.monitor import BestTracker, OverfitMonitor

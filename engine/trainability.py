@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.errors import TenureError
+from models.errors import TenureError
 
 FROZEN = "frozen"
 _LAYER_RE = re.compile(r"(?:^|/)layers_(\d+)(?:/|$)")

@@ -53,7 +53,7 @@ class BertConfig:
     def from_hf(cls, d: dict) -> "BertConfig":
         model_type = d.get("model_type", "bert")
         if d.get("position_embedding_type", "absolute") != "absolute":
-            from engine.errors import TenureError
+            from models.errors import TenureError
             raise TenureError(f"config.json: position_embedding_type={d['position_embedding_type']!r} "
                               "is not supported (only 'absolute')")
         names = {f.name for f in dataclasses.fields(cls)} - {"position_offset", "model_type", "pooler"}

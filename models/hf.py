@@ -24,7 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.lora import LoRASpec, lora_paths, merge_lora, strip_lora
 
 FAMILIES = {"bert": "models.hf_bert", "roberta": "models.hf_bert", "gpt2": "models.hf_gpt2",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.bert import BertConfig
 
 ARCHITECTURES = {"seq_cls": "ForSequenceClassification", "pair_cls": "ForSequenceClassification",

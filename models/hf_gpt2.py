@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.gpt2 import GPT2Config
 
 _ARCHITECTURES = {

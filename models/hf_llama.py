@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.hf_gpt2 import bias_free_kernel, to_numpy
 from models.llama import LlamaConfig
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, remat_module, tied_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.hf import load_hf, resolve_model_dir
 from models.tasks import build_task_model, graft_pretrained
 

@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.heads import ClassifierHead, EmbeddingHead, LmHead, MlmHead, TokenClassifierHead
 from models.lora import LoRASpec
 

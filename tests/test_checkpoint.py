@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from engine import checkpoint as ckpt_lib
 from engine.checkpoint import CheckpointConfig, Checkpointer
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 def make_state(scale: float = 1.0) -> dict:

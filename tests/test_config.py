@@ -2,7 +2,7 @@
 import pytest
 
 from engine.config import load_config
-from engine.errors import TenureError
+from models.errors import TenureError
 
 BASE = """
 run_dir: runs/x

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.data.augment import AugmentConfig, augment, augment_text, load_synonyms, load_synthetic
-from engine.errors import TenureError
+from models.errors import TenureError
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE\n"
 

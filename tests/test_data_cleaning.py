@@ -4,7 +4,7 @@ import pydantic
 import pytest
 
 from engine.data.cleaning import CleaningConfig, clean, clean_whitespace, near_duplicate_key
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 def _records(texts):

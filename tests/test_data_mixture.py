@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from engine.data.mixture import MixIterDataset, ReservoirBuffer, integer_ratio, interleave_pattern
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 def repeated(values):

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from engine.data.config import DataConfig
 from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
-from engine.errors import TenureError
+from models.errors import TenureError
 
 N_WORDS = 200
 FIRST_WORD = 5  # ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]

@@ -7,7 +7,7 @@ import pytest
 from engine.data.records import (BadRecord, LabelVocab, ensure_not_empty, over_length_error,
                                  parse_record, resolve_fields, validate)
 from engine.data.sources import open_source
-from engine.errors import TenureError
+from models.errors import TenureError
 
 META = {"location": "f.jsonl:3", "synthetic": False}
 

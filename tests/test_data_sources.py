@@ -12,7 +12,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from engine.data import sources
 from engine.data.sources import BAD_RAW_KEY, index_path, open_source, select
-from engine.errors import TenureError
+from models.errors import TenureError
 
 
 def _all(ds):

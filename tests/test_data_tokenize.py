@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.data.records import LabelVocab
 from engine.data.tokenize import Featurizer, resolve_format
-from engine.errors import TenureError
+from models.errors import TenureError
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "dog", "ran",
               "play", "##ing", "##ed", "on", "mat", "a", "."]

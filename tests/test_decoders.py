@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models import hf_gpt2, hf_llama
 from models.gpt2 import GPT2Config, GPT2Decoder
 from models.llama import LlamaConfig, LlamaDecoder

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.hf import export_hf, load_hf, resolve_model_dir
 from models.lora import LoRASpec, strip_lora
 from models.parity import torch_python

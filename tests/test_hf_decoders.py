@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models import hf_gpt2, hf_llama
 from models.gpt2 import GPT2Config, GPT2Decoder
 from models.llama import LlamaDecoder

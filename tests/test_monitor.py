@@ -2,7 +2,7 @@
 import pytest
 
 from engine.config import EarlyStoppingConfig
-from engine.errors import TenureError
+from models.errors import TenureError
 from engine.monitor import BestTracker, OverfitMonitor
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from engine.losses import task_losses
 from engine.optim import OptimConfig, build_optimizer, build_schedule
 from engine.sharding import MeshConfig, init_sharded, make_mesh, mesh_shape, param_shardings, put_params

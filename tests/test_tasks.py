@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from models.bert import BertConfig
 from models.gpt2 import GPT2Config
 from models.heads import pool

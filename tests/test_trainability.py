@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.errors import TenureError
+from models.errors import TenureError
 from engine.trainability import FROZEN, TrainableConfig, compile_trainability
 from models.bert import BertConfig
 from models.lora import LoRASpec

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.records import BadRecordReport, validate
 from engine.data.sources import open_source
-from engine.errors import TenureError
+from models.errors import TenureError
 
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 # Function words EDA leaves alone: their "synonyms" change meaning or grammar.

@@ -33,7 +33,7 @@ from engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, Lab
                                  validate)
 from engine.data.sources import open_source, select
 from engine.data.tokenize import TASK_FORMATS, Featurizer, resolve_format
-from engine.errors import TenureError
+from models.errors import TenureError
 
 TASK_KINDS = tuple(TASK_FORMATS)
 _LABELLED_KINDS = ("seq_cls", "pair_cls", "token_cls")

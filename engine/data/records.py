@@ -16,7 +16,7 @@ import grain
 import numpy as np
 
 from engine.data.sources import BAD_RAW_KEY, select
-from engine.errors import TenureError
+from models.errors import TenureError
 
 # Canonical keys of each format; ``negatives`` (retrieval) is optional and defaults to [].
 RECORD_FORMATS: dict[str, tuple[str, ...]] = {

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from engine.errors import TenureError
+from models.errors import TenureError
 
 IGNORE = -100
 

@@ -1,4 +1,4 @@
-"""The one user-facing error type: printed as a single line, exit code 2, no traceback."""
+"""The one user-facing error type (here so `models/` and `engine/` can both raise it): printed as a single line, exit code 2, no traceback."""
 
 
 class TenureError(Exception):
