@@ -42,9 +42,12 @@ def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps
         mid = {t: (curve(i, t) if curve else R[i][j]) for j, t in enumerate(tasks)}
         curves.append({"step": end - steps_per_stage // 2, "stage": i, "scores": mid})
         curves.append({"step": end, "stage": i, "scores": dict(zip(tasks, R[i]))})
-    return {"tasks": list(tasks), "stages": stages, "metric": {t: metric for t in tasks},
-            "direction": {t: "max" for t in tasks}, "start_row": list(start_row), "R": R,
-            "summary": summarize(R, start_row).as_dict(), "curves": curves, "stage_ends": ends}
+    rec = {"tasks": list(tasks), "stages": stages, "metric": {t: metric for t in tasks},
+           "direction": {t: "max" for t in tasks}, "start_row": list(start_row), "R": R,
+           "curves": curves, "stage_ends": ends}
+    if len(R) == len(tasks):  # as the engine does: a summary only for a square R
+        rec["summary"] = summarize(R, start_row).as_dict()
+    return rec
 
 
 # ---------------------------------------------------------------- the study file
@@ -65,7 +68,9 @@ def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps
      "study key 'grid': 'run_dir' is set by the study tool"),
     ("base: base.yaml\nmethods: {naive: []}\nseeds: 0\n",
      "study key 'seeds': Input should be greater than or equal to 1 (got 0)"),
-    ("base: base.yaml\nmethods: {naive: []}\npareto: {x: loss}\n", "study key 'pareto.x': Input should be"),
+    ("base: base.yaml\nmethods: {naive: []}\npareto: {x: loss}\n",
+     "study key 'pareto.x': expected one of acc, bwt, fwt, forgetting_max, forgetting_first, learning_newest, "
+     "learning_diag, final/<task> or change/<task>, got 'loss'"),
     ("base: nowhere.yaml\nmethods: {naive: []}\n", "study key 'base': config file not found: "),
     ("base: base.yaml\nmethods: [naive]\n", "study key 'methods': Input should be a valid dictionary"),
     ("base: [\n", "study.yaml:2: invalid YAML"),
@@ -334,4 +339,30 @@ def test_mean_se_ignores_nan():
 def test_no_finished_run_is_an_error(tmp_path):
     path = write_study(tmp_path, "base: base.yaml\nmethods: {naive: []}\n")
     with pytest.raises(TenureError, match="no run finished, nothing to tabulate"):
+        run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))
+
+
+def test_an_evaluation_only_task_gets_its_change_from_start(tmp_path):
+    """One stage trains 'lexnames'; 'general' (e.g. embedding quality) is only evaluated: R is 1 x 2,
+    the engine writes no summary (R is not square) and may write start_row as given."""
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods: {full: [], lora: [lora.rank=4]}\n"
+                                 "pareto: {x: change/general, y: final/lexnames}\n")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    finals = {("full", 0): 0.70, ("full", 1): 0.60, ("lora", 0): 0.78, ("lora", 1): 0.80}
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        rec = record([[0.9, 0]], [0.1, 0.8], tasks=("lexnames", "general"), stages=("lexnames",))
+        rec["R"][0][1] = finals[run.method, run.seed]
+        run.result.write_text(json.dumps(rec))
+    assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 0
+    (table,) = json.loads((tmp_path / "out" / "study.json").read_text())["cells"]
+    assert [c["key"] for c in table["columns"]][:3] == ["final/lexnames", "final/general", "change/general"]
+    full, lora = table["rows"]
+    assert full["mean"]["change/general"] == pytest.approx(-0.15) and full["se"]["change/general"] == pytest.approx(0.05)
+    assert lora["mean"]["change/general"] == pytest.approx(-0.01)
+    assert full["mean"]["learning_newest"] == pytest.approx(0.9) and full["mean"]["learning_diag"] == pytest.approx(0.9)
+    assert full["mean"]["acc"] is None and full["mean"]["forgetting_max"] is None
+    assert "general change from start ↑" in (tmp_path / "out" / "study.md").read_text()
+    (runs[0].result).write_text(json.dumps({**rec, "R": [[0.9]]}))
+    with pytest.raises(TenureError, match=r"R must be \[stages\]\[2 tasks\], got shape \(1, 1\)"):
         run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))

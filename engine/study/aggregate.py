@@ -38,7 +38,7 @@ class ForgettingRecord(BaseModel):
     stages: list[str]
     metric: dict[str, str]
     direction: dict[str, str]
-    start_row: list[float | None]
+    start_row: list[float | None] | None = None
     R: list[list[float | None]]
     summary: dict[str, Any] | None = None
     curves: list[CurvePoint] = []
@@ -59,10 +59,21 @@ def _nan(x) -> float:
 
 
 def run_values(record: ForgettingRecord) -> dict[str, float]:
-    """One run's figures: ``final/<task>`` for each task, then the STATS."""
+    """One run's figures: ``final/<task>`` for each task, ``change/<task>`` (final minus the
+    starting model) for tasks no stage trains (columns past the last stage), then the STATS.
+
+    The summary is the engine's; without one it is computed here when R is square, else NaN.
+    """
     R = np.array([[_nan(x) for x in row] for row in record.R], dtype=np.float64)
-    summary = record.summary or summarize(R, [_nan(x) for x in record.start_row]).as_dict()
+    if R.ndim != 2 or R.shape[0] == 0 or R.shape[1] != len(record.tasks):
+        raise TenureError(f"forgetting.json: R must be [stages][{len(record.tasks)} tasks], got shape {R.shape}")
+    start = None if record.start_row is None else np.array([_nan(x) for x in record.start_row])
+    summary = record.summary
+    if summary is None:
+        summary = summarize(R, start).as_dict() if R.shape[0] == R.shape[1] else {}
     values = {f"final/{task}": float(R[-1, j]) for j, task in enumerate(record.tasks)}
+    for j in range(R.shape[0], R.shape[1]):
+        values[f"change/{record.tasks[j]}"] = float(R[-1, j] - start[j]) if start is not None else float("nan")
     for name in ("acc", "bwt", "fwt", "forgetting_max", "forgetting_first"):
         values[name] = _nan(summary.get(name))
     values["learning_newest"] = float(R[-1, R.shape[0] - 1])  # the last stage's task, after its own stage
@@ -90,6 +101,9 @@ def cell_table(cell: Cell, runs_by_method: dict[str, list[tuple[Run, ForgettingR
                 metric.setdefault(task, record.metric.get(task, "score"))
                 direction.setdefault(task, record.direction.get(task, "max"))
     columns = [{"key": f"final/{t}", "title": f"{t} {metric[t]} (final)"} for t in tasks]
+    untrained = [t for t in tasks if any(len(rec.R) <= rec.tasks.index(t) for results in runs_by_method.values()
+                                         for _, rec in results if t in rec.tasks)]
+    columns += [{"key": f"change/{t}", "title": f"{t} change from start"} for t in untrained]
     columns += [{"key": key, "title": title} for key, title in STATS.items()]
     rows = []
     for method, results in runs_by_method.items():
@@ -125,7 +139,7 @@ def fmt(mean: float, se: float) -> str:
 
 def markdown(table: dict) -> str:
     arrows = {t: "↓" if table["direction"][t] == "min" else "↑" for t in table["tasks"]}
-    titles = [c["title"] + (f" {arrows[c['key'][6:]]}" if c["key"].startswith("final/") else "")
+    titles = [c["title"] + (f" {arrows[c['key'].split('/', 1)[1]]}" if "/" in c["key"] else "")
               for c in table["columns"]]
     lines = ["| method | seeds | " + " | ".join(titles) + " |", "|---|---:|" + "---:|" * len(titles)]
     for row in table["rows"]:
@@ -138,7 +152,9 @@ NOTES = ("Mean ± standard error over seeds. ACC, BWT and FWT as in GEM (Lopez-P
          "against the starting model); forgetting (max) = max over earlier stages minus final (Chaudhry "
          "2018), forgetting (first) = right after its own stage minus final (Avalanche); both averaged "
          "over all tasks but the last. Learning (newest task) = R[T-1, T-1]; learning (mean of diagonal) "
-         "= mean_j R[j, j], each task right after its own stage.")
+         "= mean_j R[j, j], each task right after its own stage. A task that no stage trains (evaluated "
+         "only) also gets its change from the starting model (final minus start). ↑ / ↓: higher / lower "
+         "is better.")
 
 
 def write_tables(tables: list[dict], out: pathlib.Path, title: str, grid_keys: list[str]) -> dict[str, pathlib.Path]:

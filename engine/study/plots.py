@@ -27,7 +27,7 @@ def pareto(table: dict, path: pathlib.Path, x: str = "forgetting_max", y: str = 
     colors = plt.get_cmap("tab10")
     plotted = 0
     for i, row in enumerate(table["rows"]):
-        mx, my = row["mean"][x], row["mean"][y]
+        mx, my = row["mean"].get(x, math.nan), row["mean"].get(y, math.nan)
         if not (math.isfinite(mx) and math.isfinite(my)):
             continue
         ex, ey = (row["se"][k] if math.isfinite(row["se"][k]) else 0.0 for k in (x, y))
@@ -35,20 +35,30 @@ def pareto(table: dict, path: pathlib.Path, x: str = "forgetting_max", y: str = 
                     label=f"{row['method']} (n={len(row['seeds'])})")
         ax.annotate(row["method"], (mx, my), textcoords="offset points", xytext=(6, 6), fontsize=9)
         plotted += 1
-    ax.set_xlabel(f"{STATS[x]}  (lower is better)" if x.startswith("forgetting") else STATS[x])
-    ax.set_ylabel(f"{STATS[y]}  (higher is better)")
+    ax.set_xlabel(_axis_label(table, x))
+    ax.set_ylabel(_axis_label(table, y))
     ax.set_title(title or "Learning vs forgetting" + (f" — {table['label']}" if table["cell"] else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
     if plotted:
         ax.legend(fontsize=8, loc="best")
     else:
-        ax.text(0.5, 0.5, f"no run has both {STATS[x]} and {STATS[y]}\n(e.g. single-stage runs have no forgetting)",
+        ax.text(0.5, 0.5, f"no run has both {STATS.get(x, x)} and {STATS.get(y, y)}\n(e.g. single-stage runs have no forgetting)",
                 transform=ax.transAxes, ha="center", va="center", fontsize=9, color="dimgrey")
     ax.margins(0.15)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _axis_label(table: dict, key: str) -> str:
+    title = STATS.get(key) or next((c["title"] for c in table["columns"] if c["key"] == key), key)
+    if key.startswith("forgetting"):
+        return f"{title}  (lower is better)"
+    if "/" in key:
+        return title + ("  (lower is better)" if table["direction"].get(key.split("/", 1)[1]) == "min" else
+                        "  (higher is better)")
+    return f"{title}  (higher is better)"
 
 
 def _mean_curve(records, task: str):
