@@ -76,7 +76,8 @@ def _mean_curve(records, task: str):
 
 def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, title: str = "") -> pathlib.Path:
     """A panel per method: every task's metric over global steps (mean over seeds, ± SE band),
-    dashed lines at stage ends, each stage named at the top."""
+    dashed lines at stage ends, each stage named at the top. The engine's curves are validation
+    scores (test when a task has no validation split); the tables' R is on test."""
     plt = _pyplot()
     methods = [m for m in records_by_method if records_by_method[m]]
     cols = min(3, max(1, len(methods)))
@@ -104,7 +105,7 @@ def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, 
                     va="bottom", fontsize=8, color="dimgrey")
         ax.set_title(f"{method} (n={len(records)})", fontsize=10, pad=14)
         ax.set_xlabel("global step")
-        ax.set_ylabel(" / ".join(sorted(metrics)))
+        ax.set_ylabel(" / ".join(sorted(metrics)) + " (validation)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     for ax in list(axes.flat)[len(methods):]:
