@@ -98,14 +98,17 @@ class StudyConfig(BaseModel):
             if not _NAME.match(name):
                 raise ValueError(f"method name {name!r}: use letters, digits and _ . + - (it names a directory)")
             for text in overrides:
-                _check_override(text)
+                try:
+                    _check_override(text)
+                except ValueError as exc:
+                    raise ValueError(f"method '{name}': {exc}") from None
         return methods
 
     @field_validator("grid")
     @classmethod
     def _grid(cls, grid: dict[str, list[Any]]):
         for key, values in grid.items():
-            _check_override(f"{key}=")
+            _check_override(f"{key}=")  # a dotted config key, not one the tool sets
             if not values:
                 raise ValueError(f"axis '{key}' has no values")
             if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
