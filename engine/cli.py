@@ -21,7 +21,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from engine.config import load_config
-    from engine.train import evaluate_checkpoint
+    from engine.commands import evaluate_checkpoint
     evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.split)
     return 0
 
@@ -45,7 +45,7 @@ def _cmd_hf_check(args) -> int:
 
 def _cmd_export(args) -> int:
     from engine.config import load_config
-    from engine.train import export_checkpoint
+    from engine.commands import export_checkpoint
     export_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out,
                       merge_lora=not args.lora_adapter)
     return 0
