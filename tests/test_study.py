@@ -366,3 +366,58 @@ def test_an_evaluation_only_task_gets_its_change_from_start(tmp_path):
     (runs[0].result).write_text(json.dumps({**rec, "R": [[0.9]]}))
     with pytest.raises(TenureError, match=r"R must be \[stages\]\[2 tasks\], got shape \(1, 1\)"):
         run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))
+
+
+# ---------------------------------------------------------------- end to end, real engine
+
+TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
+SPLIT = {"A": ["noun.animal", "noun.plant", "noun.food", "noun.body"],
+         "B": ["noun.artifact", "noun.act", "noun.person", "noun.location"]}
+
+
+@pytest.mark.slow
+def test_study_of_two_methods_on_a_tiny_staged_run(tmp_path, capsys):
+    """naive vs replay on lexnames split in two 4-class tasks, tiny BERT fixture, one seed each,
+    two runs at once: the table holds exactly what the runs' forgetting.json say."""
+    for split, n in (("train", 64), ("validation", 16), ("test", 16)):
+        rows = [json.loads(line) for line in open(ROOT / f"data/wordnet_lexnames/{split}.jsonl")]
+        for task, labels in SPLIT.items():
+            keep = [r for r in rows if r["label"] in labels][:n]
+            (tmp_path / f"{task}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    task = lambda t: {"kind": "seq_cls", "data": {  # noqa: E731
+        "format": "text_label", "train": str(tmp_path / f"{t}_train.jsonl"), "max_length": 32,
+        "validation": str(tmp_path / f"{t}_validation.jsonl"), "test": str(tmp_path / f"{t}_test.jsonl"),
+        "batch_size": 8, "eval_batch_size": 16}}
+    base = {"model": {"path": str(TINY_BERT)}, "tasks": {"A": task("A"), "B": task("B")},
+            "stages": [{"tasks": ["A"], "steps": 4}, {"tasks": ["B"], "steps": 4}],
+            "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0},
+            "train": {"eval_every": 2, "log_every": 2}, "checkpoint": {"every_steps": 100},
+            "logging": {"progress": False, "tensorboard": False}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = write_study(tmp_path, "base: base.yaml\nseeds: 1\nmethods:\n  naive: []\n"
+                                  "  replay: [stages.1.replay.ratio=0.5]\n")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))  # write_study wrote a placeholder base
+    out = tmp_path / "out"
+    assert run_study(study_args(study, "--out", str(out), "--jobs", "2")) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("2 runs: 0 already done, 2 to run, 2 at a time\n")
+    assert "[2/2] " in printed and ": ok in " in printed
+    (table,) = json.loads((out / "study.json").read_text())["cells"]
+    assert [r["method"] for r in table["rows"]] == ["naive", "replay"] and table["tasks"] == ["A", "B"]
+    for row in table["rows"]:
+        record = json.loads((out / "base" / row["method"] / "seed0" / "forgetting.json").read_text())
+        assert record["tasks"] == ["A", "B"] and len(record["R"]) == 2 and record["stage_ends"] == [4, 8]
+        R, summary = record["R"], record["summary"]
+        expected = {"final/A": R[1][0], "final/B": R[1][1], "acc": summary["acc"], "bwt": summary["bwt"],
+                    "fwt": summary["fwt"], "forgetting_max": summary["forgetting_max"],
+                    "forgetting_first": summary["forgetting_first"], "learning_newest": R[1][1],
+                    "learning_diag": (R[0][0] + R[1][1]) / 2}
+        assert row["mean"] == pytest.approx(expected) and row["seeds"] == [0]
+        assert summary["forgetting_first"] == pytest.approx(R[0][0] - R[1][0])
+        assert [p["step"] for p in record["curves"]] == [0, 2, 4, 6, 8]
+    log = (out / "base" / "replay" / "seed0" / "study.log").read_text()
+    assert "stages.1.replay.ratio=0.5" in log.splitlines()[0]
+    # Resume: nothing is run again; the tables are rebuilt from the finished runs.
+    assert run_study(study_args(study, "--out", str(out))) == 0
+    assert capsys.readouterr().out.startswith("2 runs: 2 already done, 0 to run\n")
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
