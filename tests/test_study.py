@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -186,6 +187,38 @@ def test_a_run_that_exits_0_without_forgetting_json_fails(tmp_path):
     run = Run("quiet", Cell(()), 0, tmp_path / "q", (sys.executable, "-c", "print('no result')"))
     outcome = run_all([run], stream=open(os.devnull, "w"))
     assert outcome.failed == [(run, f"exited 0 but wrote no forgetting.json; log: {tmp_path / 'q' / 'study.log'}")]
+
+
+STUDY_THAT_HANGS = """
+import pathlib, sys
+from engine.study.config import Cell, Run
+from engine.study.runner import run_all
+out = pathlib.Path(sys.argv[1])
+hang = "import os, pathlib, time; pathlib.Path(r'{}', str(os.getpid())).touch(); time.sleep(120)".format(out)
+runs = [Run(f"r{i}", Cell(()), 0, out / f"r{i}", (sys.executable, "-c", hang)) for i in range(3)]
+try:
+    run_all(runs, jobs=2)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_sigterm_to_the_study_stops_its_runs(tmp_path):
+    study = subprocess.Popen([sys.executable, "-c", STUDY_THAT_HANGS, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while len([p for p in tmp_path.iterdir() if p.name.isdigit()]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()]
+    assert len(children) == 2  # two at a time; the third waits
+    study.terminate()
+    out, _ = study.communicate(timeout=30)
+    assert out.splitlines()[-1] == "interrupted"
+    assert out.count("stopped with the study; log: ") == 2 and "r2" not in out
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (tmp_path / "r2").exists()
 
 
 def test_thread_env_splits_the_cores_and_xla_accepts_it():

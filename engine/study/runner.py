@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -108,6 +109,8 @@ class _Runner:
         else:
             reason = f"exit code {code}; log: {log_path}"
         with self.lock:
+            if reason is not None and self.stopping:
+                reason = f"stopped with the study; log: {log_path}"
             self.finished += 1
             status = "ok" if reason is None else "FAILED"
             print(f"[{self.finished}/{self.total}] {run.name}: {status} in {_duration(elapsed)}, "
@@ -127,6 +130,17 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
+def _raise_on_sigterm():
+    """SIGTERM to the study stops its runs too (as Ctrl-C does); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: TextIO | None = None) -> Outcome:
     """Run every unfinished run, `jobs` at once; failures are reported and the rest go on."""
     stream = stream or sys.stdout
@@ -143,6 +157,7 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
         return outcome
     runner = _Runner(len(runs), len(outcome.skipped), thread_env(jobs) if env is None else env, stream)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    previous = _raise_on_sigterm()
     try:
         futures = {pool.submit(runner, run): run for run in todo}
         for future in concurrent.futures.as_completed(futures):
@@ -156,6 +171,8 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     order = {id(r): i for i, r in enumerate(runs)}
     outcome.done.sort(key=lambda r: order[id(r)])
     outcome.failed.sort(key=lambda f: order[id(f[0])])
