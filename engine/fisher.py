@@ -235,6 +235,8 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
     kind = _check(kind, mode)
     if chunk < 1:
         raise TenureError(f"fisher: chunk must be >= 1 (got {chunk})")
+    if not prune(mask, mask):
+        raise TenureError("fisher: the mask selects no parameter (nothing is trainable)")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     sum_shardings = (prune(param_shardings, mask) if isinstance(param_shardings, Mapping)
                      else param_shardings)
@@ -266,8 +268,6 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
 
     def step(params, batch, key, budget):
         trainable = prune(params, mask)
-        if not trainable:
-            raise TenureError("fisher: the mask selects no parameter")
         real_B = batch["example_mask"] > 0
         real_B = real_B & (jnp.cumsum(real_B.astype(jnp.int32)) <= budget)
         count = real_B.sum().astype(jnp.int32)

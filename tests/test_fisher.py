@@ -351,6 +351,9 @@ def test_invalid_kinds_and_modes():
         make("embedding", "sampled")
     with pytest.raises(TenureError, match="mode 'true'"):
         make("seq_cls", "true")
+    with pytest.raises(TenureError, match="selects no parameter"):
+        make_fisher_step(Linear(), "seq_cls", "sampled", {"Dense_0": {"kernel": False}}, mesh,
+                         replicated_like(params, mesh))
     assert FISHER_MODES == ("exact", "sampled", "empirical", "batched")
 
 
