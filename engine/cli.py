@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="counts, labels, lengths, duplicates and bad records per split"))
     p.set_defaults(fn=_cmd_data_inspect)
 
+    from engine.study import add_study_parser
+    add_study_parser(sub)
+
     hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(
         dest="hf_command", required=True, metavar="HF_COMMAND")
     p = hf.add_parser("check", help="compare the engine's forward pass with HF PyTorch")

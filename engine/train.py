@@ -15,6 +15,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from jax.experimental import multihost_utils
@@ -130,6 +131,8 @@ class Trainer:
         return extra
 
     def _build(self, index: int, params, previous_extra: dict, compute: bool = True) -> StageRun:
+        if params is self.start_params:  # the train step donates its state; the start params stay
+            params = jax.tree.map(jnp.copy, params)
         return build_stage(self.cfg, self.stages[index], self.backbone, self.tasks, params, self.param_shardings,
                            regularize=self._regularize(index, params, previous_extra, compute))
 

@@ -59,6 +59,9 @@ class DataConfig(BaseModel):
     eval_batch_size: int | None = Field(None, ge=1, description="global eval batch size; null = batch_size")
     shuffle: bool = Field(True, description="shuffle the training data (a new order every epoch)")
     seed: int = Field(0, description="seed for shuffling, mixing, MLM masking, augmentation, subset and label noise")
+    labels: list[str] | None = Field(
+        None, description="keep only records whose label is one of these, in every split (e.g. the classes of one "
+                          "task of a class-incremental split); null = all")
     subset: int | None = Field(
         None, ge=1, description="keep this many training records, the first N of a seeded shuffle (data.seed); "
                                 "null = all. Validation and test are untouched")

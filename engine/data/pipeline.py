@@ -32,6 +32,7 @@ from engine.data.packing import PackIterDataset, collate
 from engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, LabelVocab, over_length_error,
                                  validate)
 from engine.data.sources import open_source, select
+from engine.data.subsample import describe, subsample_and_corrupt
 from engine.data.tokenize import Featurizer, resolve_format
 from models.errors import TenureError
 from models.kinds import KINDS
@@ -53,9 +54,22 @@ def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
     """Read, validate, clean (and augment) one split -> (MapDataset of canonical records, SplitReport)."""
     fmt = resolve_format(task_kind, cfg.format)
     source = open_source(paths, cfg.file_format)
-    records, bad = validate(source, fmt, cfg.fields, cfg.on_bad_record, label_vocab=label_vocab,
+    # With data.labels the vocabulary check waits for the label filter (other labels are dropped).
+    records, bad = validate(source, fmt, cfg.fields, cfg.on_bad_record,
+                            label_vocab=label_vocab if cfg.labels is None else None,
                             split=split, path=str(paths))
     records, cleaned = clean(records, cfg.clean, TEXT_FIELDS[fmt], split=split, path=str(paths))
+    label_field = LABEL_FIELDS.get(fmt) if fmt != "token_tags" else None
+    if cfg.labels is not None and label_field:
+        wanted = set(cfg.labels)
+        records = select(records, np.asarray([i for i in range(len(records)) if records[i][label_field] in wanted]))
+        if not len(records):
+            raise TenureError(f"{paths}: no {split} record has a label in data.labels {cfg.labels}")
+    if with_augment and (cfg.subset is not None or cfg.label_noise):
+        labels = sorted({records[i][label_field] for i in range(len(records))}) if label_field else None
+        kept, report = subsample_and_corrupt([records[i] for i in range(len(records))], cfg, label_field, labels)
+        records = grain.MapDataset.source(kept)
+        print(f"{paths}: {describe(report)}", flush=True)
     if with_augment and cfg.augment is not None and cfg.augment.copies:
         records = augment(records, cfg.augment, cfg.seed, TEXT_FIELDS[fmt])
     return records, SplitReport(split, bad, cleaned)
