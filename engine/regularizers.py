@@ -11,6 +11,7 @@ logged, so the drift from the anchor is visible in a plain run).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ def _f32(x):
 
 
 def _need(extra: dict, name: str, keys: tuple[str, ...]) -> dict:
-    section = extra.get(name) if isinstance(extra, dict) else None
+    section = extra.get(name) if isinstance(extra, Mapping) else None
     if section is None or any(k not in section for k in keys):
         raise ValueError(f"the {name!r} loss term needs TrainState.extra[{name!r}] with keys {', '.join(keys)}")
     return section

@@ -22,7 +22,9 @@ import jax  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
 from engine.data.pipeline import to_global_batch  # noqa: E402
-from engine.fisher import make_fisher_step  # noqa: E402
+from engine.build import build_stage  # noqa: E402
+from engine.fisher import make_fisher_step, prune  # noqa: E402
+from engine.regularizers import ewc_extra, ewc_term  # noqa: E402
 from engine.train import Trainer  # noqa: E402
 
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="timed batches")
     parser.add_argument("--modes", nargs="+", default=["sampled", "empirical", "batched", "exact"])
     parser.add_argument("--chunks", nargs="+", type=int, default=[8])
+    parser.add_argument("--ewc", action="store_true", help="also time the train step with an EWC term")
     parser.add_argument("--exact-batches", type=int, default=1, help="timed batches for exact (C x slower)")
     args = parser.parse_args()
 
@@ -98,6 +101,25 @@ def main() -> None:
             print(f"fisher {mode:9s} chunk {chunk:3d}: {used / seconds:8.1f} examples/s")
     train_rates.append(examples / timed(train_call, batches))
     print(f"train step (again)     : {train_rates[1]:8.1f} examples/s")
+    if args.ewc:   # the same stage with an EWC term over every trainable leaf (F = 1, anchor = start)
+        def regularize(trainability, model):
+            fisher = jax.tree.map(lambda p: jax.numpy.ones(p.shape, jax.numpy.float32),
+                                  prune(params, trainability.trainable_mask))
+            return {"ewc": ewc_term(1.0)}, {"ewc": ewc_extra(fisher, params)}
+
+        ewc_sr = build_stage(cfg, trainer.stages[0], trainer.backbone, trainer.tasks, params,
+                             trainer.param_shardings, regularize=regularize)
+        ewc_sr.train_iter.close()
+        ewc_holder = {"state": ewc_sr.state}
+
+        def ewc_call(batch):
+            ewc_holder["state"], metrics = ewc_sr.step_fn(ewc_holder["state"], batch)
+            return metrics
+
+        ewc_seconds = timed(ewc_call, batches)
+        plain_seconds = timed(train_call, batches)
+        print(f"train step with EWC    : {examples / ewc_seconds:8.1f} examples/s, step time "
+              f"{100 * (ewc_seconds / plain_seconds - 1):+.1f}% vs without (measured right after)")
     train_rate = sum(train_rates) / 2
     for (mode, chunk), rate in rates.items():
         target = 0.30 / classes if mode == "exact" and classes else 0.30
