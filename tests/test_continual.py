@@ -172,3 +172,44 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
         load_config(CONFIG, ["stages.0.ewc.lamda=3"])
     with pytest.raises(TenureError, match=r"'stages.1.guard.task': 'B' is not trained in an earlier stage"):
         resolve(load_config(CONFIG, ["stages.1.guard={task: B, max_drop: 0.1}"]))
+
+
+@pytest.mark.slow
+def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
+    """The real pretrained MiniLM, 8 lexname classes split into two tasks, one shared head: plain
+    sequential fine-tuning loses task A (its classes are never predicted again), replaying
+    1 old example in 4 keeps most of it."""
+    common = ["stages.0.steps=40", "stages.1.steps=40", "train.eval_every=40", "logging.progress=false",
+              "ewc.examples=64"]
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common)
+    naive, replay = record(tmp_path / "naive"), record(tmp_path / "replay")
+    assert naive["R"][0][0] > 0.8 and replay["R"][0][0] > 0.8       # both learn A first
+    assert naive["R"][1][1] > 0.7 and replay["R"][1][1] > 0.7       # and then B
+    assert naive["summary"]["forgetting_max"] > 0.6                  # naive: A is gone
+    assert replay["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - 0.3
+    assert replay["R"][1][0] > 0.5
+
+
+@pytest.mark.slow
+def test_multitask_stage_with_a_forgetting_guard(data, tmp_path):
+    """Stage 2 trains B with A's loss at weight 0.5 under a zero budget on A: the first eval that
+    loses any A accuracy stops the stage (patience 1), and the stage keeps its best in-budget
+    weights, whose A score R records."""
+    stage2 = "stages.1=" + json.dumps({"tasks": {"B": 1.0, "A": 0.5}, "steps": 6,
+                                        "guard": {"task": "A", "max_drop": 0.0, "patience": 1}})
+    result = tenure("train", CONFIG, *staged_args(tmp_path, data, 2, 6, "heads=per_task", "train.eval_every=2"),
+                    stage2)
+    assert "losses task/B, task/A" in result.stdout
+    rec = record(tmp_path)
+    start_a = next(c for c in rec["curves"] if c["step"] == 6)["scores"]["A"]
+    evals = [c for c in rec["curves"] if c["stage"] == 1]
+    within = [c for c in evals if c["scores"]["A"] >= start_a]
+    out = [c for c in evals if c["scores"]["A"] < start_a]
+    if out:  # stopped at the first eval out of budget
+        assert "out of budget" in result.stdout and evals[-1] is out[0]
+    if within:
+        kept = max(within, key=lambda c: (c["scores"]["B"] + c["scores"]["A"]) / 2)  # the stage's score
+        assert f"guard: keeping step {kept['step']}" in result.stdout
+    else:
+        assert "no eval stayed within the budget" in result.stdout
