@@ -89,14 +89,6 @@ class Config(Section):
     model: ModelConfig
     task: TaskConfig | None = Field(None, description="the task of a single-task run (with `data`)")
     data: DataConfig | None = Field(None, description="the data of a single-task run")
-    tasks: dict[str, TaskEntry] | None = Field(None, description="named tasks of a staged run")
-    stages: list[StageConfig] | None = Field(None, description="stages trained in order; state carries over")
-    heads: Literal["per_task", "shared"] = Field(
-        "per_task", description="per_task: each task scores only its own labels (task-incremental); shared: one "
-                                "classifier over the labels of every task trained so far (class-incremental)")
-    ewc: EWCConfig = Field(EWCConfig(), description="EWC defaults for every stage")
-    l2sp: L2SPConfig = Field(L2SPConfig(), description="L2-SP defaults for every stage")
-    replay: ReplayConfig = Field(ReplayConfig(), description="replay defaults for every stage")
     trainable: TrainableConfig = TrainableConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -104,6 +96,14 @@ class Config(Section):
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    ewc: EWCConfig = Field(EWCConfig(), description="EWC defaults for every stage")
+    l2sp: L2SPConfig = Field(L2SPConfig(), description="L2-SP defaults for every stage")
+    replay: ReplayConfig = Field(ReplayConfig(), description="replay defaults for every stage")
+    tasks: dict[str, TaskEntry] | None = Field(None, description="named tasks of a staged run")
+    stages: list[StageConfig] | None = Field(None, description="stages trained in order; state carries over")
+    heads: Literal["per_task", "shared"] = Field(
+        "per_task", description="per_task: each task scores only its own labels (task-incremental); shared: one "
+                                "classifier over the labels of every task trained so far (class-incremental)")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
