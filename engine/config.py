@@ -18,7 +18,7 @@ from engine.data.config import DataConfig
 from models.errors import TenureError
 from engine.optim import OptimConfig
 from engine.sharding import MeshConfig
-from engine.stages import EWCConfig, L2SPConfig, ReplayConfig, StageConfig
+from engine.stages import EWCConfig, L2SPConfig, ReplayConfig, StageConfig, resolve
 from engine.trainability import TrainableConfig
 from models.kinds import KINDS
 
@@ -148,11 +148,16 @@ def _describe(error: dict) -> str:
 
 def validate(tree: dict, source: str = "config") -> Config:
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except pydantic.ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise TenureError(f"{source}: {_describe(errors[0])}{more}") from None
+    try:
+        resolve(cfg)  # the sections that only make sense together (tasks, stages, their names)
+    except TenureError as exc:
+        raise TenureError(f"{source}: {exc}") from None
+    return cfg
 
 
 def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:

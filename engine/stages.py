@@ -104,16 +104,19 @@ class Stage:
 def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
     """(tasks by name in training order, stages) of either config form, validated across sections."""
     if cfg.stages is None:
+        if cfg.task is None and cfg.data is None:
+            raise TenureError("missing config key 'task' (a single task: `task` and `data`; "
+                              "a staged run: `tasks` and `stages`)")
         if cfg.task is None or cfg.data is None:
-            raise TenureError("config: set `task` and `data` (one task), or `tasks` and `stages`")
+            raise TenureError(f"missing config key '{'data' if cfg.data is None else 'task'}'")
         task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
         stage = Stage(0, SINGLE_TASK, {SINGLE_TASK: 1.0}, cfg.train.steps, cfg.trainable, cfg.optim,
                       cfg.ewc, cfg.l2sp, cfg.replay, None, ())
         return {SINGLE_TASK: task}, [stage]
     if cfg.task is not None or cfg.data is not None:
-        raise TenureError("config: with `stages`, describe every task under `tasks` (not `task` / `data`)")
+        raise TenureError("config key 'stages': describe every task under `tasks`, not `task` / `data`")
     if not cfg.tasks:
-        raise TenureError("config: `stages` needs a `tasks` section naming each task")
+        raise TenureError("missing config key 'tasks' (`stages` train the tasks it names)")
     tasks = {name: Task(name, entry, entry.data, entry.metric or cfg.eval.metric, entry.mode or cfg.eval.mode)
              for name, entry in cfg.tasks.items()}
     stages, seen = [], []
