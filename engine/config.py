@@ -146,13 +146,33 @@ def _describe(error: dict) -> str:
     return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
 
 
+def one_line(exc: pydantic.ValidationError, source: str, describe) -> TenureError:
+    """The first validation error as one line (`describe(error)`), with how many more there are."""
+    errors = exc.errors()
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return TenureError(f"{source}: {describe(errors[0])}{more}")
+
+
+def read_yaml_mapping(path: pathlib.Path, what: str, holds: str) -> dict:
+    """The YAML mapping in `path`; a missing file, bad YAML (with its line) or a non-mapping is one line."""
+    if not path.is_file():
+        raise TenureError(f"{what} not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TenureError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise TenureError(f"{path}: expected a mapping of {holds} at the top level")
+    return tree
+
+
 def validate(tree: dict, source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(tree)
     except pydantic.ValidationError as exc:
-        errors = exc.errors()
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise TenureError(f"{source}: {_describe(errors[0])}{more}") from None
+        raise one_line(exc, source, _describe) from None
     try:
         resolve(cfg)  # the sections that only make sense together (tasks, stages, their names)
     except TenureError as exc:
@@ -163,16 +183,7 @@ def validate(tree: dict, source: str = "config") -> Config:
 def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
     """Reads YAML at `path`, applies `key.sub=value` overrides, validates."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise TenureError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise TenureError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(tree, dict):
-        raise TenureError(f"{path}: expected a mapping of sections at the top level")
+    tree = read_yaml_mapping(path, "config file", "sections")
     for text in overrides:
         keys, value = _parse_override(text)
         _set_path(tree, keys, value, f"override {text!r}")
