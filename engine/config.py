@@ -136,11 +136,16 @@ def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise TenureError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise TenureError(f"{path}: not a text file (binary content), expected YAML") from None
+    except OSError as exc:
+        raise TenureError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise TenureError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise TenureError(f"{path}{line}: invalid YAML ({problem})") from None
     if not isinstance(tree, dict):
         raise TenureError(f"{path}: expected a mapping of sections at the top level")
     for text in overrides:
