@@ -6,7 +6,10 @@ line that names the key, so a typo never reaches the training loop.
 """
 from __future__ import annotations
 
+import math
 import pathlib
+import types
+import typing
 from typing import Any, Literal
 
 import pydantic
@@ -118,16 +121,69 @@ def _describe(error: dict) -> str:
         return f"unknown config key '{key}'"
     if kind == "missing":
         return f"missing config key '{key}'"
-    return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
+    return f"config key '{key}': {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"
+
+
+def _leaf_types(annotation) -> list:
+    """The alternatives of an annotation: `int | None` -> [int, NoneType]."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _leaf_types(arg)]
+    return [annotation]
+
+
+def _reject_bools(annotation, value: Any, where: str, source: str) -> None:
+    """pydantic's lax mode reads `true` as 1 for an int or float field (`train.steps=true`):
+    refuse a boolean wherever the field is a number and not also a bool. Walks sections,
+    lists and dicts of sections, so sections added later are covered too."""
+    alternatives = _leaf_types(annotation)
+    if isinstance(value, bool):
+        if bool not in alternatives and any(t in (int, float) for t in alternatives):
+            kind = "an integer" if int in alternatives else "a number"
+            raise TenureError(f"{source}: config key '{where}': expected {kind}, got a boolean "
+                              f"({str(value).lower()})")
+        return
+    for alt in alternatives:
+        origin, args = typing.get_origin(alt), typing.get_args(alt)
+        if isinstance(alt, type) and issubclass(alt, BaseModel) and isinstance(value, dict):
+            for name, field in alt.model_fields.items():
+                if name in value:
+                    _reject_bools(field.annotation, value[name], f"{where}.{name}" if where else name, source)
+        elif origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+            for i, item in enumerate(value):
+                arg = args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else (
+                    args[i] if i < len(args) else None)
+                if arg is not None:
+                    _reject_bools(arg, item, f"{where}.{i}", source)
+        elif origin is dict and isinstance(value, dict) and len(args) == 2:
+            for key, item in value.items():
+                _reject_bools(args[1], item, f"{where}.{key}", source)
+
+
+def _reject_non_finite(node: Any, where: str, source: str) -> None:
+    """NaN and Inf are never meaningful config values (`optim.lr=inf`, `.nan`, "inf")."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise TenureError(f"{source}: config key '{where}': expected a finite number, got {node}")
+    if isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            _reject_non_finite(getattr(node, name), f"{where}.{name}" if where else name, source)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _reject_non_finite(item, f"{where}.{i}", source)
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            _reject_non_finite(item, f"{where}.{key}", source)
 
 
 def validate(tree: dict, source: str = "config") -> Config:
+    _reject_bools(Config, tree, "", source)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except pydantic.ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise TenureError(f"{source}: {_describe(errors[0])}{more}") from None
+    _reject_non_finite(cfg, "", source)
+    return cfg
 
 
 def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
