@@ -117,3 +117,29 @@ def test_disk_full_at_checkpoint_is_one_line_and_keeps_the_last_step(tmp_path, c
             restored, data, _ = ckpt.restore(1, abstract(state()))
             assert data == {"next": 1}
     assert "Traceback" not in capfd.readouterr().err  # orbax's thread tracebacks are not shown
+
+
+def test_tenure_train_refuses_a_users_folder_as_checkpoint_dir(tmp_path):
+    """The reported case end to end: checkpoint.dir = a folder of year folders, resume=false."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    photos = tmp_path / "photos"
+    for year in ("2023", "2024"):
+        (photos / year).mkdir(parents=True)
+        (photos / year / "img.jpg").write_bytes(year.encode())
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w{i}", "label": "ab"[i % 2]}) + "\n" for i in range(16)))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "train", "configs/quickstart.yaml",
+         f"model.path={root}/tests/fixtures/bert/seq_cls", f"run_dir={tmp_path}/run", f"data.train={data}",
+         "data.validation=null", "data.test=null", "data.max_length=16", "data.batch_size=4", "train.steps=2",
+         f"checkpoint.dir={photos}", "train.resume=false", "logging.progress=false"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: checkpoint.dir {photos} is not empty (2023, 2024) and is not a tenure checkpoint directory")
+    assert sorted(os.listdir(photos)) == ["2023", "2024"]
+    assert [(photos / y / "img.jpg").read_bytes() for y in ("2023", "2024")] == [b"2023", b"2024"]
