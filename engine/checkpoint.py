@@ -245,7 +245,10 @@ class Checkpointer:
     """Saves and restores train state, data-iterator state and extras with orbax.
 
     Every process calls every method; orbax coordinates the processes and only the
-    primary writes shared metadata.
+    primary writes shared metadata. Use it as a context manager (or call `close()` in a
+    `finally`): a process that exits with a save in flight and no close gets orbax's
+    "cannot schedule new futures" tracebacks and loses that step (Python 3.12 allows no new
+    threads at shutdown, so no exit hook can finish it).
     """
 
     def __init__(
@@ -298,6 +301,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._closed = False
 
     @classmethod
     def open(
@@ -467,11 +471,29 @@ class Checkpointer:
         multihost_utils.sync_global_devices("tenure_checkpoint_set_aside")
         self._manager.reload()
 
-    def close(self) -> None:
-        self._manager.close()
+    def close(self, quiet: bool = False) -> None:
+        """Waits for the in-flight save (so it is committed, or its temporary directory is
+        left for the next start to drop), then stops orbax's threads. A failed save raises
+        one TenureError line, unless `quiet` (an error is already on its way out)."""
+        if self._closed:
+            return
+        self._closed = True
+        error = None
+        try:
+            self.wait()
+        except TenureError as failed:
+            error = failed
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001 - closing after a failed save: nothing left to save
+            pass
+        if error is not None and not quiet:
+            raise error
 
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On an error exit the save in flight still completes (or is discarded cleanly), and
+        # the original error stays the one reported.
+        self.close(quiet=exc_type is not None)

@@ -143,3 +143,29 @@ def test_tenure_train_refuses_a_users_folder_as_checkpoint_dir(tmp_path):
         f"error: checkpoint.dir {photos} is not empty (2023, 2024) and is not a tenure checkpoint directory")
     assert sorted(os.listdir(photos)) == ["2023", "2024"]
     assert [(photos / y / "img.jpg").read_bytes() for y in ("2023", "2024")] == [b"2023", b"2024"]
+
+
+ERROR_EXIT = """
+import sys, jax
+from engine.checkpoint import CheckpointConfig, Checkpointer
+from models.errors import TenureError
+try:
+    with Checkpointer(CheckpointConfig(every_steps=1), sys.argv[1]) as ckpt:
+        ckpt.save(1, {"w": jax.random.normal(jax.random.key(0), (2_000_000,))})  # async, 8 MB
+        raise TenureError("step 2: something went wrong")
+except TenureError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_error_exit_waits_for_the_save_in_flight(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    result = subprocess.run([sys.executable, "-c", ERROR_EXIT, str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.strip()) == (2, "error: step 2: something went wrong")
+    assert sorted(os.listdir(tmp_path)) == ["1", MARKER]
+    with Checkpointer(CheckpointConfig(), tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1]
