@@ -138,3 +138,28 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def set_aside_run(run_dir: str | os.PathLike) -> Path | None:
+    """`--restart`: moves everything in `run_dir` except the lock files into a new sibling
+    directory `<run_dir>.old-<UTC time>` (renames on one filesystem: nothing is copied or
+    deleted) and returns it; None when there was nothing to move. Call it while holding
+    the RunLock (primary process only), before anything of the new run is written."""
+    run_dir = Path(run_dir)
+    entries = [e for e in run_dir.iterdir() if not e.name.startswith(LOCK_NAME)] if run_dir.is_dir() else []
+    if not entries:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    try:
+        aside.mkdir()
+        for entry in entries:
+            entry.rename(aside / entry.name)
+    except OSError as error:
+        raise TenureError(f"run_dir {run_dir}: cannot move the old run aside to {aside}: "
+                          f"{error.strerror or error}") from None
+    return aside

@@ -77,3 +77,18 @@ def test_unwritable_run_dir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(TenureError, match=f"^run_dir {tmp_path}/file: exists and is not a directory$"):
         RunLock(tmp_path / "file").acquire()
+
+
+def test_restart_moves_the_old_run_aside(tmp_path):
+    from engine.runlock import set_aside_run
+    run = tmp_path / "run"
+    with RunLock(run):
+        assert set_aside_run(run) is None  # only the lock file: nothing to move
+        (run / "checkpoints" / "4").mkdir(parents=True)
+        (run / "summary.json").write_text("{}")
+        aside = set_aside_run(run)
+        assert aside.parent == tmp_path and aside.name.startswith("run.old-")
+        assert sorted(os.listdir(aside)) == ["checkpoints", "summary.json"]
+        assert os.listdir(run) == [".tenure-lock"]
+        (run / "summary.json").write_text("{}")
+        assert set_aside_run(run) != aside  # a second restart in the same second gets its own
