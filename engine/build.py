@@ -1,8 +1,14 @@
-"""Builds a run from its config: mesh, tokenizer, labels, model, sharded params, optimizer.
+"""Builds a run in two parts, so the data flows one way:
 
-The order matters: the trainability spec is compiled against the abstract param tree
-(LoRA leaves included), and its `frozen_prefix` then goes back into the model so the
-frozen stages run forward-only.
+  build_backbone(cfg)         once per run: mesh, architecture, tokenizer, pretrained weights
+  build_tasks(cfg, backbone)  once per run: every task's labels (one vocabulary over all tasks)
+                              and its evaluation batches
+  init_params(...)            the starting params (pretrained backbone, fresh heads), sharded
+  build_stage(...)            once per stage: its data mixture (tasks + replay), trainability,
+                              optimizer and schedule, loss terms, and its jitted train step
+
+The trainability spec is compiled against the abstract param tree (LoRA leaves included), and
+its `frozen_prefix` then goes back into the stage's model so the frozen layers run forward-only.
 """
 from __future__ import annotations
 
@@ -12,64 +18,37 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engine import sharding
 from engine.config import Config
-from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator
-from models.errors import TenureError
-from engine.losses import task_losses
-from engine.optim import build_optimizer
-from engine.step import TrainState, init_state
+from engine.data.mixture import ReservoirBuffer
+from engine.data.pipeline import (EvalBatches, TaskFeaturizer, TrainIterator, TrainSource, build_eval_batches,
+                                  build_label_vocab, load_train_records, make_featurizer, make_train_iterator)
+from engine.data.records import LabelVocab
+from engine.data.sources import select
+from engine.losses import of_task, task_loss
+from engine.optim import build_optimizer, build_schedule
+from engine.stages import Stage, Task
+from engine.step import TrainState, init_state, like_params_shardings, make_train_step
 from engine.trainability import Trainability, compile_trainability
+from models.errors import TenureError
 from models.hf import load_hf, resolve_model_dir
+from models.kinds import KINDS
 from models.tasks import ENCODER_FAMILIES, build_task_model, graft_pretrained
-
-MODEL_KIND = {"sft": "causal_lm"}  # SFT is causal LM whose prompt tokens carry no labels
-
-
-@dataclasses.dataclass
-class Run:
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    model_dir: str
-    arch: Any
-    tokenizer: Any
-    label_vocab: Any
-    model: Any
-    trainability: Trainability
-    tx: Any
-    losses: dict
-    state: TrainState
-    state_shardings: Any
-    total_steps: int
-    train_iter: Any
-    eval_batches: dict[str, list[dict]]  # split -> process-local numpy batches
-
-
-def _num_labels(cfg: Config, label_vocab) -> int | None:
-    if label_vocab is not None:
-        return len(label_vocab)
-    return 1 if cfg.task.kind == "regression" else None
-
-
-def _lora_spec(cfg: Config):
-    from models.lora import LoRASpec
-    if cfg.trainable.mode != "lora":
-        return None
-    lora = cfg.trainable.lora
-    return LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets), dropout=lora.dropout)
-
-
-def _pooling(cfg: Config, arch) -> str:
-    if cfg.task.pooling:
-        return cfg.task.pooling
-    if cfg.task.kind == "embedding":
-        return "mean"
-    return "cls" if type(arch).__name__ in ENCODER_FAMILIES else "last"
-
 
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
                   "embd_dropout", "attn_dropout", "resid_dropout", "attention_dropout")
+
+
+@dataclasses.dataclass
+class Backbone:
+    mesh: jax.sharding.Mesh
+    model_dir: str
+    arch: Any
+    pretrained: Any
+    pretrained_head: Any
+    tokenizer: Any
 
 
 def _with_dropout(arch, rate: float | None):
@@ -80,61 +59,237 @@ def _with_dropout(arch, rate: float | None):
     return dataclasses.replace(arch, **{name: rate for name in names})
 
 
-def _model(cfg: Config, arch, num_labels, frozen_prefix: int):
+def build_backbone(cfg: Config, model_path: str | None = None) -> Backbone:
+    mesh = sharding.make_mesh(cfg.mesh)
+    model_dir = resolve_model_dir(model_path or cfg.model.path)
+    arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
+    return Backbone(mesh, str(model_dir), _with_dropout(arch, cfg.model.dropout), pretrained, pretrained_head,
+                    tokenizer)
+
+
+def _where() -> dict:
+    return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+@dataclasses.dataclass
+class RunTask:
+    task: Task
+    index: int                       # task_id stamped on its examples (multi-task runs)
+    labels: tuple | None             # this task's own labels (a subset of the run's vocabulary)
+    eval_batches: dict[str, EvalBatches]
+
+
+@dataclasses.dataclass
+class Tasks:
+    by_name: dict[str, RunTask]
+    head: str                        # the model head every task shares
+    label_vocab: LabelVocab | None   # one vocabulary over the labels of every task
+    multi: bool                      # several tasks: examples carry task_id, keys carry task names
+
+    @property
+    def first(self) -> RunTask:
+        return next(iter(self.by_name.values()))
+
+    def label_masks(self, stage: Stage, heads: str) -> tuple | None:
+        """Which labels each task may predict in `stage`: its own (per_task), or those of every task
+        trained up to this stage (shared, class-incremental). None when nothing is masked."""
+        if not self.multi or self.label_vocab is None:
+            return None
+        trained = [*stage.earlier, *stage.weights]
+        active = {label for name in trained for label in self.by_name[name].labels}
+        rows = []
+        for run_task in self.by_name.values():
+            own = set(run_task.labels) if heads == "per_task" else active
+            rows.append(tuple(label in own for label in self.label_vocab.labels))
+        return tuple(rows)
+
+
+def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task]) -> Tasks:
+    heads = {KINDS[t.spec.kind].head for t in tasks.values()}
+    if len(heads) > 1:
+        raise TenureError(f"tasks: every task of a run must share one model head, got {sorted(heads)} "
+                          f"(kinds {[t.spec.kind for t in tasks.values()]})")
+    multi = len(tasks) > 1
+    own_labels = {}
+    for name, task in tasks.items():
+        vocab = build_label_vocab(task.data, task.spec.kind)  # None for unlabelled kinds
+        own_labels[name] = vocab.labels if vocab is not None else None
+    union = None
+    if any(labels is not None for labels in own_labels.values()):
+        union = LabelVocab(label for labels in own_labels.values() for label in labels or ())
+    by_name = {}
+    for index, (name, task) in enumerate(tasks.items()):
+        eval_batches = {split: build_eval_batches(task.data, split, task.spec.kind, backbone.tokenizer, union,
+                                                  task_id=index if multi else None, **_where())
+                        for split in ("validation", "test") if getattr(task.data, split)}
+        by_name[name] = RunTask(task, index, own_labels[name], eval_batches)
+    return Tasks(by_name, heads.pop(), union, multi)
+
+
+def _lora_spec(trainable):
+    from models.lora import LoRASpec
+    if trainable.mode != "lora":
+        return None
+    lora = trainable.lora
+    return LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets), dropout=lora.dropout)
+
+
+def _pooling(spec, arch) -> str:
+    if spec.pooling:
+        return spec.pooling
+    if spec.kind == "embedding":
+        return "mean"
+    return "cls" if type(arch).__name__ in ENCODER_FAMILIES else "last"
+
+
+def task_model(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, frozen_prefix: int = 0,
+               label_masks: tuple | None = None):
+    spec = tasks.first.task.spec
+    num_labels = len(tasks.label_vocab) if tasks.label_vocab is not None else 1 if tasks.head == "regression" else 2
     return build_task_model(
-        arch, MODEL_KIND.get(cfg.task.kind, cfg.task.kind), num_labels=num_labels or 2,
-        pooling=_pooling(cfg, arch), lora=_lora_spec(cfg), dtype=jnp.dtype(cfg.model.dtype),
-        remat=cfg.model.remat, frozen_prefix=frozen_prefix,
-        normalize_embeddings=cfg.task.normalize)
+        backbone.arch, tasks.head, num_labels=num_labels, pooling=_pooling(spec, backbone.arch), lora=lora,
+        dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, frozen_prefix=frozen_prefix,
+        normalize_embeddings=spec.normalize, label_masks=label_masks)
 
 
-def total_steps(cfg: Config, num_train_batches: int) -> int:
-    if cfg.train.steps:
-        return cfg.train.steps
-    if cfg.data.num_epochs:
-        return max(1, num_train_batches)
+def sample_batch(backbone: Backbone, tasks: Tasks, seed: int) -> dict:
+    """A batch with the run's fields, to initialise and trace models."""
+    first = tasks.first
+    if first.eval_batches:
+        return next(iter(next(iter(first.eval_batches.values()))))
+    train = single_task_iterator(backbone, first, seed=seed, multi=tasks.multi, label_vocab=tasks.label_vocab)
+    batch = train.peek()
+    train.close()
+    return batch
+
+
+def init_params(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, keep_pretrained_head: bool = False):
+    """(params, param_shardings): the pretrained backbone and fresh task heads, sharded.
+    LM heads (MLM, untied causal LM) and BERT's pooler keep their pretrained weights;
+    `keep_pretrained_head` keeps the task head too (evaluating an exported model)."""
+    model = task_model(cfg, backbone, tasks, lora)
+    batch = sample_batch(backbone, tasks, cfg.train.seed)
+    rng = jax.random.key(cfg.train.seed)
+    params, param_shardings = sharding.init_sharded(
+        lambda: model.init(rng, batch, deterministic=True)["params"], backbone.mesh)
+    if cfg.model.init == "pretrained":
+        head = backbone.pretrained_head
+        keep_head = head if keep_pretrained_head or tasks.head in ("mlm", "causal_lm") else (
+            {"pooler": head["pooler"]} if head and "pooler" in head else None)
+        params = jax.device_put(graft_pretrained(params, backbone.pretrained, keep_head), param_shardings)
+    return params, param_shardings
+
+
+def single_task_iterator(backbone: Backbone, run_task: RunTask, *, seed: int, multi: bool,
+                         label_vocab) -> TrainIterator:
+    from engine.data.pipeline import build_train_iterator
+    return build_train_iterator(run_task.task.data, run_task.task.spec.kind, backbone.tokenizer, label_vocab,
+                                seed=seed, task_id=run_task.index if multi else None, **_where())
+
+
+def _replay_records(records, buffer: int | None, seed: int):
+    """The old task's records a stage replays: all, or a seeded reservoir sample of `buffer`."""
+    if buffer is None or buffer >= len(records):
+        return records, None
+    reservoir = ReservoirBuffer(buffer, seed=seed)
+    reservoir.extend(range(len(records)))
+    indices = np.sort(np.asarray(list(reservoir.items), np.int64))
+    return select(records, indices), indices.tolist()
+
+
+def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) -> tuple[TrainIterator, dict]:
+    """The stage's training batches: its tasks in equal shares, plus `replay.ratio` of every batch
+    from earlier tasks (equal shares among them). Returns the iterator and the replay buffers'
+    record indices (per old task; None = whole set)."""
+    if not tasks.multi:
+        return single_task_iterator(backbone, tasks.first, seed=seed, multi=False,
+                                    label_vocab=tasks.label_vocab), {}
+    replayed = [t for t in stage.earlier if t not in stage.weights] if stage.replay.ratio > 0 else []
+    new_share = (1 - stage.replay.ratio) / len(stage.weights) if replayed else 1.0
+    old_share = stage.replay.ratio / len(replayed) if replayed else 0.0
+    sources, buffers = [], {}
+    for name in [*stage.weights, *replayed]:
+        run_task = tasks.by_name[name]
+        data, kind = run_task.task.data, run_task.task.spec.kind
+        for source_name, records in load_train_records(data, kind, backbone.tokenizer, tasks.label_vocab).items():
+            if name in replayed:
+                records, buffers[name] = _replay_records(records, stage.replay.buffer, seed + run_task.index)
+            featurizer = TaskFeaturizer(make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records),
+                                        run_task.index)
+            share = new_share if name in stage.weights else old_share
+            sources.append(TrainSource(f"{name}/{source_name}", records, featurizer, share))
+    # Batching (batch size, length buckets, epochs) follows the stage's first task.
+    batching = tasks.by_name[next(iter(stage.weights))].task.data
+    return make_train_iterator(batching, sources, pad_id=backbone.tokenizer.pad_token_id or 0,
+                               seed=seed, **_where()), buffers
+
+
+def stage_losses(tasks: Tasks, stage: Stage) -> dict:
+    """Loss terms: the task's (single-task run), or one per trained task ("task/<name>", weighted)
+    and per replayed task ("replay/<name>")."""
+    if not tasks.multi:
+        run_task = tasks.first
+        return {"task": task_loss(run_task.task.spec.kind, run_task.task.spec)}
+    losses = {}
+    for name, weight in stage.weights.items():
+        spec = tasks.by_name[name].task.spec
+        losses[f"task/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index, weight)
+    if stage.replay.ratio > 0:
+        for name in stage.earlier:
+            if name not in stage.weights:
+                spec = tasks.by_name[name].task.spec
+                losses[f"replay/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index,
+                                                   stage.replay.weight)
+    return losses
+
+
+def stage_steps(stage: Stage, train_iter: TrainIterator) -> int:
+    if stage.steps:
+        return stage.steps
+    if train_iter.num_batches:
+        return max(1, train_iter.num_batches)
     raise TenureError("config: set train.steps or data.num_epochs")
 
 
-def build_run(cfg: Config, whole_pretrained_head: bool = False) -> Run:
-    """`whole_pretrained_head` keeps the loaded task head too (evaluating an exported model)."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    model_dir = resolve_model_dir(cfg.model.path)
-    arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
-    arch = _with_dropout(arch, cfg.model.dropout)
-    label_vocab = build_label_vocab(cfg.data, cfg.task.kind)  # None for unlabelled kinds
-    num_labels = _num_labels(cfg, label_vocab)
-    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = build_train_iterator(cfg.data, cfg.task.kind, tokenizer, label_vocab,
-                                      seed=cfg.train.seed, **where)
-    eval_batches = {split: list(build_eval_batches(cfg.data, split, cfg.task.kind, tokenizer,
-                                                   label_vocab, **where))
-                    for split in ("validation", "test") if getattr(cfg.data, split)}
-    sample_batch = next(iter(eval_batches.values()))[0] if eval_batches else train_iter.peek()
+@dataclasses.dataclass
+class StageRun:
+    stage: Stage
+    model: Any
+    trainability: Trainability
+    tx: Any
+    losses: dict
+    train_iter: TrainIterator
+    replay_buffers: dict
+    steps: int
+    state: TrainState
+    state_shardings: Any
+    step_fn: Any
 
-    probe = _model(cfg, arch, num_labels, frozen_prefix=0)
-    rng = jax.random.key(cfg.train.seed)
-    abstract = nn.unbox(jax.eval_shape(lambda: probe.init(rng, sample_batch, deterministic=True)["params"]))
-    trainability = compile_trainability(
-        abstract, cfg.trainable, num_layers=arch.num_layers)
-    model = _model(cfg, arch, num_labels, frozen_prefix=trainability.frozen_prefix)
 
-    params, param_shardings = sharding.init_sharded(
-        lambda: model.init(rng, sample_batch, deterministic=True)["params"], mesh)
-    if cfg.model.init == "pretrained":
-        # Task heads start fresh; LM heads (MLM, untied causal LM) and BERT's pooler keep
-        # their pretrained weights.
-        keep_head = pretrained_head if whole_pretrained_head or cfg.task.kind in (
-            "mlm", "causal_lm", "sft") else (
-            {"pooler": pretrained_head["pooler"]} if pretrained_head and "pooler" in pretrained_head
-            else None)
-        params = jax.device_put(graft_pretrained(params, pretrained, keep_head), param_shardings)
-
-    steps = total_steps(cfg, train_iter.num_batches)
-    tx = build_optimizer(cfg.optim, trainability, steps)
-    state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings)
-    return Run(cfg=cfg, mesh=mesh, model_dir=str(model_dir), arch=arch, tokenizer=tokenizer,
-               label_vocab=label_vocab, model=model, trainability=trainability, tx=tx,
-               losses=task_losses(cfg.task.kind, cfg.task), state=state,
-               state_shardings=state_shardings, total_steps=steps,
-               train_iter=train_iter, eval_batches=eval_batches)
+def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, params, param_shardings, *,
+                regularize=None) -> StageRun:
+    """The stage's model, optimizer, losses, data and jitted step, starting from `params`.
+    `regularize(trainability, model) -> (loss terms, extra)` adds the regularisers and the pytrees
+    they read (anchors, Fisher), which live in the train state and its checkpoints."""
+    lora = _lora_spec(stage.trainable)
+    trainability = compile_trainability(params, stage.trainable, num_layers=backbone.arch.num_layers)
+    model = task_model(cfg, backbone, tasks, lora, frozen_prefix=trainability.frozen_prefix,
+                       label_masks=tasks.label_masks(stage, cfg.heads))
+    seed = cfg.train.seed + 101 * stage.index
+    train_iter, buffers = stage_iterator(backbone, tasks, stage, seed)
+    steps = stage_steps(stage, train_iter)
+    tx = build_optimizer(stage.optim, trainability, steps)
+    state, state_shardings = init_state(params, tx, cfg.train.seed + 1 + 7919 * stage.index, backbone.mesh,
+                                        param_shardings)
+    extra_losses, extra = regularize(trainability, model) if regularize else ({}, {})
+    if extra:
+        extra_shardings = like_params_shardings(extra, params, param_shardings, backbone.mesh)
+        state = state.replace(extra=jax.device_put(extra, extra_shardings))
+        state_shardings = state_shardings.replace(extra=extra_shardings)
+    losses = {**stage_losses(tasks, stage), **extra_losses}
+    step_fn = make_train_step(model, losses, tx, backbone.mesh, state_shardings,
+                              lr_schedule=build_schedule(stage.optim, steps),
+                              trainable_mask=trainability.trainable_mask,
+                              accum_steps=stage.optim.grad_accum_steps)
+    return StageRun(stage, model, trainability, tx, losses, train_iter, buffers, steps, state, state_shardings,
+                    step_fn)

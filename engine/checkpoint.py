@@ -404,6 +404,13 @@ class Checkpointer:
         self.restored_step = step
         return state, data_state, extra
 
+    def read_extra(self, step: int) -> dict:
+        """The JSON extras of `step` alone (what a resume needs to know before building the state)."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        except Exception as error:
+            raise self._unreadable(step, _one_line(error)) from error
+
     def _unreadable(self, step: int, reason: str) -> TenureError:
         return TenureError(f"checkpoint {self.step_dir(step)} (step {step}) is unreadable: {reason}")
 

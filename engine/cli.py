@@ -21,7 +21,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from engine.config import load_config
-    from engine.train import evaluate_checkpoint
+    from engine.commands import evaluate_checkpoint
     evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.split)
     return 0
 
@@ -45,7 +45,7 @@ def _cmd_hf_check(args) -> int:
 
 def _cmd_export(args) -> int:
     from engine.config import load_config
-    from engine.train import export_checkpoint
+    from engine.commands import export_checkpoint
     from models.hf import check_export_target
     check_export_target(args.out, force=args.force)  # refuse before restoring anything
     export_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out,
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(data.add_parser(
         "inspect", help="counts, labels, lengths, duplicates and bad records per split"))
     p.set_defaults(fn=_cmd_data_inspect)
+
+    from engine.study import add_study_parser
+    add_study_parser(sub)
 
     hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(
         dest="hf_command", required=True, metavar="HF_COMMAND")

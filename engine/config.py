@@ -21,10 +21,11 @@ from engine.data.config import DataConfig
 from models.errors import TenureError
 from engine.optim import OptimConfig
 from engine.sharding import MeshConfig
+from engine.stages import EWCConfig, L2SPConfig, ReplayConfig, StageConfig
 from engine.trainability import TrainableConfig
+from models.kinds import KINDS
 
-TaskKind = Literal[
-    "seq_cls", "pair_cls", "token_cls", "regression", "sft", "causal_lm", "mlm", "embedding"]
+TaskKind = Literal[tuple(KINDS)]
 
 
 class Section(BaseModel):
@@ -55,6 +56,13 @@ class TaskConfig(Section):
         3, ge=0, description="k training examples in the prompt for the few-shot baseline (decoders)")
 
 
+class TaskEntry(TaskConfig):
+    """One named task of a staged run: the task fields, its data, and the metric R records."""
+    data: DataConfig = Field(description="this task's data (train / validation / test)")
+    metric: str | None = Field(None, description="metric recorded in the accuracy matrix; null = eval.metric")
+    mode: Literal["max", "min"] | None = Field(None, description="whether a larger metric is better; null = eval.mode")
+
+
 class EarlyStoppingConfig(Section):
     patience: int = Field(0, ge=0, description="evaluations without improvement before stopping (0 = off)")
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as improvement")
@@ -82,8 +90,16 @@ class LoggingConfig(Section):
 class Config(Section):
     run_dir: str = Field("runs/default", description="where logs, checkpoints and the HF export go")
     model: ModelConfig
-    task: TaskConfig
-    data: DataConfig
+    task: TaskConfig | None = Field(None, description="the task of a single-task run (with `data`)")
+    data: DataConfig | None = Field(None, description="the data of a single-task run")
+    tasks: dict[str, TaskEntry] | None = Field(None, description="named tasks of a staged run")
+    stages: list[StageConfig] | None = Field(None, description="stages trained in order; state carries over")
+    heads: Literal["per_task", "shared"] = Field(
+        "per_task", description="per_task: each task scores only its own labels (task-incremental); shared: one "
+                                "classifier over the labels of every task trained so far (class-incremental)")
+    ewc: EWCConfig = Field(EWCConfig(), description="EWC defaults for every stage")
+    l2sp: L2SPConfig = Field(L2SPConfig(), description="L2-SP defaults for every stage")
+    replay: ReplayConfig = Field(ReplayConfig(), description="replay defaults for every stage")
     trainable: TrainableConfig = TrainableConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -105,13 +121,22 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _set_path(tree: dict, keys: list[str], value: Any, where: str) -> None:
+    """Sets tree[k0][k1]...; a numeric key indexes a list (`stages.1.steps=200`)."""
     node = tree
-    for i, key in enumerate(keys[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise TenureError(f"{where}: '{'.'.join(keys[:i + 1])}' is a value, not a section")
-        node = child
-    node[keys[-1]] = value
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise TenureError(f"{where}: '{'.'.join(keys[:i])}' has {len(node)} items, no item {key!r}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise TenureError(f"{where}: '{'.'.join(keys[:i])}' is a value, not a section")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
 
 
 def _describe(error: dict) -> str:
@@ -212,4 +237,4 @@ def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     """JSON-ready dict of the full config, defaults included (saved with checkpoints)."""
-    return cfg.model_dump(mode="json")
+    return cfg.model_dump(mode="json", by_alias=True)

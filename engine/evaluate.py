@@ -110,18 +110,22 @@ class Evaluator:
         return scores
 
 
-def make_evaluators(run) -> dict[str, Evaluator]:
-    """One evaluator per split the config names (validation, test)."""
-    kind = run.cfg.task.kind
-    reduce_fn = make_eval_step(run.model, run.mesh, run.state_shardings.params,
-                               reduce_fn=functools.partial(reduce_batch, kind))
-    tags = [str(t) for t in run.label_vocab.labels] if kind == "token_cls" else None
+def make_evaluators(tasks, model, mesh, param_shardings, tokenizer) -> dict[str, dict[str, Evaluator]]:
+    """task name -> split -> Evaluator, for every split each task's data names."""
     evaluators = {}
-    for split in run.eval_batches:
-        generate = None
-        if (kind == "sft" and run.cfg.task.generation_examples
-                and (run.cfg.data.format or "prompt_completion") == "prompt_completion"):
-            from engine.generation_eval import GenerationEval
-            generate = GenerationEval(run, split)
-        evaluators[split] = Evaluator(kind, reduce_fn, tags, generate)
+    reducers = {}
+    for name, run_task in tasks.by_name.items():
+        spec, data = run_task.task.spec, run_task.task.data
+        if spec.kind not in reducers:
+            reducers[spec.kind] = make_eval_step(model, mesh, param_shardings,
+                                                 reduce_fn=functools.partial(reduce_batch, spec.kind))
+        tags = [str(t) for t in tasks.label_vocab.labels] if spec.kind == "token_cls" else None
+        evaluators[name] = {}
+        for split in run_task.eval_batches:
+            generate = None
+            if (spec.kind == "sft" and spec.generation_examples
+                    and (data.format or "prompt_completion") == "prompt_completion"):
+                from engine.generation_eval import GenerationEval
+                generate = GenerationEval(spec, data, tokenizer, model, split)
+            evaluators[name][split] = Evaluator(spec.kind, reducers[spec.kind], tags, generate)
     return evaluators

@@ -13,19 +13,18 @@ from models.generate import greedy_generate
 
 
 class GenerationEval:
-    def __init__(self, run, split: str, batch_size: int = 16):
-        cfg = run.cfg
-        records, _ = load_records(cfg.data, getattr(cfg.data, split), "sft", split=split)
-        count = min(cfg.task.generation_examples, len(records))
+    def __init__(self, spec, data, tokenizer, model, split: str, batch_size: int = 16):
+        """`spec`: the task config (generation_examples, few_shot, max_new_tokens); `data` its data."""
+        records, _ = load_records(data, getattr(data, split), "sft", split=split)
+        count = min(spec.generation_examples, len(records))
         self.examples = [records[i] for i in range(count)]
-        train = cfg.data.train
-        train_paths = next(iter(train.values())).path if isinstance(train, dict) else train
-        train_records, _ = load_records(cfg.data, train_paths, "sft", split="train")
-        shots = [train_records[i] for i in range(min(cfg.task.few_shot, len(train_records)))]
+        train_paths = next(iter(data.sources.values())).path
+        train_records, _ = load_records(data, train_paths, "sft", split="train")
+        shots = [train_records[i] for i in range(min(spec.few_shot, len(train_records)))]
         self.few_shot_prefix = "".join(r["prompt"] + r["completion"] + "\n\n" for r in shots)
-        self.tokenizer, self.model = run.tokenizer, run.model
-        self.max_new_tokens, self.batch_size = cfg.task.max_new_tokens, batch_size
-        self.max_prompt_length = cfg.data.max_length
+        self.tokenizer, self.model = tokenizer, model
+        self.max_new_tokens, self.batch_size = spec.max_new_tokens, batch_size
+        self.max_prompt_length = data.max_length
 
         def logits(params, ids_BxT, mask_BxT, positions_BxT):
             batch = {"input_ids": ids_BxT, "attention_mask": mask_BxT, "positions": positions_BxT}

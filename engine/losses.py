@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from models.kinds import KINDS
+
 IGNORE = -100
 LossFn = Callable[[Any, dict, dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -88,19 +90,31 @@ def info_nce(temperature: float = 0.05) -> LossFn:
     return fn
 
 
+def task_loss(task_kind: str, cfg: Any = None) -> LossFn:
+    """The loss of a task kind (`models.kinds`); `cfg` is the task's config (reads `temperature`)."""
+    if task_kind not in KINDS:
+        raise ValueError(f"unknown task kind {task_kind!r}")
+    name = KINDS[task_kind].loss
+    if name == "info_nce":
+        return info_nce(getattr(cfg, "temperature", 0.05))
+    return {"classification": classification_ce, "token": token_ce, "causal_lm": causal_lm, "mse": mse}[name]
+
+
 def task_losses(task_kind: str, cfg: Any = None) -> dict[str, LossFn]:
-    """{"task": fn} for a task kind; `cfg` is the `task` config section (reads `temperature`)."""
-    if task_kind in ("seq_cls", "pair_cls"):
-        return {"task": classification_ce}
-    if task_kind in ("token_cls", "mlm"):
-        return {"task": token_ce}
-    if task_kind in ("causal_lm", "sft"):
-        return {"task": causal_lm}
-    if task_kind == "regression":
-        return {"task": mse}
-    if task_kind == "embedding":
-        return {"task": info_nce(getattr(cfg, "temperature", 0.05))}
-    raise ValueError(f"unknown task kind {task_kind!r}")
+    """{"task": fn}: the loss terms of a single-task run."""
+    return {"task": task_loss(task_kind, cfg)}
+
+
+def of_task(fn: LossFn, task_id: int, weight: float = 1.0) -> LossFn:
+    """`fn` over the examples of one task in a mixed batch (`batch["task_id"]` [B]), times `weight`.
+    A batch with no example of the task contributes 0."""
+
+    def term(params, outputs, batch, extra):
+        mine_B = (batch["task_id"] == task_id).astype(jnp.float32)
+        value, aux = fn(params, outputs, dict(batch, example_mask=batch["example_mask"] * mine_B), extra)
+        return weight * value, aux
+
+    return term
 
 
 def total_loss(losses: dict[str, LossFn], params, outputs, batch, extra) -> tuple[jax.Array, dict]:

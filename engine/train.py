@@ -1,62 +1,82 @@
-"""The training loop: baseline eval, jitted steps, periodic eval, early stopping,
-checkpoints, TensorBoard, and the final before/after table with an HF export."""
+"""`tenure train`: the backbone once, then every stage through the same `fit` loop.
+
+Before the first stage every task is evaluated on the starting model; during a stage every
+task's validation metric is taken each `train.eval_every` steps (the curves, where the
+stability gap shows); at each stage end every task's test metric (validation if no test)
+fills a row of the accuracy matrix R. Checkpoints carry the stage, its step, the history
+(R so far, curves) and, in the train state, the regularisers' anchors and Fisher, so a killed
+run resumes exactly. A single-task config is a run of one stage, and keeps the best validation
+checkpoint as its result; in a staged run each stage hands its last weights to the next
+(or, under a forgetting guard, its best weights within the budget).
+"""
 from __future__ import annotations
 
 import json
 import pathlib
-import time
 
 import jax
-from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
 from engine import distributed
-from engine.build import MODEL_KIND, Run, build_run
+from engine.build import Backbone, StageRun, Tasks, _lora_spec, build_backbone, build_stage, build_tasks, init_params
 from engine.checkpoint import Checkpointer
 from engine.config import Config, to_dict
+from engine.continual import regularizers
 from engine.data.pipeline import to_global_batch
-from models.errors import TenureError
-from engine.evaluate import Evaluator, make_evaluators
-from engine.optim import build_schedule
+from engine.evaluate import make_evaluators
+from engine.fit import fit
 from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
-from engine.step import make_train_step
+from engine.report import forgetting_record, r_table, write_forgetting
+from engine.stages import Stage, guarded_tasks, resolve
 from engine.tblog import TBLogger
+from engine.trainability import compile_trainability
+from models.errors import TenureError
 from models.hf import export_hf
-
-
-def _abstract(state, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
-
-
-def _evaluate_all(run: Run, evaluators: dict[str, Evaluator], params, splits) -> dict[str, float]:
-    scores = {}
-    for split in splits:
-        if split in evaluators:
-            batches = (to_global_batch(b, run.mesh) for b in run.eval_batches[split])
-            for name, value in evaluators[split](params, batches).items():
-                scores[f"{split}/{name}"] = value
-    return scores
-
-
-def _to_host(params):
-    """Full numpy copies of (possibly cross-host sharded) params on every process."""
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-
-
-def _export_kind(cfg: Config) -> str:
-    return MODEL_KIND.get(cfg.task.kind, cfg.task.kind)
-
-
-def _label_names(run: Run) -> list[str] | None:
-    return [str(label) for label in run.label_vocab.labels] if run.label_vocab else None
+from models.kinds import head_of
 
 
 def _print(msg: str) -> None:
     if distributed.is_primary():
         print(msg, flush=True)
+
+
+def abstract(state, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def to_host(params):
+    """Full numpy copies of (possibly cross-host sharded) params on every process."""
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+def evaluate_all(tasks: Tasks, evaluators, params, splits, mesh, only=None) -> dict[str, float]:
+    """`<split>/<metric>` (one task) or `<split>/<task>/<metric>` scores of every task."""
+    scores = {}
+    for name, by_split in evaluators.items():
+        if only is not None and name not in only:
+            continue
+        prefix = f"{name}/" if tasks.multi else ""
+        for split in splits:
+            if split in by_split:
+                batches = (to_global_batch(b, mesh) for b in tasks.by_name[name].eval_batches[split])
+                for metric, value in by_split[split](params, batches).items():
+                    scores[f"{split}/{prefix}{metric}"] = value
+    return scores
+
+
+def task_score(tasks: Tasks, scores: dict, name: str, splits=("test", "validation")) -> float | None:
+    """The metric R records for task `name`, from the first split present."""
+    prefix = f"{name}/" if tasks.multi else ""
+    metric = tasks.by_name[name].task.metric
+    for split in splits:
+        key = f"{split}/{prefix}{metric}"
+        if key in scores:
+            return scores[key]
+    return None
 
 
 def _table(metric_names, columns: dict[str, dict[str, float]]) -> str:
@@ -70,161 +90,285 @@ def _table(metric_names, columns: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: Config) -> dict:
-    """Runs the config's fine-tune; returns the summary it also prints and writes."""
-    distributed.initialize()
-    run_dir = pathlib.Path(cfg.run_dir)
-    run = build_run(cfg)
-    _print(f"model {run.model_dir}  task {cfg.task.kind}  mesh {dict(run.mesh.shape)}  "
-           f"steps {run.total_steps}\n{run.trainability.summary()}")
-    step_fn = make_train_step(run.model, run.losses, run.tx, run.mesh, run.state_shardings,
-                              lr_schedule=build_schedule(cfg.optim, run.total_steps),
-                              trainable_mask=run.trainability.trainable_mask,
-                              accum_steps=cfg.optim.grad_accum_steps)
-    evaluators = make_evaluators(run)
-    ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.resolved_dir(run_dir), **_ranking(cfg))
-    tb = TBLogger(run_dir / "tb", enabled=distributed.is_primary() and cfg.logging.tensorboard)
-    tb.text(0, "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```")
+class Trainer:
+    """Holds what every stage shares (backbone, tasks, checkpoints, logs, history)."""
 
-    state, start, history = run.state, 0, {}
-    if cfg.train.resume and ckpt.latest_step() is not None:
-        state, data_state, extra = ckpt.restore_latest_good(_abstract(run.state, run.state_shardings))
-        run.train_iter.set_state(data_state)
-        start, history = int(extra["step"]), extra["history"]
-        _print(f"resumed from step {start} ({ckpt.directory})")
-    else:
-        history["baseline"] = _evaluate_all(run, evaluators, state.params, ("validation", "test"))
-        for split, evaluator in evaluators.items():  # decoders: the prompting baseline
-            if evaluator.generate is not None and cfg.task.few_shot:
-                few = evaluator.generate(state.params, with_examples=True)
-                history["baseline"].update(
-                    {f"{split}/{cfg.task.few_shot}shot_{k}": v for k, v in few.items()})
-        tb.scalars(0, {f"baseline/{k}": v for k, v in history["baseline"].items()})
-        _print("baseline (pretrained model, fresh head): " + json.dumps(
-            {k: round(v, 4) for k, v in history["baseline"].items()}))
+    def __init__(self, cfg: Config, *, keep_pretrained_head: bool = False):
+        """`keep_pretrained_head`: the model directory's task head is the model (evaluating an export)."""
+        self.cfg = cfg
+        self.run_dir = pathlib.Path(cfg.run_dir)
+        task_specs, self.stages = resolve(cfg)
+        modes = {s.trainable.mode == "lora" for s in self.stages}
+        if len(modes) > 1:
+            raise TenureError("stages: LoRA changes the parameter tree, so either every stage or none uses "
+                              "trainable.mode=lora")
+        self.backbone: Backbone = build_backbone(cfg)
+        self.tasks: Tasks = build_tasks(cfg, self.backbone, task_specs)
+        self.lora = _lora_spec(self.stages[0].trainable)
+        self.start_params, self.param_shardings = init_params(cfg, self.backbone, self.tasks, self.lora,
+                                                              keep_pretrained_head=keep_pretrained_head)
+        self.single = len(self.stages) == 1 and not self.tasks.multi
+        self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
+        self.history: dict = {}
 
-    best = BestTracker(cfg.eval.metric, cfg.eval.mode, cfg.train.early_stopping, history)
-    overfit = OverfitMonitor()
-    progress = Progress(run.total_steps, desc="train", initial=start,
-                        enabled=distributed.is_primary() and cfg.logging.progress)
-    pending, train_losses = None, []
-    step = start
-    for step in range(start + 1, run.total_steps + 1):
-        local = next(run.train_iter)
-        state, metrics = step_fn(state, to_global_batch(local, run.mesh))
-        if pending is not None:  # read the previous step's metrics while this one runs
-            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
-        pending = (step, metrics)
-        if step % cfg.train.eval_every == 0 or step == run.total_steps:
-            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
-            pending = None
-            scores = _evaluate_all(run, evaluators, state.params, ("validation",))
-            tb.scalars(step, scores)
+    # -- one stage -------------------------------------------------------------------------
+    def _regularize(self, index: int, params, previous_extra: dict, compute: bool):
+        def regularize(trainability, model):
+            return regularizers(self.cfg, self.stages, index, self.backbone, self.tasks, trainability, params,
+                                self.param_shardings, self.start_params, previous_extra,
+                                model=model if compute else None)
+        return regularize
+
+    def _extra_shapes(self, upto: int) -> dict:
+        """The regulariser trees stage `upto` starts with, as zeros (a checkpoint's restore target)."""
+        extra = {}
+        for index in range(upto):
+            stage = self.stages[index]
+            trainability = compile_trainability(self.start_params, stage.trainable,
+                                                num_layers=self.backbone.arch.num_layers)
+            _, extra = regularizers(self.cfg, self.stages, index, self.backbone, self.tasks, trainability,
+                                    self.start_params, self.param_shardings, self.start_params, extra)
+        return extra
+
+    def _build(self, index: int, params, previous_extra: dict, compute: bool = True) -> StageRun:
+        if params is self.start_params:  # the train step donates its state; the start params stay
+            params = jax.tree.map(jnp.copy, params)
+        return build_stage(self.cfg, self.stages[index], self.backbone, self.tasks, params, self.param_shardings,
+                           regularize=self._regularize(index, params, previous_extra, compute))
+
+    def _save(self, sr: StageRun, local: int, state, *, stopped: bool = False, metrics=None) -> None:
+        index = sr.stage.index
+        self.ckpt.save(self.offsets[index] + local, state, sr.train_iter.get_state(), force=True, metrics=metrics,
+                       extra={"step": self.offsets[index] + local, "stage": index, "local_step": local,
+                              "stopped": stopped, "history": self.history, "config": to_dict(self.cfg),
+                              "replay_buffers": sr.replay_buffers,
+                              "labels": self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None})
+
+    def _evaluators(self, sr: StageRun):
+        return make_evaluators(self.tasks, sr.model, self.backbone.mesh, sr.state_shardings.params,
+                               self.backbone.tokenizer)
+
+    def _baseline(self, sr: StageRun, evaluators) -> None:
+        scores = evaluate_all(self.tasks, evaluators, sr.state.params, ("validation", "test"), self.backbone.mesh)
+        for name, by_split in evaluators.items():  # decoders: the prompting baseline
+            prefix = f"{name}/" if self.tasks.multi else ""
+            spec = self.tasks.by_name[name].task.spec
+            for split, evaluator in by_split.items():
+                if evaluator.generate is not None and spec.few_shot:
+                    few = evaluator.generate(sr.state.params, with_examples=True)
+                    scores.update({f"{split}/{prefix}{spec.few_shot}shot_{k}": v for k, v in few.items()})
+        self.history["baseline"] = scores
+        self.history["start_row"] = {t: task_score(self.tasks, scores, t) for t in self.tasks.by_name}
+        self.history["curves"] = [{"step": 0, "stage": 0, "scores": {
+            t: task_score(self.tasks, scores, t, ("validation", "test")) for t in self.tasks.by_name}}]
+        self.tb.scalars(0, {f"baseline/{k}": v for k, v in scores.items()})
+        _print("baseline (starting model, fresh head): " + json.dumps({k: round(v, 4) for k, v in scores.items()}))
+
+    def run_stage(self, sr: StageRun, state, local: int) -> tuple:
+        cfg, stage, index = self.cfg, sr.stage, sr.stage.index
+        offset = self.offsets[index]
+        evaluators = self._evaluators(sr)
+        if "baseline" not in self.history:
+            self._baseline(sr, evaluators)
+        _print(f"stage {index + 1}/{len(self.stages)} {stage.name}: steps {sr.steps}  "
+               f"losses {', '.join(sr.losses)}\n{sr.trainability.summary()}")
+        stage_evals = [e for e in self.history.get("evals", []) if e.get("stage", 0) == index]
+        best = BestTracker(cfg.eval.metric if self.single else "score", cfg.eval.mode,
+                           cfg.train.early_stopping, {"evals": stage_evals})
+        guard = _Guard(stage, self, evaluators, state.params) if stage.guard else None
+        overfit, train_losses = OverfitMonitor(), []
+        progress = Progress(sr.steps, desc=f"train {stage.name}" if not self.single else "train", initial=local,
+                            enabled=distributed.is_primary() and cfg.logging.progress)
+
+        def on_metrics(step, metrics):
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            tokens = int(values.pop("tokens"))
+            if not np.isfinite(values["loss"]):
+                raise TenureError(f"step {offset + step}: training loss is {values['loss']}; lower optim.lr "
+                                  "or check the data (the last good checkpoint is kept)")
+            train_losses.append(values["loss"])
+            self.history.setdefault("train_loss", []).append(values["loss"])
+            progress.update(step, values["loss"], tokens)
+            if step % cfg.train.log_every == 0:
+                self.tb.scalars(offset + step, {f"train/{k}": v for k, v in values.items()}
+                                | {"train/tokens_per_second": progress.tokens_per_second})
+
+        def on_eval(step, state):
+            scores = evaluate_all(self.tasks, evaluators, state.params, ("validation",), self.backbone.mesh)
+            if not self.single:  # the stage's own score: mean of its tasks' validation metrics
+                own = [task_score(self.tasks, scores, t, ("validation",)) for t in stage.weights]
+                scores["validation/score"] = float(np.mean([v for v in own if v is not None]))
+            self.tb.scalars(offset + step, scores)
             improved, stop = best.update(step, scores)
-            _print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items()))
+            if guard is not None:
+                stop = guard.update(step, scores, state.params) or stop
+            _print(f"step {offset + step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items()))
                    + ("  (best so far)" if improved else ""))
             warning = overfit.update(float(np.mean(train_losses)), scores, improved)
             train_losses.clear()
             if warning:
-                _print(f"warning: step {step}: {warning}")
-            history.setdefault("evals", []).append({"step": step, **scores})
-            _save(ckpt, run, step, state, history, metrics=scores)
-            if stop:
-                _print(f"early stopping at step {step}: no improvement in "
-                       f"validation/{cfg.eval.metric} for {cfg.train.early_stopping.patience} evals")
-                break
-        elif step % cfg.checkpoint.every_steps == 0:
-            _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
-            pending = None
-            _save(ckpt, run, step, state, history)
-    if pending is not None:
-        _log_step(*pending, tb, progress, train_losses, cfg.train.log_every, history)
-    progress.close()
-    ckpt.wait()
+                _print(f"warning: step {offset + step}: {warning}")
+            self.history.setdefault("evals", []).append({"step": step, "stage": index, **scores})
+            self.history.setdefault("curves", []).append({"step": offset + step, "stage": index, "scores": {
+                t: task_score(self.tasks, scores, t, ("validation",)) for t in self.tasks.by_name}})
+            self._save(sr, step, state, stopped=stop, metrics=scores)
+            if stop and best.patience and best.bad_evals >= best.patience:
+                _print(f"early stopping at step {offset + step}: no improvement in validation/"
+                       f"{cfg.eval.metric if self.single else 'score'} for {best.patience} evals")
+            return stop
 
-    final_params, final_step = state.params, step
-    if ckpt.best_step() is not None and ckpt.best_step() != step:
-        best_state, _, _ = ckpt.restore(ckpt.best_step(), _abstract(state, run.state_shardings))
-        final_params, final_step = best_state.params, ckpt.best_step()
-    history["final"] = _evaluate_all(run, evaluators, final_params, ("validation", "test"))
-    tb.scalars(final_step, {f"final/{k}": v for k, v in history["final"].items()})
-    export_dir = run_dir / "hf"
-    host_params = _to_host(final_params)  # collective: every process takes part
-    if distributed.is_primary():
-        export_hf(export_dir, run.arch, host_params, _export_kind(cfg), run.tokenizer,
-                  lora=run.model.lora, merge=True, labels=_label_names(run))
-    tb.close()
-    summary = {"baseline": history.get("baseline", {}), "final": history["final"],
-               "train_loss": history.get("train_loss", []),
-               "best_step": final_step, "run_dir": str(run_dir),
-               "tensorboard": str(run_dir / "tb"), "checkpoints": str(ckpt.directory),
-               "hf_export": str(export_dir)}
-    if distributed.is_primary():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        names = sorted(k for k in history["final"] if k.startswith("test/"))
-        _print("\n" + _table(names, {"pretrained + fresh head": summary["baseline"],
-                                     f"fine-tuned (step {final_step})": summary["final"]}))
-        _print(f"\nTensorBoard: tensorboard --logdir {summary['tensorboard']}\n"
-               f"checkpoints: {summary['checkpoints']}\nHF export:   {export_dir}")
-    return summary
+        state, last, _ = fit(sr.step_fn, state, sr.train_iter, self.backbone.mesh, first=local + 1, last=sr.steps,
+                             eval_every=cfg.train.eval_every, save_every=cfg.checkpoint.every_steps,
+                             on_metrics=on_metrics, on_eval=on_eval,
+                             on_save=lambda step, st: self._save(sr, step, st))
+        progress.close()
+        self.ckpt.wait()
+        params = state.params
+        if guard is not None:
+            params = guard.result(state.params, sr)
+        return state, params, last
+
+    def finish_stage(self, sr: StageRun, state, params, last: int) -> tuple:
+        """R's row for the stage (and, for a single-task run, its best checkpoint as the result)."""
+        index = sr.stage.index
+        final_step = self.offsets[index] + last
+        if self.single and self.ckpt.best_step() is not None and self.ckpt.best_step() != final_step:
+            best_state, _, _ = self.ckpt.restore(self.ckpt.best_step(), abstract(state, sr.state_shardings))
+            params, final_step = best_state.params, self.ckpt.best_step()
+        scores = evaluate_all(self.tasks, self._evaluators(sr), params, ("validation", "test"), self.backbone.mesh)
+        self.history["final"] = scores
+        self.history["final_step"] = final_step
+        # A resumed run that extends a finished stage replaces that stage's row.
+        self.history["R"] = self.history.get("R", [])[:index] + [
+            {t: task_score(self.tasks, scores, t) for t in self.tasks.by_name}]
+        self.history["stage_ends"] = self.history.get("stage_ends", [])[:index] + [self.offsets[index] + last]
+        self.tb.scalars(final_step, {f"final/{k}": v for k, v in scores.items()}
+                        | {f"R/{t}": v for t, v in self.history["R"][-1].items() if v is not None})
+        return params, final_step
+
+    # -- the run -----------------------------------------------------------------------------
+    def ranking(self) -> dict:
+        """How checkpoints rank for keep_best: the task's metric, or a staged run's stage score."""
+        return dict(best_metric="validation/" + (self.cfg.eval.metric if self.single else "score"),
+                    best_mode=self.cfg.eval.mode)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.resolved_dir(self.run_dir), **self.ranking())
+        self.tb = TBLogger(self.run_dir / "tb", enabled=distributed.is_primary() and cfg.logging.tensorboard)
+        _print(f"model {self.backbone.model_dir}  tasks {', '.join(f'{n} ({t.task.spec.kind})' for n, t in self.tasks.by_name.items())}  "
+               f"mesh {dict(self.backbone.mesh.shape)}  stages {len(self.stages)}")
+        self.tb.text(0, "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```")
+        params, previous_extra, begin, resumed = self.start_params, {}, 0, None
+        if cfg.train.resume and self.ckpt.latest_step() is not None:
+            meta = self.ckpt.read_extra(self.ckpt.latest_step())
+            begin = int(meta.get("stage", 0))
+            sr = self._build(begin, self.start_params, self._extra_shapes(begin), compute=False)
+            state, data_state, extra = self.ckpt.restore_latest_good(abstract(sr.state, sr.state_shardings))
+            self.history = extra["history"]
+            local = int(extra["local_step"])
+            if extra.get("stopped") or local >= sr.steps:
+                sr.train_iter.close()
+                if len(self.history.get("R", [])) <= begin:  # killed between the save and R's row
+                    params, _ = self.finish_stage(sr, state, state.params, local)
+                else:
+                    params = state.params
+                previous_extra, begin = state.extra, begin + 1
+            else:
+                sr.train_iter.set_state(data_state)
+                resumed = (sr, state, local)
+            _print(f"resumed from step {extra['step']} ({self.ckpt.directory})")
+        final_step = self.history.get("final_step", 0)
+        for index in range(begin, len(self.stages)):
+            if resumed is not None:
+                sr, state, local = resumed
+                resumed = None
+            else:
+                sr = self._build(index, params, previous_extra)
+                state, local = sr.state, 0
+            state, stage_params, last = self.run_stage(sr, state, local)
+            params, final_step = self.finish_stage(sr, state, stage_params, last)
+            previous_extra = state.extra
+            sr.train_iter.close()
+        return self.conclude(params, final_step)
+
+    def conclude(self, params, final_step: int) -> dict:
+        cfg, run_dir = self.cfg, self.run_dir
+        export_dir = run_dir / "hf"
+        host_params = to_host(params)  # collective: every process takes part
+        labels = [str(label) for label in self.tasks.label_vocab.labels] if self.tasks.label_vocab else None
+        if distributed.is_primary():
+            export_hf(export_dir, self.backbone.arch, host_params, head_of(self.tasks.first.task.spec.kind),
+                      self.backbone.tokenizer, lora=self.lora, merge=True, labels=labels)
+        self.tb.close()
+        record = forgetting_record(list(self.tasks.by_name), [s.name for s in self.stages],
+                                   {n: t.task.metric for n, t in self.tasks.by_name.items()},
+                                   {n: t.task.mode for n, t in self.tasks.by_name.items()}, self.history)
+        summary = {"baseline": self.history.get("baseline", {}), "final": self.history["final"],
+                   "train_loss": self.history.get("train_loss", []), "best_step": final_step,
+                   "run_dir": str(run_dir), "tensorboard": str(run_dir / "tb"),
+                   "checkpoints": str(self.ckpt.directory), "hf_export": str(export_dir),
+                   "R": record["R"], "forgetting": record.get("summary")}
+        if distributed.is_primary():
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_forgetting(run_dir, record)
+            names = sorted(k for k in self.history["final"] if k.startswith("test/"))
+            if names:
+                _print("\n" + _table(names, {"pretrained + fresh head": summary["baseline"],
+                                             f"fine-tuned (step {final_step})": summary["final"]}))
+            if not self.single:
+                _print("\naccuracy matrix R (rows: after each stage; columns: tasks)\n" + r_table(record))
+            _print(f"\nTensorBoard: tensorboard --logdir {summary['tensorboard']}\n"
+                   f"checkpoints: {summary['checkpoints']}\nHF export:   {export_dir}\n"
+                   f"forgetting:  {run_dir / 'forgetting.json'} (.csv, .png)")
+        return summary
 
 
-def _save(ckpt: Checkpointer, run: Run, step: int, state, history: dict, metrics=None) -> None:
-    """State, data-iterator position, and what resuming needs to carry on the same run."""
-    ckpt.save(step, state, run.train_iter.get_state(), force=True, metrics=metrics,
-              extra={"step": step, "history": history, "config": to_dict(run.cfg),
-                     "labels": run.label_vocab.to_json() if run.label_vocab else None})
+class _Guard:
+    """A forgetting budget: the guarded tasks' validation metric may drop at most `max_drop` below
+    its value at the start of the stage. The stage keeps its best weights (by its own score) among
+    the evals within budget, and stops after `patience` evals out of budget in a row."""
+
+    def __init__(self, stage: Stage, trainer: Trainer, evaluators, params):
+        self.stage, self.trainer = stage, trainer
+        self.names = guarded_tasks(stage.guard)
+        scores = evaluate_all(trainer.tasks, evaluators, params, ("validation",), trainer.backbone.mesh,
+                              only=self.names)
+        self.start = {t: task_score(trainer.tasks, scores, t, ("validation",)) for t in self.names}
+        self.best_score, self.best_step, self.best_params, self.out = None, None, None, 0
+
+    def within(self, scores) -> bool:
+        for t in self.names:
+            value = task_score(self.trainer.tasks, scores, t, ("validation",))
+            drop = (self.start[t] - value) if self.trainer.tasks.by_name[t].task.mode == "max" else (value - self.start[t])
+            if drop > self.stage.guard.max_drop:
+                return False
+        return True
+
+    def update(self, step: int, scores: dict, params) -> bool:
+        if self.within(scores):
+            self.out = 0
+            if self.best_score is None or scores["validation/score"] > self.best_score:
+                self.best_score, self.best_step = scores["validation/score"], step
+                self.best_params = jax.tree.map(np.asarray, jax.device_get(params))
+            return False
+        self.out += 1
+        if self.out >= self.stage.guard.patience:
+            _print(f"guard: {', '.join(self.names)} out of budget (max_drop {self.stage.guard.max_drop}) "
+                   f"for {self.out} evals; stopping the stage")
+            return True
+        return False
+
+    def result(self, params, sr: StageRun):
+        if self.best_params is None:
+            _print("guard: no eval stayed within the budget; the stage ends with its last weights")
+            return params
+        _print(f"guard: keeping step {self.trainer.offsets[sr.stage.index] + self.best_step} "
+               f"(best {self.best_score:.4f} within budget)")
+        return jax.device_put(self.best_params, sr.state_shardings.params)
 
 
-def _log_step(step, metrics, tb, progress, train_losses, log_every, history):
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    tokens = int(values.pop("tokens"))
-    if not np.isfinite(values["loss"]):
-        raise TenureError(f"step {step}: training loss is {values['loss']}; lower optim.lr "
-                          "or check the data (the last good checkpoint is kept)")
-    train_losses.append(values["loss"])
-    history.setdefault("train_loss", []).append(values["loss"])
-    progress.update(step, values["loss"], tokens)
-    if step % log_every == 0:
-        tb.scalars(step, {f"train/{k}": v for k, v in values.items()}
-                   | {"train/tokens_per_second": progress.tokens_per_second})
-
-
-def _ranking(cfg: Config) -> dict:
-    return dict(best_metric=f"validation/{cfg.eval.metric}", best_mode=cfg.eval.mode)
-
-
-def _restored_run(cfg: Config, path: str) -> tuple[Run, dict, int]:
-    if (pathlib.Path(path) / "config.json").is_file():  # an HF directory: weights are the model
-        run = build_run(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})}),
-                        whole_pretrained_head=True)
-        return run, run.state.params, 0
-    ckpt, step = Checkpointer.open(path, cfg.checkpoint, **_ranking(cfg))
-    if ckpt.latest_step() is None:
-        raise TenureError(f"{ckpt.directory}: no checkpoint steps in this directory")
-    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
-    run = build_run(cfg)
-    state, _, _ = ckpt.restore(step, _abstract(run.state, run.state_shardings))
-    return run, state.params, step
-
-
-def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
+def train(cfg: Config) -> dict:
+    """Runs the config's stages; returns the summary it also prints and writes."""
     distributed.initialize()
-    run, params, step = _restored_run(cfg, path)
-    if split not in run.eval_batches:
-        raise TenureError(f"config: data.{split} is not set, nothing to evaluate")
-    scores = _evaluate_all(run, make_evaluators(run), params, (split,))
-    _print(f"{path} (step {step}):")
-    _print("\n".join(f"  {k}: {v:.4f}" for k, v in sorted(scores.items())))
-    return scores
-
-
-def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool) -> None:
-    distributed.initialize()
-    run, params, step = _restored_run(cfg, path)
-    host_params = _to_host(params)
-    if distributed.is_primary():
-        export_hf(pathlib.Path(out), run.arch, host_params, _export_kind(cfg), run.tokenizer,
-                  lora=run.model.lora, merge=merge_lora,
-                  labels=_label_names(run))
-    _print(f"exported step {step} of {path} to {out}")
+    return Trainer(cfg).run()

@@ -19,10 +19,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models.errors import TenureError
+from models.kinds import HEADS
 from models.heads import ClassifierHead, EmbeddingHead, LmHead, MlmHead, TokenClassifierHead
 from models.lora import LoRASpec
 
-TASK_KINDS = ("seq_cls", "pair_cls", "token_cls", "regression", "mlm", "causal_lm", "embedding")
 POOLINGS = ("cls", "mean", "last")
 # Config class name -> (module, backbone class).
 BACKBONES = {
@@ -73,6 +73,9 @@ class TaskModel(nn.Module):
     remat: str = "none"
     frozen_prefix: int = 0
     normalize_embeddings: bool = True
+    # Classifier kinds in a multi-task run: row t says which labels task t may predict
+    # (selected per example by batch["task_id"]); the others get logit -1e9.
+    label_masks: tuple[tuple[bool, ...], ...] | None = None
 
     def setup(self):
         cfg = self.arch_cfg
@@ -113,10 +116,18 @@ class TaskModel(nn.Module):
             logits_BxC = self.head(hidden_BxLxD, mask_BxL, deterministic)
             if self.kind == "regression":
                 return {"logits": logits_BxC, "predictions": logits_BxC[:, 0]}
-            return {"logits": logits_BxC}
+            return {"logits": self._mask_labels(logits_BxC, batch)}
         if self.kind == "token_cls":
-            return {"logits": self.head(hidden_BxLxD, deterministic)}
+            return {"logits": self._mask_labels(self.head(hidden_BxLxD, deterministic), batch)}
         return {"logits": self.head(hidden_BxLxD, self.backbone.attend)}
+
+    def _mask_labels(self, logits, batch):
+        if self.label_masks is None or "task_id" not in batch:
+            return logits
+        allowed_BxC = jnp.asarray(self.label_masks, bool)[batch["task_id"]]
+        if logits.ndim == 3:
+            allowed_BxC = allowed_BxC[:, None, :]
+        return jnp.where(allowed_BxC, logits, jnp.asarray(-1e9, logits.dtype))
 
     def _embeddings(self, batch, deterministic):
         embed = lambda prefix: self.head(*self.encode(batch, prefix, deterministic))
@@ -130,10 +141,11 @@ class TaskModel(nn.Module):
 
 def build_task_model(arch_cfg, task_kind: str, num_labels: int = 2, pooling: str = "cls",
                      lora: LoRASpec | None = None, dtype: Any = jnp.float32, remat: str = "none",
-                     frozen_prefix: int = 0, normalize_embeddings: bool = True) -> TaskModel:
+                     frozen_prefix: int = 0, normalize_embeddings: bool = True,
+                     label_masks: tuple[tuple[bool, ...], ...] | None = None) -> TaskModel:
     """Validate the choices (TenureError naming the config key) and build the TaskModel."""
-    if task_kind not in TASK_KINDS:
-        raise TenureError(f"task.kind: {task_kind!r} is not one of {', '.join(TASK_KINDS)}")
+    if task_kind not in HEADS:
+        raise TenureError(f"task.kind: {task_kind!r} is not one of {', '.join(HEADS)}")
     if pooling not in POOLINGS:
         raise TenureError(f"task.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     if task_kind == "mlm" and type(arch_cfg).__name__ not in ENCODER_FAMILIES:
@@ -146,7 +158,7 @@ def build_task_model(arch_cfg, task_kind: str, num_labels: int = 2, pooling: str
                           "(stages are embeddings + layers)")
     backbone_class(arch_cfg)
     return TaskModel(arch_cfg, task_kind, num_labels, pooling, lora, dtype, remat, frozen_prefix,
-                     normalize_embeddings)
+                     normalize_embeddings, label_masks)
 
 
 def graft_pretrained(params: dict, backbone: dict, head: dict | None = None) -> dict:

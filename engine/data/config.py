@@ -58,7 +58,16 @@ class DataConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="global training batch size (all processes)")
     eval_batch_size: int | None = Field(None, ge=1, description="global eval batch size; null = batch_size")
     shuffle: bool = Field(True, description="shuffle the training data (a new order every epoch)")
-    seed: int = Field(0, description="seed for shuffling, mixing, MLM masking and augmentation")
+    seed: int = Field(0, description="seed for shuffling, mixing, MLM masking, augmentation, subset and label noise")
+    labels: list[str] | None = Field(
+        None, description="keep only records whose label is one of these, in every split (e.g. the classes of one "
+                          "task of a class-incremental split); null = all")
+    subset: int | None = Field(
+        None, ge=1, description="keep this many training records, the first N of a seeded shuffle (data.seed); "
+                                "null = all. Validation and test are untouched")
+    label_noise: float = Field(
+        0.0, ge=0, lt=1, description="share of training labels flipped to a different label (seeded by data.seed; "
+                                     "the count is reported); 0 = none. Validation and test are untouched")
     num_epochs: int | None = Field(None, ge=1, description="passes over the training data; null = repeat "
                                    "forever (training is step-driven)")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens selected for MLM")

@@ -32,11 +32,11 @@ from engine.data.packing import PackIterDataset, collate
 from engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, LabelVocab, over_length_error,
                                  validate)
 from engine.data.sources import open_source, select
-from engine.data.tokenize import TASK_FORMATS, Featurizer, resolve_format
+from engine.data.subsample import describe, subsample_and_corrupt
+from engine.data.tokenize import Featurizer, resolve_format
 from models.errors import TenureError
+from models.kinds import KINDS
 
-TASK_KINDS = tuple(TASK_FORMATS)
-_LABELLED_KINDS = ("seq_cls", "pair_cls", "token_cls")
 
 
 @dataclasses.dataclass
@@ -65,9 +65,9 @@ class SplitReport:
         return f"data: {self.split} skipped {skipped} of {bad.total} records: {'; '.join(parts)}{first}"
 
 
-def _report_skips(report: SplitReport, process_index: int) -> None:
+def _report_skips(report: SplitReport) -> None:
     line = report.skipped_line()
-    if line and process_index == 0:
+    if line and jax.process_index() == 0:
         print(line, flush=True)
 
 
@@ -76,9 +76,22 @@ def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
     """Read, validate, clean (and augment) one split -> (MapDataset of canonical records, SplitReport)."""
     fmt = resolve_format(task_kind, cfg.format)
     source = open_source(paths, cfg.file_format)
-    records, bad = validate(source, fmt, cfg.fields, cfg.on_bad_record, label_vocab=label_vocab,
+    # With data.labels the vocabulary check waits for the label filter (other labels are dropped).
+    records, bad = validate(source, fmt, cfg.fields, cfg.on_bad_record,
+                            label_vocab=label_vocab if cfg.labels is None else None,
                             split=split, path=str(paths))
     records, cleaned = clean(records, cfg.clean, TEXT_FIELDS[fmt], split=split, path=str(paths))
+    label_field = LABEL_FIELDS.get(fmt) if fmt != "token_tags" else None
+    if cfg.labels is not None and label_field:
+        wanted = set(cfg.labels)
+        records = select(records, np.asarray([i for i in range(len(records)) if records[i][label_field] in wanted]))
+        if not len(records):
+            raise TenureError(f"{paths}: no {split} record has a label in data.labels {cfg.labels}")
+    if with_augment and (cfg.subset is not None or cfg.label_noise):
+        labels = sorted({records[i][label_field] for i in range(len(records))}) if label_field else None
+        kept, report = subsample_and_corrupt([records[i] for i in range(len(records))], cfg, label_field, labels)
+        records = grain.MapDataset.source(kept)
+        print(f"{paths}: {describe(report)}", flush=True)
     if with_augment and cfg.augment is not None and cfg.augment.copies:
         records = augment(records, cfg.augment, cfg.seed, TEXT_FIELDS[fmt])
     return records, SplitReport(split, bad, cleaned)
@@ -86,7 +99,7 @@ def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
 
 def build_label_vocab(cfg: DataConfig, task_kind: str) -> LabelVocab | None:
     """The label (or tag) vocabulary of the training data; None for unlabelled task kinds."""
-    if task_kind not in _LABELLED_KINDS:
+    if not KINDS[task_kind].labelled:
         return None
     fmt = resolve_format(task_kind, cfg.format)
     if fmt not in LABEL_FIELDS:
@@ -132,17 +145,37 @@ def drop_over_length(records, featurizer: Featurizer, cfg: DataConfig, report: S
     return select(records, np.asarray(kept))
 
 
+class TaskFeaturizer:
+    """A featurizer that also stamps every example with its task's index (`task_id`), so a batch
+    mixing several tasks (multi-task stages, replay) knows whose head and loss each row takes."""
+
+    def __init__(self, featurizer: Featurizer, task_id: int):
+        self.inner, self.task_id = featurizer, task_id
+
+    def __getattr__(self, name):  # task_kind, fmt, lengths, ... of the wrapped featurizer
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __call__(self, records, rngs=None) -> list[dict]:
+        examples = self.inner(records, rngs)
+        for example in examples:
+            example["task_id"] = np.asarray(self.task_id, np.int32)
+        return examples
+
+
 class _FeaturizeOne:
     """Picklable per-example featuriser for grain `map` / `random_map` (workers included)."""
 
-    def __init__(self, featurizer: Featurizer):
+    def __init__(self, featurizer):
         self.featurizer = featurizer
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
         return self.featurizer([record], None if rng is None else [rng])[0]
 
 
-def _example_stream(records, featurizer: Featurizer, *, process_index: int, process_count: int,
+def _example_stream(records, featurizer, *, process_index: int, process_count: int,
                     shuffle: bool, seed: int, num_epochs: int | None, read_threads: int) -> grain.IterDataset:
     usable = len(records) - len(records) % process_count
     if usable == 0:
@@ -219,31 +252,33 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def train_dataset(cfg: DataConfig, task_kind: str, tokenizer, label_vocab, records_by_source: dict, *,
-                  process_index: int, process_count: int, seed: int,
-                  weights: dict[str, float] | None = None) -> tuple[grain.IterDataset, Featurizer]:
-    """The training IterDataset from already loaded (and checked) records per named source.
+@dataclasses.dataclass
+class TrainSource:
+    """One named stream of a training mixture: checked records, their featurizer, a share."""
+    name: str
+    records: object
+    featurizer: object
+    weight: float = 1.0
 
-    `weights` (default: the `cfg.train` weights, or equal) mix several sources."""
+
+def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, process_index: int,
+                  process_count: int, seed: int) -> grain.IterDataset:
+    """Batches of `cfg.batch_size / process_count` rows from the sources, mixed by weight.
+
+    The first source sets the epoch count (`cfg.num_epochs`); the others repeat as needed."""
+    task_kind = sources[0].featurizer.task_kind
     if cfg.pack and task_kind != "causal_lm":
         raise TenureError(f"data.pack: packing applies to causal_lm only, not {task_kind!r}")
-    first = next(iter(records_by_source.values()))
-    featurizer = make_featurizer(cfg, task_kind, tokenizer, label_vocab, first)
     streams = {}
-    for k, (name, records) in enumerate(records_by_source.items()):
-        # The first-named source sets the epoch count; the others repeat as long as needed.
+    for k, source in enumerate(sources):
         epochs = cfg.num_epochs if k == 0 else None
-        streams[name] = _example_stream(records, featurizer, process_index=process_index,
-                                        process_count=process_count, shuffle=cfg.shuffle, seed=seed + k,
-                                        num_epochs=epochs, read_threads=cfg.read_threads)
+        streams[source.name] = _example_stream(
+            source.records, source.featurizer, process_index=process_index, process_count=process_count,
+            shuffle=cfg.shuffle, seed=seed + k, num_epochs=epochs, read_threads=cfg.read_threads)
     if len(streams) == 1:
         ds = next(iter(streams.values()))
     else:
-        if weights is None:
-            configured = cfg.sources
-            weights = {n: configured[n].weight if n in configured else 1.0 for n in streams}
-        ds = MixIterDataset(streams, weights, mode=cfg.mix_mode, seed=seed)
-    pad_id = tokenizer.pad_token_id or 0
+        ds = MixIterDataset(streams, {s.name: s.weight for s in sources}, mode=cfg.mix_mode, seed=seed)
     if cfg.pack:
         ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
     rows = local_batch_size(cfg.batch_size, process_count)
@@ -255,7 +290,7 @@ def train_dataset(cfg: DataConfig, task_kind: str, tokenizer, label_vocab, recor
                                                          per_worker_buffer_size=max(cfg.prefetch, 1)))
     elif cfg.prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
-    return ds, featurizer
+    return ds
 
 
 def plan_total_steps(steps: int | None, num_epochs: int | None, num_batches: int | None) -> int:
@@ -279,31 +314,50 @@ def plan_total_steps(steps: int | None, num_epochs: int | None, num_batches: int
     return steps
 
 
-def build_train_iterator(cfg: DataConfig, task_kind: str, tokenizer, label_vocab: LabelVocab | None, *,
-                         process_index: int = 0, process_count: int = 1, seed: int | None = None) -> TrainIterator:
-    """Training batches of this process (`batch_size / process_count` rows each).
-
-    Reads `cfg.train` (one path or named weighted sources), validates, cleans, augments,
-    and (with `truncate: false`) applies the max_length check before sharding, so every
-    process sees the same record set. `seed` defaults to `cfg.seed`.
-    """
+def load_train_records(cfg: DataConfig, task_kind: str, tokenizer, label_vocab) -> dict:
+    """Each named training source's records, validated, cleaned, augmented and length-checked."""
     if not cfg.sources:
         raise TenureError("data.train: no training data configured")
-    seed = cfg.seed if seed is None else seed
     fmt = resolve_format(task_kind, cfg.format)
     records_by_source = {}
     for name, source in cfg.sources.items():
         records, report = load_records(cfg, source.path, task_kind, split=name, with_augment=True)
         checker = make_featurizer(cfg, task_kind, tokenizer, label_vocab, records if fmt == "retrieval" else None)
         records_by_source[name] = drop_over_length(records, checker, cfg, report)
-        _report_skips(report, process_index)
-    ds, featurizer = train_dataset(cfg, task_kind, tokenizer, label_vocab, records_by_source,
-                                   process_index=process_index, process_count=process_count, seed=seed)
-    primary = len(next(iter(records_by_source.values())))
+        _report_skips(report)
+    return records_by_source
+
+
+def make_train_iterator(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, process_index: int,
+                        process_count: int, seed: int) -> "TrainIterator":
+    ds = train_dataset(cfg, sources, pad_id=pad_id, process_index=process_index,
+                       process_count=process_count, seed=seed)
+    primary = len(sources[0].records)
     num_examples = primary - primary % process_count
     finite = cfg.num_epochs is not None and not cfg.pack
     num_batches = cfg.num_epochs * num_examples // cfg.batch_size if finite else None
-    return TrainIterator(ds, featurizer, num_examples=num_examples, num_batches=num_batches)
+    return TrainIterator(ds, sources[0].featurizer, num_examples=num_examples, num_batches=num_batches)
+
+
+def build_train_iterator(cfg: DataConfig, task_kind: str, tokenizer, label_vocab: LabelVocab | None, *,
+                         process_index: int = 0, process_count: int = 1, seed: int | None = None,
+                         task_id: int | None = None) -> TrainIterator:
+    """Training batches of one task for this process (`batch_size / process_count` rows each).
+
+    Reads `cfg.train` (one path or named weighted sources), validates, cleans, augments,
+    and (with `truncate: false`) applies the max_length check before sharding, so every
+    process sees the same record set. `seed` defaults to `cfg.seed`; `task_id` stamps examples.
+    """
+    records_by_source = load_train_records(cfg, task_kind, tokenizer, label_vocab)
+    first = next(iter(records_by_source.values()))
+    featurizer = make_featurizer(cfg, task_kind, tokenizer, label_vocab, first)
+    if task_id is not None:
+        featurizer = TaskFeaturizer(featurizer, task_id)
+    configured = cfg.sources
+    sources = [TrainSource(name, records, featurizer, configured[name].weight)
+               for name, records in records_by_source.items()]
+    return make_train_iterator(cfg, sources, pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
+                               process_count=process_count, seed=cfg.seed if seed is None else seed)
 
 
 class EvalBatches:
@@ -334,7 +388,8 @@ class EvalBatches:
 
 
 def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, label_vocab: LabelVocab | None,
-                       *, process_index: int = 0, process_count: int = 1) -> EvalBatches:
+                       *, process_index: int = 0, process_count: int = 1,
+                       task_id: int | None = None) -> EvalBatches:
     """Padded batches of `split` ("validation", "test" or "train") covering every example once."""
     paths = {"validation": cfg.validation, "test": cfg.test}.get(split)
     if split == "train":
@@ -344,7 +399,9 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
     records, report = load_records(cfg, paths, task_kind, split=split, label_vocab=label_vocab)
     featurizer = make_featurizer(cfg, task_kind, tokenizer, label_vocab, records)
     records = drop_over_length(records, featurizer, cfg, report)
-    _report_skips(report, process_index)
+    _report_skips(report)
+    if task_id is not None:
+        featurizer = TaskFeaturizer(featurizer, task_id)
     return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size, buckets=cfg.length_buckets,
                        pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
                        process_count=process_count, seed=cfg.seed)

@@ -29,19 +29,11 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from models.errors import TenureError
+from models.kinds import KINDS
 
 IGNORE = -100
 
-TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "seq_cls": ("text_label",),
-    "pair_cls": ("pair",),
-    "token_cls": ("token_tags",),
-    "regression": ("text_target", "text_label", "pair"),
-    "causal_lm": ("text",),
-    "sft": ("prompt_completion", "chat"),
-    "mlm": ("text",),
-    "embedding": ("retrieval",),
-}
+TASK_FORMATS: dict[str, tuple[str, ...]] = {name: kind.formats for name, kind in KINDS.items()}
 """Record formats each task kind accepts; the first is the default."""
 
 

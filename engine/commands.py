@@ -1,0 +1,59 @@
+"""`tenure eval` and `tenure export`: a checkpoint (or an HF directory) back into a model."""
+from __future__ import annotations
+
+import pathlib
+
+from engine import distributed
+from engine.checkpoint import Checkpointer
+from engine.config import Config
+from engine.evaluate import make_evaluators
+from engine.train import Trainer, _print, abstract, evaluate_all, to_host
+from models.errors import TenureError
+from models.hf import export_hf
+from models.kinds import head_of
+
+
+def restore(cfg: Config, path: str):
+    """(trainer, stage run, params, step) of `path`: an HF model directory (its weights and task
+    head are the model), or a run / checkpoint / step directory (default: best, else latest)."""
+    if (pathlib.Path(path) / "config.json").is_file():
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
+        trainer = Trainer(cfg, keep_pretrained_head=True)
+        sr = trainer._build(0, trainer.start_params, {}, compute=False)
+        return trainer, sr, trainer.start_params, 0
+    trainer = Trainer(cfg)
+    ckpt, step = Checkpointer.open(path, cfg.checkpoint, **trainer.ranking())
+    if ckpt.latest_step() is None:
+        raise TenureError(f"{ckpt.directory}: no checkpoint steps in this directory")
+    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+    index = int(ckpt.read_extra(step).get("stage", 0))
+    sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
+    state, _, _ = ckpt.restore(step, abstract(sr.state, sr.state_shardings))
+    return trainer, sr, state.params, step
+
+
+def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
+    distributed.initialize()
+    trainer, sr, params, step = restore(cfg, path)
+    if not any(split in t.eval_batches for t in trainer.tasks.by_name.values()):
+        raise TenureError(f"config: data.{split} is not set, nothing to evaluate")
+    evaluators = make_evaluators(trainer.tasks, sr.model, trainer.backbone.mesh, sr.state_shardings.params,
+                                 trainer.backbone.tokenizer)
+    scores = evaluate_all(trainer.tasks, evaluators, params, (split,), trainer.backbone.mesh)
+    sr.train_iter.close()
+    _print(f"{path} (step {step}):")
+    _print("\n".join(f"  {k}: {v:.4f}" for k, v in sorted(scores.items())))
+    return scores
+
+
+def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool) -> None:
+    distributed.initialize()
+    trainer, sr, params, step = restore(cfg, path)
+    sr.train_iter.close()
+    host_params = to_host(params)
+    tasks = trainer.tasks
+    if distributed.is_primary():
+        labels = [str(label) for label in tasks.label_vocab.labels] if tasks.label_vocab else None
+        export_hf(pathlib.Path(out), trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
+                  trainer.backbone.tokenizer, lora=trainer.lora, merge=merge_lora, labels=labels)
+    _print(f"exported step {step} of {path} to {out}")

@@ -1,0 +1,90 @@
+"""The regularisers a stage trains with, and what they hold in `TrainState.extra`:
+
+  ewc   {"fisher": F, "anchor": theta*}: F is the diagonal Fisher of the Fisher tasks (default:
+        the previous stage's), averaged over `ewc.examples` of their training records, taken at
+        the start of the stage (= the end of the previous one, so theta* is those weights); Online
+        EWC keeps ONE penalty: F <- gamma * F_previous + F_new, anchored at the latest theta*.
+  l2sp  {"anchor": theta0}: the pretrained (or stage-start) weights of the trainable backbone.
+
+A regulariser is on when its strength is above 0 or set explicitly (`ewc.lambda=0` runs the
+whole machinery with a zero penalty: the null-equivalence tests rely on that).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.build import Backbone, Tasks, _where
+from engine.data.pipeline import EvalBatches, TaskFeaturizer, load_train_records, make_featurizer, to_global_batch
+from engine.data.sources import select
+from engine.fisher import fisher_diagonal, make_fisher_step, online_update, prune
+from engine.regularizers import ewc_extra, ewc_term, l2sp_extra, l2sp_term
+from engine.stages import Stage
+
+
+def ewc_on(stage: Stage) -> bool:
+    return stage.ewc.lam > 0 or "lam" in stage.ewc.model_fields_set
+
+
+def l2sp_on(stage: Stage) -> bool:
+    return stage.l2sp.alpha > 0 or "alpha" in stage.l2sp.model_fields_set
+
+
+def fisher_tasks(stages: list[Stage], index: int) -> list[str]:
+    stage = stages[index]
+    if stage.ewc.tasks is not None:
+        return list(stage.ewc.tasks)
+    return list(stages[index - 1].weights) if index > 0 else []
+
+
+def _fisher_batches(backbone: Backbone, tasks: Tasks, name: str, examples: int, seed: int):
+    """Global batches of `examples` training records of task `name`, a seeded random choice."""
+    run_task = tasks.by_name[name]
+    data, kind = run_task.task.data, run_task.task.spec.kind
+    records = next(iter(load_train_records(data, kind, backbone.tokenizer, tasks.label_vocab).values()))
+    chosen = np.sort(np.random.default_rng([seed, run_task.index]).permutation(len(records))[:examples])
+    records = select(records, chosen)
+    featurizer = make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records)
+    if tasks.multi:
+        featurizer = TaskFeaturizer(featurizer, run_task.index)
+    batches = EvalBatches(records, featurizer, global_batch=data.global_eval_batch_size,
+                          buckets=data.length_buckets, pad_id=backbone.tokenizer.pad_token_id or 0,
+                          seed=seed, **_where())
+    return (to_global_batch(b, backbone.mesh) for b in batches)
+
+
+def _backbone_mask(trainable_mask):
+    return {k: (v if k == "backbone" else jax.tree.map(lambda _: False, v)) for k, v in trainable_mask.items()}
+
+
+def regularizers(cfg, stages: list[Stage], index: int, backbone: Backbone, tasks: Tasks, trainability, params,
+                 param_shardings, start_params, previous_extra: dict, *, model=None) -> tuple[dict, dict]:
+    """(loss terms, extra) of stage `index`. With `model`, the Fisher pass runs; without, the
+    extra holds zeros of the right shapes (the target a checkpoint of this stage restores into)."""
+    stage, losses, extra = stages[index], {}, {}
+    mask = trainability.trainable_mask
+    if ewc_on(stage):
+        previous = (previous_extra.get("ewc") or {}).get("fisher")
+        names = fisher_tasks(stages, index)
+        fisher = None
+        if names and model is not None:
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 17), index)
+            for name in names:
+                step = make_fisher_step(model, tasks.by_name[name].task.spec.kind, stage.ewc.fisher, mask,
+                                        backbone.mesh, param_shardings)
+                batches = _fisher_batches(backbone, tasks, name, stage.ewc.examples, cfg.train.seed + index)
+                f, _ = fisher_diagonal(step, params, batches, jax.random.fold_in(key, tasks.by_name[name].index),
+                                       max_examples=stage.ewc.examples)
+                fisher = f if fisher is None else jax.tree.map(jnp.add, fisher, f)
+        elif names:
+            fisher = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), prune(params, mask))
+        fisher = online_update(previous, fisher, stage.ewc.gamma) if fisher is not None else previous
+        if fisher is not None:
+            extra["ewc"] = ewc_extra(fisher, params)
+            losses["ewc"] = ewc_term(stage.ewc.lam)
+    if l2sp_on(stage):
+        source = start_params if stage.l2sp.anchor == "pretrained" else params
+        extra["l2sp"] = l2sp_extra(source, _backbone_mask(mask))
+        losses["l2sp"] = l2sp_term(stage.l2sp.alpha)
+    return losses, extra

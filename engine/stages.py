@@ -1,0 +1,148 @@
+"""Continual runs in config: named `tasks:`, a list of `stages:`, and the regularisers a stage
+uses to keep what earlier stages learned (EWC, L2-SP, replay, a forgetting guard).
+
+A config without `stages:` is one stage training its one task (`task:` + `data:`), so every
+single-task config is a continual run of length one. `resolve(cfg)` turns either form into
+the same `(tasks, stages)` with every stage field filled from the top-level defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.data.config import DataConfig
+from engine.optim import OptimConfig
+from engine.trainability import TrainableConfig
+from models.errors import TenureError
+
+FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
+SINGLE_TASK = "task"  # the task name of a config without `tasks:`
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class EWCConfig(_Section):
+    lam: float = Field(0.0, ge=0, alias="lambda",
+                       description="EWC strength: loss += (lambda/2) * sum_i F_i (theta_i - theta*_i)^2; 0 = off")
+    fisher: Literal["exact", "sampled", "empirical", "batched"] = Field(
+        "exact", description="exact: sum over classes weighted by p; sampled: y ~ model; empirical: data labels; "
+                             "batched: squared mini-batch gradient (a wrong control for studies)")
+    examples: int = Field(512, ge=1, description="examples of each Fisher task the diagonal Fisher is averaged over")
+    gamma: float = Field(1.0, ge=0, le=1, description="online EWC decay: F <- gamma * F + F_new")
+    tasks: list[str] | None = Field(
+        None, description="tasks whose data and objective give the Fisher; null = the previous stage's tasks")
+
+
+class L2SPConfig(_Section):
+    alpha: float = Field(0.0, ge=0, description="L2-SP strength: loss += (alpha/2) ||theta - theta0||^2; 0 = off")
+    anchor: Literal["pretrained", "stage_start"] = Field(
+        "pretrained", description="theta0: the pretrained weights, or the weights this stage starts from")
+
+
+class ReplayConfig(_Section):
+    ratio: float = Field(0.0, ge=0, lt=1, description="share of every batch drawn from earlier stages' tasks; 0 = off")
+    buffer: int | None = Field(None, ge=1, description="per earlier task, a reservoir sample of this many "
+                                                       "training records; null = the whole old training set")
+    weight: float = Field(1.0, ge=0, description="loss weight of the replayed examples (mean over them)")
+
+
+class GuardConfig(_Section):
+    task: str | list[str] = Field(description="earlier task(s) whose validation metric the stage may not drop")
+    max_drop: float = Field(description="largest allowed drop below the metric at the start of the stage")
+    patience: int = Field(3, ge=1, description="evals out of budget in a row before the stage stops early")
+
+
+class StageConfig(_Section):
+    name: str | None = Field(None, description="stage name; default: its task names joined by '+'")
+    tasks: list[str] | dict[str, float] = Field(
+        description="task(s) trained in this stage; a mapping gives loss weights (multi-task: L_new + w * L_old)")
+    steps: int = Field(ge=1, description="optimizer steps of this stage")
+    trainable: TrainableConfig | None = Field(None, description="trainability of this stage; null = top-level")
+    optim: OptimConfig | None = Field(None, description="optimizer and schedule (fresh warmup); null = top-level")
+    ewc: EWCConfig | None = Field(None, description="null = the top-level ewc section")
+    l2sp: L2SPConfig | None = Field(None, description="null = the top-level l2sp section")
+    replay: ReplayConfig | None = Field(None, description="null = the top-level replay section")
+    guard: GuardConfig | None = Field(None, description="forgetting budget on earlier tasks; null = none")
+
+    @field_validator("tasks")
+    @classmethod
+    def _some(cls, value):
+        if not value:
+            raise ValueError("a stage needs at least one task")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task of a run: what it is (kind, head options), its data, and the metric R records."""
+    name: str
+    spec: object        # the TaskConfig fields (kind, pooling, ...)
+    data: DataConfig
+    metric: str
+    mode: str           # "max" or "min"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str
+    weights: dict[str, float]   # task -> loss weight
+    steps: int | None           # None: one pass of the data (single-task configs with num_epochs)
+    trainable: TrainableConfig
+    optim: OptimConfig
+    ewc: EWCConfig
+    l2sp: L2SPConfig
+    replay: ReplayConfig
+    guard: GuardConfig | None
+    earlier: tuple[str, ...]    # tasks trained in stages before this one, in order
+
+
+def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
+    """(tasks by name in training order, stages) of either config form, validated across sections."""
+    if cfg.stages is None:
+        if cfg.task is None or cfg.data is None:
+            raise TenureError("config: set `task` and `data` (one task), or `tasks` and `stages`")
+        task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
+        stage = Stage(0, SINGLE_TASK, {SINGLE_TASK: 1.0}, cfg.train.steps, cfg.trainable, cfg.optim,
+                      cfg.ewc, cfg.l2sp, cfg.replay, None, ())
+        return {SINGLE_TASK: task}, [stage]
+    if cfg.task is not None or cfg.data is not None:
+        raise TenureError("config: with `stages`, describe every task under `tasks` (not `task` / `data`)")
+    if not cfg.tasks:
+        raise TenureError("config: `stages` needs a `tasks` section naming each task")
+    tasks = {name: Task(name, entry, entry.data, entry.metric or cfg.eval.metric, entry.mode or cfg.eval.mode)
+             for name, entry in cfg.tasks.items()}
+    stages, seen = [], []
+    for i, s in enumerate(cfg.stages):
+        weights = dict(s.tasks) if isinstance(s.tasks, dict) else {t: 1.0 for t in s.tasks}
+        for name in weights:
+            if name not in tasks:
+                raise TenureError(f"config key 'stages.{i}.tasks': unknown task {name!r} "
+                                  f"(tasks: {', '.join(tasks)})")
+        ewc = s.ewc or cfg.ewc
+        for name in ewc.tasks or ():
+            if name not in tasks:
+                raise TenureError(f"config key 'stages.{i}.ewc.tasks': unknown task {name!r}")
+        if s.guard is not None:
+            for name in _names(s.guard.task):
+                if name not in seen:
+                    raise TenureError(f"config key 'stages.{i}.guard.task': {name!r} is not trained "
+                                      "in an earlier stage")
+        stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, s.trainable or cfg.trainable,
+                            s.optim or cfg.optim, ewc, s.l2sp or cfg.l2sp, s.replay or cfg.replay, s.guard,
+                            tuple(seen)))
+        seen += [t for t in weights if t not in seen]
+    order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
+    return {name: tasks[name] for name in order}, stages
+
+
+def _names(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def guarded_tasks(guard: GuardConfig) -> list[str]:
+    return _names(guard.task)

@@ -1,0 +1,250 @@
+"""The study file: a base staged run, named methods (override sets), an optional grid, seeds.
+
+```yaml
+base: ../tasks/lexnames_split.yaml      # relative to this file
+seeds: 3                                # train.seed = 0, 1, 2
+methods:                                # name -> key=value overrides of the base ([] = as is)
+  naive: []
+  ewc: [stages.1.ewc.lambda=100]
+  replay: [stages.1.replay.ratio=0.2]
+grid:                                   # optional: every combination is a cell
+  data.subset: [100, 1000]
+  data.label_noise: [0.0, 0.2]
+pareto: {x: forgetting_max, y: learning_diag}   # optional: axes of the Pareto plot
+```
+
+`plan_runs` expands it into one `Run` per (cell, method, seed): its run dir under the
+study's out dir and the exact `tenure train` command. Overrides apply in the order base,
+method, grid cell, then `run_dir` and `train.seed` (later wins), so a grid axis sweeps a
+key even when a method sets it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pathlib
+import re
+import sys
+from typing import Any
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.errors import TenureError
+
+STATS = {  # name -> column title, in table order (after the per-task final scores)
+    "acc": "ACC",
+    "bwt": "BWT",
+    "fwt": "FWT",
+    "forgetting_max": "forgetting (max)",
+    "forgetting_first": "forgetting (first)",
+    "learning_newest": "learning (newest task)",
+    "learning_diag": "learning (mean of diagonal)",
+}
+RESERVED_KEYS = ("run_dir", "train.seed")  # set by the study tool for every run
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _check_override(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a 'key=value' string, got {text!r}")
+    key, sep, _ = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"expected 'key.sub=value', got {text!r}")
+    if key in RESERVED_KEYS:
+        raise ValueError(f"'{key}' is set by the study tool for every run")
+    return text
+
+
+class ParetoAxes(BaseModel):
+    """Which figures the learning-vs-forgetting plot puts on its axes: a summary name, or a
+    per-task column, final/<task> or change/<task> (an evaluation-only task's change from start)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: str = Field("forgetting_max", description="x axis: a forgetting measure")
+    y: str = Field("learning_diag", description="y axis: a learning measure")
+
+    @field_validator("x", "y")
+    @classmethod
+    def _known(cls, value: str):
+        if value not in STATS and not value.startswith(("final/", "change/")):
+            raise ValueError(f"expected one of {', '.join(STATS)}, final/<task> or change/<task>, got {value!r}")
+        return value
+
+
+class StudyConfig(BaseModel):
+    """One study: the same staged run per method, grid cell and seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="the run config every run starts from (path relative to the study file)")
+    methods: dict[str, list[str]] = Field(
+        min_length=1, description="method name -> list of 'key=value' overrides of the base ([] = the base as is)")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="other axes: config key -> values; every combination is a cell, "
+                                          "run for every method and seed")
+    seeds: int = Field(3, ge=1, description="seeds per method and cell: train.seed = 0 .. seeds-1")
+    out: str | None = Field(None, description="directory for the runs, tables and plots (relative to the "
+                                              "working directory); null = runs/study/<study file name>")
+    pareto: ParetoAxes = Field(default_factory=ParetoAxes, description="axes of the Pareto plot")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: dict[str, list[str]]):
+        for name, overrides in methods.items():
+            if not _NAME.match(name):
+                raise ValueError(f"method name {name!r}: use letters, digits and _ . + - (it names a directory)")
+            for text in overrides:
+                try:
+                    _check_override(text)
+                except ValueError as exc:
+                    raise ValueError(f"method '{name}': {exc}") from None
+        return methods
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict[str, list[Any]]):
+        for key, values in grid.items():
+            _check_override(f"{key}=")  # a dotted config key, not one the tool sets
+            if not values:
+                raise ValueError(f"axis '{key}' has no values")
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                raise ValueError(f"axis '{key}' repeats a value")
+        return grid
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown study key '{key}'"
+    if error["type"] == "missing":
+        return f"missing study key '{key}'"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"study key '{key}': {message}" + ("" if "input" not in error or error["type"] == "value_error"
+                                               else f" (got {error['input']!r})")
+
+
+def load_study(path: str | pathlib.Path) -> StudyConfig:
+    """Read and validate a study file; every problem is one TenureError line naming the key."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise TenureError(f"study file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TenureError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise TenureError(f"{path}: expected a mapping (base, methods, grid, seeds) at the top level")
+    try:
+        study = StudyConfig.model_validate(tree)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise TenureError(f"{path}: {_describe(errors[0])}{more}") from None
+    base = (path.parent / study.base).resolve()
+    if not base.is_file():
+        raise TenureError(f"{path}: study key 'base': config file not found: {base}")
+    return study
+
+
+def format_override(key: str, value: Any) -> str:
+    """`key=value` that the engine's override parser (YAML) reads back as `value`."""
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return f"{key}={value if same and value else json.dumps(value)}"
+    return f"{key}={json.dumps(value)}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One combination of the grid's values (no grid: the single cell 'base')."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def overrides(self) -> list[str]:
+        return [format_override(k, v) for k, v in self.values]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in self.values) or "base"
+
+    @property
+    def slug(self) -> str:
+        return "__".join(_slug(f"{k}-{v}") for k, v in self.values) or "base"
+
+
+def cells(study: StudyConfig) -> list[Cell]:
+    keys = list(study.grid)
+    combos = itertools.product(*(study.grid[k] for k in keys))
+    out = [Cell(tuple(zip(keys, combo))) for combo in combos]
+    slugs = [c.slug for c in out]
+    if len(set(slugs)) != len(slugs):
+        raise TenureError("study key 'grid': two cells map to the same directory name; use plainer values")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the study and the command that produces it."""
+
+    method: str
+    cell: Cell
+    seed: int
+    run_dir: pathlib.Path
+    command: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        where = "" if self.cell.slug == "base" else f" [{self.cell.label}]"
+        return f"{self.method} seed {self.seed}{where}"
+
+    @property
+    def result(self) -> pathlib.Path:
+        return self.run_dir / "forgetting.json"
+
+
+def default_out(study_path: str | pathlib.Path, study: StudyConfig) -> pathlib.Path:
+    return pathlib.Path(study.out) if study.out else pathlib.Path("runs/study") / pathlib.Path(study_path).stem
+
+
+def select_methods(study: StudyConfig, methods: list[str] | None) -> list[str]:
+    if not methods:
+        return list(study.methods)
+    unknown = [m for m in methods if m not in study.methods]
+    if unknown:
+        raise TenureError(f"--methods: unknown method {unknown[0]!r}; the study has {', '.join(study.methods)}")
+    return list(dict.fromkeys(methods))
+
+
+def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pathlib.Path, *,
+              methods: list[str] | None = None, seeds: int | None = None) -> list[Run]:
+    """Every (cell, method, seed) run, in that nesting order, with its run dir and command.
+
+    Run dirs: ``<out>/<cell slug>/<method>/seed<k>`` (absolute).
+    """
+    if seeds is not None and seeds < 1:
+        raise TenureError(f"--seeds: must be at least 1, got {seeds}")
+    base = str((pathlib.Path(study_path).parent / study.base).resolve())
+    out = pathlib.Path(out).resolve()
+    runs = []
+    for cell in cells(study):
+        for method in select_methods(study, methods):
+            for seed in range(study.seeds if seeds is None else seeds):
+                run_dir = out / cell.slug / method / f"seed{seed}"
+                command = (sys.executable, "-m", "engine.cli", "train", base, *study.methods[method],
+                           *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}")
+                runs.append(Run(method, cell, seed, run_dir, command))
+    return runs

@@ -1,0 +1,117 @@
+"""PNG plots of a study cell (matplotlib, Agg backend): the learning-vs-forgetting Pareto plot
+and each method's curves of every task's metric over global steps, stage boundaries marked."""
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+
+from engine.study.config import STATS
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto(table: dict, path: pathlib.Path, x: str = "forgetting_max", y: str = "learning_diag",
+           title: str = "") -> pathlib.Path:
+    """One point per method at (mean x, mean y), error bars = standard error over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    colors = plt.get_cmap("tab10")
+    plotted = 0
+    for i, row in enumerate(table["rows"]):
+        mx, my = row["mean"].get(x, math.nan), row["mean"].get(y, math.nan)
+        if not (math.isfinite(mx) and math.isfinite(my)):
+            continue
+        ex, ey = (row["se"][k] if math.isfinite(row["se"][k]) else 0.0 for k in (x, y))
+        ax.errorbar(mx, my, xerr=ex, yerr=ey, fmt="o", color=colors(i % 10), capsize=4, markersize=7,
+                    label=f"{row['method']} (n={len(row['seeds'])})")
+        ax.annotate(row["method"], (mx, my), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        plotted += 1
+    ax.set_xlabel(_axis_label(table, x))
+    ax.set_ylabel(_axis_label(table, y))
+    ax.set_title(title or "Learning vs forgetting" + (f" — {table['label']}" if table["cell"] else ""), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if plotted:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, f"no run has both {STATS.get(x, x)} and {STATS.get(y, y)}\n(e.g. single-stage runs have no forgetting)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="dimgrey")
+    ax.margins(0.15)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _axis_label(table: dict, key: str) -> str:
+    title = STATS.get(key) or next((c["title"] for c in table["columns"] if c["key"] == key), key)
+    if key.startswith("forgetting"):
+        return f"{title}  (lower is better)"
+    if "/" in key:
+        return title + ("  (lower is better)" if table["direction"].get(key.split("/", 1)[1]) == "min" else
+                        "  (higher is better)")
+    return f"{title}  (higher is better)"
+
+
+def _mean_curve(records, task: str):
+    """Steps present in every seed's curve, the mean score there and its standard error."""
+    per_seed = []
+    for record in records:
+        per_seed.append({p.step: p.scores.get(task) for p in record.curves if p.scores.get(task) is not None})
+    common = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    values = np.array([[s[step] for step in common] for s in per_seed], dtype=np.float64)
+    mean = values.mean(axis=0) if common else np.array([])
+    se = (values.std(axis=0, ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 and common \
+        else np.zeros(len(common))
+    return np.array(common), mean, se
+
+
+def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, title: str = "") -> pathlib.Path:
+    """A panel per method: every task's metric over global steps (mean over seeds, ± SE band),
+    dashed lines at stage ends, each stage named at the top. The engine's curves are validation
+    scores (test when a task has no validation split); the tables' R is on test."""
+    plt = _pyplot()
+    methods = [m for m in records_by_method if records_by_method[m]]
+    cols = min(3, max(1, len(methods)))
+    rows = max(1, math.ceil(len(methods) / cols))
+    metrics = set(table["metric"].values())
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), dpi=100, squeeze=False,
+                             sharey=len(metrics) == 1)
+    colors = plt.get_cmap("tab10")
+    for ax, method in zip(axes.flat, methods):
+        records = records_by_method[method]
+        for j, task in enumerate(table["tasks"]):
+            steps, mean, se = _mean_curve(records, task)
+            if steps.size == 0:
+                continue
+            arrow = "↓" if table["direction"].get(task) == "min" else "↑"
+            ax.plot(steps, mean, marker=".", color=colors(j % 10), label=f"{task} ({table['metric'][task]} {arrow})")
+            if np.any(se > 0):
+                ax.fill_between(steps, mean - se, mean + se, color=colors(j % 10), alpha=0.2, linewidth=0)
+        first = records[0]
+        starts = [0, *first.stage_ends[:-1]]
+        for end in first.stage_ends[:-1]:
+            ax.axvline(end, color="grey", linestyle="--", linewidth=1)
+        for name, start, end in zip(first.stages, starts, first.stage_ends):
+            ax.text((start + end) / 2, 1.01, f"stage {name}", transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=8, color="dimgrey")
+        ax.set_title(f"{method} (n={len(records)})", fontsize=10, pad=14)
+        ax.set_xlabel("global step")
+        ax.set_ylabel(" / ".join(sorted(metrics)) + " (validation)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    fig.suptitle(title or "Every task over steps" + (f" — {table['label']}" if table["cell"] else ""), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,130 @@
+"""Throughput of the diagonal Fisher pass against the train step, on one config's real model.
+
+    .venv/bin/python scripts/bench_fisher.py                                 # quickstart MiniLM
+    .venv/bin/python scripts/bench_fisher.py --modes sampled empirical --chunks 4 8 16
+    .venv/bin/python scripts/bench_fisher.py configs/quickstart.yaml data.max_length=64
+
+Prints examples/s of the jitted train step and of `engine.fisher.make_fisher_step` for each
+mode and chunk, on the same pipeline batches (taken beforehand: data time excluded), after one
+warm-up call per batch shape (compile time excluded), and the Fisher / train ratio. Issue 7's
+target: sampled / empirical >= 0.30 of training, exact >= 0.30 / number of classes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+from engine.data.pipeline import to_global_batch  # noqa: E402
+from engine.build import build_stage  # noqa: E402
+from engine.fisher import make_fisher_step, prune  # noqa: E402
+from engine.regularizers import ewc_extra, ewc_term  # noqa: E402
+from engine.train import Trainer  # noqa: E402
+
+
+def timed(call, batches, repeats: int = 1) -> float:
+    """Seconds per pass over `batches` (each distinct shape compiled first)."""
+    warmed = set()
+    out = None
+    for batch in batches:
+        if batch["input_ids"].shape not in warmed:
+            warmed.add(batch["input_ids"].shape)
+            out = call(batch)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for batch in batches:
+            out = call(batch)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    parser.add_argument("--batches", type=int, default=8, help="timed batches")
+    parser.add_argument("--modes", nargs="+", default=["sampled", "empirical", "batched", "exact"])
+    parser.add_argument("--chunks", nargs="+", type=int, default=[8])
+    parser.add_argument("--ewc", action="store_true", help="also time the train step with an EWC term")
+    parser.add_argument("--exact-batches", type=int, default=1, help="timed batches for exact (C x slower)")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    sr = trainer._build(0, trainer.start_params, {})   # the first stage's model, state and step
+    kind = trainer.tasks.first.task.spec.kind
+    mask = sr.trainability.trainable_mask
+    mesh = trainer.backbone.mesh
+    local = [next(sr.train_iter) for _ in range(args.batches)]
+    sr.train_iter.close()
+    batches = [to_global_batch(b, mesh) for b in local]
+    examples = sum(int(b["example_mask"].sum()) for b in local)
+    n_params = sum(x.size for x in jax.tree.leaves(sr.state.params))
+    n_masked = sum(x.size for x, m in zip(jax.tree.leaves(sr.state.params), jax.tree.leaves(mask)) if m)
+    classes = len(trainer.tasks.label_vocab) if trainer.tasks.label_vocab is not None else None
+    print(f"{args.config}: kind {kind}, {n_params / 1e6:.1f}M params ({n_masked / 1e6:.1f}M trainable), "
+          f"batch {local[0]['input_ids'].shape}, classes {classes}, {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPUs")
+
+    # the train step donates its state: the Fisher reads its own copy of the params
+    params = jax.tree.map(lambda x: x.copy(), sr.state.params)
+    holder = {"state": sr.state}
+
+    def train_call(batch):
+        holder["state"], metrics = sr.step_fn(holder["state"], batch)
+        return metrics
+
+    # train before and after the Fisher passes: on a shared machine the load drifts
+    train_rates = [examples / timed(train_call, batches)]
+    print(f"train step             : {train_rates[0]:8.1f} examples/s")
+    key = jax.random.key(0)
+    rates = {}
+    for mode in args.modes:
+        for chunk in args.chunks:
+            try:
+                step = make_fisher_step(sr.model, kind, mode, mask, mesh, sr.state_shardings.params,
+                                        chunk=chunk)
+            except Exception as error:  # e.g. exact over a vocabulary
+                print(f"fisher {mode:9s}: {error}")
+                break
+            use = batches[:args.exact_batches] if mode == "exact" else batches
+            used = sum(int(b["example_mask"].sum()) for b in local[:len(use)])
+            seconds = timed(lambda b: step(params, b, key), use)
+            rates[(mode, chunk)] = used / seconds
+            print(f"fisher {mode:9s} chunk {chunk:3d}: {used / seconds:8.1f} examples/s")
+    train_rates.append(examples / timed(train_call, batches))
+    print(f"train step (again)     : {train_rates[1]:8.1f} examples/s")
+    if args.ewc:   # the same stage with an EWC term over every trainable leaf (F = 1, anchor = start)
+        def regularize(trainability, model):
+            fisher = jax.tree.map(lambda p: jax.numpy.ones(p.shape, jax.numpy.float32),
+                                  prune(params, trainability.trainable_mask))
+            return {"ewc": ewc_term(1.0)}, {"ewc": ewc_extra(fisher, params)}
+
+        ewc_sr = build_stage(cfg, trainer.stages[0], trainer.backbone, trainer.tasks, params,
+                             trainer.param_shardings, regularize=regularize)
+        ewc_sr.train_iter.close()
+        ewc_holder = {"state": ewc_sr.state}
+
+        def ewc_call(batch):
+            ewc_holder["state"], metrics = ewc_sr.step_fn(ewc_holder["state"], batch)
+            return metrics
+
+        ewc_seconds = timed(ewc_call, batches)
+        plain_seconds = timed(train_call, batches)
+        print(f"train step with EWC    : {examples / ewc_seconds:8.1f} examples/s, step time "
+              f"{100 * (ewc_seconds / plain_seconds - 1):+.1f}% vs without (measured right after)")
+    train_rate = sum(train_rates) / 2
+    for (mode, chunk), rate in rates.items():
+        target = 0.30 / classes if mode == "exact" and classes else 0.30
+        print(f"fisher {mode:9s} chunk {chunk:3d} / train = {rate / train_rate:.2f} (target >= {target:.3f})")
+
+
+if __name__ == "__main__":
+    main()

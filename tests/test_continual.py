@@ -1,0 +1,215 @@
+"""Staged (continual) runs end to end through the CLI on the tiny BERT fixture: the accuracy
+matrix and its files, null equivalence of the regularisers, exact resume after SIGKILL in the
+middle of stage 2 of a 3-stage run with EWC and replay, and config errors."""
+import itertools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from engine.config import load_config
+from engine.forgetting_metrics import summarize
+from engine.stages import resolve
+from models.errors import TenureError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
+CONFIG = ROOT / "configs/continual/split_lexnames.yaml"
+LABELS = {"A": ["noun.animal", "noun.plant"], "B": ["noun.artifact", "noun.person"],
+          "C": ["noun.food", "noun.body"]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    out = {}
+    for split, rows in (("train", 2000), ("validation", 300), ("test", 300)):
+        out[split] = d / f"{split}.jsonl"
+        out[split].write_text("".join(itertools.islice(open(ROOT / f"data/wordnet_lexnames/{split}.jsonl"), rows)))
+    return out
+
+
+def staged_args(run_dir, data, stages=2, steps=6, *extra):
+    args = [f"model.path={TINY_BERT}", f"run_dir={run_dir}", "logging.progress=false",
+            "train.eval_every=3", "checkpoint.every_steps=2", "checkpoint.keep=20", "optim.lr=1e-3",
+            "optim.warmup_ratio=0", "optim.schedule=constant", "ewc.examples=24"]
+    for name in ("A", "B"):
+        args += [f"tasks.{name}.data.{split}={data[split]}" for split in ("train", "validation", "test")]
+        args += [f"tasks.{name}.data.labels={json.dumps(LABELS[name])}", f"tasks.{name}.data.batch_size=8",
+                 f"tasks.{name}.data.eval_batch_size=32"]
+    args += [f"stages.{i}.steps={steps}" for i in range(2)]
+    if stages == 3:  # a third stage back on A's data under another name would need a task C
+        args += ["stages=" + json.dumps([{"tasks": ["A"], "steps": steps}, {"tasks": ["B"], "steps": steps},
+                                        {"tasks": ["C"], "steps": steps}]),
+                 "tasks.C=" + json.dumps({"kind": "seq_cls", "data": {
+                     "train": str(data["train"]), "validation": str(data["validation"]), "test": str(data["test"]),
+                     "labels": LABELS["C"], "batch_size": 8, "eval_batch_size": 32, "max_length": 32}})]
+    return [*args, *extra]
+
+
+def tenure(*args, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train(run_dir, data, *extra, stages=2):
+    return tenure("train", CONFIG, *staged_args(run_dir, data, stages, 6, *extra))
+
+
+def record(run_dir):
+    return json.loads((run_dir / "forgetting.json").read_text())
+
+
+def weights(run_dir) -> bytes:
+    return (run_dir / "hf" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def naive_run(tmp_path_factory, data):
+    run_dir = tmp_path_factory.mktemp("naive")
+    return run_dir, train(run_dir, data)
+
+
+@pytest.mark.slow
+def test_staged_run_fills_the_accuracy_matrix(naive_run):
+    run_dir, result = naive_run
+    rec = record(run_dir)
+    assert rec["tasks"] == ["A", "B"] and rec["stages"] == ["A", "B"]
+    R = np.asarray(rec["R"])
+    assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # R's last row is the final test accuracy of each task; the summaries are R's.
+    assert R[1, 0] == pytest.approx(summary["final"]["test/A/accuracy"])
+    assert R[1, 1] == pytest.approx(summary["final"]["test/B/accuracy"])
+    assert rec["summary"]["bwt"] == pytest.approx(summarize(R, rec["start_row"]).bwt)
+    assert rec["summary"]["acc"] == pytest.approx(R[1].mean())
+    # Curves: the start, then every eval of every task over global steps (3, 6 | 9, 12).
+    assert [c["step"] for c in rec["curves"]] == [0, 3, 6, 9, 12]
+    assert rec["stage_ends"] == [6, 12]
+    assert set(rec["curves"][2]["scores"]) == {"A", "B"}
+    # The stage-1 end row equals the last eval of stage 1 on A? No: R uses test, curves validation.
+    assert "accuracy matrix R" in result.stdout and "after B" in result.stdout
+    png = (run_dir / "forgetting.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    csv_rows = (run_dir / "forgetting.csv").read_text().splitlines()
+    assert csv_rows[0] == "row,A,B" and csv_rows[-1].startswith("after B,")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("validation/A/accuracy")] == [3, 6, 9, 12]
+    assert [e.step for e in events.Scalars("R/B")] == [6, 12]
+
+
+@pytest.mark.slow
+def test_zero_strength_regularisers_change_nothing(naive_run, data, tmp_path):
+    """lambda = 0 and alpha = 0 run the Fisher pass and both penalties, and leave every loss and
+    weight of plain sequential fine-tuning unchanged, bit for bit."""
+    run_dir, _ = naive_run
+    result = train(tmp_path, data, "ewc.lambda=0", "l2sp.alpha=0")
+    assert "losses task/B, ewc, l2sp" in result.stdout
+    got, want = json.loads((tmp_path / "summary.json").read_text()), json.loads((run_dir / "summary.json").read_text())
+    assert got["train_loss"] == want["train_loss"]
+    assert weights(tmp_path) == weights(run_dir)
+    assert record(tmp_path)["R"] == record(run_dir)["R"]
+
+
+@pytest.mark.slow
+def test_regularisers_and_replay_change_training(naive_run, data, tmp_path):
+    run_dir, _ = naive_run
+    train(tmp_path, data, "ewc.lambda=1000", "replay.ratio=0.25")
+    got = json.loads((tmp_path / "summary.json").read_text())["train_loss"]
+    want = json.loads((run_dir / "summary.json").read_text())["train_loss"]
+    assert got[:6] == want[:6]  # stage 1 has nothing to protect or replay
+    assert got[6:] != want[6:]
+
+
+@pytest.mark.slow
+def test_sigkill_in_stage_two_resumes_bit_exact(data, tmp_path):
+    extra = ("ewc.lambda=100", "replay.ratio=0.25", "replay.buffer=16")
+    straight = tmp_path / "straight"
+    train(straight, data, *extra, stages=3)
+    killed = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", str(CONFIG),
+                             *staged_args(killed, data, 3, 6, *extra)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "8").is_dir():  # step 8 = step 2 of stage 2
+        assert proc.poll() is None and time.time() < deadline, "run ended before stage 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert 8 <= max(steps) < 12, steps
+    result = train(killed, data, *extra, stages=3)
+    assert "resumed from step" in result.stdout
+    assert weights(killed) == weights(straight)
+    assert record(killed)["R"] == record(straight)["R"]
+    assert record(killed)["curves"] == record(straight)["curves"]
+
+
+def test_stage_config_resolves_and_names_bad_keys(tmp_path):
+    cfg = load_config(CONFIG, ["stages.1.steps=7", "replay.ratio=0.2", "stages.1.ewc.lambda=5"])
+    tasks, stages = resolve(cfg)
+    assert list(tasks) == ["A", "B"] and [s.steps for s in stages] == [80, 7]
+    assert stages[1].replay.ratio == 0.2 and stages[1].earlier == ("A",)
+    assert stages[1].ewc.lam == 5 and stages[0].ewc.lam == 0
+    with pytest.raises(TenureError, match=r"'stages.1.tasks': unknown task 'Z'"):
+        resolve(load_config(CONFIG, ["stages.1.tasks=[Z]"]))
+    with pytest.raises(TenureError, match=r"'stages' has 2 items, no item '5'"):
+        load_config(CONFIG, ["stages.5.steps=3"])
+    with pytest.raises(TenureError, match=r"unknown config key 'stages.0.ewc.lamda'"):
+        load_config(CONFIG, ["stages.0.ewc.lamda=3"])
+    with pytest.raises(TenureError, match=r"'stages.1.guard.task': 'B' is not trained in an earlier stage"):
+        resolve(load_config(CONFIG, ["stages.1.guard={task: B, max_drop: 0.1}"]))
+
+
+@pytest.mark.slow
+def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
+    """The real pretrained MiniLM, 8 lexname classes split into two tasks, one shared head: plain
+    sequential fine-tuning loses task A (its classes are never predicted again), replaying
+    1 old example in 4 keeps most of it."""
+    common = ["stages.0.steps=40", "stages.1.steps=40", "train.eval_every=40", "logging.progress=false",
+              "ewc.examples=64"]
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common)
+    naive, replay = record(tmp_path / "naive"), record(tmp_path / "replay")
+    assert naive["R"][0][0] > 0.8 and replay["R"][0][0] > 0.8       # both learn A first
+    assert naive["R"][1][1] > 0.7 and replay["R"][1][1] > 0.7       # and then B
+    assert naive["summary"]["forgetting_max"] > 0.6                  # naive: A is gone
+    assert replay["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - 0.3
+    assert replay["R"][1][0] > 0.5
+
+
+@pytest.mark.slow
+def test_multitask_stage_with_a_forgetting_guard(data, tmp_path):
+    """Stage 2 trains B with A's loss at weight 0.5 under a zero budget on A: the first eval that
+    loses any A accuracy stops the stage (patience 1), and the stage keeps its best in-budget
+    weights, whose A score R records."""
+    stage2 = "stages.1=" + json.dumps({"tasks": {"B": 1.0, "A": 0.5}, "steps": 6,
+                                        "guard": {"task": "A", "max_drop": 0.0, "patience": 1}})
+    result = tenure("train", CONFIG, *staged_args(tmp_path, data, 2, 6, "heads=per_task", "train.eval_every=2"),
+                    stage2)
+    assert "losses task/B, task/A" in result.stdout
+    rec = record(tmp_path)
+    start_a = next(c for c in rec["curves"] if c["step"] == 6)["scores"]["A"]
+    evals = [c for c in rec["curves"] if c["stage"] == 1]
+    within = [c for c in evals if c["scores"]["A"] >= start_a]
+    out = [c for c in evals if c["scores"]["A"] < start_a]
+    if out:  # stopped at the first eval out of budget
+        assert "out of budget" in result.stdout and evals[-1] is out[0]
+    if within:
+        kept = max(within, key=lambda c: (c["scores"]["B"] + c["scores"]["A"]) / 2)  # the stage's score
+        assert f"guard: keeping step {kept['step']}" in result.stdout
+    else:
+        assert "no eval stayed within the budget" in result.stdout

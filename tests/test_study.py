@@ -1,0 +1,456 @@
+"""`tenure study`: the study file, the run plan, the runner (resume, failures, --jobs env),
+the per-cell tables (values, CSV / JSON / Markdown) and the plots.
+
+Aggregation is tested on forgetting.json files written here by hand in the engine's
+format (the thing under test is the aggregation); the runner runs tiny real commands."""
+import argparse
+import csv
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from engine.forgetting_metrics import summarize
+from engine.study import add_study_parser, run_study
+from engine.study.aggregate import mean_se
+from engine.study.config import Cell, Run, format_override, load_study, plan_runs
+from engine.study.runner import check_resumable, run_all, thread_env
+from models.errors import TenureError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_study(tmp_path, text: str, name="study.yaml") -> pathlib.Path:
+    (tmp_path / "base.yaml").write_text("run_dir: runs/x\n")
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps_per_stage=100, curve=None):
+    """A forgetting.json as the engine writes it (contract of the staged engine)."""
+    stages = list(stages or tasks)
+    ends = [steps_per_stage * (i + 1) for i in range(len(stages))]
+    curves = [{"step": 0, "stage": 0, "scores": dict(zip(tasks, start_row))}]
+    for i, end in enumerate(ends):
+        mid = {t: (curve(i, t) if curve else R[i][j]) for j, t in enumerate(tasks)}
+        curves.append({"step": end - steps_per_stage // 2, "stage": i, "scores": mid})
+        curves.append({"step": end, "stage": i, "scores": dict(zip(tasks, R[i]))})
+    rec = {"tasks": list(tasks), "stages": stages, "metric": {t: metric for t in tasks},
+           "direction": {t: "max" for t in tasks}, "start_row": list(start_row), "R": R,
+           "curves": curves, "stage_ends": ends}
+    if len(R) == len(tasks):  # as the engine does: a summary only for a square R
+        rec["summary"] = summarize(R, start_row).as_dict()
+    return rec
+
+
+# ---------------------------------------------------------------- the study file
+
+@pytest.mark.parametrize("text, message", [
+    ("base: base.yaml\nmethods: {naive: []}\nsteps: 3\n", "unknown study key 'steps'"),
+    ("base: base.yaml\n", "missing study key 'methods'"),
+    ("methods: {naive: []}\n", "missing study key 'base'"),
+    ("base: base.yaml\nmethods: {}\n", "study key 'methods': Dictionary should have at least 1 item"),
+    ("base: base.yaml\nmethods: {ewc: [ewc.lambda]}\n",
+     "study key 'methods': method 'ewc': expected 'key.sub=value', got 'ewc.lambda'"),
+    ("base: base.yaml\nmethods: {ewc: [train.seed=3]}\n",
+     "study key 'methods': method 'ewc': 'train.seed' is set by the study tool for every run"),
+    ("base: base.yaml\nmethods: {'a/b': []}\n", "study key 'methods': method name 'a/b'"),
+    ("base: base.yaml\nmethods: {naive: []}\ngrid: {data.subset: []}\n",
+     "study key 'grid': axis 'data.subset' has no values"),
+    ("base: base.yaml\nmethods: {naive: []}\ngrid: {run_dir: [a]}\n",
+     "study key 'grid': 'run_dir' is set by the study tool"),
+    ("base: base.yaml\nmethods: {naive: []}\nseeds: 0\n",
+     "study key 'seeds': Input should be greater than or equal to 1 (got 0)"),
+    ("base: base.yaml\nmethods: {naive: []}\npareto: {x: loss}\n",
+     "study key 'pareto.x': expected one of acc, bwt, fwt, forgetting_max, forgetting_first, learning_newest, "
+     "learning_diag, final/<task> or change/<task>, got 'loss'"),
+    ("base: nowhere.yaml\nmethods: {naive: []}\n", "study key 'base': config file not found: "),
+    ("base: base.yaml\nmethods: [naive]\n", "study key 'methods': Input should be a valid dictionary"),
+    ("base: [\n", ":2: invalid YAML"),
+])
+def test_bad_study_files_give_one_line_naming_the_key(tmp_path, text, message):
+    path = write_study(tmp_path, text)
+    with pytest.raises(TenureError) as caught:
+        load_study(path)
+    expected = f"{path}{message}" if message.startswith(":2:") else f"{path}: {message}"
+    assert str(caught.value).startswith(expected)
+    assert "\n" not in str(caught.value)
+
+
+def test_plan_expands_cells_methods_and_seeds_with_exact_commands(tmp_path):
+    path = write_study(tmp_path, """
+base: base.yaml
+seeds: 2
+methods:
+  naive: []
+  ewc: [stages.1.ewc.lambda=100, optim.lr=1e-4]
+grid:
+  data.subset: [100, 1000]
+  data.label_noise: [0.2]
+""")
+    study = load_study(path)
+    runs = plan_runs(study, path, tmp_path / "out")
+    assert len(runs) == 2 * 2 * 1 * 2
+    assert [(r.cell.label, r.method, r.seed) for r in runs[:4]] == [
+        ("data.subset=100, data.label_noise=0.2", "naive", 0), ("data.subset=100, data.label_noise=0.2", "naive", 1),
+        ("data.subset=100, data.label_noise=0.2", "ewc", 0), ("data.subset=100, data.label_noise=0.2", "ewc", 1)]
+    ewc = runs[3]
+    assert ewc.run_dir == tmp_path / "out" / "data.subset-100__data.label_noise-0.2" / "ewc" / "seed1"
+    # method overrides, then the grid cell (so a grid axis wins), then run_dir and seed
+    assert ewc.command == (sys.executable, "-m", "engine.cli", "train", str(tmp_path / "base.yaml"),
+                           "stages.1.ewc.lambda=100", "optim.lr=1e-4", "data.subset=100", "data.label_noise=0.2",
+                           f"run_dir={ewc.run_dir}", "train.seed=1")
+    assert ewc.name == "ewc seed 1 [data.subset=100, data.label_noise=0.2]"
+    chosen = plan_runs(study, path, tmp_path / "out", methods=["ewc"], seeds=1)
+    assert [(r.method, r.seed, r.cell.slug) for r in chosen] == [
+        ("ewc", 0, "data.subset-100__data.label_noise-0.2"), ("ewc", 0, "data.subset-1000__data.label_noise-0.2")]
+    with pytest.raises(TenureError, match="--methods: unknown method 'lora'; the study has naive, ewc"):
+        plan_runs(study, path, tmp_path / "out", methods=["lora"])
+    plain = plan_runs(load_study(write_study(tmp_path, "base: base.yaml\nmethods: {naive: []}\n", "p.yaml")),
+                      tmp_path / "p.yaml", tmp_path / "o2")
+    assert [(r.run_dir.relative_to(tmp_path), r.name) for r in plain] == [
+        (pathlib.Path(f"o2/base/naive/seed{k}"), f"naive seed {k}") for k in range(3)]
+
+
+@pytest.mark.parametrize("value", [100, 0.2, 1e-4, True, None, "cosine", "null", "1e-3", "", [1, 2],
+                                   {"task": "A", "max_drop": 0.02}, "a: b"])
+def test_grid_values_reach_the_engine_as_the_same_yaml_value(value):
+    key, _, raw = format_override("x.y", value).partition("=")
+    assert key == "x.y"
+    assert (yaml.safe_load(raw) if raw else "") == value
+
+
+# ---------------------------------------------------------------- the runner
+
+FAKE_TRAIN = """
+import json, pathlib, sys
+run_dir = pathlib.Path(sys.argv[1]); code = int(sys.argv[2])
+(run_dir / "ran").write_text("yes")
+print("training", run_dir.name, flush=True)
+if code == 0:
+    (run_dir / "forgetting.json").write_text(json.dumps({"tasks": ["A"]}))
+sys.exit(code)
+"""
+
+
+def fake_run(tmp_path, name, code=0):
+    run_dir = tmp_path / name
+    return Run(name, Cell(()), 0, run_dir, (sys.executable, "-c", FAKE_TRAIN, str(run_dir), str(code)))
+
+
+def test_runner_skips_finished_runs_reports_failures_and_goes_on(tmp_path, capsys):
+    finished, todo, broken, late = (fake_run(tmp_path, n, c) for n, c in
+                                    (("finished", 0), ("todo", 0), ("broken", 3), ("late", 0)))
+    finished.run_dir.mkdir()
+    (finished.result).write_text("{}")
+    outcome = run_all([finished, todo, broken, late], jobs=2, stream=sys.stdout)
+    out = capsys.readouterr().out
+    assert [r.method for r in outcome.skipped] == ["finished"]
+    assert [r.method for r in outcome.done] == ["todo", "late"]
+    assert [(r.method, reason) for r, reason in outcome.failed] == [
+        ("broken", f"exit code 3; log: {broken.run_dir / 'study.log'}")]
+    assert not (finished.run_dir / "ran").exists()
+    assert all((r.run_dir / "ran").read_text() == "yes" for r in (todo, broken, late))
+    assert out.splitlines()[0] == "4 runs: 1 already done, 3 to run, 2 at a time"
+    progress = sorted(line.split("]")[0] + "]" for line in out.splitlines()[1:])
+    assert progress == ["[2/4]", "[3/4]", "[4/4]"]
+    assert "broken seed 0: FAILED in" in out and "(exit code 3; log: " in out
+    log = (broken.run_dir / "study.log").read_text()
+    assert log.startswith("=== ") and "training broken" in log
+    recorded = json.loads((todo.run_dir / "study_run.json").read_text())
+    assert recorded["command"] == list(todo.command[1:]) and recorded["seed"] == 0
+    # Rerun: only the failed one runs again (resume), and it still fails.
+    again = run_all([finished, todo, broken, late], jobs=1, stream=sys.stdout)
+    assert [r.method for r in again.skipped] == ["finished", "todo", "late"]
+    assert [r.method for r, _ in again.failed] == ["broken"]
+    assert (broken.run_dir / "study.log").read_text().count("=== ") == 2
+
+
+def test_a_run_dir_made_by_another_command_is_refused(tmp_path):
+    run = fake_run(tmp_path, "r")
+    run_all([run], stream=open(os.devnull, "w"))
+    changed = Run("r", Cell(()), 0, run.run_dir, (*run.command, "optim.lr=1"))
+    with pytest.raises(TenureError, match=r"r: made by another command .*study_run.json.*Remove that run dir"):
+        check_resumable([changed])
+    check_resumable([run])
+
+
+def test_a_run_that_exits_0_without_forgetting_json_fails(tmp_path):
+    run = Run("quiet", Cell(()), 0, tmp_path / "q", (sys.executable, "-c", "print('no result')"))
+    outcome = run_all([run], stream=open(os.devnull, "w"))
+    assert outcome.failed == [(run, f"exited 0 but wrote no forgetting.json; log: {tmp_path / 'q' / 'study.log'}")]
+
+
+STUDY_THAT_HANGS = """
+import pathlib, sys
+from engine.study.config import Cell, Run
+from engine.study.runner import run_all
+out = pathlib.Path(sys.argv[1])
+hang = "import os, pathlib, time; pathlib.Path(r'{}', str(os.getpid())).touch(); time.sleep(120)".format(out)
+runs = [Run(f"r{i}", Cell(()), 0, out / f"r{i}", (sys.executable, "-c", hang)) for i in range(3)]
+try:
+    run_all(runs, jobs=2)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_sigterm_to_the_study_stops_its_runs(tmp_path):
+    study = subprocess.Popen([sys.executable, "-c", STUDY_THAT_HANGS, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while len([p for p in tmp_path.iterdir() if p.name.isdigit()]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()]
+    assert len(children) == 2  # two at a time; the third waits
+    study.terminate()
+    out, _ = study.communicate(timeout=30)
+    assert out.splitlines()[-1] == "interrupted"
+    assert out.count("stopped with the study; log: ") == 2 and "r2" not in out
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (tmp_path / "r2").exists()
+
+
+def test_thread_env_splits_the_cores_and_xla_accepts_it():
+    base = {"XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=true", "PATH": "/bin"}
+    env = thread_env(4, cores=8, base=base)
+    assert env["XLA_FLAGS"] == ("--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false "
+                                "intra_op_parallelism_threads=2")
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "2"
+    assert env["PATH"] == "/bin"
+    assert thread_env(3, cores=2, base={})["OMP_NUM_THREADS"] == "1"
+    assert thread_env(1, cores=2, base=base) == base
+    # XLA aborts on flags it does not know; these it must take.
+    result = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float((jnp.ones((8, 8)) @ "
+                             "jnp.ones((8, 8))).sum()))"], env=thread_env(2, cores=2), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "512.0"
+
+
+# ---------------------------------------------------------------- tables and plots
+
+# Per method, three seeds of a two-task run (R[stage][task]) from one starting model.
+START = [0.10, 0.05]
+RUNS = {
+    "naive": [[[0.80, 0.20], [0.30, 0.90]], [[0.82, 0.22], [0.40, 0.92]], [[0.84, 0.18], [0.50, 0.88]]],
+    "replay": [[[0.80, 0.20], [0.70, 0.85]], [[0.80, 0.20], [0.72, 0.85]], [[0.80, 0.20], [0.74, 0.85]]],
+}
+
+
+@pytest.fixture
+def finished_study(tmp_path):
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 3\nmethods: {naive: [], replay: [replay.ratio=0.2]}\n")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    for run in runs:
+        R = RUNS[run.method][run.seed]
+        run.run_dir.mkdir(parents=True)
+        dip = {("A", 1): 0.15 + 0.05 * run.seed} if run.method == "naive" else {}
+        curve = lambda i, t: dip.get((t, i), R[i]["AB".index(t)])  # noqa: E731 (stability gap in stage B)
+        run.result.write_text(json.dumps(record(R, START, curve=curve)))
+    return path, runs
+
+
+def study_args(path, *extra):
+    parser = argparse.ArgumentParser(prog="tenure")
+    add_study_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["study", str(path), *extra])
+
+
+def test_tables_hold_mean_and_standard_error_over_seeds(finished_study, tmp_path, capsys):
+    path, runs = finished_study
+    assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    document = json.loads((out / "study.json").read_text())
+    (table,) = document["cells"]
+    assert table["tasks"] == ["A", "B"] and table["label"] == "base"
+    naive, replay = table["rows"]
+    assert naive["method"] == "naive" and naive["seeds"] == [0, 1, 2]
+    se = 0.1 / math.sqrt(3)  # std (ddof 1) of 0.3, 0.4, 0.5 is 0.1
+    assert naive["mean"]["final/A"] == pytest.approx(0.4) and naive["se"]["final/A"] == pytest.approx(se)
+    assert naive["mean"]["final/B"] == pytest.approx(0.9) and naive["se"]["final/B"] == pytest.approx(0.02 / math.sqrt(3))
+    # forgetting of A: 0.8-0.3, 0.82-0.4, 0.84-0.5 = 0.5, 0.42, 0.34 (max-based = first-based with 2 stages)
+    assert naive["mean"]["forgetting_max"] == pytest.approx(0.42)
+    assert naive["se"]["forgetting_max"] == pytest.approx(0.08 / math.sqrt(3))
+    assert naive["mean"]["forgetting_first"] == pytest.approx(0.42)
+    assert naive["mean"]["bwt"] == pytest.approx(-0.42)
+    assert naive["mean"]["acc"] == pytest.approx(np.mean([0.6, 0.66, 0.69]))
+    assert naive["mean"]["fwt"] == pytest.approx(np.mean([0.15, 0.17, 0.13]))  # R[0,B] - start B
+    assert naive["mean"]["learning_newest"] == pytest.approx(0.9)
+    assert naive["mean"]["learning_diag"] == pytest.approx(np.mean([0.85, 0.87, 0.86]))
+    assert replay["mean"]["forgetting_max"] == pytest.approx(0.08) and replay["se"]["forgetting_max"] == pytest.approx(
+        0.02 / math.sqrt(3))
+    assert replay["se"]["learning_newest"] == pytest.approx(0.0)
+    assert replay["per_seed"]["final/A"] == pytest.approx([0.70, 0.72, 0.74])
+    # Markdown: printed and written, one row per method, mean ± SE.
+    md = (out / "study.md").read_text()
+    header = ("| method | seeds | A accuracy (final) ↑ | B accuracy (final) ↑ | ACC | BWT | FWT | forgetting (max) | "
+              "forgetting (first) | learning (newest task) | learning (mean of diagonal) |")
+    assert header in md and header in printed
+    naive_line = next(line for line in md.splitlines() if line.startswith("| naive "))
+    assert naive_line == ("| naive | 3 | 0.400 ± 0.058 | 0.900 ± 0.012 | 0.650 ± 0.026 | -0.420 ± 0.046 | "
+                          "0.150 ± 0.012 | 0.420 ± 0.046 | 0.420 ± 0.046 | 0.900 ± 0.012 | 0.860 ± 0.006 |")
+    assert naive_line in printed
+    # CSV: one row per (cell, method), mean and se per column.
+    with open(out / "study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["naive", "replay"] and rows[0]["seeds"] == "3"
+    assert float(rows[0]["final/A_mean"]) == pytest.approx(0.4)
+    assert float(rows[0]["final/A_se"]) == pytest.approx(se)
+    assert float(rows[1]["forgetting_max_mean"]) == pytest.approx(0.08)
+    for name in ("pareto.png", "curves.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000
+
+
+def test_partial_seeds_grid_cells_and_missing_runs(tmp_path, capsys):
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods: {naive: [], lora: [lora.rank=4]}\n"
+                                 "grid: {data.subset: [100, 1000]}\n")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    for run in runs:
+        if run.method == "lora" and (run.seed == 1 or run.cell.values[0][1] == 1000):
+            continue  # unfinished
+        run.run_dir.mkdir(parents=True)
+        k = run.seed + (10 if run.cell.values[0][1] == 1000 else 0)
+        run.result.write_text(json.dumps(record([[0.5 + k / 100, 0.1], [0.2, 0.7]], START)))
+    assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("8 runs: 5 finished, 3 not (--aggregate-only)")
+    tables = json.loads((tmp_path / "out" / "study.json").read_text())["cells"]
+    assert [t["cell"] for t in tables] == [{"data.subset": 100}, {"data.subset": 1000}]
+    assert [[(r["method"], r["seeds"]) for r in t["rows"]] for t in tables] == [
+        [("naive", [0, 1]), ("lora", [0])], [("naive", [0, 1])]]
+    lora = tables[0]["rows"][1]
+    assert lora["mean"]["forgetting_max"] == pytest.approx(0.3) and lora["se"]["forgetting_max"] is None
+    assert lora["n"]["forgetting_max"] == 1
+    assert tables[1]["rows"][0]["mean"]["final/A"] == pytest.approx(0.2)
+    assert tables[1]["rows"][0]["mean"]["forgetting_max"] == pytest.approx(np.mean([0.4, 0.41]))
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "## data.subset=100" in md and "## data.subset=1000" in md
+    assert "| lora | 1 | 0.200 | 0.700 |" in md  # n = 1: no ± part
+    with open(tmp_path / "out" / "study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["data.subset"], r["method"]) for r in rows] == [("100", "naive"), ("100", "lora"), ("1000", "naive")]
+    assert rows[1]["forgetting_max_se"] == ""
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == ["curves-data.subset-100.png", "curves-data.subset-1000.png",
+                     "pareto-data.subset-100.png", "pareto-data.subset-1000.png"]
+
+
+def test_single_stage_runs_leave_undefined_figures_empty(tmp_path, capsys):
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods: {full: [], head: [trainable.preset=head]}\n")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        score = 0.6 + 0.1 * run.seed if run.method == "full" else 0.3
+        run.result.write_text(json.dumps(record([[score]], [0.06], tasks=("lexnames",))))
+    assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 0
+    (table,) = json.loads((tmp_path / "out" / "study.json").read_text())["cells"]
+    full = table["rows"][0]
+    assert full["mean"]["final/lexnames"] == pytest.approx(0.65) and full["se"]["final/lexnames"] == pytest.approx(0.05)
+    assert full["mean"]["bwt"] is None and full["mean"]["forgetting_max"] is None and full["n"]["bwt"] == 0
+    line = next(x for x in (tmp_path / "out" / "study.md").read_text().splitlines() if x.startswith("| full"))
+    assert line == "| full | 2 | 0.650 ± 0.050 | 0.650 ± 0.050 | — | — | — | — | 0.650 ± 0.050 | 0.650 ± 0.050 |"
+
+
+def test_mean_se_ignores_nan():
+    assert mean_se([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.0), 2)
+    mean, se, n = mean_se([float("nan")])
+    assert math.isnan(mean) and math.isnan(se) and n == 0
+
+
+def test_no_finished_run_is_an_error(tmp_path):
+    path = write_study(tmp_path, "base: base.yaml\nmethods: {naive: []}\n")
+    with pytest.raises(TenureError, match="no run finished, nothing to tabulate"):
+        run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))
+
+
+def test_an_evaluation_only_task_gets_its_change_from_start(tmp_path):
+    """One stage trains 'lexnames'; 'general' (e.g. embedding quality) is only evaluated: R is 1 x 2,
+    the engine writes no summary (R is not square) and may write start_row as given."""
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods: {full: [], lora: [lora.rank=4]}\n"
+                                 "pareto: {x: change/general, y: final/lexnames}\n")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    finals = {("full", 0): 0.70, ("full", 1): 0.60, ("lora", 0): 0.78, ("lora", 1): 0.80}
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        rec = record([[0.9, 0]], [0.1, 0.8], tasks=("lexnames", "general"), stages=("lexnames",))
+        rec["R"][0][1] = finals[run.method, run.seed]
+        run.result.write_text(json.dumps(rec))
+    assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 0
+    (table,) = json.loads((tmp_path / "out" / "study.json").read_text())["cells"]
+    assert [c["key"] for c in table["columns"]][:3] == ["final/lexnames", "final/general", "change/general"]
+    full, lora = table["rows"]
+    assert full["mean"]["change/general"] == pytest.approx(-0.15) and full["se"]["change/general"] == pytest.approx(0.05)
+    assert lora["mean"]["change/general"] == pytest.approx(-0.01)
+    assert full["mean"]["learning_newest"] == pytest.approx(0.9) and full["mean"]["learning_diag"] == pytest.approx(0.9)
+    assert full["mean"]["acc"] is None and full["mean"]["forgetting_max"] is None
+    assert "general change from start ↑" in (tmp_path / "out" / "study.md").read_text()
+    (runs[0].result).write_text(json.dumps({**rec, "R": [[0.9]]}))
+    with pytest.raises(TenureError, match=r"R must be \[stages\]\[2 tasks\], got shape \(1, 1\)"):
+        run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))
+
+
+# ---------------------------------------------------------------- end to end, real engine
+
+TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
+SPLIT = {"A": ["noun.animal", "noun.plant", "noun.food", "noun.body"],
+         "B": ["noun.artifact", "noun.act", "noun.person", "noun.location"]}
+
+
+@pytest.mark.slow
+def test_study_of_two_methods_on_a_tiny_staged_run(tmp_path, capsys):
+    """naive vs replay on lexnames split in two 4-class tasks, tiny BERT fixture, one seed each,
+    two runs at once: the table holds exactly what the runs' forgetting.json say."""
+    for split, n in (("train", 64), ("validation", 16), ("test", 16)):
+        rows = [json.loads(line) for line in open(ROOT / f"data/wordnet_lexnames/{split}.jsonl")]
+        for task, labels in SPLIT.items():
+            keep = [r for r in rows if r["label"] in labels][:n]
+            (tmp_path / f"{task}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    task = lambda t: {"kind": "seq_cls", "data": {  # noqa: E731
+        "format": "text_label", "train": str(tmp_path / f"{t}_train.jsonl"), "max_length": 32,
+        "validation": str(tmp_path / f"{t}_validation.jsonl"), "test": str(tmp_path / f"{t}_test.jsonl"),
+        "batch_size": 8, "eval_batch_size": 16}}
+    base = {"model": {"path": str(TINY_BERT)}, "tasks": {"A": task("A"), "B": task("B")},
+            "stages": [{"tasks": ["A"], "steps": 4}, {"tasks": ["B"], "steps": 4}],
+            "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0},
+            "train": {"eval_every": 2, "log_every": 2}, "checkpoint": {"every_steps": 100},
+            "logging": {"progress": False, "tensorboard": False}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = write_study(tmp_path, "base: base.yaml\nseeds: 1\nmethods:\n  naive: []\n"
+                                  "  replay: [stages.1.replay.ratio=0.5]\n")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))  # write_study wrote a placeholder base
+    out = tmp_path / "out"
+    assert run_study(study_args(study, "--out", str(out), "--jobs", "2")) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("2 runs: 0 already done, 2 to run, 2 at a time\n")
+    assert "[2/2] " in printed and ": ok in " in printed
+    (table,) = json.loads((out / "study.json").read_text())["cells"]
+    assert [r["method"] for r in table["rows"]] == ["naive", "replay"] and table["tasks"] == ["A", "B"]
+    for row in table["rows"]:
+        record = json.loads((out / "base" / row["method"] / "seed0" / "forgetting.json").read_text())
+        assert record["tasks"] == ["A", "B"] and len(record["R"]) == 2 and record["stage_ends"] == [4, 8]
+        R, summary = record["R"], record["summary"]
+        expected = {"final/A": R[1][0], "final/B": R[1][1], "acc": summary["acc"], "bwt": summary["bwt"],
+                    "fwt": summary["fwt"], "forgetting_max": summary["forgetting_max"],
+                    "forgetting_first": summary["forgetting_first"], "learning_newest": R[1][1],
+                    "learning_diag": (R[0][0] + R[1][1]) / 2}
+        assert row["mean"] == pytest.approx(expected) and row["seeds"] == [0]
+        assert summary["forgetting_first"] == pytest.approx(R[0][0] - R[1][0])
+        assert [p["step"] for p in record["curves"]] == [0, 2, 4, 6, 8]
+    log = (out / "base" / "replay" / "seed0" / "study.log").read_text()
+    assert "stages.1.replay.ratio=0.5" in log.splitlines()[0]
+    # Resume: nothing is run again; the tables are rebuilt from the finished runs.
+    assert run_study(study_args(study, "--out", str(out))) == 0
+    assert capsys.readouterr().out.startswith("2 runs: 2 already done, 0 to run\n")
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
