@@ -23,7 +23,7 @@ SAFE: tuple[str, ...] = (
     "eval", "*.eval", "*.eval_every", "*.log_every",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_best", "checkpoint.async_save",
     "checkpoint.dir",
-    "guard",
+    "divergence",
     "mesh",  # checkpoints restore into any mesh
     "data.validation", "data.test", "data.eval_batch_size", "*.data.validation", "*.data.test",
     "*.data.eval_batch_size",

@@ -2,7 +2,7 @@
 
 `guard_step(cfg, state, loss, grad_norm) -> (ok, new_state)` is pure jnp, with no host sync:
 the train step calls it on the step's loss and (pre-clipping) gradient norm, keeps the
-update only where `ok` (`keep_if_ok`), and returns the `GuardState` in its metrics. The loop
+update only where `ok` (`keep_if_ok`), and returns the `DivergenceState` in its metrics. The loop
 reads the state with the metrics it already fetches one step late, and halts when
 `state.halt` is set, naming the step and the reason (`describe`).
 
@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import optax
 from pydantic import BaseModel, ConfigDict, Field
 
-# Reason codes carried in GuardState.reason (int32 on device); 0 = the last step was good.
+# Reason codes carried in DivergenceState.reason (int32 on device); 0 = the last step was good.
 REASONS = {0: "ok", 1: "non-finite loss", 2: "non-finite gradient norm", 3: "loss spike",
            4: "gradient-norm spike", 5: "update larger than the weights"}
 
 
-class GuardConfig(BaseModel):
-    """The `guard` config section."""
+class DivergenceConfig(BaseModel):
+    """The `divergence` config section (not the forgetting guard of engine/stages.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,7 +63,7 @@ class GuardConfig(BaseModel):
                     "before it is applied; null = off")
 
 
-class GuardState(NamedTuple):
+class DivergenceState(NamedTuple):
     """Carried in the train state; every field a scalar jax array."""
 
     loss_ema: jax.Array       # running mean of the loss over good steps
@@ -75,9 +75,9 @@ class GuardState(NamedTuple):
     halt: jax.Array           # True: the loop must stop (and must not save this state)
 
 
-def init_guard_state() -> GuardState:
+def init_divergence_state() -> DivergenceState:
     f32, i32 = jnp.float32, jnp.int32
-    return GuardState(loss_ema=jnp.zeros((), f32), grad_norm_ema=jnp.zeros((), f32),
+    return DivergenceState(loss_ema=jnp.zeros((), f32), grad_norm_ema=jnp.zeros((), f32),
                       good_steps=jnp.zeros((), i32), bad_in_a_row=jnp.zeros((), i32),
                       skipped=jnp.zeros((), i32), reason=jnp.zeros((), i32),
                       halt=jnp.zeros((), jnp.bool_))
@@ -90,8 +90,8 @@ def update_ratio(updates, params) -> jax.Array:
     return optax.tree.norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny)
 
 
-def guard_step(cfg: GuardConfig, state: GuardState, loss: jax.Array, grad_norm: jax.Array,
-               ratio: jax.Array | None = None) -> tuple[jax.Array, GuardState]:
+def guard_step(cfg: DivergenceConfig, state: DivergenceState, loss: jax.Array, grad_norm: jax.Array,
+               ratio: jax.Array | None = None) -> tuple[jax.Array, DivergenceState]:
     """(ok, new_state) for one step; `cfg` is static (a Python object closed over by the jit).
 
     `loss` and `grad_norm` are this step's (at the weights before the update); `ratio` is
@@ -124,7 +124,7 @@ def guard_step(cfg: GuardConfig, state: GuardState, loss: jax.Array, grad_norm: 
     else:
         halt = bad_in_a_row > cfg.max_skips
         skipped = state.skipped + jnp.where(ok | halt, 0, 1)
-    new_state = GuardState(
+    new_state = DivergenceState(
         loss_ema=ema(state.loss_ema, loss), grad_norm_ema=ema(state.grad_norm_ema, grad_norm),
         good_steps=state.good_steps + ok.astype(jnp.int32), bad_in_a_row=bad_in_a_row.astype(jnp.int32),
         skipped=skipped.astype(jnp.int32), reason=reason.astype(jnp.int32), halt=halt | state.halt)

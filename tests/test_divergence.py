@@ -5,13 +5,13 @@ import numpy as np
 import pydantic
 import pytest
 
-from engine.guard import GuardConfig, describe, guard_step, init_guard_state, keep_if_ok, update_ratio
+from engine.divergence import DivergenceConfig, describe, guard_step, init_divergence_state, keep_if_ok, update_ratio
 
 
 def run(cfg, pairs):
     """Feeds (loss, grad_norm) pairs through a jitted guard; returns oks and the states."""
     step = jax.jit(lambda s, l, g: guard_step(cfg, s, l, g))
-    state, oks, states = init_guard_state(), [], []
+    state, oks, states = init_divergence_state(), [], []
     for loss, grad_norm in pairs:
         ok, state = step(state, jnp.float32(loss), jnp.float32(grad_norm))
         oks.append(bool(ok))
@@ -20,7 +20,7 @@ def run(cfg, pairs):
 
 
 def test_non_finite_loss_or_grad_norm_halts_by_default():
-    cfg = GuardConfig()
+    cfg = DivergenceConfig()
     oks, states = run(cfg, [(2.0, 1.0), (np.nan, 1.0)])
     assert oks == [True, False] and bool(states[1].halt) and int(states[1].reason) == 1
     oks, states = run(cfg, [(2.0, 1.0), (2.0, np.inf)])
@@ -30,7 +30,7 @@ def test_non_finite_loss_or_grad_norm_halts_by_default():
 
 
 def test_spikes_after_warmup_and_the_mean_ignores_bad_steps():
-    cfg = GuardConfig(warmup_steps=3, spike_factor=10)
+    cfg = DivergenceConfig(warmup_steps=3, spike_factor=10)
     pairs = [(2.0, 1.0)] * 3 + [(25.0, 1.0)]
     oks, states = run(cfg, pairs)
     assert oks == [True, True, True, False]
@@ -46,25 +46,25 @@ def test_spikes_after_warmup_and_the_mean_ignores_bad_steps():
 
 
 def test_update_larger_than_the_weights_is_refused_before_it_lands():
-    cfg = GuardConfig()
+    cfg = DivergenceConfig()
     step = jax.jit(lambda s, l, g, r: guard_step(cfg, s, l, g, r))
     params, small, huge = {"w": jnp.ones(4)}, {"w": jnp.full(4, 1e-3)}, {"w": jnp.full(4, 1e3)}
-    ok, state = step(init_guard_state(), 0.5, 1.0, update_ratio(small, params))
+    ok, state = step(init_divergence_state(), 0.5, 1.0, update_ratio(small, params))
     assert bool(ok)
     ok, state = step(state, 0.5, 1.0, update_ratio(huge, params))
     assert not bool(ok) and int(state.reason) == 5 and bool(state.halt)
-    ok, _ = step(init_guard_state(), 0.5, 1.0, jnp.float32(jnp.nan))
+    ok, _ = step(init_divergence_state(), 0.5, 1.0, jnp.float32(jnp.nan))
     assert not bool(ok)
 
 
 def test_loss_floor_keeps_noise_near_zero_loss_from_halting():
-    cfg = GuardConfig(warmup_steps=2)
+    cfg = DivergenceConfig(warmup_steps=2)
     oks, _ = run(cfg, [(0.01, 1.0), (0.01, 1.0), (0.5, 1.0)])  # 50x the mean, but below 10 x 0.1
     assert oks == [True, True, True]
 
 
 def test_skip_policy_counts_and_halts_after_max_skips_in_a_row():
-    cfg = GuardConfig(policy="skip", max_skips=2)
+    cfg = DivergenceConfig(policy="skip", max_skips=2)
     oks, states = run(cfg, [(1.0, 1.0), (np.nan, 1.0), (1.0, 1.0), (np.nan, 1.0), (np.nan, 1.0),
                             (np.nan, 1.0)])
     assert oks == [True, False, True, False, False, False]
@@ -84,21 +84,21 @@ def test_keep_if_ok_selects_on_device():
 
 
 def test_guard_has_no_host_sync():
-    cfg = GuardConfig()
+    cfg = DivergenceConfig()
     # Traceable with abstract values only: no concrete value is ever needed on the host.
-    shapes = jax.eval_shape(lambda s, l, g: guard_step(cfg, s, l, g), init_guard_state(),
+    shapes = jax.eval_shape(lambda s, l, g: guard_step(cfg, s, l, g), init_divergence_state(),
                             jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
     assert shapes[0].dtype == jnp.bool_
 
 
 def test_config_refuses_bad_values():
     with pytest.raises(pydantic.ValidationError):
-        GuardConfig(policy="ignore")
+        DivergenceConfig(policy="ignore")
     with pytest.raises(pydantic.ValidationError):
-        GuardConfig(max_skips=True)
+        DivergenceConfig(max_skips=True)
     with pytest.raises(pydantic.ValidationError):
-        GuardConfig(spike_factor=float("inf"))
-    assert GuardConfig(spike_factor=None, grad_spike_factor=None).policy == "halt"
+        DivergenceConfig(spike_factor=float("inf"))
+    assert DivergenceConfig(spike_factor=None, grad_spike_factor=None).policy == "halt"
 
 
 REAL_STEP = "tests/fixtures/bert/seq_cls"
@@ -127,7 +127,7 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
     step = functools.partial(train_step, model=run.model, losses=run.losses, tx=run.tx,
                              lr_schedule=optax.constant_schedule(cfg.optim.lr),
                              trainable_mask=run.trainability.trainable_mask)
-    guard_cfg = GuardConfig()
+    guard_cfg = DivergenceConfig()
 
     @jax.jit
     def guarded(state, guard, batch):
@@ -138,7 +138,7 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
         return keep_if_ok(ok, new, state), guard, new, metrics
 
     batch = to_global_batch(next(run.train_iter), run.mesh)
-    kept, guard, unguarded, metrics = guarded(run.state, init_guard_state(), batch)
+    kept, guard, unguarded, metrics = guarded(run.state, init_divergence_state(), batch)
     largest = lambda params: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(params))  # noqa: E731
     assert np.isfinite(float(metrics["loss"]))  # nothing non-finite to see yet
     assert largest(unguarded.params) > 900  # what an unguarded run would have kept
