@@ -146,3 +146,9 @@ def test_inspect_reports_regression_labels_as_numbers(tmp_path):
     report = inspect_data(cfg, "regression", word_tokenizer())
     assert "unknown label" not in report and "0 bad records" in report
     assert "  targets: min 0  mean 0.875  max 1.75  std 0.5728" in report.splitlines()
+
+
+def test_every_kinds_default_metric_is_one_it_reports():
+    from models.kinds import KINDS
+    for name, kind in KINDS.items():
+        assert check_eval_metric(name, kind.metric, kind.mode) is None, name

@@ -12,9 +12,10 @@ import json
 import numpy as np
 
 from engine.data.config import DataConfig
-from engine.data.pipeline import _LABELLED_KINDS as LABELLED_KINDS, SplitReport, load_records, make_featurizer
+from engine.data.pipeline import SplitReport, load_records, make_featurizer
 from engine.data.records import LABEL_FIELDS, TEXT_FIELDS, LabelVocab
 from engine.data.tokenize import resolve_format
+from models.kinds import KINDS
 
 CHUNK = 256
 MAX_LABELS_SHOWN = 20
@@ -91,7 +92,7 @@ def inspect_data(cfg: DataConfig, task_kind: str, tokenizer) -> str:
         records, report = load_records(skip, paths, task_kind, split=name,
                                        label_vocab=None if is_train else vocab)
         records = [records[i] for i in range(len(records))]
-        if is_train and fmt in LABEL_FIELDS and task_kind in LABELLED_KINDS:
+        if is_train and fmt in LABEL_FIELDS and KINDS[task_kind].labelled:
             train_records = [r for _, _, rs, _ in loaded for r in rs] + records
             vocab = LabelVocab.from_records(train_records, fmt)
         loaded.append((name, paths, records, report))
