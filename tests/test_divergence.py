@@ -113,17 +113,18 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
 
     import optax
 
-    from engine.build import build_run
     from engine.config import validate
     from engine.data.pipeline import to_global_batch
     from engine.step import train_step
+    from engine.train import Trainer
 
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"word{i} thing", "label": "ab"[i % 2]}) + "\n"
                                               for i in range(32)))
     cfg = validate({"model": {"path": REAL_STEP}, "task": {"kind": "seq_cls"},
                     "data": {"train": str(tmp_path / "t.jsonl"), "max_length": 16, "batch_size": 8},
                     "optim": {"lr": 1000.0, "schedule": "constant"}, "train": {"steps": 4}})
-    run = build_run(cfg)
+    trainer = Trainer(cfg)
+    run = trainer._build(0, trainer.start_params, {})  # the stage's model, losses, optimizer, state, data
     step = functools.partial(train_step, model=run.model, losses=run.losses, tx=run.tx,
                              lr_schedule=optax.constant_schedule(cfg.optim.lr),
                              trainable_mask=run.trainability.trainable_mask)
@@ -137,7 +138,7 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
                                update_ratio(updates, state.params))
         return keep_if_ok(ok, new, state), guard, new, metrics
 
-    batch = to_global_batch(next(run.train_iter), run.mesh)
+    batch = to_global_batch(next(run.train_iter), trainer.backbone.mesh)
     kept, guard, unguarded, metrics = guarded(run.state, init_divergence_state(), batch)
     largest = lambda params: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(params))  # noqa: E731
     assert np.isfinite(float(metrics["loss"]))  # nothing non-finite to see yet
