@@ -15,7 +15,7 @@ from models.errors import TenureError
 def _cmd_train(args) -> int:
     from engine.config import load_config
     from engine.train import train
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, args.overrides), restart=args.restart)
     return 0
 
 
@@ -49,7 +49,7 @@ def _cmd_export(args) -> int:
     from models.hf import check_export_target
     check_export_target(args.out, force=args.force)  # refuse before restoring anything
     export_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out,
-                      merge_lora=not args.lora_adapter)
+                      merge_lora=not args.lora_adapter, force=args.force)
     return 0
 
 
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = with_config(sub.add_parser("train", help="fine-tune a model as the config says"))
+    p.add_argument("--restart", action="store_true",
+                   help="start over: move the run dir's earlier files aside (to <run_dir>.old-<time>) first")
     p.set_defaults(fn=_cmd_train)
 
     p = with_config(sub.add_parser("eval", help="evaluate a checkpoint or HF directory"))

@@ -59,8 +59,10 @@ class TaskConfig(Section):
 class TaskEntry(TaskConfig):
     """One named task of a staged run: the task fields, its data, and the metric R records."""
     data: DataConfig = Field(description="this task's data (train / validation / test)")
-    metric: str | None = Field(None, description="metric recorded in the accuracy matrix; null = eval.metric")
-    mode: Literal["max", "min"] | None = Field(None, description="whether a larger metric is better; null = eval.mode")
+    metric: str | None = Field(None, description="metric recorded in the accuracy matrix; null = the kind's default "
+                                                 "(accuracy, f1, pearson, perplexity, recall@1)")
+    mode: Literal["max", "min"] | None = Field(None, description="whether a larger metric is better; null = the "
+                                                                 "metric's own direction")
 
 
 class EarlyStoppingConfig(Section):
