@@ -41,6 +41,9 @@ def add_bench_parser(subparsers) -> None:
                    help="overrides, e.g. model.dtype=bfloat16 bench.steps=10 trainable.mode=head")
     p.add_argument("--compare", choices=["torch"], default=None,
                    help="also time the HF transformers PyTorch loop, alternating rounds")
+    p.add_argument("--ab", nargs="+", default=None, metavar="key=value",
+                   help="also time a second tenure variant with these overrides, alternating rounds "
+                        "(e.g. --ab model.dtype=bfloat16, --ab bench.dropout_rng=rbg)")
     p.add_argument("--cache-dir", default=None,
                    help="persistent compilation cache (default $TENURE_COMPILATION_CACHE or ~/.cache/tenure/xla)")
     p.add_argument("--cold", action="store_true", help="compile into a fresh empty cache (a cold compile)")
@@ -87,12 +90,16 @@ class TenureRunner:
         start = time.perf_counter()
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
-        self.cache_hit = cache_entries(cache_dir) == before
-        jax.clear_caches()  # compile again from a fresh trace: now served by the persistent cache
-        relowered = b.step_fn.lower(b.state, self.device_batches[0])
-        start = time.perf_counter()
-        relowered.compile()
-        self.compile_cached_s = time.perf_counter() - start
+        from engine.xla_env import compiler_options
+        cacheable = not (b.bench.onednn and compiler_options())
+        self.cache_hit = cacheable and cache_entries(cache_dir) == before
+        self.compile_cached_s = None
+        if cacheable:  # the executable is in the persistent cache now
+            jax.clear_caches()  # compile again from a fresh trace: now served by the cache
+            relowered = b.step_fn.lower(b.state, self.device_batches[0])
+            start = time.perf_counter()
+            relowered.compile()
+            self.compile_cached_s = time.perf_counter() - start
         cost = self.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -174,57 +181,87 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def _record(args, cfg, bench, b, runner, times, build_s, peak, overrides) -> dict:
+    from engine.bench_setup import model_flops
+    from engine.xla_env import host_description
+    rows, length = bench.batch_size, bench.length
+    padded = float(rows * length)
+    real = float(np.mean([x["attention_mask"].sum() for x in b.batches]))
+    flops = model_flops(b.arch, b.state.params, b.trainability, cfg.task.kind, rows, length)
+    record = {"config": args.config, "overrides": overrides, "host": host_description(),
+              "task": cfg.task.kind, "dtype": cfg.model.dtype, "trainable": cfg.trainable.mode,
+              "batch_size": rows, "length": length, "data": bench.data, "steps_timed": len(times),
+              "dropout_rng": bench.dropout_rng, "onednn": bench.onednn,
+              "build_s": build_s, "compile_s": runner.compile_s, "compile_was_cache_hit": runner.cache_hit,
+              "compile_cached_s": runner.compile_cached_s, "lower_s": runner.lower_s,
+              **_rates(times, rows, padded, real),
+              "model_flops_per_step": flops["total"],
+              "model_flops_terms": {k: v for k, v in flops.items() if k != "total"},
+              "xla_flops_per_step": runner.xla_flops, "final_loss": runner.loss,
+              "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "xla_temp_mb": getattr(runner.memory, "temp_size_in_bytes", 0) / 2**20,
+              "xla_argument_mb": getattr(runner.memory, "argument_size_in_bytes", 0) / 2**20,
+              "trainable_params": b.trainability.trainable_count,
+              "optimizer_state_mb": _tree_mb(runner.state.opt_state)}
+    if peak:
+        record["host_matmul_peak_flops"] = peak
+        record["mfu"] = flops["total"] / record["step_p50_s"] / peak
+    return record
+
+
 def run_bench(args) -> int:
     cfg, bench = load_bench_config(args.config, args.overrides)
-    from engine.xla_env import enable_compilation_cache, host_description, matmul_peak
+    variant = load_bench_config(args.config, [*args.overrides, *args.ab]) if args.ab else None
+    from engine.xla_env import enable_compilation_cache, matmul_peak
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = enable_compilation_cache(Path(tmp) / "xla" if args.cold else args.cache_dir)
         import jax.numpy as jnp
-        from engine.bench_setup import build_bench, model_flops
-        compute = jnp.dtype(cfg.model.dtype)
-        peak = None if args.no_peak else matmul_peak(compute)
-        start = time.perf_counter()
-        b = build_bench(cfg, bench, Path(args.config))
-        build_s = time.perf_counter() - start
-        rows, length = bench.batch_size, bench.length
-        padded = float(rows * length)
-        real = float(np.mean([(x["attention_mask"].sum()) for x in b.batches]))
-        flops = model_flops(b.arch, b.state.params, b.trainability, cfg.task.kind, rows, length)
-        ours = TenureRunner(b, cache_dir)
-        torch = TorchRunner(b, tmp) if args.compare == "torch" else None
+        from engine.bench_setup import build_bench
+        peaks = {} if args.no_peak else {
+            dt: matmul_peak(jnp.dtype(dt)) for dt in {cfg.model.dtype, *([variant[0].model.dtype] if variant else [])}}
+        runs = []  # (label, cfg, bench, built, runner, build_s, overrides)
+        for label, (c, bc), overrides in [("tenure", (cfg, bench), args.overrides)] + (
+                [("tenure B", variant, [*args.overrides, *args.ab])] if variant else []):
+            start = time.perf_counter()
+            built = build_bench(c, bc, Path(args.config))
+            build_s = time.perf_counter() - start
+            runs.append((label, c, bc, built, TenureRunner(built, cache_dir), build_s, overrides))
+        torch = TorchRunner(runs[0][3], tmp) if args.compare == "torch" else None
+        times = {label: [] for label, *_ in runs}
+        times["torch"] = []
         try:
-            ours.run(bench.warmup)
-            times = {"tenure": [], "torch": []}
+            for _, _, bc, _, runner, _, _ in runs:
+                runner.run(bc.warmup)
             for _ in range(bench.rounds):
-                times["tenure"] += ours.run(bench.steps)
+                for label, _, bc, _, runner, _, _ in runs:
+                    times[label] += runner.run(bench.steps)
                 if torch is not None:
                     times["torch"] += torch.run(bench.steps)
         finally:
             if torch is not None:
                 torch.close()
-    record = {"config": args.config, "overrides": args.overrides, "host": host_description(),
-              "task": cfg.task.kind, "dtype": cfg.model.dtype, "trainable": cfg.trainable.mode,
-              "batch_size": rows, "length": length, "data": bench.data, "steps_timed": len(times["tenure"]),
-              "build_s": build_s, "compile_s": ours.compile_s, "compile_was_cache_hit": ours.cache_hit,
-              "compile_cached_s": ours.compile_cached_s, "lower_s": ours.lower_s,
-              **_rates(times["tenure"], rows, padded, real),
-              "model_flops_per_step": flops["total"], "model_flops_terms": {k: v for k, v in flops.items() if k != "total"},
-              "xla_flops_per_step": ours.xla_flops, "final_loss": ours.loss,
-              "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "xla_temp_mb": getattr(ours.memory, "temp_size_in_bytes", 0) / 2**20,
-              "xla_argument_mb": getattr(ours.memory, "argument_size_in_bytes", 0) / 2**20,
-              "trainable_params": b.trainability.trainable_count,
-              "optimizer_state_mb": _tree_mb(ours.state.opt_state)}
-    if peak:
-        record["host_matmul_peak_flops"] = peak
-        record["mfu"] = flops["total"] / record["step_p50_s"] / peak
+    records = [_record(args, c, bc, built, runner, times[label], build_s, peaks.get(c.model.dtype), overrides)
+               for label, c, bc, built, runner, build_s, overrides in runs]
+    record = records[0]
     if torch is not None:
-        record["torch"] = {**_rates(times["torch"], rows, padded, real), "final_loss": torch.loss,
+        rows, length = bench.batch_size, bench.length
+        real = float(np.mean([x["attention_mask"].sum() for x in runs[0][3].batches]))
+        record["torch"] = {**_rates(times["torch"], rows, float(rows * length), real), "final_loss": torch.loss,
                            "peak_rss_mb": torch.peak_rss_mb, "version": torch.ready.get("torch"),
                            "threads": torch.ready.get("threads")}
         record["speed_ratio_vs_torch"] = record["torch"]["step_p50_s"] / record["step_p50_s"]
-    print(_table(record))
-    print("BENCH " + json.dumps(record, default=float))
+        for other in records[1:]:
+            other["speed_ratio_vs_torch"] = record["torch"]["step_p50_s"] / other["step_p50_s"]
+    for other in records[1:]:
+        other["speed_ratio_vs_A"] = record["step_p50_s"] / other["step_p50_s"]
+    for r in records:
+        print(_table(r))
+        print()
+    if len(records) > 1:
+        print(f"B ({' '.join(args.ab)}) vs A: {records[1]['speed_ratio_vs_A']:.2f}x (ratio of median step times, "
+              "alternated rounds)")
+    for r in records:
+        print("BENCH " + json.dumps(r, default=float))
     return 0
 
 
@@ -243,6 +280,7 @@ def _table(r: dict) -> str:
     lines = [f"tenure bench {r['config']} {' '.join(r['overrides'])}".rstrip(),
              f"host: {r['host']}",
              f"{r['task']} {r['batch_size']}x{r['length']} ({r['data']}), {r['dtype']}, trainable={r['trainable']} "
+             f"dropout_rng={r['dropout_rng']} onednn={r['onednn']} "
              f"({r['trainable_params']:,} params), {r['steps_timed']} timed steps",
              f"{'':22}{'tenure':>16}" + (f"{'HF PyTorch':>16}" if torch else "")]
     torch_cells = {"step p50 / p95 (s)": f"{torch['step_p50_s']:.3f} / {torch['step_p95_s']:.3f}",
@@ -255,7 +293,9 @@ def _table(r: dict) -> str:
     if torch:
         lines.append(f"speed ratio (torch p50 / tenure p50): {r['speed_ratio_vs_torch']:.2f}x")
     hit = " (cache hit)" if r["compile_was_cache_hit"] else ""
-    lines += [f"compile: {r['compile_s']:.1f} s{hit}, from the persistent cache {r['compile_cached_s']:.1f} s "
+    cached = (f"from the persistent cache {r['compile_cached_s']:.1f} s" if r["compile_cached_s"] is not None
+              else "not cacheable (oneDNN executables do not serialise in this jaxlib)")
+    lines += [f"compile: {r['compile_s']:.1f} s{hit}, {cached} "
               f"(trace+lower {r['lower_s']:.1f} s, build {r['build_s']:.1f} s)",
               f"model FLOPs/step {r['model_flops_per_step']:.3e} (6N·T + attention; XLA cost_analysis "
               f"{r['xla_flops_per_step']:.3e})"]

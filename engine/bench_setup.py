@@ -53,6 +53,9 @@ class BenchConfig(BaseModel):
     steps: int = Field(6, ge=1, description="timed steps per round")
     rounds: int = Field(2, ge=1, description="rounds (with --compare torch: A B A B ...)")
     batches: int = Field(4, ge=1, description="distinct batches cycled through")
+    dropout_rng: Literal["threefry", "rbg"] = Field(
+        "threefry", description="dropout key generator of the train step (engine/step.dropout_key)")
+    onednn: bool = Field(True, description="CPU: compile the step with the oneDNN dot path (engine/xla_env)")
 
 
 @dataclasses.dataclass
@@ -125,7 +128,7 @@ def _lora_spec(cfg: Config):
     return LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets), dropout=lora.dropout)
 
 
-def _assemble(cfg: Config, model_dir: Path, num_labels: int, sample: dict, total_steps: int):
+def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int, sample: dict, total_steps: int):
     """(arch, model, trainability, state, state_shardings, tx, mesh): what build_run makes,
     without the data pipeline, and with weights read only for model.init=pretrained."""
     mesh = sharding.make_mesh(cfg.mesh)
@@ -159,7 +162,8 @@ def _assemble(cfg: Config, model_dir: Path, num_labels: int, sample: dict, total
     state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings)
     step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,
                               lr_schedule=build_schedule(cfg.optim, total_steps),
-                              trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps)
+                              trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps,
+                              dropout_rng=bench.dropout_rng, xla_options=None if bench.onednn else {})
     return arch, model, trainability, state, step_fn
 
 
@@ -183,7 +187,7 @@ def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
         vocab = read_config(model_dir)["vocab_size"]
         batches = synthetic_batches(bench, kind, vocab, seed=cfg.train.seed)
     total = bench.warmup + bench.steps * bench.rounds + 1
-    arch, model, trainability, state, step_fn = _assemble(cfg, model_dir, num_labels, batches[0], total)
+    arch, model, trainability, state, step_fn = _assemble(cfg, bench, model_dir, num_labels, batches[0], total)
     return Bench(cfg, bench, model_dir, arch, kind, model, trainability, state, step_fn, batches, num_labels)
 
 

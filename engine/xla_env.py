@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -26,6 +27,9 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
     # Cache every executable that took more than half a second to compile (train / eval steps).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Executables with oneDNN fusions cannot be serialised by this jaxlib: they are simply
+    # recompiled next time (a warning per compile would say nothing new).
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry.*onednn")
     return str(path)
 
 
@@ -60,3 +64,23 @@ def host_description() -> str:
         pass
     device = jax.devices()[0]
     return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {device.platform}"
+
+
+# XLA:CPU routes dots through YNNPACK by default, which takes only dots whose left operand
+# contracts its last dimension: every weight gradient (x^T @ dy) misses it and falls back to
+# a slow loop, ~8x slower than the forward dots in bf16. oneDNN (custom calls + its graph
+# fusion of dots) takes every layout, in fp32 and bf16 (AMX). Measured in docs/performance.md.
+ONEDNN_OPTIONS = {
+    "xla_cpu_experimental_onednn_custom_call": True,
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+}
+
+
+def compiler_options(platform: str | None = None) -> dict:
+    """Per-jit XLA options for the train / eval steps: the oneDNN dot path on CPU (set
+    TENURE_XLA_ONEDNN=0 to compile with XLA's defaults); none on GPU / TPU."""
+    platform = platform or jax.devices()[0].platform
+    if platform != "cpu" or os.environ.get("TENURE_XLA_ONEDNN", "1") == "0":
+        return {}
+    return dict(ONEDNN_OPTIONS)
