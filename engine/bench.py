@@ -41,9 +41,9 @@ def add_bench_parser(subparsers) -> None:
                    help="overrides, e.g. model.dtype=bfloat16 bench.steps=10 trainable.mode=head")
     p.add_argument("--compare", choices=["torch"], default=None,
                    help="also time the HF transformers PyTorch loop, alternating rounds")
-    p.add_argument("--ab", nargs="+", default=None, metavar="key=value",
-                   help="also time a second tenure variant with these overrides, alternating rounds "
-                        "(e.g. --ab model.dtype=bfloat16, --ab bench.dropout_rng=rbg)")
+    p.add_argument("--ab", nargs="+", action="append", default=None, metavar="key=value",
+                   help="also time a tenure variant with these overrides, alternating rounds; repeat "
+                        "for more variants (e.g. --ab model.dtype=bfloat16 --ab trainable.mode=head)")
     p.add_argument("--cache-dir", default=None,
                    help="persistent compilation cache (default $TENURE_COMPILATION_CACHE or ~/.cache/tenure/xla)")
     p.add_argument("--cold", action="store_true", help="compile into a fresh empty cache (a cold compile)")
@@ -211,17 +211,18 @@ def _record(args, cfg, bench, b, runner, times, build_s, peak, overrides) -> dic
 
 def run_bench(args) -> int:
     cfg, bench = load_bench_config(args.config, args.overrides)
-    variant = load_bench_config(args.config, [*args.overrides, *args.ab]) if args.ab else None
+    variants = [(f"B{i + 1}" if len(args.ab) > 1 else "B", [*args.overrides, *ab])
+                for i, ab in enumerate(args.ab or [])]
     from engine.xla_env import enable_compilation_cache, matmul_peak
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = enable_compilation_cache(Path(tmp) / "xla" if args.cold else args.cache_dir)
         import jax.numpy as jnp
         from engine.bench_setup import build_bench
-        peaks = {} if args.no_peak else {
-            dt: matmul_peak(jnp.dtype(dt)) for dt in {cfg.model.dtype, *([variant[0].model.dtype] if variant else [])}}
+        configs = [("A", (cfg, bench), args.overrides)] + [
+            (label, load_bench_config(args.config, overrides), overrides) for label, overrides in variants]
+        peaks = {} if args.no_peak else {dt: matmul_peak(jnp.dtype(dt)) for dt in {c.model.dtype for _, (c, _), _ in configs}}
         runs = []  # (label, cfg, bench, built, runner, build_s, overrides)
-        for label, (c, bc), overrides in [("tenure", (cfg, bench), args.overrides)] + (
-                [("tenure B", variant, [*args.overrides, *args.ab])] if variant else []):
+        for label, (c, bc), overrides in configs:
             start = time.perf_counter()
             built = build_bench(c, bc, Path(args.config))
             build_s = time.perf_counter() - start
@@ -240,8 +241,8 @@ def run_bench(args) -> int:
         finally:
             if torch is not None:
                 torch.close()
-    records = [_record(args, c, bc, built, runner, times[label], build_s, peaks.get(c.model.dtype), overrides)
-               for label, c, bc, built, runner, build_s, overrides in runs]
+    records = [dict(_record(args, c, bc, built, runner, times[label], build_s, peaks.get(c.model.dtype), overrides),
+                    variant=label) for label, c, bc, built, runner, build_s, overrides in runs]
     record = records[0]
     if torch is not None:
         rows, length = bench.batch_size, bench.length
@@ -257,9 +258,10 @@ def run_bench(args) -> int:
     for r in records:
         print(_table(r))
         print()
-    if len(records) > 1:
-        print(f"B ({' '.join(args.ab)}) vs A: {records[1]['speed_ratio_vs_A']:.2f}x (ratio of median step times, "
-              "alternated rounds)")
+    for r in records[1:]:
+        extra = r["overrides"][len(args.overrides):]
+        print(f"{r['variant']} ({' '.join(extra)}) vs A: {r['speed_ratio_vs_A']:.2f}x step rate "
+              "(ratio of median step times, alternated rounds)")
     for r in records:
         print("BENCH " + json.dumps(r, default=float))
     return 0
@@ -277,7 +279,7 @@ def _table(r: dict) -> str:
             ("examples/s", _fmt(r["examples_per_s"])),
             ("final loss", _fmt(r["final_loss"], 5))]
     torch = r.get("torch")
-    lines = [f"tenure bench {r['config']} {' '.join(r['overrides'])}".rstrip(),
+    lines = [f"[{r.get('variant', 'A')}] tenure bench {r['config']} {' '.join(r['overrides'])}".rstrip(),
              f"host: {r['host']}",
              f"{r['task']} {r['batch_size']}x{r['length']} ({r['data']}), {r['dtype']}, trainable={r['trainable']} "
              f"dropout_rng={r['dropout_rng']} onednn={r['onednn']} "

@@ -55,13 +55,16 @@ def test_model_flops_is_6NT_plus_attention_and_shrinks_when_frozen(tmp_path):
     assert head["total"] < flops["total"] / 2.5
 
 
-def test_bench_runs_end_to_end_and_prints_one_json_line(tmp_path, capsys):
+def test_bench_runs_end_to_end_with_a_variant_and_prints_json_lines(tmp_path, capsys):
     path = _write(tmp_path, TINY_GPT2, kind="causal_lm")
-    assert main([str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main([str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache"), "--ab", "trainable.mode=last_n"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("BENCH ")]
-    assert len(lines) == 1
-    record = json.loads(lines[0][len("BENCH "):])
+    assert len(lines) == 2
+    record, head = (json.loads(line[len("BENCH "):]) for line in lines)
+    assert head["trainable"] == "last_n" and head["trainable_params"] < record["trainable_params"]
+    assert head["speed_ratio_vs_A"] == pytest.approx(record["step_p50_s"] / head["step_p50_s"])
+    assert head["model_flops_per_step"] < record["model_flops_per_step"]
     assert record["steps_timed"] == 2 and record["batch_size"] == 8 and record["length"] == 16
     assert record["tokens_per_s_padded"] == pytest.approx(128 / record["step_p50_s"])
     assert "lm_head" in record["model_flops_terms"] and record["xla_flops_per_step"] > 0
