@@ -50,8 +50,8 @@ class BenchConfig(BaseModel):
     real_tokens: float = Field(1.0, gt=0, le=1, description="synthetic: share of each row that is real tokens")
     num_labels: int = Field(2, ge=1, description="synthetic classification: number of classes")
     warmup: int = Field(2, ge=0, description="untimed steps after compiling")
-    steps: int = Field(6, ge=1, description="timed steps per round")
-    rounds: int = Field(2, ge=1, description="rounds (with --compare torch: A B A B ...)")
+    steps: int = Field(1, ge=1, description="timed steps per round (1 = alternate every step)")
+    rounds: int = Field(6, ge=1, description="rounds (with --compare torch or --ab: A B A B ...)")
     batches: int = Field(4, ge=1, description="distinct batches cycled through")
     dropout_rng: Literal["threefry", "rbg"] = Field(
         "threefry", description="dropout key generator of the train step (engine/step.dropout_key)")
