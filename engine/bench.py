@@ -1,0 +1,333 @@
+"""`tenure bench CONFIG [key=value ...] [--compare torch]`: train-step throughput at fixed shapes.
+
+A bench config is a run config plus a `bench:` section (engine/bench_setup.BenchConfig):
+batch size, length, synthetic or real data, warm-up, timed steps, rounds. It prints one
+table and one JSON line (prefixed `BENCH `) with: compile time apart (this run, and again
+from the persistent compilation cache), step time p50 / p95, tokens/s (real and padded) and
+examples/s, model FLOPs per step (formula, engine/bench_setup.model_flops) beside the
+compiled step's own XLA cost_analysis, MFU against the measured matmul peak of this host
+(fp32 or bf16, whichever the config computes in), and peak host memory plus XLA's plan.
+
+`--compare torch` runs the same model, shapes, optimizer and dropout as an HF transformers
+PyTorch loop (scripts/bench_torch.py in .torch-venv, `make torch-env`) in a subprocess,
+alternating rounds (tenure, torch, tenure, torch, ...) and prints the ratio of the median
+step times (> 1 means tenure is faster).
+
+The CLI entry points are `add_bench_parser(subparsers)` and `run_bench(args) -> int`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from models.errors import TenureError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time the train step at fixed shapes (optionally vs HF PyTorch)")
+    p.add_argument("config", help="bench YAML (a run config with a `bench:` section), e.g. configs/bench/minilm.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="overrides, e.g. model.dtype=bfloat16 bench.steps=10 trainable.mode=head")
+    p.add_argument("--compare", choices=["torch"], default=None,
+                   help="also time the HF transformers PyTorch loop, alternating rounds")
+    p.add_argument("--ab", nargs="+", action="append", default=None, metavar="key=value",
+                   help="also time a tenure variant with these overrides, alternating rounds; repeat "
+                        "for more variants (e.g. --ab model.dtype=bfloat16 --ab trainable.mode=head)")
+    p.add_argument("--cache-dir", default=None,
+                   help="persistent compilation cache (default $TENURE_COMPILATION_CACHE or ~/.cache/tenure/xla)")
+    p.add_argument("--cold", action="store_true", help="compile into a fresh empty cache (a cold compile)")
+    p.add_argument("--no-peak", action="store_true", help="skip measuring the host matmul peak (no MFU)")
+    p.set_defaults(fn=run_bench)
+
+
+def load_bench_config(path: str, overrides: list[str]):
+    """(Config, BenchConfig) from a bench YAML and key=value overrides (bench.* go to the bench section)."""
+    from engine.bench_setup import BenchConfig
+    from engine.config import _parse_override, _set_path, validate
+    file = Path(path)
+    if not file.is_file():
+        raise TenureError(f"config file not found: {path}")
+    tree = yaml.safe_load(file.read_text()) or {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_path(tree, keys, value, f"override {text!r}")
+    section = tree.pop("bench", {}) or {}
+    tree.setdefault("data", {})
+    try:
+        bench = BenchConfig.model_validate(section)
+    except Exception as exc:  # pydantic.ValidationError
+        raise TenureError(f"{path}: bench section: {exc}") from None
+    return validate(tree, str(file)), bench
+
+
+def percentile(times: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(times), q))
+
+
+class TenureRunner:
+    """Compiles the step (timed), then runs timed steps on the cycled batches."""
+
+    def __init__(self, b, cache_dir: str):
+        import jax
+        from engine.xla_env import cache_entries
+        self.b, self.jax = b, jax
+        self.device_batches = [jax.device_put(x) for x in b.batches]
+        before = cache_entries(cache_dir)
+        start = time.perf_counter()
+        lowered = b.step_fn.lower(b.state, self.device_batches[0])
+        self.lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        from engine.xla_env import compiler_options
+        cacheable = not (b.bench.onednn and compiler_options())
+        self.cache_hit = cacheable and cache_entries(cache_dir) == before
+        self.compile_cached_s = None
+        if cacheable:  # the executable is in the persistent cache now
+            jax.clear_caches()  # compile again from a fresh trace: now served by the cache
+            relowered = b.step_fn.lower(b.state, self.device_batches[0])
+            start = time.perf_counter()
+            relowered.compile()
+            self.compile_cached_s = time.perf_counter() - start
+        cost = self.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+        self.memory = self.compiled.memory_analysis()
+        self.state, self.count, self.loss = b.state, 0, None
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            batch = self.device_batches[self.count % len(self.device_batches)]
+            self.count += 1
+            start = time.perf_counter()
+            self.state, metrics = self.compiled(self.state, batch)
+            self.loss = float(self.jax.block_until_ready(metrics["loss"]))
+            times.append(time.perf_counter() - start)
+        return times
+
+
+class TorchRunner:
+    """scripts/bench_torch.py in the torch environment, driven over stdin/stdout."""
+
+    def __init__(self, b, tmp: str):
+        from engine.optim import warmup_steps
+        from models.parity import torch_python
+        python = torch_python()
+        if python is None:
+            raise TenureError("--compare torch needs the PyTorch environment: run `make torch-env`")
+        cfg = b.cfg
+        if cfg.trainable.mode != "full" or cfg.trainable.llrd is not None:
+            raise TenureError("--compare torch times full fine-tuning only (trainable.mode=full, no llrd)")
+        if cfg.optim.name != "adamw" or cfg.optim.grad_accum_steps != 1 or cfg.model.remat != "none":
+            raise TenureError("--compare torch needs optim.name=adamw, grad_accum_steps=1, model.remat=none")
+        npz = Path(tmp) / "batches.npz"
+        np.savez(npz, **{f"batch_{i}_{k}": v for i, batch in enumerate(b.batches) for k, v in batch.items()})
+        total = b.bench.warmup + b.bench.steps * b.bench.rounds + 1
+        spec = {"model_dir": str(b.model_dir), "init": cfg.model.init, "kind": cfg.task.kind,
+                "num_labels": b.num_labels, "batches": str(npz), "dtype": cfg.model.dtype,
+                "dropout": cfg.model.dropout, "lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay, "clip_norm": cfg.optim.clip_norm,
+                "total_steps": total, "warmup_steps": warmup_steps(cfg.optim, total),
+                "warmup": b.bench.warmup, "seed": cfg.train.seed}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        self.proc = subprocess.Popen([str(python), str(ROOT / "scripts" / "bench_torch.py"), str(Path(tmp) / "spec.json")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self._read()
+        self.loss, self.peak_rss_mb = self.ready.get("loss"), None
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise TenureError(f"the PyTorch loop (scripts/bench_torch.py) exited with code {self.proc.returncode}")
+        return json.loads(line)
+
+    def run(self, steps: int) -> list[float]:
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        self.loss, self.peak_rss_mb = reply["loss"], reply["peak_rss_mb"]
+        return reply["times"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
+def _rates(times: list[float], rows: int, padded: float, real: float) -> dict[str, float]:
+    p50 = percentile(times, 50)
+    return {"step_p50_s": p50, "step_p95_s": percentile(times, 95), "tokens_per_s_padded": padded / p50,
+            "tokens_per_s_real": real / p50, "examples_per_s": rows / p50}
+
+
+def _fmt(value, digits=3) -> str:
+    if isinstance(value, float):
+        return f"{value:,.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _record(args, cfg, bench, b, runner, times, build_s, peak, overrides) -> dict:
+    from engine.bench_setup import model_flops
+    from engine.xla_env import host_description
+    rows, length = bench.batch_size, bench.length
+    padded = float(rows * length)
+    real = float(np.mean([x["attention_mask"].sum() for x in b.batches]))
+    flops = model_flops(b.arch, b.state.params, b.trainability, cfg.task.kind, rows, length)
+    record = {"config": args.config, "overrides": overrides, "host": host_description(),
+              "task": cfg.task.kind, "dtype": cfg.model.dtype, "trainable": cfg.trainable.mode,
+              "batch_size": rows, "length": length, "data": bench.data, "steps_timed": len(times),
+              "dropout_rng": bench.dropout_rng, "onednn": bench.onednn,
+              "build_s": build_s, "compile_s": runner.compile_s, "compile_was_cache_hit": runner.cache_hit,
+              "compile_cached_s": runner.compile_cached_s, "lower_s": runner.lower_s,
+              **_rates(times, rows, padded, real),
+              "model_flops_per_step": flops["total"],
+              "model_flops_terms": {k: v for k, v in flops.items() if k != "total"},
+              "xla_flops_per_step": runner.xla_flops, "final_loss": runner.loss,
+              "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "xla_temp_mb": getattr(runner.memory, "temp_size_in_bytes", 0) / 2**20,
+              "xla_argument_mb": getattr(runner.memory, "argument_size_in_bytes", 0) / 2**20,
+              "trainable_params": b.trainability.trainable_count,
+              "optimizer_state_mb": _tree_mb(runner.state.opt_state)}
+    if peak:
+        record["host_matmul_peak_flops"] = peak
+        record["mfu"] = flops["total"] / record["step_p50_s"] / peak
+    return record
+
+
+def run_bench(args) -> int:
+    cfg, bench = load_bench_config(args.config, args.overrides)
+    variants = [(f"B{i + 1}" if len(args.ab) > 1 else "B", [*args.overrides, *ab])
+                for i, ab in enumerate(args.ab or [])]
+    from engine.xla_env import enable_compilation_cache, matmul_peak
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = enable_compilation_cache(Path(tmp) / "xla" if args.cold else args.cache_dir)
+        import jax.numpy as jnp
+        from engine.bench_setup import build_bench
+        configs = [("A", (cfg, bench), args.overrides)] + [
+            (label, load_bench_config(args.config, overrides), overrides) for label, overrides in variants]
+        peaks = {} if args.no_peak else {dt: matmul_peak(jnp.dtype(dt)) for dt in {c.model.dtype for _, (c, _), _ in configs}}
+        runs = []  # (label, cfg, bench, built, runner, build_s, overrides)
+        for label, (c, bc), overrides in configs:
+            start = time.perf_counter()
+            built = build_bench(c, bc, Path(args.config))
+            build_s = time.perf_counter() - start
+            runs.append((label, c, bc, built, TenureRunner(built, cache_dir), build_s, overrides))
+        torch = TorchRunner(runs[0][3], tmp) if args.compare == "torch" else None
+        times = {label: [] for label, *_ in runs}
+        times["torch"] = []
+        try:
+            for _, _, bc, _, runner, _, _ in runs:
+                runner.run(bc.warmup)
+            for _ in range(bench.rounds):
+                for label, _, bc, _, runner, _, _ in runs:
+                    times[label] += runner.run(bench.steps)
+                if torch is not None:
+                    times["torch"] += torch.run(bench.steps)
+        finally:
+            if torch is not None:
+                torch.close()
+    records = [dict(_record(args, c, bc, built, runner, times[label], build_s, peaks.get(c.model.dtype), overrides),
+                    variant=label) for label, c, bc, built, runner, build_s, overrides in runs]
+    record = records[0]
+    if torch is not None:
+        rows, length = bench.batch_size, bench.length
+        real = float(np.mean([x["attention_mask"].sum() for x in runs[0][3].batches]))
+        record["torch"] = {**_rates(times["torch"], rows, float(rows * length), real), "final_loss": torch.loss,
+                           "peak_rss_mb": torch.peak_rss_mb, "version": torch.ready.get("torch"),
+                           "threads": torch.ready.get("threads")}
+        record["speed_ratio_vs_torch"] = record["torch"]["step_p50_s"] / record["step_p50_s"]
+        for other in records[1:]:
+            other["speed_ratio_vs_torch"] = record["torch"]["step_p50_s"] / other["step_p50_s"]
+    for other in records[1:]:
+        other["speed_ratio_vs_A"] = record["step_p50_s"] / other["step_p50_s"]
+    for r in records:
+        print(_table(r))
+        print()
+    for r in records[1:]:
+        extra = r["overrides"][len(args.overrides):]
+        print(f"{r['variant']} ({' '.join(extra)}) vs A: {r['speed_ratio_vs_A']:.2f}x step rate "
+              "(ratio of median step times, alternated rounds)")
+    for r in records:
+        print("BENCH " + json.dumps(r, default=float))
+    return 0
+
+
+def _tree_mb(tree) -> float:
+    import jax
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")) / 2**20
+
+
+def _table(r: dict) -> str:
+    rows = [("step p50 / p95 (s)", f"{r['step_p50_s']:.3f} / {r['step_p95_s']:.3f}"),
+            ("tokens/s padded", _fmt(r["tokens_per_s_padded"])),
+            ("tokens/s real", _fmt(r["tokens_per_s_real"])),
+            ("examples/s", _fmt(r["examples_per_s"])),
+            ("final loss", _fmt(r["final_loss"], 5))]
+    torch = r.get("torch")
+    lines = [f"[{r.get('variant', 'A')}] tenure bench {r['config']} {' '.join(r['overrides'])}".rstrip(),
+             f"host: {r['host']}",
+             f"{r['task']} {r['batch_size']}x{r['length']} ({r['data']}), {r['dtype']}, trainable={r['trainable']} "
+             f"dropout_rng={r['dropout_rng']} onednn={r['onednn']} "
+             f"({r['trainable_params']:,} params), {r['steps_timed']} timed steps",
+             f"{'':22}{'tenure':>16}" + (f"{'HF PyTorch':>16}" if torch else "")]
+    torch_cells = {"step p50 / p95 (s)": f"{torch['step_p50_s']:.3f} / {torch['step_p95_s']:.3f}",
+                   "tokens/s padded": _fmt(torch["tokens_per_s_padded"]),
+                   "tokens/s real": _fmt(torch["tokens_per_s_real"]),
+                   "examples/s": _fmt(torch["examples_per_s"]),
+                   "final loss": _fmt(torch["final_loss"], 5)} if torch else {}
+    for name, value in rows:
+        lines.append(f"{name:22}{value:>16}" + (f"{torch_cells[name]:>16}" if torch else ""))
+    if torch:
+        lines.append(f"speed ratio (torch p50 / tenure p50): {r['speed_ratio_vs_torch']:.2f}x")
+    hit = " (cache hit)" if r["compile_was_cache_hit"] else ""
+    cached = (f"from the persistent cache {r['compile_cached_s']:.1f} s" if r["compile_cached_s"] is not None
+              else "not cacheable (oneDNN executables do not serialise in this jaxlib)")
+    lines += [f"compile: {r['compile_s']:.1f} s{hit}, {cached} "
+              f"(trace+lower {r['lower_s']:.1f} s, build {r['build_s']:.1f} s)",
+              f"model FLOPs/step {r['model_flops_per_step']:.3e} (6N·T + attention; XLA cost_analysis "
+              f"{r['xla_flops_per_step']:.3e})"]
+    if "mfu" in r:
+        lines.append(f"MFU {100 * r['mfu']:.1f}% of this host's measured {r['dtype']} matmul peak "
+                     f"{r['host_matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    lines.append(f"memory: peak host RSS {r['peak_host_rss_mb']:.0f} MB; XLA plan: arguments "
+                 f"{r['xla_argument_mb']:.0f} MB + temporaries {r['xla_temp_mb']:.0f} MB; optimizer state "
+                 f"{r['optimizer_state_mb']:.1f} MB" + (f"; torch peak RSS {torch['peak_rss_mb']:.0f} MB" if torch else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.bench CONFIG ...` until the lead wires `bench` into engine/cli.py."""
+    import argparse
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = argparse.ArgumentParser(prog="tenure")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args, extra = parser.parse_known_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    unknown = [token for token in extra if "=" not in token or token.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    try:
+        return args.fn(args)
+    except TenureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""What `tenure bench` times: the model, optimizer and train step of a config, on fixed-shape
+batches (synthetic or real), and the model-FLOPs formula.
+
+  BenchConfig        the `bench:` section of a bench YAML (shapes, steps, data source)
+  build_bench(cfg, bench) -> Bench   model, state, jitted step and batches
+  model_flops(...)   6 x non-embedding params x tokens + the attention term, adjusted for frozen
+                     stages (forward-only) and frozen weights (no weight gradient)
+
+The model is built here from its pieces (arch from config.json, weights only when
+model.init=pretrained), so a random-init benchmark needs nothing but a config.json. It is
+the one place that knows how a run is assembled: `_assemble` (switch it to the engine's
+build_backbone + build_stage when those land).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine import sharding
+from engine.config import Config
+from engine.losses import task_losses
+from engine.optim import build_optimizer, build_schedule
+from engine.step import TrainState, init_state, make_train_step
+from engine.trainability import compile_trainability, path_str, stage_of
+from models.errors import TenureError
+from models.hf import family, load_hf, read_config, resolve_model_dir
+from models.tasks import build_task_model, graft_pretrained
+
+MODEL_KIND = {"sft": "causal_lm"}
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                  "embd_dropout", "attn_dropout", "resid_dropout", "attention_dropout")
+
+
+class BenchConfig(BaseModel):
+    """The `bench:` section (override with bench.key=value)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(32, ge=1, description="rows per step")
+    length: int = Field(128, ge=2, description="tokens per row (every batch is padded to this)")
+    data: Literal["synthetic", "real"] = Field(
+        "synthetic", description="seeded random tokens, or data.train through the pipeline")
+    real_tokens: float = Field(1.0, gt=0, le=1, description="synthetic: share of each row that is real tokens")
+    num_labels: int = Field(2, ge=1, description="synthetic classification: number of classes")
+    warmup: int = Field(2, ge=0, description="untimed steps after compiling")
+    steps: int = Field(1, ge=1, description="timed steps per round (1 = alternate every step)")
+    rounds: int = Field(6, ge=1, description="rounds (with --compare torch or --ab: A B A B ...)")
+    batches: int = Field(4, ge=1, description="distinct batches cycled through")
+    dropout_rng: Literal["threefry", "rbg"] = Field(
+        "threefry", description="dropout key generator of the train step (engine/step.dropout_key)")
+    onednn: bool = Field(True, description="CPU: compile the step with the oneDNN dot path (engine/xla_env)")
+
+
+@dataclasses.dataclass
+class Bench:
+    cfg: Config
+    bench: BenchConfig
+    model_dir: Path
+    arch: Any
+    kind: str
+    model: Any
+    trainability: Any
+    state: TrainState
+    step_fn: Any
+    batches: list[dict]
+    num_labels: int
+
+
+def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int = 0) -> list[dict]:
+    """Seeded ids in [4, vocab) (never the usual special ids), right padding to `length`."""
+    rng = np.random.default_rng(seed)
+    rows, length = bench.batch_size, bench.length
+    real = max(2, int(round(bench.real_tokens * length)))
+    out = []
+    for _ in range(bench.batches):
+        mask = np.zeros((rows, length), np.int32)
+        mask[:, :real] = 1
+        ids = np.where(mask == 1, rng.integers(4, vocab_size, (rows, length)), 0).astype(np.int32)
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+                 "example_mask": np.ones((rows,), np.float32)}
+        if kind in ("causal_lm", "sft"):
+            batch["labels"] = np.where(mask == 1, ids, -100).astype(np.int32)
+        elif kind == "regression":
+            batch["labels"] = rng.normal(size=(rows,)).astype(np.float32)
+        else:
+            batch["labels"] = rng.integers(0, bench.num_labels, (rows,)).astype(np.int32)
+        out.append(batch)
+    return out
+
+
+def real_batches(cfg: Config, bench: BenchConfig, tokenizer) -> tuple[list[dict], int | None]:
+    """The first `bench.batches` training batches, all padded to `bench.length`."""
+    from engine.data.pipeline import build_label_vocab, build_train_iterator
+    if tokenizer is None:
+        raise TenureError("bench.data=real needs a tokenizer in the model directory")
+    data = cfg.data.model_copy(update={"max_length": bench.length, "length_buckets": [bench.length],
+                                       "batch_size": bench.batch_size})
+    vocab = build_label_vocab(data, cfg.task.kind)
+    it = iter(build_train_iterator(data, cfg.task.kind, tokenizer, vocab, seed=cfg.train.seed))
+    return [next(it) for _ in range(bench.batches)], (len(vocab) if vocab is not None else None)
+
+
+def _with_dropout(arch, rate: float | None):
+    if rate is None:
+        return arch
+    names = {f.name for f in dataclasses.fields(arch)} & set(DROPOUT_FIELDS)
+    return dataclasses.replace(arch, **{name: rate for name in names})
+
+
+def _pooling(cfg: Config, arch) -> str:
+    if cfg.task.pooling:
+        return cfg.task.pooling
+    return "mean" if cfg.task.kind == "embedding" else "cls" if type(arch).__name__ == "BertConfig" else "last"
+
+
+def _lora_spec(cfg: Config):
+    from models.lora import LoRASpec
+    if cfg.trainable.mode != "lora":
+        return None
+    lora = cfg.trainable.lora
+    return LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets), dropout=lora.dropout)
+
+
+def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int, sample: dict, total_steps: int):
+    """(arch, model, trainability, state, state_shardings, tx, mesh): what build_run makes,
+    without the data pipeline, and with weights read only for model.init=pretrained."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    pretrained = None
+    if cfg.model.init == "pretrained":
+        arch, backbone, head, _ = load_hf(model_dir, with_tokenizer=False)
+        pretrained = (backbone, head)
+    else:
+        config = read_config(model_dir)
+        arch = family(config.get("model_type", ""), f"{model_dir}/config.json").config_from_hf(config)
+    arch = _with_dropout(arch, cfg.model.dropout)
+    kind = MODEL_KIND.get(cfg.task.kind, cfg.task.kind)
+
+    def make(frozen_prefix):
+        return build_task_model(arch, kind, num_labels=num_labels, pooling=_pooling(cfg, arch),
+                                lora=_lora_spec(cfg), dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat,
+                                frozen_prefix=frozen_prefix, normalize_embeddings=cfg.task.normalize)
+
+    rng = jax.random.key(cfg.train.seed)
+    abstract = nn.unbox(jax.eval_shape(lambda: make(0).init(rng, sample, deterministic=True)["params"]))
+    trainability = compile_trainability(abstract, cfg.trainable, num_layers=arch.num_layers)
+    model = make(trainability.frozen_prefix)
+    params, param_shardings = sharding.init_sharded(
+        lambda: model.init(rng, sample, deterministic=True)["params"], mesh)
+    if pretrained is not None:
+        backbone, head = pretrained
+        keep = head if cfg.task.kind in ("mlm", "causal_lm", "sft") else (
+            {"pooler": head["pooler"]} if head and "pooler" in head else None)
+        params = jax.device_put(graft_pretrained(params, backbone, keep), param_shardings)
+    tx = build_optimizer(cfg.optim, trainability, total_steps)
+    state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings)
+    step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,
+                              lr_schedule=build_schedule(cfg.optim, total_steps),
+                              trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps,
+                              dropout_rng=bench.dropout_rng, xla_options=None if bench.onednn else {})
+    return arch, model, trainability, state, step_fn
+
+
+def resolve_dir(path: str, config_path: Path) -> Path:
+    """model.path as given, or relative to the bench YAML's directory."""
+    beside = (config_path.parent / path)
+    if not Path(path).expanduser().is_dir() and beside.is_dir():
+        return beside.resolve()
+    return resolve_model_dir(path)
+
+
+def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
+    model_dir = resolve_dir(cfg.model.path, config_path)
+    kind = cfg.task.kind
+    num_labels = bench.num_labels
+    if bench.data == "real":
+        from models.hf import load_tokenizer
+        batches, vocab_size = real_batches(cfg, bench, load_tokenizer(model_dir))
+        num_labels = vocab_size or num_labels
+    else:
+        vocab = read_config(model_dir)["vocab_size"]
+        batches = synthetic_batches(bench, kind, vocab, seed=cfg.train.seed)
+    total = bench.warmup + bench.steps * bench.rounds + 1
+    arch, model, trainability, state, step_fn = _assemble(cfg, bench, model_dir, num_labels, batches[0], total)
+    return Bench(cfg, bench, model_dir, arch, kind, model, trainability, state, step_fn, batches, num_labels)
+
+
+def _dims(arch) -> tuple[int, int, int]:
+    """(layers, hidden size, vocab size) of any family config."""
+    layers = getattr(arch, "num_layers")
+    hidden = getattr(arch, "hidden_size")
+    return layers, hidden, arch.vocab_size
+
+
+def model_flops(arch, params, trainability, kind: str, batch_size: int, length: int) -> dict[str, float]:
+    """Model FLOPs of one training step at `batch_size` x `length` padded tokens T.
+
+    N = non-embedding params (every param outside backbone/embeddings, the task head included).
+      forward                     2 N T + attention 4 layers L d T
+      backward, activations       2 N_above T + 8 layers_above L d T  (stages above the frozen prefix)
+      backward, weight gradients  2 N_trainable T
+    Full fine-tuning gives 6 N T + 12 layers L d T (the PaLM formula). A tied LM head adds
+    2 V d T per pass that applies (forward, activations, and weights when embeddings train)."""
+    tokens = batch_size * length
+    layers, hidden, vocab = _dims(arch)
+    frozen_prefix = trainability.frozen_prefix
+    n_all = n_above = n_trainable = 0
+    for (path, leaf), trains in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                    jax.tree.leaves(trainability.trainable_mask)):
+        p = path_str(path)
+        stage = stage_of(p)
+        if stage == 0:
+            continue
+        size = int(np.prod(leaf.shape))
+        n_all += size
+        if stage is None or stage >= frozen_prefix:
+            n_above += size
+        if trains:
+            n_trainable += size
+    layers_above = sum(1 for layer in range(layers) if layer + 1 >= frozen_prefix)
+    attn = 4 * length * hidden * tokens
+    flops = {"dense": 2.0 * tokens * (n_all + n_above + n_trainable),
+             "attention": float(attn * layers + 2 * attn * layers_above)}
+    paths = [path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if kind in ("causal_lm", "sft", "mlm") and not any("/lm_head/" in p for p in paths):
+        embeddings_train = any(t for p, t in zip(paths, jax.tree.leaves(trainability.trainable_mask))
+                               if stage_of(p) == 0)
+        flops["lm_head"] = 2.0 * vocab * hidden * tokens * (2 + int(embeddings_train))
+    flops["total"] = sum(flops.values())
+    flops["non_embedding_params"] = float(n_all)
+    return flops

@@ -1,0 +1,71 @@
+"""`tenure bench`: config loading, synthetic batches, the model-FLOPs formula, and one end-to-end
+run on a tiny fixture model (values checked, never timings)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.bench import load_bench_config, main
+from engine.bench_setup import BenchConfig, build_bench, model_flops, synthetic_batches
+from models.errors import TenureError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BERT = ROOT / "tests" / "fixtures" / "bert" / "seq_cls"
+TINY_GPT2 = ROOT / "tests" / "fixtures" / "gpt2"
+
+
+def _write(tmp_path, model_dir, kind="seq_cls", extra=""):
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"model: {{path: {model_dir}, init: random}}\ntask: {{kind: {kind}}}\n"
+                    "optim: {name: adamw, lr: 1.0e-3}\n"
+                    f"bench: {{batch_size: 8, length: 16, warmup: 1, steps: 2, rounds: 1, batches: 2}}\n{extra}")
+    return path
+
+
+def test_bench_section_and_overrides(tmp_path):
+    cfg, bench = load_bench_config(str(_write(tmp_path, TINY_BERT)), ["bench.length=8", "model.dtype=bfloat16"])
+    assert (bench.length, bench.batch_size, cfg.model.dtype) == (8, 8, "bfloat16")
+    with pytest.raises(TenureError, match="bench section"):
+        load_bench_config(str(_write(tmp_path, TINY_BERT)), ["bench.lenght=8"])
+
+
+def test_synthetic_batches_shapes_and_padding():
+    bench = BenchConfig(batch_size=3, length=10, real_tokens=0.5, batches=2)
+    lm = synthetic_batches(bench, "causal_lm", vocab_size=50)
+    assert len(lm) == 2 and lm[0]["input_ids"].shape == (3, 10)
+    assert lm[0]["attention_mask"].sum() == 15
+    assert np.all(lm[0]["labels"][:, 5:] == -100) and np.all(lm[0]["labels"][:, :5] == lm[0]["input_ids"][:, :5])
+    cls = synthetic_batches(BenchConfig(batch_size=3, length=10, num_labels=4), "seq_cls", vocab_size=50)
+    assert cls[0]["labels"].shape == (3,) and cls[0]["labels"].max() < 4 and cls[0]["input_ids"].min() >= 4
+
+
+def test_model_flops_is_6NT_plus_attention_and_shrinks_when_frozen(tmp_path):
+    path = _write(tmp_path, TINY_BERT)
+    cfg, bench = load_bench_config(str(path), [])
+    b = build_bench(cfg, bench, path)
+    flops = model_flops(b.arch, b.state.params, b.trainability, "seq_cls", 8, 16)
+    layers, d, tokens = b.arch.num_hidden_layers, b.arch.hidden_size, 8 * 16
+    n = flops["non_embedding_params"]
+    assert flops["total"] == pytest.approx(6 * n * tokens + 12 * layers * 16 * d * tokens)
+    cfg_head, _ = load_bench_config(str(path), ["trainable.mode=head"])
+    h = build_bench(cfg_head, bench, path)
+    head = model_flops(h.arch, h.state.params, h.trainability, "seq_cls", 8, 16)
+    assert head["attention"] == pytest.approx(4 * layers * 16 * d * tokens)  # forward only
+    assert head["total"] < flops["total"] / 2.5
+
+
+def test_bench_runs_end_to_end_with_a_variant_and_prints_json_lines(tmp_path, capsys):
+    path = _write(tmp_path, TINY_GPT2, kind="causal_lm")
+    assert main([str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache"), "--ab", "trainable.mode=last_n"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("BENCH ")]
+    assert len(lines) == 2
+    record, head = (json.loads(line[len("BENCH "):]) for line in lines)
+    assert head["trainable"] == "last_n" and head["trainable_params"] < record["trainable_params"]
+    assert head["speed_ratio_vs_A"] == pytest.approx(record["step_p50_s"] / head["step_p50_s"])
+    assert head["model_flops_per_step"] < record["model_flops_per_step"]
+    assert record["steps_timed"] == 2 and record["batch_size"] == 8 and record["length"] == 16
+    assert record["tokens_per_s_padded"] == pytest.approx(128 / record["step_p50_s"])
+    assert "lm_head" in record["model_flops_terms"] and record["xla_flops_per_step"] > 0
+    assert np.isfinite(record["final_loss"]) and "mfu" not in record
