@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import sharding
+from engine.build import kept_head, lora_spec, model_for, with_dropout
 from engine.config import Config
 from engine.losses import task_losses
 from engine.optim import build_optimizer, build_schedule
@@ -31,11 +31,8 @@ from engine.step import TrainState, init_state, make_train_step
 from engine.trainability import compile_trainability, path_str, stage_of
 from models.errors import TenureError
 from models.hf import family, load_hf, read_config, resolve_model_dir
-from models.tasks import build_task_model, graft_pretrained
-
-MODEL_KIND = {"sft": "causal_lm"}
-DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
-                  "embd_dropout", "attn_dropout", "resid_dropout", "attention_dropout")
+from models.kinds import KINDS
+from models.tasks import graft_pretrained
 
 
 class BenchConfig(BaseModel):
@@ -107,27 +104,6 @@ def real_batches(cfg: Config, bench: BenchConfig, tokenizer) -> tuple[list[dict]
     return [next(it) for _ in range(bench.batches)], (len(vocab) if vocab is not None else None)
 
 
-def _with_dropout(arch, rate: float | None):
-    if rate is None:
-        return arch
-    names = {f.name for f in dataclasses.fields(arch)} & set(DROPOUT_FIELDS)
-    return dataclasses.replace(arch, **{name: rate for name in names})
-
-
-def _pooling(cfg: Config, arch) -> str:
-    if cfg.task.pooling:
-        return cfg.task.pooling
-    return "mean" if cfg.task.kind == "embedding" else "cls" if type(arch).__name__ == "BertConfig" else "last"
-
-
-def _lora_spec(cfg: Config):
-    from models.lora import LoRASpec
-    if cfg.trainable.mode != "lora":
-        return None
-    lora = cfg.trainable.lora
-    return LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets), dropout=lora.dropout)
-
-
 def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int, sample: dict, total_steps: int):
     """(arch, model, trainability, state, state_shardings, tx, mesh): what build_run makes,
     without the data pipeline, and with weights read only for model.init=pretrained."""
@@ -139,13 +115,10 @@ def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int,
     else:
         config = read_config(model_dir)
         arch = family(config.get("model_type", ""), f"{model_dir}/config.json").config_from_hf(config)
-    arch = _with_dropout(arch, cfg.model.dropout)
-    kind = MODEL_KIND.get(cfg.task.kind, cfg.task.kind)
+    arch = with_dropout(arch, cfg.model.dropout)
 
     def make(frozen_prefix):
-        return build_task_model(arch, kind, num_labels=num_labels, pooling=_pooling(cfg, arch),
-                                lora=_lora_spec(cfg), dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat,
-                                frozen_prefix=frozen_prefix, normalize_embeddings=cfg.task.normalize)
+        return model_for(cfg, arch, cfg.task, num_labels, lora_spec(cfg.trainable), frozen_prefix=frozen_prefix)
 
     rng = jax.random.key(cfg.train.seed)
     abstract = nn.unbox(jax.eval_shape(lambda: make(0).init(rng, sample, deterministic=True)["params"]))
@@ -155,8 +128,7 @@ def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int,
         lambda: model.init(rng, sample, deterministic=True)["params"], mesh)
     if pretrained is not None:
         backbone, head = pretrained
-        keep = head if cfg.task.kind in ("mlm", "causal_lm", "sft") else (
-            {"pooler": head["pooler"]} if head and "pooler" in head else None)
+        keep = kept_head(KINDS[cfg.task.kind].head, head)
         params = jax.device_put(graft_pretrained(params, backbone, keep), param_shardings)
     tx = build_optimizer(cfg.optim, trainability, total_steps)
     state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +53,7 @@ class Backbone:
     tokenizer: Any
 
 
-def _with_dropout(arch, rate: float | None):
+def with_dropout(arch, rate: float | None):
     """`model.dropout` overrides every dropout rate the architecture config has."""
     if rate is None:
         return arch
@@ -66,7 +65,7 @@ def build_backbone(cfg: Config, model_path: str | None = None) -> Backbone:
     mesh = sharding.make_mesh(cfg.mesh)
     model_dir = resolve_model_dir(model_path or cfg.model.path)
     arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
-    return Backbone(mesh, str(model_dir), _with_dropout(arch, cfg.model.dropout), pretrained, pretrained_head,
+    return Backbone(mesh, str(model_dir), with_dropout(arch, cfg.model.dropout), pretrained, pretrained_head,
                     tokenizer)
 
 
@@ -139,7 +138,7 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task]) -> Task
     return Tasks(by_name, heads.pop(), union, multi)
 
 
-def _lora_spec(trainable):
+def lora_spec(trainable):
     from models.lora import LoRASpec
     if trainable.mode != "lora":
         return None
@@ -155,14 +154,30 @@ def _pooling(spec, arch) -> str:
     return "cls" if type(arch).__name__ in ENCODER_FAMILIES else "last"
 
 
-def task_model(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, frozen_prefix: int = 0,
-               label_masks: tuple | None = None):
-    spec = tasks.first.task.spec
-    num_labels = len(tasks.label_vocab) if tasks.label_vocab is not None else 1 if tasks.head == "regression" else 2
+def model_for(cfg: Config, arch, spec, num_labels: int | None, lora, *, frozen_prefix: int = 0,
+              label_masks: tuple | None = None):
+    """The task model of task config `spec` (kind, pooling, ...) on architecture `arch`."""
+    head = KINDS[spec.kind].head
+    num_labels = num_labels or (1 if head == "regression" else 2)
     return build_task_model(
-        backbone.arch, tasks.head, num_labels=num_labels, pooling=_pooling(spec, backbone.arch), lora=lora,
+        arch, head, num_labels=num_labels, pooling=_pooling(spec, arch), lora=lora,
         dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, frozen_prefix=frozen_prefix,
         normalize_embeddings=spec.normalize, label_masks=label_masks)
+
+
+def task_model(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, frozen_prefix: int = 0,
+               label_masks: tuple | None = None):
+    num_labels = len(tasks.label_vocab) if tasks.label_vocab is not None else None
+    return model_for(cfg, backbone.arch, tasks.first.task.spec, num_labels, lora, frozen_prefix=frozen_prefix,
+                     label_masks=label_masks)
+
+
+def kept_head(head_kind: str, pretrained_head, keep_all: bool = False):
+    """The pretrained head leaves a fresh task model keeps: LM heads (MLM, untied causal LM) and
+    BERT's pooler; all of them with `keep_all` (an exported model's own task head)."""
+    if keep_all or head_kind in ("mlm", "causal_lm"):
+        return pretrained_head
+    return {"pooler": pretrained_head["pooler"]} if pretrained_head and "pooler" in pretrained_head else None
 
 
 def sample_batch(backbone: Backbone, tasks: Tasks, seed: int) -> dict:
@@ -177,19 +192,16 @@ def sample_batch(backbone: Backbone, tasks: Tasks, seed: int) -> dict:
 
 
 def init_params(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, keep_pretrained_head: bool = False):
-    """(params, param_shardings): the pretrained backbone and fresh task heads, sharded.
-    LM heads (MLM, untied causal LM) and BERT's pooler keep their pretrained weights;
-    `keep_pretrained_head` keeps the task head too (evaluating an exported model)."""
+    """(params, param_shardings): the pretrained backbone and fresh task heads (see `kept_head`),
+    sharded; `keep_pretrained_head` keeps the task head too (evaluating an exported model)."""
     model = task_model(cfg, backbone, tasks, lora)
     batch = sample_batch(backbone, tasks, cfg.train.seed)
     rng = jax.random.key(cfg.train.seed)
     params, param_shardings = sharding.init_sharded(
         lambda: model.init(rng, batch, deterministic=True)["params"], backbone.mesh)
     if cfg.model.init == "pretrained":
-        head = backbone.pretrained_head
-        keep_head = head if keep_pretrained_head or tasks.head in ("mlm", "causal_lm") else (
-            {"pooler": head["pooler"]} if head and "pooler" in head else None)
-        params = jax.device_put(graft_pretrained(params, backbone.pretrained, keep_head), param_shardings)
+        keep = kept_head(tasks.head, backbone.pretrained_head, keep_pretrained_head)
+        params = jax.device_put(graft_pretrained(params, backbone.pretrained, keep), param_shardings)
     return params, param_shardings
 
 
@@ -281,7 +293,7 @@ def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, par
     """The stage's model, optimizer, losses, data and jitted step, starting from `params`.
     `regularize(trainability, model) -> (loss terms, extra)` adds the regularisers and the pytrees
     they read (anchors, Fisher), which live in the train state and its checkpoints."""
-    lora = _lora_spec(stage.trainable)
+    lora = lora_spec(stage.trainable)
     trainability = compile_trainability(params, stage.trainable, num_layers=backbone.arch.num_layers)
     model = task_model(cfg, backbone, tasks, lora, frozen_prefix=trainability.frozen_prefix,
                        label_masks=tasks.label_masks(stage, cfg.heads))

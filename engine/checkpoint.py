@@ -16,7 +16,6 @@ Safety rules (issue 10):
 """
 import dataclasses
 import datetime
-import errno
 import json
 import logging
 import os

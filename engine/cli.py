@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="counts, labels, lengths, duplicates and bad records per split"))
     p.set_defaults(fn=_cmd_data_inspect)
 
+    from engine.bench import add_bench_parser
     from engine.study import add_study_parser
+    add_bench_parser(sub)
     add_study_parser(sub)
 
     hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(

@@ -21,7 +21,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from engine import distributed
-from engine.build import Backbone, StageRun, Tasks, _lora_spec, build_backbone, build_stage, build_tasks, init_params
+from engine.build import Backbone, StageRun, Tasks, lora_spec, build_backbone, build_stage, build_tasks, init_params
 from engine.checkpoint import Checkpointer
 from engine.config import Config, to_dict
 from engine.continual import regularizers
@@ -107,7 +107,7 @@ class Trainer:
                               "trainable.mode=lora")
         self.backbone: Backbone = build_backbone(cfg)
         self.tasks: Tasks = build_tasks(cfg, self.backbone, task_specs)
-        self.lora = _lora_spec(self.stages[0].trainable)
+        self.lora = lora_spec(self.stages[0].trainable)
         self.start_params, self.param_shardings = init_params(cfg, self.backbone, self.tasks, self.lora,
                                                               keep_pretrained_head=keep_pretrained_head)
         self.single = len(self.stages) == 1 and not self.tasks.multi
@@ -321,7 +321,7 @@ class Trainer:
         return self.conclude(params, final_step)
 
     def conclude(self, params, final_step: int) -> dict:
-        cfg, run_dir = self.cfg, self.run_dir
+        run_dir = self.run_dir
         export_dir = run_dir / "hf"
         host_params = to_host(params)  # collective: every process takes part
         labels = [str(label) for label in self.tasks.label_vocab.labels] if self.tasks.label_vocab else None

@@ -70,4 +70,4 @@ def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path):
     assert ewc["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - MARGIN
 
 
-MARGIN = 0.05
+MARGIN = 0.1

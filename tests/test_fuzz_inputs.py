@@ -3,7 +3,6 @@ engine's own error with one line; never another exception."""
 import json
 import string
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine.config import load_config, to_dict, validate

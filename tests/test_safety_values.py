@@ -1,6 +1,5 @@
 """Values that used to pass but should not (issue 10, item 8), each refused in one line
 before training, and `on_bad_record: skip` saying what it skipped."""
-import json
 
 import numpy as np
 import pytest
