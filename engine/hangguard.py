@@ -17,7 +17,6 @@ killed stops beating; one that is merely slow (a long compile) keeps beating fro
 """
 from __future__ import annotations
 
-import atexit
 import os
 import sys
 import threading
@@ -108,13 +107,14 @@ def start(timeout: float | None = None) -> HangGuard | None:
     client = jax_distributed.global_state.client
     if _guard is not None or timeout <= 0 or client is None or jax.process_count() < 2:
         return _guard
+    # The guard runs until the interpreter ends: JAX's shutdown at exit waits in a barrier for every
+    # process, and a peer that died must not turn that wait into a hang either.
     _guard = HangGuard(client, jax.process_index(), jax.process_count(), timeout).start()
-    atexit.register(stop)  # runs before JAX's own shutdown (registered earlier, atexit is LIFO)
     return _guard
 
 
 def stop() -> None:
-    """Before a clean shutdown: a peer that finished first must not look like a dead one."""
+    """Ends this process's guard and tells its peers it left on purpose (they stop watching it)."""
     global _guard
     if _guard is not None:
         _guard.stop(done=True)

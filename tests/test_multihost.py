@@ -197,7 +197,40 @@ def test_a_killed_process_makes_the_other_exit_naming_it(tmp_path):
                 p.kill()
                 p.wait()
     lines = [l for l in err.splitlines() if l.startswith("hang guard:")]
-    assert procs[0].returncode == 75, err[-3000:]
+    assert procs[0].returncode == 75, err[:2000] + "\n...\n" + err[-2000:]
     assert len(lines) == 1 and lines[0].startswith("hang guard: process 1 of 2 has not answered for"), lines
     assert lines[0].endswith("process 0 exits")
     assert waited < 5 + 10  # the timeout, plus one beat and start-up slack
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_preflight_on_two_processes(tmp_path):
+    base = [sys.executable, "-m", "engine.cli", "launch", "--preflight", "configs/quickstart.yaml",
+            f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}", f"run_dir={tmp_path / 'run'}", *_data(tmp_path),
+            "data.batch_size=8", "data.eval_batch_size=8", "mesh.fsdp=2"]
+    results = launch(base, processes=2, devices=2, timeout=120)
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:]
+    out = results[0][1]
+    assert "preflight (2 processes, 4 devices):" in out
+    assert "  ok    mesh            data=2 fsdp=2 tensor=1 on 4 devices" in out
+    # process 0's 2 devices hold 1, process 1's hold 2: the all-reduce must see all four
+    assert "  ok    all-reduce      sum over 4 devices = 6 (expected 6)" in out
+    assert "task task source train: 64 records, 32 in this process's shard" in out
+    assert out.rstrip().endswith("preflight: all checks passed on every process")
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # the write probes are removed
+
+    # Two problems: a batch that 4 shards cannot split, a checkpoint dir no process can create.
+    (tmp_path / "a_file").write_text("")
+    bad = launch([*base, "data.batch_size=6", f"checkpoint.dir={tmp_path / 'a_file' / 'ckpt'}"],
+                 processes=2, devices=2, timeout=120)
+    assert [code for code, _, _ in bad] == [1, 1]
+    for pid, (_, out, _) in enumerate(bad):
+        failures = [l for l in out.splitlines() if l.startswith(f"preflight: process {pid}:")]
+        assert failures == [
+            f"preflight: process {pid}: batch: config key 'data.batch_size': 6 is not divisible by data x fsdp = 4 "
+            "and 2 processes; use a multiple of 4",
+            f"preflight: process {pid}: checkpoint dir: {tmp_path / 'a_file' / 'ckpt'}: cannot write (Not a "
+            "directory); set checkpoint.dir to a directory every host can write (a shared filesystem or a "
+            "bucket mount)"], out
+    assert bad[0][1].rstrip().endswith("preflight: failed on processes 0, 1")
