@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_parser(sub)
     from engine.preflight import add_parser as add_launch_parser
     add_launch_parser(sub, with_config)
+    from engine.aot import add_parser as add_compile_parser
+    add_compile_parser(sub, with_config)
 
     hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(
         dest="hf_command", required=True, metavar="HF_COMMAND")
