@@ -227,6 +227,50 @@ def build_abstract_step(cfg: Config, target: Target, *, num_labels: int = 2):
     return step_fn, state, batch, mesh, trainability
 
 
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    memory = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+              "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+              "code": int(mem.generated_code_size_in_bytes)}
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+                       + memory["code"])
+    return memory
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def compile_fisher(cfg: Config, topology: str, *, num_labels: int = 2, chunk: int = 8):
+    """(memory, flops) per chip of the EWC Fisher step (`engine.fisher.make_fisher_step`, the config's
+    ewc.fisher mode) over one training batch, on the same abstract params."""
+    from engine.fisher import make_fisher_step
+    from engine.stages import resolve
+    target = target_devices(topology)
+    _, state, batch, mesh, trainability = build_abstract_step(cfg, target, num_labels=num_labels)
+    tasks, stages = resolve(cfg)
+    task = next(iter(tasks.values()))
+    ewc = stages[0].ewc if getattr(stages[0], "ewc", None) is not None else cfg.ewc
+    from engine.build import _lora_spec, _pooling
+    from models.kinds import KINDS
+    from models.tasks import build_task_model
+    arch = arch_from_config(cfg.model.path, cfg.model.dropout)
+    head = KINDS[task.spec.kind].head
+    model = build_task_model(arch, head, num_labels=1 if head == "regression" else num_labels,
+                             pooling=_pooling(task.spec, arch), lora=_lora_spec(stages[0].trainable),
+                             dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat,
+                             normalize_embeddings=task.spec.normalize)
+    param_shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    step = make_fisher_step(model, task.spec.kind, ewc.fisher, trainability.trainable_mask, mesh, param_shardings,
+                            chunk=chunk)
+    repl = sharding.replicated(mesh)
+    compiled = step.jitted.lower(state.params, batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
+                                 jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)).compile()
+    return _memory(compiled), _flops(compiled)
+
+
 def compile_for(cfg: Config, topology: str, *, num_labels: int = 2) -> Compiled:
     target = target_devices(topology)
     step_fn, state, batch, mesh, trainability = build_abstract_step(cfg, target, num_labels=num_labels)
@@ -241,25 +285,14 @@ def compile_for(cfg: Config, topology: str, *, num_labels: int = 2) -> Compiled:
         need = f"{m.group(1)} of temporaries > {m.group(2)} HBM free per chip" if m else text.splitlines()[0][:160]
         raise DoesNotFit(f"does not fit: the compiler needs {need} ({target.chip.name if target.chip else 'CPU'} "
                          f"on {target.name}, mesh {dict(mesh.shape)}); try {_advice(dict(mesh.shape), cfg)}") from None
-    mem = compiled.memory_analysis()
-    memory = {
-        "arguments": int(mem.argument_size_in_bytes),
-        "outputs": int(mem.output_size_in_bytes),
-        "aliased": int(mem.alias_size_in_bytes),
-        "temporaries": int(mem.temp_size_in_bytes),
-        "code": int(mem.generated_code_size_in_bytes),
-    }
-    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
-                       + memory["code"])
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = _memory(compiled)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     largest = sorted(((jax.tree_util.keystr(path, simple=True, separator="/"), tuple(x.shape), jnp.dtype(x.dtype).name,
                        x.sharding.spec, _per_chip_bytes(x)) for path, x in leaves if x.ndim),
                      key=lambda row: -int(math.prod(row[1])) * jnp.dtype(row[2]).itemsize)
     params = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(state.params))
     task = batch["input_ids"]
-    return Compiled(target, dict(mesh.shape), compiled, memory, float(cost.get("flops", 0.0)), largest[:6],
+    return Compiled(target, dict(mesh.shape), compiled, memory, _flops(compiled), largest[:6],
                     params, int(trainability.trainable_count),
                     int(task.shape[0] * task.shape[1]))
 
@@ -333,6 +366,14 @@ def _cmd_compile(args) -> int:
         return 1
     text, fits = report(c, cfg, args.mfu)
     print(text, flush=True)
+    if args.fisher:
+        memory, flops = compile_fisher(cfg, args.topology, num_labels=args.num_labels)
+        chip = c.target.chip
+        print(f"  EWC Fisher step ({cfg.ewc.fisher}, one batch of per-example gradients): {_gib(memory['total'])} per "
+              f"chip (temporaries {_gib(memory['temporaries'])}), {flops:.3e} FLOPs per chip"
+              + (f"; {flops / (chip.peak_flops * args.mfu) * 1e3:.1f} ms at {args.mfu:.0%} MFU" if chip else ""),
+              flush=True)
+        fits = fits and (chip is None or memory["total"] <= chip.hbm_bytes)
     if not fits:
         chip = c.target.chip
         print(f"error: does not fit: {_gib(c.memory['total'])} per chip > {_gib(chip.hbm_bytes)} HBM of "
@@ -348,5 +389,6 @@ def add_parser(sub, with_config) -> None:
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the step time assumes")
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="plan against this much memory per chip instead of the chip's HBM (headroom)")
+    p.add_argument("--fisher", action="store_true", help="also compile the EWC Fisher step (ewc.fisher mode)")
     p.add_argument("--num-labels", type=int, default=2, help="classification heads: number of labels")
     p.set_defaults(fn=_cmd_compile)

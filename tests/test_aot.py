@@ -118,3 +118,19 @@ def test_tpu_compile_for_v5p_8(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: does not fit: ")
     assert errors[0].endswith("HBM of TPU v5p on v5p-8; try mesh.fsdp=4 mesh.data=1 (shard params and optimizer "
                               "state over every chip)")
+
+
+def test_cpu_compile_of_the_ewc_fisher_step():
+    cfg = load_config(ROOT / "configs/quickstart.yaml", TINY)
+    memory, flops = aot.compile_fisher(cfg, "cpu:4")
+    # Its arguments: the params' shards and the batch's (no optimizer state), byte for byte, and the
+    # int32 budget. The exact Fisher sums over every class under the model's own p(y|x): XLA drops the
+    # labels and the rng key as unused arguments.
+    target = aot.target_devices("cpu:4")
+    _, state, batch, _, _ = aot.build_abstract_step(cfg, target)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    assert memory["arguments"] == _per_chip((state.params, unlabelled)) + 4
+    train = aot.compile_for(cfg, "cpu:4")
+    # exact Fisher on 8 examples x 2 classes: per-example backward passes cost more than one batched step
+    assert flops > 0 and memory["total"] > 0
+    assert flops != train.flops
