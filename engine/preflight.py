@@ -130,16 +130,17 @@ def run(cfg: Config) -> Report:
     from engine.data.sources import open_source
     for name, task in tasks.items():
         for source, spec in task.data.sources.items():
+            label = f"source {source}" if cfg.data is not None else f"task {name} source {source}"
             try:
                 n = len(open_source(spec.path))
             except (TenureError, OSError, ValueError) as exc:
-                report.fail("data", f"task {name} source {source}: {exc}")
+                report.fail("data", f"{label}: {exc}")
                 continue
             usable = n - n % pc
             if usable == 0:
-                report.fail("data", f"task {name} source {source}: {n} records cannot be split over {pc} processes")
+                report.fail("data", f"{label}: {n} records cannot be split over {pc} processes")
             else:
-                report.ok("data", f"task {name} source {source}: {n} records, {usable // pc} in this process's shard")
+                report.ok("data", f"{label}: {n} records, {usable // pc} in this process's shard")
 
     ckpt_dir = cfg.checkpoint.resolved_dir(cfg.run_dir)
     probe = pathlib.Path(ckpt_dir) / f".preflight-process-{pi}"

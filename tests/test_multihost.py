@@ -42,9 +42,8 @@ def train_args(tmp_path, run_dir, *overrides) -> list[str]:
             *overrides]
 
 
-def launch(args, *, processes: int, devices: int, timeout=300, env_extra=None) -> list[tuple[int, str, str]]:
-    """Runs `args` as `processes` JAX processes (each with `devices` CPU devices); returns
-    (returncode, stdout, stderr) per process."""
+def start(args, *, processes: int, devices: int, env_extra=None) -> list[subprocess.Popen]:
+    """Starts `args` as `processes` JAX processes (each with `devices` CPU devices)."""
     port = _free_port()
     procs = []
     for pid in range(processes):
@@ -56,11 +55,20 @@ def launch(args, *, processes: int, devices: int, timeout=300, env_extra=None) -
                        JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
+    return procs
+
+
+def finish(procs, timeout=300) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) per process."""
     results = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)
         results.append((p.returncode, out, err))
     return results
+
+
+def launch(args, *, processes: int, devices: int, timeout=300, env_extra=None) -> list[tuple[int, str, str]]:
+    return finish(start(args, processes=processes, devices=devices, env_extra=env_extra), timeout)
 
 
 def _ok(results):
@@ -109,8 +117,11 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
     """2 processes x 2 devices == 1 process x 4 devices: per-step loss, checkpointed state, export."""
     two, one = tmp_path / "two", tmp_path / "one"
     common = ("train.steps=6", "train.eval_every=100", "checkpoint.every_steps=3")
-    _ok(launch(train_args(tmp_path, two, *common), processes=2, devices=2))
-    _ok(launch(train_args(tmp_path, one, *common), processes=1, devices=4))
+    # Both runs at once (3 processes): they share nothing but the data files.
+    two_procs = start(train_args(tmp_path, two, *common), processes=2, devices=2)
+    one_procs = start(train_args(tmp_path, one, *common), processes=1, devices=4)
+    results = _ok(finish(two_procs) + finish(one_procs))
+    assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in results[0][1] and "mesh {'data': 4" in results[2][1]
     s2 = json.loads((two / "summary.json").read_text())
     s1 = json.loads((one / "summary.json").read_text())
     assert len(s2["train_loss"]) == len(s1["train_loss"]) == 6
@@ -147,18 +158,21 @@ def test_checkpoint_resumes_on_other_topologies_with_the_same_next_loss(tmp_path
     step 5's loss equals the one the 4-device run took itself."""
     ref = tmp_path / "ref"
     common = ("train.steps=5", "train.eval_every=100", "checkpoint.every_steps=4")
-    _ok(launch(train_args(tmp_path, ref, *common, "mesh.data=2", "mesh.fsdp=2"), processes=1, devices=4))
+    out = _ok(launch(train_args(tmp_path, ref, *common, "mesh.data=2", "mesh.fsdp=2"), processes=1, devices=4))[0][1]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out
     ref_losses = json.loads((ref / "summary.json").read_text())["train_loss"]
     assert len(ref_losses) == 5
-    losses = {}
+    losses, procs = {}, {}
+    meshes = {"one": "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}", "eight": "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}"}
     for name, devices, mesh in (("one", 1, ()), ("eight", 8, ("mesh.data=1", "mesh.fsdp=8"))):
         run = tmp_path / name
         (run / "checkpoints").mkdir(parents=True)
         shutil.copytree(ref / "checkpoints" / "4", run / "checkpoints" / "4")
-        results = _ok(launch(train_args(tmp_path, run, *common, *mesh), processes=1, devices=devices))
-        out = results[0][1]
-        assert "resumed from step 4" in out
-        losses[name] = json.loads((run / "summary.json").read_text())["train_loss"]
+        procs[name] = start(train_args(tmp_path, run, *common, *mesh), processes=1, devices=devices)
+    for name, started in procs.items():  # both continuations run at once
+        out = _ok(finish(started))[0][1]
+        assert "resumed from step 4" in out and meshes[name] in out
+        losses[name] = json.loads((tmp_path / name / "summary.json").read_text())["train_loss"]
     for name, got in losses.items():
         assert len(got) == 5, name
         np.testing.assert_allclose(got[:4], ref_losses[:4], rtol=0, atol=0)  # the history, carried over
@@ -216,7 +230,7 @@ def test_preflight_on_two_processes(tmp_path):
     assert "  ok    mesh            data=2 fsdp=2 tensor=1 on 4 devices" in out
     # process 0's 2 devices hold 1, process 1's hold 2: the all-reduce must see all four
     assert "  ok    all-reduce      sum over 4 devices = 6 (expected 6)" in out
-    assert "task task source train: 64 records, 32 in this process's shard" in out
+    assert "  ok    data            source train: 64 records, 32 in this process's shard" in out
     assert out.rstrip().endswith("preflight: all checks passed on every process")
     assert not list((tmp_path / "run" / "checkpoints").iterdir())  # the write probes are removed
 
