@@ -138,7 +138,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
         if _shift_invariant(key):
             continue
         np.testing.assert_allclose(state2[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
-    start = load_file(str(ROOT / "tests/fixtures/bert/seq_cls/model.safetensors"))
+    initial = load_file(str(ROOT / "tests/fixtures/bert/seq_cls/model.safetensors"))
     h2, h1 = load_file(str(two / "hf/model.safetensors")), load_file(str(one / "hf/model.safetensors"))
     assert h2.keys() == h1.keys()
     moved = 0.0
@@ -146,8 +146,8 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
         if _shift_invariant(key):
             continue
         np.testing.assert_allclose(h2[key], h1[key], rtol=1e-4, atol=1e-6, err_msg=key)
-        if key in start and start[key].shape == h1[key].shape:
-            moved = max(moved, float(np.max(np.abs(h1[key] - start[key]))))
+        if key in initial and initial[key].shape == h1[key].shape:
+            moved = max(moved, float(np.max(np.abs(h1[key] - initial[key]))))
     assert moved > 1e-4  # training changed the weights being compared
 
 
