@@ -13,6 +13,11 @@ The thread holds the GIL only between beats; JAX releases it while it waits on d
 guard runs while the main thread is stuck in a collective. A process stopped with SIGSTOP or
 killed stops beating; one that is merely slow (a long compile) keeps beating from its thread.
 
+When process 0 dies, the store goes with it and JAX's own error polling usually aborts the other
+processes at once (its "Terminating process because the JAX distributed service detected fatal
+errors" log), before the guard's next beat; the guard's coordinator line covers the cases where
+JAX does not notice (a coordinator host that stops answering without resetting connections).
+
 `TENURE_HANG_TIMEOUT` (seconds, default 60; 0 turns the guard off) sets the timeout.
 """
 from __future__ import annotations
