@@ -24,10 +24,12 @@ from engine import sharding
 from engine.config import Config
 from engine.data.mixture import ReservoirBuffer
 from engine.data.pipeline import (EvalBatches, TaskFeaturizer, TrainIterator, TrainSource, build_eval_batches,
-                                  build_label_vocab, load_train_records, make_featurizer, make_train_iterator)
+                                  build_label_vocab, load_train_records, make_featurizer, make_train_iterator,
+                                  plan_total_steps)
 from engine.data.records import LabelVocab
 from engine.data.sources import select
 from engine.losses import of_task, task_loss
+from engine.metrics import check_eval_metric
 from engine.optim import build_optimizer, build_schedule
 from engine.stages import Stage, Task
 from engine.step import TrainState, init_state, like_params_shardings, make_train_step
@@ -35,6 +37,7 @@ from engine.trainability import Trainability, compile_trainability
 from models.errors import TenureError
 from models.hf import load_hf, resolve_model_dir
 from models.kinds import KINDS
+from models.positions import check_max_length
 from models.tasks import ENCODER_FAMILIES, build_task_model, graft_pretrained
 
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
@@ -110,6 +113,16 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task]) -> Task
         raise TenureError(f"tasks: every task of a run must share one model head, got {sorted(heads)} "
                           f"(kinds {[t.spec.kind for t in tasks.values()]})")
     multi = len(tasks) > 1
+    for name, task in tasks.items():  # before any data is read: choices that cannot work
+        where = f"tasks.{name}: " if multi else ""
+        generation = (task.spec.kind == "sft" and task.spec.generation_examples > 0
+                      and (task.data.format or "prompt_completion") == "prompt_completion")
+        problem = check_eval_metric(task.spec.kind, task.metric, task.mode, generation=generation)
+        if problem:
+            raise TenureError(where + problem)
+        warning = check_max_length(backbone.arch, task.data.max_length)
+        if warning and jax.process_index() == 0:
+            print(f"warning: {where}{warning}", flush=True)
     own_labels = {}
     for name, task in tasks.items():
         vocab = build_label_vocab(task.data, task.spec.kind)  # None for unlabelled kinds
@@ -243,12 +256,9 @@ def stage_losses(tasks: Tasks, stage: Stage) -> dict:
     return losses
 
 
-def stage_steps(stage: Stage, train_iter: TrainIterator) -> int:
-    if stage.steps:
-        return stage.steps
-    if train_iter.num_batches:
-        return max(1, train_iter.num_batches)
-    raise TenureError("config: set train.steps or data.num_epochs")
+def stage_steps(stage: Stage, tasks: Tasks, train_iter: TrainIterator) -> int:
+    data = tasks.by_name[next(iter(stage.weights))].task.data
+    return plan_total_steps(stage.steps, data.num_epochs, train_iter.num_batches)
 
 
 @dataclasses.dataclass
@@ -277,7 +287,7 @@ def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, par
                        label_masks=tasks.label_masks(stage, cfg.heads))
     seed = cfg.train.seed + 101 * stage.index
     train_iter, buffers = stage_iterator(backbone, tasks, stage, seed)
-    steps = stage_steps(stage, train_iter)
+    steps = stage_steps(stage, tasks, train_iter)
     tx = build_optimizer(stage.optim, trainability, steps)
     state, state_shardings = init_state(params, tx, cfg.train.seed + 1 + 7919 * stage.index, backbone.mesh,
                                         param_shardings)

@@ -6,14 +6,27 @@ One step directory holds three items:
 - `extra`: a JSON dict (config, label vocab, rng key data, metrics), written by the primary.
 Orbax writes each step into a temporary directory and renames it when complete, so an
 interrupted save never replaces or deletes the previous good step.
+
+Safety rules (issue 10):
+- The engine only deletes what it wrote. A checkpoint directory it creates gets a marker
+  file (`MARKER`); a non-empty directory without it is refused (orbax would otherwise
+  treat a user's `2023/`, `2024/` folders as steps and may garbage-collect them).
+- A state with a non-finite floating-point value is never saved (`NonFiniteStateError`),
+  so a diverged run cannot push the good checkpoints out of `keep`.
 """
 import dataclasses
+import datetime
+import errno
 import json
+import logging
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -81,10 +94,133 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+MARKER = "tenure-checkpoints.json"
+"""The file that makes a directory tenure's checkpoint directory (see `claim_directory`)."""
+
+
+class NonFiniteStateError(TenureError):
+    """`Checkpointer.save` refused a state with NaN/Inf values; `leaves` names them."""
+
+    def __init__(self, message: str, step: int, leaves: list[str]):
+        super().__init__(message)
+        self.step, self.leaves = step, leaves
+
+
+def _os_cause(error: BaseException | None) -> OSError | None:
+    """The first OSError with an errno in the exception chain (orbax wraps them)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _one_line(error: BaseException) -> str:
+    """`Type: first line`; an OSError anywhere in the chain is named by its path and cause
+    ("No space left on device"), which a long first line must not cut off."""
     text = str(error).strip().splitlines()
     first = text[0] if text else ""
+    cause = _os_cause(error)
+    code = re.search(r"os_error_code='(\d+)'", first)  # tensorstore (OCDBT) I/O errors
+    if cause is None and code:
+        paths = re.findall(r'"(/[^"]+)"', first)
+        where = f": {paths[-1]}" if paths else ""
+        status = first.split(":", 1)[0]
+        return f"{type(error).__name__}: {status}: [Errno {code[1]}] {os.strerror(int(code[1]))}{where}"
+    if cause is not None:
+        where = f": {cause.filename}" if cause.filename else ""
+        reason = cause.strerror or os.strerror(cause.errno)
+        return f"{type(cause).__name__}: [Errno {cause.errno}] {reason}{where}"
     return f"{type(error).__name__}: {first[:300]}"
+
+
+class _DropOrbaxErrorTracebacks(logging.Filter):
+    """Orbax logs every failed background save with a full traceback from each of its
+    threads, then raises the same error in `wait_until_finished`, which `Checkpointer`
+    turns into one line. Drop those ERROR records so stderr carries only that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_orbax_errors() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxErrorTracebacks) for f in logger.filters):
+        logger.addFilter(_DropOrbaxErrorTracebacks())
+
+
+def _looks_like_old_tenure_step(entry: Path) -> bool:
+    """Step directories of checkpoint dirs written before the marker existed."""
+    name = entry.name
+    if ".orbax-checkpoint-tmp" in name or (name.endswith(".broken") and name[:-7].isdigit()):
+        return entry.is_dir()
+    return (name.isdigit() and entry.is_dir() and (entry / "_CHECKPOINT_METADATA").is_file()
+            and (entry / "extra").is_dir())
+
+
+def directory_problem(directory: Path) -> str | None:
+    """Why tenure may not write checkpoints into `directory` (None: it may)."""
+    if not directory.exists():
+        return None
+    if not directory.is_dir():
+        return f"checkpoint.dir {directory} is a file, not a directory"
+    if (directory / MARKER).is_file():
+        return None
+    entries = list(directory.iterdir())
+    if not entries or all(_looks_like_old_tenure_step(e) for e in entries):
+        return None
+    shown = ", ".join(sorted(e.name for e in entries)[:3]) + (", ..." if len(entries) > 3 else "")
+    return (f"checkpoint.dir {directory} is not empty ({shown}) and is not a tenure checkpoint "
+            f"directory (no {MARKER}); tenure deletes old steps in its checkpoint directory, so "
+            "choose a new or empty directory")
+
+
+def claim_directory(directory: Path) -> None:
+    """Refuses a non-empty directory that is not tenure's (TenureError naming it); creates the
+    directory and its marker otherwise. Every process checks before the primary writes."""
+    problem = directory_problem(directory)
+    if not _all_processes_ok(problem is None):
+        raise TenureError(problem or f"checkpoint.dir {directory} was refused on another process")
+    if jax.process_index() == 0 and not (directory / MARKER).is_file():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            marker = {"written_by": "tenure", "what": "orbax checkpoint steps of one run",
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "host": socket.gethostname(), "pid": os.getpid()}
+            tmp = directory / f".{MARKER}.tmp"
+            tmp.write_text(json.dumps(marker, indent=1) + "\n")
+            tmp.replace(directory / MARKER)
+        except OSError as error:
+            raise TenureError(f"checkpoint.dir {directory}: cannot create it: {_one_line(error)}") from None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tenure_checkpoint_claim")
+
+
+def _path_name(path) -> str:
+    """`params/encoder/kernel` for a jax key path (dict keys, attributes, indices)."""
+    parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(p) for p in parts)
+
+
+@jax.jit
+def _finite_flags(leaves: list) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Paths of the floating-point leaves of `tree` holding a NaN or Inf (one device reduction
+    and one host transfer for the whole tree)."""
+    pairs = [(_path_name(path), leaf)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if not pairs:
+        return []
+    flags = _finite_flags([leaf for _, leaf in pairs])
+    if jax.process_count() > 1 and not flags.is_fully_addressable:
+        flags = multihost_utils.process_allgather(flags, tiled=True)
+    return [name for (name, _), ok in zip(pairs, np.asarray(flags)) if not ok]
 
 
 def _all_processes_ok(ok: bool) -> bool:
@@ -109,7 +245,10 @@ class Checkpointer:
     """Saves and restores train state, data-iterator state and extras with orbax.
 
     Every process calls every method; orbax coordinates the processes and only the
-    primary writes shared metadata.
+    primary writes shared metadata. Use it as a context manager (or call `close()` in a
+    `finally`): a process that exits with a save in flight and no close gets orbax's
+    "cannot schedule new futures" tracebacks and loses that step (Python 3.12 allows no new
+    threads at shutdown, so no exit hook can finish it).
     """
 
     def __init__(
@@ -128,6 +267,9 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise TenureError(f"checkpoint directory not found: {self.directory}")
+        if not read_only:
+            claim_directory(self.directory)
+        _quiet_orbax_errors()
         cfg = self.config
         latest = policies.LatestN(n=cfg.keep)
         best_fn = None
@@ -159,6 +301,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._closed = False
 
     @classmethod
     def open(
@@ -188,7 +331,20 @@ class Checkpointer:
 
         `metrics` (e.g. {"validation/accuracy": 0.91}) rank checkpoints for keep_best and
         come back as extra["metrics"]. Use force=True to save off the every_steps grid.
+
+        Raises NonFiniteStateError (a TenureError; nothing is written, no older step is
+        evicted) when a floating-point leaf of `state` holds NaN or Inf: the loop reports it
+        and halts. The check is one device reduction and one host sync per saved step.
         """
+        if not (force or self._manager.should_save(step)):
+            return False
+        bad = nonfinite_leaves(state)
+        if bad:
+            kept = self.latest_step()
+            raise NonFiniteStateError(
+                f"checkpoint step {step} not saved: non-finite values in {len(bad)} arrays "
+                f"(first: {bad[0]}); the newest saved checkpoint is "
+                + (f"step {kept} in {self.directory}" if kept is not None else "none"), step, bad)
         extra = _jsonable(extra or {})
         if metrics is not None:
             extra["metrics"] = _jsonable(metrics)
@@ -215,6 +371,7 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as error:
+            self._manager.reload()  # orbax forgets the kept steps after a failed async save
             raise TenureError(
                 f"checkpoint save to {self.directory} failed: {_one_line(error)}"
             ) from error
@@ -321,11 +478,29 @@ class Checkpointer:
         multihost_utils.sync_global_devices("tenure_checkpoint_set_aside")
         self._manager.reload()
 
-    def close(self) -> None:
-        self._manager.close()
+    def close(self, quiet: bool = False) -> None:
+        """Waits for the in-flight save (so it is committed, or its temporary directory is
+        left for the next start to drop), then stops orbax's threads. A failed save raises
+        one TenureError line, unless `quiet` (an error is already on its way out)."""
+        if self._closed:
+            return
+        self._closed = True
+        error = None
+        try:
+            self.wait()
+        except TenureError as failed:
+            error = failed
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001 - closing after a failed save: nothing left to save
+            pass
+        if error is not None and not quiet:
+            raise error
 
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On an error exit the save in flight still completes (or is discarded cleanly), and
+        # the original error stays the one reported.
+        self.close(quiet=exc_type is not None)

@@ -15,7 +15,7 @@ from models.errors import TenureError
 def _cmd_train(args) -> int:
     from engine.config import load_config
     from engine.train import train
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, args.overrides), restart=args.restart)
     return 0
 
 
@@ -46,8 +46,10 @@ def _cmd_hf_check(args) -> int:
 def _cmd_export(args) -> int:
     from engine.config import load_config
     from engine.commands import export_checkpoint
+    from models.hf import check_export_target
+    check_export_target(args.out, force=args.force)  # refuse before restoring anything
     export_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out,
-                      merge_lora=not args.lora_adapter)
+                      merge_lora=not args.lora_adapter, force=args.force)
     return 0
 
 
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = with_config(sub.add_parser("train", help="fine-tune a model as the config says"))
+    p.add_argument("--restart", action="store_true",
+                   help="start over: move the run dir's earlier files aside (to <run_dir>.old-<time>) first")
     p.set_defaults(fn=_cmd_train)
 
     p = with_config(sub.add_parser("eval", help="evaluate a checkpoint or HF directory"))
@@ -77,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--lora-adapter", action="store_true",
                    help="write LoRA as a PEFT adapter instead of merging it")
+    p.add_argument("--force", action="store_true", help="replace an existing HF model directory at --out")
     p.set_defaults(fn=_cmd_export)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(
@@ -116,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except TenureError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # I/O the engine did not wrap: still one line naming path and cause
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ from engine.checkpoint import Checkpointer
 from engine.config import Config
 from engine.evaluate import make_evaluators
 from engine.train import Trainer, _print, abstract, evaluate_all, to_host
+from engine.data.records import LabelVocab
 from models.errors import TenureError
 from models.hf import export_hf
 from models.kinds import head_of
@@ -26,7 +27,14 @@ def restore(cfg: Config, path: str):
     if ckpt.latest_step() is None:
         raise TenureError(f"{ckpt.directory}: no checkpoint steps in this directory")
     step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
-    index = int(ckpt.read_extra(step).get("stage", 0))
+    meta = ckpt.read_extra(step)
+    saved = LabelVocab.from_json(meta["labels"]) if meta.get("labels") else None
+    if saved != trainer.tasks.label_vocab:  # the classifier rows follow the checkpoint's labels
+        raise TenureError(f"{ckpt.directory}: the checkpoint was trained with labels "
+                          f"{list(saved.labels) if saved else None}, today's data gives "
+                          f"{list(trainer.tasks.label_vocab.labels) if trainer.tasks.label_vocab else None}; "
+                          "evaluate or export it with the data it was trained on")
+    index = int(meta.get("stage", 0))
     sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
     state, _, _ = ckpt.restore(step, abstract(sr.state, sr.state_shardings))
     return trainer, sr, state.params, step
@@ -46,7 +54,7 @@ def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
     return scores
 
 
-def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool) -> None:
+def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force: bool = False) -> None:
     distributed.initialize()
     trainer, sr, params, step = restore(cfg, path)
     sr.train_iter.close()
@@ -55,5 +63,6 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool) -> Non
     if distributed.is_primary():
         labels = [str(label) for label in tasks.label_vocab.labels] if tasks.label_vocab else None
         export_hf(pathlib.Path(out), trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
-                  trainer.backbone.tokenizer, lora=trainer.lora, merge=merge_lora, labels=labels)
+                  trainer.backbone.tokenizer, lora=trainer.lora, merge=merge_lora, labels=labels,
+                  overwrite=force)
     _print(f"exported step {step} of {path} to {out}")

@@ -6,7 +6,10 @@ line that names the key, so a typo never reaches the training loop.
 """
 from __future__ import annotations
 
+import math
 import pathlib
+import types
+import typing
 from typing import Any, Literal
 
 import pydantic
@@ -56,8 +59,10 @@ class TaskConfig(Section):
 class TaskEntry(TaskConfig):
     """One named task of a staged run: the task fields, its data, and the metric R records."""
     data: DataConfig = Field(description="this task's data (train / validation / test)")
-    metric: str | None = Field(None, description="metric recorded in the accuracy matrix; null = eval.metric")
-    mode: Literal["max", "min"] | None = Field(None, description="whether a larger metric is better; null = eval.mode")
+    metric: str | None = Field(None, description="metric recorded in the accuracy matrix; null = the kind's default "
+                                                 "(accuracy, f1, pearson, perplexity, recall@1)")
+    mode: Literal["max", "min"] | None = Field(None, description="whether a larger metric is better; null = the "
+                                                                 "metric's own direction")
 
 
 class EarlyStoppingConfig(Section):
@@ -143,16 +148,93 @@ def _describe(error: dict) -> str:
         return f"unknown config key '{key}'"
     if kind == "missing":
         return f"missing config key '{key}'"
-    return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
+    return f"config key '{key}': {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"
+
+
+def _leaf_types(annotation) -> list:
+    """The alternatives of an annotation: `int | None` -> [int, NoneType]."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _leaf_types(arg)]
+    return [annotation]
+
+
+def _reject_bools(annotation, value: Any, where: str, source: str) -> None:
+    """pydantic's lax mode reads `true` as 1 for an int or float field (`train.steps=true`):
+    refuse a boolean wherever the field is a number and not also a bool. Walks sections,
+    lists and dicts of sections, so sections added later are covered too."""
+    alternatives = _leaf_types(annotation)
+    if isinstance(value, bool):
+        if bool not in alternatives and any(t in (int, float) for t in alternatives):
+            kind = "an integer" if int in alternatives else "a number"
+            raise TenureError(f"{source}: config key '{where}': expected {kind}, got a boolean "
+                              f"({str(value).lower()})")
+        return
+    for alt in alternatives:
+        origin, args = typing.get_origin(alt), typing.get_args(alt)
+        if isinstance(alt, type) and issubclass(alt, BaseModel) and isinstance(value, dict):
+            for name, field in alt.model_fields.items():
+                if name in value:
+                    _reject_bools(field.annotation, value[name], f"{where}.{name}" if where else name, source)
+        elif origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+            for i, item in enumerate(value):
+                arg = args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else (
+                    args[i] if i < len(args) else None)
+                if arg is not None:
+                    _reject_bools(arg, item, f"{where}.{i}", source)
+        elif origin is dict and isinstance(value, dict) and len(args) == 2:
+            for key, item in value.items():
+                _reject_bools(args[1], item, f"{where}.{key}", source)
+
+
+def _reject_non_finite(node: Any, where: str, source: str) -> None:
+    """NaN and Inf are never meaningful config values (`optim.lr=inf`, `.nan`, "inf")."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise TenureError(f"{source}: config key '{where}': expected a finite number, got {node}")
+    if isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            _reject_non_finite(getattr(node, name), f"{where}.{name}" if where else name, source)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _reject_non_finite(item, f"{where}.{i}", source)
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            _reject_non_finite(item, f"{where}.{key}", source)
+
+
+def one_line(exc: pydantic.ValidationError, source: str, describe) -> TenureError:
+    """The first validation error as one line (`describe(error)`), with how many more there are."""
+    errors = exc.errors()
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return TenureError(f"{source}: {describe(errors[0])}{more}")
+
+
+def read_yaml_mapping(path: pathlib.Path, what: str, holds: str) -> dict:
+    """The YAML mapping in `path`; a missing file, bad YAML (with its line) or a non-mapping is one line."""
+    if not path.is_file():
+        raise TenureError(f"{what} not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise TenureError(f"{path}: not a text file (binary content), expected YAML") from None
+    except OSError as exc:
+        raise TenureError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise TenureError(f"{path}{line}: invalid YAML ({problem})") from None
+    if not isinstance(tree, dict):
+        raise TenureError(f"{path}: expected a mapping of {holds} at the top level")
+    return tree
 
 
 def validate(tree: dict, source: str = "config") -> Config:
+    _reject_bools(Config, tree, "", source)
     try:
         cfg = Config.model_validate(tree)
     except pydantic.ValidationError as exc:
-        errors = exc.errors()
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise TenureError(f"{source}: {_describe(errors[0])}{more}") from None
+        raise one_line(exc, source, _describe) from None
+    _reject_non_finite(cfg, "", source)
     try:
         resolve(cfg)  # the sections that only make sense together (tasks, stages, their names)
     except TenureError as exc:
@@ -163,16 +245,7 @@ def validate(tree: dict, source: str = "config") -> Config:
 def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
     """Reads YAML at `path`, applies `key.sub=value` overrides, validates."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise TenureError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise TenureError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(tree, dict):
-        raise TenureError(f"{path}: expected a mapping of sections at the top level")
+    tree = read_yaml_mapping(path, "config file", "sections")
     for text in overrides:
         keys, value = _parse_override(text)
         _set_path(tree, keys, value, f"override {text!r}")

@@ -216,3 +216,48 @@ def retrieval_metrics(scores_QxC, relevant, ks: Sequence[int] = (1, 5, 10)) -> d
         ideal_Q = ideal_cum_C[np.minimum(num_relevant_Q, top) - 1]
         result[f"ndcg@{k}"] = float(np.mean(dcg_Q / ideal_Q))
     return result
+
+
+# --- which metrics each task kind reports -------------------------------------------
+
+RETRIEVAL_KS = (1, 5, 10)  # the ks engine/evaluate.py asks retrieval_metrics for
+_KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "seq_cls": ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss"),
+    "pair_cls": ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss"),
+    "token_cls": ("precision", "recall", "f1", "token_accuracy"),
+    "regression": ("pearson", "spearman", "mse"),
+    "mlm": ("perplexity", "loss", "token_accuracy"),
+    "causal_lm": ("perplexity", "loss", "token_accuracy"),
+    "sft": ("perplexity", "loss", "token_accuracy"),
+    "embedding": ("mrr", *(f"{name}@{k}" for k in RETRIEVAL_KS for name in ("recall", "ndcg"))),
+}
+GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
+# Metrics where smaller is better (for eval.mode checks); all others are larger-is-better.
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse"})
+
+
+def metrics_for_kind(kind: str, generation: bool = False) -> set[str]:
+    """The validation metric names a task kind reports (what `eval.metric` may name).
+
+    `generation`: sft with prompt_completion data and task.generation_examples > 0 also
+    reports BLEU and ROUGE. Raises ValueError for an unknown kind.
+    """
+    if kind not in _KIND_METRICS:
+        raise ValueError(f"unknown task kind {kind!r}")
+    names = set(_KIND_METRICS[kind])
+    if generation and kind == "sft":
+        names |= set(GENERATION_METRICS)
+    return names
+
+
+def check_eval_metric(kind: str, metric: str, mode: str | None = None, generation: bool = False) -> str | None:
+    """None when task `kind` reports `metric`, else a one-line reason naming the choices (and
+    a mode that contradicts the metric, e.g. `mse` with mode max, is a reason too)."""
+    names = metrics_for_kind(kind, generation)
+    if metric not in names:
+        return (f"eval.metric {metric!r} is not reported by task kind {kind!r}; choose one of "
+                f"{', '.join(sorted(names))}")
+    if mode is not None and (mode == "min") != (metric in LOWER_IS_BETTER):
+        better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        return f"eval.mode {mode!r} contradicts eval.metric {metric!r}, where {better} is better"
+    return None

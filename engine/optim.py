@@ -21,7 +21,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import optax
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.trainability import FROZEN, Trainability, path_str
 
@@ -31,7 +31,7 @@ class OptimConfig(BaseModel):
 
     name: Literal["adamw", "adafactor", "sgd"] = Field("adamw", description="base optimizer")
     lr: float = Field(2e-5, gt=0, description="peak learning rate (after warmup)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw (b1, b2)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw (b1, b2), each in [0, 1)")
     eps: float = Field(1e-8, gt=0, description="adamw epsilon")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd momentum (0 = plain SGD)")
     weight_decay: float = Field(0.01, ge=0, description="decoupled decay; never on biases or norm params")
@@ -41,6 +41,13 @@ class OptimConfig(BaseModel):
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="warmup as a fraction of total steps")
     clip_norm: float | None = Field(1.0, gt=0, description="clip the global grad norm (trainable leaves); None = off")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas):
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("each beta must lie in [0, 1)")
+        return betas
 
     @model_validator(mode="after")
     def _one_warmup(self):

@@ -13,9 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.data.config import DataConfig
+from engine.metrics import LOWER_IS_BETTER
 from engine.optim import OptimConfig
 from engine.trainability import TrainableConfig
 from models.errors import TenureError
+from models.kinds import KINDS
 
 FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
 SINGLE_TASK = "task"  # the task name of a config without `tasks:`
@@ -117,8 +119,11 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         raise TenureError("config key 'stages': describe every task under `tasks`, not `task` / `data`")
     if not cfg.tasks:
         raise TenureError("missing config key 'tasks' (`stages` train the tasks it names)")
-    tasks = {name: Task(name, entry, entry.data, entry.metric or cfg.eval.metric, entry.mode or cfg.eval.mode)
-             for name, entry in cfg.tasks.items()}
+    tasks = {}
+    for name, entry in cfg.tasks.items():
+        metric = entry.metric or KINDS[entry.kind].metric
+        tasks[name] = Task(name, entry, entry.data, metric,
+                           entry.mode or ("min" if metric in LOWER_IS_BETTER else "max"))
     stages, seen = [], []
     for i, s in enumerate(cfg.stages):
         weights = dict(s.tasks) if isinstance(s.tasks, dict) else {t: 1.0 for t in s.tasks}

@@ -31,6 +31,9 @@ from engine.fit import fit
 from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
 from engine.report import forgetting_record, r_table, write_forgetting
+from engine.resume_check import compare_for_resume, drift_message
+from engine.runlock import RunLock, set_aside_run
+from engine.signals import StopSignals
 from engine.stages import Stage, guarded_tasks, resolve
 from engine.tblog import TBLogger
 from engine.trainability import compile_trainability
@@ -217,12 +220,21 @@ class Trainer:
                        f"{cfg.eval.metric if self.single else 'score'} for {best.patience} evals")
             return stop
 
-        state, last, _ = fit(sr.step_fn, state, sr.train_iter, self.backbone.mesh, first=local + 1, last=sr.steps,
-                             eval_every=cfg.train.eval_every, save_every=cfg.checkpoint.every_steps,
-                             on_metrics=on_metrics, on_eval=on_eval,
-                             on_save=lambda step, st: self._save(sr, step, st))
+        if jax.process_count() > 1:  # a collective, so only where every process saves anyway
+            def interrupted(step):
+                return step % cfg.checkpoint.every_steps == 0 and self.stop.requested_anywhere()
+        else:
+            def interrupted(step):
+                return self.stop.requested
+        state, last, _, signalled = fit(
+            sr.step_fn, state, sr.train_iter, self.backbone.mesh, first=local + 1, last=sr.steps,
+            eval_every=cfg.train.eval_every, save_every=cfg.checkpoint.every_steps, on_metrics=on_metrics,
+            on_eval=on_eval, on_save=lambda step, st: self._save(sr, step, st), interrupted=interrupted)
         progress.close()
         self.ckpt.wait()
+        if signalled:
+            _print(self.stop.stopped_message(offset + last, str(self.ckpt.directory)))
+            raise SystemExit(self.stop.exit_code)
         params = state.params
         if guard is not None:
             params = guard.result(state.params, sr)
@@ -252,9 +264,24 @@ class Trainer:
         return dict(best_metric="validation/" + (self.cfg.eval.metric if self.single else "score"),
                     best_mode=self.cfg.eval.mode)
 
-    def run(self) -> dict:
+    def run(self, stop: StopSignals) -> dict:
+        """The whole run; a checkpoint save in flight completes (or is dropped quietly) on any exit."""
+        self.stop = stop
+        with Checkpointer(self.cfg.checkpoint, self.cfg.checkpoint.resolved_dir(self.run_dir),
+                          **self.ranking()) as self.ckpt:
+            return self._run()
+
+    def _check_drift(self, meta: dict) -> None:
+        """Refuse a resume whose config or labels changed in a way that breaks the run."""
+        labels = self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
+        breaking, notes = compare_for_resume(meta.get("config") or {}, to_dict(self.cfg), meta.get("labels"), labels)
+        if breaking:
+            raise TenureError(drift_message(breaking, str(self.run_dir)))
+        for note in notes:
+            _print(f"note: resume: {note}")
+
+    def _run(self) -> dict:
         cfg = self.cfg
-        self.ckpt = Checkpointer(cfg.checkpoint, cfg.checkpoint.resolved_dir(self.run_dir), **self.ranking())
         self.tb = TBLogger(self.run_dir / "tb", enabled=distributed.is_primary() and cfg.logging.tensorboard)
         _print(f"model {self.backbone.model_dir}  tasks {', '.join(f'{n} ({t.task.spec.kind})' for n, t in self.tasks.by_name.items())}  "
                f"mesh {dict(self.backbone.mesh.shape)}  stages {len(self.stages)}")
@@ -262,6 +289,7 @@ class Trainer:
         params, previous_extra, begin, resumed = self.start_params, {}, 0, None
         if cfg.train.resume and self.ckpt.latest_step() is not None:
             meta = self.ckpt.read_extra(self.ckpt.latest_step())
+            self._check_drift(meta)
             begin = int(meta.get("stage", 0))
             sr = self._build(begin, self.start_params, self._extra_shapes(begin), compute=False)
             state, data_state, extra = self.ckpt.restore_latest_good(abstract(sr.state, sr.state_shardings))
@@ -368,7 +396,15 @@ class _Guard:
         return jax.device_put(self.best_params, sr.state_shardings.params)
 
 
-def train(cfg: Config) -> dict:
-    """Runs the config's stages; returns the summary it also prints and writes."""
+def train(cfg: Config, restart: bool = False) -> dict:
+    """Runs the config's stages; returns the summary it also prints and writes. One run per run
+    dir (a lock); `restart` moves an earlier run's files aside first (nothing is deleted)."""
     distributed.initialize()
-    return Trainer(cfg).run()
+    with RunLock(cfg.run_dir, process_index=jax.process_index(), log=_print), StopSignals() as stop:
+        if restart:
+            if distributed.is_primary():
+                moved = set_aside_run(cfg.run_dir)
+                if moved:
+                    _print(f"restart: the earlier run is now in {moved}")
+            multihost_utils.sync_global_devices("tenure_restart")
+        return Trainer(cfg).run(stop)

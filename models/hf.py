@@ -15,13 +15,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
+import re
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from models.errors import TenureError
@@ -60,10 +64,41 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise TenureError(f"{path}: not found (an HF model directory needs config.json)")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise TenureError(f"{path}: expected a JSON object")
+    return config
+
+
+def _read_json(path: Path) -> Any:
+    """Parsed JSON; TenureError naming the file for unreadable, binary or malformed content."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise TenureError(f"{path}: not a text file (binary content), expected JSON") from None
     except json.JSONDecodeError as err:
         raise TenureError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except OSError as err:
+        raise TenureError(f"{path}: cannot read: {err.strerror}") from None
+
+
+def _shard_files(index: Path, directory: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names, each inside `directory`."""
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise TenureError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
+    files = set()
+    root = directory.resolve()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise TenureError(f"{index}: weight_map[{tensor!r}]: expected a file name, got {name!r}")
+        target = (directory / name).resolve()
+        if target.parent != root and root not in target.parents:
+            raise TenureError(f"{index}: weight_map[{tensor!r}]: shard {name!r} is outside the model "
+                              "directory; refused")
+        files.add(name)
+    return sorted(files)
 
 
 def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
@@ -71,7 +106,7 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     numpy (floating point converted to fp32)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _shard_files(index, directory)
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif (directory / "pytorch_model.bin").is_file() or list(directory.glob("pytorch_model*.bin")):
@@ -91,8 +126,10 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
                     # bf16 / fp16 arrive as ml_dtypes; the engine keeps fp32 master weights.
                     floating = value.dtype.kind == "f" or value.dtype.name == "bfloat16"
                     tensors[key] = value.astype(np.float32) if floating else value
-        except (OSError, ValueError) as err:
-            raise TenureError(f"{path}: cannot read safetensors ({err})") from None
+        except (OSError, ValueError, SafetensorError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise TenureError(f"{path}: cannot read safetensors ({reason}); the file is truncated, "
+                              "corrupt or not safetensors") from None
     return tensors
 
 
@@ -100,7 +137,14 @@ def load_tokenizer(directory: Path):
     if not any((directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as err:  # transformers raises ValueError, OSError, KeyError, ... here
+        if not (directory / "tokenizer.json").is_file():
+            raise TenureError(f"{directory}/tokenizer.json: not found, and the other tokenizer files "
+                              "there do not define a tokenizer") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TenureError(f"{directory}/tokenizer.json: cannot load the tokenizer ({first[:200]})") from None
 
 
 def load_hf(path: str | Path, with_tokenizer: bool = True) -> tuple[Any, dict, dict | None, Any]:
@@ -147,29 +191,103 @@ def _hf_module_names(params: dict, arch_cfg, task_kind: str, fam) -> dict[tuple[
     return names
 
 
-def export_hf(directory: str | Path, arch_cfg, params: dict, task_kind: str, tokenizer=None,
-              lora: LoRASpec | None = None, merge: bool = True, labels: list[str] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files); with LoRA and merge=False also
-    adapter_config.json + adapter_model.safetensors (PEFT layout) beside the base weights."""
+def check_export_target(directory: str | Path, force: bool = False) -> Path:
+    """Refuses an export target before any work is done: an existing HF model directory
+    unless `force`, and always a non-empty directory that is not an HF model directory or a
+    path that is a file. Returns the target as a Path."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise TenureError(f"export: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise TenureError(f"export: {out} is not empty and is not an HF model directory; "
+                              "choose a new or empty directory")
+        if not force:
+            raise TenureError(f"export: {out} already holds an HF model; pass --force to replace it")
+    return out
+
+
+def export_hf(directory: str | Path, arch_cfg, params: dict, task_kind: str, tokenizer=None,
+              lora: LoRASpec | None = None, merge: bool = True, labels: list[str] | None = None,
+              overwrite: bool = True) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files); with LoRA and merge=False also
+    adapter_config.json + adapter_model.safetensors (PEFT layout) beside the base weights.
+
+    Atomic: everything is written into a temporary directory beside `directory`, which is
+    renamed into place only when complete; a failed export (disk full, ...) removes it and
+    raises one TenureError line naming the path and the cause, leaving `directory` as it was.
+    An existing HF model directory is replaced only with `overwrite` (the CLI's --force);
+    a non-empty directory that is not an HF model directory is always refused.
+    """
+    out = check_export_target(directory, force=overwrite)
     params = _plain(params)
     fam = family(_model_type(arch_cfg), "export")
+    if bool(lora_paths(params)) and lora is None:
+        raise TenureError("export: params carry LoRA adapters; pass their LoRASpec")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_dir(out, "tmp")
+    except OSError as err:
+        raise TenureError(f"export: cannot write {out}: {_os_reason(err)}") from None
+    try:
+        _write_model(tmp, out, arch_cfg, params, task_kind, tokenizer, lora, merge, labels, fam)
+        if out.exists():
+            old = _fresh_dir(out, "old")
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = _os_reason(err).replace(str(tmp), str(out))  # name the file, not our temporary
+        raise TenureError(f"export to {out} failed: {reason}; {out} was left as it was") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fresh_dir(out: Path, tag: str) -> Path:
+    """A new hidden directory beside `out` (same filesystem, so renames are atomic), made
+    with the usual permissions (mkdtemp's are 0700)."""
+    path = out.parent / f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors' save_file; its I/O errors ("... (os error 28)") become OSErrors naming `path`."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+
+
+def _os_reason(err: BaseException) -> str:
+    """`path: No space left on device` for OSErrors (and safetensors' wrapped ones)."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _write_model(tmp: Path, final: Path, arch_cfg, params: dict, task_kind: str, tokenizer,
+                 lora: LoRASpec | None, merge: bool, labels: list[str] | None, fam) -> None:
     has_lora = bool(lora_paths(params))
     if has_lora and not merge:
-        _write_adapter(out, params, arch_cfg, task_kind, lora, fam)
-    if has_lora and lora is None:
-        raise TenureError("export: params carry LoRA adapters; pass their LoRASpec")
+        _write_adapter(tmp, params, arch_cfg, task_kind, lora, fam, final)
     base = merge_lora(params, lora) if has_lora and merge else strip_lora(params)
     tensors = fam.params_to_hf(base, arch_cfg, task_kind)
-    save_file({k: np.ascontiguousarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else v
-               for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_tensors({k: np.ascontiguousarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else v
+                   for k, v in tensors.items()}, tmp / "model.safetensors")
     config = dict(fam.config_to_hf(arch_cfg), architectures=[fam.architecture(arch_cfg, task_kind)])
     config.update(_label_fields(params, task_kind, labels))
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
+        tokenizer.save_pretrained(str(tmp))
 
 
 def _label_fields(params: dict, task_kind: str, labels: list[str] | None) -> dict:
@@ -184,7 +302,8 @@ def _label_fields(params: dict, task_kind: str, labels: list[str] | None) -> dic
     return fields
 
 
-def _write_adapter(out: Path, params: dict, arch_cfg, task_kind: str, lora: LoRASpec, fam) -> None:
+def _write_adapter(out: Path, params: dict, arch_cfg, task_kind: str, lora: LoRASpec, fam,
+                   final: Path | None = None) -> None:
     names = _hf_module_names(params, arch_cfg, task_kind, fam)
     tensors = {}
     for path, hf_module in names.items():
@@ -198,10 +317,10 @@ def _write_adapter(out: Path, params: dict, arch_cfg, task_kind: str, lora: LoRA
     head_tensors = {k: v for k, v in fam.params_to_hf(strip_lora(params), arch_cfg, task_kind).items()
                     if k.split(".")[0] in PEFT_HEAD_MODULES}
     tensors.update({f"base_model.model.{k}": np.ascontiguousarray(v, np.float32) for k, v in head_tensors.items()})
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _save_tensors(tensors, out / "adapter_model.safetensors")
     config = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
               "target_modules": sorted({n for n in names.values()}), "bias": "none",
               "modules_to_save": sorted({k.split(".")[0] for k in head_tensors}) or None,
-              "task_type": PEFT_TASK_TYPES.get(task_kind), "base_model_name_or_path": str(out.resolve()),
+              "task_type": PEFT_TASK_TYPES.get(task_kind), "base_model_name_or_path": str((final or out).resolve()),
               "inference_mode": True, "fan_in_fan_out": False}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

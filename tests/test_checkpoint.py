@@ -152,7 +152,7 @@ def test_interrupted_save_is_invisible_and_cleaned_up(tmp_path):
         assert reopened.latest_step() == 1
         state, _, _ = reopened.restore(abstract_state=abstract_like(make_state()))
         assert_state_equal(state, make_state(1.0))
-    assert sorted(os.listdir(tmp_path)) == ["1"]
+    assert sorted(os.listdir(tmp_path)) == ["1", ckpt_lib.MARKER]
 
 
 def _save_steps(directory, steps):

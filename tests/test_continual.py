@@ -53,10 +53,10 @@ def staged_args(run_dir, data, stages=2, steps=6, *extra):
     return [*args, *extra]
 
 
-def tenure(*args, check=True):
+def tenure(*args, check=True, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -181,8 +181,8 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     1 old example in 4 keeps most of it."""
     common = ["stages.0.steps=40", "stages.1.steps=40", "train.eval_every=40", "logging.progress=false",
               "ewc.examples=64"]
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common)
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1500)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1500)
     naive, replay = record(tmp_path / "naive"), record(tmp_path / "replay")
     assert naive["R"][0][0] > 0.8 and replay["R"][0][0] > 0.8       # both learn A first
     assert naive["R"][1][1] > 0.7 and replay["R"][1][1] > 0.7       # and then B

@@ -15,6 +15,7 @@ from engine.data.config import DataConfig
 from engine.data.pipeline import SplitReport, load_records, make_featurizer
 from engine.data.records import LABEL_FIELDS, TEXT_FIELDS, LabelVocab
 from engine.data.tokenize import resolve_format
+from models.kinds import KINDS
 
 CHUNK = 256
 MAX_LABELS_SHOWN = 20
@@ -25,9 +26,20 @@ def _splits(cfg: DataConfig) -> list[tuple[str, object]]:
     return splits + [(name, paths) for name, paths in (("validation", cfg.validation), ("test", cfg.test)) if paths]
 
 
-def _label_lines(records: list[dict], fmt: str) -> list[str]:
-    if fmt == "text_target":
-        targets = np.asarray([r["target"] for r in records], np.float64)
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _label_lines(records: list[dict], fmt: str, task_kind: str = "") -> list[str]:
+    if fmt == "text_target" or task_kind == "regression":  # regression reads `label` in other formats
+        key = "target" if fmt == "text_target" else "label"
+        targets = np.asarray([_number(r[key]) for r in records], np.float64)
+        if np.isnan(targets).any():
+            return [f"  targets: {int(np.isnan(targets).sum())} are not numbers (regression needs numeric "
+                    f"'{key}' values)"]
         return [f"  targets: min {targets.min():.4g}  mean {targets.mean():.4g}  max {targets.max():.4g}  "
                 f"std {targets.std():.4g}"]
     if fmt not in LABEL_FIELDS:
@@ -64,7 +76,7 @@ def _split_section(name: str, paths, records: list[dict], report: SplitReport, f
     lines += [f"  bad: {msg}" for msg in bad.first]
     lines.append(f"  {cleaning}")
     lines.append(f"  exact duplicate texts remaining: {_duplicates(records, fmt)}")
-    lines += _label_lines(records, fmt)
+    lines += _label_lines(records, fmt, featurizer.task_kind)
     lengths = np.concatenate([featurizer.lengths(records[i:i + CHUNK]) for i in range(0, len(records), CHUNK)])
     lines.append(_length_line(lengths.astype(np.int64), cfg.max_length, cfg.truncate))
     return lines
@@ -80,13 +92,13 @@ def inspect_data(cfg: DataConfig, task_kind: str, tokenizer) -> str:
         records, report = load_records(skip, paths, task_kind, split=name,
                                        label_vocab=None if is_train else vocab)
         records = [records[i] for i in range(len(records))]
-        if is_train and fmt in LABEL_FIELDS:
+        if is_train and fmt in LABEL_FIELDS and KINDS[task_kind].labelled:
             train_records = [r for _, _, rs, _ in loaded for r in rs] + records
             vocab = LabelVocab.from_records(train_records, fmt)
         loaded.append((name, paths, records, report))
     lines = [f"data: task {task_kind}, format {fmt}, max_length {cfg.max_length}, "
              f"buckets {cfg.length_buckets}, batch {cfg.batch_size}"]
     for name, paths, records, report in loaded:
-        featurizer = make_featurizer(cfg, task_kind, tokenizer, vocab if fmt in LABEL_FIELDS else None, records)
+        featurizer = make_featurizer(cfg, task_kind, tokenizer, vocab, records)
         lines += _split_section(name, paths, records, report, fmt, featurizer, cfg)
     return "\n".join(lines)

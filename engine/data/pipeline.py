@@ -49,6 +49,28 @@ class SplitReport:
     cleaning: CleaningReport
     over_length: int = 0  # skipped because longer than max_length (only when truncate is false)
 
+    def skipped_line(self) -> str | None:
+        """`data: train skipped 3 of 400 records: 2 x field 'label': missing; ...`, or None
+        when nothing was skipped (printed once per split by the builders below)."""
+        bad = self.bad_records
+        reasons = sorted(bad.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        parts = [f"{n} x {reason}" for reason, n in reasons[:3]]
+        if len(reasons) > 3:
+            parts.append(f"{sum(n for _, n in reasons[3:])} x other reasons")
+        if self.over_length:
+            parts.append(f"{self.over_length} x longer than max_length")
+        skipped = bad.skipped + self.over_length
+        if not skipped:
+            return None
+        first = f" (first: {bad.first[0]})" if bad.first else ""
+        return f"data: {self.split} skipped {skipped} of {bad.total} records: {'; '.join(parts)}{first}"
+
+
+def _report_skips(report: SplitReport) -> None:
+    line = report.skipped_line()
+    if line and jax.process_index() == 0:
+        print(line, flush=True)
+
 
 def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
                  label_vocab: LabelVocab | None = None, with_augment: bool = False):
@@ -203,6 +225,17 @@ class TrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self.grain_iterator)
 
+    def next_batch(self, step: int | None = None) -> dict[str, np.ndarray]:
+        """`next(self)` for the training loop: data that runs out (num_epochs) is a TenureError
+        naming the step, not a bare StopIteration."""
+        try:
+            return next(self.grain_iterator)
+        except StopIteration:
+            at = f" at step {step}" if step is not None else ""
+            raise TenureError(f"data.train: the training data ran out{at} (data.num_epochs passes"
+                              f"{f', {self.num_batches} batches' if self.num_batches else ''}); raise "
+                              "data.num_epochs, lower train.steps, or unset data.num_epochs") from None
+
     def peek(self) -> dict[str, np.ndarray]:
         """The next batch, without consuming it."""
         state = self.get_state()
@@ -270,6 +303,27 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
     return ds
 
 
+def plan_total_steps(steps: int | None, num_epochs: int | None, num_batches: int | None) -> int:
+    """Optimizer steps of a run from `train.steps`, `data.num_epochs` and the iterator's
+    `num_batches` (None when packing: packed rows are not counted before training).
+    TenureError, one line, where they do not fit together."""
+    if steps is None and num_epochs is None:
+        raise TenureError("config: set train.steps or data.num_epochs")
+    if steps is None:
+        if num_batches is None:
+            raise TenureError("config: data.pack with data.num_epochs needs train.steps (packed rows "
+                              "are not counted before training)")
+        if num_batches < 1:
+            raise TenureError(f"data.train: {num_epochs} epoch(s) give no full batch of data.batch_size; "
+                              "lower data.batch_size or raise data.num_epochs")
+        return num_batches
+    if num_epochs is not None and num_batches is not None and steps > num_batches:
+        raise TenureError(f"config: train.steps={steps} is more than the {num_batches} batches that "
+                          f"data.num_epochs={num_epochs} gives; raise data.num_epochs, lower train.steps, "
+                          "or unset data.num_epochs (the data then repeats)")
+    return steps
+
+
 def load_train_records(cfg: DataConfig, task_kind: str, tokenizer, label_vocab) -> dict:
     """Each named training source's records, validated, cleaned, augmented and length-checked."""
     if not cfg.sources:
@@ -280,6 +334,7 @@ def load_train_records(cfg: DataConfig, task_kind: str, tokenizer, label_vocab) 
         records, report = load_records(cfg, source.path, task_kind, split=name, with_augment=True)
         checker = make_featurizer(cfg, task_kind, tokenizer, label_vocab, records if fmt == "retrieval" else None)
         records_by_source[name] = drop_over_length(records, checker, cfg, report)
+        _report_skips(report)
     return records_by_source
 
 
@@ -354,6 +409,7 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
     records, report = load_records(cfg, paths, task_kind, split=split, label_vocab=label_vocab)
     featurizer = make_featurizer(cfg, task_kind, tokenizer, label_vocab, records)
     records = drop_over_length(records, featurizer, cfg, report)
+    _report_skips(report)
     if task_id is not None:
         featurizer = TaskFeaturizer(featurizer, task_id)
     return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size, buckets=cfg.length_buckets,

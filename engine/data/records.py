@@ -121,6 +121,8 @@ def _check_value(key: str, value: Any, bad):
             raise bad(f"expected a string, integer or number label, got {_type_name(value)}")
         if isinstance(value, str) and not value.strip():
             raise bad("is empty")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(f"expected a finite number, got {value}")
         return value
     if key == "target":
         if isinstance(value, str):  # CSV cells are strings
@@ -241,11 +243,14 @@ class BadRecordReport:
     skipped: int = 0
     first: list[str] = dataclasses.field(default_factory=list)  # up to 5 one-line messages
     max_listed: int = 5
+    reasons: dict[str, int] = dataclasses.field(default_factory=dict)  # "field 'x': reason" -> count
 
     def add(self, error: BadRecord) -> None:
         self.skipped += 1
         if len(self.first) < self.max_listed:
             self.first.append(str(error))
+        reason = f"field '{error.field}': {error.reason}" if error.field else error.reason
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def __str__(self) -> str:
         line = f"{self.split}: skipped {self.skipped} of {self.total} bad records"

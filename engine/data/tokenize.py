@@ -129,9 +129,12 @@ class Featurizer:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TenureError(f"{location}: field {field!r}: expected a number, got {value!r}")
         try:
-            return np.asarray(float(value), dtype=np.float32)
+            number = float(value)
         except ValueError:
             raise TenureError(f"{location}: field {field!r}: expected a number, got {value!r}") from None
+        if not np.isfinite(number):
+            raise TenureError(f"{location}: field {field!r}: expected a finite number, got {value!r}")
+        return np.asarray(number, dtype=np.float32)
 
     # -- token classification -----------------------------------------------------------
     def _token_tags(self, records, locations):

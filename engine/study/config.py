@@ -32,6 +32,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.config import one_line, read_yaml_mapping
 from models.errors import TenureError
 
 STATS = {  # name -> column title, in table order (after the per-task final scores)
@@ -130,22 +131,11 @@ def _describe(error: dict) -> str:
 def load_study(path: str | pathlib.Path) -> StudyConfig:
     """Read and validate a study file; every problem is one TenureError line naming the key."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise TenureError(f"study file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise TenureError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(tree, dict):
-        raise TenureError(f"{path}: expected a mapping (base, methods, grid, seeds) at the top level")
+    tree = read_yaml_mapping(path, "study file", "(base, methods, grid, seeds)")
     try:
         study = StudyConfig.model_validate(tree)
     except pydantic.ValidationError as exc:
-        errors = exc.errors()
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise TenureError(f"{path}: {_describe(errors[0])}{more}") from None
+        raise one_line(exc, str(path), _describe) from None
     base = (path.parent / study.base).resolve()
     if not base.is_file():
         raise TenureError(f"{path}: study key 'base': config file not found: {base}")

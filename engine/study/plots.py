@@ -61,11 +61,23 @@ def _axis_label(table: dict, key: str) -> str:
     return f"{title}  (higher is better)"
 
 
+def _seed_curve(record, task: str) -> dict[int, float]:
+    """step -> score of one run. The engine's periodic evals use the validation split only, so a
+    task without one has no score there; at the stage ends its R value (on test) fills in."""
+    points = {p.step: p.scores.get(task) for p in record.curves if p.scores.get(task) is not None}
+    if task in record.tasks:
+        j = record.tasks.index(task)
+        for end, row in zip(record.stage_ends, record.R):
+            if end not in points and j < len(row) and row[j] is not None:
+                points[end] = row[j]
+    return points
+
+
 def _mean_curve(records, task: str):
     """Steps present in every seed's curve, the mean score there and its standard error."""
     per_seed = []
     for record in records:
-        per_seed.append({p.step: p.scores.get(task) for p in record.curves if p.scores.get(task) is not None})
+        per_seed.append(_seed_curve(record, task))
     common = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
     values = np.array([[s[step] for step in common] for s in per_seed], dtype=np.float64)
     mean = values.mean(axis=0) if common else np.array([])
@@ -77,7 +89,8 @@ def _mean_curve(records, task: str):
 def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, title: str = "") -> pathlib.Path:
     """A panel per method: every task's metric over global steps (mean over seeds, ± SE band),
     dashed lines at stage ends, each stage named at the top. The engine's curves are validation
-    scores (test when a task has no validation split); the tables' R is on test."""
+    scores; a task without a validation split is plotted from its test scores at the start and
+    at every stage end (R); the tables' R is on test."""
     plt = _pyplot()
     methods = [m for m in records_by_method if records_by_method[m]]
     cols = min(3, max(1, len(methods)))
@@ -105,7 +118,7 @@ def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, 
                     va="bottom", fontsize=8, color="dimgrey")
         ax.set_title(f"{method} (n={len(records)})", fontsize=10, pad=14)
         ax.set_xlabel("global step")
-        ax.set_ylabel(" / ".join(sorted(metrics)) + " (validation)")
+        ax.set_ylabel(" / ".join(sorted(metrics)) + " (validation, else test)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     for ax in list(axes.flat)[len(methods):]:

@@ -1,0 +1,77 @@
+"""Config drift on resume: breaking changes are named, safe ones become notes."""
+import copy
+
+from engine.config import to_dict, validate
+from engine.resume_check import compare_for_resume, drift_message, flatten
+
+BASE = {"model": {"path": "minilm"}, "task": {"kind": "seq_cls"},
+        "data": {"train": "t.jsonl", "validation": "v.jsonl", "batch_size": 8, "max_length": 64},
+        "optim": {"lr": 1e-3}, "train": {"steps": 100, "seed": 1, "eval_every": 10}}
+
+
+def config(**changes) -> dict:
+    tree = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        node = tree
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return to_dict(validate(tree))
+
+
+def test_identical_configs_and_labels_pass_silently():
+    assert compare_for_resume(config(), config(), '{"labels": ["neg", "pos"]}', ["neg", "pos"]) == ([], [])
+
+
+def test_breaking_keys_are_named_with_both_values():
+    breaking, notes = compare_for_resume(
+        config(), config(data__batch_size=16, optim__lr=1e-4, data__max_length=128, train__seed=2,
+                         model__path="other", task__kind="pair_cls", optim__name="sgd"))
+    assert breaking == ["data.batch_size: 8 -> 16", "data.length_buckets: [32, 64] -> [32, 64, 128]",
+                        "data.max_length: 64 -> 128", "model.path: \"minilm\" -> \"other\"",
+                        "optim.lr: 0.001 -> 0.0001", "optim.name: \"adamw\" -> \"sgd\"",
+                        "task.kind: \"seq_cls\" -> \"pair_cls\"", "train.seed: 1 -> 2"]
+    assert notes == []
+
+
+def test_safe_changes_are_notes():
+    breaking, notes = compare_for_resume(
+        config(), config(train__steps=200, train__eval_every=50, logging__progress=False,
+                         checkpoint__keep=5, data__validation="v2.jsonl", run_dir="runs/moved"))
+    assert breaking == []
+    assert [n.split(":")[0] for n in notes] == ["checkpoint.keep", "data.validation", "logging.progress",
+                                                "run_dir", "train.eval_every", "train.steps"]
+    assert notes[-1].startswith("train.steps: 100 -> 200 (the run continues")
+
+
+def test_fewer_steps_or_switching_to_epochs_breaks():
+    breaking, _ = compare_for_resume(config(), config(train__steps=50))
+    assert breaking[0].startswith("train.steps: 100 -> 50 (fewer steps")
+    breaking, _ = compare_for_resume(config(), config(train__steps=None, data__num_epochs=2))
+    assert breaking == ["data.num_epochs: null -> 2", "train.steps: 100 -> null"]
+
+
+def test_labels_must_match_in_order():
+    breaking, _ = compare_for_resume(config(), config(), '{"labels": ["neg", "pos"]}', '{"labels": ["pos", "neg"]}')
+    assert breaking == ['labels: ["neg", "pos"] -> ["pos", "neg"] (classifier rows follow the label order)']
+    breaking, _ = compare_for_resume(config(), config(), ["a", "b"], ["a", "b", "c"])
+    assert len(breaking) == 1
+
+
+def test_unknown_sections_compare_generically():
+    saved = {"stages": [{"name": "a", "steps": 10, "data": {"train": "a.jsonl"}}], "tasks": {"a": {"kind": "seq_cls"}}}
+    new = {"stages": [{"name": "a", "steps": 20, "data": {"train": "a.jsonl", "validation": "v"}},
+                      {"name": "b", "steps": 5}], "tasks": {"a": {"kind": "seq_cls"}}}
+    breaking, notes = compare_for_resume(saved, new)
+    assert breaking == ["stages.1.name: unset -> \"b\"", "stages.1.steps: unset -> 5"]
+    assert [n.split(" (")[0] for n in notes] == ["stages.0.data.validation: unset -> \"v\"",
+                                                 "stages.0.steps: 10 -> 20"]
+    assert flatten({"a": {"b": [1, 2]}, "c": []}) == {"a.b": [1, 2], "c": []}
+
+
+def test_drift_message_is_one_line():
+    message = drift_message(["optim.lr: 0.001 -> 0.0001", "data.batch_size: 8 -> 16"], "runs/x")
+    assert message == ("runs/x: the config differs from the checkpoint's in 2 keys that change the run: "
+                       "optim.lr: 0.001 -> 0.0001; data.batch_size: 8 -> 16; restore them, or start over "
+                       "with --restart (the old run is moved aside)")

@@ -1,0 +1,96 @@
+"""Run safety through the real CLI on the tiny BERT fixture: SIGTERM saves and stops and the rerun
+continues the same loss curve; a second run on a busy run dir is refused naming the holder; a
+config change that breaks the run is refused on resume (the checkpoints stay); --restart moves
+the old run aside."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train_loop import TINY_BERT, data, summary  # noqa: F401  (the `data` fixture)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def args(run_dir, data, steps, *extra):
+    return ["train", "configs/quickstart.yaml", f"model.path={TINY_BERT}", f"run_dir={run_dir}",
+            f"data.train={data['train']}", f"data.validation={data['validation']}", f"data.test={data['test']}",
+            "data.max_length=32", "data.batch_size=8", "data.eval_batch_size=16", f"train.steps={steps}",
+            "train.eval_every=1000", "train.log_every=2", "checkpoint.every_steps=1000", "optim.schedule=constant",
+            "optim.warmup_ratio=0", "optim.lr=1e-3", "logging.progress=false", *extra]
+
+
+def env():
+    return {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+
+
+def tenure(*argv, check=True):
+    result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def start(*argv):
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_training(proc, run_dir):
+    deadline = time.time() + 300
+    while not (run_dir / "tb").is_dir() or not any((run_dir / "tb").iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before training started"
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the step loop
+
+
+@pytest.mark.slow
+def test_sigterm_saves_stops_and_resumes_the_same_curve(data, tmp_path):
+    straight = tmp_path / "straight"
+    tenure(*args(straight, data, 60))
+    run_dir = tmp_path / "stopped"
+    proc = start(*args(run_dir, data, 60))
+    wait_for_training(proc, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM after step")]
+    assert len(stopped) == 1, out[-2000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert 1 <= step < 60 and (run_dir / "checkpoints" / str(step)).is_dir()
+    result = tenure(*args(run_dir, data, 60))
+    assert f"resumed from step {step}" in result.stdout
+    assert summary(run_dir)["train_loss"] == summary(straight)["train_loss"]
+
+
+@pytest.mark.slow
+def test_busy_run_dir_and_config_drift_are_refused(data, tmp_path):
+    run_dir = tmp_path / "run"
+    tenure(*args(run_dir, data, 4))
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    # A change that breaks the run: refused, one line naming the key, checkpoints untouched.
+    result = tenure(*args(run_dir, data, 6, "optim.lr=5e-4"), check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "optim.lr: 0.001 -> 0.0005" in result.stderr and "--restart" in result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    # More steps is safe: a note, and the run goes on from step 4.
+    result = tenure(*args(run_dir, data, 6))
+    assert "note: resume: train.steps: 4 -> 6" in result.stdout and "resumed from step 4" in result.stdout
+    # Two runs on one run dir: the second is refused, naming the first one's pid.
+    proc = start(*args(run_dir, data, 400, "--restart"))
+    try:
+        wait_for_training(proc, run_dir)
+        result = tenure(*args(run_dir, data, 400), check=False)
+        assert result.returncode == 2 and f"is in use by pid {proc.pid}" in result.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(old) == 1 and len(json.loads((old[0] / "summary.json").read_text())["train_loss"]) == 6
+    assert {"4", "6"} <= {p.name for p in (old[0] / "checkpoints").iterdir()}
