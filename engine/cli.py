@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.study import add_study_parser
     add_bench_parser(sub)
     add_study_parser(sub)
+    from engine.preflight import add_parser as add_launch_parser
+    add_launch_parser(sub, with_config)
+    from engine.aot import add_parser as add_compile_parser
+    add_compile_parser(sub, with_config)
 
     hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(
         dest="hf_command", required=True, metavar="HF_COMMAND")

@@ -4,6 +4,8 @@
 multi-process job: an explicit coordinator (`JAX_COORDINATOR_ADDRESS` with
 `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`), a SLURM job step with several tasks, or
 `TENURE_DISTRIBUTED=1` (set by tpu/launch.sh: JAX auto-detects the TPU slice's workers).
+Every process then runs a hang guard (engine/hangguard.py, `TENURE_HANG_TIMEOUT`): a peer that
+dies or stops answering makes the others exit with one line naming it.
 """
 from __future__ import annotations
 
@@ -36,7 +38,11 @@ def initialize() -> None:
             raise TenureError(
                 "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID "
                 f"must be integers too ({exc})") from None
-    jax.distributed.initialize(**kwargs)
+    from engine import hangguard
+    guard_timeout = hangguard.timeout_from_env()
+    # JAX's own heartbeat check aborts a process without naming the peer; ours comes first.
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=max(100, int(3 * guard_timeout)))
+    hangguard.start(guard_timeout)
 
 
 def is_primary() -> bool:

@@ -60,8 +60,8 @@ def _write(path, records):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_read_disjoint_shards_and_build_global_batches(tmp_path):
-    # Odd records are 5 words long, even ones 1 word: process 1 pads to bucket 8, process 0 to
-    # bucket 4, so to_global_batch must agree on the common width.
+    # Odd records are 5 words long, even ones 1 word: alone, process 0 would pad to bucket 4 and
+    # process 1 to bucket 8. With two processes both pad to the last bucket (16) with no exchange.
     _write(tmp_path / "train.jsonl", [{"text": " ".join([f"w{k}"] + ["w199"] * (4 * (k % 2))),
                                        "label": "pos" if k % 2 else "neg"} for k in range(16)])
     _write(tmp_path / "val.jsonl", [{"text": f"w{k}", "label": "neg"} for k in range(7)])
@@ -77,8 +77,8 @@ def test_two_processes_read_disjoint_shards_and_build_global_batches(tmp_path):
         results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
     r0, r1 = results
     assert r0["local"] == [0, 2, 4, 6, 8, 10, 12, 14] and r1["local"] == [1, 3, 5, 7, 9, 11, 13, 15]
-    assert r0["widths"] == [4, 4] and r1["widths"] == [8, 8]
-    assert r0["shapes"] == r1["shapes"] == [[8, 8], [8, 8]]
+    assert r0["widths"] == [16, 16] and r1["widths"] == [16, 16]
+    assert r0["shapes"] == r1["shapes"] == [[8, 16], [8, 16]]
     assert r0["global"] == r1["global"] == [[0, 2, 4, 6, 1, 3, 5, 7], [8, 10, 12, 14, 9, 11, 13, 15]]
     # 7 eval examples, global batch 4: process 0 holds 0,2 | 4,6 and process 1 holds 1,3 | 5,(pad).
     assert r0["eval"] == r1["eval"] == [0, 2, 1, 3, 4, 6, 5]

@@ -4,7 +4,9 @@ Training (`build_train_iterator`), per source: equal per-process shards
 `records[:n - n % P][p::P]` -> seeded shuffle (a new order each epoch) -> repeat
 (`num_epochs`, or forever) -> featurise (MLM masks from an rng keyed by (seed, index)) ->
 read threads; named sources are then mixed (`mixture.MixIterDataset`), LM rows optionally
-packed, and rows batched to `batch_size / process_count` with bucketed padding. The
+packed, and rows batched to `batch_size / process_count` with bucketed padding (with several
+processes, every batch pads to the last bucket, max_length: each process pads its own rows
+and all must agree on the global shape without a collective per step). The
 iterator state is grain's (indices and small dicts), so it is JSON and resume is exact.
 
 Evaluation (`build_eval_batches`): every example exactly once, process p taking examples
@@ -21,7 +23,6 @@ from typing import Iterator
 import grain
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.data.augment import augment
@@ -175,6 +176,14 @@ class _FeaturizeOne:
         return self.featurizer([record], None if rng is None else [rng])[0]
 
 
+def process_buckets(buckets, process_count: int) -> tuple[int, ...]:
+    """The padding buckets a process may use. One process: all of them (the smallest that fits
+    each batch). Several: only the largest (max_length), a width every process knows in advance,
+    so the processes' local batches form one global array with no per-step exchange of widths."""
+    buckets = tuple(buckets)
+    return buckets if process_count == 1 else buckets[-1:]
+
+
 def _example_stream(records, featurizer, *, process_index: int, process_count: int,
                     shuffle: bool, seed: int, num_epochs: int | None, read_threads: int) -> grain.IterDataset:
     usable = len(records) - len(records) % process_count
@@ -283,7 +292,8 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
         ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
     rows = local_batch_size(cfg.batch_size, process_count)
     ds = ds.batch(rows, drop_remainder=True,
-                  batch_fn=functools.partial(collate, buckets=tuple(cfg.length_buckets), pad_id=pad_id))
+                  batch_fn=functools.partial(collate, buckets=process_buckets(cfg.length_buckets, process_count),
+                                               pad_id=pad_id))
     if cfg.worker_count:
         _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
@@ -370,7 +380,7 @@ class EvalBatches:
         self.num_examples = len(records)
         self.num_batches = math.ceil(len(records) / global_batch)
         self._indices = np.arange(len(records))[process_index::process_count]
-        self._buckets, self._pad_id, self._seed = tuple(buckets), pad_id, seed
+        self._buckets, self._pad_id, self._seed = process_buckets(buckets, process_count), pad_id, seed
 
     def __len__(self) -> int:
         return self.num_batches
@@ -407,30 +417,10 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
                        process_count=process_count, seed=cfg.seed)
 
 
-def _fill_value(key: str) -> int:
-    return -100 if key == "labels" else 0
-
-
-def _pad_to_common_lengths(local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Processes may pick different length buckets; pad every process to the largest."""
-    keys = sorted(local_batch)
-    widths = np.asarray([local_batch[k].shape[-1] if local_batch[k].ndim > 1 else 0 for k in keys], np.int32)
-    common = np.max(multihost_utils.process_allgather(widths), axis=0)
-    out = {}
-    for k, width in zip(keys, common):
-        v = local_batch[k]
-        if v.ndim > 1 and v.shape[-1] < width:
-            pad = [(0, 0)] * (v.ndim - 1) + [(0, int(width) - v.shape[-1])]
-            v = np.pad(v, pad, constant_values=_fill_value(k))
-        out[k] = v
-    return out
-
-
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
                     data_axes: tuple[str, ...] = ("data", "fsdp")) -> dict[str, jax.Array]:
-    """Assemble the processes' local batches into global arrays sharded on the batch axis."""
+    """Assemble the processes' local batches into global arrays sharded on the batch axis.
+    With several processes their widths already agree (`process_buckets`)."""
     axes = tuple(a for a in data_axes if a in mesh.axis_names)
-    if jax.process_count() > 1:
-        local_batch = _pad_to_common_lengths(local_batch)
     sharding = NamedSharding(mesh, P(axes if axes else None))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
