@@ -400,6 +400,8 @@ def train(cfg: Config, restart: bool = False) -> dict:
     """Runs the config's stages; returns the summary it also prints and writes. One run per run
     dir (a lock); `restart` moves an earlier run's files aside first (nothing is deleted)."""
     distributed.initialize()
+    from engine.preflight import require
+    require(cfg)  # multi-host: mesh, batch, collectives, data and checkpoint dir checked first
     with RunLock(cfg.run_dir, process_index=jax.process_index(), log=_print), StopSignals() as stop:
         if restart:
             if distributed.is_primary():
