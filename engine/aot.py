@@ -24,7 +24,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh
 
 from engine import sharding
 from engine.config import Config
@@ -115,12 +115,12 @@ def target_devices(name: str) -> Target:
 
 def arch_from_config(model_path: str, dropout: float | None = None):
     """The architecture from an HF directory's config.json alone (safetensors are not read)."""
-    from engine.build import _with_dropout
+    from engine.build import with_dropout
     from models.hf import family, read_config, resolve_model_dir
     directory = resolve_model_dir(model_path)
     hf = read_config(directory)
     arch = family(hf.get("model_type", ""), f"{directory}/config.json").config_from_hf(hf)
-    return _with_dropout(arch, dropout)
+    return with_dropout(arch, dropout)
 
 
 def abstract_batch(kind: str, rows: int, length: int, mesh: Mesh, *, packed: bool = False) -> dict:
@@ -170,14 +170,13 @@ def _per_chip_bytes(x) -> int:
 def build_abstract_step(cfg: Config, target: Target, *, num_labels: int = 2):
     """(jitted train step, abstract state, abstract batch, mesh, trainability) for the config's
     first stage on `target`, with no weights anywhere."""
-    from engine.build import _lora_spec, _pooling
+    from engine.build import lora_spec, model_for
     from engine.losses import task_loss
     from engine.optim import build_optimizer, build_schedule
     from engine.stages import resolve
     from engine.step import TrainState, like_params_shardings, make_train_step
     from engine.trainability import compile_trainability
     from models.kinds import KINDS
-    from models.tasks import build_task_model
 
     tasks, stages = resolve(cfg)
     stage, task = stages[0], next(iter(tasks.values()))
@@ -192,15 +191,13 @@ def build_abstract_step(cfg: Config, target: Target, *, num_labels: int = 2):
         raise TenureError(f"config key 'data.batch_size': {rows} is not divisible by data x fsdp = "
                           f"{shape[0] * shape[1]} on {target.name}")
     batch = abstract_batch(kind, rows, length, mesh, packed=bool(task.data.pack))
-    lora = _lora_spec(stage.trainable)
+    lora = lora_spec(stage.trainable)
     labels = 1 if head == "regression" else num_labels
 
-    def model_for(frozen_prefix):
-        return build_task_model(arch, head, num_labels=labels, pooling=_pooling(task.spec, arch), lora=lora,
-                                dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat,
-                                frozen_prefix=frozen_prefix, normalize_embeddings=task.spec.normalize)
+    def stage_model(frozen_prefix):
+        return model_for(cfg, arch, task.spec, labels, lora, frozen_prefix=frozen_prefix)
 
-    init_model = model_for(0)
+    init_model = stage_model(0)
     host_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     boxed = jax.eval_shape(lambda b: init_model.init(jax.random.key(0), b, deterministic=True)["params"], host_batch)
     param_shardings = sharding.param_shardings(boxed, mesh)
@@ -208,7 +205,7 @@ def build_abstract_step(cfg: Config, target: Target, *, num_labels: int = 2):
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(boxed), param_shardings)
     trainability = compile_trainability(params, stage.trainable, num_layers=arch.num_layers)
-    model = model_for(trainability.frozen_prefix)
+    model = stage_model(trainability.frozen_prefix)
     steps = stage.steps or 1000
     tx = build_optimizer(stage.optim, trainability, steps)
     opt_shapes = jax.eval_shape(tx.init, params)
@@ -253,15 +250,12 @@ def compile_fisher(cfg: Config, topology: str, *, num_labels: int = 2, chunk: in
     tasks, stages = resolve(cfg)
     task = next(iter(tasks.values()))
     ewc = stages[0].ewc if getattr(stages[0], "ewc", None) is not None else cfg.ewc
-    from engine.build import _lora_spec, _pooling
+    from engine.build import lora_spec, model_for
     from models.kinds import KINDS
-    from models.tasks import build_task_model
     arch = arch_from_config(cfg.model.path, cfg.model.dropout)
     head = KINDS[task.spec.kind].head
-    model = build_task_model(arch, head, num_labels=1 if head == "regression" else num_labels,
-                             pooling=_pooling(task.spec, arch), lora=_lora_spec(stages[0].trainable),
-                             dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat,
-                             normalize_embeddings=task.spec.normalize)
+    model = model_for(cfg, arch, task.spec, 1 if head == "regression" else num_labels,
+                      lora_spec(stages[0].trainable))
     param_shardings = jax.tree.map(lambda x: x.sharding, state.params)
     step = make_fisher_step(model, task.spec.kind, ewc.fisher, trainability.trainable_mask, mesh, param_shardings,
                             chunk=chunk)

@@ -16,7 +16,6 @@ exits with the same code. No weights are loaded.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import socket
 
