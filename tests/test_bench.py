@@ -15,6 +15,21 @@ TINY_BERT = ROOT / "tests" / "fixtures" / "bert" / "seq_cls"
 TINY_GPT2 = ROOT / "tests" / "fixtures" / "gpt2"
 
 
+@pytest.fixture
+def restore_compilation_cache():
+    """`tenure bench` turns the persistent compilation cache on for its process; put the test
+    session's settings back afterwards."""
+    import jax
+    from jax._src import compilation_cache
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
 def _write(tmp_path, model_dir, kind="seq_cls", extra=""):
     path = tmp_path / "bench.yaml"
     path.write_text(f"model: {{path: {model_dir}, init: random}}\ntask: {{kind: {kind}}}\n"
@@ -55,7 +70,7 @@ def test_model_flops_is_6NT_plus_attention_and_shrinks_when_frozen(tmp_path):
     assert head["total"] < flops["total"] / 2.5
 
 
-def test_bench_runs_end_to_end_with_a_variant_and_prints_json_lines(tmp_path, capsys):
+def test_bench_runs_end_to_end_with_a_variant_and_prints_json_lines(tmp_path, capsys, restore_compilation_cache):
     path = _write(tmp_path, TINY_GPT2, kind="causal_lm")
     assert main([str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache"), "--ab", "trainable.mode=last_n"]) == 0
     out = capsys.readouterr().out
