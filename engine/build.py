@@ -27,6 +27,7 @@ from engine.data.pipeline import (EvalBatches, TaskFeaturizer, TrainIterator, Tr
                                   plan_total_steps)
 from engine.data.records import LabelVocab
 from engine.data.sources import select
+from engine.divergence import init_divergence_state
 from engine.losses import of_task, task_loss
 from engine.metrics import check_eval_metric
 from engine.optim import build_optimizer, build_schedule
@@ -304,6 +305,7 @@ def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, par
     state, state_shardings = init_state(params, tx, cfg.train.seed + 1 + 7919 * stage.index, backbone.mesh,
                                         param_shardings)
     extra_losses, extra = regularize(trainability, model) if regularize else ({}, {})
+    extra = dict(extra, divergence=init_divergence_state()._asdict())
     if extra:
         extra_shardings = like_params_shardings(extra, params, param_shardings, backbone.mesh)
         state = state.replace(extra=jax.device_put(extra, extra_shardings))
@@ -312,6 +314,6 @@ def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, par
     step_fn = make_train_step(model, losses, tx, backbone.mesh, state_shardings,
                               lr_schedule=build_schedule(stage.optim, steps),
                               trainable_mask=trainability.trainable_mask,
-                              accum_steps=stage.optim.grad_accum_steps)
+                              accum_steps=stage.optim.grad_accum_steps, divergence=cfg.divergence)
     return StageRun(stage, model, trainability, tx, losses, train_iter, buffers, steps, state, state_shardings,
                     step_fn)

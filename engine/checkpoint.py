@@ -141,7 +141,11 @@ class _DropOrbaxErrorTracebacks(logging.Filter):
     turns into one line. Drop those ERROR records so stderr carries only that line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        # Also the warning on every save between evals of a keep_best run: those steps carry no
+        # metric by design (they are kept for resuming, by the latest-N policy).
+        return record.levelno < logging.ERROR and "did not provide metrics" not in record.getMessage()
 
 
 def _quiet_orbax_errors() -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.checkpoint import CheckpointConfig
 from engine.data.config import DataConfig
+from engine.divergence import DivergenceConfig
 from models.errors import TenureError
 from engine.optim import OptimConfig
 from engine.sharding import MeshConfig
@@ -101,6 +102,9 @@ class Config(Section):
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    divergence: DivergenceConfig = Field(
+        DivergenceConfig(), description="the on-device guard against diverging updates (NaN/Inf, spikes, "
+                                        "updates larger than the weights)")
     ewc: EWCConfig = Field(EWCConfig(), description="EWC defaults for every stage")
     l2sp: L2SPConfig = Field(L2SPConfig(), description="L2-SP defaults for every stage")
     replay: ReplayConfig = Field(ReplayConfig(), description="replay defaults for every stage")

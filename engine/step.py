@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from engine.divergence import DivergenceConfig, DivergenceState, guard_step, keep_if_ok, update_ratio
 from engine.losses import LossFn, total_loss
 from engine.sharding import batch_sharding, replicated
 from engine.xla_env import compiler_options
@@ -70,7 +71,8 @@ def dropout_key(key: jax.Array, impl: str) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict[str, LossFn],
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule, trainable_mask: Any,
-               accum_steps: int = 1, dropout_rng: str = "threefry") -> tuple[TrainState, dict]:
+               accum_steps: int = 1, dropout_rng: str = "threefry",
+               divergence: DivergenceConfig | None = None) -> tuple[TrainState, dict]:
     leaves, treedef = jax.tree.flatten(state.params)
     trains = treedef.flatten_up_to(trainable_mask)
     trainable = [x for x, t in zip(leaves, trains) if t]
@@ -103,9 +105,21 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict
     full_grads = treedef.unflatten([next(it) if t else jnp.zeros_like(x) for x, t in zip(leaves, trains)])
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step),
+    grad_norm = optax.tree.norm(grads)
+    extra = state.extra
+    if divergence is not None and "divergence" in state.extra:
+        # Decided on device: a bad update is never applied (skip) and the loop halts on it (halt).
+        trainable_updates = [u for u, t in zip(treedef.flatten_up_to(updates), trains) if t]
+        ratio = update_ratio(trainable_updates, trainable)
+        ok, guard = guard_step(divergence, DivergenceState(**state.extra["divergence"]), metrics["loss"],
+                               grad_norm, ratio)
+        params = keep_if_ok(ok, params, state.params)
+        opt_state = keep_if_ok(ok, opt_state, state.opt_state)
+        extra = dict(state.extra, divergence=guard._asdict())
+        metrics = dict(metrics, **{f"divergence/{k}": v for k, v in guard._asdict().items()})
+    metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state.step),
                    tokens=_tokens(batch), step=state.step + 1)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
 
 def eval_step(params: Any, batch: dict, *, model: nn.Module,
@@ -118,11 +132,13 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module,
 def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.GradientTransformation,
                     mesh: Mesh, state_shardings: TrainState, *, lr_schedule: optax.Schedule,
                     trainable_mask: Any, accum_steps: int = 1, dropout_rng: str = "threefry",
-                    xla_options: dict | None = None):
+                    xla_options: dict | None = None, divergence: DivergenceConfig | None = None):
     """jit(train_step): state stays in its shardings and is donated; metrics come back replicated.
-    `xla_options` default to engine.xla_env.compiler_options (the oneDNN dot path on CPU)."""
+    `xla_options` default to engine.xla_env.compiler_options (the oneDNN dot path on CPU);
+    `divergence` guards every update when the state's extra holds a "divergence" state."""
     step = functools.partial(train_step, model=model, losses=losses, tx=tx, lr_schedule=lr_schedule,
-                             trainable_mask=trainable_mask, accum_steps=accum_steps, dropout_rng=dropout_rng)
+                             trainable_mask=trainable_mask, accum_steps=accum_steps, dropout_rng=dropout_rng,
+                             divergence=divergence)
     options = compiler_options(mesh.devices.flat[0].platform) if xla_options is None else xla_options
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",),

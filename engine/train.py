@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from engine.config import Config, to_dict
 from engine.continual import regularizers
 from engine.data.pipeline import to_global_batch
 from engine.evaluate import make_evaluators
+from engine.divergence import describe as describe_divergence
 from engine.fit import fit
 from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
@@ -186,9 +188,14 @@ class Trainer:
         def on_metrics(step, metrics):
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             tokens = int(values.pop("tokens"))
-            if not np.isfinite(values["loss"]):
-                raise TenureError(f"step {offset + step}: training loss is {values['loss']}; lower optim.lr "
-                                  "or check the data (the last good checkpoint is kept)")
+            if values.get("divergence/halt"):
+                guard = types.SimpleNamespace(**{k.split("/", 1)[1]: v for k, v in values.items()
+                                                 if k.startswith("divergence/")})
+                kept = self.ckpt.latest_step()
+                raise TenureError(
+                    describe_divergence(guard, offset + step, values) + "; that update was not applied or saved; "
+                    + (f"a rerun resumes from checkpoint step {kept}" if kept is not None else "no checkpoint yet")
+                    + " (lower optim.lr, or see the `divergence` config section)")
             train_losses.append(values["loss"])
             self.history.setdefault("train_loss", []).append(values["loss"])
             progress.update(step, values["loss"], tokens)

@@ -94,3 +94,18 @@ def test_busy_run_dir_and_config_drift_are_refused(data, tmp_path):
     old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(old) == 1 and len(json.loads((old[0] / "summary.json").read_text())["train_loss"]) == 6
     assert {"4", "6"} <= {p.name for p in (old[0] / "checkpoints").iterdir()}
+
+
+@pytest.mark.slow
+def test_divergence_halts_before_a_blown_up_update_is_saved(data, tmp_path):
+    """Warm-up to lr=1000: step 1 has lr 0 and is saved; step 2's loss is still finite but its
+    update would move every weight by ~100. The guard refuses it on device, the run stops naming
+    the step and the reason, step 2 is never saved, and a rerun resumes from step 1."""
+    run_dir = tmp_path / "run"
+    diverging = args(run_dir, data, 6, "checkpoint.every_steps=1", "optim.lr=1000", "optim.warmup_steps=10",
+                     "optim.warmup_ratio=0", "optim.schedule=linear")
+    result = tenure(*diverging, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "step 2: update larger than the weights" in result.stderr
+    assert "that update was not applied or saved; a rerun resumes from checkpoint step 1" in result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
