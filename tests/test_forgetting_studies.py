@@ -58,6 +58,7 @@ def _train(run_dir, overrides):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two MiniLM runs, one with EWC's Fisher pass
 def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path):
     """Study 1, task-IL (a head per task), seed 0: naive fine-tuning on B loses part of A,
     EWC (the study's lambda, exact Fisher) keeps clearly more of it and still learns B."""
