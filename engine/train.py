@@ -207,20 +207,24 @@ class Trainer:
             scores = evaluate_all(self.tasks, evaluators, state.params, ("validation",), self.backbone.mesh)
             if not self.single:  # the stage's own score: mean of its tasks' validation metrics
                 own = [task_score(self.tasks, scores, t, ("validation",)) for t in stage.weights]
-                scores["validation/score"] = float(np.mean([v for v in own if v is not None]))
+                if any(v is not None for v in own):
+                    scores["validation/score"] = float(np.mean([v for v in own if v is not None]))
             self.tb.scalars(offset + step, scores)
-            improved, stop = best.update(step, scores)
+            # Without a validation split there is nothing to select or stop on (R uses the test split).
+            validated = any(k.startswith("validation/") for k in scores)
+            improved, stop = best.update(step, scores) if validated else (False, False)
             if guard is not None:
                 stop = guard.update(step, scores, state.params) or stop
-            _print(f"step {offset + step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items()))
-                   + ("  (best so far)" if improved else ""))
-            warning = overfit.update(float(np.mean(train_losses)), scores, improved)
+            warning = overfit.update(float(np.mean(train_losses)), scores, improved) if validated else None
             train_losses.clear()
+            if validated:
+                _print(f"step {offset + step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items()))
+                       + ("  (best so far)" if improved else ""))
+                self.history.setdefault("evals", []).append({"step": step, "stage": index, **scores})
+                self.history.setdefault("curves", []).append({"step": offset + step, "stage": index, "scores": {
+                    t: task_score(self.tasks, scores, t, ("validation",)) for t in self.tasks.by_name}})
             if warning:
                 _print(f"warning: step {offset + step}: {warning}")
-            self.history.setdefault("evals", []).append({"step": step, "stage": index, **scores})
-            self.history.setdefault("curves", []).append({"step": offset + step, "stage": index, "scores": {
-                t: task_score(self.tasks, scores, t, ("validation",)) for t in self.tasks.by_name}})
             self._save(sr, step, state, stopped=stop, metrics=scores)
             if stop and best.patience and best.bad_evals >= best.patience:
                 _print(f"early stopping at step {offset + step}: no improvement in validation/"
