@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -308,26 +307,3 @@ def _table(r: dict) -> str:
                  f"{r['xla_argument_mb']:.0f} MB + temporaries {r['xla_temp_mb']:.0f} MB; optimizer state "
                  f"{r['optimizer_state_mb']:.1f} MB" + (f"; torch peak RSS {torch['peak_rss_mb']:.0f} MB" if torch else ""))
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.bench CONFIG ...` until the lead wires `bench` into engine/cli.py."""
-    import argparse
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    parser = argparse.ArgumentParser(prog="tenure")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args, extra = parser.parse_known_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    unknown = [token for token in extra if "=" not in token or token.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
-    try:
-        return args.fn(args)
-    except TenureError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.bench import load_bench_config, main
+from engine.bench import load_bench_config
+from engine.cli import main
 from engine.bench_setup import BenchConfig, build_bench, model_flops, synthetic_batches
 from models.errors import TenureError
 
@@ -72,7 +73,7 @@ def test_model_flops_is_6NT_plus_attention_and_shrinks_when_frozen(tmp_path):
 
 def test_bench_runs_end_to_end_with_a_variant_and_prints_json_lines(tmp_path, capsys, restore_compilation_cache):
     path = _write(tmp_path, TINY_GPT2, kind="causal_lm")
-    assert main([str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache"), "--ab", "trainable.mode=last_n"]) == 0
+    assert main(["bench", str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache"), "--ab", "trainable.mode=last_n"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("BENCH ")]
     assert len(lines) == 2
