@@ -65,7 +65,7 @@ def with_dropout(arch, rate: float | None):
 def build_backbone(cfg: Config, model_path: str | None = None) -> Backbone:
     mesh = sharding.make_mesh(cfg.mesh)
     model_dir = resolve_model_dir(model_path or cfg.model.path)
-    arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir)
+    arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir, with_weights=cfg.model.init == "pretrained")
     return Backbone(mesh, str(model_dir), with_dropout(arch, cfg.model.dropout), pretrained, pretrained_head,
                     tokenizer)
 

