@@ -109,6 +109,30 @@ def test_pack_iter_dataset_resumes_exactly():
         np.testing.assert_array_equal(got["segment_ids"], want["segment_ids"])
 
 
+def test_packed_rows_carry_the_task_id_and_never_mix_tasks():
+    """A staged run stamps `task_id` on every example: a packed row carries it (the loss picks the
+    task's rows by it) and closes when the next example belongs to another task; the pending
+    example keeps its task_id through a resume."""
+    def tagged(ids, task):
+        return {**lm_example(ids), "task_id": np.asarray(task, np.int32)}
+    examples = [tagged([11, 12], 0), tagged([21, 22], 0), tagged([31], 1), tagged([41, 42], 1), tagged([51], 0)]
+    rows = pack_examples(examples, row_length=8)
+    assert [int(r["task_id"]) for r in rows] == [0, 1, 0]
+    np.testing.assert_array_equal(rows[0]["input_ids"], [11, 12, 21, 22, 0, 0, 0, 0])
+    np.testing.assert_array_equal(rows[1]["input_ids"], [31, 41, 42, 0, 0, 0, 0, 0])
+    ds = PackIterDataset(grain.MapDataset.source(examples).to_iter_dataset(), row_length=8)
+    it = iter(ds)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["pending"]["task_id"] == 1
+    fresh = iter(ds)
+    fresh.set_state(state)
+    rest = list(fresh)
+    assert [int(r["task_id"]) for r in rest] == [1, 0]
+    batch = collate(rows, (8,))
+    np.testing.assert_array_equal(batch["task_id"], [0, 1, 0])
+
+
 @pytest.mark.slow
 def test_packed_gpt2_forward_and_loss_equal_unpacked():
     gpt2 = pytest.importorskip("models.gpt2")

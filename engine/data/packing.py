@@ -8,7 +8,9 @@ Packing (`pack_examples`, `PackIterDataset`): greedy next-fit. Examples are appe
 current row in stream order; when the next example does not fit, the row is closed (padded)
 and a new row starts with it. Order is kept, so the stream (and its resume state) stays
 simple; the cost is some padding at row ends. Each packed example gets `segment_ids`
-1..n (0 = pad) and `positions` restarting at 0.
+1..n (0 = pad) and `positions` restarting at 0. Scalar fields of the examples (`task_id` in a
+staged run) become fields of the row; a row holds only examples with equal scalar fields (one
+whose differ closes the row), so a packed row never mixes tasks.
 
 Labels never cross examples: labels follow the HF convention (aligned with `input_ids`, the
 loss shifts, so the logits at token t are scored against `labels[t + 1]`). We set the label
@@ -79,8 +81,19 @@ def _empty_row(length: int, pad_id: int) -> dict[str, np.ndarray]:
             "positions": np.zeros((length,), np.int32)}
 
 
+def _scalars(example: dict) -> dict[str, int]:
+    return {k: int(v) for k, v in example.items() if np.ndim(v) == 0}
+
+
+def _fits(row_scalars: dict[str, int] | None, used: int, example: dict, row_length: int) -> bool:
+    """Whether `example` joins the open row: room left and the same scalar fields (task)."""
+    return used + len(example["input_ids"]) <= row_length and _scalars(example) == row_scalars
+
+
 def _place(row: dict[str, np.ndarray], start: int, segment: int, example: dict) -> int:
     n = len(example["input_ids"])
+    for key, value in _scalars(example).items():
+        row[key] = np.asarray(value, np.int32)
     stop = start + n
     row["input_ids"][start:stop] = example["input_ids"]
     row["attention_mask"][start:stop] = 1
@@ -95,8 +108,7 @@ def pack_examples(examples: Sequence[dict], row_length: int, *, pad_id: int = 0)
     """Greedy next-fit packing of a list of LM examples (each at most row_length tokens)."""
     rows, row, used, segment = [], None, 0, 0
     for ex in examples:
-        n = len(ex["input_ids"])
-        if row is None or used + n > row_length:
+        if row is None or not _fits(_scalars(row), used, ex, row_length):
             if row is not None:
                 rows.append(row)
             row, used, segment = _empty_row(row_length, pad_id), 0, 0
@@ -127,14 +139,15 @@ class _PackIterator(grain.DatasetIterator):
                     if segment:
                         return row
                     raise
-            if used + len(example["input_ids"]) > self._row_length and segment:
+            if segment and not _fits(_scalars(row), used, example, self._row_length):
                 self._pending = example
                 return row
             segment += 1
             used = _place(row, used, segment, example)
 
     def get_state(self) -> dict:
-        pending = None if self._pending is None else {k: self._pending[k].tolist() for k in LM_KEYS}
+        pending = None if self._pending is None else {k: np.asarray(v).tolist() for k, v in self._pending.items()
+                                                      if k in LM_KEYS or np.ndim(v) == 0}
         return {"parent": self._parent.get_state(), "pending": pending}
 
     def set_state(self, state: dict) -> None:
