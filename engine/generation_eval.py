@@ -32,6 +32,9 @@ class GenerationEval:
         self._logits = logits  # one object, so the decoding loop compiles once
 
     def _prompt_ids(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids and mask [len(prompts), W]: W is the longest prompt of the whole call,
+        so every chunk of one call has the same shape (padding does not change the result:
+        positions come from the mask)."""
         encoded = [self.tokenizer(p)["input_ids"][-self.max_prompt_length:] for p in prompts]
         width = max(len(ids) for ids in encoded)
         ids_BxL = np.zeros((len(prompts), width), np.int32)
@@ -43,12 +46,17 @@ class GenerationEval:
 
     def __call__(self, params, with_examples: bool = False) -> dict[str, float]:
         prefix = self.few_shot_prefix if with_examples else ""
+        ids_NxL, mask_NxL = self._prompt_ids([prefix + r["prompt"] for r in self.examples])
         hypotheses = []
         for start in range(0, len(self.examples), self.batch_size):
-            chunk = self.examples[start:start + self.batch_size]
-            ids_BxL, mask_BxL = self._prompt_ids([prefix + r["prompt"] for r in chunk])
+            ids_BxL, mask_BxL = ids_NxL[start:start + self.batch_size], mask_NxL[start:start + self.batch_size]
+            real = len(ids_BxL)
+            if real < self.batch_size:  # the last chunk is filled up with copies of its first row:
+                fill = self.batch_size - real  # one shape, one compiled decoding loop per call
+                ids_BxL = np.concatenate([ids_BxL, np.repeat(ids_BxL[:1], fill, 0)])
+                mask_BxL = np.concatenate([mask_BxL, np.repeat(mask_BxL[:1], fill, 0)])
             new_BxN = greedy_generate(self._logits, params, ids_BxL, mask_BxL, self.max_new_tokens,
-                                      eos_id=self.tokenizer.eos_token_id)
+                                      eos_id=self.tokenizer.eos_token_id)[:real]
             hypotheses += [t.split("\n")[0].strip() for t in
                            self.tokenizer.batch_decode(new_BxN, skip_special_tokens=True)]
         return metrics.generation_metrics(hypotheses, [r["completion"].strip() for r in self.examples])
