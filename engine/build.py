@@ -2,7 +2,7 @@
 
   build_backbone(cfg)         once per run: mesh, architecture, tokenizer, pretrained weights
   build_tasks(cfg, backbone)  once per run: every task's labels (one vocabulary over all tasks)
-                              and its evaluation batches
+                              and its evaluation batches; `eval_models` the model each is scored with
   init_params(...)            the starting params (pretrained backbone, fresh heads), sharded
   build_stage(...)            once per stage: its data mixture (tasks + replay), trainability,
                               optimizer and schedule, loss terms, and its jitted train step
@@ -80,12 +80,13 @@ class RunTask:
     index: int                       # task_id stamped on its examples (multi-task runs)
     labels: tuple | None             # this task's own labels (a subset of the run's vocabulary)
     eval_batches: dict[str, EvalBatches]
+    probe: bool = False              # evaluation only, with its own parameter-free head on the backbone
 
 
 @dataclasses.dataclass
 class Tasks:
     by_name: dict[str, RunTask]
-    head: str                        # the model head every task shares
+    head: str                        # the model head every trained task shares
     label_vocab: LabelVocab | None   # one vocabulary over the labels of every task
     multi: bool                      # several tasks: examples carry task_id, keys carry task names
 
@@ -102,16 +103,29 @@ class Tasks:
         active = {label for name in trained for label in self.by_name[name].labels}
         rows = []
         for run_task in self.by_name.values():
-            own = set(run_task.labels) if heads == "per_task" else active
+            own = set(run_task.labels or ()) if heads == "per_task" else active  # unlabelled: no classifier
             rows.append(tuple(label in own for label in self.label_vocab.labels))
         return tuple(rows)
 
 
-def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task]) -> Tasks:
-    heads = {KINDS[t.spec.kind].head for t in tasks.values()}
+# Kinds an evaluation-only task may have with a head of its own: heads without trained weights,
+# so scoring them on the run's backbone measures the backbone (e.g. what fine-tuning did to the
+# pretrained sentence embeddings).
+PROBE_KINDS = ("embedding",)
+
+
+def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained: list[str]) -> Tasks:
+    heads = {KINDS[tasks[name].spec.kind].head for name in trained}
     if len(heads) > 1:
-        raise TenureError(f"tasks: every task of a run must share one model head, got {sorted(heads)} "
-                          f"(kinds {[t.spec.kind for t in tasks.values()]})")
+        raise TenureError(f"tasks: every trained task of a run must share one model head, got {sorted(heads)} "
+                          f"(kinds {[tasks[name].spec.kind for name in trained]})")
+    head = heads.pop()
+    probes = {name for name, task in tasks.items() if KINDS[task.spec.kind].head != head}
+    for name in sorted(probes):
+        if tasks[name].spec.kind not in PROBE_KINDS:
+            raise TenureError(f"tasks.{name}: an evaluation-only task with a head other than the trained "
+                              f"{head!r} must be of a kind whose head has no trained weights "
+                              f"({', '.join(PROBE_KINDS)}); a {tasks[name].spec.kind} head would be scored untrained")
     multi = len(tasks) > 1
     for name, task in tasks.items():  # before any data is read: choices that cannot work
         where = f"tasks.{name}: " if multi else ""
@@ -135,8 +149,8 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task]) -> Task
         eval_batches = {split: build_eval_batches(task.data, split, task.spec.kind, backbone.tokenizer, union,
                                                   task_id=index if multi else None, **_where())
                         for split in ("validation", "test") if getattr(task.data, split)}
-        by_name[name] = RunTask(task, index, own_labels[name], eval_batches)
-    return Tasks(by_name, heads.pop(), union, multi)
+        by_name[name] = RunTask(task, index, own_labels[name], eval_batches, probe=name in probes)
+    return Tasks(by_name, head, union, multi)
 
 
 def lora_spec(trainable):
@@ -171,6 +185,13 @@ def task_model(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, frozen_pr
     num_labels = len(tasks.label_vocab) if tasks.label_vocab is not None else None
     return model_for(cfg, backbone.arch, tasks.first.task.spec, num_labels, lora, frozen_prefix=frozen_prefix,
                      label_masks=label_masks)
+
+
+def eval_models(cfg: Config, backbone: Backbone, tasks: Tasks, model, lora) -> dict[str, Any]:
+    """Task name -> the model it is scored with (and its Fisher taken with): the stage's `model`, or
+    for a probe task its own head over the same params (that head has none of its own)."""
+    return {name: model_for(cfg, backbone.arch, run_task.task.spec, None, lora) if run_task.probe else model
+            for name, run_task in tasks.by_name.items()}
 
 
 def kept_head(head_kind: str, pretrained_head, keep_all: bool = False):

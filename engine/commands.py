@@ -6,7 +6,6 @@ import pathlib
 from engine import distributed
 from engine.checkpoint import Checkpointer
 from engine.config import Config
-from engine.evaluate import make_evaluators
 from engine.train import Trainer, _print, abstract, evaluate_all, to_host
 from engine.data.records import LabelVocab
 from models.errors import TenureError
@@ -45,8 +44,7 @@ def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
     trainer, sr, params, step = restore(cfg, path)
     if not any(split in t.eval_batches for t in trainer.tasks.by_name.values()):
         raise TenureError(f"config: data.{split} is not set, nothing to evaluate")
-    evaluators = make_evaluators(trainer.tasks, sr.model, trainer.backbone.mesh, sr.state_shardings.params,
-                                 trainer.backbone.tokenizer)
+    evaluators = trainer._evaluators(sr)
     scores = evaluate_all(trainer.tasks, evaluators, params, (split,), trainer.backbone.mesh)
     sr.train_iter.close()
     _print(f"{path} (step {step}):")

@@ -59,20 +59,22 @@ def _backbone_mask(trainable_mask):
 
 
 def regularizers(cfg, stages: list[Stage], index: int, backbone: Backbone, tasks: Tasks, trainability, params,
-                 param_shardings, start_params, previous_extra: dict, *, model=None) -> tuple[dict, dict]:
-    """(loss terms, extra) of stage `index`. With `model`, the Fisher pass runs; without, the
-    extra holds zeros of the right shapes (the target a checkpoint of this stage restores into)."""
+                 param_shardings, start_params, previous_extra: dict, *, models=None) -> tuple[dict, dict]:
+    """(loss terms, extra) of stage `index`. With `models` (task name -> model, see
+    `engine.build.eval_models`) the Fisher pass runs; without, the extra holds zeros of the right
+    shapes (the target a checkpoint of this stage restores into)."""
     stage, losses, extra = stages[index], {}, {}
     mask = trainability.trainable_mask
     if ewc_on(stage):
         previous = (previous_extra.get("ewc") or {}).get("fisher")
         names = fisher_tasks(stages, index)
         fisher = None
-        if names and model is not None:
+        if names and models is not None:
             key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 17), index)
             for name in names:
-                step = make_fisher_step(model, tasks.by_name[name].task.spec.kind, stage.ewc.fisher, mask,
-                                        backbone.mesh, param_shardings)
+                spec = tasks.by_name[name].task.spec
+                step = make_fisher_step(models[name], spec.kind, stage.ewc.fisher, mask, backbone.mesh,
+                                        param_shardings, temperature=spec.temperature)
                 batches = _fisher_batches(backbone, tasks, name, stage.ewc.examples, cfg.train.seed + index)
                 f, _ = fisher_diagonal(step, params, batches, jax.random.fold_in(key, tasks.by_name[name].index),
                                        max_examples=stage.ewc.examples)

@@ -110,13 +110,14 @@ class Evaluator:
         return scores
 
 
-def make_evaluators(tasks, model, mesh, param_shardings, tokenizer) -> dict[str, dict[str, Evaluator]]:
-    """task name -> split -> Evaluator, for every split each task's data names."""
+def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> dict[str, dict[str, Evaluator]]:
+    """task name -> split -> Evaluator, for every split each task's data names; `models` gives each
+    task's model (`engine.build.eval_models`)."""
     evaluators = {}
     reducers = {}
     for name, run_task in tasks.by_name.items():
-        spec, data = run_task.task.spec, run_task.task.data
-        if spec.kind not in reducers:
+        spec, data, model = run_task.task.spec, run_task.task.data, models[name]
+        if spec.kind not in reducers:  # one model per kind: the stage's, or one probe head
             reducers[spec.kind] = make_eval_step(model, mesh, param_shardings,
                                                  reduce_fn=functools.partial(reduce_batch, spec.kind))
         tags = [str(t) for t in tasks.label_vocab.labels] if spec.kind == "token_cls" else None

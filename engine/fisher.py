@@ -39,8 +39,13 @@ Only labelled positions count (labels != -100; causal_lm / sft: position t predi
 
 Regression: a unit-variance Gaussian likelihood, log p(y|x) = -(y - f(x))^2 / 2 + const, so
 grad log p = (y - f) grad f: exact E_y[(y - f)^2] = 1 gives F = (grad f)^2; sampled draws
-y ~ N(f, 1); empirical uses the label. Embedding (contrastive) tasks have no per-example
-likelihood: TenureError.
+y ~ N(f, 1); empirical uses the label.
+
+Embedding (retrieval): a contrastive batch loss has no per-example likelihood, but each retrieval
+record carries its own candidates (the positive and its hard negatives, P = 1 + negatives), so
+the Fisher is that of the per-example choice p(j | query) = softmax_j(q . p_j / temperature) over
+them, the positive being the "label" (index 0): a P-way classification, with the class modes
+above (exact sums over the P candidates). Records need at least one hard negative.
 
 The model runs in eval mode (deterministic=True: no dropout). Only the leaves where `mask` is True
 are differentiated (the rest enter as constants), so the result is a PRUNED tree: nested dicts
@@ -71,7 +76,7 @@ from engine.sharding import batch_sharding, replicated
 from models.errors import TenureError
 
 FISHER_MODES = ("exact", "sampled", "empirical", "batched")
-CLASS_KINDS = ("seq_cls", "pair_cls")
+CLASS_KINDS = ("seq_cls", "pair_cls", "embedding")  # embedding: a choice among the example's passages
 TOKEN_KINDS = ("token_cls", "mlm", "causal_lm", "sft")
 VOCAB_KINDS = ("mlm", "causal_lm", "sft")
 FISHER_KINDS = CLASS_KINDS + TOKEN_KINDS + ("regression",)
@@ -155,9 +160,6 @@ def online_update(old: Any, new: Any, gamma: float) -> Any:
 def _check(kind: str, mode: str) -> str:
     if mode not in FISHER_MODES:
         raise TenureError(f"fisher: mode {mode!r} is not one of {', '.join(FISHER_MODES)}")
-    if kind == "embedding":
-        raise TenureError("fisher: not defined for kind 'embedding' (a contrastive objective has no "
-                          "per-example likelihood); take the Fisher on another task's data and objective")
     if kind not in FISHER_KINDS:
         raise TenureError(f"fisher: unknown task kind {kind!r}; one of {', '.join(FISHER_KINDS)}")
     if mode == "exact" and kind in VOCAB_KINDS:
@@ -198,7 +200,8 @@ def _loglik(kind: str, mode: str, outputs: dict, batch: dict, keys_B) -> jax.Arr
         if mode == "sampled":
             y_B = _sample_rows(keys_B, jax.lax.stop_gradient(logp_BxC))
         else:
-            y_B = jnp.maximum(batch["labels"], 0)   # padding rows may carry -100; they weigh 0
+            # padding rows may carry -100 (they weigh 0); an embedding's positive is candidate 0
+            y_B = jnp.maximum(batch["labels"], 0) if "labels" in batch else jnp.zeros(logp_BxC.shape[:1], jnp.int32)
         return jnp.take_along_axis(logp_BxC, y_B[:, None], axis=-1)[:, 0]
     logp_BxTxC, labels_BxT = _token_logp_and_labels(kind, outputs, batch)
     valid_BxT = labels_BxT != IGNORE
@@ -221,7 +224,7 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 # ----------------------------------------------------------------------------- the step
 
 def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, param_shardings: Any,
-                     *, chunk: int = 8) -> Callable:
+                     *, chunk: int = 8, temperature: float = 0.05) -> Callable:
     """jit-compiled `step(params, batch, key, budget=None) -> (sums, count)`.
 
     sums   pruned fp32 tree (masked leaves only) of the sum over the batch's real examples of the
@@ -230,7 +233,8 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
     count  int32, the real examples used (example_mask > 0, in global row order at most `budget`:
            `fisher_diagonal` uses it to stop at exactly max_examples).
     `kind` is the task kind (seq_cls, pair_cls, token_cls, mlm, causal_lm, sft, regression);
-    `chunk` bounds the examples per device whose gradients are alive at once (module docstring).
+    `chunk` bounds the examples per device whose gradients are alive at once (module docstring);
+    `temperature` scales an embedding task's candidate scores (its InfoNCE temperature).
     """
     kind = _check(kind, mode)
     if chunk < 1:
@@ -242,7 +246,15 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
                      else param_shardings)
 
     def logprob_fn(params, trainable, batch):
-        return model.apply({"params": overlay(params, trainable)}, batch, deterministic=True)
+        outputs = model.apply({"params": overlay(params, trainable)}, batch, deterministic=True)
+        if kind == "embedding":  # each query scored against its own passages [B, P]
+            if outputs["passage_embeddings"].shape[1] < 2:
+                raise TenureError("fisher: an embedding task's Fisher needs retrieval records with hard "
+                                  "negatives (one passage per query leaves nothing to choose)")
+            scores_BxP = jnp.einsum("bd,bpd->bp", outputs["query_embeddings"].astype(jnp.float32),
+                                    outputs["passage_embeddings"].astype(jnp.float32))
+            return {"logits": scores_BxP / temperature}
+        return outputs
 
     def per_example(trainable, params, example, key):
         """One example's squared gradient of log p(y|x) (fp32 pruned tree); mode batched: the

@@ -22,7 +22,8 @@ import yaml
 from jax.experimental import multihost_utils
 
 from engine import distributed
-from engine.build import Backbone, StageRun, Tasks, lora_spec, build_backbone, build_stage, build_tasks, init_params
+from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
+                          init_params, lora_spec)
 from engine.checkpoint import Checkpointer
 from engine.config import Config, to_dict
 from engine.continual import regularizers
@@ -108,7 +109,8 @@ class Trainer:
             raise TenureError("stages: LoRA changes the parameter tree, so either every stage or none uses "
                               "trainable.mode=lora")
         self.backbone: Backbone = build_backbone(cfg)
-        self.tasks: Tasks = build_tasks(cfg, self.backbone, task_specs)
+        self.tasks: Tasks = build_tasks(cfg, self.backbone, task_specs,
+                                        trained=list(dict.fromkeys(t for s in self.stages for t in s.weights)))
         self.lora = lora_spec(self.stages[0].trainable)
         self.start_params, self.param_shardings = init_params(cfg, self.backbone, self.tasks, self.lora,
                                                               keep_pretrained_head=keep_pretrained_head)
@@ -121,7 +123,7 @@ class Trainer:
         def regularize(trainability, model):
             return regularizers(self.cfg, self.stages, index, self.backbone, self.tasks, trainability, params,
                                 self.param_shardings, self.start_params, previous_extra,
-                                model=model if compute else None)
+                                models=self._models(model) if compute else None)
         return regularize
 
     def _extra_shapes(self, upto: int) -> dict:
@@ -149,8 +151,11 @@ class Trainer:
                               "replay_buffers": sr.replay_buffers,
                               "labels": self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None})
 
+    def _models(self, model) -> dict:
+        return eval_models(self.cfg, self.backbone, self.tasks, model, self.lora)
+
     def _evaluators(self, sr: StageRun):
-        return make_evaluators(self.tasks, sr.model, self.backbone.mesh, sr.state_shardings.params,
+        return make_evaluators(self.tasks, self._models(sr.model), self.backbone.mesh, sr.state_shardings.params,
                                self.backbone.tokenizer)
 
     def _baseline(self, sr: StageRun, evaluators) -> None:

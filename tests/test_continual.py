@@ -214,3 +214,67 @@ def test_multitask_stage_with_a_forgetting_guard(data, tmp_path):
         assert f"guard: keeping step {kept['step']}" in result.stdout
     else:
         assert "no eval stayed within the budget" in result.stdout
+
+
+# ----------------------------------------------------------------------------- evaluation-only probes
+
+def probe_args(run_dir, data, retrieval, *extra):
+    """configs/forgetting/pretrained_embeddings.yaml on the tiny BERT: train a lexname classifier,
+    score an embedding task no stage trains (its own head on the same backbone)."""
+    return ["train", ROOT / "configs/forgetting/pretrained_embeddings.yaml", f"model.path={TINY_BERT}",
+            f"run_dir={run_dir}", "logging.progress=false", "stages.0.steps=4", "train.eval_every=4",
+            "optim.lr=1e-3", "ewc.examples=16",
+            *[f"tasks.lexnames.data.{split}={data[split]}" for split in ("train", "test")],
+            *[f"tasks.embeddings.data.{split}={retrieval[split]}" for split in ("train", "test")], *extra]
+
+
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory):
+    d = tmp_path_factory.mktemp("retrieval")
+    out = {}
+    for split, rows in (("train", 200), ("test", 100)):
+        out[split] = d / f"{split}.jsonl"
+        out[split].write_text("".join(itertools.islice(open(ROOT / f"data/wordnet_retrieval/{split}.jsonl"), rows)))
+    return out
+
+
+def probe_scores(run_dir) -> tuple[dict, dict]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary["baseline"], summary["final"]
+
+
+@pytest.mark.slow
+def test_probe_scores_the_backbone_as_an_embedding_run_would(data, retrieval, tmp_path):
+    """The probe's start and end scores equal those of single-task embedding runs on the
+    pretrained model and on the fine-tuned export; head-only tuning leaves them bit-identical."""
+    tenure(*probe_args(tmp_path / "full", data, retrieval))
+    tenure(*probe_args(tmp_path / "head", data, retrieval, "trainable.mode=head"))
+    start, end = probe_scores(tmp_path / "full")
+    assert start["test/lexnames/accuracy"] != end["test/lexnames/accuracy"]
+    assert start["test/embeddings/ndcg@10"] != end["test/embeddings/ndcg@10"]
+
+    def embedding_baseline(model_path, run_dir):
+        tenure("train", ROOT / "configs/tasks/embedding.yaml", f"model.path={model_path}", f"run_dir={run_dir}",
+               "logging.progress=false", "train.steps=1", f"data.train={retrieval['train']}",
+               f"data.test={retrieval['test']}", "data.validation=null", "data.max_length=32")
+        return probe_scores(run_dir)[0]
+
+    for model_path, want in ((TINY_BERT, start), (tmp_path / "full/hf", end)):
+        got = embedding_baseline(model_path, tmp_path / f"single-{len(str(model_path))}")
+        for metric in ("ndcg@10", "mrr", "recall@1"):
+            assert got[f"test/{metric}"] == pytest.approx(want[f"test/embeddings/{metric}"], abs=1e-6)
+    head_start, head_end = probe_scores(tmp_path / "head")
+    assert head_start["test/embeddings/ndcg@10"] == start["test/embeddings/ndcg@10"]
+    assert {k: v for k, v in head_end.items() if "embeddings" in k} == \
+        {k: v for k, v in head_start.items() if "embeddings" in k}
+    assert head_end["test/lexnames/accuracy"] != head_start["test/lexnames/accuracy"]
+
+
+def test_probe_kinds_must_have_a_parameter_free_head(tmp_path):
+    """A token-labelling task trained in no stage would be scored with an untrained head: refused."""
+    result = tenure("train", ROOT / "configs/forgetting/pretrained_embeddings.yaml", f"model.path={TINY_BERT}",
+                    f"run_dir={tmp_path}", "tasks.embeddings.kind=token_cls",
+                    "tasks.embeddings.data.train=data/wordnet_ner/train.jsonl",
+                    "tasks.embeddings.data.test=data/wordnet_ner/test.jsonl", "tasks.embeddings.metric=f1", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "tasks.embeddings: an evaluation-only task with a head other than the trained 'seq_cls'" in result.stderr

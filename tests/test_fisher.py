@@ -347,14 +347,54 @@ def test_invalid_kinds_and_modes():
             make(kind, "exact")
     with pytest.raises(TenureError, match="token_cls"):
         make("token_cls", "exact")
-    with pytest.raises(TenureError, match="embedding"):
-        make("embedding", "sampled")
     with pytest.raises(TenureError, match="mode 'true'"):
         make("seq_cls", "true")
     with pytest.raises(TenureError, match="selects no parameter"):
         make_fisher_step(Linear(), "seq_cls", "sampled", {"Dense_0": {"kernel": False}}, mesh,
                          replicated_like(params, mesh))
     assert FISHER_MODES == ("exact", "sampled", "empirical", "batched")
+
+
+class LinearEmbedder(nn.Module):
+    """query / passage embeddings = features @ W: the retrieval outputs of an embedding model."""
+
+    @nn.compact
+    def __call__(self, batch, deterministic=True):
+        dense = nn.Dense(3, use_bias=False)
+        return {"query_embeddings": dense(batch["query_x"]), "passage_embeddings": dense(batch["passage_x"])}
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_embedding_fisher_is_the_choice_among_each_query_s_own_passages(mode):
+    """F of p(j | q) = softmax_j(q . p_j / t) over the record's passages (positive = 0), against a
+    per-example loop; one passage per query has no choice to make and is refused."""
+    rng = np.random.default_rng(3)
+    n, passages, t = 12, 4, 0.5
+    q, p = rng.normal(size=(n, D)).astype(np.float32), rng.normal(size=(n, passages, D)).astype(np.float32)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(D, 3)), jnp.float32)}}
+    mesh = one_device()
+    model = LinearEmbedder()
+    step = make_fisher_step(model, "embedding", mode, all_true(params), mesh, replicated_like(params, mesh),
+                            temperature=t)
+    batch = {"query_x": q, "passage_x": p, "example_mask": np.ones(n, np.float32)}
+    fisher, count = fisher_diagonal(step, params, [batch], jax.random.key(0))
+
+    def logp(kernel, i):
+        out = model.apply({"params": {"Dense_0": {"kernel": kernel}}}, {"query_x": q[i:i + 1], "passage_x": p[i:i + 1]})
+        return jax.nn.log_softmax(jnp.einsum("bd,bpd->bp", out["query_embeddings"], out["passage_embeddings"])[0] / t)
+
+    want = np.zeros((D, 3))
+    for i in range(n):
+        probs = np.exp(np.asarray(logp(params["Dense_0"]["kernel"], i)))
+        for j in range(passages) if mode == "exact" else [0]:
+            g = np.asarray(jax.grad(lambda k: logp(k, i)[j])(params["Dense_0"]["kernel"]), np.float64)
+            want += (probs[j] if mode == "exact" else 1.0) * g**2 / n
+    assert count == n
+    np.testing.assert_allclose(np.asarray(fisher["Dense_0"]["kernel"]), want, rtol=1e-4)
+    assert want.min() > 0
+    single = dict(batch, passage_x=p[:, :1])
+    with pytest.raises(TenureError, match="hard negatives"):
+        fisher_diagonal(step, params, [single], jax.random.key(0))
 
 
 # ----------------------------------------------------------------------------- pruned trees
