@@ -111,8 +111,8 @@ def _assert_batches_equal(got, want):
 
 def _resume_case(tmp_path, case):
     tok = word_tokenizer()
-    if case == "seq_cls":
-        cfg = make_cfg(tmp_path)
+    if case.startswith("seq_cls"):
+        cfg = make_cfg(tmp_path, group_by_length=2 if case == "seq_cls_grouped" else 0)
         return cfg, "seq_cls", build_label_vocab(cfg, "seq_cls"), tok
     texts = [{"text": " ".join(f"w{(k * 7 + j) % N_WORDS}" for j in range(1 + k % 6))} for k in range(30)]
     replay = [{"text": f"w{150 + k} w{160 + k}"} for k in range(5)]
@@ -123,7 +123,41 @@ def _resume_case(tmp_path, case):
     return DataConfig(train=sources, pack=True, batch_size=2, max_length=12, read_threads=2), "causal_lm", None, tok
 
 
-@pytest.mark.parametrize("case", ["seq_cls", "mlm_random_mix", "causal_lm_packed_mix"])
+def _mixed_lengths(k):
+    return 1 + (k * 7) % 12   # 3..14 tokens with [CLS]/[SEP]: buckets 4, 8, 16
+
+
+def test_length_grouping_keeps_every_example_and_pads_less(tmp_path):
+    """data.group_by_length: each epoch still holds every record once, with its own label; the
+    batches pad to smaller buckets than plain shuffling; eval runs in length order, covering all."""
+    records = labelled(48, length=_mixed_lengths)
+    train = write_jsonl(tmp_path / "t.jsonl", records)
+    common = dict(train=train, validation=train, batch_size=4, max_length=16, length_buckets=[4, 8, 16],
+                  num_epochs=2, read_threads=1, seed=3)
+    tok = word_tokenizer()
+    padded = {}
+    for window in (0, 6):
+        cfg = DataConfig(**common, group_by_length=window)
+        batches = list(build_train_iterator(cfg, "seq_cls", tok, build_label_vocab(cfg, "seq_cls")))
+        seen = [k for b in batches for k in record_ids(b)]
+        assert len(batches) == 24 and sorted(seen[:48]) == sorted(seen[48:]) == list(range(48))
+        assert [int(lab) for b in batches for lab in b["labels"]] == [k % 2 for k in seen]
+        padded[window] = sum(b["input_ids"].size for b in batches)
+        if window:   # within a batch, lengths come from one sorted run: spread at most a window's
+            lengths = [[_mixed_lengths(k) for k in record_ids(b)] for b in batches]
+            assert np.mean([max(ls) - min(ls) for ls in lengths]) < 4
+            assert [record_ids(b) for b in batches[:6]] != sorted([record_ids(b) for b in batches[:6]])
+    assert padded[6] < 0.8 * padded[0], padded   # here 1152 vs 1504 (1088 if sorted globally)
+    evals = list(build_eval_batches(DataConfig(**common, group_by_length=6), "validation", "seq_cls", tok,
+                                    build_label_vocab(DataConfig(**common), "seq_cls")))
+    order = [k for b in evals for k in record_ids(b)]
+    assert sorted(order) == list(range(48))
+    assert [_mixed_lengths(k) for k in order] == sorted(_mixed_lengths(k) for k in range(48))
+    with pytest.raises(ValueError, match="pack and group_by_length"):
+        DataConfig(pack=True, group_by_length=4)
+
+
+@pytest.mark.parametrize("case", ["seq_cls", "seq_cls_grouped", "mlm_random_mix", "causal_lm_packed_mix"])
 def test_resume_gives_exactly_the_next_batches(tmp_path, case):
     cfg, kind, vocab, tok = _resume_case(tmp_path, case)
     uninterrupted = build_train_iterator(cfg, kind, tok, vocab)

@@ -55,6 +55,9 @@ class DataConfig(BaseModel):
                           "from 32 up to max_length (max_length is always the last bucket)")
     truncate: bool = Field(True, description="cut over-long examples to max_length; false = they are bad records")
     pack: bool = Field(False, description="pack several examples per row (causal_lm only)")
+    group_by_length: int = Field(
+        0, ge=0, description="sort each window of this many training batches by length, then shuffle the batches "
+                             "(less padding, same per-example losses); evaluation runs in length order too; 0 = off")
     batch_size: int = Field(32, ge=1, description="global training batch size (all processes)")
     eval_batch_size: int | None = Field(None, ge=1, description="global eval batch size; null = batch_size")
     shuffle: bool = Field(True, description="shuffle the training data (a new order every epoch)")
@@ -81,6 +84,12 @@ class DataConfig(BaseModel):
         if value is not None and value not in RECORD_FORMATS:
             raise ValueError(f"unknown record format {value!r}; expected one of {', '.join(RECORD_FORMATS)}")
         return value
+
+    @model_validator(mode="after")
+    def _pack_or_group(self):
+        if self.pack and self.group_by_length:
+            raise ValueError("pack and group_by_length both remove padding; set one of them")
+        return self
 
     @model_validator(mode="after")
     def _resolve_buckets(self):

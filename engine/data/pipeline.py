@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engine.data.augment import augment
 from engine.data.cleaning import CleaningReport, clean
 from engine.data.config import DataConfig
+from engine.data.grouping import LengthGroupIterDataset, length_order
 from engine.data.mixture import MixIterDataset
 from engine.data.packing import PackIterDataset, collate
 from engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, LabelVocab, over_length_error,
@@ -288,9 +289,11 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
         ds = next(iter(streams.values()))
     else:
         ds = MixIterDataset(streams, {s.name: s.weight for s in sources}, mode=cfg.mix_mode, seed=seed)
+    rows = local_batch_size(cfg.batch_size, process_count)
     if cfg.pack:
         ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
-    rows = local_batch_size(cfg.batch_size, process_count)
+    elif cfg.group_by_length:
+        ds = LengthGroupIterDataset(ds, rows=rows, window=cfg.group_by_length, seed=seed)
     ds = ds.batch(rows, drop_remainder=True,
                   batch_fn=functools.partial(collate, buckets=process_buckets(cfg.length_buckets, process_count),
                                                pad_id=pad_id))
@@ -374,12 +377,16 @@ class EvalBatches:
     """Re-iterable padded eval batches; `len()` is the same on every process."""
 
     def __init__(self, records, featurizer: Featurizer, *, global_batch: int, buckets, pad_id: int,
-                 process_index: int, process_count: int, seed: int):
+                 process_index: int, process_count: int, seed: int, by_length: bool = False):
         self.records, self.featurizer = records, featurizer
         self.rows = local_batch_size(global_batch, process_count)
         self.num_examples = len(records)
         self.num_batches = math.ceil(len(records) / global_batch)
         self._indices = np.arange(len(records))[process_index::process_count]
+        if by_length:  # similar lengths share a batch: less padding (data.group_by_length)
+            lengths = [n for start in range(0, len(self._indices), 512)
+                       for n in featurizer.lengths([records[int(i)] for i in self._indices[start:start + 512]])]
+            self._indices = self._indices[length_order(lengths)]
         self._buckets, self._pad_id, self._seed = process_buckets(buckets, process_count), pad_id, seed
 
     def __len__(self) -> int:
@@ -414,7 +421,7 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
         featurizer = TaskFeaturizer(featurizer, task_id)
     return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size, buckets=cfg.length_buckets,
                        pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
-                       process_count=process_count, seed=cfg.seed)
+                       process_count=process_count, seed=cfg.seed, by_length=cfg.group_by_length > 0)
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
