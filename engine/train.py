@@ -183,7 +183,9 @@ class Trainer:
         _print(f"stage {index + 1}/{len(self.stages)} {stage.name}: steps {sr.steps}  "
                f"losses {', '.join(sr.losses)}\n{sr.trainability.summary()}")
         stage_evals = [e for e in self.history.get("evals", []) if e.get("stage", 0) == index]
-        best = BestTracker(cfg.eval.metric if self.single else "score", cfg.eval.mode,
+        modes = {self.tasks.by_name[t].task.mode for t in stage.weights}  # its tasks' own direction
+        best = BestTracker(cfg.eval.metric if self.single else "score",
+                           modes.pop() if len(modes) == 1 else cfg.eval.mode,
                            cfg.train.early_stopping, {"evals": stage_evals})
         guard = _Guard(stage, self, evaluators, state.params) if stage.guard else None
         overfit, train_losses = OverfitMonitor(), []
@@ -217,10 +219,13 @@ class Trainer:
             self.tb.scalars(offset + step, scores)
             # Without a validation split there is nothing to select or stop on (R uses the test split).
             validated = any(k.startswith("validation/") for k in scores)
-            improved, stop = best.update(step, scores) if validated else (False, False)
+            # Selection needs the stage's own score: a stage whose tasks have no validation split
+            # still records the other tasks' curves, but selects and stops on nothing.
+            selectable = validated and (self.single or best.key in scores)
+            improved, stop = best.update(step, scores) if selectable else (False, False)
             if guard is not None:
                 stop = guard.update(step, scores, state.params) or stop
-            warning = overfit.update(float(np.mean(train_losses)), scores, improved) if validated else None
+            warning = overfit.update(float(np.mean(train_losses)), scores, improved) if selectable else None
             train_losses.clear()
             if validated:
                 _print(f"step {offset + step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items()))
