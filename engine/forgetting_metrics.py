@@ -9,6 +9,13 @@ holds the reference each task is compared with for forward transfer (GEM uses a
 randomly initialised model; for fine-tuning the starting model is the natural choice,
 so ``b`` defaults to ``start_row``).
 
+Lower-is-better metrics (perplexity, loss, mse): `summarize(..., directions=["min", ...])`
+negates those columns before computing BWT, FWT and forgetting, so every summary keeps its
+sign convention whatever the metric (BWT < 0 and forgetting > 0 mean the task got worse; a
+perplexity that rises from 150 to 180 is a forgetting of +30, a BWT of -30), in the metric's
+own units. ACC is the plain mean of the last row when every task has the same direction, and
+NaN when they differ (a perplexity and a ROUGE score have no meaningful mean).
+
 Undefined quantities (e.g. BWT with a single task) are NaN, never an exception.
 """
 from dataclasses import asdict, dataclass
@@ -105,22 +112,39 @@ class ForgettingSummary:
         return asdict(self)
 
 
-def summarize(R, start_row=None, baseline=None) -> ForgettingSummary:
+def _signs(directions, num_tasks: int) -> np.ndarray:
+    """+1 for a higher-is-better task ("max"), -1 for a lower-is-better one ("min")."""
+    if directions is None:
+        return np.ones(num_tasks)
+    directions = list(directions)
+    if len(directions) != num_tasks or any(d not in ("max", "min") for d in directions):
+        raise ValueError(f"directions must be {num_tasks} of 'max' / 'min', got {directions}")
+    return np.array([1.0 if d == "max" else -1.0 for d in directions])
+
+
+def summarize(R, start_row=None, baseline=None, directions=None) -> ForgettingSummary:
     """ACC, BWT, FWT and both forgetting measures (per task and averaged over j < T-1).
 
-    FWT uses ``baseline`` if given, else ``start_row``; with neither it is NaN.
+    FWT uses ``baseline`` if given, else ``start_row``; with neither it is NaN. ``directions``
+    (one "max" / "min" per task, default all "max") flips lower-is-better tasks: see the
+    module docstring.
     """
     matrix = _matrix(R)
     num_tasks = matrix.shape[0]
     if start_row is not None:
         start_row = _vector(start_row, num_tasks, "start_row")
     reference = baseline if baseline is not None else start_row
-    fwt = forward_transfer(matrix, reference) if reference is not None else float("nan")
-    per_max = forgetting_max_per_task(matrix)
-    per_first = forgetting_first_per_task(matrix)
+    signs = _signs(directions, num_tasks)
+    oriented = matrix * signs  # every column higher-is-better
+    if reference is not None:
+        fwt = forward_transfer(oriented, _vector(reference, num_tasks, "baseline") * signs)
+    else:
+        fwt = float("nan")
+    per_max = forgetting_max_per_task(oriented)
+    per_first = forgetting_first_per_task(oriented)
     return ForgettingSummary(
-        acc=average_accuracy(matrix),
-        bwt=backward_transfer(matrix),
+        acc=average_accuracy(matrix) if len(set(signs)) == 1 else float("nan"),
+        bwt=backward_transfer(oriented),
         fwt=fwt,
         forgetting_max=_mean_or_nan(per_max[:-1]),
         forgetting_first=_mean_or_nan(per_first[:-1]),

@@ -4,7 +4,8 @@ metric over the run's steps with the stage boundaries marked.
 
 `forgetting.json` is the contract `tenure study` reads:
   tasks, stages, metric {task: name}, direction {task: max|min}, start_row [T], R [S][T],
-  summary (engine.forgetting_metrics.summarize of R when it is square), curves
+  summary (engine.forgetting_metrics.summarize of R when it is square, with each task's
+  direction: forgetting > 0 means worse, for perplexity too), curves
   [{step, stage, scores {task: value}}], stage_ends [global step per stage].
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ def forgetting_record(task_names, stage_names, metrics, directions, history) -> 
               "direction": dict(directions), "start_row": start, "R": R,
               "curves": history.get("curves", []), "stage_ends": history.get("stage_ends", [])}
     if R and len(R) == len(task_names):
-        record["summary"] = summarize(np.asarray(R), start_row=start).as_dict()
+        record["summary"] = summarize(np.asarray(R), start_row=start,
+                                      directions=[directions.get(t, "max") for t in task_names]).as_dict()
     return record
 
 

@@ -73,3 +73,32 @@ def test_bad_shapes_are_errors():
         fm.average_accuracy(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="start_row must have shape"):
         fm.summarize(R, start_row=[0.1, 0.2])
+
+
+def test_lower_is_better_tasks_keep_the_sign_conventions():
+    """Perplexity on A (min) then ROUGE-L on B (max), as study 3 records them: A's perplexity
+    rising from 150 to 180 is a forgetting of +30 and a BWT of -30; ACC has no meaning across
+    directions (NaN); FWT on B is in B's own units."""
+    R_mixed = [[150.0, 0.03], [180.0, 0.11]]
+    s = fm.summarize(R_mixed, start_row=[2100.0, 0.002], directions=["min", "max"])
+    assert s.bwt == pytest.approx(-30.0)
+    assert s.forgetting_max == pytest.approx(30.0) and s.forgetting_first == pytest.approx(30.0)
+    assert s.fwt == pytest.approx(0.03 - 0.002)
+    assert math.isnan(s.acc)
+    # without directions the same matrix reads as an improvement on A: the bug this guards
+    assert fm.summarize(R_mixed).forgetting_max == pytest.approx(-30.0)
+
+
+def test_all_lower_is_better_by_hand():
+    """Three perplexity tasks; task 0 ends better than after its own stage (negative forgetting)."""
+    ppl = [[100.0, 500.0, 400.0], [130.0, 90.0, 450.0], [95.0, 110.0, 80.0]]
+    s = fm.summarize(ppl, start_row=[600.0, 600.0, 600.0], directions=["min"] * 3)
+    # forgetting (max-based): R[last, j] - min_{l < last} R[l, j]: 95 - 100 = -5, 110 - 90 = 20
+    np.testing.assert_allclose(s.forgetting_max_per_task[:2], [-5.0, 20.0])
+    np.testing.assert_allclose(s.forgetting_first_per_task[:2], [-5.0, 20.0])
+    assert s.forgetting_max == pytest.approx(7.5) and s.bwt == pytest.approx(-7.5)
+    # FWT: start minus R[j-1, j] (lower is better): (600 - 500 + 600 - 450) / 2
+    assert s.fwt == pytest.approx(125.0)
+    assert s.acc == pytest.approx((95.0 + 110.0 + 80.0) / 3)
+    with pytest.raises(ValueError, match="directions"):
+        fm.summarize(ppl, directions=["min", "lower", "min"])
