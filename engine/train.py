@@ -235,8 +235,12 @@ class Trainer:
                     t: task_score(self.tasks, scores, t, ("validation",)) for t in self.tasks.by_name}})
             if warning:
                 _print(f"warning: step {offset + step}: {warning}")
+                self.history.setdefault("overfit_warnings", []).append({"step": offset + step, "stage": index})
+            early = stop and best.patience and best.bad_evals >= best.patience
+            if early:
+                self.history.setdefault("early_stops", []).append({"step": offset + step, "stage": index})
             self._save(sr, step, state, stopped=stop, metrics=scores)
-            if stop and best.patience and best.bad_evals >= best.patience:
+            if early:
                 _print(f"early stopping at step {offset + step}: no improvement in validation/"
                        f"{cfg.eval.metric if self.single else 'score'} for {best.patience} evals")
             return stop
@@ -357,7 +361,11 @@ class Trainer:
                    "train_loss": self.history.get("train_loss", []), "best_step": final_step,
                    "run_dir": str(run_dir), "tensorboard": str(run_dir / "tb"),
                    "checkpoints": str(self.ckpt.directory), "hf_export": str(export_dir),
-                   "R": record["R"], "forgetting": record.get("summary")}
+                   "R": record["R"], "forgetting": record.get("summary"),
+                   # the validation evals (scores, validation/generalization_gap) and what the monitors did
+                   "evals": self.history.get("evals", []), "stage_ends": self.history.get("stage_ends", []),
+                   "early_stops": self.history.get("early_stops", []),
+                   "overfit_warnings": self.history.get("overfit_warnings", [])}
         if distributed.is_primary():
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             write_forgetting(run_dir, record)

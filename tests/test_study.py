@@ -75,6 +75,20 @@ def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps
     ("base: nowhere.yaml\nmethods: {naive: []}\n", "study key 'base': config file not found: "),
     ("base: base.yaml\nmethods: [naive]\n", "study key 'methods': Input should be a valid dictionary"),
     ("base: [\n", ":2: invalid YAML"),
+    ("base: base.yaml\nmethods: {naive: []}\ngrid: {data.subset: [1, 2]}\nexclude: [{data.seed: 1}]\n",
+     "study key 'exclude.0': 'data.seed' is not a grid axis"),
+    ("base: base.yaml\nmethods: {naive: []}\ngrid: {data.subset: [1, 2]}\nexclude: [{data.subset: 3}]\n",
+     "study key 'exclude.0': 3 is not a value of axis 'data.subset'"),
+    ("base: base.yaml\nmethods: {naive: []}\ngrid: {data.subset: [1, 2]}\nexclude: [{}]\n",
+     "study key 'exclude.0': an empty entry would leave out every cell"),
+    ("base: base.yaml\nmethods: {naive: [data.seed=4]}\nseed_keys: [data.seed]\n",
+     "study key 'seed_keys': 'data.seed' is set by the seed, so the method 'naive' may not set it"),
+    ("base: base.yaml\nmethods: {naive: []}\nseed_keys: [train.seed]\n",
+     "study key 'seed_keys': 'train.seed' is set by the study tool for every run"),
+    ("base: base.yaml\nmethods: {naive: []}\ngrid: {optim.name: [adamw, sgd]}\ngrid_plot: {x: optim.name, y: [test]}\n",
+     "study key 'grid_plot.x': axis 'optim.name' has non-numeric values"),
+    ("base: base.yaml\nmethods: {naive: []}\ngrid_plot: {x: data.subset, y: [loss]}\n",
+     "study key 'grid_plot.y': expected one of test, validation, "),
 ])
 def test_bad_study_files_give_one_line_naming_the_key(tmp_path, text, message):
     path = write_study(tmp_path, text)
@@ -118,6 +132,29 @@ grid:
                       tmp_path / "p.yaml", tmp_path / "o2")
     assert [(r.run_dir.relative_to(tmp_path), r.name) for r in plain] == [
         (pathlib.Path(f"o2/base/naive/seed{k}"), f"naive seed {k}") for k in range(3)]
+
+
+def test_exclude_leaves_cells_out_and_seed_keys_take_the_seed(tmp_path):
+    path = write_study(tmp_path, """
+base: base.yaml
+seeds: 2
+methods: {full: []}
+grid:
+  data.subset: [100, 8000]
+  data.augment.copies: [0, 4]
+exclude:
+  - {data.subset: 8000, data.augment.copies: 4}
+seed_keys: [data.seed]
+""")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    assert [r.cell.label for r in runs[::2]] == ["data.subset=100, data.augment.copies=0",
+                                                 "data.subset=100, data.augment.copies=4",
+                                                 "data.subset=8000, data.augment.copies=0"]
+    assert runs[1].command[-3:] == (f"run_dir={runs[1].run_dir}", "train.seed=1", "data.seed=1")
+    everything = write_study(tmp_path, "base: base.yaml\nmethods: {a: []}\ngrid: {data.subset: [1]}\n"
+                                       "exclude: [{data.subset: 1}]\n", "all.yaml")
+    with pytest.raises(TenureError, match="study key 'exclude': leaves no cell to run"):
+        plan_runs(load_study(everything), everything, tmp_path / "o")
 
 
 @pytest.mark.parametrize("value", [100, 0.2, 1e-4, True, None, "cosine", "null", "1e-3", "", [1, 2],
@@ -343,24 +380,94 @@ def test_partial_seeds_grid_cells_and_missing_runs(tmp_path, capsys):
     assert [(r["data.subset"], r["method"]) for r in rows] == [("100", "naive"), ("100", "lora"), ("1000", "naive")]
     assert rows[1]["forgetting_max_se"] == ""
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert names == ["curves-data.subset-100.png", "curves-data.subset-1000.png",
+    assert names == ["curves-data.subset-100.png", "curves-data.subset-1000.png", "grid.png",
                      "pareto-data.subset-100.png", "pareto-data.subset-1000.png"]
 
 
-def test_single_stage_runs_leave_undefined_figures_empty(tmp_path, capsys):
-    path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods: {full: [], head: [trainable.preset=head]}\n")
+def summary(final, best_step, gaps, early_stop=None, overfit=()):
+    """A summary.json as `tenure train` writes it (the keys a single-task table reads); `gaps`:
+    step -> validation/generalization_gap of each validation eval."""
+    evals = [{"step": step, "stage": 0, "validation/accuracy": 0.5, "validation/loss": 1.0 + gap,
+              "validation/generalization_gap": gap} for step, gap in gaps.items()]
+    return {"baseline": {}, "final": final, "train_loss": [2.0], "best_step": best_step, "evals": evals,
+            "stage_ends": [max(gaps)], "early_stops": [] if early_stop is None else [{"step": early_stop, "stage": 0}],
+            "overfit_warnings": [{"step": s, "stage": 0} for s in overfit], "R": [[final["test/accuracy"]]]}
+
+
+# Three seeds of a plain fine-tune per data size: (test acc, validation acc, best step, eval gaps,
+# early stop step, overfit warning steps).
+SINGLE_RUNS = {
+    100: [(0.40, 0.42, 40, {20: 0.1, 40: 0.5, 60: 0.9, 80: 1.1}, 80, [60, 80]),
+          (0.44, 0.46, 60, {20: 0.1, 40: 0.4, 60: 0.8, 80: 1.0}, None, [80]),
+          (0.42, 0.44, 40, {20: 0.2, 40: 0.6, 60: 1.0}, 60, [])],
+    1000: [(0.60, 0.61, 80, {20: 0.0, 40: 0.05, 60: 0.1, 80: 0.15}, None, []),
+           (0.62, 0.63, 80, {20: 0.0, 40: 0.05, 60: 0.1, 80: 0.25}, None, []),
+           (0.64, 0.62, 60, {20: 0.0, 40: 0.05, 60: 0.1, 80: 0.2}, None, [])],
+}
+
+
+def test_single_task_runs_get_scores_gap_and_monitor_columns(tmp_path, capsys):
+    """One stage, one task (a plain fine-tune): the table reads each run's summary.json, the
+    loss gap the overfitting monitor logged, and whether early stopping / the monitor fired."""
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 3\nmethods: {full: []}\n"
+                                 "grid: {data.subset: [100, 1000], data.label_noise: [0.2]}\n")
     runs = plan_runs(load_study(path), path, tmp_path / "out")
     for run in runs:
+        test, val, best, gaps, stop, overfit = SINGLE_RUNS[run.cell.values[0][1]][run.seed]
         run.run_dir.mkdir(parents=True)
-        score = 0.6 + 0.1 * run.seed if run.method == "full" else 0.3
-        run.result.write_text(json.dumps(record([[score]], [0.06], tasks=("lexnames",))))
+        run.result.write_text(json.dumps(record([[test]], [0.06], tasks=("task",), steps_per_stage=max(gaps))))
+        final = {"validation/accuracy": val, "validation/loss": 1.5, "test/accuracy": test, "test/loss": 1.6}
+        run.summary.write_text(json.dumps(summary(final, best, gaps, stop, overfit)))
     assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 0
-    (table,) = json.loads((tmp_path / "out" / "study.json").read_text())["cells"]
-    full = table["rows"][0]
-    assert full["mean"]["final/lexnames"] == pytest.approx(0.65) and full["se"]["final/lexnames"] == pytest.approx(0.05)
-    assert full["mean"]["bwt"] is None and full["mean"]["forgetting_max"] is None and full["n"]["bwt"] == 0
-    line = next(x for x in (tmp_path / "out" / "study.md").read_text().splitlines() if x.startswith("| full"))
-    assert line == "| full | 2 | 0.650 ± 0.050 | 0.650 ± 0.050 | — | — | — | — | 0.650 ± 0.050 | 0.650 ± 0.050 |"
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    small, large = json.loads((out / "study.json").read_text())["cells"]
+    assert small["kind"] == large["kind"] == "single_task"
+    assert [c["key"] for c in small["columns"]] == ["test", "validation", "gap_best", "gap_last", "best_step",
+                                                   "early_stop", "early_stop_step", "overfit", "overfit_step"]
+    row = small["rows"][0]
+    assert row["per_seed"]["test"] == pytest.approx([0.40, 0.44, 0.42])
+    assert row["mean"]["test"] == pytest.approx(0.42) and row["se"]["test"] == pytest.approx(0.02 / math.sqrt(3))
+    assert row["mean"]["validation"] == pytest.approx(0.44)
+    assert row["per_seed"]["gap_best"] == pytest.approx([0.5, 0.8, 0.6])       # the eval at each best step
+    assert row["per_seed"]["gap_last"] == pytest.approx([1.1, 1.0, 1.0])       # the run's last eval
+    assert row["mean"]["best_step"] == pytest.approx(140 / 3)
+    assert row["per_seed"]["early_stop"] == [1.0, 0.0, 1.0] and row["mean"]["early_stop_step"] == pytest.approx(70)
+    assert row["n"]["early_stop_step"] == 2                                    # over the seeds that stopped
+    assert row["per_seed"]["overfit"] == [1.0, 1.0, 0.0] and row["mean"]["overfit_step"] == pytest.approx(70)
+    big = large["rows"][0]
+    assert big["mean"]["gap_last"] == pytest.approx(0.2) and big["mean"]["early_stop"] == 0.0
+    assert big["n"]["early_stop_step"] == 0 and big["mean"]["overfit_step"] is None
+    # One Markdown table for the grid: a row per cell, the axes first; counts as fired / seeds.
+    md = (out / "study.md").read_text()
+    header = ("| subset | label_noise | method | seeds | test accuracy ↑ | validation accuracy ↑ | loss gap at best step | "
+              "loss gap at last eval | best step | early stop fired | early stop step | overfit warning fired | "
+              "first overfit warning |")
+    assert header in md and header in printed and "ACC" not in md and "##" not in md
+    line = "| 100 | 0.2 | full | 3 | 0.420 ± 0.012 | 0.440 ± 0.012 | 0.633 ± 0.088 | 1.033 ± 0.033 | 46.667 ± 6.667 | " \
+           "2/3 | 70.000 ± 10.000 | 2/3 | 70.000 ± 10.000 |"
+    assert line in md and line in printed
+    assert "| 1000 | 0.2 | full | 3 | 0.620 ± 0.012 | 0.620 ± 0.006 |" in md and "| 0/3 | — | 0/3 | — |" in md
+    assert "validation/generalization_gap" in md                                 # the notes say what the gap is
+    with open(out / "study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["data.subset"] for r in rows] == ["100", "1000"] and float(rows[0]["early_stop_mean"]) == pytest.approx(2 / 3)
+    names = {p.name for p in out.glob("*.png")}  # no Pareto plot: a single task forgets nothing
+    assert names == {"curves-data.subset-100__data.label_noise-0.2.png", "curves-data.subset-1000__data.label_noise-0.2.png",
+                     "grid.png"}
+    assert (out / "grid.png").stat().st_size > 10_000
+
+
+def test_a_single_task_run_without_its_summary_is_an_error(tmp_path):
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 1\nmethods: {full: []}\n")
+    (run,) = plan_runs(load_study(path), path, tmp_path / "out")
+    run.run_dir.mkdir(parents=True)
+    run.result.write_text(json.dumps(record([[0.5]], [0.06], tasks=("task",))))
+    with pytest.raises(TenureError, match="summary.json: missing"):
+        run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))
+    run.summary.write_text(json.dumps({"final": {}, "best_step": 3}))  # written before the monitors were recorded
+    with pytest.raises(TenureError, match="summary.json: key 'evals': Field required"):
+        run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))
 
 
 def test_mean_se_ignores_nan():

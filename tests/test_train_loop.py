@@ -118,6 +118,25 @@ def test_corrupt_latest_checkpoint_falls_back(data, tmp_path):
     assert len(summary(tmp_path)["train_loss"]) == 10
 
 
+@pytest.mark.slow
+def test_summary_records_validation_evals_early_stopping_and_overfit_warnings(data, tmp_path):
+    """16 training examples at a high learning rate: validation stalls while the training loss
+    falls. summary.json holds every validation eval (with the monitor's train/validation loss gap)
+    and the steps where the overfitting monitor warned and early stopping ended the run, the same
+    steps the log names (what `tenure study` tabulates for a single-task run)."""
+    result = train(tmp_path, data, 60, "data.subset=16", "train.early_stopping.patience=2")
+    s = summary(tmp_path)
+    assert [e["step"] for e in s["evals"]] == list(range(4, s["stage_ends"][-1] + 1, 4))
+    for e in s["evals"]:
+        assert e["stage"] == 0 and {"validation/accuracy", "validation/loss", "validation/generalization_gap"} <= set(e)
+    logged_stop = re.findall(r"early stopping at step (\d+)", result.stdout)
+    logged_warnings = re.findall(r"warning: step (\d+): validation has not improved", result.stdout)
+    assert logged_stop and logged_warnings, result.stdout[-3000:]
+    assert s["early_stops"] == [{"step": int(logged_stop[0]), "stage": 0}] and s["stage_ends"] == [int(logged_stop[0])]
+    assert s["overfit_warnings"] == [{"step": int(w), "stage": 0} for w in logged_warnings]
+    assert s["best_step"] < s["stage_ends"][-1]
+
+
 def test_missing_checkpoint_is_one_line(tmp_path):
     result = tenure("eval", "configs/quickstart.yaml", "--checkpoint", tmp_path / "nope", check=False)
     assert result.returncode == 2

@@ -38,8 +38,10 @@ def _plot_name(kind: str, slug: str, n_cells: int) -> str:
 
 
 def report(runs, out: pathlib.Path, title: str, grid_keys: list[str], pareto_axes=("forgetting_max", "learning_diag"),
-           stream=None) -> list[dict]:
-    """Tables and plots from the finished runs among `runs`; prints the tables. Returns the tables."""
+           stream=None, grid_plot=None) -> list[dict]:
+    """Tables and plots from the finished runs among `runs`; prints the tables. Returns the tables.
+    Single-task cells get no Pareto plot (nothing is forgotten); a grid with a numeric axis gets
+    `grid.png` (the study's `grid_plot`, else plots.grid_axes's default)."""
     from engine.study import aggregate, plots
 
     stream = stream or sys.stdout
@@ -51,19 +53,19 @@ def report(runs, out: pathlib.Path, title: str, grid_keys: list[str], pareto_axe
             continue
         table = aggregate.cell_table(cell, by_method)
         records = {m: [rec for _, rec in results] for m, results in by_method.items()}
-        table["plots"] = {
-            "pareto": str(plots.pareto(table, out / _plot_name("pareto", cell.slug, len(grouped)), *pareto_axes)),
-            "curves": str(plots.curves(table, records, out / _plot_name("curves", cell.slug, len(grouped)))),
-        }
+        table["plots"] = {} if table["kind"] == "single_task" else {
+            "pareto": str(plots.pareto(table, out / _plot_name("pareto", cell.slug, len(grouped)), *pareto_axes))}
+        table["plots"]["curves"] = str(plots.curves(table, records, out / _plot_name("curves", cell.slug, len(grouped))))
         tables.append(table)
     if not tables:
         return []
+    axes = plots.grid_axes(tables, grid_keys, grid_plot) if len(tables) > 1 else None
+    figures = [str(plots.grid(tables, grid_keys, *axes, out / "grid.png"))] if axes else []
     paths = aggregate.write_tables(tables, out, title, grid_keys)
-    for table in tables:
-        print(f"\n{table['label']}:" if table["cell"] else "", file=stream)
-        print(aggregate.markdown(table), file=stream)
+    print("\n" + aggregate.tables_markdown(tables, grid_keys), file=stream)
     print(f"\nwrote {paths['md']}, {paths['csv'].name}, {paths['json'].name} and "
-          f"{', '.join(pathlib.Path(p).name for t in tables for p in t['plots'].values())}", file=stream)
+          f"{', '.join(pathlib.Path(p).name for p in [*(p for t in tables for p in t['plots'].values()), *figures])}",
+          file=stream)
     return tables
 
 
@@ -86,7 +88,7 @@ def run_study(args) -> int:
         failed = outcome.failed
         missing = [run for run, _ in failed]
     tables = report(runs, out.resolve(), f"Study {pathlib.Path(args.study).stem}", list(study.grid),
-                    (study.pareto.x, study.pareto.y))
+                    (study.pareto.x, study.pareto.y), grid_plot=study.grid_plot)
     for run, reason in failed:
         print(f"failed: {run.name}: {reason}", file=sys.stderr)
     if not tables:

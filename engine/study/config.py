@@ -10,13 +10,22 @@ methods:                                # name -> key=value overrides of the bas
 grid:                                   # optional: every combination is a cell
   data.subset: [100, 1000]
   data.label_noise: [0.0, 0.2]
+exclude:                                # optional: cells not to run, each matched by some axes
+  - {data.subset: 1000, data.label_noise: 0.2}
+seed_keys: [data.seed]                  # optional: keys that take the seed too (a new data draw)
 pareto: {x: forgetting_max, y: learning_diag}   # optional: axes of the Pareto plot
+grid_plot: {x: data.subset, y: [acc]}   # optional: figures against a numeric grid axis
 ```
 
 `plan_runs` expands it into one `Run` per (cell, method, seed): its run dir under the
 study's out dir and the exact `tenure train` command. Overrides apply in the order base,
-method, grid cell, then `run_dir` and `train.seed` (later wins), so a grid axis sweeps a
-key even when a method sets it.
+method, grid cell, then `run_dir`, `train.seed` and the `seed_keys` (later wins), so a grid
+axis sweeps a key even when a method sets it.
+
+A run with one stage and one task (a plain fine-tune, `tenure train` without `stages:`) is
+tabulated by its single-task figures (SINGLE: test and validation score, train/validation
+loss gap, early stopping and the overfitting monitor, from its summary.json); a staged run
+by its forgetting figures (STATS, from its forgetting.json).
 """
 from __future__ import annotations
 
@@ -44,6 +53,18 @@ STATS = {  # name -> column title, in table order (after the per-task final scor
     "learning_newest": "learning (newest task)",
     "learning_diag": "learning (mean of diagonal)",
 }
+SINGLE = {  # single-task runs: name -> column title ({metric}: the task's metric), in table order
+    "test": "test {metric}",
+    "validation": "validation {metric}",
+    "gap_best": "loss gap at best step",
+    "gap_last": "loss gap at last eval",
+    "best_step": "best step",
+    "early_stop": "early stop fired",
+    "early_stop_step": "early stop step",
+    "overfit": "overfit warning fired",
+    "overfit_step": "first overfit warning",
+}
+COUNTS = ("early_stop", "overfit")  # 0/1 per seed, shown as seeds that fired / seeds
 RESERVED_KEYS = ("run_dir", "train.seed")  # set by the study tool for every run
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -76,6 +97,25 @@ class ParetoAxes(BaseModel):
         return value
 
 
+class GridPlot(BaseModel):
+    """The figure of a grid study: each `y` (a table column) against the numeric grid axis `x`,
+    one line per combination of the other axes (and method)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: str = Field(description="a grid axis with numeric values (e.g. data.subset)")
+    y: list[str] = Field(min_length=1, description="table columns to plot: a SINGLE or STATS name, or final/<task>")
+
+    @field_validator("y")
+    @classmethod
+    def _known(cls, values: list[str]):
+        for value in values:
+            if value not in SINGLE and value not in STATS and not value.startswith(("final/", "change/")):
+                raise ValueError(f"expected one of {', '.join([*SINGLE, *STATS])}, final/<task> or change/<task>, "
+                                 f"got {value!r}")
+        return values
+
+
 class StudyConfig(BaseModel):
     """One study: the same staged run per method, grid cell and seed."""
 
@@ -90,7 +130,16 @@ class StudyConfig(BaseModel):
     seeds: int = Field(3, ge=1, description="seeds per method and cell: train.seed = 0 .. seeds-1")
     out: str | None = Field(None, description="directory for the runs, tables and plots (relative to the "
                                               "working directory); null = runs/study/<study file name>")
+    exclude: list[dict[str, Any]] = Field(
+        default_factory=list, description="grid cells not to run: each entry maps some grid axes to a value; "
+                                          "a cell that matches every pair of an entry is left out")
+    seed_keys: list[str] = Field(
+        default_factory=list, description="config keys set to the seed as well as train.seed, e.g. data.seed "
+                                          "(each seed draws its own training subset and label noise)")
     pareto: ParetoAxes = Field(default_factory=ParetoAxes, description="axes of the Pareto plot")
+    grid_plot: GridPlot | None = Field(
+        None, description="figure against a numeric grid axis; null = the first numeric axis, with test score and "
+                          "loss gap (single-task) or ACC and forgetting (staged)")
 
     @field_validator("methods")
     @classmethod
@@ -116,6 +165,39 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"axis '{key}' repeats a value")
         return grid
 
+    @field_validator("seed_keys")
+    @classmethod
+    def _seed_keys(cls, keys: list[str]):
+        for key in keys:
+            _check_override(f"{key}=")
+        if len(set(keys)) != len(keys):
+            raise ValueError("a key is listed twice")
+        return keys
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self):
+        for i, entry in enumerate(self.exclude):
+            if not entry:
+                raise ValueError(f"'exclude.{i}': an empty entry would leave out every cell")
+            for key, value in entry.items():
+                if key not in self.grid:
+                    raise ValueError(f"'exclude.{i}': '{key}' is not a grid axis")
+                if value not in self.grid[key]:
+                    raise ValueError(f"'exclude.{i}': {value!r} is not a value of axis '{key}'")
+        for key in self.seed_keys:
+            setters = [f"method '{m}'" for m, overrides in self.methods.items()
+                       if any(o.partition("=")[0] == key for o in overrides)]
+            if key in self.grid or setters:
+                raise ValueError(f"'seed_keys': '{key}' is set by the seed, so the "
+                                 f"{'grid' if key in self.grid else setters[0]} may not set it")
+        if self.grid_plot is not None:
+            values = self.grid.get(self.grid_plot.x)
+            if values is None:
+                raise ValueError(f"'grid_plot.x': '{self.grid_plot.x}' is not a grid axis")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"'grid_plot.x': axis '{self.grid_plot.x}' has non-numeric values")
+        return self
+
 
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"])
@@ -124,6 +206,8 @@ def _describe(error: dict) -> str:
     if error["type"] == "missing":
         return f"missing study key '{key}'"
     message = error["msg"].removeprefix("Value error, ")
+    if not key:  # checks across keys name theirs in the message
+        return f"study key {message}"
     return f"study key '{key}': {message}" + ("" if "input" not in error or error["type"] == "value_error"
                                                else f" (got {error['input']!r})")
 
@@ -180,6 +264,9 @@ def cells(study: StudyConfig) -> list[Cell]:
     keys = list(study.grid)
     combos = itertools.product(*(study.grid[k] for k in keys))
     out = [Cell(tuple(zip(keys, combo))) for combo in combos]
+    out = [c for c in out if not any(all(dict(c.values)[k] == v for k, v in entry.items()) for entry in study.exclude)]
+    if not out:
+        raise TenureError("study key 'exclude': leaves no cell to run")
     slugs = [c.slug for c in out]
     if len(set(slugs)) != len(slugs):
         raise TenureError("study key 'grid': two cells map to the same directory name; use plainer values")
@@ -204,6 +291,10 @@ class Run:
     @property
     def result(self) -> pathlib.Path:
         return self.run_dir / "forgetting.json"
+
+    @property
+    def summary(self) -> pathlib.Path:
+        return self.run_dir / "summary.json"
 
 
 def default_out(study_path: str | pathlib.Path, study: StudyConfig) -> pathlib.Path:
@@ -235,6 +326,7 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
             for seed in range(study.seeds if seeds is None else seeds):
                 run_dir = out / cell.slug / method / f"seed{seed}"
                 command = (sys.executable, "-m", "engine.cli", "train", base, *study.methods[method],
-                           *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}")
+                           *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}",
+                           *(f"{key}={seed}" for key in study.seed_keys))
                 runs.append(Run(method, cell, seed, run_dir, command))
     return runs

@@ -1,5 +1,6 @@
-"""PNG plots of a study cell (matplotlib, Agg backend): the learning-vs-forgetting Pareto plot
-and each method's curves of every task's metric over global steps, stage boundaries marked."""
+"""PNG plots of a study (matplotlib, Agg backend): per cell, the learning-vs-forgetting Pareto plot
+and each method's curves of every task's metric over global steps, stage boundaries marked; per
+grid study, its figures against a numeric grid axis (e.g. test score against data size)."""
 from __future__ import annotations
 
 import math
@@ -96,7 +97,7 @@ def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, 
     cols = min(3, max(1, len(methods)))
     rows = max(1, math.ceil(len(methods) / cols))
     metrics = set(table["metric"].values())
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), dpi=100, squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.4, 5.2 * cols), 3.8 * rows + 0.4), dpi=100, squeeze=False,
                              sharey=len(metrics) == 1)
     colors = plt.get_cmap("tab10")
     for ax, method in zip(axes.flat, methods):
@@ -113,7 +114,7 @@ def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, 
         starts = [0, *first.stage_ends[:-1]]
         for end in first.stage_ends[:-1]:
             ax.axvline(end, color="grey", linestyle="--", linewidth=1)
-        for name, start, end in zip(first.stages, starts, first.stage_ends):
+        for name, start, end in zip(first.stages if len(first.stages) > 1 else [], starts, first.stage_ends):
             ax.text((start + end) / 2, 1.01, f"stage {name}", transform=ax.get_xaxis_transform(), ha="center",
                     va="bottom", fontsize=8, color="dimgrey")
         ax.set_title(f"{method} (n={len(records)})", fontsize=10, pad=14)
@@ -124,6 +125,72 @@ def curves(table: dict, records_by_method: dict[str, list], path: pathlib.Path, 
     for ax in list(axes.flat)[len(methods):]:
         ax.set_visible(False)
     fig.suptitle(title or "Every task over steps" + (f" — {table['label']}" if table["cell"] else ""), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _numeric_axis(tables: list[dict], grid_keys: list[str]) -> str | None:
+    for key in grid_keys:
+        values = {t["cell"].get(key) for t in tables}
+        if len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return key
+    return None
+
+
+def grid_axes(tables: list[dict], grid_keys: list[str], grid_plot=None) -> tuple[str, list[str]] | None:
+    """(x, ys) of the grid figure: the study's `grid_plot`, else the first numeric axis with more than
+    one value against test score and loss gap (single-task) or ACC and forgetting (staged); None
+    when the grid has no such axis."""
+    if grid_plot is not None:
+        return grid_plot.x, list(grid_plot.y)
+    x = _numeric_axis(tables, grid_keys)
+    if x is None:
+        return None
+    single = all(t.get("kind") == "single_task" for t in tables)
+    return x, ["test", "gap_last"] if single else ["acc", "forgetting_max"]
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def grid(tables: list[dict], grid_keys: list[str], x: str, ys: list[str], path: pathlib.Path,
+         title: str = "") -> pathlib.Path:
+    """A panel per figure in `ys`: its mean over seeds (error bars: standard error) against the grid
+    axis `x`, one line per combination of the other grid axes and method. Log x when the values
+    span more than a factor of 10."""
+    plt = _pyplot()
+    others = [k for k in grid_keys if k != x]
+    methods = {row["method"] for t in tables for row in t["rows"]}
+    series: dict[str, list[tuple[float, dict]]] = {}
+    for table in tables:
+        for row in table["rows"]:
+            parts = [f"{_short(k)}={table['cell'][k]}" for k in others] + ([row["method"]] if len(methods) > 1 else [])
+            series.setdefault(", ".join(parts) or row["method"], []).append((table["cell"][x], row))
+    fig, axes = plt.subplots(1, len(ys), figsize=(5.6 * len(ys), 4.4), dpi=110, squeeze=False)
+    colors, markers = plt.get_cmap("tab10"), "osD^vP*X"
+    xs = sorted({v for points in series.values() for v, _ in points})
+    for ax, y in zip(axes.flat, ys):
+        title_y = next((c["title"] for c in tables[0]["columns"] if c["key"] == y), STATS.get(y, y))
+        for i, (label, points) in enumerate(series.items()):
+            points = sorted(points, key=lambda p: p[0])
+            mean = np.array([row["mean"].get(y, math.nan) for _, row in points], dtype=np.float64)
+            se = np.array([row["se"].get(y, math.nan) for _, row in points], dtype=np.float64)
+            ax.errorbar([v for v, _ in points], mean, yerr=np.where(np.isfinite(se), se, 0.0), marker=markers[i % 8],
+                        color=colors(i % 10), capsize=3, label=label, linewidth=1.3, markersize=5)
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
+            ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{v:g}" for v in xs])
+        ax.set_xlabel(x)
+        ax.set_ylabel(title_y)
+        ax.set_title(title_y, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    n = {len(row["seeds"]) for t in tables for row in t["rows"]}
+    fig.suptitle(title or f"Against {x} (mean ± SE over {'/'.join(map(str, sorted(n)))} seeds)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
