@@ -2,20 +2,29 @@
 
 Every term has the signature `fn(params, outputs, batch, extra) -> (scalar, aux)`:
   params   the current params (regularisers such as EWC / L2-SP read them),
-  outputs  the model's output dict (`logits`, `predictions`, `query_embeddings`, ...),
+  outputs  the model's output dict (`logits`, `vocab`, `predictions`, `query_embeddings`, ...),
   batch    the batch dict (see the batch contract; `example_mask` [B] is always there),
   extra    `TrainState.extra`, a dict of pytrees a term may need (anchors, Fisher); {} if none,
   aux      dict of scalar metrics, logged as "<term>/<key>".
 Adding a term is `losses["ewc"] = ewc_term(...)`. The task's own term is named "task".
 Padding rows (`example_mask` 0) contribute nothing; labels -100 are ignored.
+
+The train step asks LM / MLM models for `vocab` (models.heads.Vocab: hidden, table, bias)
+instead of logits; `vocab_ce` then computes the cross-entropy and its gradient a chunk of
+positions at a time (labelled positions first, chunks past the last label skipped), so the
+fp32 [B, L, V] logits, log-softmax and their gradient never exist at once. Given `logits`
+(eval-style outputs, token classification), the same terms use the plain path.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from models.heads import Vocab
+from models.layers import vocab_logits
 from models.kinds import KINDS
 
 IGNORE = -100
@@ -48,17 +57,141 @@ def _token_ce(logits_BxLxC, labels_BxL, example_mask_B):
     return _masked_mean(nll_BxL, valid_BxL), aux
 
 
+# Tokens (rows x positions) per chunk of `vocab_ce`: each chunk holds LM_CHUNK_TOKENS x V fp32
+# logits (GPT-2, 256 tokens: 51 MB). Chosen by measurement (docs/performance.md).
+LM_CHUNK_TOKENS = 256
+
+
+def _vocab_token_ce(vocab: Vocab, targets_BxL, example_mask_B):
+    valid_BxL = (targets_BxL != IGNORE).astype(jnp.float32) * example_mask_B[:, None].astype(jnp.float32)
+    chunk = max(1, LM_CHUNK_TOKENS // targets_BxL.shape[0])
+    nll_sum, hits = vocab_ce(vocab, jnp.where(targets_BxL == IGNORE, 0, targets_BxL), valid_BxL, chunk)
+    count = valid_BxL.sum()
+    aux = {"accuracy": hits / jnp.maximum(count, 1.0), "tokens": count}
+    return nll_sum / jnp.maximum(count, 1.0), aux
+
+
 def token_ce(params, outputs, batch, extra):
     """Token classification and MLM: mean CE over labelled (!= -100) tokens of real examples."""
     del params, extra
+    if "vocab" in outputs:
+        return _vocab_token_ce(outputs["vocab"], batch["labels"], batch["example_mask"])
     return _token_ce(outputs["logits"], batch["labels"], batch["example_mask"])
 
 
 def causal_lm(params, outputs, batch, extra):
     """Next-token CE: position t predicts labels[t+1]; -100 (prompt, pad) ignored."""
     del params, extra
-    logits_BxLxV = outputs["logits"][:, :-1]
-    return _token_ce(logits_BxLxV, batch["labels"][:, 1:], batch["example_mask"])
+    labels_BxL = batch["labels"]
+    if "vocab" in outputs:  # the last position predicts nothing
+        targets_BxL = jnp.concatenate([labels_BxL[:, 1:], jnp.full_like(labels_BxL[:, :1], IGNORE)], axis=1)
+        return _vocab_token_ce(outputs["vocab"], targets_BxL, batch["example_mask"])
+    return _token_ce(outputs["logits"][:, :-1], labels_BxL[:, 1:], batch["example_mask"])
+
+
+def vocab_ce(vocab: Vocab, targets_BxL, weights_BxL, chunk: int):
+    """(sum of w * nll, sum of w * [argmax == target]) over positions, with logits =
+    vocab_logits(vocab), computed at most `chunk` positions at a time (all rows together; the
+    length is split into equal chunks).
+
+    Positions with weight 0 carry no loss and no gradient: each row's weighted positions are
+    moved to the front (stable), and chunks past the longest row's count are skipped
+    (`lax.cond`), so MLM pays for its ~15% labelled tokens and SFT not for its prompts. The
+    gradient is computed in the forward pass, chunk by chunk (softmax - one-hot, times w):
+    the loss is linear in it, so the backward pass only scales it by the incoming cotangent.
+    Gradients flow to hidden, table and bias; none to the targets or weights."""
+    length = targets_BxL.shape[1]
+    num = -(-length // max(1, min(chunk, length)))
+    return _vocab_ce(-(-length // num), vocab, targets_BxL, weights_BxL)
+
+
+def _layout(vocab: Vocab, targets_BxL, weights_BxL, chunk: int):
+    """Weighted positions first, padded to whole chunks, chunk-major: (h [N, B, C, D],
+    targets [N, B, C], weights [N, B, C], live_N (bool: the chunk holds a weighted position),
+    order_BxL (the permutation, to put gradients back))."""
+    rows, length = targets_BxL.shape
+    num = -(-length // chunk)
+    live_BxL = weights_BxL != 0
+    order_BxL = jnp.argsort(jnp.where(live_BxL, 0, 1), axis=1, stable=True)
+    longest = live_BxL.sum(axis=1).max()
+
+    def arrange(x):
+        x = jnp.take_along_axis(x, order_BxL.reshape(order_BxL.shape + (1,) * (x.ndim - 2)), axis=1)
+        x = jnp.pad(x, [(0, 0), (0, num * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(rows, num, chunk, *x.shape[2:]), 1, 0)
+
+    live_N = jnp.arange(num) * chunk < longest
+    return arrange(vocab.hidden), arrange(targets_BxL), arrange(weights_BxL), live_N, order_BxL
+
+
+def _chunk_stats(logits_BxCxV, targets_BxC, weights_BxC):
+    """(log-sum-exp [B, C], weighted nll sum, weighted hit sum) of one chunk."""
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    hit_BxC = (jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC).astype(jnp.float32)
+    return lse_BxC, ((lse_BxC - target_BxC) * weights_BxC).sum(), (hit_BxC * weights_BxC).sum()
+
+
+def _vocab_ce_fwd(chunk, vocab: Vocab, targets_BxL, weights_BxL, with_grad=True):
+    table_VxD, bias_V = vocab.table, vocab.bias
+    h_NxBxCxD, t_NxBxC, w_NxBxC, live_N, order_BxL = _layout(vocab, targets_BxL, weights_BxL, chunk)
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    carry = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    if with_grad:
+        carry += (zeros(table_VxD), None if bias_V is None else zeros(bias_V))
+
+    def body(carry, xs):
+        live, h_BxCxD, t_BxC, w_BxC = xs
+
+        def run(carry):
+            logits_BxCxV = vocab_logits(h_BxCxD, table_VxD, bias_V)
+            lse_BxC, nll, hits = _chunk_stats(logits_BxCxV, t_BxC, w_BxC)
+            out = (carry[0] + nll, carry[1] + hits)
+            if not with_grad:
+                return out, jnp.zeros((), h_BxCxD.dtype)
+            # d(sum w * nll) / d logits = w * (softmax - one_hot(target))
+            vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2)
+            p_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+            dlogits_BxCxV = (jnp.where(vocab_ids == t_BxC[..., None], p_BxCxV - 1.0, p_BxCxV)
+                             * w_BxC[..., None])
+            # The two gradient dots in the compute dtype, as autodiff of vocab_logits would do
+            # (in bf16, oneDNN runs bf16 -> bf16 dots several times faster than bf16 -> fp32);
+            # the table gradient is summed over chunks in fp32.
+            d_BxCxV = dlogits_BxCxV.astype(table_VxD.dtype)
+            dh_BxCxD = jnp.einsum("bcv,vd->bcd", d_BxCxV, table_VxD)
+            dtable_VxD = carry[2] + jnp.einsum("bcv,bcd->vd", d_BxCxV, h_BxCxD.astype(table_VxD.dtype))
+            dbias_V = None if bias_V is None else carry[3] + dlogits_BxCxV.sum(axis=(0, 1))
+            return out + (dtable_VxD, dbias_V), dh_BxCxD.astype(h_BxCxD.dtype)
+
+        def skip(carry):
+            return carry, (jnp.zeros(h_BxCxD.shape, h_BxCxD.dtype) if with_grad else jnp.zeros((), h_BxCxD.dtype))
+
+        return jax.lax.cond(live, run, skip, carry)
+
+    carry, dh_NxBxCxD = jax.lax.scan(body, carry, (live_N, h_NxBxCxD, t_NxBxC, w_NxBxC))
+    if not with_grad:
+        return carry
+    nll, hits, dtable_VxD, dbias_V = carry
+    rows, length = targets_BxL.shape
+    dh_BxLxD = jnp.moveaxis(dh_NxBxCxD, 0, 1).reshape(rows, -1, dh_NxBxCxD.shape[-1])[:, :length]
+    inverse_BxL = jnp.argsort(order_BxL, axis=1)
+    dh_BxLxD = jnp.take_along_axis(dh_BxLxD, inverse_BxL[..., None], axis=1)
+    return (nll, hits), Vocab(dh_BxLxD, dtable_VxD.astype(table_VxD.dtype), dbias_V)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _vocab_ce(chunk, vocab: Vocab, targets_BxL, weights_BxL):
+    return _vocab_ce_fwd(chunk, vocab, targets_BxL, weights_BxL, with_grad=False)
+
+
+def _vocab_ce_bwd(chunk, residuals: Vocab, cotangents):
+    del chunk
+    g = cotangents[0]  # the hit count has no gradient
+    scale = lambda x: None if x is None else (x * g).astype(x.dtype)
+    return Vocab(*map(scale, residuals)), None, None
+
+
+_vocab_ce.defvjp(functools.partial(_vocab_ce_fwd, with_grad=True), _vocab_ce_bwd)
 
 
 def mse(params, outputs, batch, extra):

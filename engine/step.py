@@ -81,7 +81,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict
         it = iter(trainable_leaves)
         full = [next(it) if t else jax.lax.stop_gradient(x) for x, t in zip(leaves, trains)]
         params = treedef.unflatten(full)
-        outputs = model.apply({"params": params}, micro_batch, deterministic=False, rngs={"dropout": key})
+        # logits=False: LM / MLM models give their vocabulary projection's inputs, and the
+        # loss (engine.losses.vocab_ce) projects a chunk at a time (no [B, L, V] logits).
+        outputs = model.apply({"params": params}, micro_batch, deterministic=False, logits=False,
+                              rngs={"dropout": key})
         return total_loss(losses, params, outputs, micro_batch, state.extra)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

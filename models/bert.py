@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.layers import LayerNorm, Mlp, MultiHeadAttention, remat_module
+from models.layers import LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
 from models.lora import LoRASpec
 
 
@@ -88,8 +88,8 @@ class BertEmbeddings(nn.Module):
                    + self.token_type_embeddings(token_type_ids_BxL))
         return self.dropout(self.norm(x_BxLxD), deterministic=deterministic)
 
-    def attend(self, hidden_BxLxD):
-        return self.word_embeddings.attend(hidden_BxLxD)
+    def vocab_table(self):
+        return self.word_embeddings.embedding.astype(self.dtype)
 
 
 class BertLayer(nn.Module):
@@ -166,7 +166,11 @@ class BertEncoder(nn.Module):
         # Gradients stop after the last frozen stage, so XLA skips their backward pass.
         return jax.lax.stop_gradient(x) if stage == self.frozen_prefix - 1 else x
 
+    def vocab_table(self):
+        """The MLM decoder's tied table: the word embeddings [V, D] in the compute dtype."""
+        return self.embeddings.vocab_table()
+
     def attend(self, hidden_BxLxD):
-        """Logits over the vocabulary with the tied word embeddings: hidden @ E^T."""
-        return self.embeddings.attend(hidden_BxLxD)
+        """Logits over the vocabulary with the tied word embeddings: hidden @ E^T (fp32)."""
+        return vocab_logits(hidden_BxLxD, self.vocab_table())
 

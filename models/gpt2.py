@@ -1,5 +1,5 @@
 """GPT-2 decoder backbone (Flax Linen): learned positions, pre-LayerNorm blocks, gelu_new MLP,
-final `ln_f`, and an LM head tied to the token embedding through `attend`.
+final `ln_f`, and an LM head tied to the token embedding (`vocab_table`).
 
 HF's fused `c_attn` [D, 3D] is split into three Dense layers (`c_attn_q/k/v`) so each can be
 sharded over heads; a LoRA target "c_attn" adapts all three (see `_expand_lora`).
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from models.errors import TenureError
-from models.layers import ACTIVATIONS, LayerNorm, Mlp, MultiHeadAttention, remat_module, tied_logits
+from models.layers import ACTIVATIONS, LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import positions_from_segments
@@ -36,7 +36,7 @@ class GPT2Config:
     attn_dropout: float = 0.1          # attn_pdrop: on attention probabilities
     resid_dropout: float = 0.1         # resid_pdrop: on each residual branch output
     initializer_range: float = 0.02    # stddev of fresh kernels
-    tie_word_embeddings: bool = True   # LM head = token embedding (attend)
+    tie_word_embeddings: bool = True   # LM head = token embedding (vocab_table)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -103,8 +103,8 @@ class GPT2Embeddings(nn.Module):
             self.position, positions_BxL, axis=0, mode="clip")
         return x_BxLxD.astype(self.dtype)
 
-    def attend(self, hidden_BxLxD):
-        return tied_logits(hidden_BxLxD, self.token, self.dtype)
+    def vocab_table(self):
+        return self.token.astype(self.dtype)
 
 
 class GPT2Block(nn.Module):
@@ -131,7 +131,7 @@ class GPT2Block(nn.Module):
 
 class GPT2Decoder(nn.Module):
     """`__call__(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
-    deterministic=True) -> hidden_BxLxD` (after ln_f); `attend(hidden) -> logits_BxLxV` (fp32).
+    deterministic=True) -> hidden_BxLxD` (after ln_f); `vocab_table() -> [V, D]` (the tied LM head).
 
     token_type_ids are ignored: GPT-2 has no segment embedding (HF's optional reuse of wte for
     them is not part of the GPT-2 tokenizer's outputs). Positions default to the index of each
@@ -172,5 +172,10 @@ class GPT2Decoder(nn.Module):
             x_BxLxD = self._stage_out(i + 1, layer(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic))
         return self.final_norm(x_BxLxD)
 
+    def vocab_table(self):
+        """The tied LM head: the token embedding [V, D] in the compute dtype."""
+        return self.embeddings.vocab_table()
+
     def attend(self, hidden_BxLxD):
-        return self.embeddings.attend(hidden_BxLxD)
+        """Logits [B, L, V] (fp32) of the tied LM head."""
+        return vocab_logits(hidden_BxLxD, self.vocab_table())

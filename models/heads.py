@@ -2,12 +2,18 @@
 
 Param names (under "head" in the task model): "pooler" (BERT dense+tanh), "classifier",
 "transform" + "transform_norm" + "bias" (BERT MLM), "lm_head" (untied causal LM).
+
+The vocabulary heads (MlmHead, LmHead) return the inputs of their projection, a `Vocab`
+(hidden [B, L, D], table [V, D], bias [V] or None); `vocab_logits` turns it into logits
+[B, L, V]. The train step never does: engine.losses' cross-entropy projects a chunk of
+positions at a time, so the full fp32 [B, L, V] logits are never held.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models.layers import ACTIVATIONS, Dense, LayerNorm
@@ -84,8 +90,17 @@ class TokenClassifierHead(nn.Module):
                      name="classifier")(hidden_BxLxD).astype(jnp.float32)
 
 
+class Vocab(NamedTuple):
+    """The inputs of a vocabulary projection: logits = hidden @ table^T (+ bias), fp32."""
+
+    hidden: jax.Array        # [B, L, D], compute dtype
+    table: jax.Array         # [V, D], compute dtype (a cast of the fp32 param)
+    bias: jax.Array | None   # [V] fp32, or None
+
+
 class MlmHead(nn.Module):
-    """BERT MLM: dense -> activation -> LayerNorm -> tied decoder (word embeddings^T) + bias."""
+    """BERT MLM: dense -> activation -> LayerNorm -> tied decoder (word embeddings^T) + bias.
+    Returns the projection's inputs (`Vocab`); `vocab_table()` is the backbone's table."""
 
     vocab_size: int
     activation: str = "gelu"
@@ -94,17 +109,18 @@ class MlmHead(nn.Module):
     kernel_init: Callable = nn.initializers.normal(0.02)
 
     @nn.compact
-    def __call__(self, hidden_BxLxD, attend: Callable):
+    def __call__(self, hidden_BxLxD, vocab_table: Callable) -> Vocab:
         h_BxLxD = Dense(hidden_BxLxD.shape[-1], ("embed", None), dtype=self.dtype, kernel_init=self.kernel_init,
                         name="transform")(hidden_BxLxD)
         h_BxLxD = LayerNorm(self.layer_norm_eps, self.dtype, name="transform_norm")(ACTIVATIONS[self.activation](h_BxLxD))
         bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                             (self.vocab_size,), jnp.float32)
-        return attend(h_BxLxD).astype(jnp.float32) + bias_V
+        return Vocab(h_BxLxD, vocab_table(), bias_V)
 
 
 class LmHead(nn.Module):
-    """Causal-LM logits [B, L, V]: tied (backbone.attend) or an untied "lm_head" Dense."""
+    """Causal LM: the projection's inputs (`Vocab`) with the backbone's token table (tied) or an
+    untied "lm_head" kernel [D, V] (the param of a bias-free Dense, as HF names it)."""
 
     vocab_size: int
     tied: bool = True
@@ -112,11 +128,24 @@ class LmHead(nn.Module):
     kernel_init: Callable = nn.initializers.normal(0.02)
 
     @nn.compact
-    def __call__(self, hidden_BxLxD, attend: Callable):
+    def __call__(self, hidden_BxLxD, vocab_table: Callable) -> Vocab:
         if self.tied:
-            return attend(hidden_BxLxD).astype(jnp.float32)
-        return Dense(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
-                     kernel_init=self.kernel_init, name="lm_head")(hidden_BxLxD).astype(jnp.float32)
+            return Vocab(hidden_BxLxD, vocab_table(), None)
+        kernel_DxV = _Kernel(self.vocab_size, ("embed", "vocab"), self.kernel_init, name="lm_head")(hidden_BxLxD)
+        return Vocab(hidden_BxLxD, kernel_DxV.T.astype(self.dtype), None)
+
+
+class _Kernel(nn.Module):
+    """The "kernel" param [in, features] of a Dense layer, without applying it."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    kernel_init: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                          (x.shape[-1], self.features), jnp.float32)
 
 
 class EmbeddingHead(nn.Module):

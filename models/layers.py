@@ -86,10 +86,16 @@ class Dense(nn.Module):
         return y
 
 
-def tied_logits(hidden_BxLxD, table_VxD, dtype):
-    """Logits against an embedding table (a tied LM head), accumulated in fp32."""
-    return jnp.einsum("bld,vd->blv", hidden_BxLxD.astype(dtype), table_VxD.astype(dtype),
-                      preferred_element_type=jnp.float32)
+def vocab_logits(hidden_BxLxD, table_VxD, bias_V=None):
+    """hidden @ table^T in the table's (compute) dtype, then fp32 (+ bias): the LM / MLM logits
+    [B, L, V] (or any leading shape). Backbones' `attend`, the task heads' logits and the
+    chunks of engine.losses.vocab_ce all come from this one function.
+
+    In bf16 the dot's output is bf16, like every Dense layer here and like PyTorch autocast
+    (HF upcasts the logits for the loss): on CPU, oneDNN runs bf16 -> bf16 dots 4x faster than
+    bf16 -> fp32 ones (docs/performance.md). fp32 is unchanged."""
+    logits = jnp.einsum("...d,vd->...v", hidden_BxLxD.astype(table_VxD.dtype), table_VxD).astype(jnp.float32)
+    return logits if bias_V is None else logits + bias_V
 
 
 def attention_mask(segment_ids_BxL: jax.Array, causal: bool = False) -> jax.Array:

@@ -1,7 +1,7 @@
 """Llama-family decoder backbone (Llama, Qwen2, Mistral) in Flax Linen.
 
 Pre-RMSNorm blocks, grouped-query attention with RoPE, SwiGLU MLP, final RMSNorm; LM head
-tied to the token embedding (`attend`) or untied (the task wrapper's head/lm_head).
+tied to the token embedding (`vocab_table`) or untied (the task wrapper's head/lm_head).
 Family differences are config values: Qwen2 has q/k/v bias (no o bias) and optional sliding
 layers; Mistral has a sliding window on every layer; Llama's `attention_bias` biases q/k/v/o.
 Param tree: embeddings/token, layers_{i}/{attn_norm, attn/{q_proj, k_proj, v_proj, o_proj},
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from models.errors import TenureError
-from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, remat_module, tied_logits
+from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, remat_module, vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import RopeSpec, apply_rope, inverse_frequencies, positions_from_segments, sliding_window_mask
@@ -42,7 +42,7 @@ class LlamaConfig:
     qkv_bias: bool = False              # bias on q/k/v (Qwen2; Llama attention_bias)
     o_bias: bool = False                # bias on o_proj (Llama attention_bias)
     attention_dropout: float = 0.0
-    tie_word_embeddings: bool = False   # LM head = token embedding (attend)
+    tie_word_embeddings: bool = False   # LM head = token embedding (vocab_table)
     sliding_window: int | None = None   # SLIDING layers see keys with q - k < window (HF Mistral)
     layer_types: tuple[str, ...] = ()   # per layer FULL or SLIDING; () means all FULL
     max_window_layers: int = 28         # Qwen2 only (kept for export)
@@ -142,8 +142,8 @@ class LlamaEmbeddings(nn.Module):
     def __call__(self, input_ids_BxL):
         return jnp.take(self.token, input_ids_BxL, axis=0).astype(self.dtype)
 
-    def attend(self, hidden_BxLxD):
-        return tied_logits(hidden_BxLxD, self.token, self.dtype)
+    def vocab_table(self):
+        return self.token.astype(self.dtype)
 
 
 class LlamaBlock(nn.Module):
@@ -168,7 +168,7 @@ class LlamaBlock(nn.Module):
 
 class LlamaDecoder(nn.Module):
     """`__call__(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
-    deterministic=True) -> hidden_BxLxD` (after the final RMSNorm); `attend(hidden) -> logits`
+    deterministic=True) -> hidden_BxLxD` (after the final RMSNorm); `vocab_table() -> [V, D]` (the tied LM head)
     (fp32; only meaningful when config.tie_word_embeddings).
 
     token_type_ids are ignored (no segment embedding). Positions default to each token's index
@@ -209,5 +209,10 @@ class LlamaDecoder(nn.Module):
             x_BxLxD = self._stage_out(i + 1, layer(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic))
         return self.final_norm(x_BxLxD)
 
+    def vocab_table(self):
+        """The tied LM head: the token embedding [V, D] in the compute dtype."""
+        return self.embeddings.vocab_table()
+
     def attend(self, hidden_BxLxD):
-        return self.embeddings.attend(hidden_BxLxD)
+        """Logits [B, L, V] (fp32) of the tied LM head."""
+        return vocab_logits(hidden_BxLxD, self.vocab_table())

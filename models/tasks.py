@@ -7,7 +7,8 @@
 Backbones are looked up by the config class name in BACKBONES (imported lazily) and built as
 `Backbone(config=arch_cfg, dtype=, lora=, remat=, frozen_prefix=)`; they must implement
 `backbone(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
-deterministic=True) -> hidden_BxLxD` and `backbone.attend(hidden) -> logits over vocab`.
+deterministic=True) -> hidden_BxLxD` and `backbone.vocab_table() -> [V, D]` (the tied LM /
+MLM decoder, in the compute dtype).
 Kinds with no head params (tied causal_lm, embedding without a pooler) have no "head" key.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from models.errors import TenureError
 from models.kinds import HEADS
 from models.heads import ClassifierHead, EmbeddingHead, LmHead, MlmHead, TokenClassifierHead
+from models.layers import vocab_logits
 from models.lora import LoRASpec
 
 POOLINGS = ("cls", "mean", "last")
@@ -59,8 +61,11 @@ def _dropout_rate(cfg) -> float:
 
 
 class TaskModel(nn.Module):
-    """`__call__(batch, deterministic=True) -> dict` with keys by kind:
+    """`__call__(batch, deterministic=True, logits=True) -> dict` with keys by kind:
     logits ([B, C] | [B, L, C] | [B, L, V]); regression adds predictions [B];
+    mlm / causal_lm with logits=False give `vocab` (models.heads.Vocab: the projection's
+    hidden [B, L, D], table [V, D], bias) instead of logits, for the train step's chunked
+    cross-entropy (engine.losses), which never holds the fp32 [B, L, V] logits at once;
     embedding gives embeddings [B, D], or query_embeddings [B, D] + passage_embeddings [B, P, D]
     when the batch holds query_/passage_ fields."""
 
@@ -108,7 +113,7 @@ class TaskModel(nn.Module):
                                positions=flat(batch.get(f"{prefix}positions")), deterministic=deterministic)
         return hidden, mask
 
-    def __call__(self, batch: dict, deterministic: bool = True) -> dict:
+    def __call__(self, batch: dict, deterministic: bool = True, logits: bool = True) -> dict:
         if self.kind == "embedding":
             return self._embeddings(batch, deterministic)
         hidden_BxLxD, mask_BxL = self.encode(batch, "", deterministic)
@@ -119,7 +124,8 @@ class TaskModel(nn.Module):
             return {"logits": self._mask_labels(logits_BxC, batch)}
         if self.kind == "token_cls":
             return {"logits": self._mask_labels(self.head(hidden_BxLxD, deterministic), batch)}
-        return {"logits": self.head(hidden_BxLxD, self.backbone.attend)}
+        vocab = self.head(hidden_BxLxD, self.backbone.vocab_table)
+        return {"logits": vocab_logits(*vocab)} if logits else {"vocab": vocab}
 
     def _mask_labels(self, logits, batch):
         if self.label_masks is None or "task_id" not in batch:
