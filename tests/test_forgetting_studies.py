@@ -3,7 +3,8 @@
 The slow test runs study 1 (split lexnames, the real MiniLM) in its task-incremental setting
 for seed 0 only, naive against EWC, exactly as the study runs them (the study file's own
 overrides), and asserts the ordering the literature finds robust there: EWC forgets less than
-naive. The class-incremental ordering (replay forgets far less than naive) is tested in
+naive; a second runs study 2 (the embeddings MiniLM was made for, scored on its backbone while
+it learns lexnames) for naive, head-only and LoRA. The class-incremental ordering (replay forgets far less than naive) is tested in
 tests/test_continual.py::test_minilm_class_incremental_replay_forgets_far_less.
 """
 import json
@@ -21,6 +22,7 @@ from engine.study.plots import _mean_curve
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STUDY_DIR = ROOT / "configs/forgetting"
 TASK_IL = STUDY_DIR / "split_lexnames_task_il.study.yaml"
+EMBEDDINGS = STUDY_DIR / "pretrained_embeddings.study.yaml"
 CLASS_IL = STUDY_DIR / "split_lexnames_class_il.study.yaml"
 
 
@@ -48,9 +50,9 @@ def test_curves_of_a_task_without_validation_split_come_from_R():
     assert steps.tolist() == [0, 40, 80] and mean.tolist() == [0.25, 0.9, 0.6]
 
 
-def _train(run_dir, overrides):
+def _train(run_dir, overrides, config="split_lexnames.yaml"):
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(STUDY_DIR / "split_lexnames.yaml"),
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(STUDY_DIR / config),
                              *overrides, f"run_dir={run_dir}", "train.seed=0", "logging.tensorboard=false"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -71,4 +73,65 @@ def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path):
     assert ewc["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - MARGIN
 
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # three MiniLM runs
+def test_minilm_head_and_lora_keep_the_pretrained_embeddings_better_than_full(tmp_path):
+    """Study 2, seed 0, 40 steps: full fine-tuning on lexnames costs the sentence embeddings'
+    retrieval quality; head-only leaves them exactly as they were, LoRA costs clearly less."""
+    study = load_study(EMBEDDINGS)
+    change = {}
+    for method in ("naive", "head", "lora"):
+        rec = _train(tmp_path / method, [*study.methods[method], "stages.0.steps=40", "train.eval_every=40"],
+                     config="pretrained_embeddings.yaml")
+        start, end = rec["start_row"], rec["R"][-1]
+        assert rec["tasks"] == ["lexnames", "embeddings"] and start[1] > 0.5   # the pretrained model retrieves
+        assert end[0] > start[0] + 0.2, method                                 # every method learns the task
+        change[method] = end[1] - start[1]
+    assert change["naive"] < -0.05
+    assert change["head"] == 0.0
+    assert change["lora"] > change["naive"] + 0.5 * abs(change["naive"]), change
+
+
 MARGIN = 0.1
+
+
+DATA_VOLUME = STUDY_DIR / "data_volume.study.yaml"
+
+
+def _head_rows(split: str, rows: int, out: pathlib.Path) -> pathlib.Path:
+    lines = (ROOT / f"data/wordnet_lexnames/{split}.jsonl").read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:rows]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two MiniLM runs at once, about a minute on an idle 2-core machine
+def test_minilm_fewer_examples_open_a_wider_train_validation_gap(tmp_path, monkeypatch):
+    """Study 4, reduced: its base run with 100 and with 1000 training examples, seed 0, 40 steps at
+    twice the study's learning rate (so the gap opens within the budget), 256 validation and test
+    examples, through `tenure study --jobs 2`. With 100 examples the model fits its training
+    batches far better than it does validation; with 1000 it does not yet, and it scores higher."""
+    import argparse
+
+    from engine.study import add_study_parser, run_study
+
+    monkeypatch.chdir(ROOT)                       # the base config's data paths are relative to the repo
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the runs compile as `tenure study` does, not as tests do
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    val, test = _head_rows("validation", 256, tmp_path / "val.jsonl"), _head_rows("test", 256, tmp_path / "test.jsonl")
+    overrides = [f"data.validation={val}", f"data.test={test}", "train.steps=40", "train.eval_every=20",
+                 "optim.lr=2e-4", "logging.tensorboard=false"]
+    study = tmp_path / "volume.study.yaml"
+    study.write_text(f"base: {STUDY_DIR / 'data_volume.yaml'}\nseeds: 1\nmethods:\n  full: {json.dumps(overrides)}\n"
+                     "grid: {data.subset: [100, 1000]}\n")
+    assert load_study(DATA_VOLUME).base == "data_volume.yaml"  # the base the shipped study runs
+    parser = argparse.ArgumentParser(prog="tenure")
+    add_study_parser(parser.add_subparsers(dest="command"))
+    assert run_study(parser.parse_args(["study", str(study), "--jobs", "2", "--out", str(tmp_path / "out")])) == 0
+    small, large = (t["rows"][0] for t in json.loads((tmp_path / "out" / "study.json").read_text())["cells"])
+    assert small["per_seed"]["gap_last"][0] > large["per_seed"]["gap_last"][0] + GAP_MARGIN, (small, large)
+    assert large["per_seed"]["test"][0] > small["per_seed"]["test"][0]
+
+
+GAP_MARGIN = 0.1
