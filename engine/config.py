@@ -259,3 +259,13 @@ def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
 def to_dict(cfg: Config) -> dict:
     """JSON-ready dict of the full config, defaults included (saved with checkpoints)."""
     return cfg.model_dump(mode="json", by_alias=True)
+
+
+def as_today(saved: dict) -> dict:
+    """A checkpoint's config read by today's schema: keys added to the engine since it was
+    written take their defaults (what that run did), so they are not changes on resume. A config
+    today's schema rejects is returned as it was (every difference then shows)."""
+    try:
+        return to_dict(Config.model_validate(saved))
+    except pydantic.ValidationError:
+        return saved

@@ -25,7 +25,7 @@ from engine import distributed
 from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
                           init_params, lora_spec)
 from engine.checkpoint import Checkpointer
-from engine.config import Config, to_dict
+from engine.config import Config, as_today, to_dict
 from engine.continual import regularizers
 from engine.data.pipeline import to_global_batch
 from engine.evaluate import make_evaluators
@@ -299,7 +299,8 @@ class Trainer:
     def _check_drift(self, meta: dict) -> None:
         """Refuse a resume whose config or labels changed in a way that breaks the run."""
         labels = self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
-        breaking, notes = compare_for_resume(meta.get("config") or {}, to_dict(self.cfg), meta.get("labels"), labels)
+        breaking, notes = compare_for_resume(as_today(meta.get("config") or {}), to_dict(self.cfg),
+                                             meta.get("labels"), labels)
         if breaking:
             raise TenureError(drift_message(breaking, str(self.run_dir)))
         for note in notes:

@@ -75,3 +75,16 @@ def test_drift_message_is_one_line():
     assert message == ("runs/x: the config differs from the checkpoint's in 2 keys that change the run: "
                        "optim.lr: 0.001 -> 0.0001; data.batch_size: 8 -> 16; restore them, or start over "
                        "with --restart (the old run is moved aside)")
+
+
+def test_keys_added_to_the_engine_since_the_checkpoint_are_not_changes():
+    """A checkpoint written before `data.group_by_length` existed resumes when the key is at its
+    default (what that run did); set to something else, it is a change like any other."""
+    from engine.config import as_today
+    saved = config()
+    del saved["data"]["group_by_length"]
+    assert compare_for_resume(saved, config())[0] == ["data.group_by_length: unset -> 0"]
+    assert compare_for_resume(as_today(saved), config()) == ([], [])
+    assert compare_for_resume(as_today(saved), config(data__group_by_length=8))[0] == ["data.group_by_length: 0 -> 8"]
+    garbled = dict(saved, optim={"lr": "fast"})
+    assert as_today(garbled) is garbled
