@@ -41,6 +41,9 @@ class ModelConfig(Section):
         "float32", description="compute dtype; parameters and optimizer state stay float32")
     remat: Literal["none", "full", "dots"] = Field(
         "none", description="rematerialisation policy for transformer layers")
+    attention: Literal["einsum", "xla", "cudnn"] = Field(
+        "einsum", description="attention: einsum, or jax.nn.dot_product_attention's xla / cudnn (GPU flash "
+                              "attention, bf16) kernel; steps that draw attention dropout use einsum")
     dropout: float | None = Field(None, ge=0, lt=1, description="override the checkpoint's dropout rates")
 
 

@@ -98,6 +98,7 @@ class BertLayer(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     lora: LoRASpec | None = None
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_Bx1xLxL, deterministic=True):
@@ -106,7 +107,8 @@ class BertLayer(nn.Module):
         attn_BxLxD = MultiHeadAttention(
             cfg.num_attention_heads, cfg.head_dim, dropout_rate=cfg.attention_probs_dropout_prob,
             dtype=self.dtype, kernel_init=kernel_init, lora=self.lora,
-            names=("query", "key", "value", "attn_out"), name="attention")(x_BxLxD, mask_Bx1xLxL, None, deterministic)
+            names=("query", "key", "value", "attn_out"), attention=self.attention,
+            name="attention")(x_BxLxD, mask_Bx1xLxL, None, deterministic)
         attn_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
         x_BxLxD = LayerNorm(cfg.layer_norm_eps, self.dtype, name="attention_norm")(x_BxLxD + attn_BxLxD)
         mlp_BxLxD = Mlp(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype, kernel_init=kernel_init,
@@ -130,6 +132,7 @@ class BertEncoder(nn.Module):
 
     frozen_prefix: leading stages ([embeddings, layers_0, ...]) run forward-only.
     remat: "none" | "full" | "dots" (nn.remat of each layer).
+    attention: "einsum" | "xla" | "cudnn" (models.layers.MultiHeadAttention).
     """
 
     config: BertConfig
@@ -137,11 +140,13 @@ class BertEncoder(nn.Module):
     lora: LoRASpec | None = None
     remat: str = "none"
     frozen_prefix: int = 0
+    attention: str = "einsum"
 
     def setup(self):
         layer_cls = remat_module(BertLayer, self.remat, static_argnums=(3,))
         self.embeddings = BertEmbeddings(self.config, self.dtype)
-        self.layers = [layer_cls(self.config, self.dtype, self.lora) for _ in range(self.config.num_hidden_layers)]
+        self.layers = [layer_cls(self.config, self.dtype, self.lora, self.attention)
+                       for _ in range(self.config.num_hidden_layers)]
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
                  deterministic=True):

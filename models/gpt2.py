@@ -111,6 +111,7 @@ class GPT2Block(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     lora: LoRASpec | None = None
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic: bool = True):
@@ -120,7 +121,7 @@ class GPT2Block(nn.Module):
         h_BxLxD = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads, qkv_bias=True, out_bias=True,
             dropout_rate=cfg.attn_dropout, dtype=self.dtype, kernel_init=init, lora=self.lora,
-            names=("c_attn_q", "c_attn_k", "c_attn_v", "c_proj"), name="attn",
+            names=("c_attn_q", "c_attn_k", "c_attn_v", "c_proj"), attention=self.attention, name="attn",
         )(h_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
         x_BxLxD = x_BxLxD + nn.Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = LayerNorm(cfg.layer_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD)
@@ -144,13 +145,14 @@ class GPT2Decoder(nn.Module):
     frozen_prefix: int = 0           # leading stages [embeddings, layers_0, ...] run forward-only
     remat: str = "none"              # none | full | dots
     lora: LoRASpec | None = None
+    attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
 
     def setup(self):
         cfg = self.config
         block = remat_module(GPT2Block, self.remat, static_argnums=(4,))
         self.embeddings = GPT2Embeddings(cfg, self.dtype)
         self.embed_dropout = nn.Dropout(cfg.embd_dropout)
-        self.layers = [block(cfg, self.dtype, _expand_lora(self.lora)) for _ in range(cfg.num_layers)]
+        self.layers = [block(cfg, self.dtype, _expand_lora(self.lora), self.attention) for _ in range(cfg.num_layers)]
         self.final_norm = LayerNorm(cfg.layer_norm_eps, self.dtype)
 
     def _stage_out(self, stage: int, x_BxLxD):

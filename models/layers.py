@@ -14,10 +14,17 @@ Public API:
   attention_mask(segment_ids_BxL, causal=False) -> bool [B, 1, L, L]
   dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, dropout_rate=0.0,
                         dropout_rng=None, deterministic=True, dtype=jnp.float32) -> [B, L, H, Dh]
+  library_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, implementation="xla",
+                    dtype=jnp.float32) -> [B, L, H, Dh]     (jax.nn.dot_product_attention, no dropout)
+  ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
   MultiHeadAttention(num_heads, head_dim, num_kv_heads=None, qkv_bias=True, out_bias=True,
-                     dropout_rate=0.0, dtype, kernel_init, lora, names=(q, k, v, o), rope=None)
+                     dropout_rate=0.0, dtype, kernel_init, lora, names=(q, k, v, o), rope=None,
+                     attention="einsum")
                     (x_BxLxD, mask_Bx1xLxL, positions_BxL=None, deterministic=True) -> [B, L, D]
      rope: callable(x_BxLxHxDh, positions_BxL) -> x_BxLxHxDh applied to q and k.
+     attention: "einsum" (dot_product_attention) always; "xla" / "cudnn" run library_attention
+     whenever no attention dropout is drawn (deterministic, or dropout_rate 0) and the einsum
+     path otherwise, so training with attention dropout computes exactly what "einsum" does.
   LayerNorm(eps=1e-12, dtype, use_bias=True)(x); RMSNorm(eps=1e-6, dtype)(x)
   Mlp(hidden, activation="gelu", use_bias=True, dtype, kernel_init, lora, names=("fc_in", "fc_out"))(x)
   SwiGLU(hidden, dtype, kernel_init, lora, names=("gate_proj", "up_proj", "down_proj"))(x)
@@ -134,6 +141,28 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, d
     return out_BxLxKxGxDh.reshape(batch, q_len, num_heads, head_dim)
 
 
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
+def library_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, implementation="xla",
+                      dtype=jnp.float32):
+    """The same attention through `jax.nn.dot_product_attention` (no dropout): "xla" is its
+    portable implementation, "cudnn" cuDNN's fused flash attention (GPU, bf16 / fp16 only).
+
+    Grouped-query heads (K < H) go in as they are. The boolean mask selects the allowed keys;
+    both implementations put a large finite negative at the others, so a query row with no allowed
+    key (a padding row) gets finite uniform weights like the einsum path; "cudnn" outputs for
+    such rows are set to 0 as well (a fused kernel's choice there is not ours to rely on). Padding
+    rows are never keys of real rows, so neither choice reaches a real token."""
+    args = [a.astype(dtype) for a in (q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh)]
+    mask_Bx1xLxS = jnp.asarray(mask_Bx1xLxS, bool)
+    out_BxLxHxDh = jax.nn.dot_product_attention(*args, mask=mask_Bx1xLxS, implementation=implementation)
+    if implementation == "cudnn":
+        has_key_BxLx1x1 = jnp.any(mask_Bx1xLxS, axis=-1)[:, 0, :, None, None]
+        out_BxLxHxDh = jnp.where(has_key_BxLx1x1, out_BxLxHxDh, jnp.zeros((), out_BxLxHxDh.dtype))
+    return out_BxLxHxDh
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention: Dense q/k/v ([D, H*Dh] / [D, K*Dh]), attention, Dense output [H*Dh, D]."""
 
@@ -148,6 +177,7 @@ class MultiHeadAttention(nn.Module):
     lora: LoRASpec | None = None
     names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
     rope: Callable | None = None
+    attention: str = "einsum"        # einsum | xla | cudnn (see library_attention)
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL=None, deterministic: bool = True):
@@ -166,10 +196,17 @@ class MultiHeadAttention(nn.Module):
             q_BxLxHxDh = self.rope(q_BxLxHxDh, positions_BxL)
             k_BxLxKxDh = self.rope(k_BxLxKxDh, positions_BxL)
         needs_rng = not deterministic and self.dropout_rate > 0.0
-        out_BxLxHxDh = dot_product_attention(
-            q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL, dropout_rate=self.dropout_rate,
-            dropout_rng=self.make_rng("dropout") if needs_rng else None,
-            deterministic=deterministic, dtype=self.dtype)
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; "
+                             f"got {self.attention!r}")
+        if self.attention != "einsum" and not needs_rng:
+            out_BxLxHxDh = library_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,
+                                             implementation=self.attention, dtype=self.dtype)
+        else:  # einsum, or attention dropout (jax.nn.dot_product_attention has none)
+            out_BxLxHxDh = dot_product_attention(
+                q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL, dropout_rate=self.dropout_rate,
+                dropout_rng=self.make_rng("dropout") if needs_rng else None,
+                deterministic=deterministic, dtype=self.dtype)
         out_BxLxHD = out_BxLxHxDh.reshape(batch, length, self.num_heads * self.head_dim)
         return dense(embed, ("heads", "embed"), self.out_bias, o_name)(out_BxLxHD, deterministic)
 

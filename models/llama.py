@@ -150,6 +150,7 @@ class LlamaBlock(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     lora: LoRASpec | None = None
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic: bool = True):
@@ -159,7 +160,8 @@ class LlamaBlock(nn.Module):
         h_BxLxD = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
             qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, dropout_rate=cfg.attention_dropout, dtype=self.dtype,
-            kernel_init=init, lora=self.lora, rope=_rope(cfg.rope, cfg.head_dim), name="attn",
+            kernel_init=init, lora=self.lora, rope=_rope(cfg.rope, cfg.head_dim), attention=self.attention,
+            name="attn",
         )(h_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
         x_BxLxD = x_BxLxD + h_BxLxD
         h_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD)
@@ -181,12 +183,13 @@ class LlamaDecoder(nn.Module):
     frozen_prefix: int = 0           # leading stages [embeddings, layers_0, ...] run forward-only
     remat: str = "none"              # none | full | dots
     lora: LoRASpec | None = None
+    attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
 
     def setup(self):
         cfg = self.config
         block = remat_module(LlamaBlock, self.remat, static_argnums=(4,))
         self.embeddings = LlamaEmbeddings(cfg, self.dtype)
-        self.layers = [block(cfg, self.dtype, self.lora) for _ in range(cfg.num_layers)]
+        self.layers = [block(cfg, self.dtype, self.lora, self.attention) for _ in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def _stage_out(self, stage: int, x_BxLxD):

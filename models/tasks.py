@@ -5,7 +5,7 @@
     out = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": key})
 
 Backbones are looked up by the config class name in BACKBONES (imported lazily) and built as
-`Backbone(config=arch_cfg, dtype=, lora=, remat=, frozen_prefix=)`; they must implement
+`Backbone(config=arch_cfg, dtype=, lora=, remat=, frozen_prefix=, attention=)`; they must implement
 `backbone(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
 deterministic=True) -> hidden_BxLxD` and `backbone.vocab_table() -> [V, D]` (the tied LM /
 MLM decoder, in the compute dtype).
@@ -17,12 +17,13 @@ import importlib
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models.errors import TenureError
 from models.kinds import HEADS
 from models.heads import ClassifierHead, EmbeddingHead, LmHead, MlmHead, TokenClassifierHead
-from models.layers import vocab_logits
+from models.layers import ATTENTION_IMPLEMENTATIONS, vocab_logits
 from models.lora import LoRASpec
 
 POOLINGS = ("cls", "mean", "last")
@@ -81,11 +82,12 @@ class TaskModel(nn.Module):
     # Classifier kinds in a multi-task run: row t says which labels task t may predict
     # (selected per example by batch["task_id"]); the others get logit -1e9.
     label_masks: tuple[tuple[bool, ...], ...] | None = None
+    attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
 
     def setup(self):
         cfg = self.arch_cfg
         self.backbone = backbone_class(cfg)(config=cfg, dtype=self.dtype, lora=self.lora, remat=self.remat,
-                                            frozen_prefix=self.frozen_prefix)
+                                            frozen_prefix=self.frozen_prefix, attention=self.attention)
         init = nn.initializers.normal(getattr(cfg, "initializer_range", 0.02))
         if self.kind in ("seq_cls", "pair_cls", "regression"):
             labels = 1 if self.kind == "regression" else self.num_labels
@@ -148,7 +150,8 @@ class TaskModel(nn.Module):
 def build_task_model(arch_cfg, task_kind: str, num_labels: int = 2, pooling: str = "cls",
                      lora: LoRASpec | None = None, dtype: Any = jnp.float32, remat: str = "none",
                      frozen_prefix: int = 0, normalize_embeddings: bool = True,
-                     label_masks: tuple[tuple[bool, ...], ...] | None = None) -> TaskModel:
+                     label_masks: tuple[tuple[bool, ...], ...] | None = None,
+                     attention: str = "einsum") -> TaskModel:
     """Validate the choices (TenureError naming the config key) and build the TaskModel."""
     if task_kind not in HEADS:
         raise TenureError(f"task.kind: {task_kind!r} is not one of {', '.join(HEADS)}")
@@ -158,13 +161,30 @@ def build_task_model(arch_cfg, task_kind: str, num_labels: int = 2, pooling: str
         raise TenureError(f"task.kind: mlm needs an encoder (BERT family), got {type(arch_cfg).__name__}")
     if remat not in ("none", "full", "dots"):
         raise TenureError(f"model.remat: {remat!r} is not one of none, full, dots")
+    check_attention(attention, dtype)
     num_stages = _num_layers(arch_cfg) + 1
     if not 0 <= frozen_prefix <= num_stages:
         raise TenureError(f"trainable: frozen_prefix={frozen_prefix} is outside 0..{num_stages} "
                           "(stages are embeddings + layers)")
     backbone_class(arch_cfg)
     return TaskModel(arch_cfg, task_kind, num_labels, pooling, lora, dtype, remat, frozen_prefix,
-                     normalize_embeddings, label_masks)
+                     normalize_embeddings, label_masks, attention=attention)
+
+
+def check_attention(attention: str, dtype: Any = jnp.float32) -> None:
+    """model.attention is usable here: cuDNN flash attention needs an NVIDIA GPU and a 16-bit
+    compute dtype; otherwise one TenureError line instead of a trace-time traceback."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise TenureError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if attention != "cudnn":
+        return
+    platforms = sorted({d.platform for d in jax.devices()})
+    if "gpu" not in platforms:
+        raise TenureError(f"model.attention: cudnn needs an NVIDIA GPU with cuDNN; this JAX runs on "
+                          f"{', '.join(platforms)} (use model.attention=xla or einsum)")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise TenureError(f"model.attention: cudnn runs in bfloat16 (or float16) only; model.dtype is {jnp.dtype(dtype).name} "
+                          "(set model.dtype=bfloat16, or use model.attention=xla)")
 
 
 def graft_pretrained(params: dict, backbone: dict, head: dict | None = None) -> dict:

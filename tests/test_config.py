@@ -61,3 +61,13 @@ def test_invalid_yaml_names_the_line(tmp_path):
     bad.write_text("model:\n  path: [unclosed\ntask: {kind: seq_cls}\n")
     with pytest.raises(TenureError, match=r"bad.yaml:\d+: invalid YAML"):
         load_config(bad)
+
+
+def test_model_attention_reaches_the_task_model(cfg_file):
+    from engine.build import model_for
+    from models.bert import BertConfig
+    cfg = load_config(cfg_file, ["model.attention=xla"])
+    assert model_for(cfg, BertConfig(num_hidden_layers=1), cfg.task, 3, None).attention == "xla"
+    assert load_config(cfg_file).model.attention == "einsum"
+    with pytest.raises(TenureError, match="config key 'model.attention'"):
+        load_config(cfg_file, ["model.attention=flash"])

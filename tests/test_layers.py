@@ -3,9 +3,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from models import layers
 from models.layers import (Dense, LayerNorm, MultiHeadAttention, RMSNorm, SwiGLU, attention_mask,
-                           dot_product_attention, remat_module)
+                           dot_product_attention, library_attention, remat_module)
 from models.lora import LoRASpec
 
 
@@ -82,6 +84,56 @@ def test_attention_dropout_uses_rng_only_when_training():
     train_a = mha.apply({"params": params}, x, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
     train_b = mha.apply({"params": params}, x, mask, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(eval_a, train_a) and not np.allclose(train_a, train_b)
+
+
+# BERT padding (one row half padding: its pad queries attend nowhere), GPT-2 causal + packed
+# segments with a pad tail, and grouped-query heads (4 query heads over 2 KV heads) on the same.
+ATTENTION_CASES = {
+    "bert_padding": (np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]), False, 4),
+    "gpt2_causal_packed": (np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]]), True, 4),
+    "llama_gqa_packed": (np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]]), True, 2),
+}
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_xla_attention_equals_einsum_outputs_and_gradients(case, dtype, tol):
+    segments, causal, num_kv = ATTENTION_CASES[case]
+    rng = np.random.default_rng(6)
+    q = rng.normal(size=(2, 6, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(2, 6, num_kv, 8)).astype(np.float32) for _ in range(2))
+    mask = attention_mask(segments, causal=causal)
+
+    def loss(fn, q, k, v):  # weights every output, padding rows too
+        out = fn(q, k, v, mask, dtype=dtype).astype(jnp.float32)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))), out
+
+    (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(dot_product_attention, *a), (0, 1, 2), has_aux=True)(q, k, v)
+    (_, out), grads = jax.value_and_grad(lambda *a: loss(library_attention, *a), (0, 1, 2), has_aux=True)(q, k, v)
+    assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)  # pad rows included: uniform in both
+    for g, g_ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, g_ref, rtol=tol, atol=tol * float(np.abs(g_ref).max()))
+
+
+def test_attention_switch_uses_the_library_only_without_attention_dropout(monkeypatch):
+    calls = []
+    spy = lambda *a, **kw: calls.append(kw["implementation"]) or library_attention(*a, **kw)
+    monkeypatch.setattr(layers, "library_attention", spy)
+    x = np.random.default_rng(7).normal(size=(2, 5, 8)).astype(np.float32)
+    mask = attention_mask(np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    einsum, xla = (MultiHeadAttention(num_heads=4, head_dim=2, num_kv_heads=2, dropout_rate=0.5, attention=a)
+                   for a in ("einsum", "xla"))
+    params = _init(einsum, x, mask)
+    np.testing.assert_allclose(xla.apply({"params": params}, x, mask), einsum.apply({"params": params}, x, mask),
+                               rtol=1e-5, atol=1e-6)
+    assert calls == ["xla"]
+    train = lambda m: m.apply({"params": params}, x, mask, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_array_equal(train(xla), train(einsum))  # dropout: the einsum path, same rng
+    assert calls == ["xla"]
+    no_dropout = MultiHeadAttention(num_heads=4, head_dim=2, num_kv_heads=2, dropout_rate=0.0, attention="xla")
+    no_dropout.apply({"params": params}, x, mask, deterministic=False)
+    assert calls == ["xla", "xla"]
 
 
 def test_norms_match_numpy():

@@ -8,6 +8,7 @@ from models.errors import TenureError
 from models.bert import BertConfig
 from models.gpt2 import GPT2Config
 from models.heads import pool
+from models.llama import LlamaConfig
 from models.lora import LoRASpec
 from models.tasks import build_task_model, graft_pretrained
 
@@ -113,6 +114,44 @@ def test_user_errors_name_the_config_key():
     bad_head = {"classifier": {"kernel": np.zeros((16, 7), np.float32)}}
     with pytest.raises(TenureError, match="head/classifier/kernel has shape \\(16, 7\\)"):
         graft_pretrained(params, params["backbone"], bad_head)
+
+
+GPT2 = GPT2Config(vocab_size=40, max_positions=16, hidden_size=16, num_layers=2, num_heads=2)
+LLAMA_GQA = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=4, max_position_embeddings=16)
+PACKED = {"input_ids": BATCH["input_ids"], "attention_mask": (MASK > 0).astype(np.int32),
+          "segment_ids": np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0]], np.int32)}
+
+
+@pytest.mark.parametrize("cfg,kind,batch", [(TINY, "token_cls", BATCH), (GPT2, "causal_lm", PACKED),
+                                            (LLAMA_GQA, "causal_lm", PACKED)], ids=["bert", "gpt2", "llama_gqa"])
+def test_xla_attention_gives_the_same_logits_in_eval(cfg, kind, batch):
+    einsum, xla = (build_task_model(cfg, kind, num_labels=3, attention=a) for a in ("einsum", "xla"))
+    params = nn.unbox(einsum.init(jax.random.key(0), batch)["params"])
+    ref = einsum.apply({"params": params}, batch)["logits"]
+    np.testing.assert_allclose(xla.apply({"params": params}, batch)["logits"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_attention_dropout_falls_back_to_einsum():
+    einsum, xla = (build_task_model(TINY, "seq_cls", num_labels=3, attention=a) for a in ("einsum", "xla"))
+    params = nn.unbox(einsum.init(jax.random.key(0), BATCH)["params"])
+    labels = np.array([0, 2])
+
+    def loss(model):  # TINY has attention dropout 0.1
+        logits = model.apply({"params": params}, BATCH, deterministic=False,
+                             rngs={"dropout": jax.random.key(4)})["logits"]
+        return float(-jax.nn.log_softmax(logits)[np.arange(2), labels].mean())
+
+    assert loss(xla) == loss(einsum)
+
+
+def test_attention_choice_errors_name_the_config_key():
+    with pytest.raises(TenureError, match="model.attention: 'flash' is not one of einsum, xla, cudnn"):
+        build_task_model(TINY, "seq_cls", attention="flash")
+    if all(d.platform != "gpu" for d in jax.devices()):
+        with pytest.raises(TenureError, match="^model.attention: cudnn needs an NVIDIA GPU with cuDNN; "
+                                              "this JAX runs on cpu"):
+            build_task_model(TINY, "seq_cls", attention="cudnn")
 
 
 def test_every_param_carries_known_logical_axes():
