@@ -151,7 +151,9 @@ def token_accuracy(pred_ids, label_ids) -> float:
 
 
 def generation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu, 0-100, default 13a tokenisation) and mean ROUGE-1/2/L F1 (0-1).
+    """Corpus BLEU (sacrebleu, 0-100, default 13a tokenisation), mean ROUGE-1/2/L F1 (0-1) and
+    exact match (0-1: the share of hypotheses equal to their reference once whitespace runs are
+    collapsed and the ends stripped; case and punctuation count).
 
     One reference per hypothesis. ROUGE uses rouge-score with Porter stemming.
     """
@@ -166,6 +168,8 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> 
     result = {"bleu": float(bleu)}
     for kind in kinds:
         result[kind] = float(np.mean([s[kind].fmeasure for s in scores]))
+    result["exact_match"] = float(np.mean([" ".join(h.split()) == " ".join(r.split())
+                                           for h, r in zip(hypotheses, references)]))
     return result
 
 
@@ -231,7 +235,7 @@ _KIND_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("perplexity", "loss", "token_accuracy"),
     "embedding": ("mrr", *(f"{name}@{k}" for k in RETRIEVAL_KS for name in ("recall", "ndcg"))),
 }
-GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
+GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
 # Metrics where smaller is better (for eval.mode checks); all others are larger-is-better.
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse"})
 

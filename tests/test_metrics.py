@@ -109,7 +109,12 @@ def test_perplexity_and_token_accuracy():
 def test_generation_identical_strings_score_max():
     texts = ["the cat sat on the mat", "a quick brown fox jumps over the lazy dog"]
     result = metrics.generation_metrics(texts, texts)
-    assert result == {"bleu": pytest.approx(100.0), "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert result == {"bleu": pytest.approx(100.0), "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "exact_match": 1.0}
+
+
+def test_generation_exact_match_ignores_whitespace_runs_only():
+    result = metrics.generation_metrics([" the  cat ", "The cat", "the cat.", "a dog"], ["the cat"] * 3 + ["a dog"])
+    assert result["exact_match"] == pytest.approx(2 / 4)   # case and punctuation count
 
 
 def test_generation_hand_computed_rouge_and_zero_bleu():
