@@ -46,6 +46,7 @@ class BenchConfig(BaseModel):
         "synthetic", description="seeded random tokens, or data.train through the pipeline")
     real_tokens: float = Field(1.0, gt=0, le=1, description="synthetic: share of each row that is real tokens")
     num_labels: int = Field(2, ge=1, description="synthetic classification: number of classes")
+    mlm_probability: float = Field(0.15, gt=0, le=1, description="synthetic MLM: share of real tokens labelled")
     warmup: int = Field(2, ge=0, description="untimed steps after compiling")
     steps: int = Field(1, ge=1, description="timed steps per round (1 = alternate every step)")
     rounds: int = Field(6, ge=1, description="rounds (with --compare torch or --ab: A B A B ...)")
@@ -71,7 +72,9 @@ class Bench:
 
 
 def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int = 0) -> list[dict]:
-    """Seeded ids in [4, vocab) (never the usual special ids), right padding to `length`."""
+    """Seeded ids in [4, vocab) (never the usual special ids), right padding to `length`. MLM
+    labels a seeded `bench.mlm_probability` of the real tokens (the inputs are left unmasked:
+    the step's cost does not depend on which ids it reads)."""
     rng = np.random.default_rng(seed)
     rows, length = bench.batch_size, bench.length
     real = max(2, int(round(bench.real_tokens * length)))
@@ -84,6 +87,9 @@ def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int 
                  "example_mask": np.ones((rows,), np.float32)}
         if kind in ("causal_lm", "sft"):
             batch["labels"] = np.where(mask == 1, ids, -100).astype(np.int32)
+        elif kind == "mlm":
+            chosen = (rng.random((rows, length)) < bench.mlm_probability) & (mask == 1)
+            batch["labels"] = np.where(chosen, ids, -100).astype(np.int32)
         elif kind == "regression":
             batch["labels"] = rng.normal(size=(rows,)).astype(np.float32)
         else:

@@ -5,7 +5,7 @@ Run in the torch environment (`make torch-env`), by `tenure bench`, as a subproc
     .torch-venv/bin/python scripts/bench_torch.py SPEC.json
 
 SPEC.json: model_dir, init ("pretrained" | "random"), kind ("seq_cls" | "regression" |
-"causal_lm"), num_labels, batches (an .npz of batch_0_input_ids, ...), dtype ("float32" |
+"causal_lm" | "mlm"), num_labels, batches (an .npz of batch_0_input_ids, ...), dtype ("float32" |
 "bfloat16": torch.autocast on CPU, fp32 master weights), dropout (null = the config's),
 lr, betas, eps, weight_decay, clip_norm (null = off), total_steps, warmup, seed.
 
@@ -38,6 +38,8 @@ def build_model(spec):
                 setattr(config, name, spec["dropout"])
     if spec["kind"] in ("causal_lm", "sft"):
         auto = transformers.AutoModelForCausalLM
+    elif spec["kind"] == "mlm":
+        auto = transformers.AutoModelForMaskedLM
     else:
         auto = transformers.AutoModelForSequenceClassification
         config.num_labels = 1 if spec["kind"] == "regression" else spec["num_labels"]

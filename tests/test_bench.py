@@ -54,6 +54,10 @@ def test_synthetic_batches_shapes_and_padding():
     assert np.all(lm[0]["labels"][:, 5:] == -100) and np.all(lm[0]["labels"][:, :5] == lm[0]["input_ids"][:, :5])
     cls = synthetic_batches(BenchConfig(batch_size=3, length=10, num_labels=4), "seq_cls", vocab_size=50)
     assert cls[0]["labels"].shape == (3,) and cls[0]["labels"].max() < 4 and cls[0]["input_ids"].min() >= 4
+    mlm = synthetic_batches(BenchConfig(batch_size=16, length=64, real_tokens=0.5), "mlm", vocab_size=50)[0]
+    labelled = mlm["labels"] != -100
+    assert not labelled[:, 32:].any() and 0.05 < labelled[:, :32].mean() < 0.3
+    assert np.all(mlm["labels"][labelled] == mlm["input_ids"][labelled])
 
 
 def test_model_flops_is_6NT_plus_attention_and_shrinks_when_frozen(tmp_path):
