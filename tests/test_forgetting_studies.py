@@ -161,6 +161,23 @@ def test_decoder_lm_study_from_scratch_model_and_methods():
                    for o in overrides), method
 
 
+def test_decoder_lm_perplexity_stage_tracking_and_a_stage_without_validation(tmp_path):
+    """Study 3's shape in a few steps: stage A's own score is a perplexity (lower is better, so
+    falling validation perplexity is improvement, not overfitting), and stage B, whose task has no
+    validation split, still records A's validation curve at its evals instead of failing."""
+    run_dir = tmp_path / "run"
+    rec = _train(run_dir, ["stages.0.steps=6", "stages.1.steps=4", "train.eval_every=2", "tasks.B.metric=perplexity",
+                           "tasks.B.generation_examples=0", "tasks.A.data.batch_size=8", "tasks.B.data.batch_size=8"],
+                 config="decoder_lm.yaml")
+    assert [c["step"] for c in rec["curves"] if c["scores"]["A"] is not None] == [0, 2, 4, 6, 8, 10]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stage_a = [e["validation/score"] for e in summary["evals"] if e["stage"] == 0]
+    assert len(stage_a) == 3 and stage_a == sorted(stage_a, reverse=True)   # A's perplexity falls
+    assert summary["overfit_warnings"] == []
+    assert rec["direction"] == {"A": "min", "B": "min"} and rec["summary"]["forgetting_max"] == pytest.approx(
+        rec["R"][1][0] - rec["R"][0][0])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two tiny-GPT-2 runs at once: about 65 s of CPU each
 def test_decoder_lm_replay_keeps_corpus_a_perplexity_lower_than_naive(tmp_path):
