@@ -4,8 +4,10 @@ forward + backward (gradients for the hidden states and the [V, D] table), 8 x 2
     .venv/bin/python scripts/bench_lm_loss.py [TOKENS ...]     # tokens per chunk, default 256 512 1024
 
 Cases: "full" (the logits [B, L, V] in fp32, log-softmax and autodiff, what the train step
-did before engine.losses.vocab_ce) and "chunk N" (vocab_ce with LM_CHUNK_TOKENS = N: N / 8
-positions of all 8 rows at a time), in fp32 and in bf16 compute. All are compiled first with the train step's XLA options,
+did before engine.losses.vocab_ce), "full, fp32-out dot" (the same with the dot's output in
+fp32, `preferred_element_type`, as the tied head computed bf16 logits before; bf16 only) and
+"chunk N" (vocab_ce with LM_CHUNK_TOKENS = N: N / 8 positions of all 8 rows at a time), in
+fp32 and in bf16 compute. All are compiled first with the train step's XLA options,
 then run in turn (A B C A B C ...), and the median of each is printed.
 """
 from __future__ import annotations
@@ -27,7 +29,11 @@ from scripts.bench_layer import interleave  # noqa: E402
 ROWS, LENGTH, DIM, VOCAB = 8, 256, 768, 50257
 
 
-def case(dtype, chunk: int | None):
+def _fp32_out_logits(hidden, table):
+    return jnp.einsum("bld,vd->blv", hidden, table, preferred_element_type=jnp.float32)
+
+
+def case(dtype, chunk: int | None, fp32_out: bool = False):
     """A compiled fn(hidden, table, labels) -> (loss, grads) and its arguments."""
     key_h, key_t, key_l = jax.random.split(jax.random.key(0), 3)
     hidden = jax.random.normal(key_h, (ROWS, LENGTH, DIM)).astype(dtype)
@@ -37,7 +43,10 @@ def case(dtype, chunk: int | None):
 
     def loss(hidden, table, labels):
         b = dict(batch, labels=labels)
-        outputs = {"logits": vocab_logits(hidden, table)} if chunk is None else {"vocab": Vocab(hidden, table, None)}
+        if chunk is not None:
+            outputs = {"vocab": Vocab(hidden, table, None)}
+        else:
+            outputs = {"logits": (_fp32_out_logits if fp32_out else vocab_logits)(hidden, table)}
         return losses.causal_lm({}, outputs, b, {})[0]
 
     losses.LM_CHUNK_TOKENS = chunk or losses.LM_CHUNK_TOKENS   # read when the loss is traced (below)
@@ -48,11 +57,13 @@ def case(dtype, chunk: int | None):
 def main(chunks: list[int]) -> None:
     cases = []
     for dtype in (jnp.float32, jnp.bfloat16):
+        if dtype == jnp.bfloat16:
+            cases.append(("bfloat16 full, fp32-out dot", *case(dtype, None, fp32_out=True)))
         for chunk in [None, *chunks]:
             fn, args = case(dtype, chunk)
             cases.append((f"{jnp.dtype(dtype).name} {'full' if chunk is None else f'chunk {chunk}'}", fn, args))
     for name, seconds in interleave(cases, rounds=5).items():
-        print(f"{name:20} {1000 * seconds:8.0f} ms")
+        print(f"{name:28} {1000 * seconds:8.0f} ms")
 
 
 if __name__ == "__main__":
