@@ -135,7 +135,8 @@ def test_tenure_train_refuses_a_users_folder_as_checkpoint_dir(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "engine.cli", "train", "configs/quickstart.yaml",
          f"model.path={root}/tests/fixtures/bert/seq_cls", f"run_dir={tmp_path}/run", f"data.train={data}",
-         "data.validation=null", "data.test=null", "data.max_length=16", "data.batch_size=4", "train.steps=2",
+         "data.validation=null", "data.test=null", "data.max_length=16", "data.length_buckets=[16]",
+             "data.batch_size=4", "train.steps=2",
          f"checkpoint.dir={photos}", "train.resume=false", "logging.progress=false"],
         cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -57,7 +57,8 @@ class DataConfig(BaseModel):
     pack: bool = Field(False, description="pack several examples per row (causal_lm only)")
     group_by_length: int = Field(
         0, ge=0, description="sort each window of this many training batches by length, then shuffle the batches "
-                             "(less padding, same per-example losses); evaluation runs in length order too; 0 = off")
+                             "(less padding, same per-example losses); evaluation runs in length order too. No effect with one "
+                             "padding width (one bucket, or several processes); 0 = off")
     batch_size: int = Field(32, ge=1, description="global training batch size (all processes)")
     eval_batch_size: int | None = Field(None, ge=1, description="global eval batch size; null = batch_size")
     shuffle: bool = Field(True, description="shuffle the training data (a new order every epoch)")

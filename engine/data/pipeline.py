@@ -290,13 +290,13 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
     else:
         ds = MixIterDataset(streams, {s.name: s.weight for s in sources}, mode=cfg.mix_mode, seed=seed)
     rows = local_batch_size(cfg.batch_size, process_count)
+    buckets = process_buckets(cfg.length_buckets, process_count)
     if cfg.pack:
         ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
-    elif cfg.group_by_length:
+    elif cfg.group_by_length and len(buckets) > 1:  # with one width, grouping saves nothing
         ds = LengthGroupIterDataset(ds, rows=rows, window=cfg.group_by_length, seed=seed)
     ds = ds.batch(rows, drop_remainder=True,
-                  batch_fn=functools.partial(collate, buckets=process_buckets(cfg.length_buckets, process_count),
-                                               pad_id=pad_id))
+                  batch_fn=functools.partial(collate, buckets=buckets, pad_id=pad_id))
     if cfg.worker_count:
         _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
@@ -383,11 +383,11 @@ class EvalBatches:
         self.num_examples = len(records)
         self.num_batches = math.ceil(len(records) / global_batch)
         self._indices = np.arange(len(records))[process_index::process_count]
-        if by_length:  # similar lengths share a batch: less padding (data.group_by_length)
+        self._buckets, self._pad_id, self._seed = process_buckets(buckets, process_count), pad_id, seed
+        if by_length and len(self._buckets) > 1:  # similar lengths share a batch: less padding (data.group_by_length)
             lengths = [n for start in range(0, len(self._indices), 512)
                        for n in featurizer.lengths([records[int(i)] for i in self._indices[start:start + 512]])]
             self._indices = self._indices[length_order(lengths)]
-        self._buckets, self._pad_id, self._seed = process_buckets(buckets, process_count), pad_id, seed
 
     def __len__(self) -> int:
         return self.num_batches
