@@ -47,8 +47,11 @@ $(TORCH_STAMP):
 quickstart: $(STAMP)
 	$(VENV)/bin/tenure train configs/quickstart.yaml
 
+# Test files run in parallel, one worker per core (each file stays on one worker, so its
+# module fixtures are built once); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV)
