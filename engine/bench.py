@@ -201,7 +201,7 @@ def _record(args, cfg, bench, b, runner, times, build_s, peak, overrides) -> dic
               "xla_temp_mb": getattr(runner.memory, "temp_size_in_bytes", 0) / 2**20,
               "xla_argument_mb": getattr(runner.memory, "argument_size_in_bytes", 0) / 2**20,
               "trainable_params": b.trainability.trainable_count,
-              "optimizer_state_mb": _tree_mb(runner.state.opt_state)}
+              "params_mb": _tree_mb(runner.state.params), "optimizer_state_mb": _tree_mb(runner.state.opt_state)}
     if peak:
         record["host_matmul_peak_flops"] = peak
         record["mfu"] = flops["total"] / record["step_p50_s"] / peak
@@ -304,6 +304,7 @@ def _table(r: dict) -> str:
         lines.append(f"MFU {100 * r['mfu']:.1f}% of this host's measured {r['dtype']} matmul peak "
                      f"{r['host_matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
     lines.append(f"memory: peak host RSS {r['peak_host_rss_mb']:.0f} MB; XLA plan: arguments "
-                 f"{r['xla_argument_mb']:.0f} MB + temporaries {r['xla_temp_mb']:.0f} MB; optimizer state "
-                 f"{r['optimizer_state_mb']:.1f} MB" + (f"; torch peak RSS {torch['peak_rss_mb']:.0f} MB" if torch else ""))
+                 f"{r['xla_argument_mb']:.0f} MB + temporaries {r['xla_temp_mb']:.0f} MB; params "
+                 f"{r['params_mb']:.1f} MB, optimizer state {r['optimizer_state_mb']:.1f} MB"
+                 + (f"; torch peak RSS {torch['peak_rss_mb']:.0f} MB" if torch else ""))
     return "\n".join(lines)

@@ -177,7 +177,8 @@ def model_for(cfg: Config, arch, spec, num_labels: int | None, lora, *, frozen_p
     return build_task_model(
         arch, head, num_labels=num_labels, pooling=_pooling(spec, arch), lora=lora,
         dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, frozen_prefix=frozen_prefix,
-        normalize_embeddings=spec.normalize, label_masks=label_masks, attention=cfg.model.attention)
+        normalize_embeddings=spec.normalize, label_masks=label_masks, attention=cfg.model.attention,
+        scan_layers=cfg.model.scan_layers)
 
 
 def task_model(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, frozen_prefix: int = 0,

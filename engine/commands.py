@@ -6,7 +6,7 @@ import pathlib
 from engine import distributed
 from engine.checkpoint import Checkpointer
 from engine.config import Config
-from engine.train import Trainer, _print, abstract, evaluate_all, to_host
+from engine.train import Trainer, _print, evaluate_all, to_host
 from engine.data.records import LabelVocab
 from models.errors import TenureError
 from models.hf import export_hf
@@ -35,7 +35,7 @@ def restore(cfg: Config, path: str):
                           "evaluate or export it with the data it was trained on")
     index = int(meta.get("stage", 0))
     sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
-    state, _, _ = ckpt.restore(step, abstract(sr.state, sr.state_shardings))
+    state, _, _ = trainer.restore(ckpt, sr, sr.state, meta, step)
     return trainer, sr, state.params, step
 
 
@@ -56,7 +56,7 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force:
     distributed.initialize()
     trainer, sr, params, step = restore(cfg, path)
     sr.train_iter.close()
-    host_params = to_host(params)
+    host_params = trainer.frozen_base.full_precision(to_host(params))
     tasks = trainer.tasks
     if distributed.is_primary():
         labels = [str(label) for label in tasks.label_vocab.labels] if tasks.label_vocab else None

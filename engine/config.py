@@ -38,9 +38,13 @@ class ModelConfig(Section):
     init: Literal["pretrained", "random"] = Field(
         "pretrained", description="'random' keeps the architecture but re-initialises all weights")
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="compute dtype; parameters and optimizer state stay float32")
+        "float32", description="compute dtype; parameters and optimizer state stay float32 (a bf16 LoRA run "
+                               "holds its frozen base matrices in bfloat16)")
     remat: Literal["none", "full", "dots"] = Field(
         "none", description="rematerialisation policy for transformer layers")
+    scan_layers: bool = Field(
+        False, description="run the transformer layers under one jax.lax.scan: one traced and compiled layer "
+                           "body, same parameter tree and outputs (dropout masks are drawn differently)")
     attention: Literal["einsum", "xla", "cudnn"] = Field(
         "einsum", description="attention: einsum, or jax.nn.dot_product_attention's xla / cudnn (GPU flash "
                               "attention, bf16) kernel; steps that draw attention dropout use einsum")

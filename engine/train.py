@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from engine import distributed
 from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
-                          init_params, lora_spec)
+                          init_params, kept_head, lora_spec)
 from engine.checkpoint import Checkpointer
 from engine.config import Config, as_today, to_dict
 from engine.continual import regularizers
@@ -31,6 +31,7 @@ from engine.data.pipeline import to_global_batch
 from engine.evaluate import make_evaluators
 from engine.divergence import describe as describe_divergence
 from engine.fit import fit
+from engine.frozen_base import FrozenBase
 from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
 from engine.report import forgetting_record, r_table, write_forgetting
@@ -112,8 +113,11 @@ class Trainer:
         self.tasks: Tasks = build_tasks(cfg, self.backbone, task_specs,
                                         trained=list(dict.fromkeys(t for s in self.stages for t in s.weights)))
         self.lora = lora_spec(self.stages[0].trainable)
-        self.start_params, self.param_shardings = init_params(cfg, self.backbone, self.tasks, self.lora,
-                                                              keep_pretrained_head=keep_pretrained_head)
+        start_params, self.param_shardings = init_params(cfg, self.backbone, self.tasks, self.lora,
+                                                         keep_pretrained_head=keep_pretrained_head)
+        self.frozen_base = FrozenBase(cfg, self.stages, self.backbone, start_params, kept_head(
+            self.tasks.head, self.backbone.pretrained_head, keep_pretrained_head))
+        self.start_params = self.frozen_base.cast(start_params)
         self.single = len(self.stages) == 1 and not self.tasks.multi
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
         self.history: dict = {}
@@ -145,11 +149,25 @@ class Trainer:
 
     def _save(self, sr: StageRun, local: int, state, *, stopped: bool = False, metrics=None) -> None:
         index = sr.stage.index
-        self.ckpt.save(self.offsets[index] + local, state, sr.train_iter.get_state(), force=True, metrics=metrics,
-                       extra={"step": self.offsets[index] + local, "stage": index, "local_step": local,
+        step = self.offsets[index] + local
+        self.ckpt.save(step, self.frozen_base.stored(state, index), sr.train_iter.get_state(), force=True,
+                       metrics=metrics,
+                       extra={"step": step, "stage": index, "local_step": local,
                               "stopped": stopped, "history": self.history, "config": to_dict(self.cfg),
-                              "replay_buffers": sr.replay_buffers,
+                              "replay_buffers": sr.replay_buffers, "frozen_base": self.frozen_base.meta(),
                               "labels": self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None})
+
+    def restore(self, ckpt: Checkpointer, sr: StageRun, like, meta: dict, step: int | None = None) -> tuple:
+        """(state, data state, extras) of checkpoint `step` (None: the newest that reads back) of
+        stage run `sr`, whose checkpoints have extras like `meta`; `like` is a state of that stage,
+        which gives the frozen leaves a checkpoint leaves out (engine/frozen_base.py)."""
+        where = str(ckpt.directory if step is None else ckpt.step_dir(step))
+        target = self.frozen_base.target(abstract(like, sr.state_shardings), meta, where)
+        if step is None:
+            stored, data_state, extra = ckpt.restore_latest_good(target)
+        else:
+            stored, data_state, extra = ckpt.restore(step, target)
+        return self.frozen_base.joined(stored, like.params), data_state, extra
 
     def _models(self, model) -> dict:
         return eval_models(self.cfg, self.backbone, self.tasks, model, self.lora)
@@ -269,9 +287,10 @@ class Trainer:
         """R's row for the stage (and, for a single-task run, its best checkpoint as the result)."""
         index = sr.stage.index
         final_step = self.offsets[index] + last
-        if self.single and self.ckpt.best_step() is not None and self.ckpt.best_step() != final_step:
-            best_state, _, _ = self.ckpt.restore(self.ckpt.best_step(), abstract(state, sr.state_shardings))
-            params, final_step = best_state.params, self.ckpt.best_step()
+        best = self.ckpt.best_step()
+        if self.single and best is not None and best != final_step:
+            best_state, _, _ = self.restore(self.ckpt, sr, state, self.ckpt.read_extra(best), best)
+            params, final_step = best_state.params, best
         scores = evaluate_all(self.tasks, self._evaluators(sr), params, ("validation", "test"), self.backbone.mesh)
         self.history["final"] = scores
         self.history["final_step"] = final_step
@@ -318,7 +337,7 @@ class Trainer:
             self._check_drift(meta)
             begin = int(meta.get("stage", 0))
             sr = self._build(begin, self.start_params, self._extra_shapes(begin), compute=False)
-            state, data_state, extra = self.ckpt.restore_latest_good(abstract(sr.state, sr.state_shardings))
+            state, data_state, extra = self.restore(self.ckpt, sr, sr.state, meta)
             self.history = extra["history"]
             local = int(extra["local_step"])
             if extra.get("stopped") or local >= sr.steps:
@@ -349,7 +368,7 @@ class Trainer:
     def conclude(self, params, final_step: int) -> dict:
         run_dir = self.run_dir
         export_dir = run_dir / "hf"
-        host_params = to_host(params)  # collective: every process takes part
+        host_params = self.frozen_base.full_precision(to_host(params))  # collective: every process takes part
         labels = [str(label) for label in self.tasks.label_vocab.labels] if self.tasks.label_vocab else None
         if distributed.is_primary():
             export_hf(export_dir, self.backbone.arch, host_params, head_of(self.tasks.first.task.spec.kind),

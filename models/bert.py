@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
+from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
 from models.layers import LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
 from models.lora import LoRASpec
 
@@ -133,6 +134,7 @@ class BertEncoder(nn.Module):
     frozen_prefix: leading stages ([embeddings, layers_0, ...]) run forward-only.
     remat: "none" | "full" | "dots" (nn.remat of each layer).
     attention: "einsum" | "xla" | "cudnn" (models.layers.MultiHeadAttention).
+    scan_layers: run the layers under jax.lax.scan (models.layer_scan), same params and outputs.
     """
 
     config: BertConfig
@@ -141,6 +143,7 @@ class BertEncoder(nn.Module):
     remat: str = "none"
     frozen_prefix: int = 0
     attention: str = "einsum"
+    scan_layers: bool = False
 
     def setup(self):
         layer_cls = remat_module(BertLayer, self.remat, static_argnums=(3,))
@@ -162,9 +165,23 @@ class BertEncoder(nn.Module):
 
         x_BxLxD = self.embeddings(input_ids_BxL, token_types_BxL, positions_BxL, deterministic)
         x_BxLxD = self._maybe_freeze(x_BxLxD, stage=0)
+        if self.scan_layers and not self.is_initializing():
+            return self._scanned_layers(x_BxLxD, mask_Bx1xLxL, deterministic)
         for i, layer in enumerate(self.layers):
             x_BxLxD = layer(x_BxLxD, mask_Bx1xLxL, deterministic)
             x_BxLxD = self._maybe_freeze(x_BxLxD, stage=i + 1)
+        return x_BxLxD
+
+    def _scanned_layers(self, x_BxLxD, mask_Bx1xLxL, deterministic):
+        """The unrolled loop as one scan per piece of layer_ranges (init creates the params unrolled)."""
+        layer = BertLayer(self.config, self.dtype, self.lora, self.attention, parent=None)
+        apply_layer = lambda params, x, _, rngs: layer.apply({"params": params}, x, mask_Bx1xLxL, deterministic,
+                                                            rngs=rngs)
+        for layer_range in layer_ranges(self.config.num_hidden_layers, self.frozen_prefix):
+            params_N = stack_layer_params(self.variables["params"], layer_range)
+            x_BxLxD, _ = scan_layers(apply_layer, params_N, x_BxLxD, dropout_key=dropout_key_of(self, deterministic),
+                                     remat=self.remat)
+            x_BxLxD = self._maybe_freeze(x_BxLxD, stage=layer_range.stop)
         return x_BxLxD
 
     def _maybe_freeze(self, x, stage: int):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from models.errors import TenureError
+from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
 from models.layers import ACTIVATIONS, LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
@@ -138,6 +139,8 @@ class GPT2Decoder(nn.Module):
     them is not part of the GPT-2 tokenizer's outputs). Positions default to the index of each
     token among the real tokens of its segment, so left padding does not shift them.
     Each stage's output is sown to "intermediates"/"hidden_states" (embeddings, layers_0, ...).
+    scan_layers runs the layers under jax.lax.scan (models.layer_scan): same params, same outputs,
+    one compiled layer body; greedy generation (models.generate, no KV cache) re-runs this forward.
     """
 
     config: GPT2Config
@@ -146,6 +149,7 @@ class GPT2Decoder(nn.Module):
     remat: str = "none"              # none | full | dots
     lora: LoRASpec | None = None
     attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
+    scan_layers: bool = False        # layers under jax.lax.scan (models.layer_scan)
 
     def setup(self):
         cfg = self.config
@@ -170,9 +174,28 @@ class GPT2Decoder(nn.Module):
         mask_Bx1xLxL = segment_mask(segments_BxL, causal=True)
         x_BxLxD = self.embed_dropout(self.embeddings(input_ids, positions_BxL), deterministic=deterministic)
         x_BxLxD = self._stage_out(0, x_BxLxD)
-        for i, layer in enumerate(self.layers):
-            x_BxLxD = self._stage_out(i + 1, layer(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic))
+        if self.scan_layers and not self.is_initializing():
+            x_BxLxD = self._scanned_layers(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
+        else:
+            for i, layer in enumerate(self.layers):
+                x_BxLxD = self._stage_out(i + 1, layer(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic))
         return self.final_norm(x_BxLxD)
+
+    def _scanned_layers(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic):
+        """The unrolled loop as one scan per piece of layer_ranges (init creates the params unrolled)."""
+        layer = GPT2Block(self.config, self.dtype, _expand_lora(self.lora), self.attention, parent=None)
+        apply_layer = lambda params, x, _, rngs: layer.apply({"params": params}, x, mask_Bx1xLxL, positions_BxL,
+                                                            deterministic, rngs=rngs)
+        for layer_range in layer_ranges(self.config.num_layers, self.frozen_prefix):
+            params_N = stack_layer_params(self.variables["params"], layer_range)
+            x_BxLxD, outputs_NxBxLxD = scan_layers(
+                apply_layer, params_N, x_BxLxD, dropout_key=dropout_key_of(self, deterministic), remat=self.remat,
+                keep_outputs=self.is_mutable_collection("intermediates"))
+            if outputs_NxBxLxD is not None:  # sown stage by stage, as unrolled; _stage_out sows the last
+                for output_BxLxD in outputs_NxBxLxD[:-1]:
+                    self.sow("intermediates", "hidden_states", output_BxLxD)
+            x_BxLxD = self._stage_out(layer_range.stop, x_BxLxD)
+        return x_BxLxD
 
     def vocab_table(self):
         """The tied LM head: the token embedding [V, D] in the compute dtype."""

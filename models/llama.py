@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from models.errors import TenureError
+from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
 from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, remat_module, vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
@@ -176,6 +177,8 @@ class LlamaDecoder(nn.Module):
     token_type_ids are ignored (no segment embedding). Positions default to each token's index
     among the real tokens of its segment. Each stage output is sown to
     "intermediates"/"hidden_states" (embeddings, layers_0, ...).
+    scan_layers runs the layers under jax.lax.scan (models.layer_scan): same params, same outputs,
+    one compiled layer body; greedy generation (models.generate, no KV cache) re-runs this forward.
     """
 
     config: LlamaConfig
@@ -184,6 +187,7 @@ class LlamaDecoder(nn.Module):
     remat: str = "none"              # none | full | dots
     lora: LoRASpec | None = None
     attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
+    scan_layers: bool = False        # layers under jax.lax.scan (models.layer_scan)
 
     def setup(self):
         cfg = self.config
@@ -207,10 +211,36 @@ class LlamaDecoder(nn.Module):
         if cfg.sliding_window is not None and any(cfg.is_sliding(i) for i in range(cfg.num_layers)):
             sliding_Bx1xLxL = full_Bx1xLxL & sliding_window_mask(positions_BxL, cfg.sliding_window)
         x_BxLxD = self._stage_out(0, self.embeddings(input_ids))
-        for i, layer in enumerate(self.layers):
-            mask_Bx1xLxL = sliding_Bx1xLxL if cfg.is_sliding(i) else full_Bx1xLxL
-            x_BxLxD = self._stage_out(i + 1, layer(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic))
+        if self.scan_layers and not self.is_initializing():
+            x_BxLxD = self._scanned_layers(x_BxLxD, full_Bx1xLxL, sliding_Bx1xLxL, positions_BxL, deterministic)
+        else:
+            for i, layer in enumerate(self.layers):
+                mask_Bx1xLxL = sliding_Bx1xLxL if cfg.is_sliding(i) else full_Bx1xLxL
+                x_BxLxD = self._stage_out(i + 1, layer(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic))
         return self.final_norm(x_BxLxD)
+
+    def _scanned_layers(self, x_BxLxD, full_Bx1xLxL, sliding_Bx1xLxL, positions_BxL, deterministic):
+        """The unrolled loop as one scan per piece of layer_ranges (init creates the params unrolled).
+        A layer's sliding flag is scanned alongside its params and picks its mask."""
+        cfg = self.config
+        layer = LlamaBlock(cfg, self.dtype, self.lora, self.attention, parent=None)
+
+        def apply_layer(params, x_BxLxD, is_sliding, rngs):
+            mask_Bx1xLxL = full_Bx1xLxL if sliding_Bx1xLxL is None else jnp.where(
+                is_sliding, sliding_Bx1xLxL, full_Bx1xLxL)
+            return layer.apply({"params": params}, x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic, rngs=rngs)
+
+        for layer_range in layer_ranges(cfg.num_layers, self.frozen_prefix):
+            params_N = stack_layer_params(self.variables["params"], layer_range)
+            is_sliding_N = jnp.array([cfg.is_sliding(i) for i in layer_range])
+            x_BxLxD, outputs_NxBxLxD = scan_layers(
+                apply_layer, params_N, x_BxLxD, is_sliding_N, dropout_key=dropout_key_of(self, deterministic),
+                remat=self.remat, keep_outputs=self.is_mutable_collection("intermediates"))
+            if outputs_NxBxLxD is not None:  # sown stage by stage, as unrolled; _stage_out sows the last
+                for output_BxLxD in outputs_NxBxLxD[:-1]:
+                    self.sow("intermediates", "hidden_states", output_BxLxD)
+            x_BxLxD = self._stage_out(layer_range.stop, x_BxLxD)
+        return x_BxLxD
 
     def vocab_table(self):
         """The tied LM head: the token embedding [V, D] in the compute dtype."""

@@ -5,8 +5,8 @@
     out = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": key})
 
 Backbones are looked up by the config class name in BACKBONES (imported lazily) and built as
-`Backbone(config=arch_cfg, dtype=, lora=, remat=, frozen_prefix=, attention=)`; they must implement
-`backbone(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
+`Backbone(config=arch_cfg, dtype=, lora=, remat=, frozen_prefix=, attention=, scan_layers=)`; they must
+implement `backbone(input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
 deterministic=True) -> hidden_BxLxD` and `backbone.vocab_table() -> [V, D]` (the tied LM /
 MLM decoder, in the compute dtype).
 Kinds with no head params (tied causal_lm, embedding without a pooler) have no "head" key.
@@ -83,11 +83,13 @@ class TaskModel(nn.Module):
     # (selected per example by batch["task_id"]); the others get logit -1e9.
     label_masks: tuple[tuple[bool, ...], ...] | None = None
     attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
+    scan_layers: bool = False        # backbone layers under jax.lax.scan (models.layer_scan)
 
     def setup(self):
         cfg = self.arch_cfg
         self.backbone = backbone_class(cfg)(config=cfg, dtype=self.dtype, lora=self.lora, remat=self.remat,
-                                            frozen_prefix=self.frozen_prefix, attention=self.attention)
+                                            frozen_prefix=self.frozen_prefix, attention=self.attention,
+                                            scan_layers=self.scan_layers)
         init = nn.initializers.normal(getattr(cfg, "initializer_range", 0.02))
         if self.kind in ("seq_cls", "pair_cls", "regression"):
             labels = 1 if self.kind == "regression" else self.num_labels
@@ -151,7 +153,7 @@ def build_task_model(arch_cfg, task_kind: str, num_labels: int = 2, pooling: str
                      lora: LoRASpec | None = None, dtype: Any = jnp.float32, remat: str = "none",
                      frozen_prefix: int = 0, normalize_embeddings: bool = True,
                      label_masks: tuple[tuple[bool, ...], ...] | None = None,
-                     attention: str = "einsum") -> TaskModel:
+                     attention: str = "einsum", scan_layers: bool = False) -> TaskModel:
     """Validate the choices (TenureError naming the config key) and build the TaskModel."""
     if task_kind not in HEADS:
         raise TenureError(f"task.kind: {task_kind!r} is not one of {', '.join(HEADS)}")
@@ -168,7 +170,7 @@ def build_task_model(arch_cfg, task_kind: str, num_labels: int = 2, pooling: str
                           "(stages are embeddings + layers)")
     backbone_class(arch_cfg)
     return TaskModel(arch_cfg, task_kind, num_labels, pooling, lora, dtype, remat, frozen_prefix,
-                     normalize_embeddings, label_masks, attention=attention)
+                     normalize_embeddings, label_masks, attention=attention, scan_layers=scan_layers)
 
 
 def check_attention(attention: str, dtype: Any = jnp.float32) -> None:

@@ -17,6 +17,7 @@ from engine.config import load_config
 from engine.forgetting_metrics import summarize
 from engine.stages import resolve
 from models.errors import TenureError
+from tests.cli_helpers import tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
@@ -53,13 +54,6 @@ def staged_args(run_dir, data, stages=2, steps=6, *extra):
     return [*args, *extra]
 
 
-def tenure(*args, check=True, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def train(run_dir, data, *extra, stages=2):

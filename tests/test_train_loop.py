@@ -3,14 +3,12 @@
 and falling back past a corrupt checkpoint."""
 import itertools
 import json
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from tests.cli_helpers import tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
@@ -28,13 +26,6 @@ def data(tmp_path_factory):
             for split, rows in (("train", 400), ("validation", 48), ("test", 48))}
 
 
-def tenure(*args, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def train(run_dir, data, steps, *extra):
