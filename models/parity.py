@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from models.errors import TenureError
-from models.hf import PACKAGE_ALIASES, load_hf, resolve_model_dir
+from models.hf import PACKAGE_ALIASES, load_hf, read_safetensors, resolve_model_dir
 from models.tasks import build_task_model, graft_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,7 @@ def reference_outputs(model_dir: Path, prefer: str = "auto", fixture: Path | Non
             proc = subprocess.run([str(python), str(ROOT / "scripts" / "hf_reference.py"), str(model_dir), str(out)],
                                   capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
+                read_safetensors(model_dir)  # unreadable weights get the engine's one-line message, naming the file
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 raise TenureError(f"{model_dir}: HF reference run failed: {last}")
             with np.load(out) as data:

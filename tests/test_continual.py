@@ -169,6 +169,7 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two real-MiniLM runs; make test runs another file's beside them
 def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     """The real pretrained MiniLM, 8 lexname classes split into two tasks, one shared head: plain
     sequential fine-tuning loses task A (its classes are never predicted again), replaying

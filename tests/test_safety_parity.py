@@ -23,7 +23,8 @@ def with_nan_weight(tmp_path) -> Path:
     return model
 
 
-def test_nan_outputs_fail(tmp_path, capsys):
+def test_nan_outputs_fail(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TENURE_TORCH_PYTHON", str(ROOT / "no-torch-environment-here"))  # the fixture, also where .torch-venv exists
     model = with_nan_weight(tmp_path)
     report = check_parity(model, prefer="fixture")
     assert not report.ok
