@@ -171,7 +171,7 @@ def build_abstract_step(cfg: Config, target: Target, *, num_labels: int = 2):
     """(jitted train step, abstract state, abstract batch, mesh, trainability) for the config's
     first stage on `target`, with no weights anywhere."""
     from engine.build import kept_head, lora_spec, model_for
-    from engine.frozen_base import cast_frozen_base, frozen_base, frozen_base_dtype
+    from engine.frozen_base import cast_for_stage
     from engine.losses import task_loss
     from engine.optim import build_optimizer, build_schedule
     from engine.stages import resolve
@@ -208,8 +208,7 @@ def build_abstract_step(cfg: Config, target: Target, *, num_labels: int = 2):
     trainability = compile_trainability(params, stage.trainable, num_layers=arch.num_layers)
     # The task model keeps the pretrained head leaves of a run from a model directory (an LM head, BERT's pooler).
     kept = kept_head(head, params.get("head")) if cfg.model.init == "pretrained" else None
-    params = cast_frozen_base(params, frozen_base(trainability.labels, kept),
-                              frozen_base_dtype(stage.trainable.mode, cfg.model.dtype))
+    params = cast_for_stage(params, trainability.labels, kept, stage.trainable.mode, cfg.model.dtype)
     model = stage_model(trainability.frozen_prefix)
     steps = stage.steps or 1000
     tx = build_optimizer(stage.optim, trainability, steps)

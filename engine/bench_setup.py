@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine import sharding
 from engine.build import kept_head, lora_spec, model_for, with_dropout
 from engine.config import Config
-from engine.frozen_base import cast_frozen_base, frozen_base, frozen_base_dtype
+from engine.frozen_base import cast_for_stage
 from engine.losses import task_losses
 from engine.optim import build_optimizer, build_schedule
 from engine.step import TrainState, init_state, make_train_step
@@ -138,8 +138,7 @@ def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int,
         backbone, head = pretrained
         keep = kept_head(KINDS[cfg.task.kind].head, head)
         params = jax.device_put(graft_pretrained(params, backbone, keep), param_shardings)
-    params = cast_frozen_base(params, frozen_base(trainability.labels, keep),
-                              frozen_base_dtype(cfg.trainable.mode, cfg.model.dtype))
+    params = cast_for_stage(params, trainability.labels, keep, cfg.trainable.mode, cfg.model.dtype)
     tx = build_optimizer(cfg.optim, trainability, total_steps)
     state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings)
     step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,

@@ -80,6 +80,12 @@ def cast_frozen_base(params: Any, frozen: Any, dtype) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params, frozen)
 
 
+def cast_for_stage(params: Any, labels: Any, pretrained_head: dict | None, mode: str, model_dtype: str) -> Any:
+    """One stage's params with its frozen base in the frozen-base dtype (bench and compile, which
+    build a single stage; a run casts through `FrozenBase.cast`, over every stage)."""
+    return cast_frozen_base(params, frozen_base(labels, pretrained_head), frozen_base_dtype(mode, model_dtype))
+
+
 def weights_fingerprint(pretrained: Any) -> str:
     """SHA-256 over the leaves of a tree of pretrained weights (path, dtype, shape and bytes)."""
     digest = hashlib.sha256()
