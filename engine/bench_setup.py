@@ -52,8 +52,6 @@ class BenchConfig(BaseModel):
     steps: int = Field(1, ge=1, description="timed steps per round (1 = alternate every step)")
     rounds: int = Field(6, ge=1, description="rounds (with --compare torch or --ab: A B A B ...)")
     batches: int = Field(4, ge=1, description="distinct batches cycled through")
-    dropout_rng: Literal["threefry", "rbg"] = Field(
-        "threefry", description="dropout key generator of the train step (engine/step.dropout_key)")
     onednn: bool = Field(True, description="CPU: compile the step with the oneDNN dot path (engine/xla_env)")
 
 
@@ -144,7 +142,7 @@ def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int,
     step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,
                               lr_schedule=build_schedule(cfg.optim, total_steps),
                               trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps,
-                              dropout_rng=bench.dropout_rng, xla_options=None if bench.onednn else {})
+                              xla_options=None if bench.onednn else {})
     return arch, model, trainability, state, step_fn
 
 

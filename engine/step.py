@@ -54,25 +54,9 @@ def _split_micro(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-DROPOUT_RNGS = ("threefry", "rbg")
-
-
-def dropout_key(key: jax.Array, impl: str) -> jax.Array:
-    """The dropout key of one step. "threefry": `key` itself (jax's default generator);
-    "rbg": a key of XLA's RngBitGenerator seeded from `key`'s bits (same Bernoulli masks in
-    distribution, a different stream, cheaper to draw on CPU); splits and fold_ins stay
-    threefry-based (not the "unsafe_rbg" shortcuts)."""
-    if impl == "threefry":
-        return key
-    if impl == "rbg":
-        return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-    raise ValueError(f"dropout_rng must be one of {DROPOUT_RNGS}, got {impl!r}")
-
-
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict[str, LossFn],
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule, trainable_mask: Any,
-               accum_steps: int = 1, dropout_rng: str = "threefry",
-               divergence: DivergenceConfig | None = None) -> tuple[TrainState, dict]:
+               accum_steps: int = 1, divergence: DivergenceConfig | None = None) -> tuple[TrainState, dict]:
     leaves, treedef = jax.tree.flatten(state.params)
     trains = treedef.flatten_up_to(trainable_mask)
     trainable = [x for x, t in zip(leaves, trains) if t]
@@ -88,7 +72,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict
         return total_loss(losses, params, outputs, micro_batch, state.extra)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    key = dropout_key(jax.random.fold_in(state.rng, state.step), dropout_rng)
+    key = jax.random.fold_in(state.rng, state.step)
     if accum_steps == 1:
         (_, metrics), grads = grad_fn(trainable, batch, key)
     else:
@@ -134,14 +118,12 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module,
 
 def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.GradientTransformation,
                     mesh: Mesh, state_shardings: TrainState, *, lr_schedule: optax.Schedule,
-                    trainable_mask: Any, accum_steps: int = 1, dropout_rng: str = "threefry",
-                    xla_options: dict | None = None, divergence: DivergenceConfig | None = None):
+                    trainable_mask: Any, accum_steps: int = 1, xla_options: dict | None = None, divergence: DivergenceConfig | None = None):
     """jit(train_step): state stays in its shardings and is donated; metrics come back replicated.
     `xla_options` default to engine.xla_env.compiler_options (the oneDNN dot path on CPU);
     `divergence` guards every update when the state's extra holds a "divergence" state."""
     step = functools.partial(train_step, model=model, losses=losses, tx=tx, lr_schedule=lr_schedule,
-                             trainable_mask=trainable_mask, accum_steps=accum_steps, dropout_rng=dropout_rng,
-                             divergence=divergence)
+                             trainable_mask=trainable_mask, accum_steps=accum_steps, divergence=divergence)
     options = compiler_options(mesh.devices.flat[0].platform) if xla_options is None else xla_options
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",),

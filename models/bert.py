@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from models import layers
 from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
+from models.layers import Dropout, LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
 from models.lora import LoRASpec
 
 
@@ -82,7 +82,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = embed(cfg.max_position_embeddings, ("position", "embed"))
         self.token_type_embeddings = embed(cfg.type_vocab_size, (None, "embed"))
         self.norm = LayerNorm(cfg.layer_norm_eps, self.dtype)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids_BxL, token_type_ids_BxL, positions_BxL, deterministic=True):
         x_BxLxD = (self.word_embeddings(input_ids_BxL) + self.position_embeddings(positions_BxL)
@@ -110,11 +110,11 @@ class BertLayer(nn.Module):
             dtype=self.dtype, kernel_init=kernel_init, lora=self.lora,
             names=("query", "key", "value", "attn_out"), attention=self.attention,
             name="attention")(x_BxLxD, mask_Bx1xLxL, None, deterministic)
-        attn_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
+        attn_BxLxD = Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
         x_BxLxD = LayerNorm(cfg.layer_norm_eps, self.dtype, name="attention_norm")(x_BxLxD + attn_BxLxD)
         mlp_BxLxD = Mlp(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype, kernel_init=kernel_init,
                         lora=self.lora, names=("intermediate", "output"), name="mlp")(x_BxLxD, deterministic)
-        mlp_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(mlp_BxLxD, deterministic=deterministic)
+        mlp_BxLxD = Dropout(cfg.hidden_dropout_prob)(mlp_BxLxD, deterministic=deterministic)
         return LayerNorm(cfg.layer_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD + mlp_BxLxD)
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from models.errors import TenureError
 from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import ACTIVATIONS, LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
+from models.layers import ACTIVATIONS, Dropout, LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import positions_from_segments
@@ -124,11 +124,11 @@ class GPT2Block(nn.Module):
             dropout_rate=cfg.attn_dropout, dtype=self.dtype, kernel_init=init, lora=self.lora,
             names=("c_attn_q", "c_attn_k", "c_attn_v", "c_proj"), attention=self.attention, name="attn",
         )(h_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
-        x_BxLxD = x_BxLxD + nn.Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
+        x_BxLxD = x_BxLxD + Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = LayerNorm(cfg.layer_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD)
         h_BxLxD = Mlp(cfg.mlp_size, cfg.activation, True, self.dtype, init, self.lora,
                       names=("c_fc", "c_proj"), name="mlp")(h_BxLxD, deterministic)
-        return x_BxLxD + nn.Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
+        return x_BxLxD + Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
 
 
 class GPT2Decoder(nn.Module):
@@ -155,7 +155,7 @@ class GPT2Decoder(nn.Module):
         cfg = self.config
         block = remat_module(GPT2Block, self.remat, static_argnums=(4,))
         self.embeddings = GPT2Embeddings(cfg, self.dtype)
-        self.embed_dropout = nn.Dropout(cfg.embd_dropout)
+        self.embed_dropout = Dropout(cfg.embd_dropout)
         self.layers = [block(cfg, self.dtype, _expand_lora(self.lora), self.attention) for _ in range(cfg.num_layers)]
         self.final_norm = LayerNorm(cfg.layer_norm_eps, self.dtype)
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers import ACTIVATIONS, Dense, LayerNorm
+from models.layers import ACTIVATIONS, Dense, Dropout, LayerNorm
 
 
 def pool(hidden_BxLxD, attention_mask_BxL, pooling: str):
@@ -70,7 +70,7 @@ class ClassifierHead(nn.Module):
             if pooler is not None and self.is_initializing():
                 pooler(hidden_BxLxD)  # create the (unused) pooler params
             pooled_BxD = pool(hidden_BxLxD, attention_mask_BxL, self.pooling).astype(self.dtype)
-        pooled_BxD = nn.Dropout(self.dropout_rate)(pooled_BxD, deterministic=deterministic)
+        pooled_BxD = Dropout(self.dropout_rate)(pooled_BxD, deterministic=deterministic)
         return Dense(self.num_labels, ("embed", "classes"), self.use_bias, dtype=self.dtype,
                      kernel_init=self.kernel_init, name="classifier")(pooled_BxD).astype(jnp.float32)
 
@@ -85,7 +85,7 @@ class TokenClassifierHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_BxLxD, deterministic=True):
-        hidden_BxLxD = nn.Dropout(self.dropout_rate)(hidden_BxLxD, deterministic=deterministic)
+        hidden_BxLxD = Dropout(self.dropout_rate)(hidden_BxLxD, deterministic=deterministic)
         return Dense(self.num_labels, ("embed", "classes"), dtype=self.dtype, kernel_init=self.kernel_init,
                      name="classifier")(hidden_BxLxD).astype(jnp.float32)
 

@@ -5,11 +5,14 @@ Conventions (stable API; the encoder and decoder families build on these):
   compute dtype (e.g. jnp.bfloat16): params and inputs are cast to it inside each op.
 - Logical axis names: vocab, embed, heads, kv_heads, mlp, norm, position, classes, lora_rank.
 - Dropout draws from the "dropout" rng stream (`apply(..., rngs={"dropout": key})`) and only
-  when `deterministic=False`.
+  when `deterministic=False`; every dropout (hidden, attention, LoRA, heads) takes its mask from
+  `keep_mask` (four 16-bit draws per threefry block).
 - LoRA: pass the same `lora: LoRASpec | None` to every Dense; a Dense adapts itself when its
   module name is in `lora.targets` (leaves `lora_a` [in, r], `lora_b` [r, out]).
 
 Public API:
+  keep_mask(rng, rate, shape) -> bool mask, keep probability KEEP_RESOLUTION-quantised
+  dropout(x, rate, rng) -> x * mask / keep probability;  Dropout(rate)(x, deterministic) in Linen
   Dense(features, axes=("embed", "mlp"), use_bias=True, dtype, kernel_init, lora)(x, deterministic=True)
   attention_mask(segment_ids_BxL, causal=False) -> bool [B, 1, L, L]
   dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, dropout_rate=0.0,
@@ -42,6 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.extend.random import threefry2x32_p
+
 from models.lora import LoRASpec
 
 Dtype = Any
@@ -55,6 +60,65 @@ def _lora_a_init(key, shape, dtype=jnp.float32):
     # Kaiming-uniform with a=sqrt(5), as torch.nn.Linear and PEFT use: bound = 1/sqrt(fan_in).
     bound = 1.0 / math.sqrt(shape[0])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# Dropout keeps a unit when a 16-bit uniform draw is below round(keep * 2**16), so the keep
+# probability is a multiple of 1/65536 (0.9 -> 0.89999, off by < 8e-6); the kept units are scaled
+# by the inverse of that exact probability, so the expected output equals the input.
+KEEP_RESOLUTION = 1 << 16
+
+
+def _block_counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Two uint32 counters per element of `shape`: the index along axis 0, and the row-major
+    index within the remaining axes. Built from iotas, so a sharded array computes its shards'
+    counters (and therefore its masks) locally and the same as unsharded."""
+    hi = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    lo, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in range(len(shape) - 1, 0, -1):
+        lo = lo + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return hi, lo
+
+
+def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+    """Bool mask, True with probability round((1 - rate) * 65536) / 65536, independently per
+    element. One threefry2x32 block yields 64 random bits, i.e. four 16-bit draws, so the mask
+    costs a quarter of the blocks `jax.random.bernoulli` spends (one per element in the
+    partitionable threefry scheme), the largest single cost of a CPU train step's dropout."""
+    shape = tuple(shape) or (1,)
+    *lead, last = shape
+    blocks = -(-last // 4)
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    words = data.reshape(-1).astype(jnp.uint32)
+    hi, lo = _block_counters((*lead, blocks) if lead else (1, blocks))
+    bits1, bits2 = threefry2x32_p.bind(words[0], words[1], hi, lo)
+    threshold = jnp.uint32(round((1.0 - rate) * KEEP_RESOLUTION))
+    draws = (bits1 & 0xFFFF, bits1 >> 16, bits2 & 0xFFFF, bits2 >> 16)
+    keep = jnp.stack([d < threshold for d in draws], axis=-1)
+    return keep.reshape(*(lead or [1]), 4 * blocks)[..., :last].reshape(shape)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Inverted dropout: kept units scaled by 1 / (their exact keep probability)."""
+    if rate <= 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    kept = round((1.0 - rate) * KEEP_RESOLUTION)
+    scale = jnp.asarray(KEEP_RESOLUTION / kept, x.dtype)
+    return jnp.where(keep_mask(rng, rate, x.shape), x * scale, jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+    """`dropout` as a Linen module drawing from the "dropout" rng stream (nn.Dropout's API)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        if deterministic or self.rate <= 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
 
 
 class Dense(nn.Module):
@@ -87,7 +151,7 @@ class Dense(nn.Module):
             lora_b = self.param(
                 "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
                 (self.lora.rank, self.features), jnp.float32)
-            x_in = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+            x_in = Dropout(self.lora.dropout)(x, deterministic=deterministic)
             delta = jnp.dot(jnp.dot(x_in, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
             y = y + delta * jnp.asarray(self.lora.scale, self.dtype)
         return y
@@ -135,8 +199,7 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, d
     scores_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, MASK_VALUE)
     probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
     if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxKxGxLxS.shape)
-        probs_BxKxGxLxS = jnp.where(keep, probs_BxKxGxLxS / (1.0 - dropout_rate), 0.0)
+        probs_BxKxGxLxS = dropout(probs_BxKxGxLxS, dropout_rate, dropout_rng)
     out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS.astype(dtype), v_BxSxKxDh.astype(dtype))
     return out_BxLxKxGxDh.reshape(batch, q_len, num_heads, head_dim)
 
