@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
+from jax.extend.random import threefry2x32_p
 
 from engine.losses import task_losses
 from engine.optim import OptimConfig, build_optimizer, build_schedule
@@ -15,7 +17,7 @@ from engine.step import init_state, make_train_step
 from engine.trainability import TrainableConfig, compile_trainability
 from engine.xla_env import ONEDNN_OPTIONS
 from models.bert import BertConfig
-from models.layers import KEEP_RESOLUTION, Dropout, keep_mask
+from models.layers import ACTIVATIONS, KEEP_RESOLUTION, Dropout, keep_mask, threefry2x32
 from models.tasks import build_task_model
 
 TINY = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -107,3 +109,26 @@ def test_keep_mask_draws_are_independent_and_do_not_depend_on_sharding():
     sharded = jax.jit(lambda k: keep_mask(k, 0.5, (64, 4096)),
                       out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))(key)
     assert np.array_equal(np.asarray(sharded, np.float64), mask)
+
+
+def test_unrolled_threefry_equals_jax_threefry_bit_for_bit():
+    key = jax.random.key_data(jax.random.PRNGKey(5))
+    hi = jnp.arange(4096, dtype=jnp.uint32) * 7919
+    lo = jnp.arange(4096, dtype=jnp.uint32)[::-1] * 131 + jnp.uint32(0xFFFF0000)
+    expected = threefry2x32_p.bind(key[0], key[1], hi, lo)
+    got = jax.jit(threefry2x32)(key[0], key[1], hi, lo)
+    for e, g in zip(expected, got):
+        assert np.array_equal(np.asarray(e), np.asarray(g))
+
+
+def test_gelu_through_erf_matches_the_exact_gelu():
+    """The erf form (PyTorch's) against float64: within fp32 rounding of the largest values,
+    and its gradient within the same, over the range activations take."""
+    x64 = np.linspace(-10, 10, 100_001)
+    exact = x64 * 0.5 * (1 + scipy.special.erf(x64 / np.sqrt(2)))
+    x = jnp.asarray(x64, jnp.float32)
+    gelu = ACTIVATIONS["gelu"]
+    assert np.abs(np.asarray(gelu(x), np.float64) - exact).max() < 2e-6
+    dexact = 0.5 * (1 + scipy.special.erf(x64 / np.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi)
+    dgot = np.asarray(jax.vmap(jax.grad(gelu))(x), np.float64)
+    assert np.abs(dgot - dexact).max() < 2e-6
