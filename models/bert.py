@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from models import layers
 from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import Dropout, LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
+from models.layers import Dropout, LayerNorm, Mlp, MultiHeadAttention, layer_boundary, remat_module, vocab_logits
 from models.lora import LoRASpec
 
 
@@ -186,7 +186,9 @@ class BertEncoder(nn.Module):
 
     def _maybe_freeze(self, x, stage: int):
         # Gradients stop after the last frozen stage, so XLA skips their backward pass.
-        return jax.lax.stop_gradient(x) if stage == self.frozen_prefix - 1 else x
+        if stage == self.frozen_prefix - 1:
+            return jax.lax.stop_gradient(x)
+        return layer_boundary(x)
 
     def vocab_table(self):
         """The MLM decoder's tied table: the word embeddings [V, D] in the compute dtype."""

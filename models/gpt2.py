@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from models.errors import TenureError
 from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import ACTIVATIONS, Dropout, LayerNorm, Mlp, MultiHeadAttention, remat_module, vocab_logits
+from models.layers import ACTIVATIONS, Dropout, LayerNorm, Mlp, MultiHeadAttention, layer_boundary
+from models.layers import remat_module, vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import positions_from_segments
@@ -161,7 +162,9 @@ class GPT2Decoder(nn.Module):
 
     def _stage_out(self, stage: int, x_BxLxD):
         self.sow("intermediates", "hidden_states", x_BxLxD)
-        return jax.lax.stop_gradient(x_BxLxD) if stage == self.frozen_prefix - 1 else x_BxLxD
+        if stage == self.frozen_prefix - 1:
+            return jax.lax.stop_gradient(x_BxLxD)
+        return layer_boundary(x_BxLxD)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, segment_ids=None, positions=None,
                  deterministic: bool = True):

@@ -17,7 +17,7 @@ from engine.step import init_state, make_train_step
 from engine.trainability import TrainableConfig, compile_trainability
 from engine.xla_env import ONEDNN_OPTIONS
 from models.bert import BertConfig
-from models.layers import ACTIVATIONS, KEEP_RESOLUTION, Dropout, keep_mask, threefry2x32
+from models.layers import ACTIVATIONS, KEEP_RESOLUTION, Dropout, keep_mask, layer_boundary, threefry2x32
 from models.tasks import build_task_model
 
 TINY = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -132,3 +132,10 @@ def test_gelu_through_erf_matches_the_exact_gelu():
     dexact = 0.5 * (1 + scipy.special.erf(x64 / np.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi)
     dgot = np.asarray(jax.vmap(jax.grad(gelu))(x), np.float64)
     assert np.abs(dgot - dexact).max() < 2e-6
+
+
+def test_layer_boundary_is_the_identity_for_values_and_gradients():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8))
+    assert np.array_equal(layer_boundary(x), x)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(layer_boundary(x * 3.0)))))(x)
+    np.testing.assert_allclose(grad, 3.0 * jnp.cos(x * 3.0), rtol=1e-6)
