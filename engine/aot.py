@@ -124,7 +124,11 @@ def arch_from_config(model_path: str, dropout: float | None = None):
 
 
 def abstract_batch(kind: str, rows: int, length: int, mesh: Mesh, *, packed: bool = False) -> dict:
-    """The training batch's fields as ShapeDtypeStructs, sharded over (data, fsdp) like real ones."""
+    """The training batch's fields as ShapeDtypeStructs, sharded over (data, fsdp) like real ones.
+    `packed` (data.pack): causal LM rows carry segment_ids / positions; a kind packed per batch
+    (seq_cls, pair_cls, regression) also locates its `rows` examples (example_row / example_start)
+    in its token rows, here the most a packed batch can have (`rows`: every example on its own row),
+    so memory is planned for the largest packed shape."""
     from models.kinds import KINDS
     head = KINDS[kind].head
     shard = sharding.batch_sharding(mesh)
@@ -143,9 +147,14 @@ def abstract_batch(kind: str, rows: int, length: int, mesh: Mesh, *, packed: boo
     else:
         raise TenureError(f"tenure compile: task kind {kind!r} is not supported yet (classification, "
                           "causal_lm, sft, mlm and token_cls are)")
+    if head == "pair_cls":
+        batch["token_type_ids"] = s((rows, length), "int32")
     if packed:
         batch["segment_ids"] = s((rows, length), "int32")
         batch["positions"] = s((rows, length), "int32")
+        if KINDS[kind].pack == "batch":
+            batch["example_row"] = s((rows,), "int32")
+            batch["example_start"] = s((rows,), "int32")
     return batch
 
 

@@ -105,7 +105,10 @@ def real_batches(cfg: Config, bench: BenchConfig, tokenizer) -> tuple[list[dict]
     data = cfg.data.model_copy(update={"max_length": bench.length, "length_buckets": [bench.length],
                                        "batch_size": bench.batch_size})
     vocab = build_label_vocab(data, cfg.task.kind)
-    it = iter(build_train_iterator(data, cfg.task.kind, tokenizer, vocab, seed=cfg.train.seed))
+    shape = sharding.mesh_shape(cfg.mesh, jax.device_count())  # packed batches keep rows divisible by the shards
+    it = iter(build_train_iterator(data, cfg.task.kind, tokenizer, vocab, seed=cfg.train.seed,
+                                   batch_shards=max(1, shape[0] * shape[1] // jax.process_count()),
+                                   accum_steps=cfg.optim.grad_accum_steps))
     return [next(it) for _ in range(bench.batches)], (len(vocab) if vocab is not None else None)
 
 

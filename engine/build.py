@@ -74,6 +74,11 @@ def _where() -> dict:
     return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def batch_shards(mesh) -> int:
+    """The data x fsdp shards of one process's batch rows (packed batches keep row counts divisible by it)."""
+    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+
+
 @dataclasses.dataclass
 class RunTask:
     task: Task
@@ -147,7 +152,8 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained
     by_name = {}
     for index, (name, task) in enumerate(tasks.items()):
         eval_batches = {split: build_eval_batches(task.data, split, task.spec.kind, backbone.tokenizer, union,
-                                                  task_id=index if multi else None, **_where())
+                                                  task_id=index if multi else None,
+                                                  batch_shards=batch_shards(backbone.mesh), **_where())
                         for split in ("validation", "test") if getattr(task.data, split)}
         by_name[name] = RunTask(task, index, own_labels[name], eval_batches, probe=name in probes)
     return Tasks(by_name, head, union, multi)
@@ -229,10 +235,11 @@ def init_params(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, keep_pre
 
 
 def single_task_iterator(backbone: Backbone, run_task: RunTask, *, seed: int, multi: bool,
-                         label_vocab) -> TrainIterator:
+                         label_vocab, accum_steps: int = 1) -> TrainIterator:
     from engine.data.pipeline import build_train_iterator
     return build_train_iterator(run_task.task.data, run_task.task.spec.kind, backbone.tokenizer, label_vocab,
-                                seed=seed, task_id=run_task.index if multi else None, **_where())
+                                seed=seed, task_id=run_task.index if multi else None,
+                                batch_shards=batch_shards(backbone.mesh), accum_steps=accum_steps, **_where())
 
 
 def _replay_records(records, buffer: int | None, seed: int):
@@ -249,9 +256,10 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) ->
     """The stage's training batches: its tasks in equal shares, plus `replay.ratio` of every batch
     from earlier tasks (equal shares among them). Returns the iterator and the replay buffers'
     record indices (per old task; None = whole set)."""
+    accum = stage.optim.grad_accum_steps
     if not tasks.multi:
         return single_task_iterator(backbone, tasks.first, seed=seed, multi=False,
-                                    label_vocab=tasks.label_vocab), {}
+                                    label_vocab=tasks.label_vocab, accum_steps=accum), {}
     replayed = [t for t in stage.earlier if t not in stage.weights] if stage.replay.ratio > 0 else []
     new_share = (1 - stage.replay.ratio) / len(stage.weights) if replayed else 1.0
     old_share = stage.replay.ratio / len(replayed) if replayed else 0.0
@@ -268,8 +276,8 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) ->
             sources.append(TrainSource(f"{name}/{source_name}", records, featurizer, share))
     # Batching (batch size, length buckets, epochs) follows the stage's first task.
     batching = tasks.by_name[next(iter(stage.weights))].task.data
-    return make_train_iterator(batching, sources, pad_id=backbone.tokenizer.pad_token_id or 0,
-                               seed=seed, **_where()), buffers
+    return make_train_iterator(batching, sources, pad_id=backbone.tokenizer.pad_token_id or 0, seed=seed,
+                               batch_shards=batch_shards(backbone.mesh), accum_steps=accum, **_where()), buffers
 
 
 def stage_losses(tasks: Tasks, stage: Stage) -> dict:

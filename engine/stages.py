@@ -17,7 +17,7 @@ from engine.metrics import LOWER_IS_BETTER
 from engine.optim import OptimConfig
 from engine.trainability import TrainableConfig
 from models.errors import TenureError
-from models.kinds import KINDS
+from models.kinds import KINDS, pack_error
 
 FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
 SINGLE_TASK = "task"  # the task name of a config without `tasks:`
@@ -112,6 +112,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         if cfg.task is None or cfg.data is None:
             raise TenureError(f"missing config key '{'data' if cfg.data is None else 'task'}'")
         task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
+        _check_pack(cfg.task.kind, cfg.data, "")
         stage = Stage(0, SINGLE_TASK, {SINGLE_TASK: 1.0}, cfg.train.steps, cfg.trainable, cfg.optim,
                       cfg.ewc, cfg.l2sp, cfg.replay, None, ())
         return {SINGLE_TASK: task}, [stage]
@@ -124,6 +125,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         metric = entry.metric or KINDS[entry.kind].metric
         tasks[name] = Task(name, entry, entry.data, metric,
                            entry.mode or ("min" if metric in LOWER_IS_BETTER else "max"))
+        _check_pack(entry.kind, entry.data, f"tasks.{name}.")
     stages, seen = [], []
     for i, s in enumerate(cfg.stages):
         weights = dict(s.tasks) if isinstance(s.tasks, dict) else {t: 1.0 for t in s.tasks}
@@ -146,6 +148,12 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         seen += [t for t in weights if t not in seen]
     order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
     return {name: tasks[name] for name in order}, stages
+
+
+def _check_pack(kind: str, data, where: str) -> None:
+    problem = pack_error(kind) if data.pack else None
+    if problem:
+        raise TenureError(where + problem)
 
 
 def _names(value: str | list[str]) -> list[str]:

@@ -5,6 +5,8 @@
 them. Gradient accumulation splits the batch into `accum_steps` micro-batches (rows i*k+j go to
 micro-batch j, so each one stays spread over the data axes) and averages their gradients in a
 `lax.scan`; one call is one optimizer step, and `metrics["step"]` counts optimizer steps.
+A batch packed per batch (engine.data.batch_packing) keeps each micro-batch's examples in its own
+rows, so the split holds for it too once `example_row` counts rows of the micro-batch.
 """
 from __future__ import annotations
 
@@ -35,7 +37,10 @@ class TrainState:
 
 
 def _tokens(batch: dict) -> jax.Array:
-    """Real tokens in the batch: every "*attention_mask" summed over real examples."""
+    """Real tokens in the batch: every "*attention_mask" summed over real examples (a batch packed
+    per batch holds only real examples' tokens, in rows that are not examples)."""
+    if "example_row" in batch:
+        return batch["attention_mask"].sum().astype(jnp.float32)
     mask_B = batch["example_mask"].astype(jnp.float32)
     total = jnp.zeros((), jnp.float32)
     for key, value in batch.items():
@@ -51,6 +56,8 @@ def _split_micro(batch: dict, k: int) -> dict:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={k}")
         return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
+    if "example_row" in batch:  # packed: example i*k+j lies in a row r = i'*k+j, row i' of micro-batch j
+        batch = dict(batch, example_row=batch["example_row"] // k)
     return jax.tree.map(split, batch)
 
 

@@ -1,4 +1,8 @@
-"""Task heads on top of a backbone's hidden states [B, L, D], and the pooling functions.
+"""Task heads on top of a backbone's hidden states [B, L, D], and the pooling function.
+
+Packed batches (engine/data/batch_packing.py) hold several examples per row: hidden is
+[R, L, D] and `Examples` locates each of the B examples (its row, the position of its first
+token, the rows' segment ids); `pool` then gives one vector per example, [B, D].
 
 Param names (under "head" in the task model): "pooler" (BERT dense+tanh), "classifier",
 "transform" + "transform_norm" + "bias" (BERT MLM), "lm_head" (untied causal LM).
@@ -19,8 +23,20 @@ import jax.numpy as jnp
 from models.layers import ACTIVATIONS, Dense, Dropout, LayerNorm
 
 
-def pool(hidden_BxLxD, attention_mask_BxL, pooling: str):
-    """One vector per row: "cls" (first token), "mean" (over real tokens), "last" (last real token)."""
+class Examples(NamedTuple):
+    """Where the examples of a packed batch lie: example b is the tokens of segment
+    segment_ids[row[b], start[b]] in row row[b], starting at position start[b]."""
+
+    row: jax.Array           # [B] int32
+    start: jax.Array         # [B] int32
+    segment_ids: jax.Array   # [R, L] int32, 0 = pad
+
+
+def pool(hidden_BxLxD, attention_mask_BxL, pooling: str, examples: Examples | None = None):
+    """One vector per example: "cls" (first token), "mean" (over its real tokens), "last" (its last
+    real token). Unpacked (`examples` None) row b is example b; packed, see `Examples`."""
+    if examples is not None:
+        return _pool_packed(hidden_BxLxD, examples, pooling)
     mask_BxL = jnp.asarray(attention_mask_BxL)
     if pooling == "cls":
         return hidden_BxLxD[:, 0]
@@ -37,21 +53,42 @@ def pool(hidden_BxLxD, attention_mask_BxL, pooling: str):
     raise ValueError(f"pooling must be cls, mean or last; got {pooling!r}")
 
 
+def _pool_packed(hidden_RxLxD, examples: Examples, pooling: str):
+    row_B, start_B = jnp.asarray(examples.row), jnp.asarray(examples.start)
+    if pooling == "cls":
+        return hidden_RxLxD[row_B, start_B]
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"pooling must be cls, mean or last; got {pooling!r}")
+    seg_RxL = jnp.asarray(examples.segment_ids)
+    seg_B = seg_RxL[row_B, start_B]
+    own_BxL = (seg_RxL[row_B] == seg_B[:, None]) & (seg_B[:, None] != 0)  # the example's tokens in its row
+    if pooling == "last":
+        last_B = jnp.argmax(jnp.where(own_BxL, jnp.arange(own_BxL.shape[1]), -1), axis=1)
+        return hidden_RxLxD[row_B, last_B]
+    # Mean: weights [B, R, L] select the example's tokens; fp32 like the unpacked mean, all-pad gives zeros.
+    in_row_BxR = row_B[:, None] == jnp.arange(hidden_RxLxD.shape[0])[None, :]
+    weights_BxRxL = (in_row_BxR[:, :, None] & own_BxL[:, None, :]).astype(jnp.float32)
+    summed_BxD = jnp.einsum("brl,rld->bd", weights_BxRxL, hidden_RxLxD.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+    return summed_BxD / jnp.maximum(own_BxL.sum(axis=1, dtype=jnp.float32), 1e-9)[:, None]
+
+
 class Pooler(nn.Module):
-    """BERT pooler: tanh(dense(hidden[:, 0]))."""
+    """BERT pooler: tanh(dense(the [CLS] vector [B, D]))."""
 
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.normal(0.02)
 
     @nn.compact
-    def __call__(self, hidden_BxLxD):
-        return jnp.tanh(Dense(hidden_BxLxD.shape[-1], ("embed", None), dtype=self.dtype,
-                              kernel_init=self.kernel_init, name="dense")(hidden_BxLxD[:, 0]))
+    def __call__(self, cls_BxD):
+        return jnp.tanh(Dense(cls_BxD.shape[-1], ("embed", None), dtype=self.dtype,
+                              kernel_init=self.kernel_init, name="dense")(cls_BxD))
 
 
 class ClassifierHead(nn.Module):
-    """Sequence-level logits [B, C]. With use_pooler the head owns the BERT pooler (so the
-    HF export is complete) and "cls" pooling goes through it; other poolings skip it."""
+    """Sequence-level logits [B, C] (one row per example; packed batches pass `examples`). With
+    use_pooler the head owns the BERT pooler (so the HF export is complete) and "cls" pooling goes
+    through it; other poolings skip it."""
 
     num_labels: int
     pooling: str = "cls"
@@ -62,14 +99,14 @@ class ClassifierHead(nn.Module):
     use_bias: bool = True  # decoders' HF score layers have none
 
     @nn.compact
-    def __call__(self, hidden_BxLxD, attention_mask_BxL, deterministic=True):
+    def __call__(self, hidden_BxLxD, attention_mask_BxL, deterministic=True, examples: Examples | None = None):
         pooler = Pooler(self.dtype, self.kernel_init, name="pooler") if self.use_pooler else None
         if pooler is not None and self.pooling == "cls":
-            pooled_BxD = pooler(hidden_BxLxD)
+            pooled_BxD = pooler(pool(hidden_BxLxD, attention_mask_BxL, "cls", examples))
         else:
             if pooler is not None and self.is_initializing():
-                pooler(hidden_BxLxD)  # create the (unused) pooler params
-            pooled_BxD = pool(hidden_BxLxD, attention_mask_BxL, self.pooling).astype(self.dtype)
+                pooler(hidden_BxLxD[:, 0])  # create the (unused) pooler params
+            pooled_BxD = pool(hidden_BxLxD, attention_mask_BxL, self.pooling, examples).astype(self.dtype)
         pooled_BxD = Dropout(self.dropout_rate)(pooled_BxD, deterministic=deterministic)
         return Dense(self.num_labels, ("embed", "classes"), self.use_bias, dtype=self.dtype,
                      kernel_init=self.kernel_init, name="classifier")(pooled_BxD).astype(jnp.float32)
@@ -163,7 +200,7 @@ class EmbeddingHead(nn.Module):
     @nn.compact
     def __call__(self, hidden_BxLxD, attention_mask_BxL):
         if self.use_pooler and self.is_initializing():
-            Pooler(self.dtype, self.kernel_init, name="pooler")(hidden_BxLxD)
+            Pooler(self.dtype, self.kernel_init, name="pooler")(hidden_BxLxD[:, 0])
         emb_BxD = pool(hidden_BxLxD, attention_mask_BxL, self.pooling).astype(jnp.float32)
         if self.normalize:
             emb_BxD = emb_BxD / jnp.maximum(jnp.linalg.norm(emb_BxD, axis=-1, keepdims=True), 1e-12)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from models.errors import TenureError
 from models.kinds import HEADS
-from models.heads import ClassifierHead, EmbeddingHead, LmHead, MlmHead, TokenClassifierHead
+from models.heads import ClassifierHead, EmbeddingHead, Examples, LmHead, MlmHead, TokenClassifierHead
 from models.layers import ATTENTION_IMPLEMENTATIONS, vocab_logits
 from models.lora import LoRASpec
 
@@ -63,7 +63,8 @@ def _dropout_rate(cfg) -> float:
 
 class TaskModel(nn.Module):
     """`__call__(batch, deterministic=True, logits=True) -> dict` with keys by kind:
-    logits ([B, C] | [B, L, C] | [B, L, V]); regression adds predictions [B];
+    logits ([B, C] | [B, L, C] | [B, L, V]); regression adds predictions [B]; a classifier batch
+    packed per batch (`example_row` / `example_start` / `segment_ids`) still gives [B, C];
     mlm / causal_lm with logits=False give `vocab` (models.heads.Vocab: the projection's
     hidden [B, L, D], table [V, D], bias) instead of logits, for the train step's chunked
     cross-entropy (engine.losses), which never holds the fp32 [B, L, V] logits at once;
@@ -122,7 +123,10 @@ class TaskModel(nn.Module):
             return self._embeddings(batch, deterministic)
         hidden_BxLxD, mask_BxL = self.encode(batch, "", deterministic)
         if self.kind in ("seq_cls", "pair_cls", "regression"):
-            logits_BxC = self.head(hidden_BxLxD, mask_BxL, deterministic)
+            # A batch packed per batch (engine.data.batch_packing): hidden is [R, L, D], logits [B, C].
+            examples = (Examples(batch["example_row"], batch["example_start"], batch["segment_ids"])
+                        if "example_row" in batch else None)
+            logits_BxC = self.head(hidden_BxLxD, mask_BxL, deterministic, examples)
             if self.kind == "regression":
                 return {"logits": logits_BxC, "predictions": logits_BxC[:, 0]}
             return {"logits": self._mask_labels(logits_BxC, batch)}

@@ -54,7 +54,10 @@ class DataConfig(BaseModel):
         None, description="pad each batch to the smallest bucket >= its longest example; null = powers of two "
                           "from 32 up to max_length (max_length is always the last bucket)")
     truncate: bool = Field(True, description="cut over-long examples to max_length; false = they are bad records")
-    pack: bool = Field(False, description="pack several examples per row (causal_lm only)")
+    pack: bool = Field(False, description="pack several examples per row of max_length tokens. causal_lm: rows filled "
+                       "from the example stream; seq_cls, pair_cls, regression: each batch's same examples packed into "
+                       "fewer rows (block-diagonal attention, exact per-example logits, loss and metrics; eval packed "
+                       "too; no saving with several processes); other kinds cannot pack")
     group_by_length: int = Field(
         0, ge=0, description="sort each window of this many training batches by length, then shuffle the batches "
                              "(less padding, same per-example losses); evaluation runs in length order too. No effect with one "

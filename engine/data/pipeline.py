@@ -6,12 +6,14 @@ Training (`build_train_iterator`), per source: equal per-process shards
 read threads; named sources are then mixed (`mixture.MixIterDataset`), LM rows optionally
 packed, and rows batched to `batch_size / process_count` with bucketed padding (with several
 processes, every batch pads to the last bucket, max_length: each process pads its own rows
-and all must agree on the global shape without a collective per step). The
+and all must agree on the global shape without a collective per step). With `data.pack` for a
+kind with one output per example (seq_cls, pair_cls, regression), the batches are the same
+examples packed into fewer rows (`batch_packing.pack_batch`). The
 iterator state is grain's (indices and small dicts), so it is JSON and resume is exact.
 
 Evaluation (`build_eval_batches`): every example exactly once, process p taking examples
 p, p+P, ...; every process yields the same number of batches, the last ones padded with
-`example_mask` 0 rows.
+`example_mask` 0 rows. With `data.pack` (kinds packed per batch) eval batches are packed too.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine.data.augment import augment
+from engine.data.batch_packing import global_rows, pack_batch
 from engine.data.cleaning import CleaningReport, clean
 from engine.data.config import DataConfig
 from engine.data.grouping import LengthGroupIterDataset, length_order
@@ -37,7 +40,7 @@ from engine.data.sources import open_source, select
 from engine.data.subsample import describe, subsample_and_corrupt
 from engine.data.tokenize import Featurizer, resolve_format
 from models.errors import TenureError
-from models.kinds import KINDS
+from models.kinds import KINDS, pack_error
 
 
 
@@ -271,14 +274,26 @@ class TrainSource:
     weight: float = 1.0
 
 
+def packs_batches(cfg: DataConfig, task_kind: str) -> bool:
+    """Whether `data.pack` packs the examples within each batch (seq_cls, pair_cls, regression);
+    TenureError (one line) for a kind that cannot pack."""
+    if not cfg.pack:
+        return False
+    problem = pack_error(task_kind)
+    if problem:
+        raise TenureError(problem)
+    return KINDS[task_kind].pack == "batch"
+
+
 def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, process_index: int,
-                  process_count: int, seed: int) -> grain.IterDataset:
+                  process_count: int, seed: int, batch_shards: int = 1, accum_steps: int = 1) -> grain.IterDataset:
     """Batches of `cfg.batch_size / process_count` rows from the sources, mixed by weight.
 
-    The first source sets the epoch count (`cfg.num_epochs`); the others repeat as needed."""
+    The first source sets the epoch count (`cfg.num_epochs`); the others repeat as needed.
+    `batch_shards` (data x fsdp shards per process) and `accum_steps` (grad_accum_steps) lay out
+    packed batches (`batch_packing`)."""
     task_kind = sources[0].featurizer.task_kind
-    if cfg.pack and task_kind != "causal_lm":
-        raise TenureError(f"data.pack: packing applies to causal_lm only, not {task_kind!r}")
+    by_batch = packs_batches(cfg, task_kind)
     streams = {}
     for k, source in enumerate(sources):
         epochs = cfg.num_epochs if k == 0 else None
@@ -291,12 +306,15 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
         ds = MixIterDataset(streams, {s.name: s.weight for s in sources}, mode=cfg.mix_mode, seed=seed)
     rows = local_batch_size(cfg.batch_size, process_count)
     buckets = process_buckets(cfg.length_buckets, process_count)
-    if cfg.pack:
+    batch_fn = functools.partial(collate, buckets=buckets, pad_id=pad_id)
+    if by_batch:
+        batch_fn = functools.partial(pack_batch, row_length=cfg.max_length, pad_id=pad_id, accum=accum_steps,
+                                     shards=batch_shards, fixed_rows=process_count > 1)
+    elif cfg.pack:
         ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
     elif cfg.group_by_length and len(buckets) > 1:  # with one width, grouping saves nothing
         ds = LengthGroupIterDataset(ds, rows=rows, window=cfg.group_by_length, seed=seed)
-    ds = ds.batch(rows, drop_remainder=True,
-                  batch_fn=functools.partial(collate, buckets=buckets, pad_id=pad_id))
+    ds = ds.batch(rows, drop_remainder=True, batch_fn=batch_fn)
     if cfg.worker_count:
         _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
@@ -342,24 +360,27 @@ def load_train_records(cfg: DataConfig, task_kind: str, tokenizer, label_vocab) 
 
 
 def make_train_iterator(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, process_index: int,
-                        process_count: int, seed: int) -> "TrainIterator":
-    ds = train_dataset(cfg, sources, pad_id=pad_id, process_index=process_index,
-                       process_count=process_count, seed=seed)
+                        process_count: int, seed: int, batch_shards: int = 1,
+                        accum_steps: int = 1) -> "TrainIterator":
+    ds = train_dataset(cfg, sources, pad_id=pad_id, process_index=process_index, process_count=process_count,
+                       seed=seed, batch_shards=batch_shards, accum_steps=accum_steps)
     primary = len(sources[0].records)
     num_examples = primary - primary % process_count
-    finite = cfg.num_epochs is not None and not cfg.pack
+    # LM packing fills rows from the stream (rows are not counted ahead); packing per batch keeps the batches.
+    finite = cfg.num_epochs is not None and not (cfg.pack and KINDS[sources[0].featurizer.task_kind].pack == "stream")
     num_batches = cfg.num_epochs * num_examples // cfg.batch_size if finite else None
     return TrainIterator(ds, sources[0].featurizer, num_examples=num_examples, num_batches=num_batches)
 
 
 def build_train_iterator(cfg: DataConfig, task_kind: str, tokenizer, label_vocab: LabelVocab | None, *,
                          process_index: int = 0, process_count: int = 1, seed: int | None = None,
-                         task_id: int | None = None) -> TrainIterator:
-    """Training batches of one task for this process (`batch_size / process_count` rows each).
+                         task_id: int | None = None, batch_shards: int = 1, accum_steps: int = 1) -> TrainIterator:
+    """Training batches of one task for this process (`batch_size / process_count` examples each).
 
     Reads `cfg.train` (one path or named weighted sources), validates, cleans, augments,
     and (with `truncate: false`) applies the max_length check before sharding, so every
-    process sees the same record set. `seed` defaults to `cfg.seed`; `task_id` stamps examples.
+    process sees the same record set. `seed` defaults to `cfg.seed`; `task_id` stamps examples;
+    `batch_shards` / `accum_steps` lay out packed batches (`train_dataset`).
     """
     records_by_source = load_train_records(cfg, task_kind, tokenizer, label_vocab)
     first = next(iter(records_by_source.values()))
@@ -370,15 +391,19 @@ def build_train_iterator(cfg: DataConfig, task_kind: str, tokenizer, label_vocab
     sources = [TrainSource(name, records, featurizer, configured[name].weight)
                for name, records in records_by_source.items()]
     return make_train_iterator(cfg, sources, pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
-                               process_count=process_count, seed=cfg.seed if seed is None else seed)
+                               process_count=process_count, seed=cfg.seed if seed is None else seed,
+                               batch_shards=batch_shards, accum_steps=accum_steps)
 
 
 class EvalBatches:
-    """Re-iterable padded eval batches; `len()` is the same on every process."""
+    """Re-iterable padded eval batches; `len()` is the same on every process. With `pack_length`
+    (a max_length) they are packed (`batch_packing.pack_batch`, `batch_shards` per process)."""
 
     def __init__(self, records, featurizer: Featurizer, *, global_batch: int, buckets, pad_id: int,
-                 process_index: int, process_count: int, seed: int, by_length: bool = False):
+                 process_index: int, process_count: int, seed: int, by_length: bool = False,
+                 pack_length: int | None = None, batch_shards: int = 1):
         self.records, self.featurizer = records, featurizer
+        self._pack_length, self._batch_shards, self._fixed_rows = pack_length, batch_shards, process_count > 1
         self.rows = local_batch_size(global_batch, process_count)
         self.num_examples = len(records)
         self.num_batches = math.ceil(len(records) / global_batch)
@@ -399,6 +424,10 @@ class EvalBatches:
             take = chunk if len(chunk) else self._indices[:1] if len(self._indices) else np.arange(1)
             rngs = [np.random.default_rng([self._seed, int(i)]) for i in take]
             examples = self.featurizer([self.records[int(i)] for i in take], rngs)
+            if self._pack_length:
+                yield pack_batch(examples, row_length=self._pack_length, pad_id=self._pad_id, slots=self.rows,
+                                 real=len(chunk), shards=self._batch_shards, fixed_rows=self._fixed_rows)
+                continue
             batch = collate(examples, self._buckets, pad_id=self._pad_id, rows=self.rows)
             batch["example_mask"][len(chunk):] = 0.0
             yield batch
@@ -406,8 +435,9 @@ class EvalBatches:
 
 def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, label_vocab: LabelVocab | None,
                        *, process_index: int = 0, process_count: int = 1,
-                       task_id: int | None = None) -> EvalBatches:
-    """Padded batches of `split` ("validation", "test" or "train") covering every example once."""
+                       task_id: int | None = None, batch_shards: int = 1) -> EvalBatches:
+    """Padded (or with `data.pack`, packed) batches of `split` ("validation", "test" or "train")
+    covering every example once."""
     paths = {"validation": cfg.validation, "test": cfg.test}.get(split)
     if split == "train":
         paths = [p for s in cfg.sources.values() for p in ([s.path] if isinstance(s.path, str) else s.path)]
@@ -421,13 +451,23 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
         featurizer = TaskFeaturizer(featurizer, task_id)
     return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size, buckets=cfg.length_buckets,
                        pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
-                       process_count=process_count, seed=cfg.seed, by_length=cfg.group_by_length > 0)
+                       process_count=process_count, seed=cfg.seed, by_length=cfg.group_by_length > 0,
+                       pack_length=cfg.max_length if packs_batches(cfg, task_kind) else None,
+                       batch_shards=batch_shards)
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
                     data_axes: tuple[str, ...] = ("data", "fsdp")) -> dict[str, jax.Array]:
     """Assemble the processes' local batches into global arrays sharded on the batch axis.
-    With several processes their widths already agree (`process_buckets`)."""
+    With several processes their widths already agree (`process_buckets`), and a packed batch's
+    `example_row` (a row of the process's batch) becomes a row of the global batch."""
     axes = tuple(a for a in data_axes if a in mesh.axis_names)
     sharding = NamedSharding(mesh, P(axes if axes else None))
+    if "example_row" in local_batch and jax.process_count() > 1:
+        shards = math.prod(mesh.shape[a] for a in axes)
+        blocks = sorted({index[0].start or 0 for index in
+                         sharding.addressable_devices_indices_map((shards,)).values()})
+        rows = local_batch["input_ids"].shape[0]
+        local_batch = dict(local_batch, example_row=global_rows(local_batch["example_row"], blocks,
+                                                                rows // len(blocks)))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

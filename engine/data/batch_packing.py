@@ -1,0 +1,130 @@
+"""Packing within a batch, for kinds with one output per example (seq_cls, pair_cls, regression).
+
+A packed batch holds exactly the examples the unpacked pipeline puts in that batch, in the same
+stream order (so steps, the lr schedule and the iterator's resume state mean the same thing);
+only their layout changes: they are placed into R rows of `row_length` tokens, first-fit
+decreasing by length, and R is padded up to a multiple of a step (about an eighth of the
+examples, rounded up to a multiple of `shards`), so only a few shapes compile. Padding rows are
+all pad.
+
+Per-token arrays [R, row_length]: input_ids (pad_id), attention_mask, token_type_ids (pairs),
+segment_ids (1..k within a row, 0 = pad) and positions (0.. within each segment).
+Per-example arrays [n]: labels and the other scalars (task_id), example_mask, and
+example_row / example_start (int32): the row and the position of the example's first token
+([CLS]). Padding examples (example_mask 0) point at row 0, position 0.
+
+The encoder reads segment_ids (block-diagonal attention) and positions (per-segment position
+ids), as for packed causal-LM rows; the head pools each example at (example_row, example_start)
+or over its own segment (models.heads.pool), so the logits are [n, C] as unpacked.
+
+Layout constraints, both exact:
+- `accum` (optim.grad_accum_steps = k): engine.step splits every array into micro-batches by
+  index modulo k (rows i*k+j go to micro-batch j). So the examples of micro-batch j (index % k ==
+  j) are packed into rows r with r % k == j, Q rows per micro-batch (R = k * Q); the step divides
+  example_row by k.
+- `shards` (data x fsdp shards of this process's rows): Q is a multiple of it, so every device
+  holds whole rows of every micro-batch.
+With `fixed_rows` (several processes, which must agree on the global shape without exchanging
+row counts every step, as `process_buckets` does for widths) Q is the largest row count, i.e.
+R = n: packing then saves nothing. example_row is a row of this process's batch; `to_global_batch`
+turns it into a row of the global batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from models.errors import TenureError
+
+
+def row_step(examples: int, shards: int = 1) -> int:
+    """Row counts of a micro-batch of `examples` are multiples of this: ceil(examples / 8),
+    rounded up to a multiple of `shards`."""
+    step = max(1, math.ceil(examples / 8))
+    return math.ceil(step / shards) * shards
+
+
+def first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Bins of indices (each bin's lengths sum to <= row_length), longest example first; every bin
+    lists its indices in ascending order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > row_length:
+            raise TenureError(f"data.pack: an example of {lengths[i]} tokens does not fit a row of "
+                              f"data.max_length={row_length}")
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_length - lengths[i])
+    return [sorted(row) for row in rows]
+
+
+def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad_id: int = 0,
+               slots: int | None = None, real: int | None = None, accum: int = 1, shards: int = 1,
+               fixed_rows: bool = False) -> dict[str, np.ndarray]:
+    """Pack examples[:real] (default all) into one batch with `slots` example slots (default
+    len(examples)); slots past `real` are padding examples (their scalars 0, example_mask 0)."""
+    slots = len(examples) if slots is None else slots
+    real = len(examples) if real is None else real
+    if slots % accum:
+        raise TenureError(f"data.pack: the {slots} examples of a process's batch do not split into "
+                          f"optim.grad_accum_steps={accum} micro-batches")
+    per_micro = slots // accum
+    step = row_step(per_micro, shards)
+    most = math.ceil(per_micro / step) * step
+    lengths = [len(ex["input_ids"]) for ex in examples[:real]]
+    micro_rows = [first_fit_decreasing([lengths[e] for e in range(j, real, accum)], row_length)
+                  for j in range(accum)]
+    needed = max([len(r) for r in micro_rows] + [1])
+    q = most if fixed_rows else min(math.ceil(needed / step) * step, most)
+    num_rows = q * accum
+
+    first = examples[0]
+    batch: dict[str, np.ndarray] = {}
+    for key, value in first.items():
+        if value.ndim == 0:
+            batch[key] = np.zeros((slots,), value.dtype)
+        elif value.ndim == 1:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = np.full((num_rows, row_length), fill, value.dtype)
+        else:
+            raise TenureError(f"data.pack: field {key!r} has {value.ndim} dimensions; only per-token "
+                              "sequences and scalars pack")
+    batch["segment_ids"] = np.zeros((num_rows, row_length), np.int32)
+    batch["positions"] = np.zeros((num_rows, row_length), np.int32)
+    batch["example_row"] = np.zeros((slots,), np.int32)
+    batch["example_start"] = np.zeros((slots,), np.int32)
+    batch["example_mask"] = np.zeros((slots,), np.float32)
+    batch["example_mask"][:real] = 1.0
+    for j, rows in enumerate(micro_rows):
+        members = list(range(j, real, accum))  # this micro-batch's examples
+        for q_index, row in enumerate(rows):
+            r, at = q_index * accum + j, 0
+            for segment, local in enumerate(row, start=1):
+                e = members[local]
+                example, n = examples[e], lengths[e]
+                for key, value in example.items():
+                    if value.ndim == 0:
+                        batch[key][e] = value
+                    else:
+                        batch[key][r, at:at + n] = value
+                batch["segment_ids"][r, at:at + n] = segment
+                batch["positions"][r, at:at + n] = np.arange(n)
+                batch["example_row"][e], batch["example_start"][e] = r, at
+                at += n
+    return batch
+
+
+def global_rows(local_rows: np.ndarray, local_blocks: Sequence[int], block: int) -> np.ndarray:
+    """Rows of a process's batch -> rows of the global batch, where the process holds the global
+    row blocks `local_blocks` (block indices, ascending) of `block` rows each, in that order (as
+    `jax.make_array_from_process_local_data` lays them out)."""
+    local_rows = np.asarray(local_rows)
+    return (np.asarray(local_blocks)[local_rows // block] * block + local_rows % block).astype(local_rows.dtype)
