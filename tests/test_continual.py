@@ -245,7 +245,7 @@ def test_probe_scores_the_backbone_as_an_embedding_run_would(data, retrieval, tm
     tenure(*probe_args(tmp_path / "full", data, retrieval))
     tenure(*probe_args(tmp_path / "head", data, retrieval, "trainable.mode=head"))
     start, end = probe_scores(tmp_path / "full")
-    assert start["test/lexnames/accuracy"] != end["test/lexnames/accuracy"]
+    assert start["test/lexnames/loss"] != end["test/lexnames/loss"]  # the 4 steps trained (accuracy may tie)
     assert start["test/embeddings/ndcg@10"] != end["test/embeddings/ndcg@10"]
 
     def embedding_baseline(model_path, run_dir):
