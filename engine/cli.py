@@ -133,5 +133,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `tenure` command: main(), then leave without the interpreter's teardown. At exit JAX
+    destroys its compiled executables, and this jaxlib's CPU runtime aborts (object_pool.h
+    "Check failed: available_.size() == num_created_") when one is destroyed with a computation
+    still in flight, e.g. one whose result nothing waited for: a finished run must not end with
+    exit code -6. Everything the run wrote (checkpoints, logs, exports) is closed by main() by now."""
+    code = main()
+    if "jax" not in sys.modules:  # a command that never touched JAX ends as usual
+        sys.exit(code)
+    import jax
+    from jax._src import distributed as jax_distributed
+    for array in jax.live_arrays():
+        array.block_until_ready()
+    if jax_distributed.global_state.client is not None:
+        jax.distributed.shutdown()  # the peers' shutdown barrier still sees this process leave
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
