@@ -70,29 +70,29 @@ def measure_train_rate(config_path: str, overrides: list[str], batches: int) -> 
     """
     import jax
 
-    from engine.build import build_run
+    from engine.build import build_backbone, build_stage, build_tasks, init_params, lora_spec
     from engine.config import load_config
     from engine.data.pipeline import to_global_batch
-    from engine.optim import build_schedule
-    from engine.step import make_train_step
+    from engine.stages import resolve
 
     cfg = load_config(config_path, overrides)
-    run = build_run(cfg)
-    step_fn = make_train_step(run.model, run.losses, run.tx, run.mesh, run.state_shardings,
-                              lr_schedule=build_schedule(cfg.optim, run.total_steps),
-                              trainable_mask=run.trainability.trainable_mask,
-                              accum_steps=cfg.optim.grad_accum_steps)
+    task_specs, stages = resolve(cfg)
+    backbone = build_backbone(cfg)
+    tasks = build_tasks(cfg, backbone, task_specs, trained=list(stages[0].weights))
+    params, shardings = init_params(cfg, backbone, tasks, lora_spec(stages[0].trainable))
+    run = build_stage(cfg, stages[0], backbone, tasks, params, shardings)
+    step_fn, mesh = run.step_fn, backbone.mesh
     local = [next(run.train_iter) for _ in range(batches)]
     run.train_iter.close()
     state, warmed = run.state, set()
     for batch in local:  # compile every bucket the timed loop will meet
         if batch["input_ids"].shape not in warmed:
             warmed.add(batch["input_ids"].shape)
-            state, metrics = step_fn(state, to_global_batch(batch, run.mesh))
+            state, metrics = step_fn(state, to_global_batch(batch, mesh))
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for batch in local:
-        state, metrics = step_fn(state, to_global_batch(batch, run.mesh))
+        state, metrics = step_fn(state, to_global_batch(batch, mesh))
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
     examples = sum(int(b["example_mask"].sum()) for b in local)
