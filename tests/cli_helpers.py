@@ -1,6 +1,8 @@
-"""Running the `tenure` CLI as a subprocess of a test, the way a user runs it."""
+"""Running the `tenure` CLI, or a two-process JAX job, as subprocesses of a test."""
+import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -16,3 +18,22 @@ def tenure(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_two_processes(worker: str, *args, timeout=300) -> list[dict]:
+    """Runs `python -c worker PORT INDEX *args` as processes 0 and 1 of one JAX job on a free
+    localhost port (CPU, the real device count); asserts both exit 0 and returns each one's
+    `RESULT {json}` line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [subprocess.Popen([sys.executable, "-c", worker, str(port), str(i), *map(str, args)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    return results

@@ -1,12 +1,10 @@
 """Two real JAX processes on localhost: disjoint train shards, global batches, eval coverage."""
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.cli_helpers import run_two_processes
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -47,12 +45,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -65,17 +57,7 @@ def test_two_processes_read_disjoint_shards_and_build_global_batches(tmp_path):
     _write(tmp_path / "train.jsonl", [{"text": " ".join([f"w{k}"] + ["w199"] * (4 * (k % 2))),
                                        "label": "pos" if k % 2 else "neg"} for k in range(16)])
     _write(tmp_path / "val.jsonl", [{"text": f"w{k}", "label": "neg"} for k in range(7)])
-    port, root = _free_port(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(tmp_path)], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    r0, r1 = results
+    r0, r1 = run_two_processes(WORKER, tmp_path, timeout=240)
     assert r0["local"] == [0, 2, 4, 6, 8, 10, 12, 14] and r1["local"] == [1, 3, 5, 7, 9, 11, 13, 15]
     assert r0["widths"] == [16, 16] and r1["widths"] == [16, 16]
     assert r0["shapes"] == r1["shapes"] == [[8, 16], [8, 16]]

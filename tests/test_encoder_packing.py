@@ -353,25 +353,11 @@ jax.distributed.shutdown()
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_pack_into_global_rows(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
+    from tests.cli_helpers import run_two_processes
     write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join([f"w{k}"] + ["w199"] * (k % 5)),
                                             "label": "pos" if k % 2 else "neg"} for k in range(16)])
     write_jsonl(tmp_path / "val.jsonl", [{"text": f"w{k}", "label": "neg"} for k in range(7)])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(tmp_path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    results = run_two_processes(WORKER, tmp_path)
     assert results[0] == results[1]
     plain, packed = results[0]["false"], results[0]["true"]
     # Every process packs its own 4 examples into a fixed 4 rows; example_row is made global.
