@@ -125,7 +125,8 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module,
 
 def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.GradientTransformation,
                     mesh: Mesh, state_shardings: TrainState, *, lr_schedule: optax.Schedule,
-                    trainable_mask: Any, accum_steps: int = 1, xla_options: dict | None = None, divergence: DivergenceConfig | None = None):
+                    trainable_mask: Any, accum_steps: int = 1, xla_options: dict | None = None,
+                    divergence: DivergenceConfig | None = None):
     """jit(train_step): state stays in its shardings and is donated; metrics come back replicated.
     `xla_options` default to engine.xla_env.compiler_options (the oneDNN dot path on CPU);
     `divergence` guards every update when the state's extra holds a "divergence" state."""
