@@ -104,19 +104,19 @@ def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
     element. One threefry2x32 block yields 64 random bits, i.e. four 16-bit draws, so the mask
     costs a quarter of the blocks `jax.random.bernoulli` spends (one per element in the
     partitionable threefry scheme), the largest single cost of a CPU train step's dropout."""
-    shape = tuple(shape) or (1,)
-    *lead, last = shape
+    shape = tuple(shape)
+    *lead, last = (1, *shape) if len(shape) < 2 else shape  # counters need a leading axis
     blocks = -(-last // 4)
     data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
     words = data.reshape(-1).astype(jnp.uint32)
-    hi, lo = _block_counters((*lead, blocks) if lead else (1, blocks))
+    hi, lo = _block_counters((*lead, blocks))
     # Materialised once per block: fused into the mask's 4-way stack, each draw would
     # recompute the whole block.
     bits1, bits2 = jax.lax.optimization_barrier(threefry2x32(words[0], words[1], hi, lo))
     threshold = jnp.uint32(round((1.0 - rate) * KEEP_RESOLUTION))
     draws = (bits1 & 0xFFFF, bits1 >> 16, bits2 & 0xFFFF, bits2 >> 16)
     keep = jnp.stack([d < threshold for d in draws], axis=-1)
-    return keep.reshape(*(lead or [1]), 4 * blocks)[..., :last].reshape(shape)
+    return keep.reshape(*lead, 4 * blocks)[..., :last].reshape(shape)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
