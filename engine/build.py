@@ -282,7 +282,7 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) ->
 
 def stage_losses(tasks: Tasks, stage: Stage) -> dict:
     """Loss terms: the task's (single-task run), or one per trained task ("task/<name>", weighted)
-    and per replayed task ("replay/<name>")."""
+    and per replayed task ("replay/<name>", replay.weight / the number of replayed tasks)."""
     if not tasks.multi:
         run_task = tasks.first
         return {"task": task_loss(run_task.task.spec.kind, run_task.task.spec)}
@@ -290,12 +290,13 @@ def stage_losses(tasks: Tasks, stage: Stage) -> dict:
     for name, weight in stage.weights.items():
         spec = tasks.by_name[name].task.spec
         losses[f"task/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index, weight)
-    if stage.replay.ratio > 0:
-        for name in stage.earlier:
-            if name not in stage.weights:
-                spec = tasks.by_name[name].task.spec
-                losses[f"replay/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index,
-                                                   stage.replay.weight)
+    replayed = [t for t in stage.earlier if t not in stage.weights] if stage.replay.ratio > 0 else []
+    for name in replayed:
+        # One replay term over all earlier tasks (their mean), however many there are: a term of
+        # weight replay.weight each would give the old tasks k times the new task's pull.
+        spec = tasks.by_name[name].task.spec
+        losses[f"replay/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index,
+                                           stage.replay.weight / len(replayed))
     return losses
 
 

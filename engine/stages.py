@@ -49,7 +49,8 @@ class ReplayConfig(_Section):
     ratio: float = Field(0.0, ge=0, lt=1, description="share of every batch drawn from earlier stages' tasks; 0 = off")
     buffer: int | None = Field(None, ge=1, description="per earlier task, a reservoir sample of this many "
                                                        "training records; null = the whole old training set")
-    weight: float = Field(1.0, ge=0, description="loss weight of the replayed examples (mean over them)")
+    weight: float = Field(1.0, ge=0, description="loss weight of the replay term: the mean over the earlier "
+                                                       "tasks of their replayed examples' mean loss")
 
 
 class GuardConfig(_Section):

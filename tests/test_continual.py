@@ -152,6 +152,33 @@ def test_sigkill_in_stage_two_resumes_bit_exact(data, tmp_path):
     assert record(killed)["curves"] == record(straight)["curves"]
 
 
+def test_replay_term_is_the_mean_over_earlier_tasks():
+    """Stage D of four replays A, B and C: each replayed task's term weighs replay.weight / 3, so
+    the replay term is the mean of their losses (not their sum) and the new task keeps its pull."""
+    import jax.numpy as jnp
+
+    from engine.build import RunTask, Tasks, stage_losses
+    from engine.losses import total_loss
+
+    cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml", ["replay.ratio=0.25", "replay.weight=0.6"])
+    tasks, stages = resolve(cfg)
+    run_tasks = Tasks({name: RunTask(task, i, None, {}) for i, (name, task) in enumerate(tasks.items())},
+                      "classification", None, True)
+    losses = stage_losses(run_tasks, stages[3])
+    assert list(losses) == ["task/D", "replay/A", "replay/B", "replay/C"]
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, 8)
+    task_id = np.array([3, 3, 3, 3, 3, 0, 1, 2])
+    batch = {"labels": jnp.asarray(labels), "task_id": jnp.asarray(task_id), "example_mask": jnp.ones(8)}
+    total, metrics = total_loss(losses, None, {"logits": jnp.asarray(logits)}, batch, {})
+    nll = np.log(np.exp(logits).sum(-1)) - logits[np.arange(8), labels]
+    assert float(metrics["loss/task/D"]) == pytest.approx(nll[:5].mean(), rel=1e-5)
+    for name, row in (("A", 5), ("B", 6), ("C", 7)):
+        assert float(metrics[f"loss/replay/{name}"]) == pytest.approx(0.6 / 3 * nll[row], rel=1e-5)
+    assert float(total) == pytest.approx(nll[:5].mean() + 0.6 * nll[5:].mean(), rel=1e-5)
+
+
 def test_stage_config_resolves_and_names_bad_keys(tmp_path):
     cfg = load_config(CONFIG, ["stages.1.steps=7", "replay.ratio=0.2", "stages.1.ewc.lambda=5"])
     tasks, stages = resolve(cfg)
