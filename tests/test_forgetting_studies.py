@@ -61,7 +61,7 @@ def _train(run_dir, overrides, config="split_lexnames.yaml"):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # two MiniLM runs, one with EWC's Fisher pass (~3 min idle together)
+@pytest.mark.timeout(2400)  # two MiniLM runs, one with EWC's Fisher pass: 6m25s together, idle
 def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path):
     """Study 1, task-IL (a head per task), seed 0, stages A and B: naive fine-tuning on B loses
     part of A, EWC (the study's lambda, exact Fisher) keeps clearly more of it and still learns B."""
@@ -71,8 +71,11 @@ def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path):
     ewc = _train(tmp_path / "ewc", [*study.methods["ewc"], two_tasks])
     assert naive["R"][0][0] > 0.8 and ewc["R"][0][0] > 0.8        # both learn A first (same stage A)
     assert naive["R"][1][1] > 0.8 and ewc["R"][1][1] > 0.7        # and then B
-    assert naive["summary"]["forgetting_max"] > 0.1                # naive loses part of A
-    assert ewc["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - MARGIN
+    # R has a row per stage and a column per task (C and D are only evaluated here), so
+    # forgetting of A is read off R: its accuracy after A minus after B.
+    forgetting = {name: rec["R"][0][0] - rec["R"][1][0] for name, rec in (("naive", naive), ("ewc", ewc))}
+    assert forgetting["naive"] > 0.1, forgetting                   # naive loses part of A
+    assert forgetting["ewc"] < forgetting["naive"] - MARGIN, forgetting
 
 
 
