@@ -31,7 +31,7 @@ from engine.divergence import init_divergence_state
 from engine.losses import of_task, task_loss
 from engine.metrics import check_eval_metric
 from engine.optim import build_optimizer, build_schedule
-from engine.stages import Stage, Task
+from engine.stages import Stage, Task, replayed_tasks
 from engine.step import TrainState, init_state, like_params_shardings, make_train_step
 from engine.trainability import Trainability, compile_trainability
 from models.errors import TenureError
@@ -260,7 +260,7 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) ->
     if not tasks.multi:
         return single_task_iterator(backbone, tasks.first, seed=seed, multi=False,
                                     label_vocab=tasks.label_vocab, accum_steps=accum), {}
-    replayed = [t for t in stage.earlier if t not in stage.weights] if stage.replay.ratio > 0 else []
+    replayed = replayed_tasks(stage)
     new_share = (1 - stage.replay.ratio) / len(stage.weights) if replayed else 1.0
     old_share = stage.replay.ratio / len(replayed) if replayed else 0.0
     sources, buffers = [], {}
@@ -290,7 +290,7 @@ def stage_losses(tasks: Tasks, stage: Stage) -> dict:
     for name, weight in stage.weights.items():
         spec = tasks.by_name[name].task.spec
         losses[f"task/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index, weight)
-    replayed = [t for t in stage.earlier if t not in stage.weights] if stage.replay.ratio > 0 else []
+    replayed = replayed_tasks(stage)
     for name in replayed:
         # One replay term over all earlier tasks (their mean), however many there are: a term of
         # weight replay.weight each would give the old tasks k times the new task's pull.

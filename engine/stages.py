@@ -163,3 +163,8 @@ def _names(value: str | list[str]) -> list[str]:
 
 def guarded_tasks(guard: GuardConfig) -> list[str]:
     return _names(guard.task)
+
+
+def replayed_tasks(stage: Stage) -> list[str]:
+    """Earlier tasks this stage replays (none when replay is off), in training order."""
+    return [t for t in stage.earlier if t not in stage.weights] if stage.replay.ratio > 0 else []

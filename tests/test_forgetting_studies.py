@@ -2,8 +2,8 @@
 
 The slow test runs study 1 (split lexnames, the real MiniLM) in its task-incremental setting
 for seed 0 only, naive against EWC with the study file's own overrides, on its first two tasks
-(A then B, the study's 40 steps each), and asserts the ordering the literature finds robust there: EWC forgets less than
-naive; a second runs study 2 (the embeddings MiniLM was made for, scored on its backbone while
+(A then B, the study's 40 steps each), and asserts the ordering the literature finds robust
+there: EWC forgets less than naive; a second runs study 2 (the embeddings MiniLM was made for, scored on its backbone while
 it learns lexnames) for naive, head-only and LoRA. The class-incremental ordering (replay forgets far less than naive) is tested in
 tests/test_continual.py::test_minilm_class_incremental_replay_forgets_far_less.
 """
