@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine import sharding
 from engine.build import kept_head, lora_spec, model_for, with_dropout
 from engine.config import Config
+from engine.divergence import init_divergence_state
 from engine.frozen_base import cast_for_stage
 from engine.losses import task_losses
 from engine.optim import build_optimizer, build_schedule
@@ -141,11 +142,13 @@ def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int,
         params = jax.device_put(graft_pretrained(params, backbone, keep), param_shardings)
     params = cast_for_stage(params, trainability.labels, keep, cfg.trainable.mode, cfg.model.dtype)
     tx = build_optimizer(cfg.optim, trainability, total_steps)
-    state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings)
+    # The step `tenure train` runs, divergence guard included.
+    state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings,
+                                        {"divergence": init_divergence_state()._asdict()})
     step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,
                               lr_schedule=build_schedule(cfg.optim, total_steps),
                               trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps,
-                              xla_options=None if bench.onednn else {})
+                              xla_options=None if bench.onednn else {}, divergence=cfg.divergence)
     return arch, model, trainability, state, step_fn
 
 

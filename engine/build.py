@@ -32,7 +32,7 @@ from engine.losses import of_task, task_loss
 from engine.metrics import check_eval_metric
 from engine.optim import build_optimizer, build_schedule
 from engine.stages import Stage, Task, replayed_tasks
-from engine.step import TrainState, init_state, like_params_shardings, make_train_step
+from engine.step import TrainState, init_state, make_train_step
 from engine.trainability import Trainability, compile_trainability
 from models.errors import TenureError
 from models.hf import load_hf, resolve_model_dir
@@ -333,14 +333,10 @@ def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, par
     train_iter, buffers = stage_iterator(backbone, tasks, stage, seed)
     steps = stage_steps(stage, tasks, train_iter)
     tx = build_optimizer(stage.optim, trainability, steps)
-    state, state_shardings = init_state(params, tx, cfg.train.seed + 1 + 7919 * stage.index, backbone.mesh,
-                                        param_shardings)
     extra_losses, extra = regularize(trainability, model) if regularize else ({}, {})
     extra = dict(extra, divergence=init_divergence_state()._asdict())
-    if extra:
-        extra_shardings = like_params_shardings(extra, params, param_shardings, backbone.mesh)
-        state = state.replace(extra=jax.device_put(extra, extra_shardings))
-        state_shardings = state_shardings.replace(extra=extra_shardings)
+    state, state_shardings = init_state(params, tx, cfg.train.seed + 1 + 7919 * stage.index, backbone.mesh,
+                                        param_shardings, extra)
     losses = {**stage_losses(tasks, stage), **extra_losses}
     step_fn = make_train_step(model, losses, tx, backbone.mesh, state_shardings,
                               lr_schedule=build_schedule(stage.optim, steps),

@@ -139,6 +139,8 @@ def entry() -> None:
     "Check failed: available_.size() == num_created_") when one is destroyed with a computation
     still in flight, e.g. one whose result nothing waited for: a finished run must not end with
     exit code -6. Everything the run wrote (checkpoints, logs, exports) is closed by main() by now."""
+    from engine.host_memory import keep_freed_memory
+    keep_freed_memory()  # before JAX starts its threads
     code = main()
     if "jax" not in sys.modules:  # a command that never touched JAX ends as usual
         sys.exit(code)

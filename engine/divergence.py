@@ -1,10 +1,11 @@
 """Divergence guard: is this step's update safe to keep? Decided on device, inside the jit.
 
 `guard_step(cfg, state, loss, grad_norm) -> (ok, new_state)` is pure jnp, with no host sync:
-the train step calls it on the step's loss and (pre-clipping) gradient norm, keeps the
-update only where `ok` (`keep_if_ok`), and returns the `DivergenceState` in its metrics. The loop
-reads the state with the metrics it already fetches one step late, and halts when
-`state.halt` is set, naming the step and the reason (`describe`).
+the train step calls it on the step's loss and (pre-clipping) gradient norm, returns the
+`DivergenceState` in its metrics and, under `skip`, keeps the update only where `ok`
+(`keep_if_ok`). The loop reads the state with the metrics it already fetches one step late,
+and halts when `state.halt` is set, naming the step and the reason (`describe`), before the
+state after the bad step is saved or evaluated.
 
 A step is bad when the loss or gradient norm is NaN/Inf; when the loss exceeds
 `spike_factor` times its running mean (floored at `loss_floor`); once `warmup_steps` good

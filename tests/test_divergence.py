@@ -147,3 +147,45 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
     assert largest(kept.params) == largest(run.state.params) < 10
     assert describe(jax.device_get(guard), 1, jax.device_get(metrics)).startswith(
         "step 1: update larger than the weights (loss ")
+
+
+@pytest.mark.slow
+def test_the_train_step_skips_a_bad_update_under_skip_and_flags_it_under_halt(tmp_path):
+    """engine.step.train_step with the guard: lr=1000 makes the first update larger than the
+    weights. Under `skip` the returned params and AdamW moments are the old ones, bit for bit,
+    and the skip is counted; under `halt` the step only raises the flag (the loop stops on it
+    before the state is saved or evaluated; test_run_safety checks that end to end)."""
+    import functools
+    import json
+
+    import optax
+
+    from engine.config import validate
+    from engine.data.pipeline import to_global_batch
+    from engine.step import train_step
+    from engine.train import Trainer
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"word{i} thing", "label": "ab"[i % 2]}) + "\n"
+                                              for i in range(32)))
+    cfg = validate({"model": {"path": REAL_STEP}, "task": {"kind": "seq_cls"},
+                    "data": {"train": str(tmp_path / "t.jsonl"), "max_length": 16, "batch_size": 8},
+                    "optim": {"lr": 1000.0, "schedule": "constant"}, "train": {"steps": 4}})
+    trainer = Trainer(cfg)
+    run = trainer._build(0, trainer.start_params, {})
+    batch = to_global_batch(next(run.train_iter), trainer.backbone.mesh)
+    before = jax.device_get((run.state.params, run.state.opt_state))
+    results = {}
+    for policy in ("skip", "halt"):
+        step = jax.jit(functools.partial(
+            train_step, model=run.model, losses=run.losses, tx=run.tx, lr_schedule=optax.constant_schedule(1000.0),
+            trainable_mask=run.trainability.trainable_mask, divergence=DivergenceConfig(policy=policy)))
+        new, metrics = step(run.state, batch)
+        results[policy] = jax.device_get((new.params, new.opt_state)), jax.device_get(metrics)
+    (kept, metrics) = results["skip"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(before)))
+    assert int(metrics["divergence/skipped"]) == 1 and not bool(metrics["divergence/halt"])
+    assert int(metrics["divergence/reason"]) == 5
+    moved, metrics = results["halt"]
+    assert bool(metrics["divergence/halt"]) and int(metrics["divergence/reason"]) == 5
+    largest = max(float(np.abs(x).max()) for x in jax.tree.leaves(moved[0]))
+    assert largest > 900  # the blown-up update is in the returned state; nothing may keep it
