@@ -46,6 +46,6 @@ def keep_freed_memory() -> bool:
         libc.gnu_get_libc_version  # only glibc has these options
     except (OSError, AttributeError):
         return False
-    options = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    options = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
     TUNED = all(libc.mallopt(option, value) == 1 for option, value in options)
     return TUNED
