@@ -191,7 +191,7 @@ def _record(args, cfg, bench, b, runner, times, build_s, peak, overrides) -> dic
     record = {"config": args.config, "overrides": overrides, "host": host_description(),
               "task": cfg.task.kind, "dtype": cfg.model.dtype, "trainable": cfg.trainable.mode,
               "batch_size": rows, "length": length, "data": bench.data, "steps_timed": len(times),
-              "onednn": bench.onednn, "malloc_tuned": host_memory.TUNED,
+              "onednn": bench.onednn, "host_malloc": "reuse" if host_memory.TUNED else "default",
               "build_s": build_s, "compile_s": runner.compile_s, "compile_was_cache_hit": runner.cache_hit,
               "compile_cached_s": runner.compile_cached_s, "lower_s": runner.lower_s,
               **_rates(times, rows, padded, real),
@@ -282,7 +282,7 @@ def _table(r: dict) -> str:
     lines = [f"[{r.get('variant', 'A')}] tenure bench {r['config']} {' '.join(r['overrides'])}".rstrip(),
              f"host: {r['host']}",
              f"{r['task']} {r['batch_size']}x{r['length']} ({r['data']}), {r['dtype']}, trainable={r['trainable']} "
-             f"onednn={r['onednn']} malloc_tuned={r['malloc_tuned']} "
+             f"onednn={r['onednn']} host_malloc={r['host_malloc']} "
              f"({r['trainable_params']:,} params), {r['steps_timed']} timed steps",
              f"{'':22}{'tenure':>16}" + (f"{'HF PyTorch':>16}" if torch else "")]
     torch_cells = {"step p50 / p95 (s)": f"{torch['step_p50_s']:.3f} / {torch['step_p95_s']:.3f}",

@@ -1,5 +1,5 @@
-"""engine.host_memory: the `tenure` process keeps freed blocks for the next step instead of
-faulting fresh pages in every step. Each case runs in a new process (malloc options must be
+"""engine.host_memory (TENURE_HOST_MALLOC=reuse): the process keeps freed blocks for the next
+step instead of faulting fresh pages in every step. Each case runs in a new process (malloc options must be
 set before JAX starts its threads)."""
 import json
 import os
@@ -33,7 +33,7 @@ def probe(**env) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc options")
 def test_freed_step_buffers_are_reused_instead_of_faulted_in_again():
-    default, tuned = probe(TENURE_MALLOC_TUNING="0"), probe()
+    default, tuned = probe(), probe(TENURE_HOST_MALLOC="reuse")
     assert default["tuned"] is False and tuned["tuned"] is True
     pages = 100e6 / 4096
     assert default["faults_per_call"] > 0.8 * pages  # every page of the output faulted in again
@@ -43,5 +43,5 @@ def test_freed_step_buffers_are_reused_instead_of_faulted_in_again():
 def test_left_alone_when_the_step_runs_on_an_accelerator():
     code = "from engine.host_memory import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "JAX_PLATFORMS": "tpu"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+                         env={**os.environ, "JAX_PLATFORMS": "tpu", "TENURE_HOST_MALLOC": "reuse"}, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "False"
