@@ -104,10 +104,10 @@ def test_config_refuses_bad_values():
 REAL_STEP = "tests/fixtures/bert/seq_cls"
 
 
-@pytest.mark.slow
-def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_up(tmp_path):
-    """lr=1000 on the tiny BERT: unguarded, one AdamW step moves every weight by ~1000 while the
-    loss is still finite; guarded, that first update is refused and the weights stay as they were."""
+def lr1000_stage(tmp_path):
+    """(run, batch, step): the tiny BERT's first stage at lr=1000 (the first AdamW update moves
+    every weight by ~1000 while the loss stays finite), its first batch, and engine.step.train_step
+    bound to that stage's model, losses and optimizer (pass `divergence=` to guard it)."""
     import functools
     import json
 
@@ -128,6 +128,14 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
     step = functools.partial(train_step, model=run.model, losses=run.losses, tx=run.tx,
                              lr_schedule=optax.constant_schedule(cfg.optim.lr),
                              trainable_mask=run.trainability.trainable_mask)
+    return run, to_global_batch(next(run.train_iter), trainer.backbone.mesh), step
+
+
+@pytest.mark.slow
+def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_up(tmp_path):
+    """lr=1000 on the tiny BERT: unguarded, one AdamW step moves every weight by ~1000 while the
+    loss is still finite; guarded, that first update is refused and the weights stay as they were."""
+    run, batch, step = lr1000_stage(tmp_path)
     guard_cfg = DivergenceConfig()
 
     @jax.jit
@@ -138,7 +146,6 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
                                update_ratio(updates, state.params))
         return keep_if_ok(ok, new, state), guard, new, metrics
 
-    batch = to_global_batch(next(run.train_iter), trainer.backbone.mesh)
     kept, guard, unguarded, metrics = guarded(run.state, init_divergence_state(), batch)
     largest = lambda params: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(params))  # noqa: E731
     assert np.isfinite(float(metrics["loss"]))  # nothing non-finite to see yet
@@ -156,30 +163,12 @@ def test_the_train_step_skips_a_bad_update_under_skip_and_flags_it_under_halt(tm
     and the skip is counted; under `halt` the step only raises the flag (the loop stops on it
     before the state is saved or evaluated; test_run_safety checks that end to end)."""
     import functools
-    import json
 
-    import optax
-
-    from engine.config import validate
-    from engine.data.pipeline import to_global_batch
-    from engine.step import train_step
-    from engine.train import Trainer
-
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"word{i} thing", "label": "ab"[i % 2]}) + "\n"
-                                              for i in range(32)))
-    cfg = validate({"model": {"path": REAL_STEP}, "task": {"kind": "seq_cls"},
-                    "data": {"train": str(tmp_path / "t.jsonl"), "max_length": 16, "batch_size": 8},
-                    "optim": {"lr": 1000.0, "schedule": "constant"}, "train": {"steps": 4}})
-    trainer = Trainer(cfg)
-    run = trainer._build(0, trainer.start_params, {})
-    batch = to_global_batch(next(run.train_iter), trainer.backbone.mesh)
+    run, batch, step = lr1000_stage(tmp_path)
     before = jax.device_get((run.state.params, run.state.opt_state))
     results = {}
     for policy in ("skip", "halt"):
-        step = jax.jit(functools.partial(
-            train_step, model=run.model, losses=run.losses, tx=run.tx, lr_schedule=optax.constant_schedule(1000.0),
-            trainable_mask=run.trainability.trainable_mask, divergence=DivergenceConfig(policy=policy)))
-        new, metrics = step(run.state, batch)
+        new, metrics = jax.jit(functools.partial(step, divergence=DivergenceConfig(policy=policy)))(run.state, batch)
         results[policy] = jax.device_get((new.params, new.opt_state)), jax.device_get(metrics)
     (kept, metrics) = results["skip"]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(before)))
