@@ -87,8 +87,23 @@ def init_divergence_state() -> DivergenceState:
 def update_ratio(updates, params) -> jax.Array:
     """Global norm of the update over the global norm of the weights it applies to (pass the
     trainable leaves only; frozen leaves have zero updates and would only dilute it)."""
-    param_norm = optax.tree.norm(params)
-    return optax.tree.norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny)
+    return optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(params), jnp.finfo(jnp.float32).tiny)
+
+
+def ratio_before_apply(updates, params, trainable: list[bool]):
+    """(updates, ratio): `update_ratio` of the trainable leaves, with the update returned behind an
+    optimization barrier that also holds the ratio.
+
+    The step writes the new weights over the old ones (donated buffers). A norm of the old weights,
+    or of an update XLA recomputes from them, that nothing orders before that write makes XLA copy
+    every weight first (105 copies in a MiniLM step). The barrier orders both norms before any
+    weight is written; the update is then materialised once and read by the norm and by the add.
+    Same values as `update_ratio`; quickstart-shape step 1.05x faster (docs/performance.md)."""
+    def pick(tree):
+        return [leaf for leaf, t in zip(jax.tree.leaves(tree), trainable) if t]
+
+    ratio = update_ratio(pick(updates), pick(params))
+    return jax.lax.optimization_barrier((updates, ratio))
 
 
 def guard_step(cfg: DivergenceConfig, state: DivergenceState, loss: jax.Array, grad_norm: jax.Array,

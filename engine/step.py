@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from engine.divergence import DivergenceConfig, DivergenceState, guard_step, keep_if_ok, update_ratio
+from engine.divergence import DivergenceConfig, DivergenceState, guard_step, keep_if_ok, ratio_before_apply
 from engine.losses import LossFn, total_loss
 from engine.sharding import batch_sharding, replicated
 from engine.xla_env import compiler_options
@@ -98,13 +98,15 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, losses: dict
     it = iter(grads)
     full_grads = treedef.unflatten([next(it) if t else jnp.zeros_like(x) for x, t in zip(leaves, trains)])
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    guarded = divergence is not None and "divergence" in state.extra
+    ratio = None
+    if guarded and divergence.max_update_ratio is not None:
+        updates, ratio = ratio_before_apply(updates, state.params, trains)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     extra = state.extra
-    if divergence is not None and "divergence" in state.extra:
+    if guarded:
         # Decided on device: a bad update is never applied (skip) and the loop halts on it (halt).
-        trainable_updates = [u for u, t in zip(treedef.flatten_up_to(updates), trains) if t]
-        ratio = update_ratio(trainable_updates, trainable)
         ok, guard = guard_step(divergence, DivergenceState(**state.extra["divergence"]), metrics["loss"],
                                grad_norm, ratio)
         if divergence.policy == "skip":
