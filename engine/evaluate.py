@@ -103,7 +103,9 @@ class Evaluator:
     generate: Callable[[Any], dict[str, float]] | None = None
 
     def __call__(self, params, batches: Iterable[dict]) -> dict[str, float]:
-        parts = [_to_host(self.reduce_fn(params, batch)) for batch in batches]
+        # Dispatch every batch before reading any back: the host builds the next batch while
+        # the device runs the previous ones (outputs are small per-example arrays).
+        parts = [_to_host(out) for out in [self.reduce_fn(params, batch) for batch in batches]]
         scores = task_metrics(self.kind, _concat(parts), self.tag_names)
         if self.generate is not None:
             scores.update(self.generate(params))
