@@ -51,7 +51,7 @@ quickstart: $(STAMP)
 # module fixtures are built once); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV)

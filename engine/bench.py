@@ -89,8 +89,7 @@ class TenureRunner:
         start = time.perf_counter()
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
-        from engine.xla_env import compiler_options
-        cacheable = not (b.bench.onednn and compiler_options())
+        cacheable = not b.onednn
         self.cache_hit = cacheable and cache_entries(cache_dir) == before
         self.compile_cached_s = None
         if cacheable:  # the executable is in the persistent cache now
@@ -191,7 +190,7 @@ def _record(args, cfg, bench, b, runner, times, build_s, peak, overrides) -> dic
     record = {"config": args.config, "overrides": overrides, "host": host_description(),
               "task": cfg.task.kind, "dtype": cfg.model.dtype, "trainable": cfg.trainable.mode,
               "batch_size": rows, "length": length, "data": bench.data, "steps_timed": len(times),
-              "onednn": bench.onednn, "host_malloc": "reuse" if host_memory.TUNED else "default",
+              "onednn": b.onednn, "host_malloc": "reuse" if host_memory.TUNED else "default",
               "build_s": build_s, "compile_s": runner.compile_s, "compile_was_cache_hit": runner.cache_hit,
               "compile_cached_s": runner.compile_cached_s, "lower_s": runner.lower_s,
               **_rates(times, rows, padded, real),

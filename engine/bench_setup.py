@@ -31,6 +31,7 @@ from engine.losses import task_losses
 from engine.optim import build_optimizer, build_schedule
 from engine.step import TrainState, init_state, make_train_step
 from engine.trainability import compile_trainability, path_str, stage_of
+from engine.xla_env import compiler_options
 from models.errors import TenureError
 from models.hf import family, load_hf, read_config, resolve_model_dir
 from models.kinds import KINDS
@@ -53,7 +54,8 @@ class BenchConfig(BaseModel):
     steps: int = Field(1, ge=1, description="timed steps per round (1 = alternate every step)")
     rounds: int = Field(6, ge=1, description="rounds (with --compare torch or --ab: A B A B ...)")
     batches: int = Field(4, ge=1, description="distinct batches cycled through")
-    onednn: bool = Field(True, description="CPU: compile the step with the oneDNN dot path (engine/xla_env)")
+    onednn: bool | None = Field(None, description="CPU: compile the step with the oneDNN dot path (true) or XLA's "
+                                "default dots (false); unset: the engine's choice for the dtype and CPU (engine/xla_env)")
 
 
 @dataclasses.dataclass
@@ -69,6 +71,7 @@ class Bench:
     step_fn: Any
     batches: list[dict]
     num_labels: int
+    onednn: bool  # the dot path the step was compiled with
 
 
 def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int = 0) -> list[dict]:
@@ -148,7 +151,8 @@ def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int,
     step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,
                               lr_schedule=build_schedule(cfg.optim, total_steps),
                               trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps,
-                              xla_options=None if bench.onednn else {}, divergence=cfg.divergence)
+                              xla_options=compiler_options(mesh.devices.flat[0].platform, cfg.model.dtype, bench.onednn),
+                              divergence=cfg.divergence)
     return arch, model, trainability, state, step_fn
 
 
@@ -173,7 +177,8 @@ def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
         batches = synthetic_batches(bench, kind, vocab, seed=cfg.train.seed)
     total = bench.warmup + bench.steps * bench.rounds + 1
     arch, model, trainability, state, step_fn = _assemble(cfg, bench, model_dir, num_labels, batches[0], total)
-    return Bench(cfg, bench, model_dir, arch, kind, model, trainability, state, step_fn, batches, num_labels)
+    onednn = bool(compiler_options(dtype=cfg.model.dtype, onednn=bench.onednn))
+    return Bench(cfg, bench, model_dir, arch, kind, model, trainability, state, step_fn, batches, num_labels, onednn)
 
 
 def _dims(arch) -> tuple[int, int, int]:

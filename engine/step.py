@@ -135,11 +135,12 @@ def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.Gradi
                     trainable_mask: Any, accum_steps: int = 1, xla_options: dict | None = None,
                     divergence: DivergenceConfig | None = None):
     """jit(train_step): state stays in its shardings and is donated; metrics come back replicated.
-    `xla_options` default to engine.xla_env.compiler_options (the oneDNN dot path on CPU);
+    `xla_options` default to engine.xla_env.compiler_options (the dot path for the model's dtype);
     `divergence` guards every update when the state's extra holds a "divergence" state."""
     step = functools.partial(train_step, model=model, losses=losses, tx=tx, lr_schedule=lr_schedule,
                              trainable_mask=trainable_mask, accum_steps=accum_steps, divergence=divergence)
-    options = compiler_options(mesh.devices.flat[0].platform) if xla_options is None else xla_options
+    options = (compiler_options(mesh.devices.flat[0].platform, getattr(model, "dtype", jnp.float32))
+               if xla_options is None else xla_options)
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",),
                    compiler_options=options)
@@ -149,7 +150,8 @@ def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any,
                    reduce_fn: Callable[[dict, dict], Any] | None = None):
     step = functools.partial(eval_step, model=model, reduce_fn=reduce_fn)
     return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh),
-                   compiler_options=compiler_options(mesh.devices.flat[0].platform))
+                   compiler_options=compiler_options(mesh.devices.flat[0].platform,
+                                                     getattr(model, "dtype", jnp.float32)))
 
 
 def like_params_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

@@ -121,6 +121,8 @@ class Trainer:
         self.single = len(self.stages) == 1 and not self.tasks.multi
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
         self.history: dict = {}
+        self._stage_evaluators: dict[int, tuple] = {}  # stage index -> (its StageRun, its evaluators)
+        self._last_validation: tuple | None = None  # (stage index, step, params, validation scores)
 
     # -- one stage -------------------------------------------------------------------------
     def _regularize(self, index: int, params, previous_extra: dict, compute: bool):
@@ -173,8 +175,13 @@ class Trainer:
         return eval_models(self.cfg, self.backbone, self.tasks, model, self.lora)
 
     def _evaluators(self, sr: StageRun):
-        return make_evaluators(self.tasks, self._models(sr.model), self.backbone.mesh, sr.state_shardings.params,
-                               self.backbone.tokenizer)
+        """The stage's evaluators, built once per stage run (each jitted eval step compiles once)."""
+        built = self._stage_evaluators.get(sr.stage.index)
+        if built is None or built[0] is not sr:
+            built = (sr, make_evaluators(self.tasks, self._models(sr.model), self.backbone.mesh,
+                                         sr.state_shardings.params, self.backbone.tokenizer))
+            self._stage_evaluators[sr.stage.index] = built
+        return built[1]
 
     def _baseline(self, sr: StageRun, evaluators) -> None:
         scores = evaluate_all(self.tasks, evaluators, sr.state.params, ("validation", "test"), self.backbone.mesh)
@@ -230,6 +237,7 @@ class Trainer:
 
         def on_eval(step, state):
             scores = evaluate_all(self.tasks, evaluators, state.params, ("validation",), self.backbone.mesh)
+            self._last_validation = (index, step, state.params, dict(scores))
             if not self.single:  # the stage's own score: mean of its tasks' validation metrics
                 own = [task_score(self.tasks, scores, t, ("validation",)) for t in stage.weights]
                 if any(v is not None for v in own):
@@ -291,7 +299,12 @@ class Trainer:
         if self.single and best is not None and best != final_step:
             best_state, _, _ = self.restore(self.ckpt, sr, state, self.ckpt.read_extra(best), best)
             params, final_step = best_state.params, best
-        scores = evaluate_all(self.tasks, self._evaluators(sr), params, ("validation", "test"), self.backbone.mesh)
+        evaluators, last_eval = self._evaluators(sr), self._last_validation
+        if last_eval is not None and last_eval[:2] == (index, last) and last_eval[2] is params:
+            # These very weights were evaluated on validation at the stage's last step: same scores.
+            scores = last_eval[3] | evaluate_all(self.tasks, evaluators, params, ("test",), self.backbone.mesh)
+        else:
+            scores = evaluate_all(self.tasks, evaluators, params, ("validation", "test"), self.backbone.mesh)
         self.history["final"] = scores
         self.history["final_step"] = final_step
         # A resumed run that extends a finished stage replaces that stage's row.

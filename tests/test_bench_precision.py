@@ -15,7 +15,7 @@ from engine.optim import OptimConfig, build_optimizer, build_schedule
 from engine.sharding import MeshConfig, init_sharded, make_mesh
 from engine.step import init_state, make_train_step
 from engine.trainability import TrainableConfig, compile_trainability
-from engine.xla_env import ONEDNN_OPTIONS
+from engine.xla_env import ONEDNN_OPTIONS, compiler_options
 from models.bert import BertConfig
 from models.layers import ACTIVATIONS, KEEP_RESOLUTION, Dropout, keep_mask, layer_boundary, threefry2x32
 from models.tasks import build_task_model
@@ -71,6 +71,22 @@ def test_onednn_dots_match_xla_default_in_fp32():
     np.testing.assert_allclose(losses[:SNAPSHOT], ref_losses, rtol=1e-5)
     for got, want in zip(params, ref_params):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_dot_path_follows_the_compute_dtype_and_the_cpu(monkeypatch):
+    """oneDNN for 16-bit compute on any CPU; for fp32 only on AVX-512 CPUs (XLA's default dots win
+    fp32 on AVX2, docs/performance.md); TENURE_XLA_ONEDNN=1 / 0 forces it; GPU / TPU get nothing."""
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    monkeypatch.delenv("TENURE_XLA_ONEDNN", raising=False)
+    assert compiler_options("cpu", jnp.bfloat16) == ONEDNN_OPTIONS
+    assert compiler_options("cpu", jnp.float32) == (ONEDNN_OPTIONS if "avx512f" in flags else {})
+    assert compiler_options("cpu", jnp.float32, onednn=True) == ONEDNN_OPTIONS
+    assert compiler_options("cpu", jnp.bfloat16, onednn=False) == {}
+    assert compiler_options("gpu", jnp.bfloat16) == {} and compiler_options("gpu", jnp.float32, onednn=True) == {}
+    monkeypatch.setenv("TENURE_XLA_ONEDNN", "1")
+    assert compiler_options("cpu", jnp.float32) == ONEDNN_OPTIONS
+    monkeypatch.setenv("TENURE_XLA_ONEDNN", "0")
+    assert compiler_options("cpu", jnp.bfloat16) == {}
 
 
 def test_bf16_training_reaches_the_fp32_loss():

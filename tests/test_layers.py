@@ -145,7 +145,7 @@ def test_norms_match_numpy():
     np.testing.assert_allclose(rms, x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * 0.5, rtol=1e-5)
 
 
-def test_remat_gives_identical_gradients():
+def test_remat_gives_the_same_gradients():
     class Block(nn.Module):
         @nn.compact
         def __call__(self, x, deterministic):
@@ -159,6 +159,9 @@ def test_remat_gives_identical_gradients():
         return jax.grad(loss)(params)
 
     plain, full, dots = grads(Block), grads(remat_module(Block, "full", (2,))), grads(remat_module(Block, "dots", (2,)))
+    # Recomputing the forward can fuse, so round, differently: an ulp on an element much smaller
+    # than its neighbours (seen on AMD Zen 3) is rounding; a wrong gradient is off by far more.
     for a, b, c in zip(jax.tree.leaves(plain), jax.tree.leaves(full), jax.tree.leaves(dots)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
-        np.testing.assert_allclose(a, c, rtol=1e-6)
+        scale = float(np.abs(a).max())
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6 * scale)

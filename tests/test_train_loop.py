@@ -66,6 +66,11 @@ def test_artefacts_of_a_run(straight_run):
     assert [round(e.value, 5) for e in loss] == [round(v, 5) for v in s["train_loss"][1::2]]
     assert [e.step for e in events.Scalars("validation/accuracy")] == [4, 8]
     assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "hf" / "model.safetensors").is_file()
+    # The final validation scores are those of the eval that saw the chosen weights (reused when
+    # they are the last step's, recomputed from the best checkpoint otherwise).
+    chosen = next(e for e in s["evals"] if e["step"] == s["best_step"])
+    for key in ("validation/accuracy", "validation/loss", "validation/f1_macro"):
+        assert s["final"][key] == pytest.approx(chosen[key], abs=1e-6), key
 
 
 @pytest.mark.slow
