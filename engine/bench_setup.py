@@ -116,7 +116,8 @@ def real_batches(cfg: Config, bench: BenchConfig, tokenizer) -> tuple[list[dict]
     return [next(it) for _ in range(bench.batches)], (len(vocab) if vocab is not None else None)
 
 
-def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int, sample: dict, total_steps: int):
+def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int, sample: dict, total_steps: int,
+              xla_options: dict):
     """(arch, model, trainability, state, state_shardings, tx, mesh): what build_run makes,
     without the data pipeline, and with weights read only for model.init=pretrained."""
     mesh = sharding.make_mesh(cfg.mesh)
@@ -151,8 +152,7 @@ def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int,
     step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,
                               lr_schedule=build_schedule(cfg.optim, total_steps),
                               trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps,
-                              xla_options=compiler_options(mesh.devices.flat[0].platform, cfg.model.dtype, bench.onednn),
-                              divergence=cfg.divergence)
+                              xla_options=xla_options, divergence=cfg.divergence)
     return arch, model, trainability, state, step_fn
 
 
@@ -176,9 +176,11 @@ def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
         vocab = read_config(model_dir)["vocab_size"]
         batches = synthetic_batches(bench, kind, vocab, seed=cfg.train.seed)
     total = bench.warmup + bench.steps * bench.rounds + 1
-    arch, model, trainability, state, step_fn = _assemble(cfg, bench, model_dir, num_labels, batches[0], total)
-    onednn = bool(compiler_options(dtype=cfg.model.dtype, onednn=bench.onednn))
-    return Bench(cfg, bench, model_dir, arch, kind, model, trainability, state, step_fn, batches, num_labels, onednn)
+    xla_options = compiler_options(dtype=cfg.model.dtype, onednn=bench.onednn)
+    arch, model, trainability, state, step_fn = _assemble(cfg, bench, model_dir, num_labels, batches[0], total,
+                                                          xla_options)
+    return Bench(cfg, bench, model_dir, arch, kind, model, trainability, state, step_fn, batches, num_labels,
+                 bool(xla_options))
 
 
 def _dims(arch) -> tuple[int, int, int]:
