@@ -12,9 +12,17 @@ import sys
 from models.errors import TenureError
 
 
+def _with_compilation_cache() -> None:
+    """Train and eval keep their compiled steps in the persistent cache (engine/xla_env.py): the
+    next run with the same shapes, a study's other arms, a resume, skip those compiles."""
+    from engine.xla_env import enable_compilation_cache
+    enable_compilation_cache()
+
+
 def _cmd_train(args) -> int:
     from engine.config import load_config
     from engine.train import train
+    _with_compilation_cache()
     train(load_config(args.config, args.overrides), restart=args.restart)
     return 0
 
@@ -22,6 +30,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from engine.config import load_config
     from engine.commands import evaluate_checkpoint
+    _with_compilation_cache()
     evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.split)
     return 0
 

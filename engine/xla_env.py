@@ -1,8 +1,8 @@
 """Process-wide XLA settings the engine uses for speed, and the host's measured matmul peak.
 
-  enable_compilation_cache(directory=None) -> str   the persistent compilation cache, on by
-      default in $TENURE_COMPILATION_CACHE or ~/.cache/tenure/xla (a compiled step is reused
-      across runs with the same shapes, flags and jaxlib)
+  enable_compilation_cache(directory=None) -> str | None   the persistent compilation cache, on
+      by default in $TENURE_COMPILATION_CACHE or ~/.cache/tenure/xla (a compiled step is reused
+      across runs with the same shapes, flags and jaxlib); TENURE_COMPILATION_CACHE=off: none
   matmul_peak(dtype, n=2048) -> FLOP/s    best of a few jitted n x n x n matmuls on device 0
   host_description() -> str               CPU model and core count (for benchmark records)
 """
@@ -19,12 +19,24 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_CACHE = Path.home() / ".cache" / "tenure" / "xla"
+CACHE_MAX_BYTES = 4 << 30
 
 
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
-    path = Path(directory or os.environ.get("TENURE_COMPILATION_CACHE") or DEFAULT_CACHE).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
+    setting = directory or os.environ.get("TENURE_COMPILATION_CACHE") or DEFAULT_CACHE
+    if str(setting).lower() in ("off", "0", "none"):
+        return None
+    path = Path(setting).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a cache is an optimisation: a run never fails for want of one
+        warnings.warn(f"compilation cache {path}: {exc.strerror or exc}; compiling without it")
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
+    # A size cap turns on jax's LRU eviction, and with it a file lock around every read and
+    # write: processes sharing the cache (a study's runs, test workers) never read a half-written
+    # entry. One cut short by a kill fails to decompress and is recompiled, with a warning.
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     # Cache every executable that took more than half a second to compile (train / eval steps).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -9,10 +9,20 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tenure(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    """`python -m engine.cli ARGS` from the repository root on the machine's real devices (the
-    test session's 8 simulated CPU devices are not passed on); asserts exit 0 when `check`."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+def cli_env(real_model: bool = False) -> dict[str, str]:
+    """The environment of a `tenure` subprocess: the machine's real devices (the test session's 8
+    simulated CPU devices are not passed on); with `real_model` (MiniLM-size runs), XLA's default
+    optimisation level too: conftest's level 0 compiles tiny models 3x faster, but runs a real
+    model's steps so much slower (a 10 + 10-step MiniLM continual run: 96 s against 60 s) that
+    it loses."""
+    drop = {"JAX_NUM_CPU_DEVICES", "XLA_FLAGS"} if real_model else {"JAX_NUM_CPU_DEVICES"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def tenure(*args, check=True, timeout=600, real_model=False) -> subprocess.CompletedProcess:
+    """`python -m engine.cli ARGS` from the repository root (environment: `cli_env`); asserts
+    exit 0 when `check`."""
+    env = cli_env(real_model)
     result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check:

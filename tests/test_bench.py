@@ -23,7 +23,7 @@ def restore_compilation_cache():
     import jax
     from jax._src import compilation_cache
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
     saved = {name: getattr(jax.config, name) for name in names}
     yield
     for name, value in saved.items():

@@ -204,10 +204,11 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     (van de Ven & Tolias 2019: in class-IL regularisation does not keep old classes)."""
     common = ["stages.0.steps=40", "stages.1.steps=40", "train.eval_every=40", "logging.progress=false",
               "ewc.examples=64"]
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1500)
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1500)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1500, real_model=True)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1500,
+           real_model=True)
     tenure("train", CONFIG, f"run_dir={tmp_path / 'ewc'}", "stages.1.ewc.lambda=100000",
-           "stages.1.ewc.examples=64", *common, timeout=1500)
+           "stages.1.ewc.examples=64", *common, timeout=1500, real_model=True)
     naive, replay, ewc = record(tmp_path / "naive"), record(tmp_path / "replay"), record(tmp_path / "ewc")
     naive_forgets = naive["summary"]["forgetting_max"]
     replay_gain = naive_forgets - replay["summary"]["forgetting_max"]

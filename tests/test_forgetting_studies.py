@@ -9,13 +9,13 @@ tests/test_continual.py::test_minilm_class_incremental_replay_forgets_far_less.
 """
 import concurrent.futures
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from tests.cli_helpers import cli_env
 from engine.study.aggregate import ForgettingRecord
 from engine.study.config import load_study
 from engine.study.plots import _mean_curve
@@ -52,10 +52,9 @@ def test_curves_of_a_task_without_validation_split_come_from_R():
 
 
 def _train(run_dir, overrides, config="split_lexnames.yaml"):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     result = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(STUDY_DIR / config),
                              *overrides, f"run_dir={run_dir}", "train.seed=0", "logging.tensorboard=false"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                            cwd=ROOT, env=cli_env(real_model=True), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return json.loads((run_dir / "forgetting.json").read_text())
 

@@ -109,3 +109,31 @@ def test_divergence_halts_before_a_blown_up_update_is_saved(data, tmp_path):
     assert "step 2: update larger than the weights" in result.stderr
     assert "that update was not applied or saved; a rerun resumes from checkpoint step 1" in result.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_compiled_steps_are_reused_across_runs_and_a_torn_cache_entry_is_recompiled(data, tmp_path):
+    """`tenure train` keeps its compiled steps in TENURE_COMPILATION_CACHE: a second run of the same
+    config adds no entry (every step came from the cache) and ends with the same losses and
+    scores; entries cut in half (a kill mid-write) are recompiled, never a failed run."""
+    cache = tmp_path / "xla"
+
+    def run(name):
+        result = subprocess.run([sys.executable, "-m", "engine.cli", *args(tmp_path / name, data, 4)], cwd=ROOT,
+                                env={**env(), "TENURE_COMPILATION_CACHE": str(cache)}, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        s = summary(tmp_path / name)
+        return result, {k: s[k] for k in ("train_loss", "final", "baseline")}
+
+    _, first = run("first")
+    entries = {p.name: p.stat().st_size for p in cache.glob("*-cache")}
+    assert entries, "no compiled step was cached"
+    _, again = run("again")
+    assert again == first
+    assert {p.name: p.stat().st_size for p in cache.glob("*-cache")} == entries
+    for name, size in entries.items():
+        with open(cache / name, "r+b") as f:
+            f.truncate(size // 2)
+    torn, after = run("torn")
+    assert after == first
+    assert "Error reading persistent compilation cache entry" in torn.stderr

@@ -6,7 +6,6 @@ first rows, then reads the run's summary.json.
 """
 import itertools
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.cli_helpers import cli_env
 from engine.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,9 +32,8 @@ def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> d
                  f"data.validation={_head(base.data.validation, rows, tmp_path / 'val.jsonl')}",
                  f"data.test={_head(base.data.test, rows, tmp_path / 'test.jsonl')}",
                  f"data.train={ROOT / base.data.train}", *extra]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     result = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(path), *overrides],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=ROOT, env=cli_env(real_model=True), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     losses = summary["train_loss"]
