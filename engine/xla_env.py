@@ -24,7 +24,7 @@ CACHE_MAX_BYTES = 4 << 30
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
     setting = directory or os.environ.get("TENURE_COMPILATION_CACHE") or DEFAULT_CACHE
-    if str(setting).lower() in ("off", "0", "none"):
+    if str(setting) == "off":
         return None
     path = Path(setting).expanduser()
     try:

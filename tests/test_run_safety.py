@@ -3,7 +3,6 @@ continues the same loss curve; a second run on a busy run dir is refused naming 
 config change that breaks the run is refused on resume (the checkpoints stay); --restart moves
 the old run aside."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import time
 import pytest
 
 from test_train_loop import TINY_BERT, data, summary  # noqa: F401  (the `data` fixture)
+from tests.cli_helpers import cli_env as env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,10 +23,6 @@ def args(run_dir, data, steps, *extra):
             "data.max_length=32", "data.batch_size=8", "data.eval_batch_size=16", f"train.steps={steps}",
             "train.eval_every=1000", "train.log_every=2", "checkpoint.every_steps=1000", "optim.schedule=constant",
             "optim.warmup_ratio=0", "optim.lr=1e-3", "logging.progress=false", *extra]
-
-
-def env():
-    return {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
 
 
 def tenure(*argv, check=True):
@@ -113,8 +109,10 @@ def test_divergence_halts_before_a_blown_up_update_is_saved(data, tmp_path):
 
 def test_compiled_steps_are_reused_across_runs_and_a_torn_cache_entry_is_recompiled(data, tmp_path):
     """`tenure train` keeps its compiled steps in TENURE_COMPILATION_CACHE: a second run of the same
-    config adds no entry (every step came from the cache) and ends with the same losses and
-    scores; entries cut in half (a kill mid-write) are recompiled, never a failed run."""
+    config reads every entry the first one wrote (jax stamps an entry's access time on each hit)
+    and ends with the same losses and scores; entries cut in half (a kill mid-write) are
+    recompiled, never a failed run. (Which executables get cached depends on their compile time
+    passing 0.5 s, which varies on a loaded host: the test checks reads, not the entry count.)"""
     cache = tmp_path / "xla"
 
     def run(name):
@@ -128,9 +126,13 @@ def test_compiled_steps_are_reused_across_runs_and_a_torn_cache_entry_is_recompi
     _, first = run("first")
     entries = {p.name: p.stat().st_size for p in cache.glob("*-cache")}
     assert entries, "no compiled step was cached"
+    second_run_start = time.time_ns()
     _, again = run("again")
     assert again == first
-    assert {p.name: p.stat().st_size for p in cache.glob("*-cache")} == entries
+    for name, size in entries.items():
+        assert (cache / name).stat().st_size == size
+        stamp = int.from_bytes((cache / name.replace("-cache", "-atime")).read_bytes(), "little")
+        assert stamp >= second_run_start, f"{name} was not read by the second run"
     for name, size in entries.items():
         with open(cache / name, "r+b") as f:
             f.truncate(size // 2)
