@@ -190,7 +190,7 @@ def _record(args, cfg, bench, b, runner, times, build_s, peak, overrides) -> dic
     record = {"config": args.config, "overrides": overrides, "host": host_description(),
               "task": cfg.task.kind, "dtype": cfg.model.dtype, "trainable": cfg.trainable.mode,
               "batch_size": rows, "length": length, "data": bench.data, "steps_timed": len(times),
-              "onednn": b.onednn, "host_malloc": "reuse" if host_memory.TUNED else "default",
+              "onednn": b.onednn, "host_malloc": host_memory.MODE,
               "build_s": build_s, "compile_s": runner.compile_s, "compile_was_cache_hit": runner.cache_hit,
               "compile_cached_s": runner.compile_cached_s, "lower_s": runner.lower_s,
               **_rates(times, rows, padded, real),

@@ -149,7 +149,11 @@ def entry() -> None:
     still in flight, e.g. one whose result nothing waited for: a finished run must not end with
     exit code -6. Everything the run wrote (checkpoints, logs, exports) is closed by main() by now."""
     from engine.host_memory import keep_freed_memory
-    keep_freed_memory()  # before JAX starts its threads
+    try:
+        keep_freed_memory()  # before JAX starts its threads
+    except TenureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     code = main()
     if "jax" not in sys.modules:  # a command that never touched JAX ends as usual
         sys.exit(code)
