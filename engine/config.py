@@ -99,6 +99,9 @@ class LoggingConfig(Section):
 
 class Config(Section):
     run_dir: str = Field("runs/default", description="where logs, checkpoints and the HF export go")
+    branch_from: str | None = Field(
+        None, description="a finished staged run whose stages are this config's first ones: start after them, "
+                          "from its final checkpoint and history (engine/branch.py)")
     model: ModelConfig
     task: TaskConfig | None = Field(None, description="the task of a single-task run (with `data`)")
     data: DataConfig | None = Field(None, description="the data of a single-task run")

@@ -18,6 +18,7 @@ from typing import Any
 # paths; `*` also matches a list index. A key also matches when a prefix of it does.
 SAFE: tuple[str, ...] = (
     "run_dir",
+    "branch_from",  # only read when a run starts: a resume continues from its own checkpoints
     "logging", "*.logging",
     "train.log_every", "train.eval_every", "train.early_stopping", "train.resume",
     "eval", "*.eval", "*.eval_every", "*.log_every",

@@ -22,6 +22,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from engine import distributed
+from engine.branch import check_branch, computed_stages, source_checkpoints
 from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
                           init_params, kept_head, lora_spec)
 from engine.checkpoint import Checkpointer
@@ -119,6 +120,7 @@ class Trainer:
             self.tasks.head, self.backbone.pretrained_head, keep_pretrained_head))
         self.start_params = self.frozen_base.cast(start_params)
         self.single = len(self.stages) == 1 and not self.tasks.multi
+        self.stages_computed = computed_stages(cfg)  # checkpoints record it: a branch compares it
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
         self.history: dict = {}
         self._stage_evaluators: dict[int, tuple] = {}  # stage index -> (its StageRun, its evaluators)
@@ -156,6 +158,7 @@ class Trainer:
                        metrics=metrics,
                        extra={"step": step, "stage": index, "local_step": local,
                               "stopped": stopped, "history": self.history, "config": to_dict(self.cfg),
+                              "stages_computed": self.stages_computed,
                               "replay_buffers": sr.replay_buffers, "frozen_base": self.frozen_base.meta(),
                               "labels": self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None})
 
@@ -338,6 +341,31 @@ class Trainer:
         for note in notes:
             _print(f"note: resume: {note}")
 
+    def _branch(self, source: str) -> tuple:
+        """(params, regulariser trees, next stage index) after the stages the finished run at
+        `source` trained; this run's history starts as that run's."""
+        labels = self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
+        with Checkpointer(None, source_checkpoints(source), read_only=True) as ckpt:
+            step = ckpt.latest_step()
+            if step is None:
+                raise TenureError(f"branch_from: {source}: no checkpoint in {ckpt.directory}")
+            meta = ckpt.read_extra(step)
+            done = check_branch(meta, self.cfg, labels, source)
+            sr = self._build(done - 1, self.start_params, self._extra_shapes(done - 1), compute=False)
+            sr.train_iter.close()
+            state, _, extra = self.restore(ckpt, sr, sr.state, meta, step)
+        local = int(extra["local_step"])
+        if not (extra.get("stopped") or local >= sr.steps):
+            raise TenureError(f"branch_from: {source}: its newest checkpoint (step {step}) is not the end of "
+                              "its last stage; branch from a run that ran to its end")
+        self.history = extra["history"]
+        params = state.params
+        if len(self.history.get("R", [])) < done:  # the stage end is saved before R's row is taken
+            params, _ = self.finish_stage(sr, state, params, local)
+        _print(f"branched from {source} after stage{'s' * (done > 1)} "
+               f"{', '.join(s.name for s in self.stages[:done])} (checkpoint step {step})")
+        return params, state.extra, done
+
     def _run(self) -> dict:
         cfg = self.cfg
         self.tb = TBLogger(self.run_dir / "tb", enabled=distributed.is_primary() and cfg.logging.tensorboard)
@@ -364,6 +392,8 @@ class Trainer:
                 sr.train_iter.set_state(data_state)
                 resumed = (sr, state, local)
             _print(f"resumed from step {extra['step']} ({self.ckpt.directory})")
+        elif cfg.branch_from:
+            params, previous_extra, begin = self._branch(cfg.branch_from)
         final_step = self.history.get("final_step", 0)
         for index in range(begin, len(self.stages)):
             if resumed is not None:

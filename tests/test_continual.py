@@ -56,8 +56,8 @@ def staged_args(run_dir, data, stages=2, steps=6, *extra):
 
 
 
-def train(run_dir, data, *extra, stages=2):
-    return tenure("train", CONFIG, *staged_args(run_dir, data, stages, 6, *extra))
+def train(run_dir, data, *extra, stages=2, check=True):
+    return tenure("train", CONFIG, *staged_args(run_dir, data, stages, 6, *extra), check=check)
 
 
 def record(run_dir):
@@ -152,6 +152,53 @@ def test_sigkill_in_stage_two_resumes_bit_exact(data, tmp_path):
     assert record(killed)["curves"] == record(straight)["curves"]
 
 
+STAGE_A_ONLY = "stages=" + json.dumps([{"tasks": ["A"], "steps": 6}])
+
+
+@pytest.fixture(scope="module")
+def stage_a_run(tmp_path_factory, data):
+    """The config cut to stage A: what the methods of a study share."""
+    run_dir = tmp_path_factory.mktemp("stage_a")
+    train(run_dir, data, STAGE_A_ONLY)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_branch_after_stage_a_trains_stage_b_as_the_whole_run_does(stage_a_run, data, tmp_path):
+    """EWC and replay set for every stage act from stage B on, so they branch from the naive
+    stage A; the branch ends with the whole run's weights, losses, R and curves, bit for bit."""
+    methods = ("ewc.lambda=1000", "replay.ratio=0.25")
+    whole, branch = tmp_path / "whole", tmp_path / "branch"
+    train(whole, data, *methods)
+    result = train(branch, data, *methods, f"branch_from={stage_a_run}")
+    assert f"branched from {stage_a_run} after stage A" in result.stdout
+    got, want = json.loads((branch / "summary.json").read_text()), json.loads((whole / "summary.json").read_text())
+    assert len(want["train_loss"]) == 12 and got["train_loss"] == want["train_loss"]
+    assert weights(branch) == weights(whole)
+    assert record(branch)["R"] == record(whole)["R"]
+    assert record(branch)["curves"] == record(whole)["curves"]
+    assert record(branch)["start_row"] == record(whole)["start_row"]
+
+
+@pytest.mark.slow
+def test_a_branch_whose_first_stages_differ_is_refused(stage_a_run, data, tmp_path):
+    def refused(*extra):
+        result = train(tmp_path / "branch", data, *extra, f"branch_from={stage_a_run}", check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "branch" / "summary.json").exists()
+        return result.stderr.strip().splitlines()[-1]
+
+    assert "train.seed: 0 -> 1" in refused("train.seed=1")
+    assert "stages_run.0.steps: 6 -> 5" in refused("stages.0.steps=5")
+    line = refused("l2sp.alpha=1.0")  # L2-SP acts in stage A too
+    assert line.startswith(f"error: branch_from: {stage_a_run}: its first 1 stage differ") and "l2sp" in line
+    assert "nothing would be left to train" in refused(STAGE_A_ONLY)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    line = train(tmp_path / "b2", data, f"branch_from={unfinished}", check=False).stderr.strip().splitlines()[-1]
+    assert line == f"error: branch_from: {unfinished} is not a finished run (no summary.json; branch from a run that ran to its end)"
+
+
 def test_replay_term_is_the_mean_over_earlier_tasks():
     """Stage D of four replays A, B and C: each replayed task's term weighs replay.weight / 3, so
     the replay term is the mean of their losses (not their sum) and the new task keeps its pull."""
@@ -196,20 +243,24 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # three real-MiniLM runs; make test runs another file's beside them
+@pytest.mark.timeout(2400)  # stage A, then three stage-B branches of the real MiniLM
 def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     """The real pretrained MiniLM, 8 lexname classes split into two tasks, one shared head: plain
     sequential fine-tuning loses task A (its classes are never predicted again), replaying
     1 old example in 4 keeps most of it, and EWC's gain over naive is a fraction of replay's
     (van de Ven & Tolias 2019: in class-IL regularisation does not keep old classes)."""
-    common = ["stages.0.steps=40", "stages.1.steps=40", "train.eval_every=40", "logging.progress=false",
-              "ewc.examples=64"]
+    common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64"]
+    # Stage A once; the three methods branch from it (they differ from stage B on).
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'A'}", "stages=" + json.dumps([{"tasks": ["A"], "steps": 40}]),
+           *common, timeout=1500, real_model=True)
+    common += ["stages.0.steps=40", "stages.1.steps=40", f"branch_from={tmp_path / 'A'}"]
     tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1500, real_model=True)
     tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1500,
            real_model=True)
     tenure("train", CONFIG, f"run_dir={tmp_path / 'ewc'}", "stages.1.ewc.lambda=100000",
            "stages.1.ewc.examples=64", *common, timeout=1500, real_model=True)
     naive, replay, ewc = record(tmp_path / "naive"), record(tmp_path / "replay"), record(tmp_path / "ewc")
+    assert naive["R"][0] == replay["R"][0] == ewc["R"][0]           # one stage A
     naive_forgets = naive["summary"]["forgetting_max"]
     replay_gain = naive_forgets - replay["summary"]["forgetting_max"]
     ewc_gain = naive_forgets - ewc["summary"]["forgetting_max"]

@@ -134,6 +134,31 @@ grid:
         (pathlib.Path(f"o2/base/naive/seed{k}"), f"naive seed {k}") for k in range(3)]
 
 
+def test_methods_that_differ_only_after_stage_a_share_one_stage_a_run(tmp_path):
+    from engine.study.config import share_first_stage
+    data = {"train": "train.jsonl", "labels": ["x", "y"]}
+    base = {"model": {"path": "some/model"}, "tasks": {"A": {"kind": "seq_cls", "data": data},
+                                                       "B": {"kind": "seq_cls", "data": data}},
+            "stages": [{"tasks": ["A"], "steps": 4}, {"tasks": ["B"], "steps": 4}]}
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods:\n  naive: []\n  ewc: [ewc.lambda=100]\n"
+                                 "  replay: [replay.ratio=0.25]\n  l2sp: [l2sp.alpha=1.0]\n")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    first, runs = share_first_stage(runs, tmp_path / "out")
+    assert [(r.method, r.seed, r.run_dir.relative_to(tmp_path)) for r in first] == [
+        ("naive", k, pathlib.Path(f"out/base/first_stage/naive/seed{k}")) for k in (0, 1)]
+    assert first[0].command[-1] == 'stages=[{"tasks": ["A"], "steps": 4}]'
+    assert f"run_dir={first[0].run_dir}" in first[0].command and "train.seed=0" in first[0].command
+    branch = {(r.method, r.seed): next((c for c in r.command if c.startswith("branch_from=")), None) for r in runs}
+    for seed in (0, 1):
+        for method in ("naive", "ewc", "replay"):  # EWC and replay act only from stage B on
+            assert branch[method, seed] == f"branch_from={first[seed].run_dir}"
+        assert branch["l2sp", seed] is None  # L2-SP pulls stage A's weights too
+    one_stage = {**base, "stages": base["stages"][:1]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(one_stage))
+    assert share_first_stage(plan_runs(load_study(path), path, tmp_path / "o2"), tmp_path / "o2")[0] == []
+
+
 def test_exclude_leaves_cells_out_and_seed_keys_take_the_seed(tmp_path):
     path = write_study(tmp_path, """
 base: base.yaml
@@ -540,8 +565,13 @@ def test_study_of_two_methods_on_a_tiny_staged_run(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_study(study_args(study, "--out", str(out), "--jobs", "2")) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("2 runs: 0 already done, 2 to run, 2 at a time\n")
+    first = out / "base" / "first_stage" / "naive" / "seed0"
+    # replay acts from stage B on: both methods branch from one stage A
+    assert printed.startswith(f"first stage shared by the methods that differ only later: 1 run in {out}/*/first_stage\n"
+                              "1 run: 0 already done, 1 to run\n")
+    assert "\n2 runs: 0 already done, 2 to run, 2 at a time\n" in printed
     assert "[2/2] " in printed and ": ok in " in printed
+    assert json.loads((first / "forgetting.json").read_text())["stages"] == ["A"]
     (table,) = json.loads((out / "study.json").read_text())["cells"]
     assert [r["method"] for r in table["rows"]] == ["naive", "replay"] and table["tasks"] == ["A", "B"]
     for row in table["rows"]:
@@ -555,9 +585,10 @@ def test_study_of_two_methods_on_a_tiny_staged_run(tmp_path, capsys):
         assert row["mean"] == pytest.approx(expected) and row["seeds"] == [0]
         assert summary["forgetting_first"] == pytest.approx(R[0][0] - R[1][0])
         assert [p["step"] for p in record["curves"]] == [0, 2, 4, 6, 8]
+        assert record["R"][0] == json.loads((first / "forgetting.json").read_text())["R"][0]
     log = (out / "base" / "replay" / "seed0" / "study.log").read_text()
-    assert "stages.1.replay.ratio=0.5" in log.splitlines()[0]
+    assert "stages.1.replay.ratio=0.5" in log.splitlines()[0] and f"branched from {first} after stage A" in log
     # Resume: nothing is run again; the tables are rebuilt from the finished runs.
     assert run_study(study_args(study, "--out", str(out))) == 0
-    assert capsys.readouterr().out.startswith("2 runs: 2 already done, 0 to run\n")
+    assert "1 run: 1 already done, 0 to run\n2 runs: 2 already done, 0 to run\n" in capsys.readouterr().out
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000

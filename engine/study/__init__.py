@@ -71,7 +71,7 @@ def report(runs, out: pathlib.Path, title: str, grid_keys: list[str], pareto_axe
 
 def run_study(args) -> int:
     """`tenure study`: 0 when every run finished, 1 when any failed or is missing."""
-    from engine.study.config import default_out, load_study, plan_runs
+    from engine.study.config import default_out, load_study, plan_runs, share_first_stage
     from engine.study.runner import run_all
 
     study = load_study(args.study)
@@ -84,6 +84,11 @@ def run_study(args) -> int:
         missing = [run for run in runs if not run.result.is_file()]
         print(f"{len(runs)} runs: {len(runs) - len(missing)} finished, {len(missing)} not (--aggregate-only)")
     else:
+        first, runs = share_first_stage(runs, out)
+        if first:
+            print(f"first stage shared by the methods that differ only later: {len(first)} run"
+                  f"{'s' * (len(first) > 1)} in {out / '*' / 'first_stage'}", flush=True)
+            run_all(first, jobs=args.jobs)  # a failed one fails its branches, which say so
         outcome = run_all(runs, jobs=args.jobs)
         failed = outcome.failed
         missing = [run for run, _ in failed]

@@ -330,3 +330,33 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
                            *(f"{key}={seed}" for key in study.seed_keys))
                 runs.append(Run(method, cell, seed, run_dir, command))
     return runs
+
+
+def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Run], list[Run]]:
+    """(first-stage runs, the runs) where the runs of one cell and seed whose first stage computes
+    the same thing (engine/branch.py: EWC and replay act only from stage B on) train it once, as
+    the config cut to that stage in ``<out>/<cell slug>/first_stage/<method>/seed<k>``, and
+    branch from it (`branch_from`)."""
+    from engine.branch import first_stage_key
+    from engine.config import load_config
+
+    out = pathlib.Path(out).resolve()
+    groups: dict[tuple, list[tuple[Run, Any]]] = {}
+    for run in runs:
+        cfg = load_config(run.command[4], list(run.command[5:]))
+        key = first_stage_key(cfg)
+        if key is not None:
+            groups.setdefault((run.cell.slug, run.seed, key), []).append((run, cfg))
+    first, branched = [], {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        (lead, cfg), run_dir = members[0], out / members[0][0].cell.slug / "first_stage"
+        run_dir = run_dir / lead.method / f"seed{lead.seed}"
+        stage = cfg.stages[0].model_dump(mode="json", by_alias=True, exclude_none=True)
+        command = tuple(f"run_dir={run_dir}" if part.startswith("run_dir=") else part for part in lead.command)
+        first.append(Run(lead.method, lead.cell, lead.seed, run_dir,
+                         (*command, "stages=" + json.dumps([stage]))))
+        for run, _ in members:
+            branched[id(run)] = dataclasses.replace(run, command=(*run.command, f"branch_from={run_dir}"))
+    return first, [branched.get(id(run), run) for run in runs]

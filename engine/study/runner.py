@@ -151,8 +151,8 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
     todo = []
     for run in runs:
         (outcome.skipped if is_finished(run) else todo).append(run)
-    print(f"{len(runs)} runs: {len(outcome.skipped)} already done, {len(todo)} to run"
-          + (f", {jobs} at a time" if todo and jobs > 1 else ""), file=stream, flush=True)
+    print(f"{len(runs)} run{'s' * (len(runs) != 1)}: {len(outcome.skipped)} already done, {len(todo)} to run"
+          + (f", {min(jobs, len(todo))} at a time" if len(todo) > 1 and jobs > 1 else ""), file=stream, flush=True)
     if not todo:
         return outcome
     runner = _Runner(len(runs), len(outcome.skipped), thread_env(jobs) if env is None else env, stream)
