@@ -28,7 +28,7 @@ from engine.stages import Stage, replayed_tasks, resolve
 from models.errors import TenureError
 
 # Top-level sections every stage resolves from: compared through the stages they resolve to.
-STAGE_DEFAULTS = ("stages", "trainable", "optim", "ewc", "l2sp", "replay", "train.steps")
+STAGE_DEFAULTS = ("stages", "trainable", "optim", "ewc", "l2sp", "replay")
 
 
 def source_checkpoints(run_dir: str) -> pathlib.Path:
@@ -68,13 +68,9 @@ def computed_stages(cfg: Config) -> list[dict]:
 
 def _comparable(cfg: Config, stages: list[dict]) -> dict:
     tree = to_dict(cfg)
-    for key in STAGE_DEFAULTS:
-        *parents, leaf = key.split(".")
-        node = tree
-        for parent in parents:
-            node = node.get(parent) or {}
-        node.pop(leaf, None)
-    tree.pop("branch_from", None)
+    for key in (*STAGE_DEFAULTS, "branch_from"):
+        tree.pop(key, None)
+    tree["train"].pop("steps", None)  # a single-task run's stage length; staged runs set it per stage
     tree["stages_run"] = stages
     return tree
 

@@ -338,10 +338,10 @@ def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Ru
     the config cut to that stage in ``<out>/<cell slug>/first_stage/<method>/seed<k>``, and
     branch from it (`branch_from`)."""
     from engine.branch import first_stage_key
-    from engine.config import load_config
+    from engine.config import Config, load_config
 
     out = pathlib.Path(out).resolve()
-    groups: dict[tuple, list[tuple[Run, Any]]] = {}
+    groups: dict[tuple, list[tuple[Run, Config]]] = {}
     for run in runs:
         cfg = load_config(run.command[4], list(run.command[5:]))
         key = first_stage_key(cfg)
@@ -351,8 +351,8 @@ def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Ru
     for members in groups.values():
         if len(members) < 2:
             continue
-        (lead, cfg), run_dir = members[0], out / members[0][0].cell.slug / "first_stage"
-        run_dir = run_dir / lead.method / f"seed{lead.seed}"
+        lead, cfg = members[0]
+        run_dir = out / lead.cell.slug / "first_stage" / lead.method / f"seed{lead.seed}"
         stage = cfg.stages[0].model_dump(mode="json", by_alias=True, exclude_none=True)
         command = tuple(f"run_dir={run_dir}" if part.startswith("run_dir=") else part for part in lead.command)
         first.append(Run(lead.method, lead.cell, lead.seed, run_dir,
