@@ -268,6 +268,10 @@ class Trainer:
             early = stop and best.patience and best.bad_evals >= best.patience
             if early:
                 self.history.setdefault("early_stops", []).append({"step": offset + step, "stage": index})
+            if (step == sr.steps or stop) and guard is None and not self.single:
+                # The stage ends on these weights: R's row goes into its last checkpoint, so a
+                # resume or a branch from here does not evaluate the stage end again.
+                self._take_row(sr, state.params, step, offset + step)
             self._save(sr, step, state, stopped=stop, metrics=scores)
             if early:
                 _print(f"early stopping at step {offset + step}: no improvement in validation/"
@@ -298,10 +302,19 @@ class Trainer:
         """R's row for the stage (and, for a single-task run, its best checkpoint as the result)."""
         index = sr.stage.index
         final_step = self.offsets[index] + last
+        taken = self.history.get("stage_ends", [])
+        if len(self.history.get("R", [])) > index and len(taken) > index and taken[index] == final_step:
+            return params, final_step  # taken at the stage's last eval, before its checkpoint
         best = self.ckpt.best_step()
         if self.single and best is not None and best != final_step:
             best_state, _, _ = self.restore(self.ckpt, sr, state, self.ckpt.read_extra(best), best)
             params, final_step = best_state.params, best
+        self._take_row(sr, params, last, final_step)
+        return params, final_step
+
+    def _take_row(self, sr: StageRun, params, last: int, final_step: int) -> None:
+        """Evaluates `params` as stage `sr`'s result after its local step `last`: R's row."""
+        index = sr.stage.index
         evaluators, last_eval = self._evaluators(sr), self._last_validation
         if last_eval is not None and last_eval[:2] == (index, last) and last_eval[2] is params:
             # These very weights were evaluated on validation at the stage's last step: same scores.
@@ -316,7 +329,6 @@ class Trainer:
         self.history["stage_ends"] = self.history.get("stage_ends", [])[:index] + [self.offsets[index] + last]
         self.tb.scalars(final_step, {f"final/{k}": v for k, v in scores.items()}
                         | {f"R/{t}": v for t, v in self.history["R"][-1].items() if v is not None})
-        return params, final_step
 
     # -- the run -----------------------------------------------------------------------------
     def ranking(self) -> dict:

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from engine.checkpoint import Checkpointer
 from engine.config import load_config
 from engine.forgetting_metrics import summarize
 from engine.stages import resolve
@@ -172,6 +173,11 @@ def test_a_branch_after_stage_a_trains_stage_b_as_the_whole_run_does(stage_a_run
     train(whole, data, *methods)
     result = train(branch, data, *methods, f"branch_from={stage_a_run}")
     assert f"branched from {stage_a_run} after stage A" in result.stdout
+    # Stage A's last checkpoint carries R's row for A, so the branch starts without evaluating it again.
+    with Checkpointer(None, stage_a_run / "checkpoints", read_only=True) as ckpt:
+        saved = ckpt.read_extra(ckpt.latest_step())["history"]
+    assert saved["R"] == [dict(zip(record(stage_a_run)["tasks"], record(stage_a_run)["R"][0]))]
+    assert saved["stage_ends"] == [6]
     got, want = json.loads((branch / "summary.json").read_text()), json.loads((whole / "summary.json").read_text())
     assert len(want["train_loss"]) == 12 and got["train_loss"] == want["train_loss"]
     assert weights(branch) == weights(whole)
