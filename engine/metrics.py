@@ -5,19 +5,12 @@ several), so results can go straight to TensorBoard, JSON and tables. Well-kept
 libraries do the work where they exist: scikit-learn (classification), seqeval
 (entity spans), scipy (correlations), sacrebleu (BLEU) and rouge-score (ROUGE).
 Retrieval ranks are a few lines of numpy, checked against sklearn's ``ndcg_score``
-in the tests.
+in the tests. Each library is imported by the function that uses it: together they were 0.9 s
+of every `tenure` start-up (config checks, --help), and a run needs one of them at most.
 """
 from collections.abc import Sequence
 
 import numpy as np
-import sacrebleu
-import scipy.stats
-import sklearn.metrics
-from rouge_score import rouge_scorer
-from seqeval.metrics import f1_score as seqeval_f1
-from seqeval.metrics import precision_score as seqeval_precision
-from seqeval.metrics import recall_score as seqeval_recall
-from seqeval.scheme import IOB2
 
 IGNORE_INDEX = -100  # label id of positions that carry no label (see the batch contract)
 
@@ -46,6 +39,7 @@ def classification_metrics(pred_ids, label_ids) -> dict[str, float]:
     preds, labels = np.asarray(pred_ids), np.asarray(label_ids)
     _same_shape(preds, labels, "pred_ids", "label_ids")
     preds, labels = _flat(preds, "pred_ids"), _flat(labels, "label_ids")
+    import sklearn.metrics
     precision, recall, f1, _ = sklearn.metrics.precision_recall_fscore_support(
         labels, preds, average="macro", zero_division=0
     )
@@ -96,6 +90,10 @@ def token_labelling_metrics(
         raise ValueError("every label is -100: nothing to evaluate")
     true_tags = _tag_sequences(labels, keep_BxL, tag_names)
     pred_tags = _tag_sequences(preds, keep_BxL, tag_names)
+    from seqeval.metrics import f1_score as seqeval_f1
+    from seqeval.metrics import precision_score as seqeval_precision
+    from seqeval.metrics import recall_score as seqeval_recall
+    from seqeval.scheme import IOB2
     scheme = {"mode": "strict", "scheme": IOB2} if mode == "strict" else {}
     common = dict(zero_division=0, **scheme)
     return {
@@ -118,6 +116,7 @@ def regression_metrics(predictions, targets) -> dict[str, float]:
     golds = _flat(targets, "targets").astype(np.float64)
     _same_shape(preds, golds, "predictions", "targets")
     constant = np.ptp(preds) == 0 or np.ptp(golds) == 0 or preds.size < 2
+    import scipy.stats
     pearson = np.nan if constant else scipy.stats.pearsonr(preds, golds).statistic
     spearman = np.nan if constant else scipy.stats.spearmanr(preds, golds).statistic
     return {
@@ -161,6 +160,8 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> 
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
         raise ValueError("no hypotheses: nothing to evaluate")
+    import sacrebleu
+    from rouge_score import rouge_scorer
     bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
     kinds = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
