@@ -66,13 +66,24 @@ def matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
+# The instruction sets that decide the CPU step's speed (fp32 vector width, bf16 dot products,
+# bf16 matrix tiles): a VM's model name alone ("AMD EPYC") does not tell the hosts apart.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def host_description() -> str:
+    """CPU model (with family / model number and SPEED_FLAGS, from /proc/cpuinfo), core count, jax
+    version and platform: what a benchmark record needs to say which host it came from."""
     model = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+                      .splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name", model)
+        if "cpu family" in fields:  # x86
+            flags = set(fields.get("flags", "").split())
+            model += (f" (family {fields['cpu family']} model {fields.get('model', '?')}; "
+                      f"{' '.join(f for f in SPEED_FLAGS if f in flags) or 'no avx2'})")
     except OSError:
         pass
     device = jax.devices()[0]

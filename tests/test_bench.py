@@ -9,6 +9,7 @@ import pytest
 from engine.bench import load_bench_config
 from engine.cli import main
 from engine.bench_setup import BenchConfig, build_bench, model_flops, synthetic_batches
+from engine.xla_env import SPEED_FLAGS, host_description
 from models.errors import TenureError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +90,16 @@ def test_bench_runs_end_to_end_with_a_variant_and_prints_json_lines(tmp_path, ca
     assert record["tokens_per_s_padded"] == pytest.approx(128 / record["step_p50_s"])
     assert "lm_head" in record["model_flops_terms"] and record["xla_flops_per_step"] > 0
     assert np.isfinite(record["final_loss"]) and "mfu" not in record
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or "cpu family" not in Path("/proc/cpuinfo").read_text(),
+                    reason="x86 Linux: /proc/cpuinfo names the family and the flags")
+def test_the_host_line_names_the_cpu_family_and_the_instruction_sets_that_set_its_speed():
+    """Two VMs both called "AMD EPYC" (Zen 3 with AVX2, Zen 5 with AVX512-BF16) run the step at
+    different speeds and with different dot paths: a bench record must tell them apart."""
+    cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    field = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpu.splitlines() if ":" in line)}
+    line = host_description()
+    assert line.startswith(f"{field['model name']} (family {field['cpu family']} model {field['model']}; ")
+    named = set(line.split("; ", 1)[1].split(")")[0].split())
+    assert named == ({f for f in SPEED_FLAGS if f in field["flags"].split()} or {"no", "avx2"})
