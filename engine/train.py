@@ -299,12 +299,13 @@ class Trainer:
         return state, params, last
 
     def finish_stage(self, sr: StageRun, state, params, last: int) -> tuple:
-        """R's row for the stage (and, for a single-task run, its best checkpoint as the result)."""
+        """R's row for the stage (and, for a single-task run, its best checkpoint as the result);
+        nothing to do where the row for this stage end is in the history already (taken at the
+        stage's last eval, or before a kill, resume or branch)."""
         index = sr.stage.index
         final_step = self.offsets[index] + last
-        taken = self.history.get("stage_ends", [])
-        if len(self.history.get("R", [])) > index and len(taken) > index and taken[index] == final_step:
-            return params, final_step  # taken at the stage's last eval, before its checkpoint
+        if self.history.get("stage_ends", [])[index:index + 1] == [final_step]:
+            return params, final_step
         best = self.ckpt.best_step()
         if self.single and best is not None and best != final_step:
             best_state, _, _ = self.restore(self.ckpt, sr, state, self.ckpt.read_extra(best), best)
@@ -371,9 +372,7 @@ class Trainer:
             raise TenureError(f"branch_from: {source}: its newest checkpoint (step {step}) is not the end of "
                               "its last stage; branch from a run that ran to its end")
         self.history = extra["history"]
-        params = state.params
-        if len(self.history.get("R", [])) < done:  # the stage end is saved before R's row is taken
-            params, _ = self.finish_stage(sr, state, params, local)
+        params, _ = self.finish_stage(sr, state, state.params, local)
         _print(f"branched from {source} after stage{'s' * (done > 1)} "
                f"{', '.join(s.name for s in self.stages[:done])} (checkpoint step {step})")
         return params, state.extra, done
@@ -395,10 +394,7 @@ class Trainer:
             local = int(extra["local_step"])
             if extra.get("stopped") or local >= sr.steps:
                 sr.train_iter.close()
-                if len(self.history.get("R", [])) <= begin:  # killed between the save and R's row
-                    params, _ = self.finish_stage(sr, state, state.params, local)
-                else:
-                    params = state.params
+                params, _ = self.finish_stage(sr, state, state.params, local)
                 previous_extra, begin = state.extra, begin + 1
             else:
                 sr.train_iter.set_state(data_state)

@@ -76,9 +76,8 @@ def host_description() -> str:
     version and platform: what a benchmark record needs to say which host it came from."""
     model = platform.processor() or platform.machine()
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-                      .splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
         model = fields.get("model name", model)
         if "cpu family" in fields:  # x86
             flags = set(fields.get("flags", "").split())
