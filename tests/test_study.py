@@ -20,6 +20,7 @@ import yaml
 from engine.forgetting_metrics import summarize
 from engine.study import add_study_parser, run_study
 from engine.study.aggregate import mean_se
+from engine.study.stats import mean_ci
 from engine.study.config import Cell, Run, format_override, load_study, plan_runs
 from engine.study.runner import check_resumable, run_all, thread_env
 from models.errors import TenureError
@@ -69,9 +70,29 @@ def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps
      "study key 'grid': 'run_dir' is set by the study tool"),
     ("base: base.yaml\nmethods: {naive: []}\nseeds: 0\n",
      "study key 'seeds': Input should be greater than or equal to 1 (got 0)"),
-    ("base: base.yaml\nmethods: {naive: []}\npareto: {x: loss}\n",
-     "study key 'pareto.x': expected one of acc, bwt, fwt, forgetting_max, forgetting_first, learning_newest, "
-     "learning_diag, final/<task> or change/<task>, got 'loss'"),
+    ("base: base.yaml\nmethods: {naive: []}\ntradeoff: {learning: loss}\n",
+     "study key 'tradeoff.learning': expected one of acc, bwt, fwt, forgetting_max, forgetting_first, learning_newest, "
+     "learning_diag, final/<task>, change/<task> or drop/<task>, got 'loss'"),
+    ("base: base.yaml\nmethods: {naive: []}\npareto: {x: forgetting_max}\n",
+     "unknown study key 'pareto' (now 'tradeoff: {learning: <its y>, forgetting: <its x>}')"),
+    ("base: base.yaml\nmethods: {naive: []}\nsweep: {ewc: {ewc.lambda: [1]}}\n",
+     "study key 'sweep.ewc': not a method of the study"),
+    ("base: base.yaml\nmethods: {ewc: [ewc.lambda=1]}\nsweep: {ewc: {ewc.lambda: [1, 2]}}\n",
+     "study key 'sweep.ewc': 'ewc.lambda' is also set by the method's overrides; set it in one place"),
+    ("base: base.yaml\nmethods: {ewc: []}\nsweep: {ewc: {ewc.lambda: [1, 2]}}\ngrid: {ewc.lambda: [3]}\n",
+     "study key 'sweep.ewc': 'ewc.lambda' is also a grid axis"),
+    ("base: base.yaml\nmethods: {ewc: []}\nsweep: {ewc: {ewc.lambda: [1e3, 1000.0]}}\n",
+     "study key 'sweep': method 'ewc': axis 'ewc.lambda' repeats a value"),
+    ("base: base.yaml\nmethods: {ewc: []}\nsweep: {ewc: {ewc.lambda: []}}\n",
+     "study key 'sweep': method 'ewc': axis 'ewc.lambda' has no values"),
+    ("base: base.yaml\nmethods: {ewc: []}\nsweep: {ewc: {train.seed: [1, 2]}}\n",
+     "study key 'sweep': method 'ewc': 'train.seed' is set by the study tool"),
+    ("base: base.yaml\nmethods: {naive: []}\nsweep: {naive: {optim.lr: [1, 2]}}\n",
+     "study key 'sweep.naive': the reference method sweeps, so 'select' must say which"),
+    ("base: base.yaml\nmethods: {naive: []}\nreference: joint\n",
+     "study key 'reference': 'joint' is not a method of the study"),
+    ("base: base.yaml\nmethods: {naive: []}\nselect: loss\n",
+     "study key 'select': expected one of acc, "),
     ("base: nowhere.yaml\nmethods: {naive: []}\n", "study key 'base': config file not found: "),
     ("base: base.yaml\nmethods: [naive]\n", "study key 'methods': Input should be a valid dictionary"),
     ("base: [\n", ":2: invalid YAML"),
@@ -131,7 +152,7 @@ grid:
     plain = plan_runs(load_study(write_study(tmp_path, "base: base.yaml\nmethods: {naive: []}\n", "p.yaml")),
                       tmp_path / "p.yaml", tmp_path / "o2")
     assert [(r.run_dir.relative_to(tmp_path), r.name) for r in plain] == [
-        (pathlib.Path(f"o2/base/naive/seed{k}"), f"naive seed {k}") for k in range(3)]
+        (pathlib.Path(f"o2/base/naive/seed{k}"), f"naive seed {k}") for k in range(5)]  # 5 seeds by default
 
 
 def test_methods_that_differ_only_after_stage_a_share_one_stage_a_run(tmp_path):
@@ -355,23 +376,29 @@ def test_tables_hold_mean_and_standard_error_over_seeds(finished_study, tmp_path
         0.02 / math.sqrt(3))
     assert replay["se"]["learning_newest"] == pytest.approx(0.0)
     assert replay["per_seed"]["final/A"] == pytest.approx([0.70, 0.72, 0.74])
-    # Markdown: printed and written, one row per method, mean ± SE.
+    # Markdown: printed and written, one row per method, mean [95% CI] (the interval itself is
+    # tested in tests/test_study_aggregate.py; here, that each cell shows it).
     md = (out / "study.md").read_text()
     header = ("| method | seeds | A accuracy (final) ↑ | B accuracy (final) ↑ | ACC | BWT | FWT | forgetting (max) | "
               "forgetting (first) | learning (newest task) | learning (mean of diagonal) |")
     assert header in md and header in printed
     naive_line = next(line for line in md.splitlines() if line.startswith("| naive "))
-    assert naive_line == ("| naive | 3 | 0.400 ± 0.058 | 0.900 ± 0.012 | 0.650 ± 0.026 | -0.420 ± 0.046 | "
-                          "0.150 ± 0.012 | 0.420 ± 0.046 | 0.420 ± 0.046 | 0.900 ± 0.012 | 0.860 ± 0.006 |")
+    keys = ["final/A", "final/B", "acc", "bwt", "fwt", "forgetting_max", "forgetting_first", "learning_newest",
+            "learning_diag"]
+    cis = [mean_ci(np.array(naive["per_seed"][k])) for k in keys]
+    assert naive_line == "| naive | 3 | " + " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi, _ in cis) + " |"
+    assert naive_line.startswith("| naive | 3 | 0.400 [0.300, 0.500] | 0.900 [")  # resamples of 0.3, 0.4, 0.5
+    assert naive["ci"]["final/A"] == pytest.approx([cis[0][1], cis[0][2]])
     assert naive_line in printed
-    # CSV: one row per (cell, method), mean and se per column.
+    # CSV: one row per (cell, method), mean, se and the interval per column.
     with open(out / "study.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["naive", "replay"] and rows[0]["seeds"] == "3"
     assert float(rows[0]["final/A_mean"]) == pytest.approx(0.4)
     assert float(rows[0]["final/A_se"]) == pytest.approx(se)
+    assert float(rows[0]["final/A_lo"]) == pytest.approx(cis[0][1]) and float(rows[0]["final/A_hi"]) == pytest.approx(cis[0][2])
     assert float(rows[1]["forgetting_max_mean"]) == pytest.approx(0.08)
-    for name in ("pareto.png", "curves.png"):
+    for name in ("tradeoff.png", "curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000
 
 
@@ -399,14 +426,14 @@ def test_partial_seeds_grid_cells_and_missing_runs(tmp_path, capsys):
     assert tables[1]["rows"][0]["mean"]["forgetting_max"] == pytest.approx(np.mean([0.4, 0.41]))
     md = (tmp_path / "out" / "study.md").read_text()
     assert "## data.subset=100" in md and "## data.subset=1000" in md
-    assert "| lora | 1 | 0.200 | 0.700 |" in md  # n = 1: no ± part
+    assert "| lora | 1 | 0.200 | 0.700 |" in md  # n = 1: no interval
     with open(tmp_path / "out" / "study.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["data.subset"], r["method"]) for r in rows] == [("100", "naive"), ("100", "lora"), ("1000", "naive")]
     assert rows[1]["forgetting_max_se"] == ""
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert names == ["curves-data.subset-100.png", "curves-data.subset-1000.png", "grid.png",
-                     "pareto-data.subset-100.png", "pareto-data.subset-1000.png"]
+                     "tradeoff-data.subset-100.png", "tradeoff-data.subset-1000.png"]
 
 
 def summary(final, best_step, gaps, early_stop=None, overfit=()):
@@ -469,10 +496,17 @@ def test_single_task_runs_get_scores_gap_and_monitor_columns(tmp_path, capsys):
               "loss gap at last eval | best step | early stop fired | early stop step | overfit warning fired | "
               "first overfit warning |")
     assert header in md and header in printed and "ACC" not in md and "##" not in md
-    line = "| 100 | 0.2 | full | 3 | 0.420 ± 0.012 | 0.440 ± 0.012 | 0.633 ± 0.088 | 1.033 ± 0.033 | 46.667 ± 6.667 | " \
-           "2/3 | 70.000 ± 10.000 | 2/3 | 70.000 ± 10.000 |"
+    def shown(values, digits=3):
+        mean, lo, hi, _ = mean_ci(np.array(values, dtype=np.float64))
+        return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    per_seed = row["per_seed"]
+    line = (f"| 100 | 0.2 | full | 3 | {shown(per_seed['test'])} | {shown(per_seed['validation'])} | "
+            f"{shown(per_seed['gap_best'])} | {shown(per_seed['gap_last'])} | {shown(per_seed['best_step'])} | "
+            f"2/3 | {shown([80.0, 60.0])} | 2/3 | {shown([60.0, 80.0])} |")
+    assert line.startswith("| 100 | 0.2 | full | 3 | 0.420 [0.400, 0.440] | 0.440 [0.420, 0.460] |")
     assert line in md and line in printed
-    assert "| 1000 | 0.2 | full | 3 | 0.620 ± 0.012 | 0.620 ± 0.006 |" in md and "| 0/3 | — | 0/3 | — |" in md
+    assert "| 1000 | 0.2 | full | 3 | 0.620 [0.600, 0.640] |" in md and "| 0/3 | — | 0/3 | — |" in md
     assert "validation/generalization_gap" in md                                 # the notes say what the gap is
     with open(out / "study.csv") as f:
         rows = list(csv.DictReader(f))
@@ -511,7 +545,7 @@ def test_an_evaluation_only_task_gets_its_change_from_start(tmp_path):
     """One stage trains 'lexnames'; 'general' (e.g. embedding quality) is only evaluated: R is 1 x 2,
     the engine writes no summary (R is not square) and may write start_row as given."""
     path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods: {full: [], lora: [lora.rank=4]}\n"
-                                 "pareto: {x: change/general, y: final/lexnames}\n")
+                                 "tradeoff: {learning: final/lexnames, forgetting: drop/general}\n")
     runs = plan_runs(load_study(path), path, tmp_path / "out")
     finals = {("full", 0): 0.70, ("full", 1): 0.60, ("lora", 0): 0.78, ("lora", 1): 0.80}
     for run in runs:
@@ -525,6 +559,7 @@ def test_an_evaluation_only_task_gets_its_change_from_start(tmp_path):
     full, lora = table["rows"]
     assert full["mean"]["change/general"] == pytest.approx(-0.15) and full["se"]["change/general"] == pytest.approx(0.05)
     assert lora["mean"]["change/general"] == pytest.approx(-0.01)
+    assert full["mean"]["drop/general"] == pytest.approx(0.15)  # higher is better, so a fall is a drop > 0
     assert full["mean"]["learning_newest"] == pytest.approx(0.9) and full["mean"]["learning_diag"] == pytest.approx(0.9)
     assert full["mean"]["acc"] is None and full["mean"]["forgetting_max"] is None
     assert "general change from start ↑" in (tmp_path / "out" / "study.md").read_text()

@@ -1,9 +1,11 @@
-"""`tenure study STUDY.yaml`: the same staged run per method, grid cell and seed, then one
-comparison table per cell (CSV / JSON / Markdown) and PNG plots.
+"""`tenure study STUDY.yaml`: the same staged run per method, sweep point, grid cell and seed,
+then one comparison table per cell (CSV / JSON / Markdown) and PNG plots.
 
 Pieces: `config` (the study file and its runs), `runner` (subprocesses, resume, --jobs),
-`aggregate` (forgetting.json -> tables), `plots` (Pareto and curves). The study tool holds
-no per-method code: a method is a named list of config overrides in the study file.
+`aggregate` (forgetting.json -> tables), `stats` (bootstrap intervals, interpolation),
+`compare` (selection on validation, paired differences, matched learning), `plots`
+(learning vs forgetting, curves, grid). The study tool holds no per-method code: a method is a
+named list of config overrides in the study file, and its sweep a mapping of keys to values.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ from models.errors import TenureError
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "study", help="run a staged experiment per method x grid cell x seed and compare what each forgets",
-        description="Runs every (method, grid cell, seed) as its own `tenure train` in its own run dir "
-                    "(finished runs are skipped, so a killed study resumes), then writes one table per cell "
-                    "(study.md / .csv / .json) and PNG plots into the out dir.")
-    p.add_argument("study", help="study YAML (base, methods, grid, seeds)")
+        "study", help="run a staged experiment per method x sweep point x grid cell x seed and compare what each forgets",
+        description="Runs every (method, sweep point, grid cell, seed) as its own `tenure train` in its own run "
+                    "dir (finished runs are skipped, so a killed study resumes), then writes one table per cell "
+                    "(study.md / .csv / .json) with paired confidence intervals and matched-learning comparisons, "
+                    "and PNG plots into the out dir.")
+    p.add_argument("study", help="study YAML (base, methods, sweep, grid, seeds)")
     p.add_argument("--methods", help="comma-separated methods to run (default: all in the study)")
-    p.add_argument("--seeds", type=int, help="seeds per method and cell, train.seed = 0..N-1 (default: the study's)")
+    p.add_argument("--seeds", type=int, help="seeds per method, point and cell, train.seed = 0..N-1 (default: the "
+                                              "study's)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once; each gets cores/N threads (default 1)")
     p.add_argument("--out", help="directory for runs, tables and plots (default: the study's out, "
@@ -37,29 +41,46 @@ def _plot_name(kind: str, slug: str, n_cells: int) -> str:
     return f"{kind}.png" if n_cells == 1 else f"{kind}-{slug}.png"
 
 
-def report(runs, out: pathlib.Path, title: str, grid_keys: list[str], pareto_axes=("forgetting_max", "learning_diag"),
-           stream=None, grid_plot=None) -> list[dict]:
+def _validation(by_variant: dict, figure: str) -> dict[str, dict[int, float]]:
+    """variant -> seed -> `figure` on validation, for the selection."""
+    from engine.study.aggregate import validation_value
+
+    return {variant: {run.seed: validation_value(run, record, figure) for run, record in results}
+            for variant, results in by_variant.items()}
+
+
+def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict]:
     """Tables and plots from the finished runs among `runs`; prints the tables. Returns the tables.
-    Single-task cells get no Pareto plot (nothing is forgotten); a grid with a numeric axis gets
+    A staged cell gets its comparison (engine/study/compare.py) and the learning-vs-forgetting
+    plot; single-task cells get neither (nothing is forgotten); a grid with a numeric axis gets
     `grid.png` (the study's `grid_plot`, else plots.grid_axes's default)."""
-    from engine.study import aggregate, plots
+    from engine.study import aggregate, compare, plots
 
     stream = stream or sys.stdout
-
+    grid_keys = list(study.grid)
+    tradeoff = study.tradeoff
     grouped = aggregate.collect(runs)
     tables = []
-    for cell, by_method in grouped:
-        if not by_method:
+    for cell, by_variant in grouped:
+        if not by_variant:
             continue
-        table = aggregate.cell_table(cell, by_method)
-        records = {m: [rec for _, rec in results] for m, results in by_method.items()}
-        table["plots"] = {} if table["kind"] == "single_task" else {
-            "pareto": str(plots.pareto(table, out / _plot_name("pareto", cell.slug, len(grouped)), *pareto_axes))}
+        table = aggregate.cell_table(cell, by_variant)
+        records = {v: [rec for _, rec in results] for v, results in by_variant.items()}
+        table["plots"] = {}
+        if table["kind"] != "single_task":
+            best = compare.figure_direction(study.select, table["direction"]) if study.select else "max"
+            validation = _validation(by_variant, study.select) if study.select else None
+            table["comparison"] = compare.compare(
+                table["rows"], reference=study.reference_method, learning=tradeoff.learning,
+                forgetting=tradeoff.forgetting, levels=tradeoff.levels, select=study.select, select_best=best,
+                validation=validation)
+            table["plots"]["tradeoff"] = str(plots.tradeoff(
+                table, out / _plot_name("tradeoff", cell.slug, len(grouped))))
         table["plots"]["curves"] = str(plots.curves(table, records, out / _plot_name("curves", cell.slug, len(grouped))))
         tables.append(table)
     if not tables:
         return []
-    axes = plots.grid_axes(tables, grid_keys, grid_plot) if len(tables) > 1 else None
+    axes = plots.grid_axes(tables, grid_keys, study.grid_plot) if len(tables) > 1 else None
     figures = [str(plots.grid(tables, grid_keys, *axes, out / "grid.png"))] if axes else []
     paths = aggregate.write_tables(tables, out, title, grid_keys)
     print("\n" + aggregate.tables_markdown(tables, grid_keys), file=stream)
@@ -71,13 +92,15 @@ def report(runs, out: pathlib.Path, title: str, grid_keys: list[str], pareto_axe
 
 def run_study(args) -> int:
     """`tenure study`: 0 when every run finished, 1 when any failed or is missing."""
-    from engine.study.config import default_out, load_study, plan_runs, share_first_stage
+    from engine.study.config import check_selection_uses_validation, default_out, load_study, plan_runs, \
+        share_first_stage
     from engine.study.runner import run_all
 
     study = load_study(args.study)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     out = pathlib.Path(args.out) if args.out else default_out(args.study, study)
     runs = plan_runs(study, args.study, out, methods=methods, seeds=args.seeds)
+    check_selection_uses_validation(study, runs)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     if args.aggregate_only:
@@ -92,8 +115,7 @@ def run_study(args) -> int:
         outcome = run_all(runs, jobs=args.jobs)
         failed = outcome.failed
         missing = [run for run, _ in failed]
-    tables = report(runs, out.resolve(), f"Study {pathlib.Path(args.study).stem}", list(study.grid),
-                    (study.pareto.x, study.pareto.y), grid_plot=study.grid_plot)
+    tables = report(runs, out.resolve(), f"Study {pathlib.Path(args.study).stem}", study)
     for run, reason in failed:
         print(f"failed: {run.name}: {reason}", file=sys.stderr)
     if not tables:

@@ -1,10 +1,13 @@
 """From the runs' ``forgetting.json`` (and ``summary.json``) to one comparison table per grid cell.
 
-Staged runs, per method (over its seeds): the final score on each task (the last row of R),
-ACC, BWT, FWT, forgetting max-based (Chaudhry) and first-minus-last (Avalanche), learning on
-the newest task (R[T-1, T-1]) and the mean of the diagonal (mean_j R[j, j], "learning
-accuracy"), each as mean ± standard error (sample std / sqrt(n)); n = 1 has no error.
+Staged runs, per method and sweep point (over its seeds): the final score on each task (the
+last row of R), ACC, BWT, FWT, forgetting max-based (Chaudhry) and first-minus-last (Avalanche),
+learning on the newest task (R[T-1, T-1]) and the mean of the diagonal (mean_j R[j, j],
+"learning accuracy"), each as the mean with its 95% bootstrap interval over seeds
+(engine/study/stats.py; the standard error is kept in the JSON and CSV); n = 1 has no interval.
 NaN values (e.g. BWT of a one-task run) are left out of the mean; a column with none is "—".
+Then engine/study/compare.py's comparison per cell: the point of each swept method chosen on
+validation, paired differences to the reference method, forgetting at matched learning.
 
 Single-task runs (one stage, one task: a plain fine-tune) get the SINGLE columns instead,
 read from what the run wrote to ``summary.json``: test and validation score of the result
@@ -27,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.forgetting_metrics import summarize
 from engine.study.config import COUNTS, SINGLE, STATS, Cell, Run
+from engine.study.stats import mean_ci
 from models.errors import TenureError
 
 
@@ -88,6 +92,48 @@ def load_summary(path: pathlib.Path) -> RunSummary:
     return _load(RunSummary, path)
 
 
+class ValidationSource(BaseModel):
+    """The part of ``<run_dir>/summary.json`` the validation matrix reads: every split's scores of
+    the starting model and of the run's result."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    baseline: dict[str, float | None]
+    final: dict[str, float | None]
+
+
+def validation_record(record: ForgettingRecord, source: ValidationSource) -> ForgettingRecord:
+    """The run's R and start row on the VALIDATION split (None where a task has none): row i is
+    the validation eval the engine runs at stage i's last step (its curve point at stage_ends[i],
+    the weights R's row i is taken from), the start row the baseline's validation scores. A
+    single-task run's result is its best checkpoint, whose validation scores summary.json holds.
+    (A stage with a forgetting guard keeps weights from an earlier eval; its row here is still
+    the last step's.)"""
+    multi = len(record.tasks) > 1
+
+    def key(task: str) -> str:
+        return f"validation/{task + '/' if multi else ''}{record.metric.get(task, 'score')}"
+
+    start = [source.baseline.get(key(t)) for t in record.tasks]
+    if is_single_task(record):
+        rows = [[source.final.get(key(t)) for t in record.tasks]]
+    else:
+        at = {(p.stage, p.step): p.scores for p in record.curves}
+        rows = [[at.get((i, end), {}).get(t) for t in record.tasks] for i, end in enumerate(record.stage_ends)]
+    return record.model_copy(update={"R": rows, "start_row": start, "summary": None})
+
+
+def validation_value(run: Run, record: ForgettingRecord, figure: str) -> float:
+    """`figure` of the run on validation; a missing value is an error (a choice made on it
+    would otherwise fall back to nothing, or to test)."""
+    source = _load(ValidationSource, run.summary)
+    value = run_values(validation_record(record, source)).get(figure, float("nan"))
+    if not math.isfinite(value):
+        raise TenureError(f"{run.run_dir}: no validation value of {figure!r} (a task it reads has no validation "
+                          "split); the study's 'select' chooses on validation only")
+    return value
+
+
 def is_single_task(record: ForgettingRecord) -> bool:
     """One stage training one task: a plain fine-tune, tabulated by SINGLE rather than STATS."""
     return len(record.stages) == 1 and len(record.tasks) == 1
@@ -117,8 +163,10 @@ def _nan(x) -> float:
 
 
 def run_values(record: ForgettingRecord) -> dict[str, float]:
-    """One run's figures: ``final/<task>`` for each task, ``change/<task>`` (final minus the
-    starting model) for tasks no stage trains (columns past the last stage), then the STATS.
+    """One run's figures: ``final/<task>`` for each task; for tasks no stage trains (columns past
+    the last stage) ``change/<task>`` (final minus the starting model) and ``drop/<task>`` (the
+    change the bad way: start - final for a higher-is-better metric, final - start for a
+    lower-is-better one, so > 0 is forgotten); then the STATS.
 
     The summary is the engine's; without one it is computed here when R is square, else NaN.
     """
@@ -128,10 +176,14 @@ def run_values(record: ForgettingRecord) -> dict[str, float]:
     start = None if record.start_row is None else np.array([_nan(x) for x in record.start_row])
     summary = record.summary
     if summary is None:
-        summary = summarize(R, start).as_dict() if R.shape[0] == R.shape[1] else {}
+        directions = [record.direction.get(t, "max") for t in record.tasks]
+        summary = summarize(R, start, directions=directions).as_dict() if R.shape[0] == R.shape[1] else {}
     values = {f"final/{task}": float(R[-1, j]) for j, task in enumerate(record.tasks)}
     for j in range(R.shape[0], R.shape[1]):
-        values[f"change/{record.tasks[j]}"] = float(R[-1, j] - start[j]) if start is not None else float("nan")
+        task = record.tasks[j]
+        change = float(R[-1, j] - start[j]) if start is not None else float("nan")
+        values[f"change/{task}"] = change
+        values[f"drop/{task}"] = change if record.direction.get(task) == "min" else -change
     for name in ("acc", "bwt", "fwt", "forgetting_max", "forgetting_first"):
         values[name] = _nan(summary.get(name))
     values["learning_newest"] = float(R[-1, R.shape[0] - 1])  # the last stage's task, after its own stage
@@ -149,8 +201,9 @@ def mean_se(values: list[float]) -> tuple[float, float, int]:
 
 
 def cell_table(cell: Cell, runs_by_method: dict[str, list[tuple[Run, ForgettingRecord]]]) -> dict:
-    """The comparison table of one cell (JSON-ready): columns, then one row per method.
-    ``kind`` is "single_task" when every run is a single-task run, else "forgetting"."""
+    """The comparison table of one cell (JSON-ready): columns, then one row per method and sweep
+    point (`runs_by_method` is keyed by Run.variant). ``kind`` is "single_task" when every run is
+    a single-task run, else "forgetting"."""
     tasks, metric, direction = [], {}, {}
     for results in runs_by_method.values():
         for _, record in results:
@@ -169,17 +222,22 @@ def cell_table(cell: Cell, runs_by_method: dict[str, list[tuple[Run, ForgettingR
         untrained = [t for t in tasks if any(len(rec.R) <= rec.tasks.index(t) for results in runs_by_method.values()
                                              for _, rec in results if t in rec.tasks)]
         columns += [{"key": f"change/{t}", "title": f"{t} change from start"} for t in untrained]
+        columns += [{"key": f"drop/{t}", "title": f"{t} drop from start"} for t in untrained]
         columns += [{"key": key, "title": title} for key, title in STATS.items()]
     rows = []
-    for method, results in runs_by_method.items():
+    for variant, results in runs_by_method.items():
         per_seed = {c["key"]: [] for c in columns}
         for run, record in results:
             values = single_values(record, load_summary(run.summary)) if single else run_values(record)
             for key in per_seed:
                 per_seed[key].append(values.get(key, float("nan")))
         stats = {key: mean_se(vals) for key, vals in per_seed.items()}
-        rows.append({"method": method, "seeds": [run.seed for run, _ in results],
+        cis = {key: mean_ci(np.array(vals, dtype=np.float64))[1:3] for key, vals in per_seed.items()}
+        first = results[0][0]
+        rows.append({"method": first.method, "variant": variant, "point": dict(first.point.values),
+                     "seeds": [run.seed for run, _ in results],
                      "mean": {k: s[0] for k, s in stats.items()}, "se": {k: s[1] for k, s in stats.items()},
+                     "ci": {k: list(c) for k, c in cis.items()},
                      "n": {k: s[2] for k, s in stats.items()}, "per_seed": per_seed})
     return {"cell": dict(cell.values), "label": cell.label, "slug": cell.slug,
             "kind": "single_task" if single else "forgetting", "tasks": tasks,
@@ -187,29 +245,32 @@ def cell_table(cell: Cell, runs_by_method: dict[str, list[tuple[Run, ForgettingR
 
 
 def collect(runs: list[Run]) -> list[tuple[Cell, dict[str, list[tuple[Run, ForgettingRecord]]]]]:
-    """Finished runs grouped by cell then method (plan order); methods without a finished run are left out."""
+    """Finished runs grouped by cell then variant (method and sweep point; plan order); variants
+    without a finished run are left out."""
     grouped: dict[Cell, dict[str, list]] = {}
     for run in runs:
-        by_method = grouped.setdefault(run.cell, {})
+        by_variant = grouped.setdefault(run.cell, {})
         if run.result.is_file():
-            by_method.setdefault(run.method, []).append((run, load_record(run.result)))
+            by_variant.setdefault(run.variant, []).append((run, load_record(run.result)))
     return list(grouped.items())
 
 
-def fmt(mean: float, se: float) -> str:
-    if not math.isfinite(mean):
+def fmt(mean: float, lo: float = math.nan, hi: float = math.nan) -> str:
+    """`mean [lo, hi]` (the 95% interval), or the mean alone without one; "—" for no value."""
+    if mean is None or not math.isfinite(mean):
         return "—"
     digits = 3 if abs(mean) < 100 else 1
-    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
+    interval = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+    return f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if interval else "")
 
 
 def fmt_cell(row: dict, column: dict) -> str:
-    """mean ± SE; a count column (0/1 per seed) as seeds that fired / seeds."""
+    """mean [95% CI]; a count column (0/1 per seed) as seeds that fired / seeds."""
     key = column["key"]
     if column.get("count"):
         n = row["n"][key]
         return f"{round(row['mean'][key] * n)}/{n}" if n else "—"
-    return fmt(row["mean"][key], row["se"][key])
+    return fmt(row["mean"][key], *row["ci"][key])
 
 
 def _titles(table: dict) -> list[str]:
@@ -226,7 +287,7 @@ def markdown(table: dict) -> str:
     lines = ["| method | seeds | " + " | ".join(titles) + " |", "|---|---:|" + "---:|" * len(titles)]
     for row in table["rows"]:
         cells = [fmt_cell(row, c) for c in table["columns"]]
-        lines.append(f"| {row['method']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -242,7 +303,7 @@ def grid_markdown(tables: list[dict], grid_keys: list[str]) -> str:
             cells = [fmt_cell(row, c) for c in table["columns"]]
             values = [json.dumps(table["cell"][k]) if not isinstance(table["cell"][k], str) else table["cell"][k]
                       for k in grid_keys]
-            lines.append("| " + " | ".join([*values, row["method"], str(len(row["seeds"])), *cells]) + " |")
+            lines.append("| " + " | ".join([*values, row["variant"], str(len(row["seeds"])), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -255,17 +316,70 @@ def tables_markdown(tables: list[dict], grid_keys: list[str]) -> str:
         if len(tables) > 1 or table["cell"]:
             parts += [f"## {table['label']}", ""]
         parts += [markdown(table), ""]
+        if table.get("comparison"):
+            parts += [comparison_markdown(table), ""]
     return "\n".join(parts).rstrip("\n")
 
 
-SINGLE_NOTES = ("Mean ± standard error over seeds, from each run's summary.json. Test and validation score: the "
+def _title(table: dict, key: str) -> str:
+    return STATS.get(key) or next((c["title"] for c in table["columns"] if c["key"] == key), key)
+
+
+def _estimate_text(estimate: dict) -> str:
+    return fmt(estimate["mean"], estimate["lo"], estimate["hi"])
+
+
+def comparison_markdown(table: dict) -> str:
+    """The cell's selection, paired differences and matched-learning tables (engine/study/compare.py)."""
+    comparison = table["comparison"]
+    learning, forgetting = (_title(table, comparison[k]) for k in ("learning", "forgetting"))
+    reference = comparison["reference"]
+    parts = []
+    if comparison["selected"]:
+        select = _title(table, comparison["select"])
+        lines = [f"Chosen on validation (mean {select} over seeds; the tables report test):", "",
+                 "| method | chosen | validation of each point |", "|---|---|---|"]
+        for method, pick in comparison["selected"].items():
+            points = ", ".join(f"{name}: {value:.3f}" for name, value in pick["candidates"].items())
+            lines.append(f"| {method} | {pick['variant']} | {points} |")
+        parts.append("\n".join(lines))
+    if comparison["paired"]:
+        lines = [f"Difference to {reference}, paired by seed (mean [95% bootstrap CI]):", "",
+                 f"| method | Δ {learning} | Δ {forgetting} | n |", "|---|---:|---:|---:|"]
+        for entry in comparison["paired"]:
+            a, b = entry[comparison["learning"]], entry[comparison["forgetting"]]
+            lines.append(f"| {entry['variant']} | {_estimate_text(a)} | {_estimate_text(b)} | {min(a['n'], b['n'])} |")
+        parts.append("\n".join(lines))
+    if comparison["matched"]:
+        lines = [f"{forgetting} at matched {learning} (linear along each method's points sorted by learning; "
+                 "no extrapolation):", "",
+                 f"| method | at {learning} | {forgetting} there | minus {reference or 'reference'}'s | n |",
+                 "|---|---:|---:|---:|---:|"]
+        for entry in comparison["matched"]:
+            at = (f"{reference}'s ({entry['level_value']:.3f})" if entry["at"] == "reference" and "level_value" in entry
+                  else f"{reference}'s" if entry["at"] == "reference" else f"{entry['at']:g}")
+            if entry["reached"]:
+                there = _estimate_text(entry["forgetting"])
+                diff = _estimate_text(entry["difference"]) if "difference" in entry else ""
+            else:
+                span = entry.get("range")
+                there = "not reached" + (f" (learning {span[0]:.3f}–{span[1]:.3f})" if span else " (no paired seeds)")
+                diff = ""
+            lines.append(f"| {entry['method']} | {at} | {there} | {diff} | {entry['n']} |")
+        parts.append("\n".join(lines))
+    parts.append(f"{comparison['comparisons']} comparisons with the reference in this table (each a 95% interval, "
+                 "not corrected for their number: about 1 in 20 excludes 0 by chance where nothing differs).")
+    return "\n\n".join(parts)
+
+
+SINGLE_NOTES = ("Mean [95% percentile bootstrap interval] over seeds, from each run's summary.json. Test and validation score: the "
                 "result of the run (its best checkpoint by validation score). Loss gap: validation loss minus the "
                 "mean training loss since the previous evaluation, as the overfitting monitor logs it "
                 "(validation/generalization_gap), at the best step and at the last evaluation (where the run "
                 "ended). Early stop / overfit warning fired: seeds where early stopping ended the run / the "
                 "overfitting monitor warned (validation not improving while the training loss falls), and the "
                 "mean step where it did (over those seeds).")
-NOTES = ("Mean ± standard error over seeds. ACC, BWT and FWT as in GEM (Lopez-Paz & Ranzato 2017; FWT "
+NOTES = ("Mean [95% percentile bootstrap interval over seeds, 10,000 resamples]; all on the test split. ACC, BWT and FWT as in GEM (Lopez-Paz & Ranzato 2017; FWT "
          "against the starting model); forgetting (max) = max over earlier stages minus final (Chaudhry "
          "2018), forgetting (first) = right after its own stage minus final (Avalanche); both averaged "
          "over all tasks but the last. Learning (newest task) = R[T-1, T-1]; learning (mean of diagonal) "
@@ -285,12 +399,15 @@ def write_tables(tables: list[dict], out: pathlib.Path, title: str, grid_keys: l
         keys += [c["key"] for c in table["columns"] if c["key"] not in keys]
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*grid_keys, "method", "seeds", *(f"{k}_{s}" for k in keys for s in ("mean", "se"))])
+        parts = ("mean", "se", "lo", "hi")
+        writer.writerow([*grid_keys, "method", "variant", "seeds", *(f"{k}_{s}" for k in keys for s in parts)])
         for table in tables:
             for row in table["rows"]:
-                values = [(row["mean"].get(k, math.nan), row["se"].get(k, math.nan)) for k in keys]
-                writer.writerow([*(table["cell"].get(g, "") for g in grid_keys), row["method"], len(row["seeds"]),
-                                 *("" if not math.isfinite(v) else repr(v) for pair in values for v in pair)])
+                values = [(row["mean"].get(k, math.nan), row["se"].get(k, math.nan),
+                           *row["ci"].get(k, (math.nan, math.nan))) for k in keys]
+                writer.writerow([*(table["cell"].get(g, "") for g in grid_keys), row["method"], row["variant"],
+                                 len(row["seeds"]),
+                                 *("" if not math.isfinite(v) else repr(v) for four in values for v in four)])
     document = {"title": title, "notes": notes, "cells": _finite_or_null(tables)}
     paths["json"].write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
     return paths

@@ -2,25 +2,31 @@
 
 ```yaml
 base: ../tasks/lexnames_split.yaml      # relative to this file
-seeds: 3                                # train.seed = 0, 1, 2
+seeds: 5                                # train.seed = 0 .. 4 (default 5)
 methods:                                # name -> key=value overrides of the base ([] = as is)
   naive: []
-  ewc: [stages.1.ewc.lambda=100]
+  ewc: []
   replay: [stages.1.replay.ratio=0.2]
+sweep:                                  # optional: a method's own axes; every combination is a point
+  ewc: {stages.1.ewc.lambda: [1.0e2, 1.0e4, 1.0e6]}   # runs ewc[stages.1.ewc.lambda=100] etc.
+reference: naive                        # optional: paired differences are to this method (default naive)
+select: acc                             # optional: the best point of each swept method, on VALIDATION
+tradeoff: {learning: learning_newest, forgetting: forgetting_max, levels: [0.8, 0.9]}
 grid:                                   # optional: every combination is a cell
   data.subset: [100, 1000]
   data.label_noise: [0.0, 0.2]
 exclude:                                # optional: cells not to run, each matched by some axes
   - {data.subset: 1000, data.label_noise: 0.2}
 seed_keys: [data.seed]                  # optional: keys that take the seed too (a new data draw)
-pareto: {x: forgetting_max, y: learning_diag}   # optional: axes of the Pareto plot
 grid_plot: {x: data.subset, y: [acc]}   # optional: figures against a numeric grid axis
 ```
 
-`plan_runs` expands it into one `Run` per (cell, method, seed): its run dir under the
-study's out dir and the exact `tenure train` command. Overrides apply in the order base,
-method, grid cell, then `run_dir`, `train.seed` and the `seed_keys` (later wins), so a grid
-axis sweeps a key even when a method sets it.
+`plan_runs` expands it into one `Run` per (cell, method, sweep point, seed): its run dir under
+the study's out dir and the exact `tenure train` command. Overrides apply in the order base,
+method, sweep point, grid cell, then `run_dir`, `train.seed` and the `seed_keys` (later wins),
+so a grid axis sweeps a key even when a method sets it (a sweep key may not also be set by its
+method or be a grid axis: it would be set twice). A sweep value written `1e3` (text to YAML 1.1)
+is read as the number 1000.
 
 A run with one stage and one task (a plain fine-tune, `tenure train` without `stages:`) is
 tabulated by its single-task figures (SINGLE: test and validation score, train/validation
@@ -80,21 +86,41 @@ def _check_override(text: Any) -> str:
     return text
 
 
-class ParetoAxes(BaseModel):
-    """Which figures the learning-vs-forgetting plot puts on its axes: a summary name, or a
-    per-task column, final/<task> or change/<task> (an evaluation-only task's change from start)."""
+FIGURE_PREFIXES = ("final/", "change/", "drop/")  # per-task figures: final/<task>, change/<task>, drop/<task>
+
+
+def _check_figure(value: str) -> str:
+    if value not in STATS and not value.startswith(FIGURE_PREFIXES):
+        raise ValueError(f"expected one of {', '.join(STATS)}, final/<task>, change/<task> or drop/<task>, "
+                         f"got {value!r}")
+    return value
+
+
+class Tradeoff(BaseModel):
+    """What a study calls learning and forgetting (each a figure of one run: a STATS name or a
+    per-task column), and the fixed learning levels at which methods are compared besides the
+    reference's own."""
 
     model_config = ConfigDict(extra="forbid")
 
-    x: str = Field("forgetting_max", description="x axis: a forgetting measure")
-    y: str = Field("learning_diag", description="y axis: a learning measure")
+    learning: str = Field("learning_newest", description="learning: a STATS name or final/<task> (the last "
+                                                         "task's test score after its stage by default)")
+    forgetting: str = Field("forgetting_max", description="forgetting: a STATS name or drop/<task> (an "
+                                                          "evaluation-only task's drop from the start)")
+    levels: list[float] = Field(default_factory=list, description="learning levels (besides the reference "
+                                                                  "method's) at which forgetting is interpolated")
 
-    @field_validator("x", "y")
+    @field_validator("learning", "forgetting")
     @classmethod
     def _known(cls, value: str):
-        if value not in STATS and not value.startswith(("final/", "change/")):
-            raise ValueError(f"expected one of {', '.join(STATS)}, final/<task> or change/<task>, got {value!r}")
-        return value
+        return _check_figure(value)
+
+
+def _number_text(value: Any) -> Any:
+    """`1e3` is text to YAML 1.1 (PyYAML); in a sweep it means the number."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        return float(value)
+    return value
 
 
 class GridPlot(BaseModel):
@@ -110,9 +136,9 @@ class GridPlot(BaseModel):
     @classmethod
     def _known(cls, values: list[str]):
         for value in values:
-            if value not in SINGLE and value not in STATS and not value.startswith(("final/", "change/")):
-                raise ValueError(f"expected one of {', '.join([*SINGLE, *STATS])}, final/<task> or change/<task>, "
-                                 f"got {value!r}")
+            if value not in SINGLE and value not in STATS and not value.startswith(FIGURE_PREFIXES):
+                raise ValueError(f"expected one of {', '.join([*SINGLE, *STATS])}, final/<task>, change/<task> or "
+                                 f"drop/<task>, got {value!r}")
         return values
 
 
@@ -127,7 +153,14 @@ class StudyConfig(BaseModel):
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="other axes: config key -> values; every combination is a cell, "
                                           "run for every method and seed")
-    seeds: int = Field(3, ge=1, description="seeds per method and cell: train.seed = 0 .. seeds-1")
+    sweep: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="method name -> its own axes (config key -> values); every "
+                                          "combination is a point of that method, run in every cell and seed")
+    reference: str | None = Field(None, description="the method every other is compared with, paired by seed; "
+                                                    "null = naive when the study has it (else no comparison)")
+    select: str | None = Field(None, description="figure (STATS name or final/<task>) by whose VALIDATION mean "
+                                                 "the best point of each swept method is chosen; null = none")
+    seeds: int = Field(5, ge=1, description="seeds per method and cell: train.seed = 0 .. seeds-1")
     out: str | None = Field(None, description="directory for the runs, tables and plots (relative to the "
                                               "working directory); null = runs/study/<study file name>")
     exclude: list[dict[str, Any]] = Field(
@@ -136,7 +169,8 @@ class StudyConfig(BaseModel):
     seed_keys: list[str] = Field(
         default_factory=list, description="config keys set to the seed as well as train.seed, e.g. data.seed "
                                           "(each seed draws its own training subset and label noise)")
-    pareto: ParetoAxes = Field(default_factory=ParetoAxes, description="axes of the Pareto plot")
+    tradeoff: Tradeoff = Field(default_factory=Tradeoff, description="learning and forgetting: the axes of the "
+                                                                     "trade-off plot and of matched learning")
     grid_plot: GridPlot | None = Field(
         None, description="figure against a numeric grid axis; null = the first numeric axis, with test score and "
                           "loss gap (single-task) or ACC and forgetting (staged)")
@@ -165,6 +199,29 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"axis '{key}' repeats a value")
         return grid
 
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, sweep: dict[str, dict[str, list[Any]]]):
+        for method, axes in sweep.items():
+            if not axes:
+                raise ValueError(f"method '{method}' has no axis")
+            for key, values in axes.items():
+                try:
+                    _check_override(f"{key}=")
+                except ValueError as exc:
+                    raise ValueError(f"method '{method}': {exc}") from None
+                values[:] = [_number_text(v) for v in values]
+                if not values:
+                    raise ValueError(f"method '{method}': axis '{key}' has no values")
+                if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                    raise ValueError(f"method '{method}': axis '{key}' repeats a value")
+        return sweep
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, value: str | None):
+        return None if value is None else _check_figure(value)
+
     @field_validator("seed_keys")
     @classmethod
     def _seed_keys(cls, keys: list[str]):
@@ -176,6 +233,21 @@ class StudyConfig(BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _consistent(self):
+        for method, axes in self.sweep.items():
+            if method not in self.methods:
+                raise ValueError(f"'sweep.{method}': not a method of the study")
+            for key in axes:
+                if any(o.partition("=")[0] == key for o in self.methods[method]):
+                    raise ValueError(f"'sweep.{method}': '{key}' is also set by the method's overrides; set it "
+                                     "in one place")
+                if key in self.grid or key in self.seed_keys:
+                    raise ValueError(f"'sweep.{method}': '{key}' is also a {'grid axis' if key in self.grid else 'seed key'}")
+        if self.reference is not None and self.reference not in self.methods:
+            raise ValueError(f"'reference': {self.reference!r} is not a method of the study")
+        reference = self.reference_method
+        if reference in self.sweep and self.select is None:
+            raise ValueError(f"'sweep.{reference}': the reference method sweeps, so 'select' must say which of "
+                             "its points the others are compared with (chosen on validation)")
         for i, entry in enumerate(self.exclude):
             if not entry:
                 raise ValueError(f"'exclude.{i}': an empty entry would leave out every cell")
@@ -199,10 +271,17 @@ class StudyConfig(BaseModel):
         return self
 
 
+    @property
+    def reference_method(self) -> str | None:
+        """The method others are compared with: `reference`, else naive when the study has it."""
+        return self.reference or ("naive" if "naive" in self.methods else None)
+
+
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"unknown study key '{key}'"
+        moved = " (now 'tradeoff: {learning: <its y>, forgetting: <its x>}')" if key == "pareto" else ""
+        return f"unknown study key '{key}'{moved}"
     if error["type"] == "missing":
         return f"missing study key '{key}'"
     message = error["msg"].removeprefix("Value error, ")
@@ -260,6 +339,46 @@ class Cell:
         return "__".join(_slug(f"{k}-{v}") for k, v in self.values) or "base"
 
 
+def value_text(value: Any) -> str:
+    """A short stable text of a sweep value: 1000.0 -> 1000, 1e-05 -> 1e-5, 0.25 -> 0.25."""
+    if isinstance(value, float):
+        return re.sub(r"e([-+])0*(\d)", lambda m: "e" + ("-" if m[1] == "-" else "") + m[2], f"{value:g}")
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One combination of a method's sweep values (no sweep: the empty point)."""
+
+    values: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def overrides(self) -> list[str]:
+        return [format_override(k, v) for k, v in self.values]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={value_text(v)}" for k, v in self.values)
+
+    @property
+    def slug(self) -> str:
+        return "__".join(_slug(f"{k}-{value_text(v)}") for k, v in self.values)
+
+
+def variant_name(method: str, point: Point) -> str:
+    """How a (method, sweep point) is named in tables: `ewc[ewc.lambda=1000]`, or just `ewc`."""
+    return f"{method}[{point.label}]" if point.values else method
+
+
+def points(study: StudyConfig, method: str) -> list[Point]:
+    axes = study.sweep.get(method, {})
+    out = [Point(tuple(zip(axes, combo))) for combo in itertools.product(*axes.values())]
+    slugs = [p.slug for p in out]
+    if len(set(slugs)) != len(slugs):
+        raise TenureError(f"study key 'sweep.{method}': two points map to the same directory name; use plainer values")
+    return out
+
+
 def cells(study: StudyConfig) -> list[Cell]:
     keys = list(study.grid)
     combos = itertools.product(*(study.grid[k] for k in keys))
@@ -282,11 +401,16 @@ class Run:
     seed: int
     run_dir: pathlib.Path
     command: tuple[str, ...]
+    point: Point = Point()
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.method, self.point)
 
     @property
     def name(self) -> str:
         where = "" if self.cell.slug == "base" else f" [{self.cell.label}]"
-        return f"{self.method} seed {self.seed}{where}"
+        return f"{self.variant} seed {self.seed}{where}"
 
     @property
     def result(self) -> pathlib.Path:
@@ -312,9 +436,10 @@ def select_methods(study: StudyConfig, methods: list[str] | None) -> list[str]:
 
 def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pathlib.Path, *,
               methods: list[str] | None = None, seeds: int | None = None) -> list[Run]:
-    """Every (cell, method, seed) run, in that nesting order, with its run dir and command.
+    """Every (cell, method, sweep point, seed) run, in that nesting order, with its run dir and command.
 
-    Run dirs: ``<out>/<cell slug>/<method>/seed<k>`` (absolute).
+    Run dirs: ``<out>/<cell slug>/<method>/seed<k>``, or ``<out>/<cell slug>/<method>/<point slug>/seed<k>``
+    for a swept method (absolute).
     """
     if seeds is not None and seeds < 1:
         raise TenureError(f"--seeds: must be at least 1, got {seeds}")
@@ -323,12 +448,13 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
     runs = []
     for cell in cells(study):
         for method in select_methods(study, methods):
-            for seed in range(study.seeds if seeds is None else seeds):
-                run_dir = out / cell.slug / method / f"seed{seed}"
-                command = (sys.executable, "-m", "engine.cli", "train", base, *study.methods[method],
-                           *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}",
-                           *(f"{key}={seed}" for key in study.seed_keys))
-                runs.append(Run(method, cell, seed, run_dir, command))
+            for point in points(study, method):
+                for seed in range(study.seeds if seeds is None else seeds):
+                    run_dir = out / cell.slug / method / point.slug / f"seed{seed}"
+                    command = (sys.executable, "-m", "engine.cli", "train", base, *study.methods[method],
+                               *point.overrides, *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}",
+                               *(f"{key}={seed}" for key in study.seed_keys))
+                    runs.append(Run(method, cell, seed, run_dir, command, point))
     return runs
 
 
@@ -352,7 +478,7 @@ def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Ru
         if len(members) < 2:
             continue
         lead, cfg = members[0]
-        run_dir = out / lead.cell.slug / "first_stage" / lead.method / f"seed{lead.seed}"
+        run_dir = out / lead.cell.slug / "first_stage" / lead.method / lead.point.slug / f"seed{lead.seed}"
         stage = cfg.stages[0].model_dump(mode="json", by_alias=True, exclude_none=True)
         command = tuple(f"run_dir={run_dir}" if part.startswith("run_dir=") else part for part in lead.command)
         first.append(Run(lead.method, lead.cell, lead.seed, run_dir,
@@ -360,3 +486,28 @@ def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Ru
         for run, _ in members:
             branched[id(run)] = dataclasses.replace(run, command=(*run.command, f"branch_from={run_dir}"))
     return first, [branched.get(id(run), run) for run in runs]
+
+
+def figure_tasks(figure: str, tasks: list[str]) -> list[str]:
+    """The tasks a figure reads: its own for final/change/drop, else every task of the run."""
+    prefix, sep, task = figure.partition("/")
+    return [task] if sep and prefix + "/" in FIGURE_PREFIXES else list(tasks)
+
+
+def check_selection_uses_validation(study: StudyConfig, runs: list[Run]) -> None:
+    """Refuse, before anything runs, a selection that would read a task without a validation
+    split (R is on test: choosing on it would judge a choice on what chose it)."""
+    from engine.config import load_config
+
+    if study.select is None:
+        return
+    for run in runs:
+        cfg = load_config(run.command[4], list(run.command[5:]))
+        splits = ({name: task.data.validation for name, task in cfg.tasks.items()} if cfg.tasks
+                  else {"the task": cfg.data.validation})
+        wanted = figure_tasks(study.select, list(splits)) if cfg.tasks else list(splits)
+        missing = [t for t in wanted if t in splits and splits[t] is None]
+        if missing:
+            raise TenureError(f"study key 'select': {study.select!r} would be chosen on test: {run.variant} has no "
+                              f"validation split for {', '.join(missing)} (set tasks.<task>.data.validation, or "
+                              "drop 'select')")

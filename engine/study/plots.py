@@ -1,5 +1,5 @@
-"""PNG plots of a study (matplotlib, Agg backend): per cell, the learning-vs-forgetting Pareto plot
-and each method's curves of every task's metric over global steps, stage boundaries marked; per
+"""PNG plots of a study (matplotlib, Agg backend): per cell, the learning-vs-forgetting plot (a
+curve per method through its sweep points) and each method's curves of every task's metric over global steps, stage boundaries marked; per
 grid study, its figures against a numeric grid axis (e.g. test score against data size)."""
 from __future__ import annotations
 
@@ -20,32 +20,60 @@ def _pyplot():
     return plt
 
 
-def pareto(table: dict, path: pathlib.Path, x: str = "forgetting_max", y: str = "learning_diag",
-           title: str = "") -> pathlib.Path:
-    """One point per method at (mean x, mean y), error bars = standard error over seeds."""
+def _error(row: dict, key: str) -> tuple[float, float]:
+    """(below, above) the mean: its 95% interval, 0 where there is none."""
+    mean, (lo, hi) = row["mean"][key], row["ci"][key]
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return 0.0, 0.0
+    return mean - lo, hi - mean
+
+
+def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
+    """Learning (x) against forgetting (y): one curve per method through its sweep points sorted
+    by learning (a method without a sweep is one point), error bars = 95% bootstrap intervals over
+    seeds, the reference method's point starred and its learning level a dotted line (the matched
+    levels dashed)."""
+    comparison = table["comparison"]
+    x, y = comparison["learning"], comparison["forgetting"]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
-    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7.2, 5.2), dpi=110)
+    colors, markers = plt.get_cmap("tab10"), "osD^vP*X"
+    methods = list(dict.fromkeys(row["method"] for row in table["rows"]))
     plotted = 0
-    for i, row in enumerate(table["rows"]):
-        mx, my = row["mean"].get(x, math.nan), row["mean"].get(y, math.nan)
-        if not (math.isfinite(mx) and math.isfinite(my)):
+    for i, method in enumerate(methods):
+        rows = [r for r in table["rows"] if r["method"] == method
+                and all(math.isfinite(r["mean"].get(k, math.nan)) for k in (x, y))]
+        if not rows:
             continue
-        ex, ey = (row["se"][k] if math.isfinite(row["se"][k]) else 0.0 for k in (x, y))
-        ax.errorbar(mx, my, xerr=ex, yerr=ey, fmt="o", color=colors(i % 10), capsize=4, markersize=7,
-                    label=f"{row['method']} (n={len(row['seeds'])})")
-        ax.annotate(row["method"], (mx, my), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        rows.sort(key=lambda r: r["mean"][x])
+        xerr = np.array([_error(r, x) for r in rows]).T
+        yerr = np.array([_error(r, y) for r in rows]).T
+        n = sorted({len(r["seeds"]) for r in rows})
+        label = f"{method} ({len(rows)} point{'s' * (len(rows) > 1)}, n={'/'.join(map(str, n))})"
+        ax.errorbar([r["mean"][x] for r in rows], [r["mean"][y] for r in rows], xerr=xerr, yerr=yerr,
+                    marker=markers[i % 8], color=colors(i % 10), capsize=3, markersize=5, linewidth=1.2, label=label)
+        for r in rows:
+            if r["variant"] == comparison["reference"]:
+                ax.plot(r["mean"][x], r["mean"][y], marker="*", markersize=16, color=colors(i % 10),
+                        markeredgecolor="black", linestyle="none", zorder=5, label=f"{r['variant']} (reference)")
+                ax.axvline(r["mean"][x], color="grey", linestyle=":", linewidth=1)
+            elif r["point"]:
+                ax.annotate(r["variant"].split("[", 1)[1].rstrip("]"), (r["mean"][x], r["mean"][y]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=6, color=colors(i % 10))
         plotted += 1
+    for level in comparison["levels"]:
+        ax.axvline(level, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel(_axis_label(table, x))
     ax.set_ylabel(_axis_label(table, y))
-    ax.set_title(title or "Learning vs forgetting" + (f" — {table['label']}" if table["cell"] else ""), fontsize=10)
+    ax.set_title(title or "Learning vs forgetting (95% CI over seeds)" + (f" — {table['label']}" if table["cell"] else ""),
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
     if plotted:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=7, loc="best")
     else:
-        ax.text(0.5, 0.5, f"no run has both {STATS.get(x, x)} and {STATS.get(y, y)}\n(e.g. single-stage runs have no forgetting)",
+        ax.text(0.5, 0.5, f"no run has both {STATS.get(x, x)} and {STATS.get(y, y)}",
                 transform=ax.transAxes, ha="center", va="center", fontsize=9, color="dimgrey")
-    ax.margins(0.15)
+    ax.margins(0.1)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -54,7 +82,7 @@ def pareto(table: dict, path: pathlib.Path, x: str = "forgetting_max", y: str = 
 
 def _axis_label(table: dict, key: str) -> str:
     title = STATS.get(key) or next((c["title"] for c in table["columns"] if c["key"] == key), key)
-    if key.startswith("forgetting"):
+    if key.startswith(("forgetting", "drop/")):
         return f"{title}  (lower is better)"
     if "/" in key:
         return title + ("  (lower is better)" if table["direction"].get(key.split("/", 1)[1]) == "min" else
@@ -158,17 +186,17 @@ def _short(key: str) -> str:
 
 def grid(tables: list[dict], grid_keys: list[str], x: str, ys: list[str], path: pathlib.Path,
          title: str = "") -> pathlib.Path:
-    """A panel per figure in `ys`: its mean over seeds (error bars: standard error) against the grid
+    """A panel per figure in `ys`: its mean over seeds (error bars: 95% bootstrap interval) against the grid
     axis `x`, one line per combination of the other grid axes and method. Log x when the values
     span more than a factor of 10."""
     plt = _pyplot()
     others = [k for k in grid_keys if k != x]
-    methods = {row["method"] for t in tables for row in t["rows"]}
+    methods = {row["variant"] for t in tables for row in t["rows"]}
     series: dict[str, list[tuple[float, dict]]] = {}
     for table in tables:
         for row in table["rows"]:
-            parts = [f"{_short(k)}={table['cell'][k]}" for k in others] + ([row["method"]] if len(methods) > 1 else [])
-            series.setdefault(", ".join(parts) or row["method"], []).append((table["cell"][x], row))
+            parts = [f"{_short(k)}={table['cell'][k]}" for k in others] + ([row["variant"]] if len(methods) > 1 else [])
+            series.setdefault(", ".join(parts) or row["variant"], []).append((table["cell"][x], row))
     fig, axes = plt.subplots(1, len(ys), figsize=(5.6 * len(ys), 4.4), dpi=110, squeeze=False)
     colors, markers = plt.get_cmap("tab10"), "osD^vP*X"
     xs = sorted({v for points in series.values() for v, _ in points})
@@ -177,8 +205,8 @@ def grid(tables: list[dict], grid_keys: list[str], x: str, ys: list[str], path: 
         for i, (label, points) in enumerate(series.items()):
             points = sorted(points, key=lambda p: p[0])
             mean = np.array([row["mean"].get(y, math.nan) for _, row in points], dtype=np.float64)
-            se = np.array([row["se"].get(y, math.nan) for _, row in points], dtype=np.float64)
-            ax.errorbar([v for v, _ in points], mean, yerr=np.where(np.isfinite(se), se, 0.0), marker=markers[i % 8],
+            yerr = np.array([_error(row, y) if y in row["ci"] else (0.0, 0.0) for _, row in points]).T
+            ax.errorbar([v for v, _ in points], mean, yerr=yerr, marker=markers[i % 8],
                         color=colors(i % 10), capsize=3, label=label, linewidth=1.3, markersize=5)
         if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
             ax.set_xscale("log")
@@ -190,7 +218,7 @@ def grid(tables: list[dict], grid_keys: list[str], x: str, ys: list[str], path: 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     n = {len(row["seeds"]) for t in tables for row in t["rows"]}
-    fig.suptitle(title or f"Against {x} (mean ± SE over {'/'.join(map(str, sorted(n)))} seeds)", fontsize=11)
+    fig.suptitle(title or f"Against {x} (mean, 95% CI over {'/'.join(map(str, sorted(n)))} seeds)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
