@@ -49,34 +49,42 @@ def _validation(by_variant: dict, figure: str) -> dict[str, dict[int, float]]:
             for variant, results in by_variant.items()}
 
 
-def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict]:
-    """Tables and plots from the finished runs among `runs`; prints the tables. Returns the tables.
-    A staged cell gets its comparison (engine/study/compare.py) and the learning-vs-forgetting
-    plot; single-task cells get neither (nothing is forgotten); a grid with a numeric axis gets
-    `grid.png` (the study's `grid_plot`, else plots.grid_axes's default)."""
-    from engine.study import aggregate, compare, plots
+def analyse(runs, study) -> list[tuple[dict, dict]]:
+    """(table, records by variant) per cell with a finished run: the cell table and, for a staged
+    cell, its comparison (engine/study/compare.py), from the runs' JSON alone."""
+    from engine.study import aggregate, compare
 
-    stream = stream or sys.stdout
-    grid_keys = list(study.grid)
-    tradeoff = study.tradeoff
-    grouped = aggregate.collect(runs)
-    tables = []
-    for cell, by_variant in grouped:
+    tradeoff, out = study.tradeoff, []
+    for cell, by_variant in aggregate.collect(runs):
         if not by_variant:
             continue
         table = aggregate.cell_table(cell, by_variant)
-        records = {v: [rec for _, rec in results] for v, results in by_variant.items()}
-        table["plots"] = {}
         if table["kind"] != "single_task":
             best = compare.figure_direction(study.select, table["direction"]) if study.select else "max"
-            validation = _validation(by_variant, study.select) if study.select else None
             table["comparison"] = compare.compare(
                 table["rows"], reference=study.reference_method, learning=tradeoff.learning,
                 forgetting=tradeoff.forgetting, levels=tradeoff.levels, select=study.select, select_best=best,
-                validation=validation)
-            table["plots"]["tradeoff"] = str(plots.tradeoff(
-                table, out / _plot_name("tradeoff", cell.slug, len(grouped))))
-        table["plots"]["curves"] = str(plots.curves(table, records, out / _plot_name("curves", cell.slug, len(grouped))))
+                validation=_validation(by_variant, study.select) if study.select else None)
+        out.append((table, {v: [rec for _, rec in results] for v, results in by_variant.items()}))
+    return out
+
+
+def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict]:
+    """Tables and plots from the finished runs among `runs`; prints the tables. Returns the tables.
+    A staged cell gets the learning-vs-forgetting plot; single-task cells do not (nothing is
+    forgotten); a grid with a numeric axis gets `grid.png` (the study's `grid_plot`, else
+    plots.grid_axes's default)."""
+    from engine.study import aggregate, plots
+
+    stream = stream or sys.stdout
+    grid_keys = list(study.grid)
+    analysed = analyse(runs, study)
+    n_cells = len({run.cell for run in runs})
+    tables = []
+    for table, records in analysed:
+        name = lambda kind: out / _plot_name(kind, table["slug"], n_cells)  # noqa: E731
+        table["plots"] = {} if table["kind"] == "single_task" else {"tradeoff": str(plots.tradeoff(table, name("tradeoff")))}
+        table["plots"]["curves"] = str(plots.curves(table, records, name("curves")))
         tables.append(table)
     if not tables:
         return []
