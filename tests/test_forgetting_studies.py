@@ -31,7 +31,7 @@ def test_shipped_studies_load_and_differ_only_in_heads():
     """Both settings run the same methods with the same overrides, but for `heads`."""
     task_il, class_il = load_study(TASK_IL), load_study(CLASS_IL)
     assert task_il.base == class_il.base and task_il.seeds == class_il.seeds == 3
-    assert list(task_il.methods) == list(class_il.methods) == ["naive", "ewc", "l2sp", "replay"]
+    assert list(task_il.methods) == list(class_il.methods) == ["naive", "ewc", "l2sp", "replay", "joint"]
     for method in task_il.methods:
         assert task_il.methods[method][0] == "heads=per_task" and class_il.methods[method][0] == "heads=shared"
         assert task_il.methods[method][1:] == class_il.methods[method][1:]
@@ -160,7 +160,7 @@ def test_decoder_lm_study_from_scratch_model_and_methods():
     with pytest.raises(TenureError, match="no model.safetensors"):
         load_hf(STUDY_DIR / "tiny_gpt2")
     study = load_study(DECODER_LM)
-    assert study.seeds == 3 and list(study.methods) == ["naive", "replay", "ewc", "lora"]
+    assert study.seeds == 3 and list(study.methods) == ["naive", "replay", "ewc", "lora", "joint"]
     for method, overrides in study.methods.items():
         assert all(o.startswith("stages.1.") or (method == "lora" and o.startswith("stages.0.trainable="))
                    for o in overrides), method

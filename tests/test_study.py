@@ -4,7 +4,9 @@ the per-cell tables (values, CSV / JSON / Markdown) and the plots.
 Aggregation is tested on forgetting.json files written here by hand in the engine's
 format (the thing under test is the aggregation); the runner runs tiny real commands."""
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -575,10 +577,12 @@ SPLIT = {"A": ["noun.animal", "noun.plant", "noun.food", "noun.body"],
          "B": ["noun.artifact", "noun.act", "noun.person", "noun.location"]}
 
 
-@pytest.mark.slow
-def test_study_of_two_methods_on_a_tiny_staged_run(tmp_path, capsys):
-    """naive vs replay on lexnames split in two 4-class tasks, tiny BERT fixture, one seed each,
-    two runs at once: the table holds exactly what the runs' forgetting.json say."""
+@pytest.fixture(scope="module")
+def tiny_sweep_study(tmp_path_factory):
+    """naive vs replay swept over two ratios, on lexnames split in two 4-class tasks, tiny BERT
+    fixture, two seeds, two runs at once, the points chosen on validation ACC; then one run's
+    result removed (a killed grid) and the study run again. Run once for the module."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
     for split, n in (("train", 64), ("validation", 16), ("test", 16)):
         rows = [json.loads(line) for line in open(ROOT / f"data/wordnet_lexnames/{split}.jsonl")]
         for task, labels in SPLIT.items():
@@ -593,37 +597,63 @@ def test_study_of_two_methods_on_a_tiny_staged_run(tmp_path, capsys):
             "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0},
             "train": {"eval_every": 2, "log_every": 2}, "checkpoint": {"every_steps": 100},
             "logging": {"progress": False, "tensorboard": False}}
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    study = write_study(tmp_path, "base: base.yaml\nseeds: 1\nmethods:\n  naive: []\n"
-                                  "  replay: [stages.1.replay.ratio=0.5]\n")
+    study = write_study(tmp_path, "base: base.yaml\nseeds: 2\nselect: acc\nmethods:\n  naive: []\n  replay: []\n"
+                                  "sweep:\n  replay: {stages.1.replay.ratio: [0.25, 0.5]}\n")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))  # write_study wrote a placeholder base
     out = tmp_path / "out"
     assert run_study(study_args(study, "--out", str(out), "--jobs", "2")) == 0
-    printed = capsys.readouterr().out
-    first = out / "base" / "first_stage" / "naive" / "seed0"
-    # replay acts from stage B on: both methods branch from one stage A
-    assert printed.startswith(f"first stage shared by the methods that differ only later: 1 run in {out}/*/first_stage\n"
-                              "1 run: 0 already done, 1 to run\n")
-    assert "\n2 runs: 0 already done, 2 to run, 2 at a time\n" in printed
-    assert "[2/2] " in printed and ": ok in " in printed
-    assert json.loads((first / "forgetting.json").read_text())["stages"] == ["A"]
+    killed = out / "base" / "replay" / "stages.1.replay.ratio-0.5" / "seed1" / "forgetting.json"
+    killed.unlink()  # as if the study had been stopped before this run wrote its result
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = run_study(study_args(study, "--out", str(out)))
+    return study, out, code, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_a_swept_study_runs_every_point_from_one_stage_a_and_resumes(tiny_sweep_study):
+    """The table holds exactly what the runs' forgetting.json say; every point branches from one
+    stage A per seed; the rerun after a kill runs only the unfinished run."""
+    study, out, code, printed = tiny_sweep_study
+    assert code == 0
+    first = {k: out / "base" / "first_stage" / "naive" / f"seed{k}" for k in (0, 1)}
     (table,) = json.loads((out / "study.json").read_text())["cells"]
-    assert [r["method"] for r in table["rows"]] == ["naive", "replay"] and table["tasks"] == ["A", "B"]
+    assert [r["variant"] for r in table["rows"]] == ["naive", "replay[stages.1.replay.ratio=0.25]",
+                                                     "replay[stages.1.replay.ratio=0.5]"]
     for row in table["rows"]:
-        record = json.loads((out / "base" / row["method"] / "seed0" / "forgetting.json").read_text())
-        assert record["tasks"] == ["A", "B"] and len(record["R"]) == 2 and record["stage_ends"] == [4, 8]
-        R, summary = record["R"], record["summary"]
-        expected = {"final/A": R[1][0], "final/B": R[1][1], "acc": summary["acc"], "bwt": summary["bwt"],
-                    "fwt": summary["fwt"], "forgetting_max": summary["forgetting_max"],
-                    "forgetting_first": summary["forgetting_first"], "learning_newest": R[1][1],
-                    "learning_diag": (R[0][0] + R[1][1]) / 2}
-        assert row["mean"] == pytest.approx(expected) and row["seeds"] == [0]
-        assert summary["forgetting_first"] == pytest.approx(R[0][0] - R[1][0])
-        assert [p["step"] for p in record["curves"]] == [0, 2, 4, 6, 8]
-        assert record["R"][0] == json.loads((first / "forgetting.json").read_text())["R"][0]
-    log = (out / "base" / "replay" / "seed0" / "study.log").read_text()
-    assert "stages.1.replay.ratio=0.5" in log.splitlines()[0] and f"branched from {first} after stage A" in log
-    # Resume: nothing is run again; the tables are rebuilt from the finished runs.
-    assert run_study(study_args(study, "--out", str(out))) == 0
-    assert "1 run: 1 already done, 0 to run\n2 runs: 2 already done, 0 to run\n" in capsys.readouterr().out
-    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+        point = row["variant"].partition("=")[2].rstrip("]")
+        run_dirs = [out / "base" / row["method"] / (f"stages.1.replay.ratio-{point}" if point else "") / f"seed{k}"
+                    for k in (0, 1)]
+        records = [json.loads((d / "forgetting.json").read_text()) for d in run_dirs]
+        assert row["seeds"] == [0, 1]
+        assert row["per_seed"]["final/A"] == [r["R"][1][0] for r in records]
+        assert row["per_seed"]["forgetting_max"] == pytest.approx([r["summary"]["forgetting_max"] for r in records])
+        for k, record in enumerate(records):
+            assert record["stage_ends"] == [4, 8] and [p["step"] for p in record["curves"]] == [0, 2, 4, 6, 8]
+            assert record["R"][0] == json.loads((first[k] / "forgetting.json").read_text())["R"][0]
+        log = (run_dirs[1] / "study.log").read_text()
+        assert f"branched from {first[1]} after stage A" in log
+        if point:
+            assert f"stages.1.replay.ratio={point}" in log.splitlines()[0]
+    # The point chosen on validation ACC: the curves' validation scores at the last stage end.
+    comparison = table["comparison"]
+    validation_acc = {}
+    for point in ("0.25", "0.5"):
+        accs = []
+        for k in (0, 1):
+            record = json.loads((out / "base" / "replay" / f"stages.1.replay.ratio-{point}" / f"seed{k}" /
+                                 "forgetting.json").read_text())
+            (last,) = [p["scores"] for p in record["curves"] if p["step"] == 8]
+            accs.append((last["A"] + last["B"]) / 2)
+        validation_acc[f"replay[stages.1.replay.ratio={point}]"] = float(np.mean(accs))
+    assert comparison["selected"]["replay"]["candidates"] == pytest.approx(validation_acc)
+    assert comparison["selected"]["replay"]["variant"] == max(validation_acc, key=validation_acc.get)
+    # Matched learning: reached exactly when naive's learning lies within replay's points' learning.
+    naive_level = np.mean(table["rows"][0]["per_seed"]["learning_newest"])
+    replay_levels = [np.mean(r["per_seed"]["learning_newest"]) for r in table["rows"][1:]]
+    (matched,) = [m for m in comparison["matched"] if m["method"] == "replay"]
+    assert matched["reached"] == (min(replay_levels) - 1e-12 <= naive_level <= max(replay_levels) + 1e-12)
+    assert comparison["reference"] == "naive" and comparison["comparisons"] == 2 * 2 + matched["reached"]
+    # The resume ran the one killed run only.
+    assert "2 runs: 2 already done, 0 to run\n6 runs: 5 already done, 1 to run\n" in printed
+    assert (out / "tradeoff.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000

@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 
+from engine.study.compare import figure_direction
 from engine.study.config import STATS
 
 
@@ -82,12 +83,8 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
 
 def _axis_label(table: dict, key: str) -> str:
     title = STATS.get(key) or next((c["title"] for c in table["columns"] if c["key"] == key), key)
-    if key.startswith(("forgetting", "drop/")):
-        return f"{title}  (lower is better)"
-    if "/" in key:
-        return title + ("  (lower is better)" if table["direction"].get(key.split("/", 1)[1]) == "min" else
-                        "  (higher is better)")
-    return f"{title}  (higher is better)"
+    better = "lower" if figure_direction(key, table["direction"]) == "min" else "higher"
+    return f"{title}  ({better} is better)"
 
 
 def _seed_curve(record, task: str) -> dict[int, float]:
