@@ -273,3 +273,14 @@ def test_a_run_without_validation_scores_cannot_be_selected_on(tmp_path):
         write_run(run, learn, forget, validation=None if run.variant == "ewc[ewc.lambda=10]" else (v_learn, v_forget))
     with pytest.raises(TenureError, match=r"ewc/ewc.lambda-10/seed0: no validation value of 'acc'"):
         tables_of(path, tmp_path)
+
+
+def test_methods_without_a_sweep_need_no_validation_split(tmp_path):
+    """Only a swept method's points are chosen among; naive without validation is still the reference."""
+    path = write_study(tmp_path, SELECT.replace("SELECT", "acc").replace("  naive: {optim.lr: [1.0e-4, 1.0e-3]}\n", ""))
+    for run in plan_runs(load_study(path), path, tmp_path / "out"):
+        learn, forget, v_learn, v_forget = SCORES.get(run.variant, (0.8, 0.5, None, None))
+        write_run(run, learn, forget, validation=None if run.method == "naive" else (v_learn, v_forget))
+    (table,) = tables_of(path, tmp_path)
+    assert table["comparison"]["selected"]["ewc"]["variant"] == "ewc[ewc.lambda=10]"
+    assert table["comparison"]["reference"] == "naive" and "naive" not in table["comparison"]["selected"]

@@ -42,11 +42,11 @@ def _plot_name(kind: str, slug: str, n_cells: int) -> str:
 
 
 def _validation(by_variant: dict, figure: str) -> dict[str, dict[int, float]]:
-    """variant -> seed -> `figure` on validation, for the selection."""
+    """variant -> seed -> `figure` on validation, for the selection: the points of swept methods."""
     from engine.study.aggregate import validation_value
 
     return {variant: {run.seed: validation_value(run, record, figure) for run, record in results}
-            for variant, results in by_variant.items()}
+            for variant, results in by_variant.items() if results[0][0].point.values}
 
 
 def analyse(runs, study) -> list[tuple[dict, dict]]:

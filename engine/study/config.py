@@ -496,12 +496,12 @@ def figure_tasks(figure: str, tasks: list[str]) -> list[str]:
 
 def check_selection_uses_validation(study: StudyConfig, runs: list[Run]) -> None:
     """Refuse, before anything runs, a selection that would read a task without a validation
-    split (R is on test: choosing on it would judge a choice on what chose it)."""
+    split in a swept method's run (R is on test: choosing on it would judge a choice on what chose it)."""
     from engine.config import load_config
 
     if study.select is None:
         return
-    for run in runs:
+    for run in (r for r in runs if r.point.values):  # the points a selection chooses among
         cfg = load_config(run.command[4], list(run.command[5:]))
         splits = ({name: task.data.validation for name, task in cfg.tasks.items()} if cfg.tasks
                   else {"the task": cfg.data.validation})
