@@ -6,7 +6,8 @@ whose R column is its perplexity). Prints a Markdown table.
         final/test/B/rougeL@200 final/test/B/rougeL@300 final/test/B/exact_match@300
 
 Each column is TAG@STEP (the scalar logged at that global step; `final/test/...` are the
-stage-end evaluations on the test split). Runs are `<out>/<cell>/<method>/seed<k>/tb`.
+stage-end evaluations on the test split). Runs are `<out>/<cell>/<method>/seed<k>/tb`, or
+`<out>/<cell>/<method>/<sweep point>/seed<k>/tb` for a swept method.
 """
 from __future__ import annotations
 
@@ -44,10 +45,14 @@ def main() -> None:
     print("| cell | method | seeds | " + " | ".join(args.columns) + " |")
     print("|---|---|---:|" + "---:|" * len(columns))
     for cell in sorted(p for p in args.out.iterdir() if p.is_dir()):
-        for method in sorted(p for p in cell.iterdir() if p.is_dir()):
-            runs = sorted(p / "tb" for p in method.glob("seed*") if (p / "forgetting.json").is_file())
-            cells = [mean_se([scalar(tb, tag, step) for tb in runs]) for tag, step in columns]
-            print(f"| {cell.name} | {method.name} | {len(runs)} | " + " | ".join(cells) + " |")
+        for method in sorted(p for p in cell.iterdir() if p.is_dir() and p.name != "first_stage"):
+            # a swept method has a directory per point between it and its seeds
+            points = [method] if any(method.glob("seed*")) else sorted(p for p in method.iterdir() if p.is_dir())
+            for point in points:
+                runs = sorted(p / "tb" for p in point.glob("seed*") if (p / "forgetting.json").is_file())
+                cells = [mean_se([scalar(tb, tag, step) for tb in runs]) for tag, step in columns]
+                name = method.name if point == method else f"{method.name}/{point.name}"
+                print(f"| {cell.name} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

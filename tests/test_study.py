@@ -352,7 +352,7 @@ def study_args(path, *extra):
     return parser.parse_args(["study", str(path), *extra])
 
 
-def test_tables_hold_mean_and_standard_error_over_seeds(finished_study, tmp_path, capsys):
+def test_tables_hold_mean_interval_and_standard_error_over_seeds(finished_study, tmp_path, capsys):
     path, runs = finished_study
     assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 0
     printed = capsys.readouterr().out

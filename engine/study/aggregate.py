@@ -318,6 +318,9 @@ def tables_markdown(tables: list[dict], grid_keys: list[str]) -> str:
         parts += [markdown(table), ""]
         if table.get("comparison"):
             parts += [comparison_markdown(table), ""]
+    compared = [t["comparison"]["comparisons"] for t in tables if t.get("comparison")]
+    if len(compared) > 1:
+        parts += [f"{sum(compared)} comparisons with the reference in all {len(compared)} cells.", ""]
     return "\n".join(parts).rstrip("\n")
 
 
@@ -361,6 +364,8 @@ def comparison_markdown(table: dict) -> str:
             if entry["reached"]:
                 there = _estimate_text(entry["forgetting"])
                 diff = _estimate_text(entry["difference"]) if "difference" in entry else ""
+                if entry["unreached_resamples"] > 0:  # the interval is over the resamples that reach it
+                    there += f" (not reached in {100 * entry['unreached_resamples']:.0f}% of resamples)"
             else:
                 span = entry.get("range")
                 there = "not reached" + (f" (learning {span[0]:.3f}–{span[1]:.3f})" if span else " (no paired seeds)")
