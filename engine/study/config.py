@@ -270,7 +270,6 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"'grid_plot.x': axis '{self.grid_plot.x}' has non-numeric values")
         return self
 
-
     @property
     def reference_method(self) -> str | None:
         """The method others are compared with: `reference`, else naive when the study has it."""
