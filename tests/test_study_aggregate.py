@@ -284,3 +284,17 @@ def test_methods_without_a_sweep_need_no_validation_split(tmp_path):
     (table,) = tables_of(path, tmp_path)
     assert table["comparison"]["selected"]["ewc"]["variant"] == "ewc[ewc.lambda=10]"
     assert table["comparison"]["reference"] == "naive" and "naive" not in table["comparison"]["selected"]
+
+
+def test_interpolation_between_points_and_at_tied_learning():
+    """Hand values: points given out of order; two points at the same learning count as one at
+    their mean forgetting (so the answer does not depend on the sweep's order)."""
+    from engine.study.stats import interpolate_rows
+    x_BxP = np.array([[0.9, 0.6, 0.7], [0.5, 0.5, 0.8], [0.5, 0.5, 0.8]])
+    y_BxP = np.array([[0.5, 0.1, 0.2], [0.0, 0.2, 0.4], [0.2, 0.0, 0.4]])
+    got = interpolate_rows(x_BxP, y_BxP, np.array([0.8, 0.5, 0.65]))
+    assert got[0] == pytest.approx(0.2 + 0.5 * 0.3)          # between (0.7, 0.2) and (0.9, 0.5)
+    assert got[1] == pytest.approx(0.1)                      # at the tie: mean of 0.0 and 0.2
+    assert got[2] == pytest.approx(0.1 + 0.5 * (0.4 - 0.1))  # from the tie's mean toward (0.8, 0.4)
+    outside = interpolate_rows(x_BxP, y_BxP, np.array([0.95, 0.4, 0.81]))
+    assert np.isnan(outside).all()                           # not reached: no extrapolation

@@ -42,20 +42,19 @@ def mean_ci(values_N: np.ndarray) -> tuple[float, float, float, int]:
 
 
 def interpolate_rows(x_BxP: np.ndarray, y_BxP: np.ndarray, level_B: np.ndarray) -> np.ndarray:
-    """Per row b: y at x = level_B[b], linear between the two points around it after sorting the
-    row's points by x; NaN where the level lies outside the row's x range (not reached)."""
-    order_BxP = np.argsort(x_BxP, axis=1, kind="stable")
-    xs_BxP = np.take_along_axis(x_BxP, order_BxP, axis=1)
-    ys_BxP = np.take_along_axis(y_BxP, order_BxP, axis=1)
-    B, P = xs_BxP.shape
-    level_B = np.asarray(level_B, dtype=np.float64)
-    reached_B = (level_B >= xs_BxP[:, 0]) & (level_B <= xs_BxP[:, -1])
-    if P == 1:
-        return np.where(reached_B, ys_BxP[:, 0], np.nan)
-    right_B = np.clip((xs_BxP <= level_B[:, None]).sum(axis=1), 1, P - 1)  # first point right of the level
-    rows = np.arange(B)
-    x0, x1 = xs_BxP[rows, right_B - 1], xs_BxP[rows, right_B]
-    y0, y1 = ys_BxP[rows, right_B - 1], ys_BxP[rows, right_B]
-    span = x1 - x0
-    t = np.where(span > 0, (level_B - x0) / np.where(span > 0, span, 1.0), 0.0)
-    return np.where(reached_B, y0 + t * (y1 - y0), np.nan)
+    """Per row b: y at x = level_B[b], linear between the nearest points at or below and at or
+    above the level (the row's points taken in order of x; points with equal x count as one, at
+    their mean y); NaN where the level lies outside the row's x range (not reached)."""
+    level_Bx1 = np.asarray(level_B, dtype=np.float64)[:, None]
+    left_B = np.where(x_BxP <= level_Bx1, x_BxP, -np.inf).max(axis=1)
+    right_B = np.where(x_BxP >= level_Bx1, x_BxP, np.inf).min(axis=1)
+    reached_B = np.isfinite(left_B) & np.isfinite(right_B)
+
+    def mean_y_at(x_B):
+        at_BxP = x_BxP == x_B[:, None]
+        return (y_BxP * at_BxP).sum(axis=1) / np.maximum(at_BxP.sum(axis=1), 1)
+
+    y_left_B, y_right_B = mean_y_at(left_B), mean_y_at(right_B)
+    span_B = np.where(reached_B, right_B - left_B, 0.0)
+    t_B = np.where(span_B > 0, (level_Bx1[:, 0] - left_B) / np.where(span_B > 0, span_B, 1.0), 0.0)
+    return np.where(reached_B, y_left_B + t_B * (y_right_B - y_left_B), np.nan)
