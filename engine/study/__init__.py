@@ -18,7 +18,8 @@ from models.errors import TenureError
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "study", help="run a staged experiment per method x sweep point x grid cell x seed and compare what each forgets",
+        "study", help="run a staged experiment per method x sweep point x grid cell x seed and compare what each "
+                      "forgets",
         description="Runs every (method, sweep point, grid cell, seed) as its own `tenure train` in its own run "
                     "dir (finished runs are skipped, so a killed study resumes), then writes one table per cell "
                     "(study.md / .csv / .json) with paired confidence intervals and matched-learning comparisons, "
@@ -83,7 +84,8 @@ def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict
     tables = []
     for table, records in analysed:
         name = lambda kind: out / _plot_name(kind, table["slug"], n_cells)  # noqa: E731
-        table["plots"] = {} if table["kind"] == "single_task" else {"tradeoff": str(plots.tradeoff(table, name("tradeoff")))}
+        table["plots"] = {} if table["kind"] == "single_task" else {
+            "tradeoff": str(plots.tradeoff(table, name("tradeoff")))}
         table["plots"]["curves"] = str(plots.curves(table, records, name("curves")))
         tables.append(table)
     if not tables:

@@ -377,14 +377,16 @@ def comparison_markdown(table: dict) -> str:
     return "\n\n".join(parts)
 
 
-SINGLE_NOTES = ("Mean [95% percentile bootstrap interval] over seeds, from each run's summary.json. Test and validation score: the "
+SINGLE_NOTES = ("Mean [95% percentile bootstrap interval] over seeds, from each run's summary.json. Test and "
+                "validation score: the "
                 "result of the run (its best checkpoint by validation score). Loss gap: validation loss minus the "
                 "mean training loss since the previous evaluation, as the overfitting monitor logs it "
                 "(validation/generalization_gap), at the best step and at the last evaluation (where the run "
                 "ended). Early stop / overfit warning fired: seeds where early stopping ended the run / the "
                 "overfitting monitor warned (validation not improving while the training loss falls), and the "
                 "mean step where it did (over those seeds).")
-NOTES = ("Mean [95% percentile bootstrap interval over seeds, 10,000 resamples]; all on the test split. ACC, BWT and FWT as in GEM (Lopez-Paz & Ranzato 2017; FWT "
+NOTES = ("Mean [95% percentile bootstrap interval over seeds, 10,000 resamples]; all on the test split. "
+         "ACC, BWT and FWT as in GEM (Lopez-Paz & Ranzato 2017; FWT "
          "against the starting model); forgetting (max) = max over earlier stages minus final (Chaudhry "
          "2018), forgetting (first) = right after its own stage minus final (Avalanche); both averaged "
          "over all tasks but the last. Learning (newest task) = R[T-1, T-1]; learning (mean of diagonal) "

@@ -125,7 +125,9 @@ def compare(rows: list[dict], *, reference: str | None, learning: str, forgettin
             matched.append({"method": method, "at": "reference",
                             **matched_learning(members, ref_row, learning, forgetting, None)})
         for level in levels:
-            matched.append({"method": method, "at": level, **matched_learning(members, None, learning, forgetting, level)})
+            matched.append({"method": method, "at": level,
+                            **matched_learning(members, None, learning, forgetting, level)})
     count = 2 * len(paired) + sum(1 for m in matched if "difference" in m)
     return {"reference": ref_row["variant"] if ref_row else None, "learning": learning, "forgetting": forgetting,
-            "levels": list(levels), "select": select, "selected": chosen, "paired": paired, "matched": matched, "comparisons": count}
+            "levels": list(levels), "select": select, "selected": chosen, "paired": paired, "matched": matched,
+            "comparisons": count}

@@ -241,7 +241,8 @@ class StudyConfig(BaseModel):
                     raise ValueError(f"'sweep.{method}': '{key}' is also set by the method's overrides; set it "
                                      "in one place")
                 if key in self.grid or key in self.seed_keys:
-                    raise ValueError(f"'sweep.{method}': '{key}' is also a {'grid axis' if key in self.grid else 'seed key'}")
+                    what = "grid axis" if key in self.grid else "seed key"
+                    raise ValueError(f"'sweep.{method}': '{key}' is also a {what}")
         if self.reference is not None and self.reference not in self.methods:
             raise ValueError(f"'reference': {self.reference!r} is not a method of the study")
         reference = self.reference_method

@@ -1,6 +1,7 @@
 """PNG plots of a study (matplotlib, Agg backend): per cell, the learning-vs-forgetting plot (a
-curve per method through its sweep points) and each method's curves of every task's metric over global steps, stage boundaries marked; per
-grid study, its figures against a numeric grid axis (e.g. test score against data size)."""
+curve per method through its sweep points) and each method's curves of every task's metric over
+global steps, stage boundaries marked; per grid study, its figures against a numeric grid axis
+(e.g. test score against data size)."""
 from __future__ import annotations
 
 import math
@@ -66,8 +67,8 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
         ax.axvline(level, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel(_axis_label(table, x))
     ax.set_ylabel(_axis_label(table, y))
-    ax.set_title(title or "Learning vs forgetting (95% CI over seeds)" + (f" — {table['label']}" if table["cell"] else ""),
-                 fontsize=10)
+    where = f" — {table['label']}" if table["cell"] else ""
+    ax.set_title(title or f"Learning vs forgetting (95% CI over seeds){where}", fontsize=10)
     ax.grid(True, alpha=0.3)
     if plotted:
         ax.legend(fontsize=7, loc="best")
