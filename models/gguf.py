@@ -4,7 +4,8 @@
   hf_config(path) -> dict                the file's metadata as HF config.json fields
   load_gguf(path, with_tokenizer=True, with_weights=True)
                                       -> (arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None)
-  export_gguf(path, arch_cfg, params, source, dtype="f16")
+  check_gguf_target(path, force=False) -> Path
+  export_gguf(path, arch_cfg, params, task_kind, source, dtype="f16", lora=None)
 
 Loading goes through the HF Llama family (models/hf_llama.py): the metadata becomes the
 config.json fields `config_from_hf` reads, and the tensors become HF-named, HF-layout fp32
@@ -245,13 +246,34 @@ def _copy_field(writer, field) -> None:
         writer.add_key_value(field.name, field.contents(), kind)
 
 
-def export_gguf(out: str | Path, arch_cfg, params: dict, source: str | Path, dtype: str = "f16") -> Path:
-    """Write a causal LM (no LoRA leaves: merge first) as a GGUF file whose tokenizer metadata is
-    copied from `source`, the GGUF the run started from. Written beside `out` and renamed into
-    place, so a failed export leaves `out` as it was."""
+def check_gguf_target(out: str | Path, force: bool = False) -> Path:
+    """Refuses a GGUF export target before any work: a name without .gguf, a directory, or an
+    existing file unless `force`."""
+    out = Path(out)
+    if not is_gguf(out):
+        raise TenureError(f"export: --out {out}: a GGUF export is one file named *.gguf")
+    if out.is_dir():
+        raise TenureError(f"export: {out} is a directory")
+    if out.exists() and not force:
+        raise TenureError(f"export: {out} exists; pass --force to replace it")
+    return out
+
+
+def export_gguf(out: str | Path, arch_cfg, params: dict, task_kind: str, source: str | Path,
+                dtype: str = "f16", lora=None) -> Path:
+    """Write a causal LM as a GGUF file (LoRA adapters merged) whose tokenizer metadata is copied
+    from `source`, the GGUF the run started from. Written beside `out` and renamed into place, so
+    a failed export leaves `out` as it was."""
     import gguf
+    import jax
+    import flax.linen as nn
     from models import hf_llama
+    from models.lora import lora_paths, merge_lora, strip_lora
     out, source = Path(out), Path(source)
+    if task_kind != "causal_lm":
+        raise TenureError(f"export: a {task_kind} model has no LM head; GGUF export takes causal LM models (causal_lm, sft)")
+    params = jax.tree.map(np.asarray, nn.unbox(params))
+    params = merge_lora(params, lora) if lora is not None and lora_paths(params) else strip_lora(params)
     if dtype not in EXPORT_TYPES:
         raise TenureError(f"export: GGUF type {dtype!r} is not supported (choose from {', '.join(EXPORT_TYPES)})")
     if not is_gguf(source):
