@@ -177,8 +177,11 @@ def _tokenizer(reader, path: Path):
     tokens = tokenizer_dict["tokens"]
     try:
         backend, _ = convert_gguf_tokenizer(_architecture(reader, path), tokenizer_dict)
-    except (ValueError, KeyError) as err:
-        raise TenureError(f"{path}: cannot build the tokenizer from its GGUF metadata ({str(err).splitlines()[0]})") from None
+    except BaseException as err:  # noqa: BLE001 -- malformed merges panic in the tokenizers extension
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TenureError(f"{path}: cannot build the tokenizer from its GGUF metadata ({reason})") from None
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
         if tokenizer_dict.get(key) is not None:
