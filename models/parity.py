@@ -194,7 +194,9 @@ def last_token_logits(arch_cfg, backbone: dict, head: dict | None, input_ids: np
     """The engine's fp32 causal-LM logits [B, V] at each row's last real token (right padding)."""
     batch = {"input_ids": input_ids.astype(np.int32), "attention_mask": attention_mask.astype(np.int32)}
     model = build_task_model(arch_cfg, "causal_lm")
-    params = graft_pretrained(nn.unbox(model.init(jax.random.key(0), batch)["params"]), backbone, head)
+    # Every leaf of a causal LM comes from the file: the init's shapes are all the graft needs.
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), batch)["params"])
+    params = graft_pretrained(shapes, backbone, head)
     logits_BxTxV = np.asarray(model.apply({"params": params}, batch)["logits"], np.float32)
     return logits_BxTxV[np.arange(len(input_ids)), attention_mask.sum(1) - 1]
 
