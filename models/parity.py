@@ -118,6 +118,7 @@ class ParityReport:
     checks: dict[str, tuple[float, float]]
     nonfinite: list[str] = dataclasses.field(default_factory=list)
     mismatches: list[str] = dataclasses.field(default_factory=list)  # exact checks that failed (GGUF: ids, count)
+    matched: list[str] = dataclasses.field(default_factory=list)     # exact checks that passed
 
     @property
     def max_abs(self) -> float:
@@ -136,6 +137,7 @@ class ParityReport:
     def summary(self) -> str:
         lines = [f"{self.architecture} ({self.task_kind}) vs {self.source}"]
         lines += [f"  {name:<18} max_abs {a:.3e}  max_rel {r:.3e}" for name, (a, r) in self.checks.items()]
+        lines += [f"  {m:<18} equal" for m in self.matched]
         lines += [f"FAIL: {m}" for m in self.mismatches]
         if self.nonfinite:
             lines.append(f"FAIL: non-finite values (NaN/Inf) in {', '.join(self.nonfinite)}")
@@ -208,20 +210,24 @@ def _check_gguf(path: Path, ref: dict, source: str, tolerance: float) -> ParityR
     if missing:
         raise TenureError(f"{source}: a GGUF reference needs {', '.join(missing)} (scripts/gguf_reference.py)")
     arch_cfg, backbone, head, tokenizer = load_hf(path)
-    mismatches = []
+    mismatches, matched = [], []
     for i, prompt in enumerate(ref["prompts"]):
         ours = tokenizer(str(prompt))["input_ids"]
         theirs = ref["input_ids"][i][ref["attention_mask"][i] == 1].tolist()
         if ours != theirs:
             mismatches.append(f"token ids of prompt {i}: engine {ours}, reference {theirs}")
+        else:
+            matched.append(f"token ids [{i}]")
     count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves({"backbone": backbone, "head": head}))
     if count != int(ref["num_parameters"]):
         mismatches.append(f"parameter count: engine {count:,}, reference {int(ref['num_parameters']):,}")
+    else:
+        matched.append(f"params {count:,}")
     logits = last_token_logits(arch_cfg, backbone, head, ref["input_ids"], ref["attention_mask"])
     nonfinite = [f"last_logits ({who})" for who, array in (("engine", logits), ("reference", ref["last_logits"]))
                  if not np.all(np.isfinite(array))]
     return ParityReport(str(ref["architecture"]), "causal_lm", source, tolerance,
-                        {"last_logits": _diff(logits, ref["last_logits"], None)}, nonfinite, mismatches)
+                        {"last_logits": _diff(logits, ref["last_logits"], None)}, nonfinite, mismatches, matched)
 
 
 if __name__ == "__main__":
