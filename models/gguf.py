@@ -97,8 +97,8 @@ def _config(reader, path: Path) -> dict:
         "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": int(get("attention.key_length", get("rope.dimension_count", width // heads))),
         "max_position_embeddings": int(get("context_length", 4096)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))},
+        "rms_norm_eps": _decimal(get("attention.layer_norm_rms_epsilon")),
+        "rope_parameters": {"rope_type": "default", "rope_theta": _decimal(get("rope.freq_base", 10000.0))},
         "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
         "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in names,
     }
@@ -106,6 +106,12 @@ def _config(reader, path: Path) -> dict:
         token_id = _field(reader, path, f"tokenizer.ggml.{key}_token_id", None)
         config[f"{'pad' if key == 'padding' else key}_token_id"] = None if token_id is None else int(token_id)
     return config
+
+
+def _decimal(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not
+    9.999999747378752e-06: the value the model was configured with, in config.json on export)."""
+    return float(str(np.float32(value)))
 
 
 def hf_config(path: str | Path) -> dict:

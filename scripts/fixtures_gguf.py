@@ -145,7 +145,7 @@ def write_variant(name: str, v: dict, tokenizer: Tokenizer, rng: np.random.Gener
     config = {"model_type": v["arch"], "architectures": [("Llama" if v["arch"] == "llama" else "Qwen2") + "ForCausalLM"],
               "vocab_size": VOCAB, "hidden_size": WIDTH, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
               "num_attention_heads": HEADS, "num_key_value_heads": v["kv_heads"], "max_position_embeddings": CONTEXT,
-              "rms_norm_eps": float(np.float32(v["eps"])), "tie_word_embeddings": v["tied"], "hidden_act": "silu",
+              "rms_norm_eps": v["eps"], "tie_word_embeddings": v["tied"], "hidden_act": "silu",
               "rope_parameters": {"rope_type": "default", "rope_theta": v["theta"]},
               "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
