@@ -137,14 +137,11 @@ def _dequantised(tensor, path: Path) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(shape)
 
 
-def _rope_rows(weights: np.ndarray, heads: int) -> np.ndarray:
-    """[heads, 2, Dh/2, ...] view of q/k rows: HF order (half, pair) within each head."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
-
-
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
-    """HF rotate-half rows -> llama.cpp interleaved rows (what its converter writes for llama)."""
-    return _rope_rows(weights, heads).swapaxes(1, 2).reshape(weights.shape)
+    """HF rotate-half rows -> llama.cpp interleaved rows (what its converter writes for llama):
+    per head, rows [half, pair] become [pair, half]."""
+    halves = weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weights.shape)
 
 
 def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -280,7 +277,8 @@ def export_gguf(out: str | Path, arch_cfg, params: dict, task_kind: str, source:
     from models.lora import lora_paths, merge_lora, strip_lora
     out, source = Path(out), Path(source)
     if task_kind != "causal_lm":
-        raise TenureError(f"export: a {task_kind} model has no LM head; GGUF export takes causal LM models (causal_lm, sft)")
+        raise TenureError(f"export: a {task_kind} model has no LM head; GGUF export takes causal LM "
+                          "models (causal_lm, sft)")
     params = jax.tree.map(np.asarray, nn.unbox(params))
     params = merge_lora(params, lora) if lora is not None and lora_paths(params) else strip_lora(params)
     if dtype not in EXPORT_TYPES:

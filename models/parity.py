@@ -34,7 +34,8 @@ from models.tasks import build_task_model, graft_pretrained
 ROOT = Path(__file__).resolve().parents[1]
 # Committed reference outputs for models that are not a directory of this repository.
 COMMITTED_FIXTURES = {alias: ROOT / "tests" / "fixtures" / "minilm" / "reference.npz" for alias in PACKAGE_ALIASES}
-COMMITTED_FIXTURES.update({alias: ROOT / "tests" / "fixtures" / f"gguf_{alias}" / "reference.npz" for alias in GGUF_ALIASES})
+COMMITTED_FIXTURES.update({alias: ROOT / "tests" / "fixtures" / f"gguf_{alias}" / "reference.npz"
+                           for alias in GGUF_ALIASES})
 KIND_BY_SUFFIX = (("ForSequenceClassification", "seq_cls"), ("ForTokenClassification", "token_cls"),
                   ("ForMaskedLM", "mlm"), ("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"))
 

@@ -202,7 +202,8 @@ def test_train_lora_on_a_gguf_then_export_gguf(tmp_path):
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
     source = FIXTURES / "llama_gqa_q8_0.gguf"
-    overrides = [f"run_dir={run}", f"model.path={source}", "trainable.mode=lora", "trainable.lora.targets=[q_proj,v_proj]", "train.steps=2",
+    overrides = [f"run_dir={run}", f"model.path={source}", "trainable.mode=lora",
+                 "trainable.lora.targets=[q_proj,v_proj]", "train.steps=2",
                  "train.eval_every=2", "data.batch_size=4", "data.max_length=48", "task.generation_examples=2",
                  "task.max_new_tokens=2", "task.few_shot=0", "optim.lr=0.05",
                  *(f"data.{split}={data / f'{split}.jsonl'}" for split in ("train", "validation", "test"))]
