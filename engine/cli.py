@@ -55,10 +55,18 @@ def _cmd_hf_check(args) -> int:
 def _cmd_export(args) -> int:
     from engine.config import load_config
     from engine.commands import export_checkpoint
+    from models.gguf import check_gguf_target
     from models.hf import check_export_target
-    check_export_target(args.out, force=args.force)  # refuse before restoring anything
+    if args.format == "gguf":  # refuse before restoring anything
+        if args.lora_adapter:
+            raise TenureError("export: --lora-adapter writes a PEFT adapter directory; a GGUF export merges LoRA")
+        check_gguf_target(args.out, force=args.force)
+    else:
+        if args.gguf_type != "f16":
+            raise TenureError("export: --gguf-type applies to --format gguf")
+        check_export_target(args.out, force=args.force)
     export_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.out,
-                      merge_lora=not args.lora_adapter, force=args.force)
+                      merge_lora=not args.lora_adapter, force=args.force, fmt=args.format, gguf_type=args.gguf_type)
     return 0
 
 
@@ -85,12 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["validation", "test"])
     p.set_defaults(fn=_cmd_eval)
 
-    p = with_config(sub.add_parser("export", help="write a checkpoint as an HF model directory"))
+    p = with_config(sub.add_parser("export", help="write a checkpoint as an HF model directory or a GGUF file"))
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or step dir")
-    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--out", required=True, help="output HF directory (or FILE.gguf with --format gguf)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="gguf: one llama.cpp file (causal LMs that started from a GGUF model.path)")
+    p.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16",
+                   help="tensor type of a GGUF export's matrices (norms and biases stay f32)")
     p.add_argument("--lora-adapter", action="store_true",
                    help="write LoRA as a PEFT adapter instead of merging it")
-    p.add_argument("--force", action="store_true", help="replace an existing HF model directory at --out")
+    p.add_argument("--force", action="store_true", help="replace an existing HF model directory (or GGUF file) at --out")
     p.set_defaults(fn=_cmd_export)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(
@@ -111,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(
         dest="hf_command", required=True, metavar="HF_COMMAND")
     p = hf.add_parser("check", help="compare the engine's forward pass with HF PyTorch")
-    p.add_argument("dir", help="HF model directory (config.json + *.safetensors), or 'minilm'")
+    p.add_argument("dir", help="HF model directory (config.json + *.safetensors), a .gguf file, or 'minilm' / 'smollm2'")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed")
     p.set_defaults(fn=_cmd_hf_check)
     return parser

