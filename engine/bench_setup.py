@@ -66,6 +66,12 @@ class Bench:
     batches: list[dict]
     num_labels: int
     onednn: bool  # the dot path the step was compiled with
+    mesh: Any
+
+    def device_batches(self) -> list[dict]:
+        """The batches as the train loop feeds them: global arrays sharded over the batch axes."""
+        from engine.data.pipeline import to_global_batch
+        return [to_global_batch(batch, self.mesh) for batch in self.batches]
 
 
 def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int = 0, fmt: str | None = None
@@ -155,7 +161,7 @@ def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
     step, backbone = bench_step(cfg, model_dir, batches[0], num_labels=num_labels, steps=total,
                                 xla_options=xla_options)
     return Bench(cfg, bench, model_dir, backbone.arch, kind, step.model, step.trainability, step.state, step.step_fn,
-                 batches, num_labels, bool(xla_options))
+                 batches, num_labels, bool(xla_options), backbone.mesh)
 
 
 def _dims(arch) -> tuple[int, int, int]:
