@@ -9,7 +9,6 @@ import re
 
 import jax
 import numpy as np
-import pytest
 import yaml
 
 from engine.assemble import abstract_step
@@ -74,22 +73,22 @@ def _check_compile_path(cfg):
     return train_text, labels, built
 
 
-@pytest.mark.parametrize("variant", ["classifier", "lora_bf16"])
-def test_compile_and_bench_lower_the_train_step_of_a_classifier(tmp_path, variant):
-    overrides = ("trainable.mode=lora", "model.dtype=bfloat16") if variant == "lora_bf16" else ()
-    path, cfg = _config(tmp_path, "bert/seq_cls", "seq_cls", _glosses(), overrides)
+def test_compile_and_bench_lower_the_train_step_of_a_classifier(tmp_path):
+    path, cfg = _config(tmp_path, "bert/seq_cls", "seq_cls", _glosses())
     train_text, labels, _ = _check_compile_path(cfg)
-    # bench: its own schedule length (warmup + steps x rounds + 1) set to the run's, its batch shape.
+    # bench: its schedule's length (warmup + steps x rounds + 1) set to the run's, its batch shape.
     bench = BenchConfig(batch_size=ROWS, length=LENGTH, warmup=0, steps=1, rounds=STEPS - 1, num_labels=labels)
     b = build_bench(cfg, bench, path)
     assert hlo(b.step_fn.lower(b.state, b.device_batches()[0])) == train_text
-    if variant == "lora_bf16":  # the frozen base in bf16 on both paths, the adapters fp32
-        dtypes = {x.dtype for x in jax.tree.leaves(b.state.params)}
-        assert dtypes == {np.dtype("float32"), np.dtype("bfloat16")}
 
 
-def test_compile_lowers_the_train_step_of_a_causal_lm_with_l2sp(tmp_path):
-    """A causal LM whose first stage has a regulariser (its anchor lives in the train state)."""
-    _, cfg = _config(tmp_path, "gpt2", "causal_lm", [{"text": r["text"]} for r in _glosses()], ("l2sp.alpha=0.01",))
+def test_compile_lowers_the_train_step_of_a_bf16_lora_causal_lm_with_l2sp(tmp_path):
+    """LoRA with its frozen base in bf16 (engine.frozen_base), and a regulariser in the first stage
+    (its anchor lives in the train state)."""
+    _, cfg = _config(tmp_path, "gpt2", "causal_lm", [{"text": r["text"]} for r in _glosses()],
+                     ("trainable.mode=lora", "trainable.lora.targets=[c_attn_q,c_attn_v]", "model.dtype=bfloat16",
+                      "l2sp.alpha=0.01"))
     _, _, built = _check_compile_path(cfg)
     assert set(built.step.state.extra) == {"l2sp", "divergence"} and "l2sp" in built.step.losses
+    dtypes = {x.dtype for x in jax.tree.leaves(built.step.state.params)}
+    assert dtypes == {np.dtype("float32"), np.dtype("bfloat16")}
