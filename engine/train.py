@@ -32,6 +32,7 @@ from engine.data.pipeline import to_global_batch
 from engine.evaluate import make_evaluators
 from engine.divergence import describe as describe_divergence
 from engine.fit import fit
+from engine.loggers import run_loggers
 from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
 from engine.report import forgetting_record, r_table, write_forgetting
@@ -39,7 +40,6 @@ from engine.resume_check import compare_for_resume, drift_message
 from engine.runlock import RunLock, set_aside_run
 from engine.signals import StopSignals
 from engine.stages import Stage, guarded_tasks, resolve
-from engine.tblog import TBLogger
 from engine.trainability import compile_trainability
 from models.errors import TenureError
 from models.hf import export_hf
@@ -375,7 +375,7 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
-        self.tb = TBLogger(self.run_dir / "tb", enabled=distributed.is_primary() and cfg.logging.tensorboard)
+        self.tb = run_loggers(cfg.logging, self.run_dir, to_dict(cfg), primary=distributed.is_primary())
         _print(f"model {self.backbone.model_dir}  tasks {', '.join(f'{n} ({t.task.spec.kind})' for n, t in self.tasks.by_name.items())}  "
                f"mesh {dict(self.backbone.mesh.shape)}  stages {len(self.stages)}")
         self.tb.text(0, "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```")
