@@ -2,8 +2,8 @@
 
 The featurizer and the collators (engine.data.tokenize, packing, batch_packing) produce these
 fields from records; `tenure compile` (abstract batches) and `tenure bench` (synthetic batches)
-ask `batch_fields` for them instead of writing their own list; tests/test_assemble.py checks a
-real batch against it.
+ask `batch_fields` for them instead of writing their own list; tests/test_batch_spec.py checks
+the featurizer's and the collators' batches against it.
 
 Axes: `examples` (one per example: labels of a sequence task, example_mask, task_id), `rows`
 (token rows: the examples themselves, or fewer when packed per batch), `length` (tokens per
