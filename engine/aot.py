@@ -289,5 +289,5 @@ def add_parser(sub, with_config) -> None:
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="plan against this much memory per chip instead of the chip's HBM (headroom)")
     p.add_argument("--fisher", action="store_true", help="also compile the EWC Fisher step (ewc.fisher mode)")
-    p.add_argument("--num-labels", type=int, default=2, help="classification heads: number of labels")
+    p.add_argument("--num-labels", type=int, default=2, help="classification heads: number of labels (of a task without data.labels)")
     p.set_defaults(fn=_cmd_compile)

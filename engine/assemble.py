@@ -3,9 +3,10 @@ functions as `tenure train`'s (engine.build: `start_params`, then `build_step`),
 run's data, and for compile without its weights:
 
   shape_tasks(tasks, stages, num_labels)     the run's tasks without their data: no evaluation
-                                             batches, `num_labels` labels for each labelled task
-                                             (the one thing a run reads from its data to shape
-                                             the step: compile's --num-labels, bench.num_labels)
+                                             batches; a labelled task's labels are its
+                                             `data.labels`, else `num_labels` of them (the one
+                                             thing a run reads from its data to shape the step:
+                                             compile's --num-labels, bench.num_labels)
   abstract_batch(kind, rows, length, mesh)   a training batch as sharded jax.ShapeDtypeStructs
                                              (its fields: engine.data.batch_spec)
   abstract_step(cfg, devices, num_labels)    the step, its state and batch as ShapeDtypeStructs:
@@ -30,14 +31,17 @@ from models.kinds import KINDS
 
 
 def shape_tasks(tasks: dict[str, Task], stages: list[Stage], num_labels: int) -> Tasks:
+    """`Tasks` as `build_tasks` makes them, without reading data: a labelled task has its
+    `data.labels` when the config lists them, else `num_labels` labels (shared by such tasks)."""
     trained = list(dict.fromkeys(t for s in stages for t in s.weights))
     head = KINDS[tasks[trained[0]].spec.kind].head
-    labels = tuple(str(i) for i in range(num_labels))
-    by_name = {name: RunTask(task, index, labels if KINDS[task.spec.kind].labelled else None, {},
-                             probe=KINDS[task.spec.kind].head != head)
-               for index, (name, task) in enumerate(tasks.items())}
-    labelled = any(run_task.labels for run_task in by_name.values())
-    return Tasks(by_name, head, LabelVocab(labels) if labelled else None, multi=len(tasks) > 1)
+    unnamed = tuple(str(i) for i in range(num_labels))
+    by_name = {}
+    for index, (name, task) in enumerate(tasks.items()):
+        labels = LabelVocab(task.data.labels or unnamed).labels if KINDS[task.spec.kind].labelled else None
+        by_name[name] = RunTask(task, index, labels, {}, probe=KINDS[task.spec.kind].head != head)
+    vocab = LabelVocab(label for run_task in by_name.values() for label in run_task.labels or ())
+    return Tasks(by_name, head, vocab if vocab.labels else None, multi=len(tasks) > 1)
 
 
 def abstract_batch(kind: str, rows: int, length: int, mesh, *, fmt: str | None = None, packed: bool = False,

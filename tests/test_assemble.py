@@ -92,3 +92,24 @@ def test_compile_lowers_the_train_step_of_a_bf16_lora_causal_lm_with_l2sp(tmp_pa
     assert set(built.step.state.extra) == {"l2sp", "divergence"} and "l2sp" in built.step.losses
     dtypes = {x.dtype for x in jax.tree.leaves(built.step.state.params)}
     assert dtypes == {np.dtype("float32"), np.dtype("bfloat16")}
+
+
+def test_compile_lowers_the_train_step_of_a_class_incremental_stage(tmp_path):
+    """A staged run's first stage: examples carry task_id, the shared head masks the labels of
+    tasks not trained yet; compile takes each task's labels from its data.labels."""
+    glosses = [json.loads(line) for line in itertools.islice(open(ROOT / "data/wordnet_lexnames/train.jsonl"), 400)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in glosses))
+    data = {"train": str(path), "validation": str(path), "max_length": LENGTH, "length_buckets": [LENGTH],
+            "batch_size": ROWS}
+    tree = {"run_dir": str(tmp_path / "run"), "model": {"path": str(ROOT / "tests/fixtures/bert/seq_cls")},
+            "heads": "shared",
+            "tasks": {"A": {"kind": "seq_cls", "data": {**data, "labels": ["noun.plant", "noun.animal"]}},
+                      "B": {"kind": "seq_cls", "data": {**data, "labels": ["noun.artifact", "noun.person"]}}},
+            "stages": [{"tasks": ["A"], "steps": STEPS}, {"tasks": ["B"], "steps": STEPS}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(tmp_path / "run.yaml", [])
+    _, _, built = _check_compile_path(cfg)
+    a, b = ["noun.plant", "noun.animal"], ["noun.artifact", "noun.person"]
+    own = tuple(label in a for label in sorted(a + b))  # the run's vocabulary is sorted; only A trained yet
+    assert "task_id" in built.batch and built.step.model.label_masks == (own, own)
