@@ -107,16 +107,16 @@ class AbstractStep:
     tasks: Tasks
 
 
-def abstract_step(cfg: Config, devices, *, num_labels: int = 2, steps: int | None = None) -> AbstractStep:
+def abstract_step(cfg: Config, devices, *, num_labels: int = 2) -> AbstractStep:
     """The first stage's step over `devices` (those of a compile target), with abstract params,
-    state and batch. `steps`: the schedule's length (default the stage's steps, else 1000: it
-    only sets constants of the lr schedule)."""
+    state and batch. Its schedule runs the stage's steps (1000 for a config that trains epochs:
+    the length only sets constants of the lr schedule)."""
     tasks_by_name, stages = resolve(cfg)
     backbone = build_backbone(cfg, weights=False, tokenizer=False, devices=devices)
     tasks = shape_tasks(tasks_by_name, stages, num_labels)
     batch = train_batch(tasks, stages[0], backbone.mesh)
     host_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    step = _step(cfg, backbone, tasks, stages, host_batch, steps=steps or stages[0].steps or 1000, abstract=True)
+    step = _step(cfg, backbone, tasks, stages, host_batch, steps=stages[0].steps or 1000, abstract=True)
     return AbstractStep(step, batch, backbone.mesh, tasks)
 
 
