@@ -1,9 +1,9 @@
 """`tenure compile CONFIG --topology v5p-8`: the real train step compiled ahead of time for a
 machine this host does not have, with abstract parameters (no weights are read).
 
-The model comes from the config's `config.json` alone (`arch_from_config`); parameters,
-optimizer state and the batch are `jax.ShapeDtypeStruct`s carrying the shardings the run would
-use, so `jax.jit(train_step).lower(...).compile()` runs XLA's full SPMD partitioner and the
+The step is `tenure train`'s, assembled by the same functions (engine.assemble.abstract_step,
+on engine.build); the model comes from the config's `config.json` alone; parameters, optimizer
+state and the batch are `jax.ShapeDtypeStruct`s carrying the shardings the run would use, so `jax.jit(train_step).lower(...).compile()` runs XLA's full SPMD partitioner and the
 target backend's compiler. TPU topologies come from libtpu (`pip install tenure[tpu]`) through
 `jax.experimental.topologies.get_topology_desc`; `cpu:N` compiles for N simulated CPU devices.
 
@@ -23,10 +23,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AxisType, Mesh
 
 from engine import sharding
+from engine.assemble import abstract_step
 from engine.config import Config
 from models.errors import TenureError
 
@@ -113,51 +112,6 @@ def target_devices(name: str) -> Target:
     return Target(name, list(topology.devices), CHIPS[desc.split(":")[0]])
 
 
-def arch_from_config(model_path: str, dropout: float | None = None):
-    """The architecture from an HF directory's config.json alone (safetensors are not read)."""
-    from engine.build import with_dropout
-    from models.hf import family, read_config, resolve_model_dir
-    directory = resolve_model_dir(model_path)
-    hf = read_config(directory)
-    arch = family(hf.get("model_type", ""), f"{directory}/config.json").config_from_hf(hf)
-    return with_dropout(arch, dropout)
-
-
-def abstract_batch(kind: str, rows: int, length: int, mesh: Mesh, *, packed: bool = False) -> dict:
-    """The training batch's fields as ShapeDtypeStructs, sharded over (data, fsdp) like real ones.
-    `packed` (data.pack): causal LM rows carry segment_ids / positions; a kind packed per batch
-    (seq_cls, pair_cls, regression) also locates its `rows` examples (example_row / example_start)
-    in its token rows, here the most a packed batch can have (`rows`: every example on its own row),
-    so memory is planned for the largest packed shape."""
-    from models.kinds import KINDS
-    head = KINDS[kind].head
-    shard = sharding.batch_sharding(mesh)
-
-    def s(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=shard)
-
-    batch = {"input_ids": s((rows, length), "int32"), "attention_mask": s((rows, length), "int32"),
-             "example_mask": s((rows,), "float32")}
-    if head in ("causal_lm", "mlm", "token_cls"):
-        batch["labels"] = s((rows, length), "int32")
-    elif head == "regression":
-        batch["labels"] = s((rows,), "float32")
-    elif head in ("seq_cls", "pair_cls"):
-        batch["labels"] = s((rows,), "int32")
-    else:
-        raise TenureError(f"tenure compile: task kind {kind!r} is not supported yet (classification, "
-                          "causal_lm, sft, mlm and token_cls are)")
-    if head == "pair_cls":
-        batch["token_type_ids"] = s((rows, length), "int32")
-    if packed:
-        batch["segment_ids"] = s((rows, length), "int32")
-        batch["positions"] = s((rows, length), "int32")
-        if KINDS[kind].pack == "batch":
-            batch["example_row"] = s((rows,), "int32")
-            batch["example_start"] = s((rows,), "int32")
-    return batch
-
-
 @dataclasses.dataclass
 class Compiled:
     target: Target
@@ -177,64 +131,11 @@ def _per_chip_bytes(x) -> int:
 
 
 def build_abstract_step(cfg: Config, target: Target, *, num_labels: int = 2):
-    """(jitted train step, abstract state, abstract batch, mesh, trainability) for the config's
-    first stage on `target`, with no weights anywhere."""
-    from engine.build import kept_head, lora_spec, model_for
-    from engine.frozen_base import cast_for_stage
-    from engine.losses import task_loss
-    from engine.optim import build_optimizer, build_schedule
-    from engine.stages import resolve
-    from engine.step import TrainState, like_params_shardings, make_train_step
-    from engine.trainability import compile_trainability
-    from models.kinds import KINDS
-
-    tasks, stages = resolve(cfg)
-    stage, task = stages[0], next(iter(tasks.values()))
-    devices = target.devices
-    shape = sharding.mesh_shape(cfg.mesh, len(devices))
-    mesh = Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    arch = arch_from_config(cfg.model.path, cfg.model.dropout)
-    kind = task.spec.kind
-    head = KINDS[kind].head
-    rows, length = task.data.batch_size, task.data.max_length
-    if rows % (shape[0] * shape[1]):
-        raise TenureError(f"config key 'data.batch_size': {rows} is not divisible by data x fsdp = "
-                          f"{shape[0] * shape[1]} on {target.name}")
-    batch = abstract_batch(kind, rows, length, mesh, packed=bool(task.data.pack))
-    lora = lora_spec(stage.trainable)
-    labels = 1 if head == "regression" else num_labels
-
-    def stage_model(frozen_prefix):
-        return model_for(cfg, arch, task.spec, labels, lora, frozen_prefix=frozen_prefix)
-
-    init_model = stage_model(0)
-    host_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    boxed = jax.eval_shape(lambda b: init_model.init(jax.random.key(0), b, deterministic=True)["params"], host_batch)
-    param_shardings = sharding.param_shardings(boxed, mesh)
-    import flax.linen as nn
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(boxed), param_shardings)
-    trainability = compile_trainability(params, stage.trainable, num_layers=arch.num_layers)
-    # The task model keeps the pretrained head leaves of a run from a model directory (an LM head, BERT's pooler).
-    kept = kept_head(head, params.get("head")) if cfg.model.init == "pretrained" else None
-    params = cast_for_stage(params, trainability.labels, kept, stage.trainable.mode, cfg.model.dtype)
-    model = stage_model(trainability.frozen_prefix)
-    steps = stage.steps or 1000
-    tx = build_optimizer(stage.optim, trainability, steps)
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = like_params_shardings(opt_shapes, params, param_shardings, mesh)
-    repl = sharding.replicated(mesh)
-    state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl, extra={})
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), params=params,
-        opt_state=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
-                               opt_shardings),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl), extra={})
-    step_fn = make_train_step(model, {"task": task_loss(kind, task.spec)}, tx, mesh, state_shardings,
-                              lr_schedule=build_schedule(stage.optim, steps),
-                              trainable_mask=trainability.trainable_mask,
-                              accum_steps=stage.optim.grad_accum_steps)
-    return step_fn, state, batch, mesh, trainability
+    """(jitted train step, abstract state, abstract batch, mesh, trainability) of the config's
+    first stage on `target`, with no weights anywhere: `tenure train`'s step, assembled by the
+    same functions (engine.assemble.abstract_step)."""
+    built = abstract_step(cfg, target.devices, num_labels=num_labels)
+    return built.step.step_fn, built.step.state, built.batch, built.mesh, built.step.trainability
 
 
 def _memory(compiled) -> dict:
@@ -255,26 +156,17 @@ def _flops(compiled) -> float:
 
 def compile_fisher(cfg: Config, topology: str, *, num_labels: int = 2, chunk: int = 8):
     """(memory, flops) per chip of the EWC Fisher step (`engine.fisher.make_fisher_step`, the config's
-    ewc.fisher mode) over one training batch, on the same abstract params."""
+    ewc.fisher mode) of the first stage's model over one training batch, on the same abstract params."""
     from engine.fisher import make_fisher_step
-    from engine.stages import resolve
-    target = target_devices(topology)
-    _, state, batch, mesh, trainability = build_abstract_step(cfg, target, num_labels=num_labels)
-    tasks, stages = resolve(cfg)
-    task = next(iter(tasks.values()))
-    ewc = stages[0].ewc if getattr(stages[0], "ewc", None) is not None else cfg.ewc
-    from engine.build import lora_spec, model_for
-    from models.kinds import KINDS
-    arch = arch_from_config(cfg.model.path, cfg.model.dropout)
-    head = KINDS[task.spec.kind].head
-    model = model_for(cfg, arch, task.spec, 1 if head == "regression" else num_labels,
-                      lora_spec(stages[0].trainable))
-    param_shardings = jax.tree.map(lambda x: x.sharding, state.params)
-    step = make_fisher_step(model, task.spec.kind, ewc.fisher, trainability.trainable_mask, mesh, param_shardings,
-                            chunk=chunk)
+    built = abstract_step(cfg, target_devices(topology).devices, num_labels=num_labels)
+    step, mesh = built.step, built.mesh
+    spec = built.tasks.by_name[next(iter(step.stage.weights))].task.spec
+    param_shardings = jax.tree.map(lambda x: x.sharding, step.state.params)
+    fisher = make_fisher_step(step.model, spec.kind, step.stage.ewc.fisher, step.trainability.trainable_mask, mesh,
+                              param_shardings, temperature=spec.temperature, chunk=chunk)
     repl = sharding.replicated(mesh)
-    compiled = step.jitted.lower(state.params, batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
-                                 jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)).compile()
+    compiled = fisher.jitted.lower(step.state.params, built.batch, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
+                                   jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)).compile()
     return _memory(compiled), _flops(compiled)
 
 
@@ -397,5 +289,5 @@ def add_parser(sub, with_config) -> None:
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="plan against this much memory per chip instead of the chip's HBM (headroom)")
     p.add_argument("--fisher", action="store_true", help="also compile the EWC Fisher step (ewc.fisher mode)")
-    p.add_argument("--num-labels", type=int, default=2, help="classification heads: number of labels")
+    p.add_argument("--num-labels", type=int, default=2, help="classification heads: number of labels (of a task without data.labels)")
     p.set_defaults(fn=_cmd_compile)

@@ -81,7 +81,7 @@ class TenureRunner:
         import jax
         from engine.xla_env import cache_entries
         self.b, self.jax = b, jax
-        self.device_batches = [jax.device_put(x) for x in b.batches]
+        self.device_batches = b.device_batches()
         before = cache_entries(cache_dir)
         start = time.perf_counter()
         lowered = b.step_fn.lower(b.state, self.device_batches[0])

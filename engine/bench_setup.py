@@ -6,10 +6,9 @@ batches (synthetic or real), and the model-FLOPs formula.
   model_flops(...)   6 x non-embedding params x tokens + the attention term, adjusted for frozen
                      stages (forward-only) and frozen weights (no weight gradient)
 
-The model is built here from its pieces (arch from config.json, weights only when
-model.init=pretrained), so a random-init benchmark needs nothing but a config.json. It is
-the one place that knows how a run is assembled: `_assemble` (switch it to the engine's
-build_backbone + build_stage when those land).
+The step is `tenure train`'s, assembled by the same functions (engine.assemble.bench_step, on
+engine.build), with weights read only for model.init=pretrained and no data read for synthetic
+batches, so a random-init benchmark needs nothing but a config.json.
 """
 from __future__ import annotations
 
@@ -17,25 +16,20 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-import flax.linen as nn
 import jax
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import sharding
-from engine.build import kept_head, lora_spec, model_for, with_dropout
+from engine.assemble import bench_step
 from engine.config import Config
-from engine.divergence import init_divergence_state
-from engine.frozen_base import cast_for_stage
-from engine.losses import task_losses
-from engine.optim import build_optimizer, build_schedule
-from engine.step import TrainState, init_state, make_train_step
-from engine.trainability import compile_trainability, path_str, stage_of
+from engine.data.batch_spec import IGNORE, batch_fields, field_shapes
+from engine.step import TrainState
+from engine.trainability import path_str, stage_of
 from engine.xla_env import compiler_options
 from models.errors import TenureError
-from models.hf import family, load_hf, read_config, resolve_model_dir
+from models.hf import read_config, resolve_model_dir
 from models.kinds import KINDS
-from models.tasks import graft_pretrained
 
 
 class BenchConfig(BaseModel):
@@ -72,12 +66,22 @@ class Bench:
     batches: list[dict]
     num_labels: int
     onednn: bool  # the dot path the step was compiled with
+    mesh: Any
+
+    def device_batches(self) -> list[dict]:
+        """The batches as the train loop feeds them: global arrays sharded over the batch axes."""
+        from engine.data.pipeline import to_global_batch
+        return [to_global_batch(batch, self.mesh) for batch in self.batches]
 
 
-def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int = 0) -> list[dict]:
-    """Seeded ids in [4, vocab) (never the usual special ids), right padding to `length`. MLM
-    labels a seeded `bench.mlm_probability` of the real tokens (the inputs are left unmasked:
-    the step's cost does not depend on which ids it reads)."""
+def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int = 0, fmt: str | None = None
+                      ) -> list[dict]:
+    """Batches with the fields of a training batch (engine.data.batch_spec): seeded ids in
+    [4, vocab) (never the usual special ids), right padding to `length`. Causal LM labels are the
+    ids; MLM labels a seeded `bench.mlm_probability` of the real tokens (the inputs are left
+    unmasked: the step's cost does not depend on which ids it reads); classes lie below
+    `bench.num_labels`."""
+    fields = batch_fields(kind, fmt)
     rng = np.random.default_rng(seed)
     rows, length = bench.batch_size, bench.length
     real = max(2, int(round(bench.real_tokens * length)))
@@ -86,19 +90,36 @@ def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int 
         mask = np.zeros((rows, length), np.int32)
         mask[:, :real] = 1
         ids = np.where(mask == 1, rng.integers(4, vocab_size, (rows, length)), 0).astype(np.int32)
-        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-                 "example_mask": np.ones((rows,), np.float32)}
-        if kind in ("causal_lm", "sft"):
-            batch["labels"] = np.where(mask == 1, ids, -100).astype(np.int32)
-        elif kind == "mlm":
-            chosen = (rng.random((rows, length)) < bench.mlm_probability) & (mask == 1)
-            batch["labels"] = np.where(chosen, ids, -100).astype(np.int32)
-        elif kind == "regression":
-            batch["labels"] = rng.normal(size=(rows,)).astype(np.float32)
-        else:
-            batch["labels"] = rng.integers(0, bench.num_labels, (rows,)).astype(np.int32)
+        batch = {}
+        for name, (shape, dtype) in field_shapes(fields, examples=rows, length=length).items():
+            if name == "input_ids":
+                batch[name] = ids
+            elif name == "attention_mask":
+                batch[name] = mask
+            elif name == "example_mask":
+                batch[name] = np.ones(shape, dtype)
+            elif name == "token_type_ids":
+                batch[name] = np.zeros(shape, dtype)
+            elif name == "labels":
+                batch[name] = _labels(bench, kind, shape, dtype, ids, mask, rng)
+            else:
+                raise TenureError(f"bench.data=synthetic: task kind {kind!r} has field {name!r}, which synthetic "
+                                  "batches do not make; use bench.data=real")
         out.append(batch)
     return out
+
+
+def _labels(bench: BenchConfig, kind: str, shape, dtype, ids, mask, rng) -> np.ndarray:
+    if dtype == np.float32:  # regression targets
+        return rng.normal(size=shape).astype(dtype)
+    if len(shape) == 1:  # a class per example
+        return rng.integers(0, bench.num_labels, shape).astype(dtype)
+    if KINDS[kind].head == "causal_lm":
+        return np.where(mask == 1, ids, IGNORE).astype(dtype)
+    if kind == "mlm":
+        chosen = (rng.random(shape) < bench.mlm_probability) & (mask == 1)
+        return np.where(chosen, ids, IGNORE).astype(dtype)
+    return np.where(mask == 1, rng.integers(0, bench.num_labels, shape), IGNORE).astype(dtype)  # token tags
 
 
 def real_batches(cfg: Config, bench: BenchConfig, tokenizer) -> tuple[list[dict], int | None]:
@@ -114,46 +135,6 @@ def real_batches(cfg: Config, bench: BenchConfig, tokenizer) -> tuple[list[dict]
                                    batch_shards=max(1, shape[0] * shape[1] // jax.process_count()),
                                    accum_steps=cfg.optim.grad_accum_steps))
     return [next(it) for _ in range(bench.batches)], (len(vocab) if vocab is not None else None)
-
-
-def _assemble(cfg: Config, bench: BenchConfig, model_dir: Path, num_labels: int, sample: dict, total_steps: int,
-              xla_options: dict):
-    """(arch, model, trainability, state, state_shardings, tx, mesh): what build_run makes,
-    without the data pipeline, and with weights read only for model.init=pretrained."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    pretrained = None
-    if cfg.model.init == "pretrained":
-        arch, backbone, head, _ = load_hf(model_dir, with_tokenizer=False)
-        pretrained = (backbone, head)
-    else:
-        config = read_config(model_dir)
-        arch = family(config.get("model_type", ""), f"{model_dir}/config.json").config_from_hf(config)
-    arch = with_dropout(arch, cfg.model.dropout)
-
-    def make(frozen_prefix):
-        return model_for(cfg, arch, cfg.task, num_labels, lora_spec(cfg.trainable), frozen_prefix=frozen_prefix)
-
-    rng = jax.random.key(cfg.train.seed)
-    abstract = nn.unbox(jax.eval_shape(lambda: make(0).init(rng, sample, deterministic=True)["params"]))
-    trainability = compile_trainability(abstract, cfg.trainable, num_layers=arch.num_layers)
-    model = make(trainability.frozen_prefix)
-    params, param_shardings = sharding.init_sharded(
-        lambda: model.init(rng, sample, deterministic=True)["params"], mesh)
-    keep = None
-    if pretrained is not None:
-        backbone, head = pretrained
-        keep = kept_head(KINDS[cfg.task.kind].head, head)
-        params = jax.device_put(graft_pretrained(params, backbone, keep), param_shardings)
-    params = cast_for_stage(params, trainability.labels, keep, cfg.trainable.mode, cfg.model.dtype)
-    tx = build_optimizer(cfg.optim, trainability, total_steps)
-    # The step `tenure train` runs, divergence guard included.
-    state, state_shardings = init_state(params, tx, cfg.train.seed + 1, mesh, param_shardings,
-                                        {"divergence": init_divergence_state()._asdict()})
-    step_fn = make_train_step(model, task_losses(cfg.task.kind, cfg.task), tx, mesh, state_shardings,
-                              lr_schedule=build_schedule(cfg.optim, total_steps),
-                              trainable_mask=trainability.trainable_mask, accum_steps=cfg.optim.grad_accum_steps,
-                              xla_options=xla_options, divergence=cfg.divergence)
-    return arch, model, trainability, state, step_fn
 
 
 def resolve_dir(path: str, config_path: Path) -> Path:
@@ -174,13 +155,13 @@ def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
         num_labels = vocab_size or num_labels
     else:
         vocab = read_config(model_dir)["vocab_size"]
-        batches = synthetic_batches(bench, kind, vocab, seed=cfg.train.seed)
+        batches = synthetic_batches(bench, kind, vocab, seed=cfg.train.seed, fmt=cfg.data.format)
     total = bench.warmup + bench.steps * bench.rounds + 1
     xla_options = compiler_options(dtype=cfg.model.dtype, onednn=bench.onednn)
-    arch, model, trainability, state, step_fn = _assemble(cfg, bench, model_dir, num_labels, batches[0], total,
-                                                          xla_options)
-    return Bench(cfg, bench, model_dir, arch, kind, model, trainability, state, step_fn, batches, num_labels,
-                 bool(xla_options))
+    step, backbone = bench_step(cfg, model_dir, batches[0], num_labels=num_labels, steps=total,
+                                xla_options=xla_options)
+    return Bench(cfg, bench, model_dir, backbone.arch, kind, step.model, step.trainability, step.state, step.step_fn,
+                 batches, num_labels, bool(xla_options), backbone.mesh)
 
 
 def _dims(arch) -> tuple[int, int, int]:

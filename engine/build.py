@@ -3,9 +3,13 @@
   build_backbone(cfg)         once per run: mesh, architecture, tokenizer, pretrained weights
   build_tasks(cfg, backbone)  once per run: every task's labels (one vocabulary over all tasks)
                               and its evaluation batches; `eval_models` the model each is scored with
-  init_params(...)            the starting params (pretrained backbone, fresh heads), sharded
-  build_stage(...)            once per stage: its data mixture (tasks + replay), trainability,
-                              optimizer and schedule, loss terms, and its jitted train step
+  start_params(...)           the starting params (pretrained backbone, fresh heads), sharded,
+                              their frozen base in its dtype (engine.frozen_base)
+  build_step(...)             once per stage: trainability, model, optimizer and schedule, loss
+                              terms, train state and the jitted train step; from abstract params
+                              (jax.ShapeDtypeStruct) an abstract state: the step `tenure compile`
+                              and `tenure bench` compile is this one (engine/assemble.py)
+  build_stage(...)            build_step plus the stage's data mixture (tasks + replay)
 
 The trainability spec is compiled against the abstract param tree (LoRA leaves included), and
 its `frozen_prefix` then goes back into the stage's model so the frozen layers run forward-only.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +33,12 @@ from engine.data.pipeline import (EvalBatches, TaskFeaturizer, TrainIterator, Tr
 from engine.data.records import LabelVocab
 from engine.data.sources import select
 from engine.divergence import init_divergence_state
+from engine.frozen_base import FrozenBase
 from engine.losses import of_task, task_loss
 from engine.metrics import check_eval_metric
 from engine.optim import build_optimizer, build_schedule
 from engine.stages import Stage, Task, replayed_tasks
-from engine.step import TrainState, init_state, make_train_step
+from engine.step import TrainState, init_state, like_params_shardings, make_train_step
 from engine.trainability import Trainability, compile_trainability
 from models.errors import TenureError
 from models.hf import load_hf, resolve_model_dir
@@ -62,10 +68,14 @@ def with_dropout(arch, rate: float | None):
     return dataclasses.replace(arch, **{name: rate for name in names})
 
 
-def build_backbone(cfg: Config, model_path: str | None = None) -> Backbone:
-    mesh = sharding.make_mesh(cfg.mesh)
+def build_backbone(cfg: Config, model_path: str | None = None, *, weights: bool | None = None,
+                   tokenizer: bool = True, devices=None) -> Backbone:
+    """The mesh (over `devices`, default all) and the model directory's architecture, tokenizer
+    and, with `weights` (default: model.init=pretrained), its pretrained weights."""
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     model_dir = resolve_model_dir(model_path or cfg.model.path)
-    arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir, with_weights=cfg.model.init == "pretrained")
+    weights = cfg.model.init == "pretrained" if weights is None else weights
+    arch, pretrained, pretrained_head, tokenizer = load_hf(model_dir, with_tokenizer=tokenizer, with_weights=weights)
     return Backbone(mesh, str(model_dir), with_dropout(arch, cfg.model.dropout), pretrained, pretrained_head,
                     tokenizer)
 
@@ -220,18 +230,53 @@ def sample_batch(backbone: Backbone, tasks: Tasks, seed: int) -> dict:
     return batch
 
 
-def init_params(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, keep_pretrained_head: bool = False):
+def is_abstract(tree) -> bool:
+    return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def _kept(cfg: Config, backbone: Backbone, tasks: Tasks, params, keep_pretrained_head: bool, abstract: bool):
+    """The pretrained head leaves the task model keeps; for abstract params the model's own head
+    stands in for the pretrained head (no weights are read: only its structure counts)."""
+    if not abstract:
+        return kept_head(tasks.head, backbone.pretrained_head, keep_pretrained_head)
+    return kept_head(tasks.head, params.get("head"), keep_pretrained_head) if cfg.model.init == "pretrained" else None
+
+
+def init_params(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, batch: dict | None = None,
+                keep_pretrained_head: bool = False, abstract: bool = False):
     """(params, param_shardings): the pretrained backbone and fresh task heads (see `kept_head`),
-    sharded; `keep_pretrained_head` keeps the task head too (evaluating an exported model)."""
+    sharded; `batch` (default: one of the run's) traces the model; `keep_pretrained_head` keeps
+    the task head too (evaluating an exported model). `abstract`: sharded jax.ShapeDtypeStructs,
+    no weights read or made."""
     model = task_model(cfg, backbone, tasks, lora)
-    batch = sample_batch(backbone, tasks, cfg.train.seed)
+    batch = sample_batch(backbone, tasks, cfg.train.seed) if batch is None else batch
     rng = jax.random.key(cfg.train.seed)
-    params, param_shardings = sharding.init_sharded(
-        lambda: model.init(rng, batch, deterministic=True)["params"], backbone.mesh)
+
+    def init(b):
+        return model.init(rng, b, deterministic=True)["params"]
+
+    if abstract:
+        boxed = jax.eval_shape(init, batch)
+        param_shardings = sharding.param_shardings(boxed, backbone.mesh)
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+                              param_shardings)
+        return params, param_shardings
+    params, param_shardings = sharding.init_sharded(lambda: init(batch), backbone.mesh)
     if cfg.model.init == "pretrained":
-        keep = kept_head(tasks.head, backbone.pretrained_head, keep_pretrained_head)
+        keep = _kept(cfg, backbone, tasks, params, keep_pretrained_head, abstract)
         params = jax.device_put(graft_pretrained(params, backbone.pretrained, keep), param_shardings)
     return params, param_shardings
+
+
+def start_params(cfg: Config, stages: list[Stage], backbone: Backbone, tasks: Tasks, *, batch: dict | None = None,
+                 keep_pretrained_head: bool = False, abstract: bool = False) -> tuple[Any, Any, FrozenBase]:
+    """(params, param_shardings, frozen_base): `init_params` with the base frozen in every stage
+    held in its dtype (engine.frozen_base): the params every stage of the run starts from."""
+    params, param_shardings = init_params(cfg, backbone, tasks, lora_spec(stages[0].trainable), batch=batch,
+                                          keep_pretrained_head=keep_pretrained_head, abstract=abstract)
+    frozen_base = FrozenBase(cfg, stages, backbone, params,
+                             _kept(cfg, backbone, tasks, params, keep_pretrained_head, abstract))
+    return frozen_base.cast(params), param_shardings, frozen_base
 
 
 def single_task_iterator(backbone: Backbone, run_task: RunTask, *, seed: int, multi: bool,
@@ -306,41 +351,70 @@ def stage_steps(stage: Stage, tasks: Tasks, train_iter: TrainIterator) -> int:
 
 
 @dataclasses.dataclass
-class StageRun:
+class StageStep:
     stage: Stage
+    steps: int                       # the schedule's length
     model: Any
     trainability: Trainability
     tx: Any
     losses: dict
-    train_iter: TrainIterator
-    replay_buffers: dict
-    steps: int
-    state: TrainState
+    state: TrainState                # abstract (ShapeDtypeStructs) when built from abstract params
     state_shardings: Any
     step_fn: Any
 
 
-def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, params, param_shardings, *,
-                regularize=None) -> StageRun:
-    """The stage's model, optimizer, losses, data and jitted step, starting from `params`.
-    `regularize(trainability, model) -> (loss terms, extra)` adds the regularisers and the pytrees
-    they read (anchors, Fisher), which live in the train state and its checkpoints."""
+@dataclasses.dataclass
+class StageRun(StageStep):
+    train_iter: TrainIterator
+    replay_buffers: dict
+
+
+def abstract_state(params, tx, mesh, param_shardings, extra: dict) -> tuple[TrainState, TrainState]:
+    """`init_state`'s (state, state_shardings) as sharded jax.ShapeDtypeStructs (nothing allocated)."""
+    opt_state = jax.eval_shape(tx.init, params)
+    repl = sharding.replicated(mesh)
+    shardings = TrainState(step=repl, params=param_shardings,
+                           opt_state=like_params_shardings(opt_state, params, param_shardings, mesh), rng=repl,
+                           extra=like_params_shardings(extra, params, param_shardings, mesh) if extra else {})
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state,
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32), extra=extra)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return state, shardings
+
+
+def build_step(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, params, param_shardings, *, steps: int,
+               regularize=None, xla_options: dict | None = None) -> StageStep:
+    """The stage's trainability, model, optimizer over `steps` steps, losses, train state from
+    `params` and jitted train step: the one assembly of the step `tenure train`, `tenure compile`
+    and `tenure bench` run. `regularize(trainability, model) -> (loss terms, extra)` adds the
+    regularisers and the pytrees they read (anchors, Fisher), which live in the train state and
+    its checkpoints. Abstract `params` (jax.ShapeDtypeStructs) give an abstract state."""
     lora = lora_spec(stage.trainable)
     trainability = compile_trainability(params, stage.trainable, num_layers=backbone.arch.num_layers)
     model = task_model(cfg, backbone, tasks, lora, frozen_prefix=trainability.frozen_prefix,
                        label_masks=tasks.label_masks(stage, cfg.heads))
-    seed = cfg.train.seed + 101 * stage.index
-    train_iter, buffers = stage_iterator(backbone, tasks, stage, seed)
-    steps = stage_steps(stage, tasks, train_iter)
     tx = build_optimizer(stage.optim, trainability, steps)
     extra_losses, extra = regularize(trainability, model) if regularize else ({}, {})
     extra = dict(extra, divergence=init_divergence_state()._asdict())
-    state, state_shardings = init_state(params, tx, cfg.train.seed + 1 + 7919 * stage.index, backbone.mesh,
-                                        param_shardings, extra)
+    if is_abstract(params):
+        state, state_shardings = abstract_state(params, tx, backbone.mesh, param_shardings, extra)
+    else:
+        state, state_shardings = init_state(params, tx, cfg.train.seed + 1 + 7919 * stage.index, backbone.mesh,
+                                            param_shardings, extra)
     losses = {**stage_losses(tasks, stage), **extra_losses}
     step_fn = make_train_step(model, losses, tx, backbone.mesh, state_shardings,
                               lr_schedule=build_schedule(stage.optim, steps),
                               trainable_mask=trainability.trainable_mask,
-                              accum_steps=stage.optim.grad_accum_steps, divergence=cfg.divergence)
-    return StageRun(stage, model, trainability, tx, losses, train_iter, buffers, steps, state, state_shardings,
-                    step_fn)
+                              accum_steps=stage.optim.grad_accum_steps, xla_options=xla_options,
+                              divergence=cfg.divergence)
+    return StageStep(stage, steps, model, trainability, tx, losses, state, state_shardings, step_fn)
+
+
+def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, params, param_shardings, *,
+                regularize=None) -> StageRun:
+    """`build_step` over the stage's data: its batches (`stage_iterator`) set the schedule's length."""
+    train_iter, buffers = stage_iterator(backbone, tasks, stage, cfg.train.seed + 101 * stage.index)
+    step = build_step(cfg, stage, backbone, tasks, params, param_shardings,
+                      steps=stage_steps(stage, tasks, train_iter), regularize=regularize)
+    return StageRun(**{f.name: getattr(step, f.name) for f in dataclasses.fields(step)}, train_iter=train_iter,
+                    replay_buffers=buffers)

@@ -92,8 +92,16 @@ class EvalConfig(Section):
     mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better")
 
 
+class WandbConfig(Section):
+    project: str = Field(description="W&B project the run is logged to")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: stream to the W&B server; offline: files under <run_dir>/wandb to `wandb sync`")
+
+
 class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="write TensorBoard event files under <run_dir>/tb")
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (the optional extra: "
+                                                        "pip install -e '.[wandb]'); null = off")
     progress: bool = Field(True, description="show a progress bar (plain lines when not a TTY)")
 
 

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import metrics
+from engine.data.batch_spec import IGNORE
 from engine.step import make_eval_step
-
-IGNORE = -100
 
 
 def _token_nll(logits_BxLxV, labels_BxL, shift: bool):

@@ -73,17 +73,11 @@ def cast_frozen_base(params: Any, frozen: Any, dtype) -> Any:
     def cast(path, x, is_frozen):
         if not is_frozen or path_str(path).rsplit("/", 1)[-1] in KEPT_FP32:
             return x
-        if isinstance(x, jax.ShapeDtypeStruct):  # abstract params (engine/aot.py)
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract params (tenure compile: engine/assemble.py)
             return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
         return x.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(cast, params, frozen)
-
-
-def cast_for_stage(params: Any, labels: Any, pretrained_head: dict | None, mode: str, model_dtype: str) -> Any:
-    """One stage's params with its frozen base in the frozen-base dtype (bench and compile, which
-    build a single stage; a run casts through `FrozenBase.cast`, over every stage)."""
-    return cast_frozen_base(params, frozen_base(labels, pretrained_head), frozen_base_dtype(mode, model_dtype))
 
 
 def weights_fingerprint(pretrained: Any) -> str:

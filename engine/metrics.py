@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100  # label id of positions that carry no label (see the batch contract)
+from engine.data.batch_spec import IGNORE
 
 
 def _flat(values, name: str) -> np.ndarray:
@@ -85,7 +85,7 @@ def token_labelling_metrics(
     _same_shape(preds, labels, "pred_ids_BxL", "label_ids_BxL")
     if labels.ndim != 2:
         raise ValueError(f"expected [batch, length] label ids, got shape {labels.shape}")
-    keep_BxL = labels != IGNORE_INDEX
+    keep_BxL = labels != IGNORE
     if not keep_BxL.any():
         raise ValueError("every label is -100: nothing to evaluate")
     true_tags = _tag_sequences(labels, keep_BxL, tag_names)
@@ -140,7 +140,7 @@ def token_accuracy(pred_ids, label_ids) -> float:
     """Share of labelled positions (label != -100) where the predicted id is the label."""
     preds, labels = np.asarray(pred_ids), np.asarray(label_ids)
     _same_shape(preds, labels, "pred_ids", "label_ids")
-    keep = labels != IGNORE_INDEX
+    keep = labels != IGNORE
     if not keep.any():
         raise ValueError("every label is -100: nothing to evaluate")
     return float((preds[keep] == labels[keep]).mean())

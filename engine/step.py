@@ -141,9 +141,11 @@ def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.Gradi
                              trainable_mask=trainable_mask, accum_steps=accum_steps, divergence=divergence)
     options = (compiler_options(mesh.devices.flat[0].platform, getattr(model, "dtype", jnp.float32))
                if xla_options is None else xla_options)
+    # keep_unused: the state is donated whole, divergence fields the step only writes included, so
+    # the executable's arguments are the state and the batch (what `tenure compile` reports).
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",),
-                   compiler_options=options)
+                   keep_unused=True, compiler_options=options)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any,

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from engine import distributed
 from engine.branch import check_branch, computed_stages, source_checkpoints
 from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
-                          init_params, kept_head, lora_spec)
+                          lora_spec, start_params)
 from engine.checkpoint import Checkpointer
 from engine.config import Config, as_today, to_dict
 from engine.continual import regularizers
@@ -32,7 +32,7 @@ from engine.data.pipeline import to_global_batch
 from engine.evaluate import make_evaluators
 from engine.divergence import describe as describe_divergence
 from engine.fit import fit
-from engine.frozen_base import FrozenBase
+from engine.loggers import run_loggers
 from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
 from engine.report import forgetting_record, r_table, write_forgetting
@@ -40,7 +40,6 @@ from engine.resume_check import compare_for_resume, drift_message
 from engine.runlock import RunLock, set_aside_run
 from engine.signals import StopSignals
 from engine.stages import Stage, guarded_tasks, resolve
-from engine.tblog import TBLogger
 from engine.trainability import compile_trainability
 from models.errors import TenureError
 from models.hf import export_hf
@@ -114,11 +113,8 @@ class Trainer:
         self.tasks: Tasks = build_tasks(cfg, self.backbone, task_specs,
                                         trained=list(dict.fromkeys(t for s in self.stages for t in s.weights)))
         self.lora = lora_spec(self.stages[0].trainable)
-        start_params, self.param_shardings = init_params(cfg, self.backbone, self.tasks, self.lora,
-                                                         keep_pretrained_head=keep_pretrained_head)
-        self.frozen_base = FrozenBase(cfg, self.stages, self.backbone, start_params, kept_head(
-            self.tasks.head, self.backbone.pretrained_head, keep_pretrained_head))
-        self.start_params = self.frozen_base.cast(start_params)
+        self.start_params, self.param_shardings, self.frozen_base = start_params(
+            cfg, self.stages, self.backbone, self.tasks, keep_pretrained_head=keep_pretrained_head)
         self.single = len(self.stages) == 1 and not self.tasks.multi
         self.stages_computed = computed_stages(cfg)  # checkpoints record it: a branch compares it
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
@@ -379,7 +375,7 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
-        self.tb = TBLogger(self.run_dir / "tb", enabled=distributed.is_primary() and cfg.logging.tensorboard)
+        self.tb = run_loggers(cfg.logging, self.run_dir, to_dict(cfg), primary=distributed.is_primary())
         _print(f"model {self.backbone.model_dir}  tasks {', '.join(f'{n} ({t.task.spec.kind})' for n, t in self.tasks.by_name.items())}  "
                f"mesh {dict(self.backbone.mesh.shape)}  stages {len(self.stages)}")
         self.tb.text(0, "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```")

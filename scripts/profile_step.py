@@ -37,7 +37,7 @@ def main() -> None:
 
     cfg, bench = load_bench_config(args.config, args.overrides)
     b = build_bench(cfg, bench, Path(args.config))
-    batches = [jax.device_put(x) for x in b.batches]
+    batches = b.device_batches()
     compiled = b.step_fn.lower(b.state, batches[0]).compile()
     state = b.state
     for i in range(2 + args.steps):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from engine.aot import abstract_batch
+from engine.assemble import abstract_batch
 from engine.config import validate
 from engine.data.batch_packing import first_fit_decreasing, global_rows, pack_batch, row_step
 from engine.data.config import DataConfig

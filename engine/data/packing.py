@@ -26,7 +26,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from engine.data.tokenize import IGNORE
+from engine.data.batch_spec import IGNORE
 
 LM_KEYS = ("input_ids", "attention_mask", "labels")
 

@@ -28,10 +28,9 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from engine.data.batch_spec import IGNORE
 from models.errors import TenureError
 from models.kinds import KINDS
-
-IGNORE = -100
 
 TASK_FORMATS: dict[str, tuple[str, ...]] = {name: kind.formats for name, kind in KINDS.items()}
 """Record formats each task kind accepts; the first is the default."""
