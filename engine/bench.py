@@ -279,13 +279,56 @@ def run_bench(args) -> int:
     max_load = args.max_load if args.max_load is not None else (os.cpu_count() or 1) / 2
     load_start = os.getloadavg()
     _warn(load_warning(load_start, "start", max_load))
+    variants = [(f"B{i + 1}" if len(args.ab) > 1 else "B", [*args.overrides, *ab])
+                for i, ab in enumerate(args.ab or [])]
+    from engine.xla_env import enable_compilation_cache, matmul_peak
     with tempfile.TemporaryDirectory() as tmp:
-        cache_dir = enable_cache(args, tmp)
-        records, spec = _alternate(args, cfg, bench, cache_dir, tmp)
-        if args.alone_check:
-            records[0]["alone_check"] = _alone_check(args, records[0], bench, spec, cache_dir)
+        cache_dir = enable_compilation_cache(Path(tmp) / "xla" if args.cold else args.cache_dir)
+        import jax.numpy as jnp
+        from engine.bench_setup import build_bench
+        configs = [("A", (cfg, bench), args.overrides)] + [
+            (label, load_bench_config(args.config, overrides), overrides) for label, overrides in variants]
+        _check_shared_schedule(configs, bench)
+        peaks = {} if args.no_peak else {dt: matmul_peak(jnp.dtype(dt)) for dt in {c.model.dtype for _, (c, _), _ in configs}}
+        runs = []  # (label, cfg, bench, built, runner, build_s, overrides)
+        for label, (c, bc), overrides in configs:
+            start = time.perf_counter()
+            built = build_bench(c, bc, Path(args.config))
+            build_s = time.perf_counter() - start
+            runs.append((label, c, bc, built, TenureRunner(built, cache_dir), build_s, overrides))
+        spec = torch_spec(runs[0][3], tmp) if args.compare == "torch" else None
+        torch = TorchRunner(spec) if spec is not None else None
+        sides = [(label, runner) for label, _, _, _, runner, _, _ in runs] + ([("torch", torch)] if torch else [])
+        try:
+            for _, _, bc, _, runner, _, _ in runs:
+                runner.run(bc.warmup)
+            blocks = run_blocks(sides, bench.steps, bench.rounds)
+        finally:
+            if torch is not None:
+                torch.close()
+        alone = _alone_check(args, bench, spec, cache_dir) if args.alone_check else None
     load_end = os.getloadavg()
     _warn(load_warning(load_end, "end", max_load))
+    records = [dict(_record(args, c, bc, built, runner, *block_times(blocks, label), build_s,
+                            peaks.get(c.model.dtype), overrides), variant=label)
+               for label, c, bc, built, runner, build_s, overrides in runs]
+    record = records[0]
+    record["schedule"] = blocks
+    if torch is not None:
+        rows, length = bench.batch_size, bench.length
+        real = float(np.mean([x["attention_mask"].sum() for x in runs[0][3].batches]))
+        record["torch"] = {**_rates(*block_times(blocks, "torch"), rows, float(rows * length), real),
+                           "final_loss": torch.loss, "peak_rss_mb": torch.peak_rss_mb,
+                           "version": torch.ready.get("torch"), "threads": torch.ready.get("threads")}
+        for r in records:
+            r["speed_ratio_vs_torch"] = record["torch"]["step_p50_s"] / r["step_p50_s"]
+    if alone is not None:
+        for side, alternating in (("tenure", record), ("torch", record["torch"])):
+            alone[side]["difference"] = alternating["step_p50_s"] / alone[side]["step_p50_s"] - 1
+        alone["speed_ratio_vs_torch"] = alone["torch"]["step_p50_s"] / alone["tenure"]["step_p50_s"]
+        record["alone_check"] = alone
+    for other in records[1:]:
+        other["speed_ratio_vs_A"] = record["step_p50_s"] / other["step_p50_s"]
     for r in records:
         r["load_average_start"], r["load_average_end"] = list(load_start), list(load_end)
         print(_table(r))
@@ -304,64 +347,16 @@ def _warn(message: str | None) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def enable_cache(args, tmp: str) -> str:
-    from engine.xla_env import enable_compilation_cache
-    return enable_compilation_cache(Path(tmp) / "xla" if args.cold else args.cache_dir)
-
-
-def _alternate(args, cfg, bench, cache_dir, tmp) -> tuple[list[dict], Path | None]:
-    """Builds every tenure variant (and the PyTorch loop), runs their blocks alternately and
-    returns (one record per variant, the PyTorch spec or None). Holds the models only while it runs."""
-    variants = [(f"B{i + 1}" if len(args.ab) > 1 else "B", [*args.overrides, *ab])
-                for i, ab in enumerate(args.ab or [])]
-    from engine.xla_env import matmul_peak
-    import jax.numpy as jnp
-    from engine.bench_setup import build_bench
-    configs = [("A", (cfg, bench), args.overrides)] + [
-        (label, load_bench_config(args.config, overrides), overrides) for label, overrides in variants]
+def _check_shared_schedule(configs, bench) -> None:
     for label, (_, bc), _ in configs[1:]:
         if (bc.steps, bc.rounds) != (bench.steps, bench.rounds):
             raise TenureError(f"--ab variant {label}: bench.steps and bench.rounds set the schedule all sides share; "
                               "give them before --ab")
-    peaks = {} if args.no_peak else {dt: matmul_peak(jnp.dtype(dt)) for dt in {c.model.dtype for _, (c, _), _ in configs}}
-    runs = []  # (label, cfg, bench, built, runner, build_s, overrides)
-    for label, (c, bc), overrides in configs:
-        start = time.perf_counter()
-        built = build_bench(c, bc, Path(args.config))
-        build_s = time.perf_counter() - start
-        runs.append((label, c, bc, built, TenureRunner(built, cache_dir), build_s, overrides))
-    spec = torch_spec(runs[0][3], tmp) if args.compare == "torch" else None
-    torch = TorchRunner(spec) if spec is not None else None
-    sides = [(label, runner) for label, _, _, _, runner, _, _ in runs] + ([("torch", torch)] if torch else [])
-    try:
-        for _, _, bc, _, runner, _, _ in runs:
-            runner.run(bc.warmup)
-        blocks = run_blocks(sides, bench.steps, bench.rounds)
-    finally:
-        if torch is not None:
-            torch.close()
-    records = [dict(_record(args, c, bc, built, runner, *block_times(blocks, label), build_s,
-                            peaks.get(c.model.dtype), overrides), variant=label)
-               for label, c, bc, built, runner, build_s, overrides in runs]
-    record = records[0]
-    record["schedule"] = blocks
-    if torch is not None:
-        rows, length = bench.batch_size, bench.length
-        real = float(np.mean([x["attention_mask"].sum() for x in runs[0][3].batches]))
-        record["torch"] = {**_rates(*block_times(blocks, "torch"), rows, float(rows * length), real),
-                           "final_loss": torch.loss, "peak_rss_mb": torch.peak_rss_mb,
-                           "version": torch.ready.get("torch"), "threads": torch.ready.get("threads")}
-        for r in records:
-            r["speed_ratio_vs_torch"] = record["torch"]["step_p50_s"] / r["step_p50_s"]
-    for other in records[1:]:
-        other["speed_ratio_vs_A"] = record["step_p50_s"] / other["step_p50_s"]
-    return records, spec
 
 
-def _alone_check(args, record: dict, bench, spec: Path, cache_dir) -> dict:
-    """Each side alone in a fresh process, one after the other, the same warm-up and blocks:
-    tenure through `tenure bench` without --compare, then the PyTorch loop. The relative
-    difference is the alternating median step time over the alone one, minus 1."""
+def _alone_check(args, bench, spec: Path, cache_dir) -> dict:
+    """Each side alone in a fresh process, one after the other, with the same warm-up and blocks:
+    tenure through `tenure bench` without --compare, then the PyTorch loop. {side: its spread}."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "engine.cli", "bench", args.config, *args.overrides, "--no-peak",
                "--max-load", "inf", "--cache-dir", str(cache_dir)]
@@ -376,12 +371,7 @@ def _alone_check(args, record: dict, bench, spec: Path, cache_dir) -> dict:
         torch_times = block_times(run_blocks([("torch", torch)], bench.steps, bench.rounds), "torch")
     finally:
         torch.close()
-    alone = {"tenure": {k: tenure[k] for k in SPREAD},
-             "torch": _spread(*torch_times)}
-    for side, alternating in (("tenure", record), ("torch", record["torch"])):
-        alone[side]["difference"] = alternating["step_p50_s"] / alone[side]["step_p50_s"] - 1
-    alone["speed_ratio_vs_torch"] = alone["torch"]["step_p50_s"] / alone["tenure"]["step_p50_s"]
-    return alone
+    return {"tenure": {k: tenure[k] for k in SPREAD}, "torch": _spread(*torch_times)}
 
 
 def _tree_mb(tree) -> float:

@@ -149,6 +149,7 @@ def test_alone_check_needs_torch_and_variants_share_the_block_schedule(tmp_path,
     assert "--ab variant B: bench.steps and bench.rounds set the schedule" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three fresh processes (PyTorch twice, tenure alone once): about 30 s
 @pytest.mark.skipif(__import__("models.parity").parity.torch_python() is None,
                     reason=".torch-venv (torch + transformers) is not installed: `make torch-env`")
 def test_compare_torch_alternates_blocks_and_the_alone_check_prints_both_sides_alone(
