@@ -33,7 +33,13 @@ from models.kinds import KINDS
 
 
 class BenchConfig(BaseModel):
-    """The `bench:` section (override with bench.key=value)."""
+    """The `bench:` section (override with bench.key=value).
+
+    Each side (tenure, every --ab variant, PyTorch with --compare torch) runs `warmup` untimed
+    steps, then `rounds` blocks, alternating sides block by block (A B torch A B torch ...).
+    A block is `steps` + 1 consecutive steps of one side, as in a user's training loop; its
+    first step is run but not timed (it pays for the switch from the other side: woken
+    threads, cold caches), so a side's figures come from `rounds` x `steps` timed steps."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,12 +50,17 @@ class BenchConfig(BaseModel):
     real_tokens: float = Field(1.0, gt=0, le=1, description="synthetic: share of each row that is real tokens")
     num_labels: int = Field(2, ge=1, description="synthetic classification: number of classes")
     mlm_probability: float = Field(0.15, gt=0, le=1, description="synthetic MLM: share of real tokens labelled")
-    warmup: int = Field(2, ge=0, description="untimed steps after compiling")
-    steps: int = Field(1, ge=1, description="timed steps per round (1 = alternate every step)")
-    rounds: int = Field(6, ge=1, description="rounds (with --compare torch or --ab: A B A B ...)")
+    warmup: int = Field(2, ge=0, description="untimed steps after compiling, before the first block")
+    steps: int = Field(3, ge=1, description="timed steps per block (each block runs one more step first, untimed)")
+    rounds: int = Field(3, ge=1, description="blocks per side (with --compare torch or --ab: A B A B ...)")
     batches: int = Field(4, ge=1, description="distinct batches cycled through")
     onednn: bool | None = Field(None, description="CPU: compile the step with the oneDNN dot path (true) or XLA's "
                                 "default dots (false); unset: the engine's choice for the dtype and CPU (engine/xla_env)")
+
+    @property
+    def total_steps(self) -> int:
+        """Steps each side runs: warm-up, then `rounds` blocks of `steps` + 1 (the schedule's length)."""
+        return self.warmup + (self.steps + 1) * self.rounds
 
 
 @dataclasses.dataclass
@@ -156,7 +167,7 @@ def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
     else:
         vocab = read_config(model_dir)["vocab_size"]
         batches = synthetic_batches(bench, kind, vocab, seed=cfg.train.seed, fmt=cfg.data.format)
-    total = bench.warmup + bench.steps * bench.rounds + 1
+    total = bench.total_steps
     xla_options = compiler_options(dtype=cfg.model.dtype, onednn=bench.onednn)
     step, backbone = bench_step(cfg, model_dir, batches[0], num_labels=num_labels, steps=total,
                                 xla_options=xla_options)

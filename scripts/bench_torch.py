@@ -12,8 +12,9 @@ lr, betas, eps, weight_decay, clip_norm (null = off), total_steps, warmup, seed.
 The loop is the one a user writes: forward with labels (HF computes the loss), backward,
 clip_grad_norm_, AdamW step (no weight decay on biases and norm weights, as tenure),
 linear schedule, zero_grad. After building and `warmup` untimed steps it prints one JSON
-line {"ready": ...}; then for each stdin line "run N" it runs N timed steps and prints
-{"times": [...], "loss": ...}; "quit" ends it.
+line {"ready": ...}; then for each stdin line "run N" it runs N consecutive steps and prints
+{"spans": [[start, end], ...], "loss": ..., "peak_rss_mb": ...}, each step's start and end on
+time.monotonic (CLOCK_MONOTONIC, the clock `tenure bench` reads too); "quit" ends it.
 """
 from __future__ import annotations
 
@@ -118,13 +119,13 @@ def main() -> int:
         command = line.split()
         if not command or command[0] == "quit":
             break
-        times = []
+        spans = []
         for _ in range(int(command[1])):
-            t0 = time.perf_counter()
+            start = time.monotonic()
             loss = step()
-            times.append(time.perf_counter() - t0)
+            spans.append([start, time.monotonic()])
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"times": times, "loss": loss, "peak_rss_mb": rss_mb}), flush=True)
+        print(json.dumps({"spans": spans, "loss": loss, "peak_rss_mb": rss_mb}), flush=True)
     return 0
 
 

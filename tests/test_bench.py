@@ -103,3 +103,78 @@ def test_the_host_line_names_the_cpu_family_and_the_instruction_sets_that_set_it
     assert line.startswith(f"{field['model name']} (family {field['cpu family']} model {field['model']}; ")
     named = set(line.split("; ", 1)[1].split(")")[0].split())
     assert named == ({f for f in SPEED_FLAGS if f in field["flags"].split()} or {"no", "avx2"})
+
+
+def _bench_lines(out: str) -> list[dict]:
+    return [json.loads(line[len("BENCH "):]) for line in out.splitlines() if line.startswith("BENCH ")]
+
+
+def _durations(record: dict, side: str) -> tuple[list[float], list[float]]:
+    """(durations of every step but the first of each block, durations of those first steps)."""
+    blocks = [b for b in record["schedule"] if b["side"] == side]
+    return ([end - start for b in blocks for start, end in b["spans"][1:]],
+            [end - start for b in blocks for start, end in b["spans"][:1]])
+
+
+def test_sides_alternate_in_blocks_whose_first_step_is_not_timed_and_the_load_is_reported(
+        tmp_path, capsys, restore_compilation_cache):
+    path = _write(tmp_path, TINY_GPT2, kind="causal_lm")
+    assert main(["bench", str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache"), "bench.rounds=3",
+                 "--max-load=-1", "--ab", "model.dropout=0.0"]) == 0  # a limit any load exceeds
+    captured = capsys.readouterr()
+    record, variant = _bench_lines(captured.out)
+    schedule = record["schedule"]
+    assert [(b["side"], b["round"]) for b in schedule] == [("A", 0), ("B", 0), ("A", 1), ("B", 1), ("A", 2), ("B", 2)]
+    assert all(len(b["spans"]) == 2 + 1 for b in schedule)  # bench.steps=2 timed after one untimed
+    starts_ends = [t for b in schedule for span in b["spans"] for t in span]
+    assert starts_ends == sorted(starts_ends)  # one block after the other, steps back to back
+    for r, side in ((record, "A"), (variant, "B")):
+        timed, firsts = _durations(record, side)
+        assert r["steps_timed"] == len(timed) == 6 and (r["rounds"], r["block_steps"]) == (3, 2)
+        assert r["step_p50_s"] == pytest.approx(np.median(timed))
+        assert r["step_p5_s"] <= r["step_p50_s"] <= r["step_p95_s"] <= max(timed)
+        assert r["first_of_block_p50_s"] == pytest.approx(np.median(firsts))
+        for key in ("load_average_start", "load_average_end"):
+            assert len(r[key]) == 3 and all(isinstance(x, float) and x >= 0 for x in r[key])
+    assert "load average (1 / 5 / 15 min): start " in captured.out
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: the host's 1-minute load")]
+    assert len(warnings) == 2 and "at start (above -1" in warnings[0] and "at end (above -1" in warnings[1]
+
+
+def test_alone_check_needs_torch_and_variants_share_the_block_schedule(tmp_path, capsys):
+    path = _write(tmp_path, TINY_BERT)
+    assert main(["bench", str(path), "--alone-check"]) == 2
+    assert "--alone-check compares against PyTorch alone: it needs --compare torch" in capsys.readouterr().err
+    assert main(["bench", str(path), "--no-peak", "--ab", "bench.steps=5"]) == 2
+    assert "--ab variant B: bench.steps and bench.rounds set the schedule" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three fresh processes (PyTorch twice, tenure alone once): about 30 s
+@pytest.mark.skipif(__import__("models.parity").parity.torch_python() is None,
+                    reason=".torch-venv (torch + transformers) is not installed: `make torch-env`")
+def test_compare_torch_alternates_blocks_and_the_alone_check_prints_both_sides_alone(
+        tmp_path, capsys, restore_compilation_cache):
+    path = _write(tmp_path, TINY_BERT)
+    assert main(["bench", str(path), "--no-peak", "--cache-dir", str(tmp_path / "cache"), "bench.rounds=2",
+                 "bench.onednn=false",  # cacheable: the alone tenure process reads its step from the cache
+                 "--max-load", "inf", "--compare", "torch", "--alone-check"]) == 0
+    captured = capsys.readouterr()
+    (record,) = _bench_lines(captured.out)
+    # The PyTorch process stamps its steps on the same monotonic clock: its blocks sit between tenure's.
+    assert [b["side"] for b in record["schedule"]] == ["A", "torch", "A", "torch"]
+    starts_ends = [t for b in record["schedule"] for span in b["spans"] for t in span]
+    assert starts_ends == sorted(starts_ends)
+    timed, firsts = _durations(record, "torch")
+    assert len(timed) == 4 and record["torch"]["step_p50_s"] == pytest.approx(np.median(timed))
+    assert record["torch"]["first_of_block_p50_s"] == pytest.approx(np.median(firsts))
+    alone = record["alone_check"]
+    for side, alternating in (("tenure", record), ("torch", record["torch"])):
+        assert alone[side]["step_p50_s"] > 0
+        assert alone[side]["difference"] == pytest.approx(alternating["step_p50_s"] / alone[side]["step_p50_s"] - 1)
+    assert alone["speed_ratio_vs_torch"] == pytest.approx(alone["torch"]["step_p50_s"] / alone["tenure"]["step_p50_s"])
+    lines = captured.out.splitlines()
+    (alone_row,) = [line for line in lines if line.startswith("alone, fresh process p50")]
+    assert alone_row.split()[-2:] == [f"{alone['tenure']['step_p50_s']:.3f}", f"{alone['torch']['step_p50_s']:.3f}"]
+    (difference_row,) = [line for line in lines if line.startswith("alternating / alone - 1")]
+    assert difference_row.split()[-2:] == [f"{100 * alone[s]['difference']:+.1f}%" for s in ("tenure", "torch")]
+    assert "warning" not in captured.err
