@@ -23,7 +23,7 @@ def _cmd_train(args) -> int:
     from engine.config import load_config
     from engine.train import train
     _with_compilation_cache()
-    train(load_config(args.config, args.overrides), restart=args.restart)
+    train(load_config(args.config, args.overrides), restart=args.restart, overwrite=args.overwrite)
     return 0
 
 
@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("train", help="fine-tune a model as the config says"))
     p.add_argument("--restart", action="store_true",
-                   help="start over: move the run dir's earlier files aside (to <run_dir>.old-<time>) first")
+                   help="start over: move the run dir's earlier files aside (to <run_dir>.old-<time>) first, "
+                        "and those of a checkpoint.dir outside it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with train.resume=false, replace an earlier run in the run dir in place (its "
+                        "checkpoints are deleted) instead of refusing")
     p.set_defaults(fn=_cmd_train)
 
     p = with_config(sub.add_parser("eval", help="evaluate a checkpoint or HF directory"))

@@ -98,7 +98,7 @@ class LoggingConfig(Section):
 
 
 class Config(Section):
-    run_dir: str = Field("runs/default", description="where logs, checkpoints and the HF export go")
+    run_dir: str = Field("runs/default", min_length=1, description="where logs, checkpoints and the HF export go")
     branch_from: str | None = Field(
         None, description="a finished staged run whose stages are this config's first ones: start after them, "
                           "from its final checkpoint and history (engine/branch.py)")

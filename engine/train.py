@@ -11,6 +11,7 @@ checkpoint as its result; in a staged run each stage hands its last weights to t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import types
@@ -37,7 +38,7 @@ from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
 from engine.report import forgetting_record, r_table, write_forgetting
 from engine.resume_check import compare_for_resume, drift_message
-from engine.runlock import RunLock, set_aside_run
+from engine.runlock import RunLock, is_inside, set_aside_run
 from engine.signals import StopSignals
 from engine.stages import Stage, guarded_tasks, resolve
 from engine.tblog import TBLogger
@@ -337,12 +338,29 @@ class Trainer:
         return dict(best_metric="validation/" + (self.cfg.eval.metric if self.single else "score"),
                     best_mode=self.cfg.eval.mode)
 
-    def run(self, stop: StopSignals) -> dict:
-        """The whole run; a checkpoint save in flight completes (or is dropped quietly) on any exit."""
+    def run(self, stop: StopSignals, overwrite: bool = False) -> dict:
+        """The whole run; a checkpoint save in flight completes (or is dropped quietly) on any exit.
+        `overwrite`: with train.resume=false, replace an earlier run's files in place."""
         self.stop = stop
         with Checkpointer(self.cfg.checkpoint, self.cfg.checkpoint.resolved_dir(self.run_dir),
-                          **self.ranking()) as self.ckpt:
+                          owner=self.run_dir, **self.ranking()) as self.ckpt:
+            if not self.cfg.train.resume:
+                self._start_over_in_place(overwrite)
             return self._run()
+
+    def _start_over_in_place(self, overwrite: bool) -> None:
+        """train.resume=false: nothing an earlier run wrote is overwritten unless asked explicitly."""
+        earlier = [str(self.ckpt.directory)] if self.ckpt.latest_step() is not None else []
+        earlier += [str(self.run_dir / name) for name in ("summary.json", "hf") if (self.run_dir / name).exists()]
+        if not earlier:
+            return
+        if not overwrite:
+            raise TenureError(f"run_dir {self.run_dir} holds an earlier run ({', '.join(earlier)}) and "
+                              "train.resume=false would overwrite it: add --restart to move it aside first, or "
+                              "--overwrite to replace it in place")
+        if distributed.is_primary():
+            self.ckpt.delete_all()
+        _print(f"overwrite: starting over in {self.run_dir}; the earlier run's checkpoints are deleted")
 
     def _check_drift(self, meta: dict) -> None:
         """Refuse a resume whose config or labels changed in a way that breaks the run."""
@@ -496,17 +514,27 @@ class _Guard:
         return jax.device_put(self.best_params, sr.state_shardings.params)
 
 
-def train(cfg: Config, restart: bool = False) -> dict:
+def train(cfg: Config, restart: bool = False, overwrite: bool = False) -> dict:
     """Runs the config's stages; returns the summary it also prints and writes. One run per run
-    dir (a lock); `restart` moves an earlier run's files aside first (nothing is deleted)."""
+    dir, and per checkpoint dir (locks); `restart` moves an earlier run's files aside first,
+    its checkpoint dir too wherever it is (nothing is deleted); `overwrite` lets
+    train.resume=false replace them in place."""
     distributed.initialize()
     from engine.preflight import require
-    require(cfg)  # multi-host: mesh, batch, collectives, data and checkpoint dir checked first
-    with RunLock(cfg.run_dir, process_index=jax.process_index(), log=_print), StopSignals() as stop:
+    require(cfg)  # mesh and batch (multi-host: also collectives, data and checkpoint dir) checked first
+    ckpt_dir = cfg.checkpoint.resolved_dir(cfg.run_dir)
+    outside = not is_inside(ckpt_dir, cfg.run_dir)
+    with contextlib.ExitStack() as held:
+        held.enter_context(RunLock(cfg.run_dir, process_index=jax.process_index(), log=_print))
+        if outside:  # a checkpoint dir inside the run dir is covered by the run dir's lock
+            held.enter_context(RunLock(ckpt_dir, process_index=jax.process_index(), log=_print,
+                                       what="checkpoint.dir"))
+        stop = held.enter_context(StopSignals())
         if restart:
             if distributed.is_primary():
-                moved = set_aside_run(cfg.run_dir)
-                if moved:
-                    _print(f"restart: the earlier run is now in {moved}")
+                for directory, what in [(cfg.run_dir, "run_dir")] + [(ckpt_dir, "checkpoint.dir")] * outside:
+                    moved = set_aside_run(directory, what)
+                    if moved:
+                        _print(f"restart: the earlier run's {what} is now {moved}")
             multihost_utils.sync_global_devices("tenure_restart")
-        return Trainer(cfg).run(stop)
+        return Trainer(cfg).run(stop, overwrite=overwrite)
