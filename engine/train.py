@@ -26,7 +26,7 @@ from engine import distributed
 from engine.branch import check_branch, computed_stages, source_checkpoints
 from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
                           init_params, kept_head, lora_spec)
-from engine.checkpoint import Checkpointer
+from engine.checkpoint import Checkpointer, directory_problem
 from engine.config import Config, as_today, to_dict
 from engine.continual import regularizers
 from engine.data.pipeline import to_global_batch
@@ -527,6 +527,9 @@ def train(cfg: Config, restart: bool = False, overwrite: bool = False) -> dict:
     with contextlib.ExitStack() as held:
         held.enter_context(RunLock(cfg.run_dir, process_index=jax.process_index(), log=_print))
         if outside:  # a checkpoint dir inside the run dir is covered by the run dir's lock
+            problem = directory_problem(ckpt_dir)  # a user's folder gets no lock file either
+            if problem:
+                raise TenureError(problem)
             held.enter_context(RunLock(ckpt_dir, process_index=jax.process_index(), log=_print,
                                        what="checkpoint.dir"))
         stop = held.enter_context(StopSignals())
