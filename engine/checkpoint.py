@@ -24,6 +24,8 @@ import logging
 import os
 import re
 import socket
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -148,14 +150,36 @@ class _DropOrbaxErrorTracebacks(logging.Filter):
         if f"{os.sep}orbax{os.sep}" not in record.pathname:
             return True
         # Also the warning on every save between evals of a keep_best run: those steps carry no
-        # metric by design (they are kept for resuming, by the latest-N policy).
-        return record.levelno < logging.ERROR and "did not provide metrics" not in record.getMessage()
+        # metric by design (they are kept for resuming, by the latest-N policy), and the notes on
+        # opening a directory read-only (eval, export, a branch's source), which it is by design.
+        message = record.getMessage()
+        return record.levelno < logging.ERROR and not any(
+            note in message for note in ("did not provide metrics", "read_only=True", "is read only"))
+
+
+def _late_write_callback(exc_type, exc, tb) -> bool:
+    """After a failed save (a full disk), orbax closes its event loop while tensorstore still
+    completes the step's other writes; each completion's callback finds the loop closed and
+    prints a traceback ("Event loop is closed"). The save's error is reported as one line already."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    frames = traceback.extract_tb(tb)
+    return bool(frames) and frames[0].name == "call_soon_threadsafe"
 
 
 def _quiet_orbax_errors() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropOrbaxErrorTracebacks) for f in logger.filters):
         logger.addFilter(_DropOrbaxErrorTracebacks())
+    if not getattr(sys.excepthook, "drops_late_write_callbacks", False):
+        previous = sys.excepthook
+
+        def excepthook(exc_type, exc, tb):
+            if not _late_write_callback(exc_type, exc, tb):
+                previous(exc_type, exc, tb)
+
+        excepthook.drops_late_write_callbacks = True
+        sys.excepthook = excepthook
 
 
 def _looks_like_old_tenure_step(entry: Path) -> bool:

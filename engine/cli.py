@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130; a study stopped by SIGTERM: 143, as `tenure train`
+        code = getattr(exc, "exit_code", 130)
+        print("stopped by SIGTERM" if code == 143 else "interrupted", file=sys.stderr)
+        return code
 
 
 def entry() -> None:

@@ -12,7 +12,9 @@ checkpoint as its result; in a staged run each stage hands its last weights to t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import pathlib
 import types
 
@@ -22,11 +24,11 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from engine import distributed
-from engine.branch import check_branch, computed_stages, source_checkpoints
+from engine import atomic, distributed
+from engine.branch import check_branch, check_stage_end, computed_stages, source_checkpoints
 from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
                           init_params, kept_head, lora_spec)
-from engine.checkpoint import Checkpointer, directory_problem
+from engine.checkpoint import Checkpointer, directory_problem, nonfinite_leaves
 from engine.config import Config, as_today, to_dict
 from engine.continual import regularizers
 from engine.data.pipeline import to_global_batch
@@ -40,7 +42,7 @@ from engine.report import forgetting_record, r_table, write_forgetting
 from engine.resume_check import compare_for_resume, drift_message
 from engine.runlock import RunLock, is_inside, set_aside_run
 from engine.signals import StopSignals
-from engine.stages import Stage, guarded_tasks, resolve
+from engine.stages import Stage, guarded_tasks, r_split, resolve
 from engine.tblog import TBLogger
 from engine.trainability import compile_trainability
 from models.errors import TenureError
@@ -60,6 +62,16 @@ def abstract(state, shardings):
 def to_host(params):
     """Full numpy copies of (possibly cross-host sharded) params on every process."""
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+def params_digest(params) -> str:
+    """SHA-256 of every parameter's path, dtype, shape and bytes: a checkpoint's weights by content."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(to_host(params))[0]:
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}\n".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
 
 
 def evaluate_all(tasks: Tasks, evaluators, params, splits, mesh, only=None) -> dict[str, float]:
@@ -169,10 +181,23 @@ class Trainer:
         which gives the frozen leaves a checkpoint leaves out (engine/frozen_base.py)."""
         where = str(ckpt.directory if step is None else ckpt.step_dir(step))
         target = self.frozen_base.target(abstract(like, sr.state_shardings), meta, where)
-        if step is None:
-            stored, data_state, extra = ckpt.restore_latest_good(target)
-        else:
-            stored, data_state, extra = ckpt.restore(step, target)
+        try:
+            if step is None:
+                stored, data_state, extra = ckpt.restore_latest_good(target)
+            else:
+                stored, data_state, extra = ckpt.restore(step, target)
+        except TenureError:
+            trained_from = ((meta.get("config") or {}).get("model") or {}).get("path")
+            if trained_from is not None and trained_from != self.cfg.model.path:
+                raise TenureError(f"checkpoint {where} was trained from model.path {trained_from}, not this config's "
+                                  f"{self.cfg.model.path}, whose weights have another shape; use the config it was "
+                                  f"trained with (model.path={trained_from})") from None
+            raise
+        bad = nonfinite_leaves(stored)  # saves refuse them, so the files were damaged since
+        if bad:
+            raise TenureError(f"checkpoint {ckpt.step_dir(ckpt.restored_step)}: non-finite values (NaN or Inf) in "
+                              f"{len(bad)} array{'s' * (len(bad) > 1)} (first: {bad[0]}); it is damaged: move that "
+                              "step directory away to resume from the one before, or --restart")
         return self.frozen_base.joined(stored, like.params), data_state, extra
 
     def _models(self, model) -> dict:
@@ -329,6 +354,8 @@ class Trainer:
         self.history["R"] = self.history.get("R", [])[:index] + [
             {t: task_score(self.tasks, scores, t) for t in self.tasks.by_name}]
         self.history["stage_ends"] = self.history.get("stage_ends", [])[:index] + [self.offsets[index] + last]
+        # What a branch from this stage end checks its checkpoint against.
+        self.history["stage_digests"] = self.history.get("stage_digests", [])[:index] + [params_digest(params)]
         self.tb.scalars(final_step, {f"final/{k}": v for k, v in scores.items()}
                         | {f"R/{t}": v for t, v in self.history["R"][-1].items() if v is not None})
 
@@ -376,7 +403,8 @@ class Trainer:
         """(params, regulariser trees, next stage index) after the stages the finished run at
         `source` trained; this run's history starts as that run's."""
         labels = self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
-        with Checkpointer(None, source_checkpoints(source), read_only=True) as ckpt:
+        ckpt_dir, recorded = source_checkpoints(source)
+        with Checkpointer(None, ckpt_dir, read_only=True) as ckpt:
             step = ckpt.latest_step()
             if step is None:
                 raise TenureError(f"branch_from: {source}: no checkpoint in {ckpt.directory}")
@@ -385,6 +413,8 @@ class Trainer:
             sr = self._build(done - 1, self.start_params, self._extra_shapes(done - 1), compute=False)
             sr.train_iter.close()
             state, _, extra = self.restore(ckpt, sr, sr.state, meta, step)
+            check_stage_end(source, ckpt.step_dir(step), self.stages[done - 1].name, recorded[done - 1:done],
+                            params_digest(state.params))
         local = int(extra["local_step"])
         if not (extra.get("stopped") or local >= sr.steps):
             raise TenureError(f"branch_from: {source}: its newest checkpoint (step {step}) is not the end of "
@@ -445,18 +475,20 @@ class Trainer:
         self.tb.close()
         record = forgetting_record(list(self.tasks.by_name), [s.name for s in self.stages],
                                    {n: t.task.metric for n, t in self.tasks.by_name.items()},
-                                   {n: t.task.mode for n, t in self.tasks.by_name.items()}, self.history)
+                                   {n: t.task.mode for n, t in self.tasks.by_name.items()}, self.history,
+                                   {n: r_split(t.task) for n, t in self.tasks.by_name.items()})
+        # Paths relative to the run dir: a run moved with `mv` stays whole (issue 25).
         summary = {"baseline": self.history.get("baseline", {}), "final": self.history["final"],
                    "train_loss": self.history.get("train_loss", []), "best_step": final_step,
-                   "run_dir": str(run_dir), "tensorboard": str(run_dir / "tb"),
-                   "checkpoints": str(self.ckpt.directory), "hf_export": str(export_dir),
+                   "tensorboard": "tb", "checkpoints": os.path.relpath(self.ckpt.directory, run_dir.absolute()),
+                   "hf_export": "hf", "stage_digests": self.history.get("stage_digests", []),
                    "R": record["R"], "forgetting": record.get("summary"),
                    # the validation evals (scores, validation/generalization_gap) and what the monitors did
                    "evals": self.history.get("evals", []), "stage_ends": self.history.get("stage_ends", []),
                    "early_stops": self.history.get("early_stops", []),
                    "overfit_warnings": self.history.get("overfit_warnings", [])}
         if distributed.is_primary():
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
             write_forgetting(run_dir, record)
             names = sorted(k for k in self.history["final"] if k.startswith("test/"))
             if names:
@@ -464,8 +496,8 @@ class Trainer:
                                              f"fine-tuned (step {final_step})": summary["final"]}))
             if not self.single:
                 _print("\naccuracy matrix R (rows: after each stage; columns: tasks)\n" + r_table(record))
-            _print(f"\nTensorBoard: tensorboard --logdir {summary['tensorboard']}\n"
-                   f"checkpoints: {summary['checkpoints']}\nHF export:   {export_dir}\n"
+            _print(f"\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
+                   f"checkpoints: {self.ckpt.directory}\nHF export:   {export_dir}\n"
                    f"forgetting:  {run_dir / 'forgetting.json'} (.csv, .png)")
         return summary
 

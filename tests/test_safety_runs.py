@@ -2,15 +2,20 @@
 lost to another run or to a rerun, and each refusal is one line, exit code 2, with every file
 of the earlier run unchanged (byte comparison). One tiny finished run, with its checkpoint dir
 outside the run dir, is shared by the tests that need one."""
+import json
 import pathlib
+import shutil
 
 import pytest
 
 from test_run_safety import args
+from test_safety_inputs import staged
 from test_train_loop import data  # noqa: F401  (the `data` fixture)
 from tests.cli_helpers import tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
+STAGE_A_ONLY = 'stages=[{"tasks": ["A"], "steps": 2}]'
 
 
 def files(*dirs) -> dict:
@@ -60,7 +65,6 @@ def test_restart_moves_an_outside_checkpoint_dir_aside_too(finished, data, tmp_p
     files, checkpoints included, are kept byte for byte next to where they were."""
     src_run, src_ckpt = finished
     run_dir, ckpt_dir = tmp_path / "run", tmp_path / "ckpts"  # a copy: the shared run stays as it is
-    import shutil
     shutil.copytree(src_run, run_dir)
     shutil.copytree(src_ckpt, ckpt_dir)
     before_run, before_ckpt = files(run_dir), files(ckpt_dir)
@@ -85,3 +89,66 @@ def test_restart_of_the_current_directory_is_one_line(run_dir, data):  # noqa: F
     else:
         assert line == ("error: configs/quickstart.yaml: config key 'run_dir': String should have at least "
                         "1 character (got '')")
+
+
+def test_eval_with_another_architecture_blames_the_model_path(finished, data):  # noqa: F811
+    run_dir, ckpt_dir = finished
+    gpt2 = ROOT / "tests/fixtures/gpt2"
+    line = refused("eval", *args(run_dir, data, 2, f"checkpoint.dir={ckpt_dir}", f"model.path={gpt2}")[1:],
+                   "--checkpoint", ckpt_dir)
+    assert line.startswith(f"error: checkpoint {ckpt_dir}/2 was trained from model.path {TINY_BERT}, not this "
+                           f"config's {gpt2}, whose weights have another shape; use the config it was trained with")
+
+
+# -- staged runs: one run of the config cut to stage A, branched from ------------------------------------------
+
+@pytest.fixture(scope="module")
+def stage_a(tmp_path_factory, data):  # noqa: F811
+    root = tmp_path_factory.mktemp("stage_a")
+    tenure(*staged(root, data, STAGE_A_ONLY))
+    return root / "run"
+
+
+def test_every_r_column_names_its_split(stage_a):
+    record = json.loads((stage_a / "forgetting.json").read_text())
+    assert record["tasks"] == ["A", "B"] and record["split"] == {"A": "test", "B": "test"}
+    summary = json.loads((stage_a / "summary.json").read_text())
+    assert (summary["checkpoints"], summary["hf_export"], summary["tensorboard"]) == ("checkpoints", "hf", "tb")
+    assert len(summary["stage_digests"]) == 1 and len(summary["stage_digests"][0]) == 64
+
+
+def test_a_moved_run_is_branched_from_and_a_replaced_checkpoint_is_refused(stage_a, data, tmp_path):  # noqa: F811
+    copy = pathlib.Path(shutil.copytree(stage_a, tmp_path / "copy"))
+    moved = copy.rename(tmp_path / "moved")  # `mv`: nothing inside names where it was
+    result = tenure(*staged(tmp_path / "branch", data, f"branch_from={moved}"))
+    assert f"branched from {moved} after stage A" in result.stdout
+    # The source's summary records another stage end than its checkpoint holds: refused, nothing changed.
+    summary = json.loads((moved / "summary.json").read_text())
+    summary["stage_digests"] = ["0" * 64]
+    (moved / "summary.json").write_text(json.dumps(summary))
+    before = files(moved)
+    line = refused(*staged(tmp_path / "b2", data, f"branch_from={moved}"))
+    step = max(int(p.name) for p in (moved / "checkpoints").iterdir() if p.name.isdigit())
+    assert line.startswith(f"error: branch_from: {moved}: checkpoint {moved}/checkpoints/{step} is not the end of "
+                           "stage A its summary.json records (weights digest ")
+    assert line.endswith(", recorded 000000000000); was its checkpoint dir replaced or shared with another run? "
+                         "Branch from an intact run")
+    assert files(moved) == before
+    # A damaged summary: one line naming it and what to do.
+    (moved / "summary.json").write_text(json.dumps(summary)[:40])
+    line = refused(*staged(tmp_path / "b3", data, f"branch_from={moved}"))
+    assert line.startswith(f"error: {moved}/summary.json: damaged, not JSON (")
+    assert line.endswith("); branch from an intact run, or rerun that one to its end")
+
+
+def test_a_damaged_study_record_is_one_line(tmp_path):
+    (tmp_path / "base.yaml").write_text((ROOT / "configs/quickstart.yaml").read_text())
+    study = tmp_path / "study.yaml"
+    study.write_text("base: base.yaml\nseeds: 1\nmethods:\n  naive: []\n")
+    from engine.study.config import load_study, plan_runs
+    run, = plan_runs(load_study(study), study, tmp_path / "out")
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "study_run.json").write_text('{"method": "na')
+    line = refused("study", study, "--out", tmp_path / "out")
+    assert line == (f"error: {run.run_dir}/study_run.json: damaged, not JSON (Unterminated string starting at: "
+                    f"line 1 column 12 (char 11)); remove {run.run_dir} (its run starts over) or choose another --out")
