@@ -12,6 +12,7 @@ from test_run_safety import args
 from test_safety_inputs import staged
 from test_train_loop import data  # noqa: F401  (the `data` fixture)
 from tests.cli_helpers import tenure
+from tests.fs_helpers import mounted_tmpfs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
@@ -152,3 +153,24 @@ def test_a_damaged_study_record_is_one_line(tmp_path):
     line = refused("study", study, "--out", tmp_path / "out")
     assert line == (f"error: {run.run_dir}/study_run.json: damaged, not JSON (Unterminated string starting at: "
                     f"line 1 column 12 (char 11)); remove {run.run_dir} (its run starts over) or choose another --out")
+
+
+def test_a_full_disk_at_the_first_save_is_one_line(data, tmp_path):  # noqa: F811
+    """Orbax closes its event loop after the failed write while tensorstore completes the step's
+    other writes: their callbacks' "Event loop is closed" tracebacks are not printed."""
+    with mounted_tmpfs(tmp_path / "small", size="100k") as small:
+        line = refused(*args(tmp_path / "run", data, 2, f"checkpoint.dir={small / 'ckpts'}",
+                             "checkpoint.every_steps=2"))
+    assert line.startswith(f"error: checkpoint save to {small / 'ckpts'} failed: ")
+    assert "No space left on device" in line
+
+
+def test_a_failed_atomic_write_leaves_the_old_file(tmp_path):
+    """A summary rewritten on a full disk: the old one stays whole, no temporary file is left."""
+    from engine import atomic
+    with mounted_tmpfs(tmp_path / "small", size="64k") as small:
+        atomic.write_text(small / "summary.json", '{"old": 1}')
+        with pytest.raises(OSError):
+            atomic.write_text(small / "summary.json", "x" * 200_000)
+        assert [p.name for p in small.iterdir()] == ["summary.json"]
+        assert (small / "summary.json").read_text() == '{"old": 1}'
