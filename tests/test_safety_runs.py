@@ -174,3 +174,31 @@ def test_a_failed_atomic_write_leaves_the_old_file(tmp_path):
             atomic.write_text(small / "summary.json", "x" * 200_000)
         assert [p.name for p in small.iterdir()] == ["summary.json"]
         assert (small / "summary.json").read_text() == '{"old": 1}'
+
+
+def test_a_nan_in_a_checkpoint_is_named_at_restore(finished, data, tmp_path):  # noqa: F811
+    """A checkpoint damaged on disk after it was saved (saves refuse non-finite states): one
+    embedding row turns NaN. `tenure eval` names the array instead of scoring NaN."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from engine.checkpoint import Checkpointer, DataStateSave
+    run_dir, ckpt_dir = finished
+    damaged = pathlib.Path(shutil.copytree(ckpt_dir, tmp_path / "ckpts"))
+    ckpt = Checkpointer(None, damaged)
+    step = ckpt.latest_step()
+    saved = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                extra=ocp.args.JsonRestore()))
+    data_state = ckpt._read_data_state(step)
+    state = jax.tree.map(np.array, saved["state"])
+    (path, row), = [(p, leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+                    if "word_embeddings" in jax.tree_util.keystr(p)]
+    row[-1, 0] = np.nan  # the last vocabulary row: no batch reaches it
+    ckpt._manager.delete(step)
+    ckpt._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     extra=ocp.args.JsonSave(saved["extra"]),
+                                                     data=DataStateSave(data_state)), force=True)
+    ckpt.close()
+    line = refused("eval", *args(run_dir, data, 2, f"checkpoint.dir={damaged}")[1:], "--checkpoint", damaged)
+    assert line.startswith(f"error: checkpoint {damaged}/{step}: non-finite values (NaN or Inf) in 1 array (first: "
+                           "params/backbone/embeddings/word_embeddings/embedding); it is damaged: ")
