@@ -81,6 +81,19 @@ def test_restart_moves_an_outside_checkpoint_dir_aside_too(finished, data, tmp_p
     assert f"restart: the earlier run's checkpoint.dir is now {ckpt_aside[0]}" in result.stdout
 
 
+def test_resume_false_with_overwrite_replaces_the_run_in_place(finished, data, tmp_path):  # noqa: F811
+    src_run, src_ckpt = finished
+    run_dir, ckpt_dir = tmp_path / "run", tmp_path / "ckpts"
+    shutil.copytree(src_run, run_dir)
+    shutil.copytree(src_ckpt, ckpt_dir)
+    result = tenure(*args(run_dir, data, 2, f"checkpoint.dir={ckpt_dir}", "train.resume=false", "optim.lr=5e-4",
+                          "--overwrite"))
+    assert f"overwrite: starting over in {run_dir}; the earlier run's checkpoints are deleted" in result.stdout
+    assert "resumed from" not in result.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["ckpts", "run"]
+    assert json.loads((run_dir / "summary.json").read_text())["train_loss"] != \
+        json.loads((src_run / "summary.json").read_text())["train_loss"]  # lr 5e-4, not the first run's 1e-3
+
+
 @pytest.mark.parametrize("run_dir", [".", ""])
 def test_restart_of_the_current_directory_is_one_line(run_dir, data):  # noqa: F811
     line = refused(*args(run_dir, data, 2, "--restart"))
