@@ -49,7 +49,7 @@ def source_checkpoints(run_dir: str) -> tuple[pathlib.Path, list[str]]:
 
 def check_stage_end(source: str, step_dir: pathlib.Path, stage: str, recorded: list[str], digest: str) -> None:
     """Refuses a branch whose checkpoint is not the stage end the source's summary records."""
-    if not recorded:
+    if not recorded or recorded[0] is None:
         raise TenureError(f"branch_from: {source}: its summary.json records no content digest for the end of "
                           f"stage {stage} (written before tenure recorded them); train that run again")
     if recorded[0] != digest:

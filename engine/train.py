@@ -354,8 +354,10 @@ class Trainer:
         self.history["R"] = self.history.get("R", [])[:index] + [
             {t: task_score(self.tasks, scores, t) for t in self.tasks.by_name}]
         self.history["stage_ends"] = self.history.get("stage_ends", [])[:index] + [self.offsets[index] + last]
-        # What a branch from this stage end checks its checkpoint against.
-        self.history["stage_digests"] = self.history.get("stage_digests", [])[:index] + [params_digest(params)]
+        # What a branch from this stage end checks its checkpoint against (None: a stage end of a
+        # checkpoint written before digests were recorded).
+        earlier = self.history.get("stage_digests", [])
+        self.history["stage_digests"] = (earlier + [None] * index)[:index] + [params_digest(params)]
         self.tb.scalars(final_step, {f"final/{k}": v for k, v in scores.items()}
                         | {f"R/{t}": v for t, v in self.history["R"][-1].items() if v is not None})
 
@@ -385,8 +387,7 @@ class Trainer:
             raise TenureError(f"run_dir {self.run_dir} holds an earlier run ({', '.join(earlier)}) and "
                               "train.resume=false would overwrite it: add --restart to move it aside first, or "
                               "--overwrite to replace it in place")
-        if distributed.is_primary():
-            self.ckpt.delete_all()
+        self.ckpt.delete_all()  # every process: orbax coordinates the deletion
         _print(f"overwrite: starting over in {self.run_dir}; the earlier run's checkpoints are deleted")
 
     def _check_drift(self, meta: dict) -> None:
