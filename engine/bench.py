@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from models.errors import TenureError
 
@@ -64,11 +63,10 @@ def add_bench_parser(subparsers) -> None:
 def load_bench_config(path: str, overrides: list[str]):
     """(Config, BenchConfig) from a bench YAML and key=value overrides (bench.* go to the bench section)."""
     from engine.bench_setup import BenchConfig
-    from engine.config import _parse_override, _set_path, validate
+    import pydantic
+    from engine.config import _describe, _parse_override, _set_path, one_line, read_yaml_mapping, validate
     file = Path(path)
-    if not file.is_file():
-        raise TenureError(f"config file not found: {path}")
-    tree = yaml.safe_load(file.read_text()) or {}
+    tree = read_yaml_mapping(file, "config file", "sections")
     for text in overrides:
         keys, value = _parse_override(text)
         _set_path(tree, keys, value, f"override {text!r}")
@@ -76,8 +74,8 @@ def load_bench_config(path: str, overrides: list[str]):
     tree.setdefault("data", {})
     try:
         bench = BenchConfig.model_validate(section)
-    except Exception as exc:  # pydantic.ValidationError
-        raise TenureError(f"{path}: bench section: {exc}") from None
+    except pydantic.ValidationError as exc:
+        raise one_line(exc, str(file), lambda error: _describe({**error, "loc": ("bench", *error["loc"])})) from None
     return validate(tree, str(file)), bench
 
 

@@ -21,6 +21,7 @@ import pathlib
 
 from pydantic import BaseModel
 
+from engine import atomic
 from engine.config import Config, as_today, to_dict, validate
 from engine.continual import ewc_on, fisher_tasks, l2sp_on
 from engine.resume_check import compare_for_resume
@@ -31,16 +32,30 @@ from models.errors import TenureError
 STAGE_DEFAULTS = ("stages", "trainable", "optim", "ewc", "l2sp", "replay")
 
 
-def source_checkpoints(run_dir: str) -> pathlib.Path:
-    """The checkpoint directory of the finished run at `run_dir` (its summary.json names it)."""
+def source_checkpoints(run_dir: str) -> tuple[pathlib.Path, list[str]]:
+    """(checkpoint directory, content digest of each stage end's weights) of the finished run at
+    `run_dir`, from its summary.json (which names the checkpoint directory relative to the run dir,
+    so a moved run still branches)."""
     summary = pathlib.Path(run_dir) / "summary.json"
     if not summary.is_file():
         raise TenureError(f"branch_from: {run_dir} is not a finished run (no {summary.name}; "
                           "branch from a run that ran to its end)")
-    try:
-        return pathlib.Path(json.loads(summary.read_text())["checkpoints"])
-    except (ValueError, KeyError) as exc:
-        raise TenureError(f"branch_from: {summary}: unreadable ({exc})") from None
+    record = atomic.read_json(summary, "branch from an intact run, or rerun that one to its end")
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
+        raise TenureError(f"branch_from: {summary}: names no checkpoint directory; branch from an intact run, "
+                          "or rerun that one to its end")
+    return pathlib.Path(run_dir) / record["checkpoints"], list(record.get("stage_digests") or [])
+
+
+def check_stage_end(source: str, step_dir: pathlib.Path, stage: str, recorded: list[str], digest: str) -> None:
+    """Refuses a branch whose checkpoint is not the stage end the source's summary records."""
+    if not recorded or recorded[0] is None:
+        raise TenureError(f"branch_from: {source}: its summary.json records no content digest for the end of "
+                          f"stage {stage} (written before tenure recorded them); train that run again")
+    if recorded[0] != digest:
+        raise TenureError(f"branch_from: {source}: checkpoint {step_dir} is not the end of stage {stage} its "
+                          f"summary.json records (weights digest {digest[:12]}, recorded {recorded[0][:12]}); "
+                          "was its checkpoint dir replaced or shared with another run? Branch from an intact run")
 
 
 def _as_dict(stage: Stage, stages: list[Stage]) -> dict:

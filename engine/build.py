@@ -156,6 +156,8 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained
     for name, task in tasks.items():
         vocab = build_label_vocab(task.data, task.spec.kind)  # None for unlabelled kinds
         own_labels[name] = vocab.labels if vocab is not None else None
+    if cfg.heads == "shared":
+        _refuse_shared_labels(own_labels)
     union = None
     if any(labels is not None for labels in own_labels.values()):
         union = LabelVocab(label for labels in own_labels.values() for label in labels or ())
@@ -167,6 +169,19 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained
                         for split in ("validation", "test") if getattr(task.data, split)}
         by_name[name] = RunTask(task, index, own_labels[name], eval_batches, probe=name in probes)
     return Tasks(by_name, head, union, multi)
+
+
+def _refuse_shared_labels(own_labels: dict[str, tuple | None]) -> None:
+    """Class-incremental (`heads: shared`) tasks must have disjoint label sets: a shared class
+    would be scored for both tasks, and a task would score before it is trained."""
+    names = [name for name, labels in own_labels.items() if labels]
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = [label for label in own_labels[first] if label in set(own_labels[second])]
+            if shared:
+                raise TenureError(f"heads: shared: tasks {first} and {second} share the label"
+                                  f"{'s' * (len(shared) > 1)} {', '.join(map(repr, shared))}; class-incremental tasks "
+                                  "need disjoint labels (data.labels), or use heads: per_task")
 
 
 def lora_spec(trainable):

@@ -13,6 +13,9 @@ Safety rules (issue 10):
   treat a user's `2023/`, `2024/` folders as steps and may garbage-collect them).
 - A state with a non-finite floating-point value is never saved (`NonFiniteStateError`),
   so a diverged run cannot push the good checkpoints out of `keep`.
+- A checkpoint directory belongs to one run (issue 25): the marker records its owner, the
+  run dir, relative to the checkpoint directory (so a run moved with `mv` still owns its
+  own), and another run dir is refused, naming the owner.
 """
 import dataclasses
 import datetime
@@ -21,6 +24,8 @@ import logging
 import os
 import re
 import socket
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -32,6 +37,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.runlock import LOCK_NAME
 from models.errors import TenureError
 
 
@@ -144,14 +150,36 @@ class _DropOrbaxErrorTracebacks(logging.Filter):
         if f"{os.sep}orbax{os.sep}" not in record.pathname:
             return True
         # Also the warning on every save between evals of a keep_best run: those steps carry no
-        # metric by design (they are kept for resuming, by the latest-N policy).
-        return record.levelno < logging.ERROR and "did not provide metrics" not in record.getMessage()
+        # metric by design (they are kept for resuming, by the latest-N policy), and the notes on
+        # opening a directory read-only (eval, export, a branch's source), which it is by design.
+        message = record.getMessage()
+        return record.levelno < logging.ERROR and not any(
+            note in message for note in ("did not provide metrics", "read_only=True", "is read only"))
+
+
+def _late_write_callback(exc_type, exc, tb) -> bool:
+    """After a failed save (a full disk), orbax closes its event loop while tensorstore still
+    completes the step's other writes; each completion's callback finds the loop closed and
+    prints a traceback ("Event loop is closed"). The save's error is reported as one line already."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    frames = traceback.extract_tb(tb)
+    return bool(frames) and frames[0].name == "call_soon_threadsafe"
 
 
 def _quiet_orbax_errors() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropOrbaxErrorTracebacks) for f in logger.filters):
         logger.addFilter(_DropOrbaxErrorTracebacks())
+    if not getattr(sys.excepthook, "drops_late_write_callbacks", False):
+        previous = sys.excepthook
+
+        def excepthook(exc_type, exc, tb):
+            if not _late_write_callback(exc_type, exc, tb):
+                previous(exc_type, exc, tb)
+
+        excepthook.drops_late_write_callbacks = True
+        sys.excepthook = excepthook
 
 
 def _looks_like_old_tenure_step(entry: Path) -> bool:
@@ -171,7 +199,7 @@ def directory_problem(directory: Path) -> str | None:
         return f"checkpoint.dir {directory} is a file, not a directory"
     if (directory / MARKER).is_file():
         return None
-    entries = list(directory.iterdir())
+    entries = [e for e in directory.iterdir() if not e.name.startswith(LOCK_NAME)]
     if not entries or all(_looks_like_old_tenure_step(e) for e in entries):
         return None
     shown = ", ".join(sorted(e.name for e in entries)[:3]) + (", ..." if len(entries) > 3 else "")
@@ -180,18 +208,42 @@ def directory_problem(directory: Path) -> str | None:
             "choose a new or empty directory")
 
 
-def claim_directory(directory: Path) -> None:
-    """Refuses a non-empty directory that is not tenure's (TenureError naming it); creates the
-    directory and its marker otherwise. Every process checks before the primary writes."""
-    problem = directory_problem(directory)
+def _marker(directory: Path) -> dict:
+    try:
+        return json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}  # an unreadable marker is rewritten (it only ever records the owner)
+
+
+def owner_problem(directory: Path, owner: Path) -> str | None:
+    """Why the run at `owner` may not use checkpoint directory `directory` (None: it may)."""
+    recorded = _marker(directory).get("run_dir") if (directory / MARKER).is_file() else None
+    if recorded is None:
+        return None
+    theirs = (directory / recorded).resolve()
+    if theirs == owner.resolve():
+        return None
+    return (f"checkpoint.dir {directory} belongs to the run in {theirs} (its {MARKER}); a checkpoint directory "
+            f"holds one run's checkpoints, and this run's keep policy would delete that run's: choose another "
+            f"checkpoint.dir, or resume that run with run_dir={theirs}")
+
+
+def claim_directory(directory: Path, owner: Path | None = None) -> None:
+    """Refuses a non-empty directory that is not tenure's, or one another run dir owns
+    (TenureError naming it); creates the directory and its marker (recording `owner`, the
+    run dir) otherwise. Every process checks before the primary writes."""
+    problem = directory_problem(directory) or (owner_problem(directory, owner) if owner is not None else None)
     if not _all_processes_ok(problem is None):
         raise TenureError(problem or f"checkpoint.dir {directory} was refused on another process")
-    if jax.process_index() == 0 and not (directory / MARKER).is_file():
+    recorded = _marker(directory).get("run_dir")
+    if jax.process_index() == 0 and (not (directory / MARKER).is_file() or (owner is not None and recorded is None)):
         try:
             directory.mkdir(parents=True, exist_ok=True)
             marker = {"written_by": "tenure", "what": "orbax checkpoint steps of one run",
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "host": socket.gethostname(), "pid": os.getpid()}
+            if owner is not None:
+                marker["run_dir"] = os.path.relpath(Path(owner).absolute(), directory)
             tmp = directory / f".{MARKER}.tmp"
             tmp.write_text(json.dumps(marker, indent=1) + "\n")
             tmp.replace(directory / MARKER)
@@ -262,7 +314,9 @@ class Checkpointer:
         best_metric: str = "validation/accuracy",
         best_mode: Literal["max", "min"] = "max",
         read_only: bool = False,
+        owner: str | os.PathLike | None = None,
     ):
+        """`owner`: the run dir whose checkpoints these are (recorded, and checked, in the marker)."""
         self.config = config or CheckpointConfig()
         self.best_metric = best_metric
         self.read_only = read_only
@@ -271,7 +325,7 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise TenureError(f"checkpoint directory not found: {self.directory}")
         if not read_only:
-            claim_directory(self.directory)
+            claim_directory(self.directory, Path(owner) if owner is not None else None)
         _quiet_orbax_errors()
         cfg = self.config
         latest = policies.LatestN(n=cfg.keep)
@@ -378,6 +432,11 @@ class Checkpointer:
             raise TenureError(
                 f"checkpoint save to {self.directory} failed: {_one_line(error)}"
             ) from error
+
+    def delete_all(self) -> None:
+        """Deletes every step (an explicit overwrite of this run's own checkpoints)."""
+        for step in self.all_steps():
+            self._manager.delete(step)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -23,7 +23,7 @@ def _cmd_train(args) -> int:
     from engine.config import load_config
     from engine.train import train
     _with_compilation_cache()
-    train(load_config(args.config, args.overrides), restart=args.restart)
+    train(load_config(args.config, args.overrides), restart=args.restart, overwrite=args.overwrite)
     return 0
 
 
@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("train", help="fine-tune a model as the config says"))
     p.add_argument("--restart", action="store_true",
-                   help="start over: move the run dir's earlier files aside (to <run_dir>.old-<time>) first")
+                   help="start over: move the run dir's earlier files aside (to <run_dir>.old-<time>) first, "
+                        "and those of a checkpoint.dir outside it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with train.resume=false, replace an earlier run in the run dir in place (its "
+                        "checkpoints are deleted) instead of refusing")
     p.set_defaults(fn=_cmd_train)
 
     p = with_config(sub.add_parser("eval", help="evaluate a checkpoint or HF directory"))
@@ -149,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130; a study stopped by SIGTERM: 143, as `tenure train`
+        code = getattr(exc, "exit_code", 130)
+        print("stopped by SIGTERM" if code == 143 else "interrupted", file=sys.stderr)
+        return code
 
 
 def entry() -> None:

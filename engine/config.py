@@ -16,6 +16,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine import yamlfile
 from engine.checkpoint import CheckpointConfig
 from engine.data.config import DataConfig
 from engine.divergence import DivergenceConfig
@@ -90,6 +91,10 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     metric: str = Field("accuracy", description="validation metric that picks the best checkpoint")
     mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better")
+    mixed_splits: bool = Field(
+        False, description="a staged run's R columns normally all come from test splits (validation where no task "
+                           "has one); true accepts test for some tasks and validation for others (forgetting.json "
+                           "names each column's split)")
 
 
 class WandbConfig(Section):
@@ -106,7 +111,7 @@ class LoggingConfig(Section):
 
 
 class Config(Section):
-    run_dir: str = Field("runs/default", description="where logs, checkpoints and the HF export go")
+    run_dir: str = Field("runs/default", min_length=1, description="where logs, checkpoints and the HF export go")
     branch_from: str | None = Field(
         None, description="a finished staged run whose stages are this config's first ones: start after them, "
                           "from its final checkpoint and history (engine/branch.py)")
@@ -138,7 +143,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise TenureError(f"override {text!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = yamlfile.load(raw) if raw else ""
+    except yaml.constructor.ConstructorError as exc:  # a key written twice: YAML, but ambiguous
+        raise TenureError(f"override {text!r}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw  # not YAML: keep the literal string
     return key.split("."), value
@@ -235,7 +242,7 @@ def read_yaml_mapping(path: pathlib.Path, what: str, holds: str) -> dict:
     if not path.is_file():
         raise TenureError(f"{what} not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        tree = yamlfile.load(path.read_bytes().decode("utf-8")) or {}
     except UnicodeDecodeError:
         raise TenureError(f"{path}: not a text file (binary content), expected YAML") from None
     except OSError as exc:

@@ -72,6 +72,32 @@ def check_all_reduce(mesh) -> tuple[bool, str]:
     return total == expected, f"sum over {len(devices)} devices = {total:g} (expected {expected:g})"
 
 
+def check_mesh_and_batch(cfg: Config, tasks: dict, report: Report):
+    """(mesh shape, mesh), both None when the mesh does not resolve: mesh.* against the device
+    count, and every task's batch sizes against data x fsdp and the process count."""
+    pc, total = jax.process_count(), jax.device_count()
+    mesh = None
+    try:
+        shape = sharding.mesh_shape(cfg.mesh, total)
+        mesh = sharding.make_mesh(cfg.mesh)
+        report.ok("mesh", f"data={shape[0]} fsdp={shape[1]} tensor={shape[2]} on {total} devices")
+    except TenureError as exc:
+        report.fail("mesh", str(exc))
+        return None, None
+    shards = shape[0] * shape[1]
+    for name, task in tasks.items():
+        where = "data" if cfg.data is not None else f"tasks.{name}.data"
+        for key, size in (("batch_size", task.data.batch_size),
+                          ("eval_batch_size", task.data.global_eval_batch_size)):
+            if size % shards or size % pc:
+                need = int(np.lcm(shards, pc))
+                report.fail("batch", f"config key '{where}.{key}': {size} is not divisible by data x fsdp = "
+                                     f"{shards} and {pc} processes; use a multiple of {need}")
+    if tasks and not any("batch" in f for f in report.failures):
+        report.ok("batch", f"batch sizes divide by data x fsdp = {shards} and {pc} processes")
+    return shape, mesh
+
+
 def run(cfg: Config) -> Report:
     """Runs every check on this process; returns the report (collectives: all processes take part)."""
     report = Report()
@@ -83,32 +109,13 @@ def run(cfg: Config) -> Report:
     if len(set(counts.tolist())) > 1:
         report.fail("devices", f"processes hold different device counts {counts.tolist()}; "
                                "every host must expose the same number of devices")
-    mesh = None
-    try:
-        shape = sharding.mesh_shape(cfg.mesh, total)
-        mesh = sharding.make_mesh(cfg.mesh)
-        report.ok("mesh", f"data={shape[0]} fsdp={shape[1]} tensor={shape[2]} on {total} devices")
-    except TenureError as exc:
-        report.fail("mesh", str(exc))
-        shape = None
-
     try:
         tasks = _tasks(cfg)
     except TenureError as exc:
         report.fail("config", str(exc))
         tasks = {}
+    shape, mesh = check_mesh_and_batch(cfg, tasks, report)
     if shape is not None:
-        shards = shape[0] * shape[1]
-        for name, task in tasks.items():
-            where = "data" if cfg.data is not None else f"tasks.{name}.data"
-            for key, size in (("batch_size", task.data.batch_size),
-                              ("eval_batch_size", task.data.global_eval_batch_size)):
-                if size % shards or size % pc:
-                    need = int(np.lcm(shards, pc))
-                    report.fail("batch", f"config key '{where}.{key}': {size} is not divisible by data x fsdp = "
-                                         f"{shards} and {pc} processes; use a multiple of {need}")
-        if tasks and not any("batch" in f for f in report.failures):
-            report.ok("batch", f"batch sizes divide by data x fsdp = {shards} and {pc} processes")
         try:
             heads, kv, where = _heads(cfg.model.path)
             tensor = shape[2]
@@ -173,10 +180,17 @@ def preflight(cfg: Config, *, verbose: bool = True) -> bool:
 
 
 def require(cfg: Config) -> None:
-    """The first thing of a multi-host `tenure train`: raises one line if any process failed."""
-    if jax.process_count() > 1 and not preflight(cfg, verbose=False):
-        raise TenureError("preflight failed (the lines above name each problem); "
-                          "`tenure launch --preflight CONFIG` prints the full report")
+    """The first thing of every `tenure train`: the mesh and batch checks (one line naming the key),
+    and with several processes the whole preflight (raises one line if any process failed)."""
+    if jax.process_count() > 1:
+        if not preflight(cfg, verbose=False):
+            raise TenureError("preflight failed (the lines above name each problem); "
+                              "`tenure launch --preflight CONFIG` prints the full report")
+        return
+    report = Report()
+    check_mesh_and_batch(cfg, _tasks(cfg), report)
+    if report.failures:
+        raise TenureError(report.failures[0].split(": ", 3)[3])
 
 
 def _cmd_launch(args) -> int:

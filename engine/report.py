@@ -3,7 +3,8 @@ summaries, as a printed table, `forgetting.json`, `forgetting.csv` and a PNG of 
 metric over the run's steps with the stage boundaries marked.
 
 `forgetting.json` is the contract `tenure study` reads:
-  tasks, stages, metric {task: name}, direction {task: max|min}, start_row [T], R [S][T],
+  tasks, stages, metric {task: name}, direction {task: max|min}, split {task: test|validation}
+  (the split each R column is scored on), start_row [T], R [S][T],
   summary (engine.forgetting_metrics.summarize of R when it is square, with each task's
   direction: forgetting > 0 means worse, for perplexity too), curves
   [{step, stage, scores {task: value}}], stage_ends [global step per stage].
@@ -11,21 +12,24 @@ metric over the run's steps with the stage boundaries marked.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import pathlib
 
 import numpy as np
 
+from engine import atomic
 from engine.forgetting_metrics import summarize
 
 
-def forgetting_record(task_names, stage_names, metrics, directions, history) -> dict:
-    """The JSON record from the run history (start row, R rows, curves, stage ends)."""
+def forgetting_record(task_names, stage_names, metrics, directions, history, splits=None) -> dict:
+    """The JSON record from the run history (start row, R rows, curves, stage ends); `splits`
+    names the split of each task's R column."""
     R = [[row[t] for t in task_names] for row in history.get("R", [])]
     start = [history["start_row"][t] for t in task_names] if "start_row" in history else None
     record = {"tasks": list(task_names), "stages": list(stage_names), "metric": dict(metrics),
-              "direction": dict(directions), "start_row": start, "R": R,
+              "direction": dict(directions), "split": dict(splits or {}), "start_row": start, "R": R,
               "curves": history.get("curves", []), "stage_ends": history.get("stage_ends", [])}
     if R and len(R) == len(task_names):
         record["summary"] = summarize(np.asarray(R), start_row=start,
@@ -41,7 +45,9 @@ def r_table(record: dict) -> str:
     """R as text: one row per stage (and the starting model), one column per task."""
     tasks = record["tasks"]
     width = max([len("after stage"), *(len(s) + 8 for s in record["stages"]), 10]) + 2
-    head = "".ljust(width) + "".join(f"{t} ({record['metric'][t]})".rjust(24) for t in tasks)
+    splits = record.get("split") or {}
+    head = "".ljust(width) + "".join(
+        f"{t} ({', '.join(filter(None, (record['metric'][t], splits.get(t))))})".rjust(24) for t in tasks)
     lines = [head]
     if record["start_row"] is not None:
         lines.append("start".ljust(width) + "".join(_cell(v).rjust(24) for v in record["start_row"]))
@@ -57,15 +63,17 @@ def r_table(record: dict) -> str:
 
 
 def write_forgetting(run_dir: pathlib.Path, record: dict) -> None:
-    (run_dir / "forgetting.json").write_text(json.dumps(record, indent=2))
-    with open(run_dir / "forgetting.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["row", *record["tasks"]])
-        if record["start_row"] is not None:
-            writer.writerow(["start", *record["start_row"]])
-        for name, row in zip(record["stages"], record["R"]):
-            writer.writerow([f"after {name}", *row])
+    """The record's files; forgetting.json last (a study takes it as the mark of a finished run)."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["row", *record["tasks"]])
+    if record["start_row"] is not None:
+        writer.writerow(["start", *record["start_row"]])
+    for name, row in zip(record["stages"], record["R"]):
+        writer.writerow([f"after {name}", *row])
+    atomic.write_text(run_dir / "forgetting.csv", table.getvalue())
     plot_curves(record, run_dir / "forgetting.png")
+    atomic.write_text(run_dir / "forgetting.json", json.dumps(record, indent=2))
 
 
 def plot_curves(record: dict, path: pathlib.Path) -> None:

@@ -62,20 +62,23 @@ class RunLock:
     """Context manager; `took_over` is the dead holder's info when a stale lock was replaced."""
 
     def __init__(self, run_dir: str | os.PathLike, process_index: int = 0,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, what: str = "run_dir"):
+        """`what` names the directory in messages: "run_dir", or "checkpoint.dir" for a checkpoint
+        directory outside the run dir (it belongs to one run, so it is locked too)."""
         self.run_dir = Path(run_dir)
         self.path = lock_path(run_dir, process_index)
         self.log = log
+        self.what = what
         self.took_over: dict | None = None
         self._fd: int | None = None
 
     def _io_error(self, error: OSError, what: str) -> TenureError:
         cause = error.strerror or os.strerror(error.errno or 0)
-        return TenureError(f"run_dir {self.run_dir}: cannot {what}: {cause}")
+        return TenureError(f"{self.what} {self.run_dir}: cannot {what}: {cause}")
 
     def acquire(self) -> "RunLock":
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise TenureError(f"run_dir {self.run_dir}: exists and is not a directory")
+            raise TenureError(f"{self.what} {self.run_dir}: exists and is not a directory")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -89,8 +92,8 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise TenureError(f"run_dir {self.run_dir} is in use by {_describe(holder)}; wait for "
-                              f"that run to finish, stop it, or use another run_dir") from None
+            raise TenureError(f"{self.what} {self.run_dir} is in use by {_describe(holder)}; wait for "
+                              f"that run to finish, stop it, or use another {self.what}") from None
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 os.close(fd)
@@ -98,7 +101,7 @@ class RunLock:
             self._check_pid(holder, fd)  # no flock on this filesystem: judge by the pid
         if holder and holder.get("pid") is not None:
             self.took_over = holder
-            self.log(f"note: run_dir {self.run_dir}: taking over the lock of {_describe(holder)}, "
+            self.log(f"note: {self.what} {self.run_dir}: taking over the lock of {_describe(holder)}, "
                      "which is no longer running")
         mine = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -118,7 +121,7 @@ class RunLock:
         if pid is not None and pid != os.getpid() and (not same_host or _pid_alive(int(pid))):
             os.close(fd)
             where = "" if same_host else f"; if it is gone, delete {self.path}"
-            raise TenureError(f"run_dir {self.run_dir} is in use by {_describe(holder)}{where}")
+            raise TenureError(f"{self.what} {self.run_dir} is in use by {_describe(holder)}{where}")
 
     def release(self) -> None:
         """Empties the lock file and drops the lock; the file stays (unlinking a flocked file
@@ -140,12 +143,22 @@ class RunLock:
         self.release()
 
 
-def set_aside_run(run_dir: str | os.PathLike) -> Path | None:
+def is_inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Whether `path` is `directory` or lies under it (both made absolute, symlinks resolved)."""
+    path, directory = Path(path).resolve(), Path(directory).resolve()
+    return path == directory or directory in path.parents
+
+
+def set_aside_run(run_dir: str | os.PathLike, what: str = "run_dir") -> Path | None:
     """`--restart`: moves everything in `run_dir` except the lock files into a new sibling
     directory `<run_dir>.old-<UTC time>` (renames on one filesystem: nothing is copied or
     deleted) and returns it; None when there was nothing to move. Call it while holding
-    the RunLock (primary process only), before anything of the new run is written."""
-    run_dir = Path(run_dir)
+    the RunLock (primary process only), before anything of the new run is written. A run dir
+    that holds the current directory is refused: everything in it would move."""
+    run_dir = Path(run_dir).absolute()
+    if is_inside(Path.cwd(), run_dir):
+        raise TenureError(f"--restart: {what} {run_dir} is the current directory or holds it, so everything "
+                          f"in it would be moved aside; give the run a {what} of its own")
     entries = [e for e in run_dir.iterdir() if not e.name.startswith(LOCK_NAME)] if run_dir.is_dir() else []
     if not entries:
         return None
@@ -160,6 +173,6 @@ def set_aside_run(run_dir: str | os.PathLike) -> Path | None:
         for entry in entries:
             entry.rename(aside / entry.name)
     except OSError as error:
-        raise TenureError(f"run_dir {run_dir}: cannot move the old run aside to {aside}: "
+        raise TenureError(f"{what} {run_dir}: cannot move the old run aside to {aside}: "
                           f"{error.strerror or error}") from None
     return aside

@@ -121,6 +121,8 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         raise TenureError("config key 'stages': describe every task under `tasks`, not `task` / `data`")
     if not cfg.tasks:
         raise TenureError("missing config key 'tasks' (`stages` train the tasks it names)")
+    if not cfg.stages:
+        raise TenureError("config key 'stages': the list is empty; list at least one stage (`tasks`, `steps`)")
     tasks = {}
     for name, entry in cfg.tasks.items():
         metric = entry.metric or KINDS[entry.kind].metric
@@ -143,12 +145,33 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                 if name not in seen:
                     raise TenureError(f"config key 'stages.{i}.guard.task': {name!r} is not trained "
                                       "in an earlier stage")
+                if not tasks[name].data.validation:
+                    raise TenureError(f"config key 'stages.{i}.guard.task': task {name!r} has no validation split "
+                                      f"(tasks.{name}.data.validation), which the guard watches")
         stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, s.trainable or cfg.trainable,
                             s.optim or cfg.optim, ewc, s.l2sp or cfg.l2sp, s.replay or cfg.replay, s.guard,
                             tuple(seen)))
         seen += [t for t in weights if t not in seen]
     order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
-    return {name: tasks[name] for name in order}, stages
+    tasks = {name: tasks[name] for name in order}
+    _check_r_splits(tasks, cfg.eval.mixed_splits)
+    return tasks, stages
+
+
+def r_split(task: Task) -> str | None:
+    """The split R's column of `task` is scored on: test, else validation (None: neither)."""
+    return "test" if task.data.test else ("validation" if task.data.validation else None)
+
+
+def _check_r_splits(tasks: dict[str, Task], mixed: bool) -> None:
+    by_split = {}
+    for name, task in tasks.items():
+        by_split.setdefault(r_split(task), []).append(name)
+    by_split.pop(None, None)
+    if len(by_split) > 1 and not mixed:
+        raise TenureError("config key 'eval.mixed_splits': R's columns would come from different splits ("
+                          + "; ".join(f"{split}: {', '.join(names)}" for split, names in sorted(by_split.items()))
+                          + "); give every task a test split, or set eval.mixed_splits: true to accept it")
 
 
 def _check_pack(kind: str, data, where: str) -> None:

@@ -11,7 +11,10 @@ checkpoint as its result; in a staged run each stage hands its last weights to t
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import pathlib
 import types
 
@@ -21,11 +24,11 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from engine import distributed
-from engine.branch import check_branch, computed_stages, source_checkpoints
+from engine import atomic, distributed
+from engine.branch import check_branch, check_stage_end, computed_stages, source_checkpoints
 from engine.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
                           lora_spec, start_params)
-from engine.checkpoint import Checkpointer
+from engine.checkpoint import Checkpointer, directory_problem, nonfinite_leaves
 from engine.config import Config, as_today, to_dict
 from engine.continual import regularizers
 from engine.data.pipeline import to_global_batch
@@ -37,9 +40,9 @@ from engine.monitor import BestTracker, OverfitMonitor
 from engine.progress import Progress
 from engine.report import forgetting_record, r_table, write_forgetting
 from engine.resume_check import compare_for_resume, drift_message
-from engine.runlock import RunLock, set_aside_run
+from engine.runlock import RunLock, is_inside, set_aside_run
 from engine.signals import StopSignals
-from engine.stages import Stage, guarded_tasks, resolve
+from engine.stages import Stage, guarded_tasks, r_split, resolve
 from engine.trainability import compile_trainability
 from models.errors import TenureError
 from models.hf import export_hf
@@ -58,6 +61,16 @@ def abstract(state, shardings):
 def to_host(params):
     """Full numpy copies of (possibly cross-host sharded) params on every process."""
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+def params_digest(params) -> str:
+    """SHA-256 of every parameter's path, dtype, shape and bytes: a checkpoint's weights by content."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(to_host(params))[0]:
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}\n".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
 
 
 def evaluate_all(tasks: Tasks, evaluators, params, splits, mesh, only=None) -> dict[str, float]:
@@ -164,10 +177,23 @@ class Trainer:
         which gives the frozen leaves a checkpoint leaves out (engine/frozen_base.py)."""
         where = str(ckpt.directory if step is None else ckpt.step_dir(step))
         target = self.frozen_base.target(abstract(like, sr.state_shardings), meta, where)
-        if step is None:
-            stored, data_state, extra = ckpt.restore_latest_good(target)
-        else:
-            stored, data_state, extra = ckpt.restore(step, target)
+        try:
+            if step is None:
+                stored, data_state, extra = ckpt.restore_latest_good(target)
+            else:
+                stored, data_state, extra = ckpt.restore(step, target)
+        except TenureError:
+            trained_from = ((meta.get("config") or {}).get("model") or {}).get("path")
+            if trained_from is not None and trained_from != self.cfg.model.path:
+                raise TenureError(f"checkpoint {where} was trained from model.path {trained_from}, not this config's "
+                                  f"{self.cfg.model.path}, whose weights have another shape; use the config it was "
+                                  f"trained with (model.path={trained_from})") from None
+            raise
+        bad = nonfinite_leaves(stored)  # saves refuse them, so the files were damaged since
+        if bad:
+            raise TenureError(f"checkpoint {ckpt.step_dir(ckpt.restored_step)}: non-finite values (NaN or Inf) in "
+                              f"{len(bad)} array{'s' * (len(bad) > 1)} (first: {bad[0]}); it is damaged: move that "
+                              "step directory away to resume from the one before, or --restart")
         return self.frozen_base.joined(stored, like.params), data_state, extra
 
     def _models(self, model) -> dict:
@@ -324,6 +350,10 @@ class Trainer:
         self.history["R"] = self.history.get("R", [])[:index] + [
             {t: task_score(self.tasks, scores, t) for t in self.tasks.by_name}]
         self.history["stage_ends"] = self.history.get("stage_ends", [])[:index] + [self.offsets[index] + last]
+        # What a branch from this stage end checks its checkpoint against (None: a stage end of a
+        # checkpoint written before digests were recorded).
+        earlier = self.history.get("stage_digests", [])
+        self.history["stage_digests"] = (earlier + [None] * index)[:index] + [params_digest(params)]
         self.tb.scalars(final_step, {f"final/{k}": v for k, v in scores.items()}
                         | {f"R/{t}": v for t, v in self.history["R"][-1].items() if v is not None})
 
@@ -333,12 +363,28 @@ class Trainer:
         return dict(best_metric="validation/" + (self.cfg.eval.metric if self.single else "score"),
                     best_mode=self.cfg.eval.mode)
 
-    def run(self, stop: StopSignals) -> dict:
-        """The whole run; a checkpoint save in flight completes (or is dropped quietly) on any exit."""
+    def run(self, stop: StopSignals, overwrite: bool = False) -> dict:
+        """The whole run; a checkpoint save in flight completes (or is dropped quietly) on any exit.
+        `overwrite`: with train.resume=false, replace an earlier run's files in place."""
         self.stop = stop
         with Checkpointer(self.cfg.checkpoint, self.cfg.checkpoint.resolved_dir(self.run_dir),
-                          **self.ranking()) as self.ckpt:
+                          owner=self.run_dir, **self.ranking()) as self.ckpt:
+            if not self.cfg.train.resume:
+                self._start_over_in_place(overwrite)
             return self._run()
+
+    def _start_over_in_place(self, overwrite: bool) -> None:
+        """train.resume=false: nothing an earlier run wrote is overwritten unless asked explicitly."""
+        earlier = [str(self.ckpt.directory)] if self.ckpt.latest_step() is not None else []
+        earlier += [str(self.run_dir / name) for name in ("summary.json", "hf") if (self.run_dir / name).exists()]
+        if not earlier:
+            return
+        if not overwrite:
+            raise TenureError(f"run_dir {self.run_dir} holds an earlier run ({', '.join(earlier)}) and "
+                              "train.resume=false would overwrite it: add --restart to move it aside first, or "
+                              "--overwrite to replace it in place")
+        self.ckpt.delete_all()  # every process: orbax coordinates the deletion
+        _print(f"overwrite: starting over in {self.run_dir}; the earlier run's checkpoints are deleted")
 
     def _check_drift(self, meta: dict) -> None:
         """Refuse a resume whose config or labels changed in a way that breaks the run."""
@@ -354,7 +400,8 @@ class Trainer:
         """(params, regulariser trees, next stage index) after the stages the finished run at
         `source` trained; this run's history starts as that run's."""
         labels = self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
-        with Checkpointer(None, source_checkpoints(source), read_only=True) as ckpt:
+        ckpt_dir, recorded = source_checkpoints(source)
+        with Checkpointer(None, ckpt_dir, read_only=True) as ckpt:
             step = ckpt.latest_step()
             if step is None:
                 raise TenureError(f"branch_from: {source}: no checkpoint in {ckpt.directory}")
@@ -363,6 +410,8 @@ class Trainer:
             sr = self._build(done - 1, self.start_params, self._extra_shapes(done - 1), compute=False)
             sr.train_iter.close()
             state, _, extra = self.restore(ckpt, sr, sr.state, meta, step)
+            check_stage_end(source, ckpt.step_dir(step), self.stages[done - 1].name, recorded[done - 1:done],
+                            params_digest(state.params))
         local = int(extra["local_step"])
         if not (extra.get("stopped") or local >= sr.steps):
             raise TenureError(f"branch_from: {source}: its newest checkpoint (step {step}) is not the end of "
@@ -423,18 +472,20 @@ class Trainer:
         self.tb.close()
         record = forgetting_record(list(self.tasks.by_name), [s.name for s in self.stages],
                                    {n: t.task.metric for n, t in self.tasks.by_name.items()},
-                                   {n: t.task.mode for n, t in self.tasks.by_name.items()}, self.history)
+                                   {n: t.task.mode for n, t in self.tasks.by_name.items()}, self.history,
+                                   {n: r_split(t.task) for n, t in self.tasks.by_name.items()})
+        # Paths relative to the run dir: a run moved with `mv` stays whole (issue 25).
         summary = {"baseline": self.history.get("baseline", {}), "final": self.history["final"],
                    "train_loss": self.history.get("train_loss", []), "best_step": final_step,
-                   "run_dir": str(run_dir), "tensorboard": str(run_dir / "tb"),
-                   "checkpoints": str(self.ckpt.directory), "hf_export": str(export_dir),
+                   "tensorboard": "tb", "checkpoints": os.path.relpath(self.ckpt.directory, run_dir.absolute()),
+                   "hf_export": "hf", "stage_digests": self.history.get("stage_digests", []),
                    "R": record["R"], "forgetting": record.get("summary"),
                    # the validation evals (scores, validation/generalization_gap) and what the monitors did
                    "evals": self.history.get("evals", []), "stage_ends": self.history.get("stage_ends", []),
                    "early_stops": self.history.get("early_stops", []),
                    "overfit_warnings": self.history.get("overfit_warnings", [])}
         if distributed.is_primary():
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
             write_forgetting(run_dir, record)
             names = sorted(k for k in self.history["final"] if k.startswith("test/"))
             if names:
@@ -442,8 +493,8 @@ class Trainer:
                                              f"fine-tuned (step {final_step})": summary["final"]}))
             if not self.single:
                 _print("\naccuracy matrix R (rows: after each stage; columns: tasks)\n" + r_table(record))
-            _print(f"\nTensorBoard: tensorboard --logdir {summary['tensorboard']}\n"
-                   f"checkpoints: {summary['checkpoints']}\nHF export:   {export_dir}\n"
+            _print(f"\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
+                   f"checkpoints: {self.ckpt.directory}\nHF export:   {export_dir}\n"
                    f"forgetting:  {run_dir / 'forgetting.json'} (.csv, .png)")
         return summary
 
@@ -492,17 +543,30 @@ class _Guard:
         return jax.device_put(self.best_params, sr.state_shardings.params)
 
 
-def train(cfg: Config, restart: bool = False) -> dict:
+def train(cfg: Config, restart: bool = False, overwrite: bool = False) -> dict:
     """Runs the config's stages; returns the summary it also prints and writes. One run per run
-    dir (a lock); `restart` moves an earlier run's files aside first (nothing is deleted)."""
+    dir, and per checkpoint dir (locks); `restart` moves an earlier run's files aside first,
+    its checkpoint dir too wherever it is (nothing is deleted); `overwrite` lets
+    train.resume=false replace them in place."""
     distributed.initialize()
     from engine.preflight import require
-    require(cfg)  # multi-host: mesh, batch, collectives, data and checkpoint dir checked first
-    with RunLock(cfg.run_dir, process_index=jax.process_index(), log=_print), StopSignals() as stop:
+    require(cfg)  # mesh and batch (multi-host: also collectives, data and checkpoint dir) checked first
+    ckpt_dir = cfg.checkpoint.resolved_dir(cfg.run_dir)
+    outside = not is_inside(ckpt_dir, cfg.run_dir)
+    with contextlib.ExitStack() as held:
+        held.enter_context(RunLock(cfg.run_dir, process_index=jax.process_index(), log=_print))
+        if outside:  # a checkpoint dir inside the run dir is covered by the run dir's lock
+            problem = directory_problem(ckpt_dir)  # a user's folder gets no lock file either
+            if problem:
+                raise TenureError(problem)
+            held.enter_context(RunLock(ckpt_dir, process_index=jax.process_index(), log=_print,
+                                       what="checkpoint.dir"))
+        stop = held.enter_context(StopSignals())
         if restart:
             if distributed.is_primary():
-                moved = set_aside_run(cfg.run_dir)
-                if moved:
-                    _print(f"restart: the earlier run is now in {moved}")
+                for directory, what in [(cfg.run_dir, "run_dir")] + [(ckpt_dir, "checkpoint.dir")] * outside:
+                    moved = set_aside_run(directory, what)
+                    if moved:
+                        _print(f"restart: the earlier run's {what} is now {moved}")
             multihost_utils.sync_global_devices("tenure_restart")
-        return Trainer(cfg).run(stop)
+        return Trainer(cfg).run(stop, overwrite=overwrite)

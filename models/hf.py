@@ -156,6 +156,9 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
                     # bf16 / fp16 arrive as ml_dtypes; the engine keeps fp32 master weights.
                     floating = value.dtype.kind == "f" or value.dtype.name == "bfloat16"
                     tensors[key] = value.astype(np.float32) if floating else value
+                    if floating and not np.isfinite(tensors[key]).all():  # a NaN the first batch may never reach
+                        raise TenureError(f"{path}: tensor {key!r} holds non-finite values (NaN or Inf); the "
+                                          "weights are damaged: download or convert them again")
         except (OSError, ValueError, SafetensorError) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
             raise TenureError(f"{path}: cannot read safetensors ({reason}); the file is truncated, "

@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 from models.errors import TenureError
-from models.gguf import hf_config, is_gguf
-from models.hf import GGUF_ALIASES, PACKAGE_ALIASES, load_hf, read_safetensors, resolve_model_dir
+from models.gguf import is_gguf
+from models.hf import GGUF_ALIASES, PACKAGE_ALIASES, load_hf, read_config, resolve_model_dir
 from models.tasks import build_task_model, graft_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +57,12 @@ def reference_outputs(model_dir: Path, prefer: str = "auto", fixture: Path | Non
             proc = subprocess.run([str(python), str(ROOT / "scripts" / script), str(model_dir), str(out)],
                                   capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
-                # unreadable weights get the engine's one-line message, naming the file
-                hf_config(model_dir) if is_gguf(model_dir) else read_safetensors(model_dir)
+                # Unreadable weights, or a config whose sizes disagree with them: the engine's own
+                # load names the file or tensor (HF's last line points at a report it printed above).
+                _engine_loads(model_dir)
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise TenureError(f"{model_dir}: HF reference run failed: {last}")
+                raise TenureError(f"{model_dir}: HF reference run failed: {last} (its full output: "
+                                  f"{python} scripts/{script} {model_dir} OUT.npz)")
             with np.load(out) as data:
                 return dict(data), "torch"
     beside = model_dir.with_suffix(".reference.npz") if is_gguf(model_dir) else model_dir / "reference.npz"
@@ -70,6 +72,19 @@ def reference_outputs(model_dir: Path, prefer: str = "auto", fixture: Path | Non
             return dict(data), str(fixture)
     raise TenureError(f"{model_dir}: no reference outputs: create the torch environment (.torch-venv, "
                       "see scripts/hf_reference.py) or add reference.npz from it")
+
+
+def _engine_loads(model_dir: Path) -> None:
+    """Fits the weights to the shapes of the engine's model of config.json (traced, not compiled):
+    a TenureError naming the file or tensor when they do not fit."""
+    arch_cfg, backbone, head, _ = load_hf(model_dir, with_tokenizer=False)
+    architecture = (read_config(model_dir).get("architectures") or [""])[0]
+    num_labels = head["classifier"]["kernel"].shape[-1] if head and "classifier" in head else 2
+    model = build_task_model(arch_cfg, task_kind_for(architecture), num_labels=num_labels,
+                             pooling="cls" if hasattr(arch_cfg, "pooler") else "last")
+    batch = {"input_ids": np.ones((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int32)}
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), batch)["params"]))
+    graft_pretrained(shapes, backbone, head)
 
 
 def task_kind_for(architecture: str) -> str:

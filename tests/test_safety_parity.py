@@ -1,5 +1,6 @@
-"""`tenure hf check`: a NaN/Inf output is a failure; `minilm` without the torch environment
-compares against the committed fixture in tests/fixtures/minilm/."""
+"""`tenure hf check`: a NaN/Inf output is a failure (a NaN/Inf weight is refused at load, naming
+it); `minilm` without the torch environment compares against the committed fixture in
+tests/fixtures/minilm/."""
 import shutil
 from pathlib import Path
 
@@ -14,18 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BERT = ROOT / "tests/fixtures/bert/seq_cls"
 
 
-def with_nan_weight(tmp_path) -> Path:
+def with_weight(tmp_path, value: float) -> tuple[Path, str]:
     model = Path(shutil.copytree(BERT, tmp_path / "m"))
     tensors = load_file(model / "model.safetensors")
     name = next(k for k in sorted(tensors) if "layer.1.output.dense.weight" in k)
-    tensors[name][0, 0] = np.nan
+    tensors[name][0, :] = value
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
-    return model
+    return model, name
 
 
 def test_nan_outputs_fail(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TENURE_TORCH_PYTHON", str(ROOT / "no-torch-environment-here"))  # the fixture, also where .torch-venv exists
-    model = with_nan_weight(tmp_path)
+    model, _ = with_weight(tmp_path, 3e38)  # finite, but its products overflow
     report = check_parity(model, prefer="fixture")
     assert not report.ok
     assert report.nonfinite == ["hidden_states[2] (engine)", "logits (engine)"]
@@ -34,6 +35,14 @@ def test_nan_outputs_fail(tmp_path, capsys, monkeypatch):
     assert main(["hf", "check", str(model)]) == 1
     assert capsys.readouterr().out.strip().endswith("logits (engine)")
     assert check_parity(BERT, prefer="fixture").ok  # the intact fixture still passes
+
+
+def test_a_nan_weight_is_named_at_load(tmp_path, capsys):
+    model, name = with_weight(tmp_path, np.nan)
+    assert main(["hf", "check", str(model)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {model}/model.safetensors: tensor '{name}' holds non-finite values (NaN or Inf); the weights are "
+        "damaged: download or convert them again")
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   shift
 fi
 
-usage() { sed -n '2,20p' "$0"; exit 2; }
+usage() { sed -n '2,20p' "$0"; exit "${1:-2}"; }
 [[ $# -ge 1 ]] || usage
+[[ "$1" == "-h" || "$1" == "--help" || "$1" == "help" ]] && usage 0  # help needs no settings
 
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v5p-8}

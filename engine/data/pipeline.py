@@ -84,7 +84,7 @@ def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
     # With data.labels the vocabulary check waits for the label filter (other labels are dropped).
     records, bad = validate(source, fmt, cfg.fields, cfg.on_bad_record,
                             label_vocab=label_vocab if cfg.labels is None else None,
-                            split=split, path=str(paths))
+                            split=split, path=str(paths), numeric_labels=KINDS[task_kind].head == "regression")
     records, cleaned = clean(records, cfg.clean, TEXT_FIELDS[fmt], split=split, path=str(paths))
     label_field = LABEL_FIELDS.get(fmt) if fmt != "token_tags" else None
     if cfg.labels is not None and label_field:
@@ -115,7 +115,25 @@ def build_label_vocab(cfg: DataConfig, task_kind: str) -> LabelVocab | None:
         all_records.extend(records[i] for i in range(len(records)))
     if not all_records:
         raise TenureError("data.train: no training data configured")
-    return LabelVocab.from_records(all_records, fmt)
+    vocab = LabelVocab.from_records(all_records, fmt)
+    if cfg.labels is not None:
+        _check_wanted_labels(cfg, task_kind, fmt, vocab)
+    return vocab
+
+
+def _check_wanted_labels(cfg: DataConfig, task_kind: str, fmt: str, vocab: LabelVocab) -> None:
+    """Every label of data.labels must occur in the training data: a typo would silently train
+    a task with fewer classes (a one-class task scores 1.0)."""
+    unknown = [label for label in cfg.labels if label not in vocab.labels]
+    if not unknown:
+        return
+    every = cfg.model_copy(update={"labels": None})
+    present = LabelVocab.from_records([r for name, source in cfg.sources.items() for r in
+                                       load_records(every, source.path, task_kind, split=name)[0]], fmt)
+    paths = ", ".join(str(source.path) for source in cfg.sources.values())
+    raise TenureError(f"{paths}: data.labels: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} "
+                      f"not the label of any training record; the training data has "
+                      f"{', '.join(map(repr, present.labels))}")
 
 
 def num_negatives(records) -> int:

@@ -84,7 +84,7 @@ def resolve_fields(fmt: str, fields: dict[str, str] | None) -> dict[str, str]:
 
 
 def parse_record(location: str, raw: Any, fmt: str,
-                 fields: dict[str, str] | None = None) -> dict:
+                 fields: dict[str, str] | None = None, numeric_labels: bool = False) -> dict:
     """Check one raw record and return its canonical dict, or raise BadRecord.
 
     Args:
@@ -92,6 +92,7 @@ def parse_record(location: str, raw: Any, fmt: str,
       raw: the dict read by a source (may carry the source's unparseable-record marker).
       fmt: a key of ``RECORD_FORMATS``.
       fields: canonical key -> the user's field name; missing keys use the canonical name.
+      numeric_labels: a regression task's `label` is a number (as `target` always is).
     """
     names = resolve_fields(fmt, fields)
     if isinstance(raw, dict) and BAD_RAW_KEY in raw:
@@ -105,7 +106,8 @@ def parse_record(location: str, raw: Any, fmt: str,
                 record[key] = []
                 continue
             raise BadRecord(location, name, "missing" if name not in raw else "is null")
-        record[key] = _check_value(key, raw[name], lambda reason, n=name: BadRecord(location, n, reason))
+        kind = "target" if key == "label" and numeric_labels else key
+        record[key] = _check_value(kind, raw[name], lambda reason, n=name: BadRecord(location, n, reason))
     if fmt == "token_tags" and len(record["tags"]) != len(record["tokens"]):
         raise BadRecord(location, names["tags"], f"has {len(record['tags'])} tags for "
                         f"{len(record['tokens'])} tokens in '{names['tokens']}'")
@@ -264,7 +266,7 @@ class BadRecordReport:
 def validate(ds: Sequence, fmt: str, fields: dict[str, str] | None = None,
              on_bad_record: Literal["error", "skip"] = "error", *,
              label_vocab: LabelVocab | None = None, split: str = "train",
-             path: str = "") -> tuple[grain.MapDataset, BadRecordReport]:
+             path: str = "", numeric_labels: bool = False) -> tuple[grain.MapDataset, BadRecordReport]:
     """Parse every ``(location, raw)`` element of ``ds`` once, eagerly, before training.
 
     Args:
@@ -274,6 +276,7 @@ def validate(ds: Sequence, fmt: str, fields: dict[str, str] | None = None,
         and counts them in the report.
       label_vocab: when given (eval splits), labels/tags outside it are bad records.
       split, path: name the data in the empty-dataset error.
+      numeric_labels: labels are regression targets: each must be a number (or a numeric string).
 
     Returns:
       A MapDataset of canonical dicts (re-read lazily from ``ds``, so nothing is held in
@@ -291,7 +294,7 @@ def validate(ds: Sequence, fmt: str, fields: dict[str, str] | None = None,
     for i in range(len(ds)):
         location, raw = ds[i]
         try:
-            record = parse_record(location, raw, fmt, names)
+            record = parse_record(location, raw, fmt, names, numeric_labels)
             if label_vocab is not None:
                 _check_labels(record, fmt, names, label_vocab)
         except BadRecord as error:
@@ -301,12 +304,12 @@ def validate(ds: Sequence, fmt: str, fields: dict[str, str] | None = None,
             continue
         kept.append(i)
     ensure_not_empty(len(kept), split, path, "validation")
-    parse = functools.partial(_parse_item, fmt=fmt, fields=names)  # picklable for grain workers
+    parse = functools.partial(_parse_item, fmt=fmt, fields=names, numeric_labels=numeric_labels)  # picklable
     return select(ds, np.asarray(kept)).map(parse), report
 
 
-def _parse_item(item: tuple[str, Any], fmt: str, fields: dict[str, str]) -> dict:
-    return parse_record(*item, fmt, fields)
+def _parse_item(item: tuple[str, Any], fmt: str, fields: dict[str, str], numeric_labels: bool) -> dict:
+    return parse_record(*item, fmt, fields, numeric_labels)
 
 
 def _check_labels(record: dict, fmt: str, names: dict[str, str], vocab: LabelVocab) -> None:

@@ -47,6 +47,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine import yamlfile
 from engine.config import one_line, read_yaml_mapping
 from models.errors import TenureError
 
@@ -309,7 +310,7 @@ def format_override(key: str, value: Any) -> str:
     """`key=value` that the engine's override parser (YAML) reads back as `value`."""
     if isinstance(value, str):
         try:
-            same = yaml.safe_load(value) == value
+            same = yamlfile.load(value) == value
         except yaml.YAMLError:
             same = False
         return f"{key}={value if same and value else json.dumps(value)}"

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import TextIO
 
+from engine import atomic
 from engine.study.config import Run
 from models.errors import TenureError
 
@@ -59,7 +60,8 @@ def check_resumable(runs: list[Run]) -> None:
         path = run.run_dir / RECORD
         if not path.is_file():
             continue
-        old = json.loads(path.read_text()).get("command")
+        record = atomic.read_json(path, f"remove {run.run_dir} (its run starts over) or choose another --out")
+        old = record.get("command") if isinstance(record, dict) else None
         if old != list(run.command[1:]):
             raise TenureError(f"{run.run_dir}: made by another command ({path}); the study's overrides changed. "
                               "Remove that run dir or choose another --out")
@@ -86,7 +88,7 @@ class _Runner:
     def __call__(self, run: Run) -> str | None:
         """Runs one; returns None on success, else the reason (naming the log)."""
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / RECORD).write_text(json.dumps(_recorded(run), indent=1) + "\n")
+        atomic.write_text(run.run_dir / RECORD, json.dumps(_recorded(run), indent=1) + "\n")
         log_path = run.run_dir / LOG
         start = time.monotonic()
         with open(log_path, "a") as log:
@@ -130,13 +132,18 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM stopped the study: `tenure study` exits 143 (128 + SIGTERM), as `tenure train` does."""
+    exit_code = 128 + signal.SIGTERM
+
+
 def _raise_on_sigterm():
     """SIGTERM to the study stops its runs too (as Ctrl-C does); returns the previous handler."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+        raise Terminated("SIGTERM")
 
     return signal.signal(signal.SIGTERM, handler)
 
