@@ -134,7 +134,11 @@ def _dequantised(tensor, path: Path) -> np.ndarray:
         name = getattr(qtype, "name", qtype)
         raise TenureError(f"{path}: tensor {tensor.name!r} has quantisation type {name}, which the gguf reader "
                           "cannot dequantise") from None
-    return np.asarray(values, np.float32).reshape(shape)
+    values = np.asarray(values, np.float32).reshape(shape)
+    if not np.isfinite(values).all():  # a NaN the first batch may never reach (an unused vocabulary row)
+        raise TenureError(f"{path}: tensor {tensor.name!r} holds non-finite values (NaN or Inf); the "
+                          "weights are damaged: download or convert them again")
+    return values
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:

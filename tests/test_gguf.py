@@ -108,6 +108,7 @@ def test_minimal_file_loads(tmp_path):
     ("no_tokenizer", "carries no tokenizer"),
     ("merges", "cannot build the tokenizer from its GGUF metadata"),
     ("missing", "GGUF file not found"),
+    ("nan", "tensor 'token_embd.weight' holds non-finite values"),
 ])
 def test_bad_files_are_one_line_naming_the_file(tmp_path, case, message):
     path = tmp_path / f"{case}.gguf"
@@ -126,6 +127,10 @@ def test_bad_files_are_one_line_naming_the_file(tmp_path, case, message):
         write_gguf(path, tokenizer=False)
     elif case == "merges":
         write_gguf(path, merges=("a",))
+    elif case == "nan":  # in a row no batch may ever reach
+        embeddings = np.zeros((8, 32), np.float32)
+        embeddings[7, 3] = np.nan
+        write_gguf(path, tensors={"token_embd.weight": embeddings, "output_norm.weight": np.ones(32, np.float32)})
     with pytest.raises(TenureError) as err:
         load_hf(path)
     text = str(err.value)
