@@ -16,12 +16,18 @@ harness's own windows (`get_rolling_token_windows`, one token of context).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Never reach for the Hub: a task whose data is not local fails at once (run_harness names it),
+# instead of waiting on network timeouts. datasets reads this when it is first imported.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import lm_eval.models  # noqa: F401  the harness's models go in first: get_model() fills only an empty registry
 from lm_eval.api.model import TemplateLM
@@ -67,8 +73,12 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[Any, dict, Any, 
         raise TenureError(f"{path}: no tokenizer beside the model; lm-eval needs one")
     model = _causal_model(arch, dtype)
     sample = {"input_ids": jnp.zeros((1, 8), jnp.int32), "attention_mask": jnp.ones((1, 8), jnp.int32)}
-    params = jax.jit(lambda key: model.init(key, sample, deterministic=True))(jax.random.key(0))["params"]
-    return model, nn.unbox(graft_pretrained(params, backbone, head)), tokenizer, max_positions(arch)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, deterministic=True))["params"]
+    params = nn.unbox(graft_pretrained(shapes, backbone, head))  # every leaf from the file, no random init
+    for where, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise TenureError(f"{path}: no weights for {jax.tree_util.keystr(where)} of the causal LM")
+    return model, params, tokenizer, max_positions(arch)
 
 
 def restore_run(path: str, config: str | None = None, dtype: str | None = None) -> tuple[Any, dict, Any, int]:
@@ -111,18 +121,20 @@ class TenureLM(TemplateLM):
     """model_args: checkpoint (a tenure run / checkpoint / step dir, an HF directory, a .gguf file
     or an alias such as 'minilm'), config (the run's YAML, default: the one saved in the
     checkpoint), batch_size (rows per forward, default 16), max_length (tokens per row, default
-    the model's maximum), dtype (float32 | bfloat16 compute), max_gen_toks (default 256)."""
+    the model's maximum), dtype (float32 | bfloat16 compute), max_gen_toks (default 256).
+    lm-eval's `device` (its CLI passes cuda:0 by default) and `max_batch_size` do not apply: JAX
+    runs on its default backend (JAX_PLATFORMS chooses), and batch sizes are fixed."""
 
     def __init__(self, checkpoint: str | None = None, config: str | None = None, batch_size: int | str = 16,
                  max_length: int | str | None = None, dtype: str | None = None, max_gen_toks: int | str = 256,
                  max_batch_size: int | None = None, device: str | None = None) -> None:
         if checkpoint is None:
             raise TenureError("lm-eval model_args: checkpoint=PATH is required (run dir, HF dir, .gguf or alias)")
-        if device not in (None, "cpu", "cuda", "tpu", "auto"):
-            raise TenureError(f"lm-eval: device {device!r}: tenure runs on JAX's default backend "
-                              "(choose it with JAX_PLATFORMS)")
         if dtype not in (None, "float32", "bfloat16"):
             raise TenureError(f"lm-eval model_args: dtype {dtype!r} is not float32 or bfloat16")
+        for name, value in (("batch_size", batch_size), ("max_length", max_length), ("max_gen_toks", max_gen_toks)):
+            if value is not None:
+                _positive_int(value, name)  # before the model loads
         if _is_run_dir(checkpoint):
             loaded = restore_run(checkpoint, config, dtype)
         else:
@@ -293,6 +305,42 @@ class TenureLM(TemplateLM):
                     outputs[i] = postprocess_generated_text(text, until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
+
+
+def task_manager_for(tasks: list[str]):
+    """lm-eval's TaskManager that knows `tasks`: the shipped probes (data/probes) alone when they are
+    all probes (indexing lm-eval's thousands of built-in task files takes half a minute), else with
+    the built-in tasks too."""
+    from lm_eval.tasks import TaskManager
+    probes = TaskManager(include_path=str(PROBES_DIR), include_defaults=False)
+    if all(task in probes.all_tasks for task in tasks):
+        return probes
+    return TaskManager(include_path=str(PROBES_DIR))
+
+
+def offline_error(error: ConnectionError) -> TenureError:
+    return TenureError(f"lm-eval task data: {error}; this machine has no network, so only tasks whose data is "
+                       "local (dataset_path: json + data_files, e.g. the probes in data/probes) can run")
+
+
+def run_harness(argv: list[str]) -> int:
+    """lm-eval's own command line (`lm-eval run ...`, `ls`, `validate`, or the legacy form without a
+    subcommand) with the model `tenure` registered; the shipped probes are on the task path unless
+    the arguments give their own --include_path (lm-eval takes one)."""
+    from lm_eval.__main__ import cli_evaluate
+    argv = list(argv)
+    names_tasks = argv[:1] == ["ls"] or any(a in ("--tasks", "-t") or a.startswith("--tasks=") for a in argv)
+    if names_tasks and not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        argv += ["--include_path", str(PROBES_DIR)]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except ConnectionError as error:
+        raise offline_error(error) from None
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def _positive_int(value, name: str) -> int:
