@@ -99,10 +99,19 @@ def restore_run(path: str, config: str | None = None, dtype: str | None = None) 
             saved = ckpt.read_extra(step).get("config")
         if not saved:
             raise TenureError(f"{ckpt.directory}: step {step} carries no config; pass config=YAML")
-        cfg = validate(saved, f"{ckpt.step_dir(step)} (its saved config)")
+        where = f"{ckpt.step_dir(step)} (its saved config)"
+        # The saved config lists every default; a key present reads as "set" (an explicit ewc.lambda: 0
+        # turns EWC on at weight 0, engine/continual.py), so keep only the values that differ from them.
+        cfg = validate(validate(saved, where).model_dump(mode="json", by_alias=True, exclude_defaults=True), where)
     if dtype is not None:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
-    trainer, sr, params, _ = restore(cfg, path)
+    try:
+        trainer, sr, params, _ = restore(cfg, path)
+    except TenureError as error:
+        if config is not None:
+            raise
+        raise TenureError(f"{error} (relative paths in a run's saved config are read from the directory it "
+                          "was trained in: run from there, or pass config=YAML)") from None
     sr.train_iter.close()
     if trainer.tasks.head != "causal_lm":
         raise TenureError(f"{path}: the run trained a {trainer.tasks.head} head; lm-eval scores causal LMs "
