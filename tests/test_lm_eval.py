@@ -172,3 +172,21 @@ def test_harness_scores_a_probe_as_the_adapter_does(lm):
     words = sum(len(t.split()) for t in texts)
     assert out["results"]["tenure_kjv"]["word_perplexity,none"] == pytest.approx(np.exp(-sum(rolling) / words),
                                                                                  rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_dir_scores_as_its_hf_export(tmp_path):
+    """checkpoint=RUN_DIR restores the run's last checkpoint from its saved config, as `tenure eval`
+    does; its scores equal those of the run's own HF export of the same weights."""
+    from engine.config import load_config
+    from engine.train import train
+    train(load_config(ROOT / "configs/tasks/sft.yaml",
+                      [f"run_dir={tmp_path}", "train.steps=1", "train.eval_every=1", "task.generation_examples=0",
+                       "data.max_length=32", "data.length_buckets=[32]", "logging.progress=false",
+                       "logging.tensorboard=false"]))
+    pairs = requests("loglikelihood", ("the quick brown", " fox"), ("a tiny model", " learns to forget"))
+    from_run = TenureLM(checkpoint=str(tmp_path), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
+    from_export = TenureLM(checkpoint=str(tmp_path / "hf"), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
+    untrained = TenureLM(checkpoint=str(LLAMA), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
+    np.testing.assert_allclose([ll for ll, _ in from_run], [ll for ll, _ in from_export], rtol=1e-6)
+    assert all(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(from_run, untrained))  # the trained weights
