@@ -1,10 +1,9 @@
 """The lm-evaluation-harness model `tenure`: any tenure checkpoint, HF directory or GGUF file
 scored by the harness's tasks on the engine's own jitted forward and greedy decoder.
 
-    tenure lm-eval --model tenure --model_args checkpoint=RUN_DIR --tasks tenure_capitals_mc \
-        --include_path data/probes
-    lm = TenureLM(checkpoint="smollm2", batch_size=16)          # or TenureLM.of(model, params, tokenizer)
-    lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=probe_task_manager())
+    tenure lm-eval --model tenure --model_args checkpoint=RUN_DIR --tasks tenure_probes
+    lm = TenureLM(checkpoint="smollm2", batch_size=16)   # or TenureLM.of(model, params, tokenizer, max_length=...)
+    lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=task_manager_for([...]))
 
 lm-eval 0.4.13 finds models only in its own registry (no entry points), so importing this
 module registers `tenure` there; `tenure lm-eval ARGS` imports it and runs lm-eval's CLI.
@@ -127,8 +126,8 @@ def _is_run_dir(path: str) -> bool:
 
 @register_model("tenure")
 class TenureLM(TemplateLM):
-    """model_args: checkpoint (a tenure run / checkpoint / step dir, an HF directory, a .gguf file
-    or an alias such as 'minilm'), config (the run's YAML, default: the one saved in the
+    """model_args: checkpoint (a tenure run / checkpoint / step dir, an HF directory, or anything
+    else model.path takes: a .gguf file, an alias), config (the run's YAML, default: the one saved in the
     checkpoint), batch_size (rows per forward, default 16), max_length (tokens per row, default
     the model's maximum), dtype (float32 | bfloat16 compute), max_gen_toks (default 256).
     lm-eval's `device` (its CLI passes cuda:0 by default) and `max_batch_size` do not apply: JAX
