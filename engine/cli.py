@@ -45,6 +45,12 @@ def _cmd_data_inspect(args) -> int:
     return 0
 
 
+def _cmd_lm_eval(args) -> int:
+    from engine.lm_eval_adapter import run_harness
+    _with_compilation_cache()
+    return run_harness(args.lm_eval_args)
+
+
 def _cmd_hf_check(args) -> int:
     from models.parity import check_parity
     report = check_parity(args.dir, tolerance=args.tolerance)
@@ -124,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.aot import add_parser as add_compile_parser
     add_compile_parser(sub, with_config)
 
+    # Listed here for --help; main() hands everything after `lm-eval` to lm-eval's own parser.
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness with the model 'tenure' (checkpoint=RUN_DIR|HF_DIR|GGUF) and "
+                        "the probes of data/probes: tenure lm-eval --model tenure --model_args checkpoint=... "
+                        "--tasks tenure_probes")
+
     hf = sub.add_parser("hf", help="Hugging Face model directories").add_subparsers(
         dest="hf_command", required=True, metavar="HF_COMMAND")
     p = hf.add_parser("check", help="compare the engine's forward pass with HF PyTorch")
@@ -137,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # the rest is lm-eval's command line, read by its own parser
+        args, extra = argparse.Namespace(fn=_cmd_lm_eval, lm_eval_args=argv[1:]), []
+    else:
+        args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`eval CFG --checkpoint P key=value`); argparse leaves them over.
     unknown = [token for token in extra if "=" not in token or token.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):

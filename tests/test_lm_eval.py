@@ -1,0 +1,192 @@
+"""The lm-eval model `tenure` (engine/lm_eval_adapter.py) on the tiny random Llama fixture (GQA,
+untied head), with max_length 16 so that truncation and rolling windows happen.
+
+References are computed without the adapter: the fixture's HF weights through models.llama's
+decoder on one unpadded sequence at a time, log-softmax in numpy, so batching, padding to
+length buckets and left/right alignment in the adapter are all under test."""
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from transformers import AutoTokenizer
+
+from engine.lm_eval_adapter import TenureLM, task_manager_for
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from models import hf_llama
+from models.errors import TenureError
+from models.generate import greedy_generate
+from models.llama import LlamaDecoder
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA = ROOT / "tests" / "fixtures" / "llama"
+MAX_LENGTH = 16
+BATCH = 4
+REFERENCE_WIDTH = 24
+LONG = "the quick brown fox jumps over the lazy dog, then a tiny model learns to forget what it once knew"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return TenureLM(checkpoint=str(LLAMA), batch_size=BATCH, max_length=MAX_LENGTH, max_gen_toks=8)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(log-probabilities [T, V] of the next token after each of `ids`, tokenizer)."""
+    cfg = hf_llama.config_from_hf(json.loads((LLAMA / "config.json").read_text()))
+    params = hf_llama.params_from_hf(load_file(LLAMA / "model.safetensors"), cfg)  # untied LM head
+    decoder = LlamaDecoder(cfg)
+
+    @jax.jit
+    def logits(ids_1xT, mask_1xT):
+        hidden = decoder.apply({"params": params["backbone"]}, ids_1xT, mask_1xT)
+        return hidden @ params["head"]["lm_head"]["kernel"]
+
+    def logprobs(ids):
+        """One row, right-padded to REFERENCE_WIDTH (one compile; causal: padding after does not matter)."""
+        ids_1xT, mask_1xT = np.zeros((1, REFERENCE_WIDTH), np.int32), np.zeros((1, REFERENCE_WIDTH), np.int32)
+        ids_1xT[0, :len(ids)], mask_1xT[0, :len(ids)] = ids, 1
+        out = np.asarray(logits(ids_1xT, mask_1xT)[0, :len(ids)], np.float64)
+        top = out.max(-1, keepdims=True)
+        return out - top - np.log(np.exp(out - top).sum(-1, keepdims=True))
+
+    return logprobs, AutoTokenizer.from_pretrained(str(LLAMA))
+
+
+def requests(kind, *arguments):
+    return [Instance(kind, {}, args, i) for i, args in enumerate(arguments)]
+
+
+def expected_loglikelihood(reference, context_ids, continuation_ids):
+    """HF's rule: the last max_length + 1 tokens of context + continuation, scored on the continuation."""
+    logprobs, _ = reference
+    window = (context_ids + continuation_ids)[-(MAX_LENGTH + 1):]
+    logp = logprobs(window[:-1])
+    n = len(continuation_ids)
+    return sum(logp[len(window) - 1 - n + j, t] for j, t in enumerate(continuation_ids))
+
+
+def test_loglikelihood_matches_a_direct_forward(lm, reference):
+    _, tokenizer = reference
+    pairs = [("the quick brown", " fox"), ("a tiny model", " learns to forget"), ("", "the lazy dog"),
+             (LONG, " again and again")]  # the last is longer than max_length: truncated from the left
+    assert len(tokenizer.encode(LONG + " again and again")) > MAX_LENGTH + 1
+    got = lm.loglikelihood(requests("loglikelihood", *pairs))
+    for (context, continuation), (logprob, _) in zip(pairs, got):
+        if context:
+            whole, context_ids = tokenizer.encode(context + continuation), tokenizer.encode(context)
+            context_ids, continuation_ids = context_ids, whole[len(context_ids):]
+        else:  # an empty context is conditioned on the prefix token (BOS)
+            context_ids, continuation_ids = [tokenizer.bos_token_id], tokenizer.encode(continuation)
+        expected = expected_loglikelihood(reference, context_ids, continuation_ids)
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-5), (context, continuation)
+
+
+def test_greedy_flag(lm, reference):
+    logprobs, tokenizer = reference
+    context = tokenizer.encode("tokens flow through attention")
+    ranked = np.argsort(-logprobs(context)[-1])
+    best, second = int(ranked[0]), int(ranked[1])
+    ranked_next = np.argsort(-logprobs(context + [best])[-1])
+    got = lm._loglikelihood_tokens([(None, context, [best]), (None, context, [second]),
+                                    (None, context, [best, int(ranked_next[0])]),
+                                    (None, context, [best, int(ranked_next[1])])])
+    assert [greedy for _, greedy in got] == [True, False, True, False]
+
+
+def test_rolling_loglikelihood_is_the_sum_over_the_text(lm, reference):
+    """Every token predicted once: the first window from the prefix token, then windows of
+    max_length predictions, the last one with a full max_length of context (lm-eval's docstring)."""
+    logprobs, tokenizer = reference
+    short = "the quick brown fox"
+    tokens = tokenizer.encode(LONG)
+    assert len(tokens) > 2 * MAX_LENGTH + 3  # three windows, the last one partial
+    got_long, got_short = lm.loglikelihood_rolling(requests("loglikelihood_rolling", (LONG,), (short,)))
+
+    short_ids = [tokenizer.bos_token_id] + tokenizer.encode(short)
+    expected_short = sum(logprobs(short_ids[:-1])[j, t] for j, t in enumerate(short_ids[1:]))
+    assert got_short == pytest.approx(expected_short, rel=1e-5)
+
+    bos = tokenizer.bos_token_id
+    expected = sum(logprobs([bos] + tokens[:MAX_LENGTH - 1])[j, t] for j, t in enumerate(tokens[:MAX_LENGTH]))
+    done = MAX_LENGTH
+    while done < len(tokens):
+        end = min(done + MAX_LENGTH, len(tokens))
+        window = tokens[end - MAX_LENGTH - 1:end - 1]  # predicts tokens[end - MAX_LENGTH:end]
+        logp = logprobs(window)
+        expected += sum(logp[MAX_LENGTH - (end - i), tokens[i]] for i in range(done, end))
+        done = end
+    assert got_long == pytest.approx(expected, rel=1e-5)
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_sequence(lm, reference):
+    _, tokenizer = reference
+    prompts = ["the quick brown", "fine tuning changes weights; regularisers", "a", LONG]
+    assert len(prompts) == BATCH
+    free = lm.generate_until(requests("generate_until", *[(p, {"until": [], "max_gen_toks": 8}) for p in prompts]))
+    width = MAX_LENGTH - 8  # the context keeps room for the new tokens within max_length
+    ids_BxW, mask_BxW = np.zeros((len(prompts), width), np.int32), np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):  # in the given order (the adapter sorts by length)
+        ids = tokenizer.encode(prompt)[-width:]
+        ids_BxW[row, width - len(ids):], mask_BxW[row, width - len(ids):] = ids, 1
+    new_BxN = greedy_generate(lm._logits, lm.params, ids_BxW, mask_BxW, 8, eos_id=tokenizer.eos_token_id)
+    assert free == tokenizer.batch_decode(new_BxN.tolist(), skip_special_tokens=True)
+    text = max(free, key=len)
+    assert len(text) >= 6
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    prompt = prompts[free.index(text)]
+    cut, = lm.generate_until(requests("generate_until", (prompt, {"until": [stop], "max_gen_toks": 8})))
+    assert cut == text.split(stop)[0] and len(cut) < len(text)
+
+
+def test_sampling_and_bad_arguments_are_refused(lm):
+    with pytest.raises(TenureError, match="greedily"):
+        lm.generate_until(requests("generate_until", ("a", {"until": [], "do_sample": True, "temperature": 1.0})))
+    with pytest.raises(TenureError, match="batch_size='auto'"):
+        TenureLM(checkpoint=str(LLAMA), batch_size="auto")
+    with pytest.raises(TenureError, match="not found"):
+        TenureLM(checkpoint="/nonexistent/model.gguf")
+
+
+def test_harness_scores_a_probe_as_the_adapter_does(lm):
+    """simple_evaluate with model 'tenure' (by name, from model_args) on two shipped probes: its
+    per-request scores and metrics equal the adapter's own answers to the same requests."""
+    limit = 3
+    out = simple_evaluate(model="tenure", model_args={"checkpoint": str(LLAMA), "max_length": MAX_LENGTH},
+                          batch_size=BATCH, tasks=["tenure_capitals_mc", "tenure_kjv"], limit=limit,
+                          log_samples=True, task_manager=task_manager_for(["tenure_capitals_mc", "tenure_kjv"]))
+    docs = [json.loads(line) for line in (ROOT / "data/probes/capitals/test.jsonl").open()][:limit]
+    pairs = [(f"Q: What is the capital of {d['country']}?\nA:", f" {c}") for d in docs for c in d["choices"]]
+    direct = [ll for ll, _ in lm.loglikelihood(requests("loglikelihood", *pairs))]
+    harness = [s["resps"][i][0][0] for s in out["samples"]["tenure_capitals_mc"] for i in range(4)]
+    np.testing.assert_allclose(harness, direct, rtol=1e-6)
+    accuracy = np.mean([np.argmax(direct[4 * i:4 * i + 4]) == d["label"] for i, d in enumerate(docs)])
+    assert out["results"]["tenure_capitals_mc"]["acc,none"] == pytest.approx(accuracy)
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data/probes/kjv/test.jsonl").open()][:limit]
+    rolling = lm.loglikelihood_rolling(requests("loglikelihood_rolling", *[(t,) for t in texts]))
+    words = sum(len(t.split()) for t in texts)
+    assert out["results"]["tenure_kjv"]["word_perplexity,none"] == pytest.approx(np.exp(-sum(rolling) / words),
+                                                                                 rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_dir_scores_as_its_hf_export(tmp_path):
+    """checkpoint=RUN_DIR restores the run's last checkpoint from its saved config, as `tenure eval`
+    does; its scores equal those of the run's own HF export of the same weights."""
+    from engine.config import load_config
+    from engine.train import train
+    train(load_config(ROOT / "configs/tasks/sft.yaml",
+                      [f"run_dir={tmp_path}", "train.steps=1", "train.eval_every=1", "task.generation_examples=0",
+                       "data.max_length=32", "data.length_buckets=[32]", "logging.progress=false",
+                       "logging.tensorboard=false"]))
+    pairs = requests("loglikelihood", ("the quick brown", " fox"), ("a tiny model", " learns to forget"))
+    from_run = TenureLM(checkpoint=str(tmp_path), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
+    from_export = TenureLM(checkpoint=str(tmp_path / "hf"), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
+    untrained = TenureLM(checkpoint=str(LLAMA), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
+    np.testing.assert_allclose([ll for ll, _ in from_run], [ll for ll, _ in from_export], rtol=1e-6)
+    assert all(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(from_run, untrained))  # the trained weights
