@@ -222,9 +222,12 @@ class TokenLinear(nn.Module):
         return {"logits": nn.Dense(3, use_bias=False)(x + x.mean(1, keepdims=True))}
 
 
-def test_sampled_token_fisher_is_unbiased_for_factorised_fisher():
-    """E_y[(sum_t g_t(y_t))^2] = sum_t sum_c p_tc g_tc^2: checked against per-(token, class)
-    gradients; the empirical squared sum (cross terms kept) is measurably different."""
+def test_sampled_token_fisher_is_the_mean_of_the_per_token_fisher():
+    """E_y[(sum_t g_t(y_t))^2] = sum_t sum_c p_tc g_tc^2, divided by the labelled tokens: the mean
+    over labelled tokens of the per-token Fisher F_t = sum_c p_tc g_tc^2, computed here from the
+    per-(token, class) gradients; the empirical squared sum (cross terms kept) is measurably
+    different. The same sequences twice as long (each repeated) give the same F: it does not
+    grow with the labelled tokens per sequence (the per-example form doubled)."""
     rng = np.random.default_rng(9)
     n, length = 16, 3
     x = rng.normal(size=(n, length, D)).astype(np.float32)
@@ -241,9 +244,11 @@ def test_sampled_token_fisher_is_unbiased_for_factorised_fisher():
     jac = np.asarray(jax.vmap(jax.jacrev(logp), in_axes=(None, 0))(k0, x))          # [n, L, 3, D, 3]
     prob = np.exp(np.asarray(jax.vmap(logp, in_axes=(None, 0))(k0, x)))              # [n, L, 3]
     valid = labels != -100
-    factorised = np.einsum("nlc,nlcjk->jk", prob * valid[..., None], jac.astype(np.float64) ** 2) / n
+    per_token_Fisher = np.einsum("nlc,nlcjk->nljk", prob, jac.astype(np.float64) ** 2)   # F_t, every position
+    factorised = per_token_Fisher[valid].mean(0)                    # mean over the labelled tokens
+    assert valid.sum() == 40                                        # 16 x 3 positions, 8 unlabelled
     per_example = np.take_along_axis(jac, np.maximum(labels, 0)[:, :, None, None, None], 2)[:, :, 0]
-    empirical = ((per_example * valid[..., None, None]).sum(1).astype(np.float64) ** 2).mean(0)
+    empirical = ((per_example * valid[..., None, None]).sum(1).astype(np.float64) ** 2).sum(0) / valid.sum()
 
     mesh = one_device()
     make = lambda mode: make_fisher_step(model, "token_cls", mode, all_true(params), mesh,
@@ -259,6 +264,14 @@ def test_sampled_token_fisher_is_unbiased_for_factorised_fisher():
           f"empirical vs factorised: {rel(empirical, factorised):.4f}")
     assert rel(kernel(F_s), factorised) < 0.05
     assert rel(empirical, factorised) > 0.2
+    # each sequence twice (x x, labels labels): x's mean is unchanged, so every position's F_t is
+    longer = [{"x": np.tile(np.concatenate([x, x], 1), (reps, 1, 1)),
+               "labels": np.tile(np.concatenate([labels, labels], 1), (reps, 1)),
+               "example_mask": np.ones(n * reps, np.float32)}]
+    F_long, _ = fisher_diagonal(make("sampled"), params, longer, jax.random.key(2))
+    ratio = float(kernel(F_long).sum() / kernel(F_s).sum())
+    print(f"F(2L) / F(L) = {ratio:.3f}")
+    assert rel(kernel(F_long), factorised) < 0.05 and 0.93 < ratio < 1.07
 
 
 def _tiny_real(family_dir, kind):
@@ -321,8 +334,11 @@ def test_empirical_token_fisher_matches_hand_loop(family_dir, kind):
     mesh = one_device()
     step = make_fisher_step(model, "sft" if kind == "causal_lm" else kind, "empirical", mask, mesh,
                             replicated_like(params, mesh), chunk=2)
-    sums, count = step(params, batch, jax.random.key(0))
+    sums, count, units = step(params, batch, jax.random.key(0))
     assert int(count) == b
+    # what F is divided by: the real examples' labelled tokens (causal: those predicting labels[t+1])
+    used = labels[:, 1:] if kind == "causal_lm" else labels
+    assert int(units) == int((used != -100).sum())
     want = _hand_loop(model, params, mask, batch, kind)
     assert jax.tree.structure(sums) == jax.tree.structure(want)
     assert "embeddings" not in sums["backbone"] and last in sums["backbone"]
