@@ -250,6 +250,37 @@ def of_task(fn: LossFn, task_id: int, weight: float = 1.0) -> LossFn:
     return term
 
 
+def one_mean(parts: dict[str, tuple[LossFn, int, float]], replayed: tuple[str, ...] = ()) -> LossFn:
+    """ONE mean over the units of every task in a mixed batch: `parts` maps a task name to (its
+    loss fn, its task_id, its weight). The units are what each fn averages over: examples, or
+    labelled tokens for token kinds (the fn's aux "tokens"); every trained task of a run has the
+    same kind of unit (one head). value = sum_task weight * (sum of the task's unit losses) /
+    (units of all tasks), so with weights 1 each unit weighs the same, new or replayed, and the
+    replayed tasks' share of the loss and of its gradient is their share of the units (of the
+    examples: the replay ratio; of the labelled tokens for token kinds). aux: per task its own
+    mean ("<name>/loss") and aux values, and "replay_share" (the `replayed` tasks' units / all)."""
+
+    def term(params, outputs, batch, extra):
+        weighted_sum = jnp.zeros((), jnp.float32)
+        units = jnp.zeros((), jnp.float32)
+        replayed_units = jnp.zeros((), jnp.float32)
+        aux = {}
+        for name, (fn, task_id, weight) in parts.items():
+            mask_B = batch["example_mask"] * (batch["task_id"] == task_id).astype(batch["example_mask"].dtype)
+            value, task_aux = fn(params, outputs, dict(batch, example_mask=mask_B), extra)
+            count = task_aux["tokens"] if "tokens" in task_aux else mask_B.astype(jnp.float32).sum()
+            weighted_sum = weighted_sum + weight * value * count   # value is the task's sum / count
+            units = units + count
+            if name in replayed:
+                replayed_units = replayed_units + count
+            aux[f"{name}/loss"] = value
+            aux.update({f"{name}/{k}": v for k, v in task_aux.items()})
+        aux["replay_share"] = replayed_units / jnp.maximum(units, 1.0)
+        return weighted_sum / jnp.maximum(units, 1.0), aux
+
+    return term
+
+
 def total_loss(losses: dict[str, LossFn], params, outputs, batch, extra) -> tuple[jax.Array, dict]:
     """Sum of the terms; metrics "loss/<name>" per term and "<name>/<aux>" for their aux values."""
     total = jnp.zeros((), jnp.float32)

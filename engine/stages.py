@@ -10,16 +10,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.data.config import DataConfig
+from engine.fisher import FISHER_MODES
 from engine.metrics import LOWER_IS_BETTER
 from engine.optim import OptimConfig
 from engine.trainability import TrainableConfig
 from models.errors import TenureError
 from models.kinds import KINDS, pack_error
 
-FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
 SINGLE_TASK = "task"  # the task name of a config without `tasks:`
 
 
@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class EWCConfig(_Section):
     lam: float = Field(0.0, ge=0, alias="lambda",
                        description="EWC strength: loss += (lambda/2) * sum_i F_i (theta_i - theta*_i)^2; 0 = off")
-    fisher: Literal["exact", "sampled", "empirical", "batched"] = Field(
+    fisher: Literal[FISHER_MODES] = Field(
         "exact", description="exact: sum over classes weighted by p; sampled: y ~ model; empirical: data labels; "
                              "batched: squared mini-batch gradient (a wrong control for studies)")
     examples: int = Field(512, ge=1, description="examples of each Fisher task the diagonal Fisher is averaged over")
@@ -49,8 +49,21 @@ class ReplayConfig(_Section):
     ratio: float = Field(0.0, ge=0, lt=1, description="share of every batch drawn from earlier stages' tasks; 0 = off")
     buffer: int | None = Field(None, ge=1, description="per earlier task, a reservoir sample of this many "
                                                        "training records; null = the whole old training set")
-    weight: float = Field(1.0, ge=0, description="loss weight of the replay term: the mean over the earlier "
-                                                       "tasks of their replayed examples' mean loss")
+    loss: Literal["mean", "separate"] = Field(
+        "mean", description="mean: one mean over all examples of the batch (token kinds: labelled tokens), new "
+                            "and replayed alike, so the ratio is also the replayed share of the loss; separate: "
+                            "mean(new) + weight x mean over the earlier tasks of their replayed examples' mean "
+                            "(the form before; each replayed example then weighs weight (1-r)/r new ones)")
+    weight: float = Field(1.0, ge=0, description="loss weight of the replay term under replay.loss=separate; "
+                                                 "with mean every example weighs 1 and other values are refused")
+
+    @model_validator(mode="after")
+    def _weight_needs_separate(self):
+        if self.weight != 1.0 and self.loss != "separate":
+            raise ValueError(f"replay.weight={self.weight} applies only with replay.loss: separate (with the "
+                             "default 'mean' every example weighs the same and the replayed share of the loss "
+                             "is replay.ratio)")
+        return self
 
 
 class GuardConfig(_Section):

@@ -206,14 +206,16 @@ def test_a_branch_whose_first_stages_differ_is_refused(stage_a_run, data, tmp_pa
 
 
 def test_replay_term_is_the_mean_over_earlier_tasks():
-    """Stage D of four replays A, B and C: each replayed task's term weighs replay.weight / 3, so
-    the replay term is the mean of their losses (not their sum) and the new task keeps its pull."""
+    """replay.loss=separate: stage D of four replays A, B and C: each replayed task's term weighs
+    replay.weight / 3, so the replay term is the mean of their losses (not their sum) and the new
+    task keeps its pull."""
     import jax.numpy as jnp
 
     from engine.build import RunTask, Tasks, stage_losses
     from engine.losses import total_loss
 
-    cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml", ["replay.ratio=0.25", "replay.weight=0.6"])
+    cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml",
+                      ["replay.ratio=0.25", "replay.loss=separate", "replay.weight=0.6"])
     tasks, stages = resolve(cfg)
     run_tasks = Tasks({name: RunTask(task, i, None, {}) for i, (name, task) in enumerate(tasks.items())},
                       "classification", None, True)
@@ -230,6 +232,82 @@ def test_replay_term_is_the_mean_over_earlier_tasks():
     for name, row in (("A", 5), ("B", 6), ("C", 7)):
         assert float(metrics[f"loss/replay/{name}"]) == pytest.approx(0.6 / 3 * nll[row], rel=1e-5)
     assert float(total) == pytest.approx(nll[:5].mean() + 0.6 * nll[5:].mean(), rel=1e-5)
+
+
+def _replayed_gradient_share(config, overrides, stage, outputs_fn, batch, replayed_rows, targets_fn):
+    """The replayed rows' share of the loss gradient: d loss / d logits is, per unit (example or
+    token), its weight in the mean times (softmax - one_hot), so a unit's weight is the ratio of
+    their norms; the share is the replayed units' weights over all."""
+    import jax
+    import jax.numpy as jnp
+
+    from engine.build import RunTask, Tasks, stage_losses
+    from engine.losses import total_loss
+
+    tasks, stages = resolve(load_config(ROOT / config, overrides))
+    run_tasks = Tasks({name: RunTask(task, i, None, {}) for i, (name, task) in enumerate(tasks.items())},
+                      "head", None, True)
+    losses = stage_losses(run_tasks, stages[stage])
+    logits = outputs_fn()
+    (_, metrics), d_logits = jax.value_and_grad(
+        lambda z: total_loss(losses, None, {"logits": z}, batch, {}), has_aux=True)(jnp.asarray(logits))
+    used_logits, targets, valid = targets_fn(logits)
+    p = np.exp(used_logits - used_logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    residual = p - np.eye(p.shape[-1])[targets]
+    d = np.asarray(targets_fn(np.asarray(d_logits))[0])
+    weight = np.where(valid, np.linalg.norm(d, axis=-1) / np.linalg.norm(residual, axis=-1), 0.0)
+    weight = weight.reshape(len(weight), -1).sum(-1)   # per example
+    return weight[replayed_rows].sum() / weight.sum(), metrics, losses
+
+
+def test_replay_ratio_is_the_replayed_share_of_the_loss_gradient():
+    """replay.loss=mean (the default): one mean over the batch, so with ratio r = 0.25 (2 replayed
+    examples of A among 8) the replayed share of the loss gradient is 0.25; the separate form
+    (mean(new) + 1 x mean(replayed)) gives them half."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(8, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, 8)
+    batch = {"labels": labels, "task_id": np.array([1, 1, 1, 0, 1, 1, 1, 0]), "example_mask": np.ones(8, np.float32)}
+    replayed = batch["task_id"] == 0
+    targets = lambda z: (z, labels, np.ones(8, bool))
+    share, metrics, losses = _replayed_gradient_share("configs/forgetting/split_lexnames.yaml", ["replay.ratio=0.25"],
+                                                      1, lambda: logits, batch, replayed, targets)
+    assert list(losses) == ["task"]
+    assert share == pytest.approx(0.25, abs=1e-6)
+    assert float(metrics["task/replay_share"]) == pytest.approx(0.25, abs=1e-7)
+    nll = np.log(np.exp(logits.astype(np.float64)).sum(-1)) - logits[np.arange(8), labels]
+    assert float(metrics["loss"]) == pytest.approx(nll.mean(), rel=1e-5)        # one mean over all 8
+    assert float(metrics["task/A/loss"]) == pytest.approx(nll[replayed].mean(), rel=1e-5)
+    share, _, _ = _replayed_gradient_share("configs/forgetting/split_lexnames.yaml",
+                                           ["replay.ratio=0.25", "replay.loss=separate"], 1, lambda: logits, batch,
+                                           replayed, targets)
+    assert share == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(TenureError, match=r"replay.weight=0.5 applies only with replay.loss: separate"):
+        load_config(CONFIG, ["replay.ratio=0.25", "replay.weight=0.5"])
+
+
+def test_replay_share_of_a_token_kind_is_its_share_of_the_labelled_tokens():
+    """Causal LM + SFT (study 3's tasks): the one mean is over labelled tokens, so the replayed
+    share of the gradient is the replayed rows' share of the labelled tokens: 0.25 when every row
+    has as many (1 row of A among 4), 6 / 12 when A's row has three times as many as each SFT row."""
+    rng = np.random.default_rng(4)
+    rows, length, vocab = 4, 8, 11
+    logits = rng.normal(size=(rows, length, vocab)).astype(np.float32)
+    task_id = np.array([1, 0, 1, 1])                     # row 1 replays A (causal LM), the rest are B (SFT)
+    for new_tokens, old_tokens, want in ((3, 3, 0.25), (2, 6, 0.5)):
+        labels = rng.integers(0, vocab, (rows, length))
+        labels[task_id == 1, :length - new_tokens] = -100        # SFT rows: the prompt is unlabelled
+        labels[1, :length - old_tokens] = -100
+        batch = {"labels": labels, "task_id": task_id, "example_mask": np.ones(rows, np.float32)}
+        valid = labels[:, 1:] != -100                            # position t predicts labels[t + 1]
+        assert valid.sum(1).tolist() == [new_tokens, old_tokens, new_tokens, new_tokens]
+        targets = lambda z: (z[:, :-1], np.maximum(labels[:, 1:], 0), valid)
+        share, metrics, _ = _replayed_gradient_share("configs/forgetting/decoder_lm.yaml",
+                                                     ["stages.1.replay.ratio=0.25"], 1, lambda: logits, batch,
+                                                     task_id == 0, targets)
+        assert share == pytest.approx(want, abs=1e-6)
+        assert float(metrics["task/replay_share"]) == pytest.approx(want, abs=1e-6)
 
 
 def test_stage_config_resolves_and_names_bad_keys(tmp_path):
