@@ -443,3 +443,34 @@ def test_probe_kinds_must_have_a_parameter_free_head(tmp_path):
                     "tasks.embeddings.data.test=data/wordnet_ner/test.jsonl", "tasks.embeddings.metric=f1", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "tasks.embeddings: an evaluation-only task with a head other than the trained 'seq_cls'" in result.stderr
+
+
+def test_online_ewc_keeps_the_accumulated_fisher_through_a_stage_without_ewc():
+    """Stages A B C D with online EWC (gamma 0.5) and EWC off in stage C: C carries the Fisher
+    accumulated so far (no penalty), and D adds its new Fisher to 0.5 x that one, not to nothing.
+    (The extra is built without models here: a new Fisher is then zeros of the right shape.)"""
+    import types
+
+    import jax.numpy as jnp
+
+    from engine.continual import regularizers
+
+    cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml",
+                      ["ewc.lambda=10", "ewc.gamma=0.5", "stages.2.ewc={examples: 8}"])
+    _, stages = resolve(cfg)
+    params = {"backbone": {"w": jnp.ones((3, 2))}, "head": {"k": jnp.ones(2)}}
+    trainability = types.SimpleNamespace(trainable_mask={"backbone": {"w": True}, "head": {"k": True}})
+    accumulated = {"backbone": {"w": jnp.arange(6.0).reshape(3, 2)}, "head": {"k": jnp.array([2.0, 3.0])}}
+    after_b = {"ewc": {"fisher": accumulated, "anchor": params}}
+
+    def extra_of(index, previous):
+        return regularizers(cfg, stages, index, None, None, trainability, params, None, params, previous)
+
+    losses_c, extra_c = extra_of(2, after_b)
+    assert "ewc" not in losses_c and set(extra_c["ewc"]) == {"fisher"}
+    assert extra_c["ewc"]["fisher"] is accumulated
+    losses_d, extra_d = extra_of(3, extra_c)
+    assert "ewc" in losses_d
+    np.testing.assert_array_equal(np.asarray(extra_d["ewc"]["fisher"]["backbone"]["w"]),
+                                  0.5 * np.arange(6.0).reshape(3, 2))
+    np.testing.assert_array_equal(np.asarray(extra_d["ewc"]["fisher"]["head"]["k"]), [1.0, 1.5])

@@ -483,3 +483,64 @@ def test_eight_devices_match_one_device(layout):
     scale = max(float(a.max()) for a in jax.tree.leaves(results["one"]))
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(results["one"])[0], jax.tree.leaves(results["many"])):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7 * scale, err_msg=str(path))
+
+
+# ----------------------------------------------------------------------------- class-incremental
+
+class MaskedLinear(nn.Module):
+    """Linear logits with a label mask per task (the task model's `label_masks`, -1e9 elsewhere)."""
+    masks: tuple
+    classes: int = 8
+
+    @nn.compact
+    def __call__(self, batch, deterministic=True):
+        logits = nn.Dense(self.classes, use_bias=False)(batch["x"])
+        return {"logits": jnp.where(jnp.asarray(self.masks, bool)[batch["task_id"]], logits, -1e9)}
+
+
+def test_class_incremental_fisher_uses_the_task_s_own_classes():
+    """heads: shared, stages A B C D of 4 classes each: task A's Fisher is taken with the head A
+    was trained with (its 4 classes) whether it is taken at the start of B or of D, not with the
+    16 classes D's head has; exact mode then runs 4 backward passes per example, not 16, and
+    skipping the masked classes (p = 0) changes nothing."""
+    from engine.build import RunTask, Tasks
+    from engine.config import load_config
+    from engine.continual import fisher_head
+    from engine.data.records import LabelVocab
+    from engine.stages import resolve
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/forgetting/split_lexnames.yaml", ["heads=shared"])
+    specs, stages = resolve(cfg)
+    vocab = LabelVocab(label for task in specs.values() for label in task.data.labels)
+    tasks = Tasks({name: RunTask(task, i, tuple(task.data.labels), {}) for i, (name, task) in enumerate(specs.items())},
+                  "classification", vocab, True)
+    a_classes = tuple(sorted(vocab._ids[label] for label in specs["A"].data.labels))
+    masks_b, classes_b = fisher_head(cfg, tasks, stages, 1, "A")
+    masks_d, classes_d = fisher_head(cfg, tasks, stages, 3, "A")
+    assert classes_b == classes_d == a_classes and masks_b == masks_d
+    assert sum(tasks.label_masks(stages[3], "shared")[0]) == 16      # what the old Fisher summed over
+    assert len(fisher_head(cfg, tasks, stages, 3, "C")[1]) == 12      # C was trained with A's, B's and its own
+
+    # numbers: 8 classes, task 0 trained on classes 0-3; later, task 1 adds 4-7 to the shared head
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(32, D)).astype(np.float32)
+    batch = {"x": x, "labels": rng.integers(0, 4, 32).astype(np.int32), "task_id": np.zeros(32, np.int32),
+             "example_mask": np.ones(32, np.float32)}
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(D, 8)).astype(np.float32))}}
+    own, later = ((True,) * 4 + (False,) * 4,) * 2, ((True,) * 8,) * 2
+    mesh = one_device()
+    make = lambda masks, classes: make_fisher_step(MaskedLinear(masks), "seq_cls", "exact", all_true(params), mesh,
+                                                   replicated_like(params, mesh), classes=classes)
+    skipping, full = make(own, (0, 1, 2, 3)), make(own, None)
+    assert skipping.passes == 4 and full.passes == "C"
+    F_own, _ = fisher_diagonal(skipping, params, [batch], jax.random.key(0))
+    F_all_classes, _ = fisher_diagonal(full, params, [batch], jax.random.key(0))
+    np.testing.assert_allclose(kernel(F_own), kernel(F_all_classes), rtol=1e-6, atol=1e-12)
+    z = x.astype(np.float64) @ np.asarray(params["Dense_0"]["kernel"], np.float64)[:, :4]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.einsum("nk,nj->jk", p * (1 - p), x.astype(np.float64) ** 2) / 32      # softmax over the 4
+    np.testing.assert_allclose(kernel(F_own)[:, :4], want, rtol=1e-5)
+    assert not np.any(kernel(F_own)[:, 4:])
+    F_later, _ = fisher_diagonal(make(later, None), params, [batch], jax.random.key(0))
+    assert rel(kernel(F_later)[:, :4], want) > 0.1        # the head of later stages gives another Fisher

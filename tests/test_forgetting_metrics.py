@@ -102,3 +102,22 @@ def test_all_lower_is_better_by_hand():
     assert s.acc == pytest.approx((95.0 + 110.0 + 80.0) / 3)
     with pytest.raises(ValueError, match="directions"):
         fm.summarize(ppl, directions=["min", "lower", "min"])
+
+
+def test_fwt_against_a_single_task_reference_and_marked_otherwise():
+    """With each task's single-task score, FWT = mean_{j>=1} (R[j, j] - ref[j]); without one it is
+    GEM's form against the start row and says so (an untrained head on both sides: class-IL gives
+    exactly 0, as a task's classes are not in the head before its stage)."""
+    single_task = [0.9, 0.85, 0.70]
+    summary = fm.summarize(R, start_row=START, reference=single_task)
+    assert summary.fwt == pytest.approx(((0.80 - 0.85) + (0.95 - 0.70)) / 2)
+    assert summary.fwt_against == "single-task reference"
+    assert fm.summarize(R, start_row=START).fwt_against == "vs untrained head"
+    assert fm.summarize(R, start_row=START, baseline=[0, 0, 0]).fwt_against == "baseline"
+    class_il = np.array([[0.9, 0.0, 0.0], [0.1, 0.8, 0.0], [0.0, 0.1, 0.7]])
+    plain = fm.summarize(class_il, start_row=[0.25, 0.0, 0.0])
+    assert plain.fwt == 0.0 and plain.fwt_against == "vs untrained head"
+    assert fm.summarize(class_il, start_row=[0.25, 0, 0], reference=[0.9, 0.85, 0.75]).fwt == pytest.approx(-0.05)
+    # lower-is-better tasks: the reference flips with them (a lower perplexity than alone is > 0)
+    s = fm.summarize([[10.0, 50.0], [12.0, 20.0]], reference=[10.0, 25.0], directions=["min", "min"])
+    assert s.fwt == pytest.approx(5.0)
