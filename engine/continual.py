@@ -9,6 +9,9 @@
         taken with the head it had when it was trained: class-incremental (heads: shared), the
         classes of the tasks trained up to its stage, not those added since (exact mode sums over
         those classes only).
+  kl    {"anchor": theta_start}: the trainable leaves' values in the starting model (the stage's
+        start, or the pretrained weights), from which the KL-to-start term recomputes the starting
+        model's predictions in the train step (engine.losses.kl_to_start).
   l2sp  {"anchor": theta0}: the pretrained (or stage-start) weights of the trainable backbone
         (LoRA: the adapters, and the penalty is on the merged weight's change, engine/regularizers.py).
 
@@ -25,12 +28,18 @@ from engine.build import Backbone, Tasks, _where, lora_spec
 from engine.data.pipeline import EvalBatches, TaskFeaturizer, load_train_records, make_featurizer, to_global_batch
 from engine.data.sources import select
 from engine.fisher import fisher_diagonal, make_fisher_step, online_update, prune
-from engine.regularizers import ewc_extra, ewc_term, l2sp_extra, l2sp_term
+from engine.losses import KL_KINDS, kl_to_start
+from engine.regularizers import copy_f32, ewc_extra, ewc_term, l2sp_extra, l2sp_term
+from models.errors import TenureError
 from engine.stages import Stage
 
 
 def ewc_on(stage: Stage) -> bool:
     return stage.ewc.lam > 0 or "lam" in stage.ewc.model_fields_set
+
+
+def kl_on(stage: Stage) -> bool:
+    return stage.kl.weight > 0 or "weight" in stage.kl.model_fields_set
 
 
 def l2sp_on(stage: Stage) -> bool:
@@ -84,10 +93,12 @@ def _backbone_mask(trainable_mask):
 
 
 def regularizers(cfg, stages: list[Stage], index: int, backbone: Backbone, tasks: Tasks, trainability, params,
-                 param_shardings, start_params, previous_extra: dict, *, models=None) -> tuple[dict, dict]:
+                 param_shardings, start_params, previous_extra: dict, *, models=None,
+                 model=None) -> tuple[dict, dict]:
     """(loss terms, extra) of stage `index`. With `models` (task name -> model, see
     `engine.build.eval_models`) the Fisher pass runs; without, the extra holds zeros of the right
-    shapes (the target a checkpoint of this stage restores into)."""
+    shapes (the target a checkpoint of this stage restores into). `model` is the stage's train
+    model, which the KL-to-start term runs (None: that term's extra only, for a restore target)."""
     stage, losses, extra = stages[index], {}, {}
     mask = trainability.trainable_mask
     if ewc_on(stage):
@@ -114,6 +125,18 @@ def regularizers(cfg, stages: list[Stage], index: int, backbone: Backbone, tasks
             losses["ewc"] = ewc_term(stage.ewc.lam)
     elif (previous_extra.get("ewc") or {}).get("fisher") is not None:
         extra["ewc"] = {"fisher": previous_extra["ewc"]["fisher"]}  # kept for a later EWC stage
+    if kl_on(stage):
+        kinds = {tasks.by_name[name].task.spec.kind for name in stage.weights}
+        unsupported = sorted(kinds - set(KL_KINDS))
+        if unsupported:
+            raise TenureError(f"stages.{index}.kl: the KL to the starting model needs a predictive distribution; "
+                              f"task kind {unsupported[0]} has none (kinds with one: {', '.join(KL_KINDS)})")
+        source = start_params if stage.kl.anchor == "pretrained" else params
+        extra["kl"] = {"anchor": copy_f32(prune(source, mask))}
+        if model is not None:
+            task_ids = tuple(tasks.by_name[name].index for name in stage.weights) if tasks.multi else None
+            # a stage's kinds share one head, so one unit (example, token, causal token)
+            losses["kl"] = kl_to_start(model, min(kinds), stage.kl.weight, task_ids)
     if l2sp_on(stage):
         source = start_params if stage.l2sp.anchor == "pretrained" else params
         extra["l2sp"] = l2sp_extra(source, _backbone_mask(mask))

@@ -281,6 +281,53 @@ def one_mean(parts: dict[str, tuple[LossFn, int, float]], replayed: tuple[str, .
     return term
 
 
+KL_KINDS = {"seq_cls": "example", "pair_cls": "example", "token_cls": "token", "mlm": "token",
+            "causal_lm": "causal", "sft": "causal"}
+
+
+def kl_to_start(model: Any, kind: str, weight: float, task_ids: tuple[int, ...] | None = None) -> LossFn:
+    """weight x KL(p_start(.|x) || p_theta(.|x)) (LwF, Li & Hoiem 2016; the KL-to-base term of LLM
+    fine-tuning), averaged like the task loss: over the examples (seq_cls, pair_cls), or over the
+    labelled positions (token_cls, mlm; causal_lm / sft: the positions that predict a label), of
+    the batch's examples of `task_ids` (the stage's own tasks; None: every example).
+
+    The starting model is `model` on the current params with the leaves of `extra["kl"]["anchor"]`
+    (the trainable leaves' values at the start) put back, run in eval mode inside the same jitted
+    step, under stop_gradient: no second copy of the frozen leaves (under LoRA the anchor is the
+    adapters and the head only) and no optimizer state for it. The model's own forward pass is the
+    train step's (dropout on). Memory: both models' logits [B, L, V] exist at once in fp32 for a
+    vocabulary (the task loss's chunking does not apply). aux {"kl": the unscaled KL}."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"kl_to_start: no predictive distribution for kind {kind!r}")
+    unit, weight = KL_KINDS[kind], float(weight)
+
+    def fn(params, outputs, batch, extra):
+        from engine.fisher import overlay   # engine.fisher imports this module
+        anchor = extra["kl"]["anchor"]
+        start = overlay(jax.lax.stop_gradient(params), anchor)
+        start_logits = jax.lax.stop_gradient(model.apply({"params": start}, batch, deterministic=True)["logits"])
+        logits = outputs["logits"] if "logits" in outputs else vocab_logits(*outputs["vocab"])
+        at_least_f32 = lambda z: z.astype(jnp.promote_types(z.dtype, jnp.float32))
+        logp_start = jax.nn.log_softmax(at_least_f32(start_logits), axis=-1)
+        logp = jax.nn.log_softmax(at_least_f32(logits), axis=-1)
+        kl = jnp.sum(jnp.exp(logp_start) * (logp_start - logp), axis=-1)       # [B] or [B, L]
+        mask_B = batch["example_mask"].astype(jnp.float32)
+        if task_ids is not None:
+            mask_B = mask_B * jnp.isin(batch["task_id"], jnp.asarray(task_ids)).astype(jnp.float32)
+        if unit == "example":
+            weights = mask_B
+        elif unit == "token":
+            weights = (batch["labels"] != IGNORE).astype(jnp.float32) * mask_B[:, None]
+        else:   # position t predicts labels[t + 1]; the last position predicts nothing
+            predicts = jnp.concatenate([batch["labels"][:, 1:] != IGNORE,
+                                        jnp.zeros_like(batch["labels"][:, :1], bool)], axis=1)
+            weights = predicts.astype(jnp.float32) * mask_B[:, None]
+        value = _masked_mean(kl, weights)
+        return weight * value, {"kl": value}
+
+    return fn
+
+
 def total_loss(losses: dict[str, LossFn], params, outputs, batch, extra) -> tuple[jax.Array, dict]:
     """Sum of the terms; metrics "loss/<name>" per term and "<name>/<aux>" for their aux values."""
     total = jnp.zeros((), jnp.float32)

@@ -100,7 +100,7 @@ def l2sp_term(alpha: float, lora_scale: float | None = None) -> LossFn:
     return fn
 
 
-def _copy_f32(tree: Any) -> Any:
+def copy_f32(tree: Any) -> Any:
     # a fresh fp32 buffer (never an alias of the params: the train step donates its state)
     return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), tree)
 
@@ -108,9 +108,9 @@ def _copy_f32(tree: Any) -> Any:
 def ewc_extra(fisher: Any, params: Any) -> dict:
     """extra["ewc"] for a Fisher taken at `params`: the anchor theta* is an fp32 copy of the
     params at the Fisher's paths (same shardings)."""
-    return {"fisher": fisher, "anchor": _copy_f32(pick(params, fisher))}
+    return {"fisher": fisher, "anchor": copy_f32(pick(params, fisher))}
 
 
 def l2sp_extra(params: Any, mask: Any) -> dict:
     """extra["l2sp"]: an fp32 copy of the leaves of `params` where `mask` is True (theta0)."""
-    return {"anchor": _copy_f32(prune(params, mask))}
+    return {"anchor": copy_f32(prune(params, mask))}

@@ -66,6 +66,15 @@ class ReplayConfig(_Section):
         return self
 
 
+class KLConfig(_Section):
+    weight: float = Field(0.0, ge=0, description="distillation toward the starting model (LwF; the KL-to-base term "
+                                                 "of LLM fine-tuning): loss += weight x KL(p_start(.|x) || "
+                                                 "p_theta(.|x)) on the stage's own tasks' inputs; 0 = off")
+    anchor: Literal["stage_start", "pretrained"] = Field(
+        "stage_start", description="the starting model: the weights this stage starts from (LwF), or the "
+                                   "pretrained ones (KL to the base model)")
+
+
 class GuardConfig(_Section):
     task: str | list[str] = Field(description="earlier task(s) whose validation metric the stage may not drop")
     max_drop: float = Field(description="largest allowed drop below the metric at the start of the stage")
@@ -82,6 +91,7 @@ class StageConfig(_Section):
     ewc: EWCConfig | None = Field(None, description="null = the top-level ewc section")
     l2sp: L2SPConfig | None = Field(None, description="null = the top-level l2sp section")
     replay: ReplayConfig | None = Field(None, description="null = the top-level replay section")
+    kl: KLConfig | None = Field(None, description="null = the top-level kl section")
     guard: GuardConfig | None = Field(None, description="forgetting budget on earlier tasks; null = none")
 
     @field_validator("tasks")
@@ -115,6 +125,7 @@ class Stage:
     replay: ReplayConfig
     guard: GuardConfig | None
     earlier: tuple[str, ...]    # tasks trained in stages before this one, in order
+    kl: KLConfig = dataclasses.field(default_factory=KLConfig)
 
 
 def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
@@ -128,7 +139,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
         _check_pack(cfg.task.kind, cfg.data, "")
         stage = Stage(0, SINGLE_TASK, {SINGLE_TASK: 1.0}, cfg.train.steps, cfg.trainable, cfg.optim,
-                      cfg.ewc, cfg.l2sp, cfg.replay, None, ())
+                      cfg.ewc, cfg.l2sp, cfg.replay, None, (), cfg.kl)
         return {SINGLE_TASK: task}, [stage]
     if cfg.task is not None or cfg.data is not None:
         raise TenureError("config key 'stages': describe every task under `tasks`, not `task` / `data`")
@@ -156,12 +167,26 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                 if name not in seen:
                     raise TenureError(f"config key 'stages.{i}.guard.task': {name!r} is not trained "
                                       "in an earlier stage")
+        replay = s.replay or cfg.replay
+        if cfg.method == "joint":
+            replay = _joint_replay(replay, weights, seen, i)
         stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, s.trainable or cfg.trainable,
-                            s.optim or cfg.optim, ewc, s.l2sp or cfg.l2sp, s.replay or cfg.replay, s.guard,
-                            tuple(seen)))
+                            s.optim or cfg.optim, ewc, s.l2sp or cfg.l2sp, replay, s.guard,
+                            tuple(seen), s.kl or cfg.kl))
         seen += [t for t in weights if t not in seen]
     order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
     return {name: tasks[name] for name in order}, stages
+
+
+def _joint_replay(replay: ReplayConfig, weights: dict, earlier: list[str], index: int) -> ReplayConfig:
+    """`method: joint`: every stage trains on its own tasks and every earlier task in equal shares
+    of the batch, one mean over it (whole training sets): the replay of all earlier tasks at ratio
+    E / (E + K) (E earlier tasks, K own). Its last row is the multi-task upper bound."""
+    if replay.ratio > 0:
+        raise TenureError(f"config key 'stages.{index}.replay': method joint trains every earlier task in every "
+                          "stage; a replay section does not apply (remove it or use method: sequential)")
+    old = [t for t in earlier if t not in weights]
+    return ReplayConfig(ratio=len(old) / (len(old) + len(weights)), loss="mean")
 
 
 def _check_pack(kind: str, data, where: str) -> None:
