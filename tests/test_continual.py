@@ -474,3 +474,26 @@ def test_online_ewc_keeps_the_accumulated_fisher_through_a_stage_without_ewc():
     np.testing.assert_array_equal(np.asarray(extra_d["ewc"]["fisher"]["backbone"]["w"]),
                                   0.5 * np.arange(6.0).reshape(3, 2))
     np.testing.assert_array_equal(np.asarray(extra_d["ewc"]["fisher"]["head"]["k"]), [1.0, 1.5])
+
+
+def test_joint_method_trains_every_task_so_far_in_equal_shares():
+    """method: joint: stage k trains its task and the k earlier ones in equal shares of the batch
+    (replay of all of them at ratio k / (k + 1), whole training sets) under one mean; a replay
+    section besides it is refused."""
+    from engine.build import RunTask, Tasks, stage_losses
+    from engine.stages import replayed_tasks
+
+    cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml", ["method=joint"])
+    tasks, stages = resolve(cfg)
+    assert [s.replay.ratio for s in stages] == [0.0, 0.5, 2 / 3, 0.75]
+    assert [s.replay.buffer for s in stages] == [None] * 4 and [s.name for s in stages] == ["A", "B", "C", "D"]
+    assert replayed_tasks(stages[3]) == ["A", "B", "C"]
+    # the data shares (engine.build.stage_iterator): each task (1 - r) / 1 = r / 3 = 1/4 of the batch
+    r = stages[3].replay.ratio
+    assert (1 - r) == pytest.approx(r / 3)
+    run_tasks = Tasks({name: RunTask(task, i, None, {}) for i, (name, task) in enumerate(tasks.items())},
+                      "classification", None, True)
+    assert list(stage_losses(run_tasks, stages[3])) == ["task"]
+    assert list(stage_losses(run_tasks, stages[0])) == ["task/A"]
+    with pytest.raises(TenureError, match=r"'stages.0.replay': method joint trains every earlier task"):
+        load_config(ROOT / "configs/forgetting/split_lexnames.yaml", ["method=joint", "replay.ratio=0.25"])
