@@ -118,20 +118,18 @@ class Interpolation:
             raise TenureError(f"interpolate: {self.ckpt.directory}: no checkpoint")
         meta = self.ckpt.read_extra(latest)
         self.history = meta["history"]
+        done = len(self.history.get("R", []))
+        self.index = done - 1 if stage is None else stage
+        if not 0 <= self.index < done:
+            raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
         cfg = validate(_as_given(Config, as_today(meta["config"])), f"{self.ckpt.step_dir(latest)} (its config)")
         self.trainer = Trainer(cfg.model_copy(update={"run_dir": str(self.run_dir)}))
         if self.trainer.lora is not None:
             raise TenureError("interpolate: a LoRA run's adapters are factors (A, B); interpolating them is not "
                               "interpolating the merged weight, so LoRA runs are not supported")
-        stages = self.trainer.stages
-        done = len(self.history.get("R", []))
-        self.index = done - 1 if stage is None else stage
-        if not 0 <= self.index < done:
-            raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
-        self.start_kind = start
         self.end_step = self._end_step(self.index)
         self.start_step = None if (start == "run" or self.index == 0) else self._end_step(self.index - 1)
-        self.stage = stages[self.index]
+        self.stage = self.trainer.stages[self.index]
 
     def _end_step(self, index: int) -> int:
         stage = self.trainer.stages[index]

@@ -46,17 +46,13 @@ def test_curve_ends_reproduce_the_rows_of_R_exactly(staged_run):
 
 @pytest.mark.slow
 def test_export_of_a_point_and_refusals(staged_run, tmp_path):
-    """theta(1) exported equals the run's own export (its end), tensor for tensor; theta(0.5)
-    differs from it in the backbone."""
+    """theta(1) exported equals the run's own export (its end), tensor for tensor (the curve test
+    shows theta(0.5) scores differently from both ends)."""
     tenure("interpolate", str(staged_run), "--export", "1", "--out", str(tmp_path / "end"))
-    tenure("interpolate", str(staged_run), "--export", "0.5", "--out", str(tmp_path / "half"))
-    run_end, end, half = (load_file(str(d / "model.safetensors"))
-                          for d in (staged_run / "hf", tmp_path / "end", tmp_path / "half"))
-    assert run_end.keys() == end.keys() == half.keys()
+    run_end, end = (load_file(str(d / "model.safetensors")) for d in (staged_run / "hf", tmp_path / "end"))
+    assert run_end.keys() == end.keys() and len(run_end) > 10
     for name in run_end:
         np.testing.assert_array_equal(end[name], run_end[name], err_msg=name)
-    moved = [n for n in run_end if not np.array_equal(half[n], run_end[n])]
-    assert any("encoder" in n or "layer" in n for n in moved)
     line = tenure("interpolate", str(staged_run), "--stage", "5", "--alphas", "0,1", check=False).stderr.strip()
     assert line.splitlines()[-1] == "error: interpolate: --stage 5: the run has finished stages 0..1"
     line = tenure("interpolate", str(staged_run), check=False).stderr.strip().splitlines()[-1]
