@@ -177,3 +177,60 @@ def summarize(R, start_row=None, baseline=None, directions=None, reference=None)
         forgetting_first_per_task=[float(x) for x in per_first],
         fwt_against=against,
     )
+
+
+def stability_gap(curves, stage_tasks, directions=None) -> list[dict]:
+    """The stability gap (De Lange et al. 2023) from the evaluation curves of a staged run.
+
+    ``curves``: [{step, stage, scores {task: value}}] in step order (a run's forgetting.json);
+    ``stage_tasks``: the tasks each stage trains, in stage order; ``directions``: {task: "max" |
+    "min"} (default "max"). For every stage s >= 1, over the evaluations taken during it:
+      worst_within_stage  {earlier task: its worst score in the stage} (the minimum; the maximum
+                          for a lower-is-better task);
+      gap_within_stage    {earlier task: its score at the stage's start minus that worst one}, in
+                          the oriented sense (> 0: it dipped), the start being the last evaluation
+                          before the stage;
+      min_acc             mean over the earlier tasks of their worst score since their own stage
+                          ended, up to the end of stage s (the paper's min-ACC);
+      wc_acc              (1/k) own + (1 - 1/k) min_acc, k = s + 1 and own the mean of the stage's
+                          tasks at its last evaluation (the paper's WC-ACC; NaN when the tasks'
+                          directions differ).
+    Denser evaluations early in a stage (where the gap is) make these sharper; with one
+    evaluation per stage end they reduce to R."""
+    directions = directions or {}
+    sign = lambda t: -1.0 if directions.get(t, "max") == "min" else 1.0  # noqa: E731
+    out = []
+    for s in range(1, len(stage_tasks)):
+        earlier = list(dict.fromkeys(t for tasks in stage_tasks[:s] for t in tasks if t not in stage_tasks[s]))
+        during = [c for c in curves if c["stage"] == s]
+        before = [c for c in curves if c["stage"] < s]
+        if not during or not earlier:
+            continue
+        worst, gap, since = {}, {}, {}
+        for t in earlier:
+            values = [sign(t) * c["scores"][t] for c in during if c["scores"].get(t) is not None]
+            if not values:
+                continue
+            worst[t] = sign(t) * min(values)
+            start = [sign(t) * c["scores"][t] for c in before if c["scores"].get(t) is not None]
+            if start:
+                gap[t] = start[-1] - min(values)
+            trained_until = max(i for i, tasks in enumerate(stage_tasks[:s]) if t in tasks)
+            after_own = [sign(t) * c["scores"][t] for c in curves
+                         if trained_until < c["stage"] <= s and c["scores"].get(t) is not None]
+            since[t] = min(after_own)
+        # min-ACC and WC-ACC in the metric's own units: defined when the tasks share a direction
+        signs = {sign(t) for t in [*earlier, *stage_tasks[s]]}
+        own = [during[-1]["scores"].get(t) for t in stage_tasks[s]]
+        if len(signs) != 1 or not since or any(v is None for v in own):
+            min_acc = wc_acc = float("nan")
+        else:
+            direction = signs.pop()
+            oriented_min_acc = float(np.mean(list(since.values())))
+            k = s + 1
+            oriented_own = float(np.mean([direction * v for v in own]))
+            min_acc = direction * oriented_min_acc
+            wc_acc = direction * ((1 / k) * oriented_own + (1 - 1 / k) * oriented_min_acc)
+        out.append({"stage": s, "worst_within_stage": worst, "gap_within_stage": gap,
+                    "min_acc": min_acc, "wc_acc": wc_acc})
+    return out
