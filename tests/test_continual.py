@@ -350,7 +350,7 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     ewc_gain = naive_forgets - ewc["summary"]["forgetting_max"]
     assert replay_gain > 3 * max(ewc_gain, 0.0) + 0.2, (replay_gain, ewc_gain)
     assert naive["R"][0][0] > 0.8 and replay["R"][0][0] > 0.8       # both learn A first
-    # and then B (with a quarter of every batch spent on A, 40 steps teach B less: 0.475 here)
+    # and then B (a quarter of every batch and of the loss on A: 0.825 here, naive 0.8375)
     assert naive["R"][1][1] > 0.7 and replay["R"][1][1] > 0.3
     assert naive["summary"]["forgetting_max"] > 0.6                  # naive: A is gone
     assert replay["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - 0.3
