@@ -23,13 +23,13 @@ from pydantic import BaseModel
 
 from engine import atomic
 from engine.config import Config, as_today, to_dict, validate
-from engine.continual import ewc_on, fisher_tasks, l2sp_on
+from engine.continual import ewc_on, fisher_tasks, kl_on, l2sp_on
 from engine.resume_check import compare_for_resume
 from engine.stages import Stage, replayed_tasks, resolve
 from models.errors import TenureError
 
 # Top-level sections every stage resolves from: compared through the stages they resolve to.
-STAGE_DEFAULTS = ("stages", "trainable", "optim", "ewc", "l2sp", "replay")
+STAGE_DEFAULTS = ("stages", "trainable", "optim", "ewc", "l2sp", "replay", "kl", "method")
 
 
 def source_checkpoints(run_dir: str) -> tuple[pathlib.Path, list[str]]:
@@ -71,6 +71,8 @@ def _as_dict(stage: Stage, stages: list[Stage]) -> dict:
         plain["l2sp"] = None
     if not replayed_tasks(stage):
         plain["replay"] = None
+    if not kl_on(stage):
+        del plain["kl"]  # as in records made before the KL term existed
     return plain
 
 

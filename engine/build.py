@@ -34,7 +34,7 @@ from engine.data.records import LabelVocab
 from engine.data.sources import select
 from engine.divergence import init_divergence_state
 from engine.frozen_base import FrozenBase
-from engine.losses import of_task, task_loss
+from engine.losses import of_task, one_mean, task_loss
 from engine.metrics import check_eval_metric
 from engine.optim import build_optimizer, build_schedule
 from engine.stages import Stage, Task, replayed_tasks
@@ -341,16 +341,25 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) ->
 
 
 def stage_losses(tasks: Tasks, stage: Stage) -> dict:
-    """Loss terms: the task's (single-task run), or one per trained task ("task/<name>", weighted)
-    and per replayed task ("replay/<name>", replay.weight / the number of replayed tasks)."""
+    """Loss terms: the task's (single-task run), or one per trained task ("task/<name>", weighted);
+    a stage that replays: `replay.loss` mean (default), one term "task", the mean over every
+    example (token kinds: labelled token) of the batch, new and replayed alike
+    (`engine.losses.one_mean`), so the replayed share of the loss is the replay ratio; separate,
+    those terms plus one per replayed task ("replay/<name>", replay.weight / the number of
+    replayed tasks)."""
     if not tasks.multi:
         run_task = tasks.first
         return {"task": task_loss(run_task.task.spec.kind, run_task.task.spec)}
+    replayed = replayed_tasks(stage)
+    if replayed and stage.replay.loss == "mean":
+        parts = {name: (task_loss(tasks.by_name[name].task.spec.kind, tasks.by_name[name].task.spec),
+                        tasks.by_name[name].index, stage.weights.get(name, 1.0))
+                 for name in [*stage.weights, *replayed]}
+        return {"task": one_mean(parts, tuple(replayed))}
     losses = {}
     for name, weight in stage.weights.items():
         spec = tasks.by_name[name].task.spec
         losses[f"task/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index, weight)
-    replayed = replayed_tasks(stage)
     for name in replayed:
         # One replay term over all earlier tasks (their mean), however many there are: a term of
         # weight replay.weight each would give the old tasks k times the new task's pull.

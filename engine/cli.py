@@ -76,6 +76,16 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_interpolate(args) -> int:
+    from engine.interpolate import interpolate, parse_alphas
+    if args.alphas is None and args.export is None:
+        raise TenureError("interpolate: give --alphas (the curve) and/or --export ALPHA --out DIR")
+    _with_compilation_cache()
+    interpolate(args.run_dir, parse_alphas(args.alphas) if args.alphas is not None else None, stage=args.stage,
+                start=args.start, out_dir=args.out_dir, export=args.export, export_out=args.out, force=args.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tenure",
@@ -114,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write LoRA as a PEFT adapter instead of merging it")
     p.add_argument("--force", action="store_true", help="replace an existing HF model directory (or GGUF file) at --out")
     p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("interpolate", help="score a finished run along theta(a) = (1-a) theta_start + a theta_end "
+                                           "(no training), and export a chosen point")
+    p.add_argument("run_dir", help="a finished run's directory")
+    p.add_argument("--alphas", help="comma-separated a in [0, 1], e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")
+    p.add_argument("--stage", type=int, default=None, help="the stage to interpolate (default: the last)")
+    p.add_argument("--start", choices=["stage", "run"], default="stage",
+                   help="theta_start: the weights the stage started from (default), or the run's starting model")
+    p.add_argument("--out-dir", help="where the curve goes (default: RUN_DIR/interpolation)")
+    p.add_argument("--export", type=float, metavar="ALPHA", help="write theta(ALPHA) as an HF model directory")
+    p.add_argument("--out", help="the HF directory --export writes")
+    p.add_argument("--force", action="store_true", help="replace an existing HF model directory at --out")
+    p.set_defaults(fn=_cmd_interpolate)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND")

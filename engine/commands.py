@@ -60,6 +60,13 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force:
     distributed.initialize()
     trainer, sr, params, step = restore(cfg, path)
     sr.train_iter.close()
+    export_params(trainer, params, out, merge_lora, force)
+    _print(f"exported step {step} of {path} to {out}")
+
+
+def export_params(trainer: Trainer, params, out: str, merge_lora: bool, force: bool = False) -> None:
+    """Writes `params` of the trainer's model as an HF model directory at `out` (every process
+    takes part in gathering them; the primary writes)."""
     host_params = trainer.frozen_base.full_precision(to_host(params))
     tasks = trainer.tasks
     if distributed.is_primary() and fmt == "gguf":
@@ -70,4 +77,3 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force:
         export_hf(pathlib.Path(out), trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
                   trainer.backbone.tokenizer, lora=trainer.lora, merge=merge_lora, labels=labels,
                   overwrite=force)
-    _print(f"exported step {step} of {path} to {out}")

@@ -23,7 +23,7 @@ from engine.divergence import DivergenceConfig
 from models.errors import TenureError
 from engine.optim import OptimConfig
 from engine.sharding import MeshConfig
-from engine.stages import EWCConfig, L2SPConfig, ReplayConfig, StageConfig, resolve
+from engine.stages import EWCConfig, KLConfig, L2SPConfig, ReplayConfig, StageConfig, resolve
 from engine.trainability import TrainableConfig
 from models.kinds import KINDS
 
@@ -131,6 +131,11 @@ class Config(Section):
     ewc: EWCConfig = Field(EWCConfig(), description="EWC defaults for every stage")
     l2sp: L2SPConfig = Field(L2SPConfig(), description="L2-SP defaults for every stage")
     replay: ReplayConfig = Field(ReplayConfig(), description="replay defaults for every stage")
+    kl: KLConfig = Field(KLConfig(), description="distillation toward the starting model, defaults for every stage")
+    method: Literal["sequential", "joint"] = Field(
+        "sequential", description="sequential: each stage trains its own tasks; joint: each stage trains its own and "
+                                  "every earlier stage's tasks in equal shares (one mean over the batch), the "
+                                  "multi-task upper bound (R keeps its rows)")
     tasks: dict[str, TaskEntry] | None = Field(None, description="named tasks of a staged run")
     stages: list[StageConfig] | None = Field(None, description="stages trained in order; state carries over")
     heads: Literal["per_task", "shared"] = Field(

@@ -10,7 +10,9 @@ PER-EXAMPLE gradients (never the square of a batch gradient; see research/forget
 Modes (FISHER_MODES):
   exact      y summed over the classes, weighted by the model's p(y|x) (held constant): C backward
              passes per example, after one forward. Sequence kinds (seq_cls, pair_cls) and
-             regression only; token kinds raise TenureError (see below).
+             regression only; token kinds raise TenureError (see below). `classes` limits the
+             sum to the classes the task's head could predict (class-incremental: those of the
+             tasks trained up to the Fisher task's stage); a masked class has p = 0 and is skipped.
   sampled    one y ~ p(.|x) per example (per labelled position for token kinds): an unbiased
              estimate of the true Fisher, one backward pass per example.
   empirical  y = the data's labels ("empirical Fisher"; cheap, biased away from an optimum).
@@ -35,6 +37,13 @@ s = sum_t g_t with g_t = grad log p(y_t|x), and square it: s^2 = sum_t g_t^2 + s
     Fisher of the per-sequence log-likelihood, the cheap fallback.
   exact: needs one backward pass per (token, class); over a vocabulary (mlm, causal_lm, sft) it
     is infeasible, and for token_cls it is L*C passes per example, so both raise TenureError.
+NORMALISED PER LABELLED TOKEN: the sums of s^2 are divided by the number of labelled tokens of
+the examples used, not by the number of examples, so F = sum_x s_x^2 / sum_x n_x (n_x: labelled
+tokens of example x) estimates the MEAN over labelled tokens of the per-token Fisher F_t. That is
+the Fisher of the training loss, itself a mean over labelled tokens, so lambda means the same for
+short and long sequences (per example it would grow with the labelled tokens per sequence: the
+form before this normalisation, which made F about n times larger; docs/forgetting.md says which
+numbers that changed).
 Only labelled positions count (labels != -100; causal_lm / sft: position t predicts labels[t+1]).
 
 Regression: a unit-variance Gaussian likelihood, log p(y|x) = -(y - f(x))^2 / 2 + const, so
@@ -213,6 +222,12 @@ def _loglik(kind: str, mode: str, outputs: dict, batch: dict, keys_B) -> jax.Arr
     return jnp.where(valid_BxT, token_BxT, 0.0).sum(-1)
 
 
+def _labelled_tokens(kind: str, batch: dict) -> jax.Array:
+    """Labelled positions per example [B] (causal kinds: those that predict labels[t+1])."""
+    labels_BxT = batch["labels"][:, 1:] if kind == "causal_lm" else batch["labels"]
+    return (labels_BxT != IGNORE).sum(-1).astype(jnp.int32)
+
+
 def _square(tree):
     return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), tree)
 
@@ -224,21 +239,27 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 # ----------------------------------------------------------------------------- the step
 
 def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, param_shardings: Any,
-                     *, chunk: int = 8, temperature: float = 0.05) -> Callable:
-    """jit-compiled `step(params, batch, key, budget=None) -> (sums, count)`.
+                     *, chunk: int = 8, temperature: float = 0.05, classes: tuple[int, ...] | None = None) -> Callable:
+    """jit-compiled `step(params, batch, key, budget=None) -> (sums, count, units)`.
 
     sums   pruned fp32 tree (masked leaves only) of the sum over the batch's real examples of the
            squared per-example gradients of log p(y|x) (mode `batched`: n * (mean gradient)^2),
            sharded like the matching params;
     count  int32, the real examples used (example_mask > 0, in global row order at most `budget`:
-           `fisher_diagonal` uses it to stop at exactly max_examples).
+           `fisher_diagonal` uses it to stop at exactly max_examples);
+    units  int32, what F is a mean over: the labelled tokens of those examples for token kinds,
+           else `count` (module docstring: token kinds are normalised per labelled token).
     `kind` is the task kind (seq_cls, pair_cls, token_cls, mlm, causal_lm, sft, regression);
     `chunk` bounds the examples per device whose gradients are alive at once (module docstring);
-    `temperature` scales an embedding task's candidate scores (its InfoNCE temperature).
+    `temperature` scales an embedding task's candidate scores (its InfoNCE temperature);
+    `classes`: the class indices exact mode sums over (None: all; `fisher_step.passes` = backward
+    passes per example).
     """
     kind = _check(kind, mode)
     if chunk < 1:
         raise TenureError(f"fisher: chunk must be >= 1 (got {chunk})")
+    if classes is not None and not classes:
+        raise TenureError("fisher: the task has no class to sum over")
     if not prune(mask, mask):
         raise TenureError("fisher: the mask selects no parameter (nothing is trainable)")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -266,13 +287,14 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
                 trainable)
             p_C = jnp.exp(logp_1xC[0])
             num_classes = p_C.shape[0]
+            summed_C = jnp.arange(num_classes) if classes is None else jnp.asarray(classes, jnp.int32)
 
             def body(acc, c):      # one backward pass per class, forward shared
                 (g,) = vjp(jax.nn.one_hot(c, num_classes, dtype=jnp.float32)[None])
                 return jax.tree.map(lambda a, x: a + p_C[c] * x, acc, _square(g)), None
 
             zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), trainable)
-            return jax.lax.scan(body, zeros, jnp.arange(num_classes))[0]
+            return jax.lax.scan(body, zeros, summed_C)[0]
         target = "empirical" if mode == "batched" else mode
         g = jax.grad(lambda t: _loglik(kind, target, logprob_fn(params, t, ex1), ex1, key[None])[0])(trainable)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
@@ -283,6 +305,8 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
         real_B = batch["example_mask"] > 0
         real_B = real_B & (jnp.cumsum(real_B.astype(jnp.int32)) <= budget)
         count = real_B.sum().astype(jnp.int32)
+        units = (jnp.where(real_B, _labelled_tokens(kind, batch), 0).sum().astype(jnp.int32)
+                 if kind in TOKEN_KINDS else count)
         size = real_B.shape[0]
         m = _largest_divisor_at_most(size, chunk * shards)
         n = size // m
@@ -303,23 +327,26 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
         sums = jax.lax.scan(body, zeros, xs)[0]
         if mode == "batched":   # n * (mean gradient)^2 = (sum of gradients)^2 / n
             sums = jax.tree.map(lambda s: jnp.square(s) / jnp.maximum(count, 1), sums)
-        return sums, count
+        return sums, count, units
 
     jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh),
                                          replicated(mesh)),
-                     out_shardings=(sum_shardings, replicated(mesh)))
+                     out_shardings=(sum_shardings, replicated(mesh), replicated(mesh)))
 
     def fisher_step(params, batch, key, budget=None):
         return jitted(params, batch, key, _NO_LIMIT if budget is None else np.int32(budget))
 
     fisher_step.jitted = jitted
     fisher_step.kind, fisher_step.mode, fisher_step.chunk = kind, mode, chunk
+    fisher_step.passes = ((len(classes) if classes is not None else "C") if mode == "exact" and kind in CLASS_KINDS
+                          else 1)
     return fisher_step
 
 
 def fisher_diagonal(step_fn: Callable, params: Any, batches: Iterable[dict], key: jax.Array,
                     max_examples: int | None = None) -> tuple[Any, int]:
-    """(F, count): the pruned fp32 MEAN over real examples of the squared per-example gradients.
+    """(F, count): the pruned fp32 MEAN over real examples of the squared per-example gradients
+    (token kinds: their sum divided by the examples' labelled tokens, see the module docstring).
 
     Iterates the global batches (dicts of global arrays, or host numpy arrays on one process),
     batch i with key fold_in(key, i). With `max_examples` the batch that crosses the limit is
@@ -328,15 +355,18 @@ def fisher_diagonal(step_fn: Callable, params: Any, batches: Iterable[dict], key
     limit is reached. TenureError when there is no real example."""
     if max_examples is not None and max_examples < 1:
         raise TenureError(f"fisher: examples must be >= 1 (got {max_examples})")
-    total, count = None, 0
+    total, count, units = None, 0, 0
     for i, batch in enumerate(batches):
         budget = None if max_examples is None else max_examples - count
-        sums, n = step_fn(params, batch, jax.random.fold_in(key, i), budget)
+        sums, n, u = step_fn(params, batch, jax.random.fold_in(key, i), budget)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         count = count + n if max_examples is None else count + int(n)
+        units = units + u
         if max_examples is not None and count >= max_examples:
             break
-    count = int(count)
+    count, units = int(count), int(units)
     if total is None or count == 0:
         raise TenureError("fisher: the batches hold no real example (example_mask all 0)")
-    return jax.tree.map(lambda s: s / count, total), count
+    if units == 0:
+        raise TenureError("fisher: the examples hold no labelled token (labels all -100)")
+    return jax.tree.map(lambda s: s / units, total), count

@@ -9,6 +9,17 @@ holds the reference each task is compared with for forward transfer (GEM uses a
 randomly initialised model; for fine-tuning the starting model is the natural choice,
 so ``b`` defaults to ``start_row``).
 
+FWT and its reference (``ForgettingSummary.fwt_against`` says which one a summary used):
+  "single-task reference"  given ``reference`` (each task's score when fine-tuned alone from the
+      starting model, e.g. a single-task run's), FWT = (1/(T-1)) sum_{j>=1} (R[j, j] - ref[j]):
+      what learning the earlier tasks first did to learning task j (Wolczyk et al. 2021's
+      forward transfer, as a difference of scores);
+  "vs untrained head"  without one, GEM's R[j-1, j] - start_row[j]: a task whose head trains only
+      in its own stage is scored by an untrained head on both sides (noise in task-IL; exactly 0
+      in class-IL, where its classes are not in the head yet), so it measures the backbone only
+      through whatever the untrained head happens to read;
+  "baseline"  GEM's form against an explicit ``baseline`` vector.
+
 Lower-is-better metrics (perplexity, loss, mse): `summarize(..., directions=["min", ...])`
 negates those columns before computing BWT, FWT and forgetting, so every summary keeps its
 sign convention whatever the metric (BWT < 0 and forgetting > 0 mean the task got worse; a
@@ -107,6 +118,7 @@ class ForgettingSummary:
     forgetting_first: float
     forgetting_max_per_task: list[float]
     forgetting_first_per_task: list[float]
+    fwt_against: str = "vs untrained head"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,24 +134,37 @@ def _signs(directions, num_tasks: int) -> np.ndarray:
     return np.array([1.0 if d == "max" else -1.0 for d in directions])
 
 
-def summarize(R, start_row=None, baseline=None, directions=None) -> ForgettingSummary:
+def forward_transfer_single_task(R, reference) -> float:
+    """FWT = (1/(T-1)) * sum_{j>=1} (R[j, j] - ref[j]): each later task learned in the sequence
+    against the same task fine-tuned alone (``reference``)."""
+    matrix = _matrix(R)
+    ref = _vector(reference, matrix.shape[0], "reference")
+    return _mean_or_nan(np.diagonal(matrix)[1:] - ref[1:])
+
+
+def summarize(R, start_row=None, baseline=None, directions=None, reference=None) -> ForgettingSummary:
     """ACC, BWT, FWT and both forgetting measures (per task and averaged over j < T-1).
 
-    FWT uses ``baseline`` if given, else ``start_row``; with neither it is NaN. ``directions``
-    (one "max" / "min" per task, default all "max") flips lower-is-better tasks: see the
-    module docstring.
+    FWT uses the single-task ``reference`` if given, else GEM's form against ``baseline`` or,
+    without one, ``start_row`` ("vs untrained head"); with none of them it is NaN (module
+    docstring). ``directions`` (one "max" / "min" per task, default all "max") flips
+    lower-is-better tasks: see the module docstring.
     """
     matrix = _matrix(R)
     num_tasks = matrix.shape[0]
     if start_row is not None:
         start_row = _vector(start_row, num_tasks, "start_row")
-    reference = baseline if baseline is not None else start_row
     signs = _signs(directions, num_tasks)
     oriented = matrix * signs  # every column higher-is-better
     if reference is not None:
-        fwt = forward_transfer(oriented, _vector(reference, num_tasks, "baseline") * signs)
+        fwt, against = forward_transfer_single_task(oriented, _vector(reference, num_tasks, "reference") * signs), \
+            "single-task reference"
+    elif baseline is not None or start_row is not None:
+        against = "baseline" if baseline is not None else "vs untrained head"
+        fwt = forward_transfer(oriented, _vector(baseline if baseline is not None else start_row, num_tasks,
+                                                 "baseline") * signs)
     else:
-        fwt = float("nan")
+        fwt, against = float("nan"), "none"
     per_max = forgetting_max_per_task(oriented)
     per_first = forgetting_first_per_task(oriented)
     return ForgettingSummary(
@@ -150,4 +175,62 @@ def summarize(R, start_row=None, baseline=None, directions=None) -> ForgettingSu
         forgetting_first=_mean_or_nan(per_first[:-1]),
         forgetting_max_per_task=[float(x) for x in per_max],
         forgetting_first_per_task=[float(x) for x in per_first],
+        fwt_against=against,
     )
+
+
+def stability_gap(curves, stage_tasks, directions=None) -> list[dict]:
+    """The stability gap (De Lange et al. 2023) from the evaluation curves of a staged run.
+
+    ``curves``: [{step, stage, scores {task: value}}] in step order (a run's forgetting.json);
+    ``stage_tasks``: the tasks each stage trains, in stage order; ``directions``: {task: "max" |
+    "min"} (default "max"). For every stage s >= 1, over the evaluations taken during it:
+      worst_within_stage  {earlier task: its worst score in the stage} (the minimum; the maximum
+                          for a lower-is-better task);
+      gap_within_stage    {earlier task: its score at the stage's start minus that worst one}, in
+                          the oriented sense (> 0: it dipped), the start being the last evaluation
+                          before the stage;
+      min_acc             mean over the earlier tasks of their worst score since their own stage
+                          ended, up to the end of stage s (the paper's min-ACC);
+      wc_acc              (1/k) own + (1 - 1/k) min_acc, k = s + 1 and own the mean of the stage's
+                          tasks at its last evaluation (the paper's WC-ACC; NaN when the tasks'
+                          directions differ).
+    Denser evaluations early in a stage (where the gap is) make these sharper; with one
+    evaluation per stage end they reduce to R."""
+    directions = directions or {}
+    sign = lambda t: -1.0 if directions.get(t, "max") == "min" else 1.0  # noqa: E731
+    out = []
+    for s in range(1, len(stage_tasks)):
+        earlier = list(dict.fromkeys(t for tasks in stage_tasks[:s] for t in tasks if t not in stage_tasks[s]))
+        during = [c for c in curves if c["stage"] == s]
+        before = [c for c in curves if c["stage"] < s]
+        if not during or not earlier:
+            continue
+        worst, gap, since = {}, {}, {}
+        for t in earlier:
+            values = [sign(t) * c["scores"][t] for c in during if c["scores"].get(t) is not None]
+            if not values:
+                continue
+            worst[t] = sign(t) * min(values)
+            start = [sign(t) * c["scores"][t] for c in before if c["scores"].get(t) is not None]
+            if start:
+                gap[t] = start[-1] - min(values)
+            trained_until = max(i for i, tasks in enumerate(stage_tasks[:s]) if t in tasks)
+            after_own = [sign(t) * c["scores"][t] for c in curves
+                         if trained_until < c["stage"] <= s and c["scores"].get(t) is not None]
+            since[t] = min(after_own)
+        # min-ACC and WC-ACC in the metric's own units: defined when the tasks share a direction
+        signs = {sign(t) for t in [*earlier, *stage_tasks[s]]}
+        own = [during[-1]["scores"].get(t) for t in stage_tasks[s]]
+        if len(signs) != 1 or not since or any(v is None for v in own):
+            min_acc = wc_acc = float("nan")
+        else:
+            direction = signs.pop()
+            oriented_min_acc = float(np.mean(list(since.values())))
+            k = s + 1
+            oriented_own = float(np.mean([direction * v for v in own]))
+            min_acc = direction * oriented_min_acc
+            wc_acc = direction * ((1 / k) * oriented_own + (1 - 1 / k) * oriented_min_acc)
+        out.append({"stage": s, "worst_within_stage": worst, "gap_within_stage": gap,
+                    "min_acc": min_acc, "wc_acc": wc_acc})
+    return out

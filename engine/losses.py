@@ -250,6 +250,84 @@ def of_task(fn: LossFn, task_id: int, weight: float = 1.0) -> LossFn:
     return term
 
 
+def one_mean(parts: dict[str, tuple[LossFn, int, float]], replayed: tuple[str, ...] = ()) -> LossFn:
+    """ONE mean over the units of every task in a mixed batch: `parts` maps a task name to (its
+    loss fn, its task_id, its weight). The units are what each fn averages over: examples, or
+    labelled tokens for token kinds (the fn's aux "tokens"); every trained task of a run has the
+    same kind of unit (one head). value = sum_task weight * (sum of the task's unit losses) /
+    (units of all tasks), so with weights 1 each unit weighs the same, new or replayed, and the
+    replayed tasks' share of the loss and of its gradient is their share of the units (of the
+    examples: the replay ratio; of the labelled tokens for token kinds). aux: per task its own
+    mean ("<name>/loss") and aux values, and "replay_share" (the `replayed` tasks' units / all)."""
+
+    def term(params, outputs, batch, extra):
+        weighted_sum = jnp.zeros((), jnp.float32)
+        units = jnp.zeros((), jnp.float32)
+        replayed_units = jnp.zeros((), jnp.float32)
+        aux = {}
+        for name, (fn, task_id, weight) in parts.items():
+            mask_B = batch["example_mask"] * (batch["task_id"] == task_id).astype(batch["example_mask"].dtype)
+            value, task_aux = fn(params, outputs, dict(batch, example_mask=mask_B), extra)
+            count = task_aux["tokens"] if "tokens" in task_aux else mask_B.astype(jnp.float32).sum()
+            weighted_sum = weighted_sum + weight * value * count   # value is the task's sum / count
+            units = units + count
+            if name in replayed:
+                replayed_units = replayed_units + count
+            aux[f"{name}/loss"] = value
+            aux.update({f"{name}/{k}": v for k, v in task_aux.items()})
+        aux["replay_share"] = replayed_units / jnp.maximum(units, 1.0)
+        return weighted_sum / jnp.maximum(units, 1.0), aux
+
+    return term
+
+
+KL_KINDS = {"seq_cls": "example", "pair_cls": "example", "token_cls": "token", "mlm": "token",
+            "causal_lm": "causal", "sft": "causal"}
+
+
+def kl_to_start(model: Any, kind: str, weight: float, task_ids: tuple[int, ...] | None = None) -> LossFn:
+    """weight x KL(p_start(.|x) || p_theta(.|x)) (LwF, Li & Hoiem 2016; the KL-to-base term of LLM
+    fine-tuning), averaged like the task loss: over the examples (seq_cls, pair_cls), or over the
+    labelled positions (token_cls, mlm; causal_lm / sft: the positions that predict a label), of
+    the batch's examples of `task_ids` (the stage's own tasks; None: every example).
+
+    The starting model is `model` on the current params with the leaves of `extra["kl"]["anchor"]`
+    (the trainable leaves' values at the start) put back, run in eval mode inside the same jitted
+    step, under stop_gradient: no second copy of the frozen leaves (under LoRA the anchor is the
+    adapters and the head only) and no optimizer state for it. The model's own forward pass is the
+    train step's (dropout on). Memory: both models' logits [B, L, V] exist at once in fp32 for a
+    vocabulary (the task loss's chunking does not apply). aux {"kl": the unscaled KL}."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"kl_to_start: no predictive distribution for kind {kind!r}")
+    unit, weight = KL_KINDS[kind], float(weight)
+
+    def fn(params, outputs, batch, extra):
+        from engine.fisher import overlay   # engine.fisher imports this module
+        anchor = extra["kl"]["anchor"]
+        start = overlay(jax.lax.stop_gradient(params), anchor)
+        start_logits = jax.lax.stop_gradient(model.apply({"params": start}, batch, deterministic=True)["logits"])
+        logits = outputs["logits"] if "logits" in outputs else vocab_logits(*outputs["vocab"])
+        at_least_f32 = lambda z: z.astype(jnp.promote_types(z.dtype, jnp.float32))
+        logp_start = jax.nn.log_softmax(at_least_f32(start_logits), axis=-1)
+        logp = jax.nn.log_softmax(at_least_f32(logits), axis=-1)
+        kl = jnp.sum(jnp.exp(logp_start) * (logp_start - logp), axis=-1)       # [B] or [B, L]
+        mask_B = batch["example_mask"].astype(jnp.float32)
+        if task_ids is not None:
+            mask_B = mask_B * jnp.isin(batch["task_id"], jnp.asarray(task_ids)).astype(jnp.float32)
+        if unit == "example":
+            weights = mask_B
+        elif unit == "token":
+            weights = (batch["labels"] != IGNORE).astype(jnp.float32) * mask_B[:, None]
+        else:   # position t predicts labels[t + 1]; the last position predicts nothing
+            predicts = jnp.concatenate([batch["labels"][:, 1:] != IGNORE,
+                                        jnp.zeros_like(batch["labels"][:, :1], bool)], axis=1)
+            weights = predicts.astype(jnp.float32) * mask_B[:, None]
+        value = _masked_mean(kl, weights)
+        return weight * value, {"kl": value}
+
+    return fn
+
+
 def total_loss(losses: dict[str, LossFn], params, outputs, batch, extra) -> tuple[jax.Array, dict]:
     """Sum of the terms; metrics "loss/<name>" per term and "<name>/<aux>" for their aux values."""
     total = jnp.zeros((), jnp.float32)

@@ -55,10 +55,11 @@ def r_table(record: dict) -> str:
         lines.append(f"after {name}".ljust(width) + "".join(_cell(v).rjust(24) for v in row))
     summary = record.get("summary")
     if summary:
-        lines.append("ACC {acc:.4f}  BWT {bwt:.4f}  FWT {fwt:.4f}  forgetting (max-based) {forgetting_max:.4f}  "
-                     "forgetting (first-minus-last) {forgetting_first:.4f}".format(
+        lines.append("ACC {acc:.4f}  BWT {bwt:.4f}  FWT {fwt:.4f} ({against})  forgetting (max-based) "
+                     "{forgetting_max:.4f}  forgetting (first-minus-last) {forgetting_first:.4f}".format(
+                         against=summary.get("fwt_against", "vs untrained head"),
                          **{k: (float("nan") if v is None else v) for k, v in summary.items()
-                            if not isinstance(v, list)}))
+                            if not isinstance(v, (list, str))}))
     return "\n".join(lines)
 
 

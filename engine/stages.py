@@ -10,16 +10,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.data.config import DataConfig
+from engine.fisher import FISHER_MODES
 from engine.metrics import LOWER_IS_BETTER
 from engine.optim import OptimConfig
 from engine.trainability import TrainableConfig
 from models.errors import TenureError
 from models.kinds import KINDS, pack_error
 
-FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
 SINGLE_TASK = "task"  # the task name of a config without `tasks:`
 
 
@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class EWCConfig(_Section):
     lam: float = Field(0.0, ge=0, alias="lambda",
                        description="EWC strength: loss += (lambda/2) * sum_i F_i (theta_i - theta*_i)^2; 0 = off")
-    fisher: Literal["exact", "sampled", "empirical", "batched"] = Field(
+    fisher: Literal[FISHER_MODES] = Field(
         "exact", description="exact: sum over classes weighted by p; sampled: y ~ model; empirical: data labels; "
                              "batched: squared mini-batch gradient (a wrong control for studies)")
     examples: int = Field(512, ge=1, description="examples of each Fisher task the diagonal Fisher is averaged over")
@@ -49,8 +49,30 @@ class ReplayConfig(_Section):
     ratio: float = Field(0.0, ge=0, lt=1, description="share of every batch drawn from earlier stages' tasks; 0 = off")
     buffer: int | None = Field(None, ge=1, description="per earlier task, a reservoir sample of this many "
                                                        "training records; null = the whole old training set")
-    weight: float = Field(1.0, ge=0, description="loss weight of the replay term: the mean over the earlier "
-                                                       "tasks of their replayed examples' mean loss")
+    loss: Literal["mean", "separate"] = Field(
+        "mean", description="mean: one mean over all examples of the batch (token kinds: labelled tokens), new "
+                            "and replayed alike, so the ratio is also the replayed share of the loss; separate: "
+                            "mean(new) + weight x mean over the earlier tasks of their replayed examples' mean "
+                            "(the form before; each replayed example then weighs weight (1-r)/r new ones)")
+    weight: float = Field(1.0, ge=0, description="loss weight of the replay term under replay.loss=separate; "
+                                                 "with mean every example weighs 1 and other values are refused")
+
+    @model_validator(mode="after")
+    def _weight_needs_separate(self):
+        if self.weight != 1.0 and self.loss != "separate":
+            raise ValueError(f"replay.weight={self.weight} applies only with replay.loss: separate (with the "
+                             "default 'mean' every example weighs the same and the replayed share of the loss "
+                             "is replay.ratio)")
+        return self
+
+
+class KLConfig(_Section):
+    weight: float = Field(0.0, ge=0, description="distillation toward the starting model (LwF; the KL-to-base term "
+                                                 "of LLM fine-tuning): loss += weight x KL(p_start(.|x) || "
+                                                 "p_theta(.|x)) on the stage's own tasks' inputs; 0 = off")
+    anchor: Literal["stage_start", "pretrained"] = Field(
+        "stage_start", description="the starting model: the weights this stage starts from (LwF), or the "
+                                   "pretrained ones (KL to the base model)")
 
 
 class GuardConfig(_Section):
@@ -69,6 +91,7 @@ class StageConfig(_Section):
     ewc: EWCConfig | None = Field(None, description="null = the top-level ewc section")
     l2sp: L2SPConfig | None = Field(None, description="null = the top-level l2sp section")
     replay: ReplayConfig | None = Field(None, description="null = the top-level replay section")
+    kl: KLConfig | None = Field(None, description="null = the top-level kl section")
     guard: GuardConfig | None = Field(None, description="forgetting budget on earlier tasks; null = none")
 
     @field_validator("tasks")
@@ -102,6 +125,7 @@ class Stage:
     replay: ReplayConfig
     guard: GuardConfig | None
     earlier: tuple[str, ...]    # tasks trained in stages before this one, in order
+    kl: KLConfig = dataclasses.field(default_factory=KLConfig)
 
 
 def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
@@ -115,7 +139,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
         _check_pack(cfg.task.kind, cfg.data, "")
         stage = Stage(0, SINGLE_TASK, {SINGLE_TASK: 1.0}, cfg.train.steps, cfg.trainable, cfg.optim,
-                      cfg.ewc, cfg.l2sp, cfg.replay, None, ())
+                      cfg.ewc, cfg.l2sp, cfg.replay, None, (), cfg.kl)
         return {SINGLE_TASK: task}, [stage]
     if cfg.task is not None or cfg.data is not None:
         raise TenureError("config key 'stages': describe every task under `tasks`, not `task` / `data`")
@@ -148,9 +172,12 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                 if not tasks[name].data.validation:
                     raise TenureError(f"config key 'stages.{i}.guard.task': task {name!r} has no validation split "
                                       f"(tasks.{name}.data.validation), which the guard watches")
+        replay = s.replay or cfg.replay
+        if cfg.method == "joint":
+            replay = _joint_replay(replay, weights, seen, i)
         stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, s.trainable or cfg.trainable,
-                            s.optim or cfg.optim, ewc, s.l2sp or cfg.l2sp, s.replay or cfg.replay, s.guard,
-                            tuple(seen)))
+                            s.optim or cfg.optim, ewc, s.l2sp or cfg.l2sp, replay, s.guard,
+                            tuple(seen), s.kl or cfg.kl))
         seen += [t for t in weights if t not in seen]
     order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
     tasks = {name: tasks[name] for name in order}
@@ -172,6 +199,17 @@ def _check_r_splits(tasks: dict[str, Task], mixed: bool) -> None:
         raise TenureError("config key 'eval.mixed_splits': R's columns would come from different splits ("
                           + "; ".join(f"{split}: {', '.join(names)}" for split, names in sorted(by_split.items()))
                           + "); give every task a test split, or set eval.mixed_splits: true to accept it")
+
+
+def _joint_replay(replay: ReplayConfig, weights: dict, earlier: list[str], index: int) -> ReplayConfig:
+    """`method: joint`: every stage trains on its own tasks and every earlier task in equal shares
+    of the batch, one mean over it (whole training sets): the replay of all earlier tasks at ratio
+    E / (E + K) (E earlier tasks, K own). Its last row is the multi-task upper bound."""
+    if replay.ratio > 0:
+        raise TenureError(f"config key 'stages.{index}.replay': method joint trains every earlier task in every "
+                          "stage; a replay section does not apply (remove it or use method: sequential)")
+    old = [t for t in earlier if t not in weights]
+    return ReplayConfig(ratio=len(old) / (len(old) + len(weights)), loss="mean")
 
 
 def _check_pack(kind: str, data, where: str) -> None:

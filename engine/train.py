@@ -140,7 +140,7 @@ class Trainer:
         def regularize(trainability, model):
             return regularizers(self.cfg, self.stages, index, self.backbone, self.tasks, trainability, params,
                                 self.param_shardings, self.start_params, previous_extra,
-                                models=self._models(model) if compute else None)
+                                models=self._models(model) if compute else None, model=model)
         return regularize
 
     def _extra_shapes(self, upto: int) -> dict:

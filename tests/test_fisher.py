@@ -222,9 +222,12 @@ class TokenLinear(nn.Module):
         return {"logits": nn.Dense(3, use_bias=False)(x + x.mean(1, keepdims=True))}
 
 
-def test_sampled_token_fisher_is_unbiased_for_factorised_fisher():
-    """E_y[(sum_t g_t(y_t))^2] = sum_t sum_c p_tc g_tc^2: checked against per-(token, class)
-    gradients; the empirical squared sum (cross terms kept) is measurably different."""
+def test_sampled_token_fisher_is_the_mean_of_the_per_token_fisher():
+    """E_y[(sum_t g_t(y_t))^2] = sum_t sum_c p_tc g_tc^2, divided by the labelled tokens: the mean
+    over labelled tokens of the per-token Fisher F_t = sum_c p_tc g_tc^2, computed here from the
+    per-(token, class) gradients; the empirical squared sum (cross terms kept) is measurably
+    different. The same sequences twice as long (each repeated) give the same F: it does not
+    grow with the labelled tokens per sequence (the per-example form doubled)."""
     rng = np.random.default_rng(9)
     n, length = 16, 3
     x = rng.normal(size=(n, length, D)).astype(np.float32)
@@ -241,9 +244,11 @@ def test_sampled_token_fisher_is_unbiased_for_factorised_fisher():
     jac = np.asarray(jax.vmap(jax.jacrev(logp), in_axes=(None, 0))(k0, x))          # [n, L, 3, D, 3]
     prob = np.exp(np.asarray(jax.vmap(logp, in_axes=(None, 0))(k0, x)))              # [n, L, 3]
     valid = labels != -100
-    factorised = np.einsum("nlc,nlcjk->jk", prob * valid[..., None], jac.astype(np.float64) ** 2) / n
+    per_token_Fisher = np.einsum("nlc,nlcjk->nljk", prob, jac.astype(np.float64) ** 2)   # F_t, every position
+    factorised = per_token_Fisher[valid].mean(0)                    # mean over the labelled tokens
+    assert valid.sum() == 40                                        # 16 x 3 positions, 8 unlabelled
     per_example = np.take_along_axis(jac, np.maximum(labels, 0)[:, :, None, None, None], 2)[:, :, 0]
-    empirical = ((per_example * valid[..., None, None]).sum(1).astype(np.float64) ** 2).mean(0)
+    empirical = ((per_example * valid[..., None, None]).sum(1).astype(np.float64) ** 2).sum(0) / valid.sum()
 
     mesh = one_device()
     make = lambda mode: make_fisher_step(model, "token_cls", mode, all_true(params), mesh,
@@ -259,6 +264,14 @@ def test_sampled_token_fisher_is_unbiased_for_factorised_fisher():
           f"empirical vs factorised: {rel(empirical, factorised):.4f}")
     assert rel(kernel(F_s), factorised) < 0.05
     assert rel(empirical, factorised) > 0.2
+    # each sequence twice (x x, labels labels): x's mean is unchanged, so every position's F_t is
+    longer = [{"x": np.tile(np.concatenate([x, x], 1), (reps, 1, 1)),
+               "labels": np.tile(np.concatenate([labels, labels], 1), (reps, 1)),
+               "example_mask": np.ones(n * reps, np.float32)}]
+    F_long, _ = fisher_diagonal(make("sampled"), params, longer, jax.random.key(2))
+    ratio = float(kernel(F_long).sum() / kernel(F_s).sum())
+    print(f"F(2L) / F(L) = {ratio:.3f}")
+    assert rel(kernel(F_long), factorised) < 0.05 and 0.93 < ratio < 1.07
 
 
 def _tiny_real(family_dir, kind):
@@ -321,8 +334,11 @@ def test_empirical_token_fisher_matches_hand_loop(family_dir, kind):
     mesh = one_device()
     step = make_fisher_step(model, "sft" if kind == "causal_lm" else kind, "empirical", mask, mesh,
                             replicated_like(params, mesh), chunk=2)
-    sums, count = step(params, batch, jax.random.key(0))
+    sums, count, units = step(params, batch, jax.random.key(0))
     assert int(count) == b
+    # what F is divided by: the real examples' labelled tokens (causal: those predicting labels[t+1])
+    used = labels[:, 1:] if kind == "causal_lm" else labels
+    assert int(units) == int((used != -100).sum())
     want = _hand_loop(model, params, mask, batch, kind)
     assert jax.tree.structure(sums) == jax.tree.structure(want)
     assert "embeddings" not in sums["backbone"] and last in sums["backbone"]
@@ -467,3 +483,64 @@ def test_eight_devices_match_one_device(layout):
     scale = max(float(a.max()) for a in jax.tree.leaves(results["one"]))
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(results["one"])[0], jax.tree.leaves(results["many"])):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7 * scale, err_msg=str(path))
+
+
+# ----------------------------------------------------------------------------- class-incremental
+
+class MaskedLinear(nn.Module):
+    """Linear logits with a label mask per task (the task model's `label_masks`, -1e9 elsewhere)."""
+    masks: tuple
+    classes: int = 8
+
+    @nn.compact
+    def __call__(self, batch, deterministic=True):
+        logits = nn.Dense(self.classes, use_bias=False)(batch["x"])
+        return {"logits": jnp.where(jnp.asarray(self.masks, bool)[batch["task_id"]], logits, -1e9)}
+
+
+def test_class_incremental_fisher_uses_the_task_s_own_classes():
+    """heads: shared, stages A B C D of 4 classes each: task A's Fisher is taken with the head A
+    was trained with (its 4 classes) whether it is taken at the start of B or of D, not with the
+    16 classes D's head has; exact mode then runs 4 backward passes per example, not 16, and
+    skipping the masked classes (p = 0) changes nothing."""
+    from engine.build import RunTask, Tasks
+    from engine.config import load_config
+    from engine.continual import fisher_head
+    from engine.data.records import LabelVocab
+    from engine.stages import resolve
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/forgetting/split_lexnames.yaml", ["heads=shared"])
+    specs, stages = resolve(cfg)
+    vocab = LabelVocab(label for task in specs.values() for label in task.data.labels)
+    tasks = Tasks({name: RunTask(task, i, tuple(task.data.labels), {}) for i, (name, task) in enumerate(specs.items())},
+                  "classification", vocab, True)
+    a_classes = tuple(sorted(vocab._ids[label] for label in specs["A"].data.labels))
+    masks_b, classes_b = fisher_head(cfg, tasks, stages, 1, "A")
+    masks_d, classes_d = fisher_head(cfg, tasks, stages, 3, "A")
+    assert classes_b == classes_d == a_classes and masks_b == masks_d
+    assert sum(tasks.label_masks(stages[3], "shared")[0]) == 16      # what the old Fisher summed over
+    assert len(fisher_head(cfg, tasks, stages, 3, "C")[1]) == 12      # C was trained with A's, B's and its own
+
+    # numbers: 8 classes, task 0 trained on classes 0-3; later, task 1 adds 4-7 to the shared head
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(32, D)).astype(np.float32)
+    batch = {"x": x, "labels": rng.integers(0, 4, 32).astype(np.int32), "task_id": np.zeros(32, np.int32),
+             "example_mask": np.ones(32, np.float32)}
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(D, 8)).astype(np.float32))}}
+    own, later = ((True,) * 4 + (False,) * 4,) * 2, ((True,) * 8,) * 2
+    mesh = one_device()
+    make = lambda masks, classes: make_fisher_step(MaskedLinear(masks), "seq_cls", "exact", all_true(params), mesh,
+                                                   replicated_like(params, mesh), classes=classes)
+    skipping, full = make(own, (0, 1, 2, 3)), make(own, None)
+    assert skipping.passes == 4 and full.passes == "C"
+    F_own, _ = fisher_diagonal(skipping, params, [batch], jax.random.key(0))
+    F_all_classes, _ = fisher_diagonal(full, params, [batch], jax.random.key(0))
+    np.testing.assert_allclose(kernel(F_own), kernel(F_all_classes), rtol=1e-6, atol=1e-12)
+    z = x.astype(np.float64) @ np.asarray(params["Dense_0"]["kernel"], np.float64)[:, :4]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.einsum("nk,nj->jk", p * (1 - p), x.astype(np.float64) ** 2) / 32      # softmax over the 4
+    np.testing.assert_allclose(kernel(F_own)[:, :4], want, rtol=1e-5)
+    assert not np.any(kernel(F_own)[:, 4:])
+    F_later, _ = fisher_diagonal(make(later, None), params, [batch], jax.random.key(0))
+    assert rel(kernel(F_later)[:, :4], want) > 0.1        # the head of later stages gives another Fisher

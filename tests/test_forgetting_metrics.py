@@ -102,3 +102,47 @@ def test_all_lower_is_better_by_hand():
     assert s.acc == pytest.approx((95.0 + 110.0 + 80.0) / 3)
     with pytest.raises(ValueError, match="directions"):
         fm.summarize(ppl, directions=["min", "lower", "min"])
+
+
+def test_fwt_against_a_single_task_reference_and_marked_otherwise():
+    """With each task's single-task score, FWT = mean_{j>=1} (R[j, j] - ref[j]); without one it is
+    GEM's form against the start row and says so (an untrained head on both sides: class-IL gives
+    exactly 0, as a task's classes are not in the head before its stage)."""
+    single_task = [0.9, 0.85, 0.70]
+    summary = fm.summarize(R, start_row=START, reference=single_task)
+    assert summary.fwt == pytest.approx(((0.80 - 0.85) + (0.95 - 0.70)) / 2)
+    assert summary.fwt_against == "single-task reference"
+    assert fm.summarize(R, start_row=START).fwt_against == "vs untrained head"
+    assert fm.summarize(R, start_row=START, baseline=[0, 0, 0]).fwt_against == "baseline"
+    class_il = np.array([[0.9, 0.0, 0.0], [0.1, 0.8, 0.0], [0.0, 0.1, 0.7]])
+    plain = fm.summarize(class_il, start_row=[0.25, 0.0, 0.0])
+    assert plain.fwt == 0.0 and plain.fwt_against == "vs untrained head"
+    assert fm.summarize(class_il, start_row=[0.25, 0, 0], reference=[0.9, 0.85, 0.75]).fwt == pytest.approx(-0.05)
+    # lower-is-better tasks: the reference flips with them (a lower perplexity than alone is > 0)
+    s = fm.summarize([[10.0, 50.0], [12.0, 20.0]], reference=[10.0, 25.0], directions=["min", "min"])
+    assert s.fwt == pytest.approx(5.0)
+
+
+def test_stability_gap_by_hand():
+    """Stages A, B, C with evaluations inside each: the worst score of each earlier task within a
+    stage, its dip from the stage's start, min-ACC (worst since the task's own stage ended) and
+    WC-ACC = (1/k) own + (1 - 1/k) min-ACC (De Lange et al. 2023)."""
+    c = lambda step, stage, **scores: {"step": step, "stage": stage, "scores": scores}  # noqa: E731
+    curves = [c(0, 0, A=0.1, B=0.0, C=0.0), c(5, 0, A=0.8, B=0.0, C=0.0), c(10, 0, A=0.9, B=0.0, C=0.0),
+              c(12, 1, A=0.5, B=0.3, C=0.0), c(16, 1, A=0.7, B=0.6, C=0.0), c(20, 1, A=0.8, B=0.8, C=0.0),
+              c(22, 2, A=0.6, B=0.4, C=0.2), c(30, 2, A=0.75, B=0.7, C=0.9)]
+    gap = fm.stability_gap(curves, [["A"], ["B"], ["C"]])
+    assert [g["stage"] for g in gap] == [1, 2]
+    b, cc = gap
+    assert b["worst_within_stage"] == {"A": 0.5} and b["gap_within_stage"] == {"A": pytest.approx(0.4)}
+    assert b["min_acc"] == pytest.approx(0.5)
+    assert b["wc_acc"] == pytest.approx(0.5 * 0.8 + 0.5 * 0.5)
+    assert cc["worst_within_stage"] == {"A": 0.6, "B": 0.4}
+    assert cc["gap_within_stage"] == {"A": pytest.approx(0.2), "B": pytest.approx(0.4)}
+    assert cc["min_acc"] == pytest.approx((0.5 + 0.4) / 2)   # A's worst since A: 0.5 (in stage B)
+    assert cc["wc_acc"] == pytest.approx(0.9 / 3 + (2 / 3) * 0.45)
+    # a lower-is-better task: the worst is the highest perplexity, a dip is a rise
+    ppl = [c(0, 0, A=100.0, B=500.0), c(10, 0, A=40.0, B=300.0), c(12, 1, A=55.0, B=200.0), c(20, 1, A=45.0, B=90.0)]
+    (g,) = fm.stability_gap(ppl, [["A"], ["B"]], {"A": "min", "B": "min"})
+    assert g["worst_within_stage"] == {"A": 55.0} and g["gap_within_stage"] == {"A": pytest.approx(15.0)}
+    assert g["min_acc"] == pytest.approx(55.0) and g["wc_acc"] == pytest.approx(0.5 * 90 + 0.5 * 55)

@@ -130,3 +130,34 @@ def test_extras_are_fp32_copies_keeping_shardings_and_terms_need_them():
     with pytest.raises(KeyError, match="head/missing"):
         ewc_term(1.0)(params, {}, {}, {"ewc": {"fisher": {"head": {"missing": jnp.ones(1)}},
                                                "anchor": {"head": {"missing": jnp.ones(1)}}}})
+
+
+def test_l2sp_under_lora_penalises_the_merged_weight_change():
+    """An adapted layer's distance is ||scale (A B - A0 B0) + delta kernel||^2 (the merged weight the
+    model computes with), against numpy; other anchored leaves count as usual. The adapter
+    factors' own distance is a different number (B A and (B c)(A / c) merge to the same weight)."""
+    scale = 2.0
+    a0, b0, a, b = _arr(4, 2), _arr(2, 3), _arr(4, 2), _arr(2, 3)
+    bias, bias0 = _arr(3), _arr(3)
+    params = {"backbone": {"q": {"kernel": _arr(4, 3), "lora_a": a, "lora_b": b, "bias": bias}}}
+    anchor = {"backbone": {"q": {"lora_a": a0, "lora_b": b0, "bias": bias0}}}   # frozen kernel
+    extra = {"l2sp": {"anchor": jax.tree.map(jnp.asarray, anchor)}}
+    value, aux = l2sp_term(0.5, lora_scale=scale)(params, {}, {}, extra)
+    f64 = lambda x: np.asarray(x, np.float64)
+    merged = scale * (f64(a) @ f64(b) - f64(a0) @ f64(b0))
+    want = np.sum(merged ** 2) + np.sum((f64(bias) - f64(bias0)) ** 2)
+    np.testing.assert_allclose(float(aux["distance_sq"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(value), 0.25 * want, rtol=1e-5)
+    # the same merged weight through rescaled factors: the same penalty (the factors' one differs)
+    c = 3.0
+    rescaled = {"backbone": {"q": dict(params["backbone"]["q"], lora_a=a * c, lora_b=b / c)}}
+    np.testing.assert_allclose(float(l2sp_term(0.5, lora_scale=scale)(rescaled, {}, {}, extra)[1]["distance_sq"]),
+                               want, rtol=1e-5)
+    factors = float(l2sp_term(0.5)(rescaled, {}, {}, extra)[1]["distance_sq"])
+    assert abs(factors - want) > 0.1 * want
+    # a trainable kernel too: its change adds to the adapters' inside the one merged delta
+    kernel0 = _arr(4, 3)
+    both = {"l2sp": {"anchor": {"backbone": {"q": dict(anchor["backbone"]["q"], kernel=kernel0)}}}}
+    got = float(l2sp_term(0.5, lora_scale=scale)(params, {}, {}, both)[1]["distance_sq"])
+    delta = merged + f64(params["backbone"]["q"]["kernel"]) - f64(kernel0)
+    np.testing.assert_allclose(got, np.sum(delta ** 2) + np.sum((f64(bias) - f64(bias0)) ** 2), rtol=1e-5)
