@@ -60,13 +60,14 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force:
     distributed.initialize()
     trainer, sr, params, step = restore(cfg, path)
     sr.train_iter.close()
-    export_params(trainer, params, out, merge_lora, force)
+    export_params(trainer, params, out, merge_lora, force, fmt=fmt, gguf_type=gguf_type)
     _print(f"exported step {step} of {path} to {out}")
 
 
-def export_params(trainer: Trainer, params, out: str, merge_lora: bool, force: bool = False) -> None:
-    """Writes `params` of the trainer's model as an HF model directory at `out` (every process
-    takes part in gathering them; the primary writes)."""
+def export_params(trainer: Trainer, params, out: str, merge_lora: bool, force: bool = False, *,
+                  fmt: str = "hf", gguf_type: str = "f16") -> None:
+    """Writes `params` of the trainer's model at `out` as an HF model directory (`fmt` hf) or a
+    GGUF file (every process takes part in gathering them; the primary writes)."""
     host_params = trainer.frozen_base.full_precision(to_host(params))
     tasks = trainer.tasks
     if distributed.is_primary() and fmt == "gguf":
