@@ -296,6 +296,25 @@ def as_today(saved: dict) -> dict:
     written take their defaults (what that run did), so they are not changes on resume. A config
     today's schema rejects is returned as it was (every difference then shows)."""
     try:
-        return to_dict(Config.model_validate(saved))
+        return to_dict(Config.model_validate(_with_former_meanings(saved)))
     except pydantic.ValidationError:
         return saved
+
+
+def _with_former_meanings(saved: dict) -> dict:
+    """Keys added with a default that changed what an older config did are set to the old
+    behaviour: a replay section saved before `replay.loss` existed trained with the separate
+    loss, so resuming it under today's default shows as a change instead of silently switching."""
+    def former(replay):
+        if isinstance(replay, dict) and "loss" not in replay and (replay.get("ratio") or 0) > 0:
+            return {**replay, "loss": "separate"}
+        return replay
+    if not isinstance(saved, dict):
+        return saved
+    saved = dict(saved)
+    if "replay" in saved:
+        saved["replay"] = former(saved["replay"])
+    if isinstance(saved.get("stages"), list):
+        saved["stages"] = [{**s, "replay": former(s["replay"])} if isinstance(s, dict) and "replay" in s else s
+                           for s in saved["stages"]]
+    return saved

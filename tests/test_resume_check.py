@@ -88,3 +88,17 @@ def test_keys_added_to_the_engine_since_the_checkpoint_are_not_changes():
     assert compare_for_resume(as_today(saved), config(data__group_by_length=8))[0] == ["data.group_by_length: 0 -> 8"]
     garbled = dict(saved, optim={"lr": "fast"})
     assert as_today(garbled) is garbled
+
+
+def test_a_replay_run_saved_before_replay_loss_existed_keeps_its_loss():
+    """Such a run trained with the separate replay loss: resuming it under today's default (one
+    mean) is a change the resume check names, not a silent switch; a run without replay, or
+    one that says `replay.loss: separate`, resumes as before."""
+    from engine.config import as_today
+    old = config(replay__ratio=0.25)
+    del old["replay"]["loss"]
+    assert compare_for_resume(as_today(old), config(replay__ratio=0.25))[0] == ['replay.loss: "separate" -> "mean"']
+    assert compare_for_resume(as_today(old), config(replay__ratio=0.25, replay__loss="separate")) == ([], [])
+    no_replay = config()
+    del no_replay["replay"]["loss"]
+    assert compare_for_resume(as_today(no_replay), config()) == ([], [])
