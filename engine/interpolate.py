@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from pydantic import BaseModel
 
-from engine import distributed
+from engine import atomic, distributed
 from engine.checkpoint import Checkpointer
 from engine.config import Config, _leaf_types, as_today, validate
 from engine.train import Trainer, _print, evaluate_all, task_score
@@ -96,12 +96,15 @@ def _as_given(model_cls, tree: dict) -> dict:
 
 
 def _checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    """The run's checkpoint directory: summary.json names it relative to the run dir (a moved run
+    still interpolates); a run that has not finished keeps the default place."""
     summary = run_dir / "summary.json"
     if summary.is_file():
-        try:
-            return pathlib.Path(json.loads(summary.read_text())["checkpoints"])
-        except (ValueError, KeyError) as exc:
-            raise TenureError(f"{summary}: unreadable ({exc})") from None
+        record = atomic.read_json(summary, "interpolate an intact run, or rerun that one to its end")
+        if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
+            raise TenureError(f"{summary}: names no checkpoint directory; interpolate an intact run, "
+                              "or rerun that one to its end")
+        return run_dir / record["checkpoints"]
     return run_dir / "checkpoints"
 
 

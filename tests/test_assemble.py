@@ -76,8 +76,9 @@ def _check_compile_path(cfg):
 def test_compile_and_bench_lower_the_train_step_of_a_classifier(tmp_path):
     path, cfg = _config(tmp_path, "bert/seq_cls", "seq_cls", _glosses())
     train_text, labels, _ = _check_compile_path(cfg)
-    # bench: its schedule's length (warmup + steps x rounds + 1) set to the run's, its batch shape.
-    bench = BenchConfig(batch_size=ROWS, length=LENGTH, warmup=0, steps=1, rounds=STEPS - 1, num_labels=labels)
+    # bench: its schedule's length (warmup + (steps + 1) x rounds) set to the run's, its batch shape.
+    bench = BenchConfig(batch_size=ROWS, length=LENGTH, warmup=0, steps=STEPS - 1, rounds=1, num_labels=labels)
+    assert bench.total_steps == STEPS
     b = build_bench(cfg, bench, path)
     assert hlo(b.step_fn.lower(b.state, b.device_batches()[0])) == train_text
 
