@@ -227,3 +227,9 @@ def test_a_staged_run_scores_an_lm_eval_probe_as_the_harness_does_on_its_checkpo
 def test_a_stage_that_trains_an_lm_eval_probe_is_refused(tmp_path):
     with pytest.raises(TenureError, match="'general' is an lm_eval probe, scored but never trained"):
         _probe_config(tmp_path, ["defs", "general"])
+    from engine.config import validate
+    base = {"model": {"path": str(LLAMA)}, "stages": [{"tasks": ["general"]}]}
+    with pytest.raises(TenureError, match="tasks.general': an lm_eval task reads its data through lm-eval"):
+        validate(base | {"tasks": {"general": {"kind": "lm_eval", "tasks": ["tenure_kjv"], "data": {"test": "x"}}}})
+    with pytest.raises(TenureError, match="tasks.defs': `limit` applies to kind lm_eval only, not sft"):
+        validate(base | {"tasks": {"defs": {"kind": "sft", "limit": 4, "data": {"train": "x"}}}})
