@@ -135,6 +135,11 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained
         raise TenureError(f"tasks: every trained task of a run must share one model head, got {sorted(heads)} "
                           f"(kinds {[tasks[name].spec.kind for name in trained]})")
     head = heads.pop()
+    lm_eval = [name for name, task in tasks.items() if task.spec.kind == "lm_eval"]
+    if lm_eval and (head != "causal_lm" or type(backbone.arch).__name__ in ENCODER_FAMILIES):
+        raise TenureError(f"tasks.{lm_eval[0]}: an lm_eval probe scores the run's causal LM; this run trains a "
+                          f"{head} head on {type(backbone.arch).__name__} (lm_eval needs causal_lm / sft on a decoder)")
+    tasks = {name: lm_eval_metric(task) if name in lm_eval else task for name, task in tasks.items()}
     probes = {name for name, task in tasks.items() if KINDS[task.spec.kind].head != head}
     for name in sorted(probes):
         if tasks[name].spec.kind not in PROBE_KINDS:
@@ -143,6 +148,8 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained
                               f"({', '.join(PROBE_KINDS)}); a {tasks[name].spec.kind} head would be scored untrained")
     multi = len(tasks) > 1
     for name, task in tasks.items():  # before any data is read: choices that cannot work
+        if name in lm_eval:
+            continue
         where = f"tasks.{name}: " if multi else ""
         generation = (task.spec.kind == "sft" and task.spec.generation_examples > 0
                       and (task.data.format or "prompt_completion") == "prompt_completion")
@@ -163,12 +170,38 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained
         union = LabelVocab(label for labels in own_labels.values() for label in labels or ())
     by_name = {}
     for index, (name, task) in enumerate(tasks.items()):
+        if name in lm_eval:  # the harness reads its own documents: no batches (R from test, curves validation)
+            by_name[name] = RunTask(task, index, None, {"validation": [], "test": []})
+            continue
         eval_batches = {split: build_eval_batches(task.data, split, task.spec.kind, backbone.tokenizer, union,
                                                   task_id=index if multi else None,
                                                   batch_shards=batch_shards(backbone.mesh), **_where())
                         for split in ("validation", "test") if getattr(task.data, split)}
         by_name[name] = RunTask(task, index, own_labels[name], eval_batches, probe=name in probes)
     return Tasks(by_name, head, union, multi)
+
+
+def lm_eval_metric(task: Task) -> Task:
+    """`task` with the metric R records (`lm-eval task/metric`; default the first task's first metric)
+    and its direction (the harness's higher_is_better)."""
+    from engine.lm_eval_adapter import offline_error, task_manager_for
+    names = task.spec.tasks
+    try:
+        loaded = task_manager_for(names).load(names)["tasks"]
+    except KeyError as error:
+        raise TenureError(f"tasks.{task.name}.tasks: {error.args[0]}") from None
+    except ConnectionError as error:
+        raise offline_error(error) from None
+    higher = {}
+    for name in names:
+        if name not in loaded:
+            raise TenureError(f"tasks.{task.name}.tasks: {name!r} is not an lm-eval task (a group: list its tasks)")
+        higher |= {f"{name}/{metric}": better for metric, better in loaded[name].higher_is_better().items()}
+    metric = task.spec.metric or next(iter(higher))
+    if metric not in higher:
+        raise TenureError(f"tasks.{task.name}.metric: {metric!r} is none of the harness's metrics "
+                          f"({', '.join(higher)})")
+    return dataclasses.replace(task, metric=metric, mode=task.spec.mode or ("max" if higher[metric] else "min"))
 
 
 def _refuse_shared_labels(own_labels: dict[str, tuple | None]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine import yamlfile
 from engine.checkpoint import CheckpointConfig
@@ -67,11 +67,34 @@ class TaskConfig(Section):
 
 class TaskEntry(TaskConfig):
     """One named task of a staged run: the task fields, its data, and the metric R records."""
-    data: DataConfig = Field(description="this task's data (train / validation / test)")
+    data: DataConfig | None = Field(None, description="this task's data (train / validation / test); every kind "
+                                                      "but lm_eval needs it")
     metric: str | None = Field(None, description="metric recorded in the accuracy matrix; null = the kind's default "
-                                                 "(accuracy, f1, pearson, perplexity, recall@1)")
+                                                 "(accuracy, f1, pearson, perplexity, recall@1; lm_eval: the first "
+                                                 "task's first metric, named task/metric)")
     mode: Literal["max", "min"] | None = Field(None, description="whether a larger metric is better; null = the "
                                                                  "metric's own direction")
+    tasks: list[str] | None = Field(None, min_length=1, description="lm_eval: the lm-eval tasks scored (e.g. the "
+                                                                    "probes of data/probes: tenure_capitals_mc)")
+    limit: int | None = Field(None, ge=1, description="lm_eval: documents per task at the start and stage ends "
+                                                      "(R); null = all")
+    eval_limit: int | None = Field(None, ge=1, description="lm_eval: documents per task on the eval cadence (the "
+                                                           "curves); null = limit")
+
+    @model_validator(mode="after")
+    def _lm_eval_or_data(self):
+        if self.kind == "lm_eval":
+            if self.data is not None:
+                raise ValueError("an lm_eval task reads its data through lm-eval (tasks, limit): remove its data")
+            if not self.tasks:
+                raise ValueError("an lm_eval task needs `tasks`, the lm-eval task names it scores")
+        else:
+            if self.data is None:
+                raise ValueError(f"a {self.kind} task needs `data`")
+            for key in ("tasks", "limit", "eval_limit"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"`{key}` applies to kind lm_eval only, not {self.kind}")
+        return self
 
 
 class EarlyStoppingConfig(Section):

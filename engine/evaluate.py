@@ -111,13 +111,52 @@ class Evaluator:
         return scores
 
 
+class LMEvalProbe:
+    """An lm_eval task: the harness's tasks scored on the given params by the adapter's model
+    (`engine.lm_eval_adapter.TenureLM`), `limit` documents each; the batches are ignored (the
+    harness reads its own documents). Scores are named `<lm-eval task>/<metric>`."""
+    generate = None  # no prompting baseline of its own
+
+    def __init__(self, lm, tasks: list[str], limit: int | None) -> None:
+        from engine.lm_eval_adapter import task_manager_for
+        self.lm, self.tasks, self.limit = lm, list(tasks), limit
+        self.task_manager = task_manager_for(self.tasks)
+
+    def __call__(self, params, batches: Iterable[dict]) -> dict[str, float]:
+        import lm_eval
+        from engine.lm_eval_adapter import offline_error
+        self.lm.params = params  # one harness model per stage model: its jitted forward compiles once
+        try:
+            out = lm_eval.simple_evaluate(model=self.lm, tasks=self.tasks, limit=self.limit, bootstrap_iters=0,
+                                          log_samples=False, task_manager=self.task_manager, verbosity="WARNING")
+        except ConnectionError as error:
+            raise offline_error(error) from None
+        scores = {}
+        for task in self.tasks:
+            for key, value in out["results"][task].items():
+                metric, _, kept = key.partition(",")
+                if kept and "_stderr" not in metric:
+                    scores[f"{task}/{metric}" + (f",{kept}" if kept != "none" else "")] = float(value)
+        return scores
+
+
 def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> dict[str, dict[str, Evaluator]]:
     """task name -> split -> Evaluator, for every split each task's data names; `models` gives each
-    task's model (`engine.build.eval_models`)."""
+    task's model (`engine.build.eval_models`). An lm_eval task is scored on `limit` documents for
+    test (R) and `eval_limit` for validation (the eval cadence's curves)."""
     evaluators = {}
     reducers = {}
+    harness_models = {}
     for name, run_task in tasks.by_name.items():
         spec, data, model = run_task.task.spec, run_task.task.data, models[name]
+        if spec.kind == "lm_eval":
+            from engine.lm_eval_adapter import TenureLM, max_positions
+            if id(model) not in harness_models:
+                harness_models[id(model)] = TenureLM.of(model, None, tokenizer, max_length=max_positions(model.arch_cfg))
+            lm = harness_models[id(model)]
+            evaluators[name] = {"test": LMEvalProbe(lm, spec.tasks, spec.limit),
+                                "validation": LMEvalProbe(lm, spec.tasks, spec.eval_limit or spec.limit)}
+            continue
         if spec.kind not in reducers:  # one model per kind: the stage's, or one probe head
             reducers[spec.kind] = make_eval_step(model, mesh, param_shardings,
                                                  reduce_fn=functools.partial(reduce_batch, spec.kind))

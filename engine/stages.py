@@ -136,6 +136,9 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                               "a staged run: `tasks` and `stages`)")
         if cfg.task is None or cfg.data is None:
             raise TenureError(f"missing config key '{'data' if cfg.data is None else 'task'}'")
+        if cfg.task.kind == "lm_eval":
+            raise TenureError("config key 'task.kind': lm_eval is a probe of a staged run (`tasks:` + `stages:`), "
+                              "scored but never trained")
         task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
         _check_pack(cfg.task.kind, cfg.data, "")
         stage = Stage(0, SINGLE_TASK, {SINGLE_TASK: 1.0}, cfg.train.steps, cfg.trainable, cfg.optim,
@@ -149,10 +152,10 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         raise TenureError("config key 'stages': the list is empty; list at least one stage (`tasks`, `steps`)")
     tasks = {}
     for name, entry in cfg.tasks.items():
-        metric = entry.metric or KINDS[entry.kind].metric
-        tasks[name] = Task(name, entry, entry.data, metric,
+        metric = entry.metric or KINDS[entry.kind].metric  # lm_eval: chosen from the harness's task (engine/build.py)
+        tasks[name] = Task(name, entry, entry.data or DataConfig(), metric,
                            entry.mode or ("min" if metric in LOWER_IS_BETTER else "max"))
-        _check_pack(entry.kind, entry.data, f"tasks.{name}.")
+        _check_pack(entry.kind, tasks[name].data, f"tasks.{name}.")
     stages, seen = [], []
     for i, s in enumerate(cfg.stages):
         weights = dict(s.tasks) if isinstance(s.tasks, dict) else {t: 1.0 for t in s.tasks}
@@ -160,10 +163,16 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.tasks': unknown task {name!r} "
                                   f"(tasks: {', '.join(tasks)})")
+            if tasks[name].spec.kind == "lm_eval":
+                raise TenureError(f"config key 'stages.{i}.tasks': {name!r} is an lm_eval probe, scored but never "
+                                  "trained; train a task with data")
         ewc = s.ewc or cfg.ewc
         for name in ewc.tasks or ():
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.ewc.tasks': unknown task {name!r}")
+            if tasks[name].spec.kind == "lm_eval":
+                raise TenureError(f"config key 'stages.{i}.ewc.tasks': {name!r} is an lm_eval probe, which has no "
+                                  "training data for a Fisher")
         if s.guard is not None:
             for name in _names(s.guard.task):
                 if name not in seen:
@@ -187,6 +196,8 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
 
 def r_split(task: Task) -> str | None:
     """The split R's column of `task` is scored on: test, else validation (None: neither)."""
+    if task.spec.kind == "lm_eval":
+        return "test"  # the harness's own split of each task (test_split), `limit` documents
     return "test" if task.data.test else ("validation" if task.data.validation else None)
 
 

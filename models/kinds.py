@@ -34,6 +34,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("sft", "causal_lm", ("prompt_completion", "chat"), False, "perplexity", "min", "causal_lm"),
     Kind("mlm", "mlm", ("text",), False, "perplexity", "min", "token"),
     Kind("embedding", "embedding", ("retrieval",), False, "recall@1", "max", "info_nce"),
+    # lm-eval tasks scored on the run's causal LM, never trained (metric and direction: the harness's)
+    Kind("lm_eval", "causal_lm", (), False, "", "max", "none"),
 )}
 HEADS = tuple(dict.fromkeys(k.head for k in KINDS.values()))
 

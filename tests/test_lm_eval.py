@@ -190,3 +190,46 @@ def test_a_run_dir_scores_as_its_hf_export(tmp_path):
     untrained = TenureLM(checkpoint=str(LLAMA), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
     np.testing.assert_allclose([ll for ll, _ in from_run], [ll for ll, _ in from_export], rtol=1e-6)
     assert all(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(from_run, untrained))  # the trained weights
+
+
+def _probe_config(tmp_path, stage_tasks):
+    from engine.config import validate
+    return validate({
+        "run_dir": str(tmp_path), "model": {"path": str(LLAMA)},
+        "tasks": {"defs": {"kind": "sft", "generation_examples": 0, "few_shot": 0,
+                           "data": {"train": str(ROOT / "data/wordnet_sft/train.jsonl"),
+                                    "test": str(ROOT / "data/wordnet_sft/test.jsonl"),
+                                    "max_length": 32, "length_buckets": [32], "batch_size": 8}},
+                  "general": {"kind": "lm_eval", "tasks": ["tenure_capitals_mc"], "limit": 4}},
+        "stages": [{"tasks": stage_tasks, "steps": 2}],
+        "optim": {"lr": 1.0e-2}, "train": {"eval_every": 2},
+        "logging": {"progress": False, "tensorboard": False}})
+
+
+def test_a_staged_run_scores_an_lm_eval_probe_as_the_harness_does_on_its_checkpoint(tmp_path):
+    """An lm_eval task in a staged run is a column of R: scored on the starting model and at the
+    stage end, where it equals the harness's score of the run's saved checkpoint (checkpoint=RUN_DIR)."""
+    from engine.train import train
+    train(_probe_config(tmp_path, ["defs"]))
+    record = json.loads((tmp_path / "forgetting.json").read_text())
+    column = record["tasks"].index("general")
+    assert record["metric"]["general"] == "tenure_capitals_mc/acc" and record["split"]["general"] == "test"
+    tasks = ["tenure_capitals_mc"]
+    scores = {}
+    for checkpoint in (str(LLAMA), str(tmp_path)):  # the starting model, the trained one
+        out = simple_evaluate(model=TenureLM(checkpoint=checkpoint), tasks=tasks, limit=4, bootstrap_iters=0,
+                              log_samples=False, task_manager=task_manager_for(tasks))
+        scores[checkpoint] = out["results"]["tenure_capitals_mc"]["acc,none"]
+    assert record["start_row"][column] == scores[str(LLAMA)]
+    assert record["R"][0][column] == scores[str(tmp_path)]
+
+
+def test_a_stage_that_trains_an_lm_eval_probe_is_refused(tmp_path):
+    with pytest.raises(TenureError, match="'general' is an lm_eval probe, scored but never trained"):
+        _probe_config(tmp_path, ["defs", "general"])
+    from engine.config import validate
+    base = {"model": {"path": str(LLAMA)}, "stages": [{"tasks": ["general"]}]}
+    with pytest.raises(TenureError, match="tasks.general': an lm_eval task reads its data through lm-eval"):
+        validate(base | {"tasks": {"general": {"kind": "lm_eval", "tasks": ["tenure_kjv"], "data": {"test": "x"}}}})
+    with pytest.raises(TenureError, match="tasks.defs': `limit` applies to kind lm_eval only, not sft"):
+        validate(base | {"tasks": {"defs": {"kind": "sft", "limit": 4, "data": {"train": "x"}}}})
