@@ -91,24 +91,42 @@ def _without_cache(model, params, ids_BxL, mask_BxL, max_new_tokens):
     return start, advance
 
 
-def _ends_row(new_BxN, t, stop_sequences: tuple[tuple[int, ...], ...]) -> jax.Array:
+def _stop_table(eos_ids: tuple[int, ...], stop_sequences, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every ending sequence (each EOS id is one of length 1) right-aligned in an int32 table [S, M]
+    with its length [S] (0 in unused rows). S and M are rounded up to powers of two (at least 8)
+    so that stop sets of similar sizes share one compiled loop; sequences longer than
+    max_new_tokens, which can never complete, are left out."""
+    sequences = list(dict.fromkeys([(int(e),) for e in eos_ids]
+                                   + [tuple(int(i) for i in s) for s in stop_sequences if len(s) <= max_new_tokens]))
+    bucket = lambda n: max(8, 1 << (n - 1).bit_length())
+    width = bucket(max((len(s) for s in sequences), default=1))
+    table_SxM = np.zeros((bucket(len(sequences)), width), np.int32)
+    lengths_S = np.zeros(len(table_SxM), np.int32)
+    for row, sequence in enumerate(sequences):
+        table_SxM[row, width - len(sequence):] = sequence
+        lengths_S[row] = len(sequence)
+    return table_SxM, lengths_S
+
+
+def _ends_row(new_BxN, t, stops_SxM, stop_lengths_S) -> jax.Array:
     """Bool [B]: the generated tokens [0, t] end with one of the stop sequences."""
-    ended_B = jnp.zeros(new_BxN.shape[:1], bool)
-    for sequence in stop_sequences:
-        size = len(sequence)
-        tail_BxS = jax.lax.dynamic_slice_in_dim(new_BxN, jnp.maximum(t + 1 - size, 0), size, axis=1)
-        ended_B = ended_B | ((t + 1 >= size) & jnp.all(tail_BxS == jnp.asarray(sequence, new_BxN.dtype), axis=1))
-    return ended_B
+    width = stops_SxM.shape[1]
+    # The last `width` tokens up to t; -1 (no token id) stands before the first generated one.
+    padded_BxMN = jnp.concatenate([jnp.full((new_BxN.shape[0], width), -1, new_BxN.dtype), new_BxN], axis=1)
+    tail_BxM = jax.lax.dynamic_slice_in_dim(padded_BxMN, t + 1, width, axis=1)
+    needed_SxM = jnp.arange(width)[None, :] >= width - stop_lengths_S[:, None]
+    matches_BxSxM = (tail_BxM[:, None, :] == stops_SxM[None]) | ~needed_SxM[None]
+    return jnp.any(jnp.all(matches_BxSxM, axis=2) & (stop_lengths_S > 0)[None], axis=1)
 
 
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_sequences", "pad_id", "use_cache"))
-def _greedy_loop(params, ids_BxL, mask_BxL, *, model, max_new_tokens, stop_sequences, pad_id, use_cache):
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "use_cache"))
+def _greedy_loop(params, ids_BxL, mask_BxL, stops_SxM, stop_lengths_S, pad_id, *, model, max_new_tokens, use_cache):
     start, advance = (_with_cache if use_cache else _without_cache)(model, params, ids_BxL, mask_BxL, max_new_tokens)
 
     def emit(t, logits_BxV, new_BxN, done_B):
         token_B = jnp.where(done_B, pad_id, jnp.argmax(logits_BxV, axis=-1)).astype(new_BxN.dtype)
         new_BxN = jax.lax.dynamic_update_index_in_dim(new_BxN, token_B, t, axis=1)
-        return token_B, new_BxN, done_B | _ends_row(new_BxN, t, stop_sequences)
+        return token_B, new_BxN, done_B | _ends_row(new_BxN, t, stops_SxM, stop_lengths_S)
 
     def step(carry):
         t, token_B, state, new_BxN, done_B = carry
@@ -132,20 +150,20 @@ def greedy_generate(model: TaskModel, params, prompt_ids_BxL, prompt_mask_BxL, m
     """New token ids [B, max_new_tokens] (int32) of argmax decoding: each row up to and including
     its first `eos_id` (one id or several) or completed stop sequence, then `pad_id` (default: the
     first eos id, else 0). `model` is a TaskModel of kind causal_lm and `params` its params; equal
-    models share one compiled loop per prompt shape, max_new_tokens and stop set.
+    models share one compiled loop per prompt shape and max_new_tokens (EOS ids, stop sequences
+    and pad_id are data, in tables of a few sizes: see _stop_table).
     `use_cache=False` runs the reference loop without a KV cache (same tokens, far slower)."""
     if model.kind != "causal_lm":
         raise ValueError(f"greedy_generate needs a causal_lm TaskModel, got kind {model.kind!r}")
     eos_ids = () if eos_id is None else ((eos_id,) if isinstance(eos_id, (int, np.integer)) else tuple(eos_id))
     if any(len(s) == 0 for s in stop_sequences):
         raise ValueError("greedy_generate: a stop sequence is empty")
-    # A sequence longer than the new tokens can never complete.
-    stops = tuple(dict.fromkeys([(int(e),) for e in eos_ids] + [tuple(int(i) for i in s) for s in stop_sequences
-                                                                 if len(s) <= max_new_tokens]))
     pad = pad_id if pad_id is not None else (int(eos_ids[0]) if eos_ids else 0)
     ids_BxL, mask_BxL = left_align(prompt_ids_BxL, prompt_mask_BxL)
     if max_new_tokens == 0:
         return np.zeros((len(ids_BxL), 0), np.int32)
-    new_BxN = _greedy_loop(params, jnp.asarray(ids_BxL, jnp.int32), jnp.asarray(mask_BxL, jnp.int32), model=model,
-                           max_new_tokens=max_new_tokens, stop_sequences=stops, pad_id=int(pad), use_cache=use_cache)
+    stops_SxM, stop_lengths_S = _stop_table(eos_ids, stop_sequences, max_new_tokens)
+    new_BxN = _greedy_loop(params, jnp.asarray(ids_BxL, jnp.int32), jnp.asarray(mask_BxL, jnp.int32), stops_SxM,
+                           stop_lengths_S, jnp.int32(pad), model=model, max_new_tokens=max_new_tokens,
+                           use_cache=use_cache)
     return np.asarray(new_BxN)
