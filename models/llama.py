@@ -170,7 +170,8 @@ class LlamaBlock(nn.Module):
         h_BxLxD, layer_cache = (attended, None) if layer_cache is None else attended
         x_BxLxD = x_BxLxD + h_BxLxD
         h_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + SwiGLU(cfg.intermediate_size, self.dtype, init, self.lora, name="mlp")(h_BxLxD, deterministic)
+        h_BxLxD = SwiGLU(cfg.intermediate_size, self.dtype, init, self.lora, name="mlp")(h_BxLxD, deterministic)
+        x_BxLxD = x_BxLxD + h_BxLxD
         return x_BxLxD if layer_cache is None else (x_BxLxD, layer_cache)
 
 
