@@ -1,4 +1,5 @@
-"""BLEU/ROUGE for decoders: greedy completions of a split's prompts against references.
+"""BLEU/ROUGE for decoders: greedy completions (KV-cache decoding, models.generate) of a
+split's prompts against references.
 
 The same evaluator scores the base model zero-shot and few-shot (k training examples
 in the prompt) at the start of a run, so every SFT result has its prompting baseline.
@@ -26,11 +27,6 @@ class GenerationEval:
         self.max_new_tokens, self.batch_size = spec.max_new_tokens, batch_size
         self.max_prompt_length = data.max_length
 
-        def logits(params, ids_BxT, mask_BxT, positions_BxT):
-            batch = {"input_ids": ids_BxT, "attention_mask": mask_BxT, "positions": positions_BxT}
-            return self.model.apply({"params": params}, batch, deterministic=True)["logits"]
-        self._logits = logits  # one object, so the decoding loop compiles once
-
     def _prompt_ids(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and mask [len(prompts), W]: W is the longest prompt of the whole call,
         so every chunk of one call has the same shape (padding does not change the result:
@@ -55,7 +51,7 @@ class GenerationEval:
                 fill = self.batch_size - real  # one shape, one compiled decoding loop per call
                 ids_BxL = np.concatenate([ids_BxL, np.repeat(ids_BxL[:1], fill, 0)])
                 mask_BxL = np.concatenate([mask_BxL, np.repeat(mask_BxL[:1], fill, 0)])
-            new_BxN = greedy_generate(self._logits, params, ids_BxL, mask_BxL, self.max_new_tokens,
+            new_BxN = greedy_generate(self.model, params, ids_BxL, mask_BxL, self.max_new_tokens,
                                       eos_id=self.tokenizer.eos_token_id)[:real]
             hypotheses += [t.split("\n")[0].strip() for t in
                            self.tokenizer.batch_decode(new_BxN, skip_special_tokens=True)]

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from models.errors import TenureError
 from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import ACTIVATIONS, Dropout, LayerNorm, Mlp, MultiHeadAttention, layer_boundary
-from models.layers import remat_module, vocab_logits
+from models.layers import ACTIVATIONS, Dropout, KVCache, LayerCache, LayerNorm, Mlp, MultiHeadAttention
+from models.layers import layer_boundary, remat_module, vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import positions_from_segments
@@ -46,6 +46,10 @@ class GPT2Config:
     @property
     def mlp_size(self) -> int:
         return self.mlp_hidden or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
     @classmethod
     def from_hf(cls, d: dict) -> "GPT2Config":
@@ -116,20 +120,24 @@ class GPT2Block(nn.Module):
     attention: str = "einsum"
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic: bool = True):
+    def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic: bool = True,
+                 layer_cache: LayerCache | None = None):
+        """-> x_BxLxD, or (x_BxLxD, layer_cache) when decoding with a cache (MultiHeadAttention)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         h_BxLxD = LayerNorm(cfg.layer_norm_eps, self.dtype, name="attn_norm")(x_BxLxD)
-        h_BxLxD = MultiHeadAttention(
-            num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads, qkv_bias=True, out_bias=True,
+        attended = MultiHeadAttention(
+            num_heads=cfg.num_heads, head_dim=cfg.head_dim, qkv_bias=True, out_bias=True,
             dropout_rate=cfg.attn_dropout, dtype=self.dtype, kernel_init=init, lora=self.lora,
             names=("c_attn_q", "c_attn_k", "c_attn_v", "c_proj"), attention=self.attention, name="attn",
-        )(h_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
+        )(h_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, layer_cache)
+        h_BxLxD, layer_cache = (attended, None) if layer_cache is None else attended
         x_BxLxD = x_BxLxD + Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = LayerNorm(cfg.layer_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD)
         h_BxLxD = Mlp(cfg.mlp_size, cfg.activation, True, self.dtype, init, self.lora,
                       names=("c_fc", "c_proj"), name="mlp")(h_BxLxD, deterministic)
-        return x_BxLxD + Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
+        x_BxLxD = x_BxLxD + Dropout(cfg.resid_dropout)(h_BxLxD, deterministic=deterministic)
+        return x_BxLxD if layer_cache is None else (x_BxLxD, layer_cache)
 
 
 class GPT2Decoder(nn.Module):
@@ -141,7 +149,7 @@ class GPT2Decoder(nn.Module):
     token among the real tokens of its segment, so left padding does not shift them.
     Each stage's output is sown to "intermediates"/"hidden_states" (embeddings, layers_0, ...).
     scan_layers runs the layers under jax.lax.scan (models.layer_scan): same params, same outputs,
-    one compiled layer body; greedy generation (models.generate, no KV cache) re-runs this forward.
+    one compiled layer body. `init_cache` / `decode` run it with a KV cache (models.generate).
     """
 
     config: GPT2Config
@@ -199,6 +207,27 @@ class GPT2Decoder(nn.Module):
                     self.sow("intermediates", "hidden_states", output_BxLxD)
             x_BxLxD = self._stage_out(layer_range.stop, x_BxLxD)
         return x_BxLxD
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache of `length` slots per row, in the compute dtype (for `decode`)."""
+        cfg = self.config
+        if length > cfg.max_positions:
+            raise TenureError(f"generation: prompt + new tokens need {length} positions; this gpt2 model has "
+                              f"n_positions={cfg.max_positions} (shorten the prompt or max_new_tokens)")
+        return KVCache.empty(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, self.dtype)
+
+    def decode(self, input_ids_BxL, attention_mask_BxL, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run L new tokens per row after the ones in `cache` (a prompt, then one token at a time):
+        (hidden_BxLxD after ln_f, the cache with their keys and values). Positions and masks are
+        those `__call__` computes on the whole sequence. The layers run unrolled even under
+        scan_layers (a scanned step would copy the stacked params every token)."""
+        cache, positions_BxL, _, mask_Bx1xLxT = cache.extend(attention_mask_BxL)
+        x_BxLxD = self.embeddings(input_ids_BxL, positions_BxL)
+        layer_caches = []
+        for i, layer in enumerate(self.layers):
+            x_BxLxD, layer_cache = layer(x_BxLxD, mask_Bx1xLxT, positions_BxL, True, cache.layer(i))
+            layer_caches.append(layer_cache)
+        return self.final_norm(x_BxLxD), cache.with_layers(layer_caches, input_ids_BxL.shape[1])
 
     def vocab_table(self):
         """The tied LM head: the token embedding [V, D] in the compute dtype."""

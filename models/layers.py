@@ -25,7 +25,10 @@ Public API:
                      dropout_rate=0.0, dtype, kernel_init, lora, names=(q, k, v, o), rope=None,
                      attention="einsum")
                     (x_BxLxD, mask_Bx1xLxL, positions_BxL=None, deterministic=True) -> [B, L, D]
+                    (x_BxLxD, mask_Bx1xLxT, positions_BxL, deterministic, layer_cache) -> ([B, L, D], layer_cache)
      rope: callable(x_BxLxHxDh, positions_BxL) -> x_BxLxHxDh applied to q and k.
+     layer_cache (LayerCache, decoding): the L new tokens' keys and values are written to its
+     slots [index, index + L) and the queries attend to all T slots under mask_Bx1xLxT.
      attention: "einsum" (dot_product_attention) always; "xla" / "cudnn" run library_attention
      whenever no attention dropout is drawn (deterministic, or dropout_rate 0) and the einsum
      path otherwise, so training with attention dropout computes exactly what "einsum" does.
@@ -33,6 +36,9 @@ Public API:
   Mlp(hidden, activation="gelu", use_bias=True, dtype, kernel_init, lora, names=("fc_in", "fc_out"))(x)
   SwiGLU(hidden, dtype, kernel_init, lora, names=("gate_proj", "up_proj", "down_proj"))(x)
   ACTIVATIONS: HF activation name -> function ("gelu" is exact erf, "gelu_new" is tanh).
+  KVCache.empty(num_layers, batch, length, num_kv_heads, head_dim, dtype); cache.extend(attention_mask_BxL)
+     -> (cache with the new tokens' mask, positions_BxL, positions_BxT, causal mask [B, 1, L, T]);
+     cache.layer(i) -> LayerCache; cache.with_layers(layer_caches, length) (decoders' `decode`).
   remat_module(module_cls, mode, static_argnums) -> module_cls wrapped in nn.remat
      ("none" | "full" | "dots"); for `__call__(self, x, mask, positions, deterministic)` pass
      static_argnums=(4,) (self counts as argument 0).
@@ -40,9 +46,10 @@ Public API:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -277,6 +284,57 @@ def library_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, *, imple
     return out_BxLxHxDh
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values [B, T, K, Dh] and the slot its next tokens go to (int32 [])."""
+
+    keys_BxTxKxDh: jax.Array
+    values_BxTxKxDh: jax.Array
+    index: jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Every layer's keys and values for decoding, in fixed-size slots [0, T): slots [0, index)
+    hold the tokens run so far (real or padding, as mask_BxT says), the rest are free.
+
+    Positions are cumsum(mask) - 1 over the slots (0 on padding): the positions a full forward
+    over the same tokens computes, so learned positions and RoPE match it."""
+
+    keys_NxBxTxKxDh: jax.Array
+    values_NxBxTxKxDh: jax.Array
+    mask_BxT: jax.Array      # int32: 1 on real tokens written so far; 0 on padding and free slots
+    index: jax.Array         # int32 []: the first free slot
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
+              dtype: Dtype) -> "KVCache":
+        zeros = jnp.zeros((num_layers, batch, length, num_kv_heads, head_dim), dtype)
+        return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def extend(self, attention_mask_BxL: jax.Array) -> tuple["KVCache", jax.Array, jax.Array, jax.Array]:
+        """Reserve slots [index, index + L) for L new tokens with this mask: (the cache with their
+        mask written, their positions [B, L], every slot's positions [B, T], and the attention
+        mask [B, 1, L, T]: query slot s sees key slot j iff j holds a real token and j <= s)."""
+        length = attention_mask_BxL.shape[1]
+        mask_BxT = jax.lax.dynamic_update_slice_in_dim(
+            self.mask_BxT, attention_mask_BxL.astype(jnp.int32), self.index, axis=1)
+        positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0).astype(jnp.int32)
+        positions_BxL = jax.lax.dynamic_slice_in_dim(positions_BxT, self.index, length, axis=1)
+        query_slots_L = self.index + jnp.arange(length)
+        causal_LxT = jnp.arange(mask_BxT.shape[1])[None, :] <= query_slots_L[:, None]
+        attend_Bx1xLxT = ((mask_BxT != 0)[:, None, :] & causal_LxT[None])[:, None]
+        return self.replace(mask_BxT=mask_BxT), positions_BxL, positions_BxT, attend_Bx1xLxT
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.keys_NxBxTxKxDh[i], self.values_NxBxTxKxDh[i], self.index)
+
+    def with_layers(self, layer_caches: list[LayerCache], length: int) -> "KVCache":
+        """The cache after every layer wrote its `length` new tokens."""
+        return self.replace(keys_NxBxTxKxDh=jnp.stack([c.keys_BxTxKxDh for c in layer_caches]),
+                            values_NxBxTxKxDh=jnp.stack([c.values_BxTxKxDh for c in layer_caches]),
+                            index=self.index + length)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention: Dense q/k/v ([D, H*Dh] / [D, K*Dh]), attention, Dense output [H*Dh, D]."""
 
@@ -294,7 +352,11 @@ class MultiHeadAttention(nn.Module):
     attention: str = "einsum"        # einsum | xla | cudnn (see library_attention)
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL=None, deterministic: bool = True):
+    def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL=None, deterministic: bool = True,
+                 layer_cache: LayerCache | None = None):
+        """Keys are the L tokens themselves (S = L, mask [B, 1, L, L]) or, given `layer_cache`,
+        its T slots with the L new tokens written at [index, index + L) (S = T, mask [B, 1, L, T]);
+        then the updated LayerCache is returned with the output."""
         batch, length, embed = x_BxLxD.shape
         num_kv = self.num_kv_heads or self.num_heads
         dense = lambda feats, axes, bias, name: Dense(
@@ -304,25 +366,32 @@ class MultiHeadAttention(nn.Module):
         k = dense(num_kv * self.head_dim, ("embed", "kv_heads"), self.qkv_bias, k_name)(x_BxLxD, deterministic)
         v = dense(num_kv * self.head_dim, ("embed", "kv_heads"), self.qkv_bias, v_name)(x_BxLxD, deterministic)
         q_BxLxHxDh = q.reshape(batch, length, self.num_heads, self.head_dim)
-        k_BxLxKxDh = k.reshape(batch, length, num_kv, self.head_dim)
-        v_BxLxKxDh = v.reshape(batch, length, num_kv, self.head_dim)
+        k_BxSxKxDh = k.reshape(batch, length, num_kv, self.head_dim)
+        v_BxSxKxDh = v.reshape(batch, length, num_kv, self.head_dim)
         if self.rope is not None:
             q_BxLxHxDh = self.rope(q_BxLxHxDh, positions_BxL)
-            k_BxLxKxDh = self.rope(k_BxLxKxDh, positions_BxL)
+            k_BxSxKxDh = self.rope(k_BxSxKxDh, positions_BxL)
+        if layer_cache is not None:
+            write = lambda slots_BxTxKxDh, new_BxLxKxDh: jax.lax.dynamic_update_slice_in_dim(
+                slots_BxTxKxDh, new_BxLxKxDh.astype(slots_BxTxKxDh.dtype), layer_cache.index, axis=1)
+            layer_cache = LayerCache(write(layer_cache.keys_BxTxKxDh, k_BxSxKxDh),
+                                     write(layer_cache.values_BxTxKxDh, v_BxSxKxDh), layer_cache.index)
+            k_BxSxKxDh, v_BxSxKxDh = layer_cache.keys_BxTxKxDh, layer_cache.values_BxTxKxDh
         needs_rng = not deterministic and self.dropout_rate > 0.0
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; "
                              f"got {self.attention!r}")
         if self.attention != "einsum" and not needs_rng:
-            out_BxLxHxDh = library_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL,
+            out_BxLxHxDh = library_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS,
                                              implementation=self.attention, dtype=self.dtype)
         else:  # einsum, or attention dropout (jax.nn.dot_product_attention has none)
             out_BxLxHxDh = dot_product_attention(
-                q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL, dropout_rate=self.dropout_rate,
+                q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, dropout_rate=self.dropout_rate,
                 dropout_rng=self.make_rng("dropout") if needs_rng else None,
                 deterministic=deterministic, dtype=self.dtype)
         out_BxLxHD = out_BxLxHxDh.reshape(batch, length, self.num_heads * self.head_dim)
-        return dense(embed, ("heads", "embed"), self.out_bias, o_name)(out_BxLxHD, deterministic)
+        out_BxLxD = dense(embed, ("heads", "embed"), self.out_bias, o_name)(out_BxLxHD, deterministic)
+        return out_BxLxD if layer_cache is None else (out_BxLxD, layer_cache)
 
 
 class LayerNorm(nn.Module):

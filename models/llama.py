@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from models.errors import TenureError
 from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import MultiHeadAttention, RMSNorm, SwiGLU, layer_boundary, remat_module, vocab_logits
+from models.layers import KVCache, LayerCache, MultiHeadAttention, RMSNorm, SwiGLU, layer_boundary, remat_module
+from models.layers import vocab_logits
 from models.layers import attention_mask as segment_mask
 from models.lora import LoRASpec
 from models.rope import RopeSpec, apply_rope, inverse_frequencies, positions_from_segments, sliding_window_mask
@@ -154,19 +155,24 @@ class LlamaBlock(nn.Module):
     attention: str = "einsum"
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic: bool = True):
+    def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic: bool = True,
+                 layer_cache: LayerCache | None = None):
+        """-> x_BxLxD, or (x_BxLxD, layer_cache) when decoding with a cache (MultiHeadAttention)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         h_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x_BxLxD)
-        h_BxLxD = MultiHeadAttention(
+        attended = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
             qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, dropout_rate=cfg.attention_dropout, dtype=self.dtype,
             kernel_init=init, lora=self.lora, rope=_rope(cfg.rope, cfg.head_dim), attention=self.attention,
             name="attn",
-        )(h_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
+        )(h_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, layer_cache)
+        h_BxLxD, layer_cache = (attended, None) if layer_cache is None else attended
         x_BxLxD = x_BxLxD + h_BxLxD
         h_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x_BxLxD)
-        return x_BxLxD + SwiGLU(cfg.intermediate_size, self.dtype, init, self.lora, name="mlp")(h_BxLxD, deterministic)
+        h_BxLxD = SwiGLU(cfg.intermediate_size, self.dtype, init, self.lora, name="mlp")(h_BxLxD, deterministic)
+        x_BxLxD = x_BxLxD + h_BxLxD
+        return x_BxLxD if layer_cache is None else (x_BxLxD, layer_cache)
 
 
 class LlamaDecoder(nn.Module):
@@ -178,7 +184,7 @@ class LlamaDecoder(nn.Module):
     among the real tokens of its segment. Each stage output is sown to
     "intermediates"/"hidden_states" (embeddings, layers_0, ...).
     scan_layers runs the layers under jax.lax.scan (models.layer_scan): same params, same outputs,
-    one compiled layer body; greedy generation (models.generate, no KV cache) re-runs this forward.
+    one compiled layer body. `init_cache` / `decode` run it with a KV cache (models.generate).
     """
 
     config: LlamaConfig
@@ -243,6 +249,30 @@ class LlamaDecoder(nn.Module):
                     self.sow("intermediates", "hidden_states", output_BxLxD)
             x_BxLxD = self._stage_out(layer_range.stop, x_BxLxD)
         return x_BxLxD
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache of `length` slots per row, in the compute dtype (for `decode`)."""
+        cfg = self.config
+        return KVCache.empty(cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+
+    def decode(self, input_ids_BxL, attention_mask_BxL, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run L new tokens per row after the ones in `cache` (a prompt, then one token at a time):
+        (hidden_BxLxD after the final RMSNorm, the cache with their keys and values). Positions and
+        masks are those `__call__` computes on the whole sequence (padding, causal, sliding window).
+        The layers run unrolled even under scan_layers (a scanned step would copy the stacked
+        params every token)."""
+        cfg = self.config
+        cache, positions_BxL, positions_BxT, full_Bx1xLxT = cache.extend(attention_mask_BxL)
+        sliding_Bx1xLxT = None
+        if cfg.sliding_window is not None:
+            sliding_Bx1xLxT = full_Bx1xLxT & sliding_window_mask(positions_BxL, cfg.sliding_window, positions_BxT)
+        x_BxLxD = self.embeddings(input_ids_BxL)
+        layer_caches = []
+        for i, layer in enumerate(self.layers):
+            mask_Bx1xLxT = sliding_Bx1xLxT if cfg.is_sliding(i) else full_Bx1xLxT
+            x_BxLxD, layer_cache = layer(x_BxLxD, mask_Bx1xLxT, positions_BxL, True, cache.layer(i))
+            layer_caches.append(layer_cache)
+        return self.final_norm(x_BxLxD), cache.with_layers(layer_caches, input_ids_BxL.shape[1])
 
     def vocab_table(self):
         """The tied LM head: the token embedding [V, D] in the compute dtype."""

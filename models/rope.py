@@ -104,8 +104,11 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
     return jnp.where(seg_BxL != 0, count_BxL, 0).astype(jnp.int32)
 
 
-def sliding_window_mask(positions_BxL: jax.Array, window: int) -> jax.Array:
-    """Bool [B, 1, L, L]: key within `window` tokens of the query (HF Mistral: q - k < window).
+def sliding_window_mask(positions_BxL: jax.Array, window: int,
+                        key_positions_BxS: jax.Array | None = None) -> jax.Array:
+    """Bool [B, 1, L, S]: key within `window` tokens of the query (HF Mistral: q - k < window).
+    Keys are the queries themselves (S = L) unless `key_positions_BxS` is given (a KV cache's slots).
     Positions count tokens inside a segment, so this equals HF's index distance on real tokens."""
     pos_BxL = jnp.asarray(positions_BxL)
-    return ((pos_BxL[:, :, None] - pos_BxL[:, None, :]) < window)[:, None]
+    key_pos_BxS = pos_BxL if key_positions_BxS is None else jnp.asarray(key_positions_BxS)
+    return ((pos_BxL[:, :, None] - key_pos_BxS[:, None, :]) < window)[:, None]
