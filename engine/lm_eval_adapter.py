@@ -170,10 +170,6 @@ class TenureLM(TemplateLM):
         if tokenizer.eos_token_id is None:
             raise TenureError("lm-eval: the tokenizer has no EOS token (the harness's end-of-text token)")
 
-        def logits(params, ids_BxT, mask_BxT, positions_BxT):
-            batch = {"input_ids": ids_BxT, "attention_mask": mask_BxT, "positions": positions_BxT}
-            return model.apply({"params": params}, batch, deterministic=True)["logits"]
-
         def token_scores(params, ids_BxT, mask_BxT, targets_BxT):
             """Log-probability of each target token and whether it is the argmax."""
             batch = {"input_ids": ids_BxT, "attention_mask": mask_BxT}
@@ -182,7 +178,6 @@ class TenureLM(TemplateLM):
             chosen_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
             return chosen_BxT, jnp.argmax(logp_BxTxV, axis=-1) == targets_BxT
 
-        self._logits = logits  # one object: greedy_generate's compiled loop is reused across calls
         self._token_scores = jax.jit(token_scores)
 
     @classmethod
@@ -296,6 +291,8 @@ class TenureLM(TemplateLM):
                 raise TenureError(f"lm-eval: max_gen_toks {new_tokens} leaves no room for a context within "
                                   f"max_length {self.max_length}")
             contexts = {i: self.tok_encode(requests[i].args[0])[-context_limit:] for i in indices}
+            # Rows end early on the stop strings' tokens; the text is still cut at the strings below.
+            stop_ids = [ids for ids in (self.tok_encode(text, add_special_tokens=False) for text in until) if ids]
             order = sorted(indices, key=lambda i: -len(contexts[i]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
@@ -306,8 +303,9 @@ class TenureLM(TemplateLM):
                     ids_BxL[row, width - len(contexts[i]):] = contexts[i]
                     mask_BxL[row, width - len(contexts[i]):] = 1
                 mask_BxL[len(chunk):, -1] = 1  # filler rows decode one dummy token, ignored
-                new_BxN = greedy_generate(self._logits, self.params, ids_BxL, mask_BxL, new_tokens,
-                                          eos_id=self.eot_token_id, pad_id=self.eot_token_id)
+                new_BxN = greedy_generate(self.model, self.params, ids_BxL, mask_BxL, new_tokens,
+                                          eos_id=self.eot_token_id, pad_id=self.eot_token_id,
+                                          stop_sequences=stop_ids)
                 for row, i in enumerate(chunk):
                     text = self.tokenizer.decode(new_BxN[row].tolist(), skip_special_tokens=True)
                     outputs[i] = postprocess_generated_text(text, until, None)

@@ -133,7 +133,7 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_sequence(lm, referenc
     for row, prompt in enumerate(prompts):  # in the given order (the adapter sorts by length)
         ids = tokenizer.encode(prompt)[-width:]
         ids_BxW[row, width - len(ids):], mask_BxW[row, width - len(ids):] = ids, 1
-    new_BxN = greedy_generate(lm._logits, lm.params, ids_BxW, mask_BxW, 8, eos_id=tokenizer.eos_token_id)
+    new_BxN = greedy_generate(lm.model, lm.params, ids_BxW, mask_BxW, 8, eos_id=tokenizer.eos_token_id)
     assert free == tokenizer.batch_decode(new_BxN.tolist(), skip_special_tokens=True)
     text = max(free, key=len)
     assert len(text) >= 6
