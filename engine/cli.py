@@ -9,36 +9,36 @@ import argparse
 import os
 import sys
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 
 def _with_compilation_cache() -> None:
-    """Train and eval keep their compiled steps in the persistent cache (engine/xla_env.py): the
+    """Train and eval keep their compiled steps in the persistent cache (engine/runtime/xla_env.py): the
     next run with the same shapes, a study's other arms, a resume, skip those compiles."""
-    from engine.xla_env import enable_compilation_cache
+    from tenure.engine.runtime.xla_env import enable_compilation_cache
     enable_compilation_cache()
 
 
 def _cmd_train(args) -> int:
-    from engine.config import load_config
-    from engine.train import train
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.train.trainer import train
     _with_compilation_cache()
     train(load_config(args.config, args.overrides), restart=args.restart, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from engine.config import load_config
-    from engine.commands import evaluate_checkpoint
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.tools.commands import evaluate_checkpoint
     _with_compilation_cache()
     evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.split)
     return 0
 
 
 def _cmd_data_inspect(args) -> int:
-    from engine.config import load_config
-    from engine.data.inspect import inspect_data
-    from models.hf import load_tokenizer, resolve_model_dir
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.data.inspect import inspect_data
+    from tenure.models.hf import load_tokenizer, resolve_model_dir
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model.path))
     print(inspect_data(cfg.data, cfg.task.kind, tokenizer))
@@ -46,23 +46,23 @@ def _cmd_data_inspect(args) -> int:
 
 
 def _cmd_lm_eval(args) -> int:
-    from engine.lm_eval_adapter import run_harness
+    from tenure.engine.tasks.lm_eval_adapter import run_harness
     _with_compilation_cache()
     return run_harness(args.lm_eval_args)
 
 
 def _cmd_hf_check(args) -> int:
-    from models.parity import check_parity
+    from tenure.models.parity import check_parity
     report = check_parity(args.dir, tolerance=args.tolerance)
     print(report.summary())
     return 0 if report.ok else 1
 
 
 def _cmd_export(args) -> int:
-    from engine.config import load_config
-    from engine.commands import export_checkpoint
-    from models.gguf import check_gguf_target
-    from models.hf import check_export_target
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.tools.commands import export_checkpoint
+    from tenure.models.gguf import check_gguf_target
+    from tenure.models.hf import check_export_target
     if args.format == "gguf":  # refuse before restoring anything
         if args.lora_adapter:
             raise TenureError("export: --lora-adapter writes a PEFT adapter directory; a GGUF export merges LoRA")
@@ -77,7 +77,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_interpolate(args) -> int:
-    from engine.interpolate import interpolate, parse_alphas
+    from tenure.engine.continual.interpolate import interpolate, parse_alphas
     if args.alphas is None and args.export is None:
         raise TenureError("interpolate: give --alphas (the curve) and/or --export ALPHA --out DIR")
     _with_compilation_cache()
@@ -144,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="counts, labels, lengths, duplicates and bad records per split"))
     p.set_defaults(fn=_cmd_data_inspect)
 
-    from engine.bench import add_bench_parser
-    from engine.study import add_study_parser
+    from tenure.engine.tools.bench import add_bench_parser
+    from tenure.engine.study import add_study_parser
     add_bench_parser(sub)
     add_study_parser(sub)
-    from engine.preflight import add_parser as add_launch_parser
+    from tenure.engine.tools.preflight import add_parser as add_launch_parser
     add_launch_parser(sub, with_config)
-    from engine.aot import add_parser as add_compile_parser
+    from tenure.engine.tools.aot import add_parser as add_compile_parser
     add_compile_parser(sub, with_config)
 
     # Listed here for --help; main() hands everything after `lm-eval` to lm-eval's own parser.
@@ -204,7 +204,7 @@ def entry() -> None:
     "Check failed: available_.size() == num_created_") when one is destroyed with a computation
     still in flight, e.g. one whose result nothing waited for: a finished run must not end with
     exit code -6. Everything the run wrote (checkpoints, logs, exports) is closed by main() by now."""
-    from engine.host_memory import keep_freed_memory
+    from tenure.engine.runtime.host_memory import keep_freed_memory
     try:
         keep_freed_memory()  # before JAX starts its threads
     except TenureError as exc:

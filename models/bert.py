@@ -13,10 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
-from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import Dropout, LayerNorm, Mlp, MultiHeadAttention, layer_boundary, remat_module, vocab_logits
-from models.lora import LoRASpec
+from tenure.models import layers
+from tenure.models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
+from tenure.models.layers import Dropout, LayerNorm, Mlp, MultiHeadAttention, layer_boundary, remat_module, vocab_logits
+from tenure.models.lora import LoRASpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class BertConfig:
     def from_hf(cls, d: dict) -> "BertConfig":
         model_type = d.get("model_type", "bert")
         if d.get("position_embedding_type", "absolute") != "absolute":
-            from models.errors import TenureError
+            from tenure.models.errors import TenureError
             raise TenureError(f"config.json: position_embedding_type={d['position_embedding_type']!r} "
                               "is not supported (only 'absolute')")
         names = {f.name for f in dataclasses.fields(cls)} - {"position_offset", "model_type", "pooler"}
@@ -133,8 +133,8 @@ class BertEncoder(nn.Module):
 
     frozen_prefix: leading stages ([embeddings, layers_0, ...]) run forward-only.
     remat: "none" | "full" | "dots" (nn.remat of each layer).
-    attention: "einsum" | "xla" | "cudnn" (models.layers.MultiHeadAttention).
-    scan_layers: run the layers under jax.lax.scan (models.layer_scan), same params and outputs.
+    attention: "einsum" | "xla" | "cudnn" (tenure.models.layers.MultiHeadAttention).
+    scan_layers: run the layers under jax.lax.scan (tenure.models.layer_scan), same params and outputs.
     """
 
     config: BertConfig

@@ -6,7 +6,7 @@ left-aligned so that every row's next token goes to the same column. Positions a
 (GPT-2) see the same positions as in HF.
 
 With the cache (the default): one prefill runs the [B, L] prompt and writes every layer's keys
-and values into a cache of L + max_new_tokens - 1 slots (models.layers.KVCache, [layers, B, T,
+and values into a cache of L + max_new_tokens - 1 slots (tenure.models.layers.KVCache, [layers, B, T,
 kv_heads, head_dim]; the last new token is never fed back); then a jitted while loop with static
 shapes runs one token per row per step and projects only that position to logits [B, V]. The
 loop ends when every row has ended.
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import KVCache, vocab_logits
-from models.tasks import TaskModel
+from tenure.models.layers import KVCache, vocab_logits
+from tenure.models.tasks import TaskModel
 
 
 def left_align(ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

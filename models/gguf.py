@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 ARCHITECTURES = ("llama", "qwen2")
 LAYER_TENSORS = {  # GGUF name within blk.{i} -> HF name within model.layers.{i}
@@ -198,8 +198,8 @@ def _tokenizer(reader, path: Path):
 
 def load_gguf(path: str | Path, with_tokenizer: bool = True,
               with_weights: bool = True) -> tuple[Any, dict, dict | None, Any]:
-    """(arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None), as models.hf.load_hf."""
-    from models import hf_llama
+    """(arch_cfg, backbone_params, head_params_or_None, tokenizer_or_None), as tenure.models.hf.load_hf."""
+    from tenure.models import hf_llama
     path = Path(path)
     reader = _reader(path)
     config = _config(reader, path)
@@ -277,8 +277,8 @@ def export_gguf(out: str | Path, arch_cfg, params: dict, task_kind: str, source:
     import gguf
     import jax
     import flax.linen as nn
-    from models import hf_llama
-    from models.lora import lora_paths, merge_lora, strip_lora
+    from tenure.models import hf_llama
+    from tenure.models.lora import lora_paths, merge_lora, strip_lora
     out, source = Path(out), Path(source)
     if task_kind != "causal_lm":
         raise TenureError(f"export: a {task_kind} model has no LM head; GGUF export takes causal LM "

@@ -15,13 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.errors import TenureError
-from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import ACTIVATIONS, Dropout, KVCache, LayerCache, LayerNorm, Mlp, MultiHeadAttention
-from models.layers import layer_boundary, remat_module, vocab_logits
-from models.layers import attention_mask as segment_mask
-from models.lora import LoRASpec
-from models.rope import positions_from_segments
+from tenure.models.errors import TenureError
+from tenure.models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
+from tenure.models.layers import ACTIVATIONS, Dropout, KVCache, LayerCache, LayerNorm, Mlp, MultiHeadAttention
+from tenure.models.layers import layer_boundary, remat_module, vocab_logits
+from tenure.models.layers import attention_mask as segment_mask
+from tenure.models.lora import LoRASpec
+from tenure.models.rope import positions_from_segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +148,8 @@ class GPT2Decoder(nn.Module):
     them is not part of the GPT-2 tokenizer's outputs). Positions default to the index of each
     token among the real tokens of its segment, so left padding does not shift them.
     Each stage's output is sown to "intermediates"/"hidden_states" (embeddings, layers_0, ...).
-    scan_layers runs the layers under jax.lax.scan (models.layer_scan): same params, same outputs,
-    one compiled layer body. `init_cache` / `decode` run it with a KV cache (models.generate).
+    scan_layers runs the layers under jax.lax.scan (tenure.models.layer_scan): same params, same outputs,
+    one compiled layer body. `init_cache` / `decode` run it with a KV cache (tenure.models.generate).
     """
 
     config: GPT2Config
@@ -157,8 +157,8 @@ class GPT2Decoder(nn.Module):
     frozen_prefix: int = 0           # leading stages [embeddings, layers_0, ...] run forward-only
     remat: str = "none"              # none | full | dots
     lora: LoRASpec | None = None
-    attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
-    scan_layers: bool = False        # layers under jax.lax.scan (models.layer_scan)
+    attention: str = "einsum"        # einsum | xla | cudnn (tenure.models.layers.MultiHeadAttention)
+    scan_layers: bool = False        # layers under jax.lax.scan (tenure.models.layer_scan)
 
     def setup(self):
         cfg = self.config

@@ -9,7 +9,7 @@ Param names (under "head" in the task model): "pooler" (BERT dense+tanh), "class
 
 The vocabulary heads (MlmHead, LmHead) return the inputs of their projection, a `Vocab`
 (hidden [B, L, D], table [V, D], bias [V] or None); `vocab_logits` turns it into logits
-[B, L, V]. The train step never does: engine.losses' cross-entropy projects a chunk of
+[B, L, V]. The train step never does: tenure.engine.tasks.losses' cross-entropy projects a chunk of
 positions at a time, so the full fp32 [B, L, V] logits are never held.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers import ACTIVATIONS, Dense, Dropout, LayerNorm
+from tenure.models.layers import ACTIVATIONS, Dense, Dropout, LayerNorm
 
 
 class Examples(NamedTuple):

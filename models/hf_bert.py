@@ -1,6 +1,6 @@
 """HF <-> tenure mapping for the BERT family (model_type "bert", "roberta").
 
-Family interface (shared with hf_gpt2 / hf_llama, dispatched by models.hf):
+Family interface (shared with hf_gpt2 / hf_llama, dispatched by tenure.models.hf):
   config_from_hf(d) -> BertConfig;  config_to_hf(cfg) -> dict
   params_from_hf(tensors, cfg) -> (backbone_params, head_params_or_None)
   params_to_hf(params, cfg, task_kind) -> {hf_name: array}; `params` is the task tree
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.errors import TenureError
-from models.bert import BertConfig
+from tenure.models.errors import TenureError
+from tenure.models.bert import BertConfig
 
 ARCHITECTURES = {"seq_cls": "ForSequenceClassification", "pair_cls": "ForSequenceClassification",
                  "regression": "ForSequenceClassification", "token_cls": "ForTokenClassification",

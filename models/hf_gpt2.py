@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.errors import TenureError
-from models.gpt2 import GPT2Config
+from tenure.models.errors import TenureError
+from tenure.models.gpt2 import GPT2Config
 
 _ARCHITECTURES = {
     "causal_lm": "GPT2LMHeadModel", "seq_cls": "GPT2ForSequenceClassification",

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.errors import TenureError
-from models.hf_gpt2 import bias_free_kernel, to_numpy
-from models.llama import LlamaConfig
+from tenure.models.errors import TenureError
+from tenure.models.hf_gpt2 import bias_free_kernel, to_numpy
+from tenure.models.llama import LlamaConfig
 
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 _SUFFIX = {"causal_lm": "ForCausalLM", "seq_cls": "ForSequenceClassification",

@@ -3,10 +3,10 @@
 `head` is the model head the kind trains (SFT is a causal LM whose prompt tokens carry no
 labels); `formats` the record formats it reads (the first is the default); `labelled` whether
 its labels form a vocabulary (class names, BIO tags); `metric` / `mode` the default metric and
-its direction; `loss` names the loss function in engine.losses; `pack` how `data.pack` packs
-it: "stream" (causal LM rows filled from the example stream, engine.data.packing), "batch" (the
+its direction; `loss` names the loss function in tenure.engine.tasks.losses; `pack` how `data.pack` packs
+it: "stream" (causal LM rows filled from the example stream, tenure.engine.data.packing), "batch" (the
 examples of each batch packed into fewer rows, one output per example,
-engine.data.batch_packing), or None (the kind cannot pack).
+tenure.engine.data.batch_packing), or None (the kind cannot pack).
 """
 from __future__ import annotations
 

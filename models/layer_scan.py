@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers import REMAT_POLICIES
+from tenure.models.layers import REMAT_POLICIES
 
 # apply_layer(params_i, x_BxLxD, per_layer_i, rngs) -> x_BxLxD: one layer, applied functionally.
 # per_layer_i is the layer's slice of scan_layers' `per_layer_N` (None when not given).
@@ -61,7 +61,7 @@ def scan_layers(apply_layer: LayerFn, params_N: Any, x_BxLxD: jax.Array, per_lay
     when `keep_outputs`, else None).
 
     dropout_key: split into one "dropout" rng per layer (None when deterministic).
-    remat: "none" | "full" | "dots", as models.layers.remat_module, on the scanned body."""
+    remat: "none" | "full" | "dots", as tenure.models.layers.remat_module, on the scanned body."""
     num_layers = jax.tree.leaves(params_N)[0].shape[0]
     keys_N = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
 

@@ -53,7 +53,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.lora import LoRASpec
+from tenure.models.lora import LoRASpec
 
 Dtype = Any
 # Large but finite, so a fully masked row softmaxes to a uniform (not NaN) distribution.
@@ -208,7 +208,7 @@ class Dense(nn.Module):
 def vocab_logits(hidden_BxLxD, table_VxD, bias_V=None):
     """hidden @ table^T in the table's (compute) dtype, then fp32 (+ bias): the LM / MLM logits
     [B, L, V] (or any leading shape). Backbones' `attend`, the task heads' logits and the
-    chunks of engine.losses.vocab_ce all come from this one function.
+    chunks of tenure.engine.tasks.losses.vocab_ce all come from this one function.
 
     In bf16 the dot's output is bf16, like every Dense layer here and like PyTorch autocast
     (HF upcasts the logits for the loss): on CPU, oneDNN runs bf16 -> bf16 dots 4x faster than

@@ -16,13 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.errors import TenureError
-from models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
-from models.layers import KVCache, LayerCache, MultiHeadAttention, RMSNorm, SwiGLU, layer_boundary, remat_module
-from models.layers import vocab_logits
-from models.layers import attention_mask as segment_mask
-from models.lora import LoRASpec
-from models.rope import RopeSpec, apply_rope, inverse_frequencies, positions_from_segments, sliding_window_mask
+from tenure.models.errors import TenureError
+from tenure.models.layer_scan import dropout_key_of, layer_ranges, scan_layers, stack_layer_params
+from tenure.models.layers import KVCache, LayerCache, MultiHeadAttention, RMSNorm, SwiGLU, layer_boundary, remat_module
+from tenure.models.layers import vocab_logits
+from tenure.models.layers import attention_mask as segment_mask
+from tenure.models.lora import LoRASpec
+from tenure.models.rope import RopeSpec, apply_rope, inverse_frequencies, positions_from_segments, sliding_window_mask
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -183,8 +183,8 @@ class LlamaDecoder(nn.Module):
     token_type_ids are ignored (no segment embedding). Positions default to each token's index
     among the real tokens of its segment. Each stage output is sown to
     "intermediates"/"hidden_states" (embeddings, layers_0, ...).
-    scan_layers runs the layers under jax.lax.scan (models.layer_scan): same params, same outputs,
-    one compiled layer body. `init_cache` / `decode` run it with a KV cache (models.generate).
+    scan_layers runs the layers under jax.lax.scan (tenure.models.layer_scan): same params, same outputs,
+    one compiled layer body. `init_cache` / `decode` run it with a KV cache (tenure.models.generate).
     """
 
     config: LlamaConfig
@@ -192,8 +192,8 @@ class LlamaDecoder(nn.Module):
     frozen_prefix: int = 0           # leading stages [embeddings, layers_0, ...] run forward-only
     remat: str = "none"              # none | full | dots
     lora: LoRASpec | None = None
-    attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
-    scan_layers: bool = False        # layers under jax.lax.scan (models.layer_scan)
+    attention: str = "einsum"        # einsum | xla | cudnn (tenure.models.layers.MultiHeadAttention)
+    scan_layers: bool = False        # layers under jax.lax.scan (tenure.models.layer_scan)
 
     def setup(self):
         cfg = self.config

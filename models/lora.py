@@ -1,6 +1,6 @@
 """LoRA adapters: the spec, merging adapters into kernels, and extracting adapter weights.
 
-A `models.layers.Dense` whose module name is in `LoRASpec.targets` gets two extra leaves,
+A `tenure.models.layers.Dense` whose module name is in `LoRASpec.targets` gets two extra leaves,
 `lora_a` [in, r] and `lora_b` [r, out]; its output is `x @ kernel + (x @ lora_a @ lora_b) * scale`
 with `scale = alpha / rank`. Merging folds `lora_a @ lora_b * scale` into `kernel`.
 """

@@ -26,10 +26,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from models.errors import TenureError
-from models.gguf import is_gguf
-from models.hf import GGUF_ALIASES, PACKAGE_ALIASES, load_hf, read_config, resolve_model_dir
-from models.tasks import build_task_model, graft_pretrained
+from tenure.models.errors import TenureError
+from tenure.models.gguf import is_gguf
+from tenure.models.hf import GGUF_ALIASES, PACKAGE_ALIASES, load_hf, read_config, resolve_model_dir
+from tenure.models.tasks import build_task_model, graft_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 # Committed reference outputs for models that are not a directory of this repository.

@@ -3,7 +3,7 @@ model before anything is built (past a learned position table, a JAX gather retu
 and the run would later blame the learning rate)."""
 from __future__ import annotations
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 
 def max_positions(arch) -> tuple[int | None, bool]:

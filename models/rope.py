@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -20,18 +20,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.errors import TenureError
-from models.kinds import HEADS
-from models.heads import ClassifierHead, EmbeddingHead, Examples, LmHead, MlmHead, TokenClassifierHead
-from models.layers import ATTENTION_IMPLEMENTATIONS, vocab_logits
-from models.lora import LoRASpec
+from tenure.models.errors import TenureError
+from tenure.models.kinds import HEADS
+from tenure.models.heads import ClassifierHead, EmbeddingHead, Examples, LmHead, MlmHead, TokenClassifierHead
+from tenure.models.layers import ATTENTION_IMPLEMENTATIONS, vocab_logits
+from tenure.models.lora import LoRASpec
 
 POOLINGS = ("cls", "mean", "last")
 # Config class name -> (module, backbone class).
 BACKBONES = {
-    "BertConfig": ("models.bert", "BertEncoder"),
-    "GPT2Config": ("models.gpt2", "GPT2Decoder"),
-    "LlamaConfig": ("models.llama", "LlamaDecoder"),
+    "BertConfig": ("tenure.models.bert", "BertEncoder"),
+    "GPT2Config": ("tenure.models.gpt2", "GPT2Decoder"),
+    "LlamaConfig": ("tenure.models.llama", "LlamaDecoder"),
 }
 # Encoder families: BERT-style MLM head, and a biased sequence classifier (decoders' HF
 # *ForSequenceClassification `score` layers have no bias).
@@ -65,9 +65,9 @@ class TaskModel(nn.Module):
     """`__call__(batch, deterministic=True, logits=True) -> dict` with keys by kind:
     logits ([B, C] | [B, L, C] | [B, L, V]); regression adds predictions [B]; a classifier batch
     packed per batch (`example_row` / `example_start` / `segment_ids`) still gives [B, C];
-    mlm / causal_lm with logits=False give `vocab` (models.heads.Vocab: the projection's
+    mlm / causal_lm with logits=False give `vocab` (tenure.models.heads.Vocab: the projection's
     hidden [B, L, D], table [V, D], bias) instead of logits, for the train step's chunked
-    cross-entropy (engine.losses), which never holds the fp32 [B, L, V] logits at once;
+    cross-entropy (tenure.engine.tasks.losses), which never holds the fp32 [B, L, V] logits at once;
     embedding gives embeddings [B, D], or query_embeddings [B, D] + passage_embeddings [B, P, D]
     when the batch holds query_/passage_ fields."""
 
@@ -83,8 +83,8 @@ class TaskModel(nn.Module):
     # Classifier kinds in a multi-task run: row t says which labels task t may predict
     # (selected per example by batch["task_id"]); the others get logit -1e9.
     label_masks: tuple[tuple[bool, ...], ...] | None = None
-    attention: str = "einsum"        # einsum | xla | cudnn (models.layers.MultiHeadAttention)
-    scan_layers: bool = False        # backbone layers under jax.lax.scan (models.layer_scan)
+    attention: str = "einsum"        # einsum | xla | cudnn (tenure.models.layers.MultiHeadAttention)
+    scan_layers: bool = False        # backbone layers under jax.lax.scan (tenure.models.layer_scan)
 
     def setup(self):
         cfg = self.arch_cfg
@@ -123,7 +123,7 @@ class TaskModel(nn.Module):
             return self._embeddings(batch, deterministic)
         hidden_BxLxD, mask_BxL = self.encode(batch, "", deterministic)
         if self.kind in ("seq_cls", "pair_cls", "regression"):
-            # A batch packed per batch (engine.data.batch_packing): hidden is [R, L, D], logits [B, C].
+            # A batch packed per batch (tenure.engine.data.batch_packing): hidden is [R, L, D], logits [B, C].
             examples = (Examples(batch["example_row"], batch["example_start"], batch["segment_ids"])
                         if "example_row" in batch else None)
             logits_BxC = self.head(hidden_BxLxD, mask_BxL, deterministic, examples)

@@ -20,8 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.config import DataConfig  # noqa: E402
-from engine.data.pipeline import build_label_vocab, build_train_iterator  # noqa: E402
+from tenure.engine.data.config import DataConfig  # noqa: E402
+from tenure.engine.data.pipeline import build_label_vocab, build_train_iterator  # noqa: E402
 
 QUICKSTART = "data/wordnet_lexnames/train.jsonl"
 
@@ -70,10 +70,10 @@ def measure_train_rate(config_path: str, overrides: list[str], batches: int) -> 
     """
     import jax
 
-    from engine.build import build_backbone, build_stage, build_tasks, init_params, lora_spec
-    from engine.config import load_config
-    from engine.data.pipeline import to_global_batch
-    from engine.stages import resolve
+    from tenure.engine.train.build import build_backbone, build_stage, build_tasks, init_params, lora_spec
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.data.pipeline import to_global_batch
+    from tenure.engine.config.stages import resolve
 
     cfg = load_config(config_path, overrides)
     task_specs, stages = resolve(cfg)

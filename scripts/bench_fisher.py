@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_fisher.py --modes sampled empirical --chunks 4 8 16
     .venv/bin/python scripts/bench_fisher.py configs/quickstart.yaml data.max_length=64
 
-Prints examples/s of the jitted train step and of `engine.fisher.make_fisher_step` for each
+Prints examples/s of the jitted train step and of `tenure.engine.continual.fisher.make_fisher_step` for each
 mode and chunk, on the same pipeline batches (taken beforehand: data time excluded), after one
 warm-up call per batch shape (compile time excluded), and the Fisher / train ratio. Issue 7's
 target: sampled / empirical >= 0.30 of training, exact >= 0.30 / number of classes.
@@ -20,12 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from engine.config import load_config  # noqa: E402
-from engine.data.pipeline import to_global_batch  # noqa: E402
-from engine.build import build_stage  # noqa: E402
-from engine.fisher import make_fisher_step, prune  # noqa: E402
-from engine.regularizers import ewc_extra, ewc_term  # noqa: E402
-from engine.train import Trainer  # noqa: E402
+from tenure.engine.config.schema import load_config  # noqa: E402
+from tenure.engine.data.pipeline import to_global_batch  # noqa: E402
+from tenure.engine.train.build import build_stage  # noqa: E402
+from tenure.engine.continual.fisher import make_fisher_step, prune  # noqa: E402
+from tenure.engine.continual.regularizers import ewc_extra, ewc_term  # noqa: E402
+from tenure.engine.train.trainer import Trainer  # noqa: E402
 
 
 def timed(call, batches) -> tuple[float, float]:

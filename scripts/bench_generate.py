@@ -1,4 +1,4 @@
-"""Greedy decoding with and without the KV cache (models.generate) on a model with SmolLM2-135M's
+"""Greedy decoding with and without the KV cache (tenure.models.generate) on a model with SmolLM2-135M's
 shapes (Llama: 30 layers, width 576, MLP 1536, 9 query / 3 KV heads, vocabulary 49,152, RoPE theta
 1e5, tied embeddings) and random weights; the time does not depend on the weights' values.
 
@@ -26,10 +26,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.generate import _greedy_loop, _stop_table  # noqa: E402
-from models.llama import LlamaConfig  # noqa: E402
-from models.rope import RopeSpec  # noqa: E402
-from models.tasks import build_task_model  # noqa: E402
+from tenure.models.generate import _greedy_loop, _stop_table  # noqa: E402
+from tenure.models.llama import LlamaConfig  # noqa: E402
+from tenure.models.rope import RopeSpec  # noqa: E402
+from tenure.models.tasks import build_task_model  # noqa: E402
 
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                            num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,

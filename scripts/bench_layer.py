@@ -5,7 +5,7 @@
 
 Every case is compiled first, then all cases run in turn (A B C A B C ...) and the median of
 each is printed, so a shared, noisy host affects every case alike. XLA options are passed per
-jit (`compiler_options`), as engine/step.py does.
+jit (`compiler_options`), as engine/train/step.py does.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
-from engine.xla_env import ONEDNN_OPTIONS  # noqa: E402
+from tenure.engine.runtime.xla_env import ONEDNN_OPTIONS  # noqa: E402
 
 CUSTOM_CALL_ONLY = {"xla_cpu_experimental_onednn_custom_call": True}
 
@@ -57,8 +57,8 @@ def dots() -> None:
 
 def layer() -> None:
     import flax.linen as nn
-    from models import layers
-    from models.bert import BertConfig, BertLayer
+    from tenure.models import layers
+    from tenure.models.bert import BertConfig, BertLayer
     cfg, batch, length = BertConfig(), 16, 128
     x = jax.random.normal(jax.random.key(0), (batch, length, cfg.hidden_size))
     mask = layers.attention_mask(jnp.ones((batch, length), jnp.int32))

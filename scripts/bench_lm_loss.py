@@ -4,7 +4,7 @@ forward + backward (gradients for the hidden states and the [V, D] table), 8 x 2
     .venv/bin/python scripts/bench_lm_loss.py [TOKENS ...]     # tokens per chunk, default 256 512 1024
 
 Cases: "full" (the logits [B, L, V] in fp32, log-softmax and autodiff, what the train step
-did before engine.losses.vocab_ce), "full, fp32-out dot" (the same with the dot's output in
+did before tenure.engine.tasks.losses.vocab_ce), "full, fp32-out dot" (the same with the dot's output in
 fp32, `preferred_element_type`, as the tied head computed bf16 logits before; bf16 only) and
 "chunk N" (vocab_ce with LM_CHUNK_TOKENS = N: N / 8 positions of all 8 rows at a time), in
 fp32 and in bf16 compute. All are compiled first with the train step's XLA options,
@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from engine import losses  # noqa: E402
-from engine.xla_env import compiler_options  # noqa: E402
-from models.heads import Vocab  # noqa: E402
-from models.layers import vocab_logits  # noqa: E402
+from tenure.engine.tasks import losses  # noqa: E402
+from tenure.engine.runtime.xla_env import compiler_options  # noqa: E402
+from tenure.models.heads import Vocab  # noqa: E402
+from tenure.models.layers import vocab_logits  # noqa: E402
 from scripts.bench_layer import interleave  # noqa: E402
 
 ROWS, LENGTH, DIM, VOCAB = 8, 256, 768, 50257

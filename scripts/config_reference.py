@@ -12,13 +12,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pydantic import BaseModel  # noqa: E402
 
-from engine.config import Config  # noqa: E402
+from tenure.engine.config.schema import Config  # noqa: E402
 
 
 def _type_name(annotation) -> str:
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
     return text or (str(annotation).replace("typing.", "").replace("NoneType", "None")
-                    .replace("engine.data.config.", ""))
+                    .replace("tenure.engine.data.config.", ""))
 
 
 def _submodel(annotation) -> type[BaseModel] | None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import jax
 
-from engine.bench import load_bench_config
-from engine.bench_setup import build_bench
+from tenure.engine.tools.bench import load_bench_config
+from tenure.engine.tools.bench_setup import build_bench
 
 HLO_OP = re.compile(r"^\s*%([\w.\-]+) = (\S+) [\w-]+\(.*?op_name=\"([^\"]*)\"", re.M)
 

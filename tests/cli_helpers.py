@@ -20,10 +20,10 @@ def cli_env(real_model: bool = False) -> dict[str, str]:
 
 
 def tenure(*args, check=True, timeout=600, real_model=False) -> subprocess.CompletedProcess:
-    """`python -m engine.cli ARGS` from the repository root (environment: `cli_env`); asserts
+    """`python -m tenure.engine.cli ARGS` from the repository root (environment: `cli_env`); asserts
     exit 0 when `check`."""
     env = cli_env(real_model)
-    result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", *map(str, args)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]

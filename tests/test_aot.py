@@ -9,8 +9,8 @@ import sys
 import jax
 import pytest
 
-from engine import aot
-from engine.config import load_config
+from tenure.engine.tools import aot
+from tenure.engine.config.schema import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}", "data.batch_size=8", "mesh.fsdp=2"]
@@ -65,8 +65,8 @@ def test_cpu_compile_reports_the_executables_memory():
 TPU_SCRIPT = """
 import json, sys
 import jax
-from engine import aot
-from engine.config import load_config
+from tenure.engine.tools import aot
+from tenure.engine.config.schema import load_config
 cfg = load_config("configs/quickstart.yaml", sys.argv[1:])
 c = aot.compile_for(cfg, "v5p-8")
 a = c.compiled.memory_analysis()
@@ -106,7 +106,7 @@ def test_tpu_compile_for_v5p_8(tmp_path):
     assert r["flops"] > 0
 
     # The CLI: a report that fits, then the same step against a 1 MiB budget: one line, exit 1.
-    cmd = [sys.executable, "-m", "engine.cli", "compile", "configs/quickstart.yaml", *TINY, "--topology", "v5p-8"]
+    cmd = [sys.executable, "-m", "tenure.engine.cli", "compile", "configs/quickstart.yaml", *TINY, "--topology", "v5p-8"]
     ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "on v5p-8 (4 chips, TPU v5p), mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in ok.stdout

@@ -1,7 +1,7 @@
 """One assembly of the train step: `tenure compile` (abstract params, state and batch) and
 `tenure bench` (synthetic batches) lower exactly the step `tenure train` runs, compared as
 lowered StableHLO text on tiny configs; and a real training batch has the fields, shapes and
-dtypes of the batch contract (engine.data.batch_spec)."""
+dtypes of the batch contract (tenure.engine.data.batch_spec)."""
 import itertools
 import json
 import pathlib
@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import yaml
 
-from engine.assemble import abstract_step
-from engine.bench_setup import BenchConfig, build_bench
-from engine.config import load_config
-from engine.data.pipeline import to_global_batch
-from engine.train import Trainer
+from tenure.engine.train.assemble import abstract_step
+from tenure.engine.tools.bench_setup import BenchConfig, build_bench
+from tenure.engine.config.schema import load_config
+from tenure.engine.data.pipeline import to_global_batch
+from tenure.engine.train.trainer import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, ROWS, LENGTH = 5, 8, 32
@@ -57,7 +57,7 @@ def _train_lowering(cfg):
     batch = sr.train_iter.peek()
     sr.train_iter.close()
     labels = len(trainer.tasks.label_vocab) if trainer.tasks.label_vocab else 2
-    # as the fit loop calls it: the host batch made a global array (engine.fit)
+    # as the fit loop calls it: the host batch made a global array (tenure.engine.train.fit)
     return hlo(sr.step_fn.lower(sr.state, to_global_batch(batch, trainer.backbone.mesh))), batch, labels
 
 
@@ -84,7 +84,7 @@ def test_compile_and_bench_lower_the_train_step_of_a_classifier(tmp_path):
 
 
 def test_compile_lowers_the_train_step_of_a_bf16_lora_causal_lm_with_l2sp(tmp_path):
-    """LoRA with its frozen base in bf16 (engine.frozen_base), and a regulariser in the first stage
+    """LoRA with its frozen base in bf16 (tenure.engine.train.frozen_base), and a regulariser in the first stage
     (its anchor lives in the train state)."""
     _, cfg = _config(tmp_path, "gpt2", "causal_lm", [{"text": r["text"]} for r in _glosses()],
                      ("trainable.mode=lora", "trainable.lora.targets=[c_attn_q,c_attn_v]", "model.dtype=bfloat16",

@@ -1,14 +1,14 @@
-"""The batch contract (engine.data.batch_spec) against what the featurizer and the collators
+"""The batch contract (tenure.engine.data.batch_spec) against what the featurizer and the collators
 make: every record format's padded batch, a batch packed per batch, packed LM rows, and a
 multi-task batch have exactly the fields, shapes and dtypes `batch_fields` lists."""
 import numpy as np
 import pytest
 
-from engine.data.batch_packing import pack_batch
-from engine.data.batch_spec import batch_fields, field_shapes
-from engine.data.packing import collate, pack_examples
-from engine.data.records import LabelVocab
-from engine.data.tokenize import Featurizer
+from tenure.engine.data.batch_packing import pack_batch
+from tenure.engine.data.batch_spec import batch_fields, field_shapes
+from tenure.engine.data.packing import collate, pack_examples
+from tenure.engine.data.records import LabelVocab
+from tenure.engine.data.tokenize import Featurizer
 from tests.test_data_tokenize import bert_tokenizer, lm_tokenizer
 
 ROWS, LENGTH = 4, 16

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.bench import load_bench_config
-from engine.cli import main
-from engine.bench_setup import BenchConfig, build_bench, model_flops, synthetic_batches
-from engine.xla_env import SPEED_FLAGS, host_description
-from models.errors import TenureError
+from tenure.engine.tools.bench import load_bench_config
+from tenure.engine.cli import main
+from tenure.engine.tools.bench_setup import BenchConfig, build_bench, model_flops, synthetic_batches
+from tenure.engine.runtime.xla_env import SPEED_FLAGS, host_description
+from tenure.models.errors import TenureError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT = ROOT / "tests" / "fixtures" / "bert" / "seq_cls"
@@ -152,7 +152,7 @@ def test_alone_check_needs_torch_and_variants_share_the_block_schedule(tmp_path,
 
 
 @pytest.mark.slow  # three fresh processes (PyTorch twice, tenure alone once): about 30 s
-@pytest.mark.skipif(__import__("models.parity").parity.torch_python() is None,
+@pytest.mark.skipif(__import__("tenure.models.parity").models.parity.torch_python() is None,
                     reason=".torch-venv (torch + transformers) is not installed: `make torch-env`")
 def test_compare_torch_alternates_blocks_and_the_alone_check_prints_both_sides_alone(
         tmp_path, capsys, restore_compilation_cache):

@@ -10,15 +10,15 @@ import pytest
 import scipy.special
 from jax.extend.random import threefry2x32_p
 
-from engine.losses import task_losses
-from engine.optim import OptimConfig, build_optimizer, build_schedule
-from engine.sharding import MeshConfig, init_sharded, make_mesh
-from engine.step import init_state, make_train_step
-from engine.trainability import TrainableConfig, compile_trainability
-from engine.xla_env import ONEDNN_OPTIONS, compiler_options
-from models.bert import BertConfig
-from models.layers import ACTIVATIONS, KEEP_RESOLUTION, Dropout, keep_mask, layer_boundary, threefry2x32
-from models.tasks import build_task_model
+from tenure.engine.tasks.losses import task_losses
+from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
+from tenure.engine.runtime.sharding import MeshConfig, init_sharded, make_mesh
+from tenure.engine.train.step import init_state, make_train_step
+from tenure.engine.train.trainability import TrainableConfig, compile_trainability
+from tenure.engine.runtime.xla_env import ONEDNN_OPTIONS, compiler_options
+from tenure.models.bert import BertConfig
+from tenure.models.layers import ACTIVATIONS, KEEP_RESOLUTION, Dropout, keep_mask, layer_boundary, threefry2x32
+from tenure.models.tasks import build_task_model
 
 TINY = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.1,

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.bert import BertConfig, BertEncoder
-from models.hf import load_hf
-from models.parity import check_parity
-from models.tasks import build_task_model, graft_pretrained
+from tenure.models.bert import BertConfig, BertEncoder
+from tenure.models.hf import load_hf
+from tenure.models.parity import check_parity
+from tenure.models.tasks import build_task_model, graft_pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from engine import checkpoint as ckpt_lib
-from engine.checkpoint import CheckpointConfig, Checkpointer
-from models.errors import TenureError
+from tenure.engine.runtime import checkpoint as ckpt_lib
+from tenure.engine.runtime.checkpoint import CheckpointConfig, Checkpointer
+from tenure.models.errors import TenureError
 
 
 def make_state(scale: float = 1.0) -> dict:
@@ -226,7 +226,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from engine.checkpoint import CheckpointConfig, Checkpointer
+from tenure.engine.runtime.checkpoint import CheckpointConfig, Checkpointer
 
 mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
 w_np = np.arange(32.0, dtype=np.float32).reshape(8, 4)
@@ -265,8 +265,7 @@ def test_two_processes_save_per_process_data_and_agree_on_fallback(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(MULTIPROCESS_WORKER)
     ckpt_dir = tmp_path / "ck"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env.pop("JAX_NUM_CPU_DEVICES", None)
+    env = {key: value for key, value in os.environ.items() if key != "JAX_NUM_CPU_DEVICES"}
     procs = [
         subprocess.Popen(
             [sys.executable, str(worker), str(pid), port, str(ckpt_dir), str(tmp_path / f"out{pid}.json")],

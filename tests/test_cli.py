@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-TENURE = [sys.executable, "-m", "engine.cli"]
+TENURE = [sys.executable, "-m", "tenure.engine.cli"]
 
 
 def run(*args):

@@ -1,8 +1,8 @@
 """Config loading: YAML + overrides into typed sections; every mistake is one clear line."""
 import pytest
 
-from engine.config import load_config
-from models.errors import TenureError
+from tenure.engine.config.schema import load_config
+from tenure.models.errors import TenureError
 
 BASE = """
 run_dir: runs/x
@@ -64,8 +64,8 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_model_attention_reaches_the_task_model(cfg_file):
-    from engine.build import model_for
-    from models.bert import BertConfig
+    from tenure.engine.train.build import model_for
+    from tenure.models.bert import BertConfig
     cfg = load_config(cfg_file, ["model.attention=xla"])
     assert model_for(cfg, BertConfig(num_hidden_layers=1), cfg.task, 3, None).attention == "xla"
     assert load_config(cfg_file).model.attention == "einsum"

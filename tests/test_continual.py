@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from engine.checkpoint import Checkpointer
-from engine.config import load_config
-from engine.forgetting_metrics import summarize
-from engine.stages import resolve
-from models.errors import TenureError
+from tenure.engine.runtime.checkpoint import Checkpointer
+from tenure.engine.config.schema import load_config
+from tenure.engine.continual.forgetting_metrics import summarize
+from tenure.engine.config.stages import resolve
+from tenure.models.errors import TenureError
 from tests.cli_helpers import tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def test_sigkill_in_stage_two_resumes_bit_exact(data, tmp_path):
     train(straight, data, *extra, stages=3)
     killed = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", str(CONFIG),
+    proc = subprocess.Popen([sys.executable, "-m", "tenure.engine.cli", "train", str(CONFIG),
                              *staged_args(killed, data, 3, 6, *extra)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -211,8 +211,8 @@ def test_replay_term_is_the_mean_over_earlier_tasks():
     task keeps its pull."""
     import jax.numpy as jnp
 
-    from engine.build import RunTask, Tasks, stage_losses
-    from engine.losses import total_loss
+    from tenure.engine.train.build import RunTask, Tasks, stage_losses
+    from tenure.engine.tasks.losses import total_loss
 
     cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml",
                       ["replay.ratio=0.25", "replay.loss=separate", "replay.weight=0.6"])
@@ -241,8 +241,8 @@ def _replayed_gradient_share(config, overrides, stage, outputs_fn, batch, replay
     import jax
     import jax.numpy as jnp
 
-    from engine.build import RunTask, Tasks, stage_losses
-    from engine.losses import total_loss
+    from tenure.engine.train.build import RunTask, Tasks, stage_losses
+    from tenure.engine.tasks.losses import total_loss
 
     tasks, stages = resolve(load_config(ROOT / config, overrides))
     run_tasks = Tasks({name: RunTask(task, i, None, {}) for i, (name, task) in enumerate(tasks.items())},
@@ -453,7 +453,7 @@ def test_online_ewc_keeps_the_accumulated_fisher_through_a_stage_without_ewc():
 
     import jax.numpy as jnp
 
-    from engine.continual import regularizers
+    from tenure.engine.continual.stage_regularizers import regularizers
 
     cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml",
                       ["ewc.lambda=10", "ewc.gamma=0.5", "stages.2.ewc={examples: 8}"])
@@ -480,15 +480,15 @@ def test_joint_method_trains_every_task_so_far_in_equal_shares():
     """method: joint: stage k trains its task and the k earlier ones in equal shares of the batch
     (replay of all of them at ratio k / (k + 1), whole training sets) under one mean; a replay
     section besides it is refused."""
-    from engine.build import RunTask, Tasks, stage_losses
-    from engine.stages import replayed_tasks
+    from tenure.engine.train.build import RunTask, Tasks, stage_losses
+    from tenure.engine.config.stages import replayed_tasks
 
     cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml", ["method=joint"])
     tasks, stages = resolve(cfg)
     assert [s.replay.ratio for s in stages] == [0.0, 0.5, 2 / 3, 0.75]
     assert [s.replay.buffer for s in stages] == [None] * 4 and [s.name for s in stages] == ["A", "B", "C", "D"]
     assert replayed_tasks(stages[3]) == ["A", "B", "C"]
-    # the data shares (engine.build.stage_iterator): each task (1 - r) / 1 = r / 3 = 1/4 of the batch
+    # the data shares (tenure.engine.train.build.stage_iterator): each task (1 - r) / 1 = r / 3 = 1/4 of the batch
     r = stages[3].replay.ratio
     assert (1 - r) == pytest.approx(r / 3)
     run_tasks = Tasks({name: RunTask(task, i, None, {}) for i, (name, task) in enumerate(tasks.items())},

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from engine.data.augment import AugmentConfig, augment, augment_text, load_synonyms, load_synthetic
-from models.errors import TenureError
+from tenure.engine.data.augment import AugmentConfig, augment, augment_text, load_synonyms, load_synthetic
+from tenure.models.errors import TenureError
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE\n"
 

@@ -3,8 +3,8 @@
 import pydantic
 import pytest
 
-from engine.data.cleaning import CleaningConfig, clean, clean_whitespace, near_duplicate_key
-from models.errors import TenureError
+from tenure.engine.data.cleaning import CleaningConfig, clean, clean_whitespace, near_duplicate_key
+from tenure.models.errors import TenureError
 
 
 def _records(texts):

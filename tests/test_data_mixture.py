@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engine.data.mixture import MixIterDataset, ReservoirBuffer, integer_ratio, interleave_pattern
-from models.errors import TenureError
+from tenure.engine.data.mixture import MixIterDataset, ReservoirBuffer, integer_ratio, interleave_pattern
+from tenure.models.errors import TenureError
 
 
 def repeated(values):

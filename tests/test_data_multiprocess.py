@@ -16,8 +16,8 @@ WORKER = textwrap.dedent("""
     from jax.experimental import multihost_utils
     sys.path.insert(0, "tests")
     from test_data_pipeline import word_tokenizer
-    from engine.data.config import DataConfig
-    from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
+    from tenure.engine.data.config import DataConfig
+    from tenure.engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
 
     cfg = DataConfig(train=f"{data_dir}/train.jsonl", validation=f"{data_dir}/val.jsonl", batch_size=8,
                      eval_batch_size=4, max_length=16, length_buckets=[4, 8, 16], shuffle=False, num_epochs=1,

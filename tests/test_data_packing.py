@@ -5,7 +5,7 @@ import grain
 import numpy as np
 import pytest
 
-from engine.data.packing import PackIterDataset, bucket_length, collate, pack_examples
+from tenure.engine.data.packing import PackIterDataset, bucket_length, collate, pack_examples
 
 
 def lm_example(ids):
@@ -135,7 +135,7 @@ def test_packed_rows_carry_the_task_id_and_never_mix_tasks():
 
 @pytest.mark.slow
 def test_packed_gpt2_forward_and_loss_equal_unpacked():
-    gpt2 = pytest.importorskip("models.gpt2")
+    gpt2 = pytest.importorskip("tenure.models.gpt2")
     import flax.linen as nn
     import jax
     import jax.numpy as jnp

@@ -8,9 +8,9 @@ from jax.sharding import AxisType
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from engine.data.config import DataConfig
-from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
-from models.errors import TenureError
+from tenure.engine.data.config import DataConfig
+from tenure.engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
+from tenure.models.errors import TenureError
 
 N_WORDS = 200
 FIRST_WORD = 5  # ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]
@@ -221,7 +221,7 @@ def test_to_global_batch_on_8_devices():
 
 
 def test_inspect_report(tmp_path):
-    from engine.data.inspect import inspect_data
+    from tenure.engine.data.inspect import inspect_data
 
     train = write_jsonl(tmp_path / "train.jsonl", labelled(6, length=lambda k: k + 1)
                         + [{"text": "w0", "label": "neg"}, {"txt": "w1", "label": "pos"}])

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from engine.data.records import (BadRecord, LabelVocab, ensure_not_empty, over_length_error,
-                                 parse_record, resolve_fields, validate)
-from engine.data.sources import open_source
-from models.errors import TenureError
+from tenure.engine.data.records import (BadRecord, LabelVocab, ensure_not_empty, over_length_error, parse_record,
+                                        resolve_fields, validate)
+from tenure.engine.data.sources import open_source
+from tenure.models.errors import TenureError
 
 META = {"location": "f.jsonl:3", "synthetic": False}
 

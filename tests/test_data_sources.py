@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from engine.data import sources
-from engine.data.sources import BAD_RAW_KEY, index_path, open_source, select
-from models.errors import TenureError
+from tenure.engine.data import sources
+from tenure.engine.data.sources import BAD_RAW_KEY, index_path, open_source, select
+from tenure.models.errors import TenureError
 
 
 def _all(ds):

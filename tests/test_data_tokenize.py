@@ -6,9 +6,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.data.records import LabelVocab
-from engine.data.tokenize import Featurizer, resolve_format
-from models.errors import TenureError
+from tenure.engine.data.records import LabelVocab
+from tenure.engine.data.tokenize import Featurizer, resolve_format
+from tenure.models.errors import TenureError
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "dog", "ran",
               "play", "##ing", "##ed", "on", "mat", "a", "."]

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from models.errors import TenureError
-from models import hf_gpt2, hf_llama
-from models.gpt2 import GPT2Config, GPT2Decoder
-from models.llama import LlamaConfig, LlamaDecoder
-from models.lora import LoRASpec, merge_lora
-from models.rope import RopeSpec, inverse_frequencies
+from tenure.models.errors import TenureError
+from tenure.models import hf_gpt2, hf_llama
+from tenure.models.gpt2 import GPT2Config, GPT2Decoder
+from tenure.models.llama import LlamaConfig, LlamaDecoder
+from tenure.models.lora import LoRASpec, merge_lora
+from tenure.models.rope import RopeSpec, inverse_frequencies
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral")

@@ -5,7 +5,8 @@ import numpy as np
 import pydantic
 import pytest
 
-from engine.divergence import DivergenceConfig, describe, guard_step, init_divergence_state, keep_if_ok, update_ratio
+from tenure.engine.train.divergence import (DivergenceConfig, describe, guard_step, init_divergence_state, keep_if_ok,
+                                            update_ratio)
 
 
 def run(cfg, pairs):
@@ -106,17 +107,17 @@ REAL_STEP = "tests/fixtures/bert/seq_cls"
 
 def lr1000_stage(tmp_path):
     """(run, batch, step): the tiny BERT's first stage at lr=1000 (the first AdamW update moves
-    every weight by ~1000 while the loss stays finite), its first batch, and engine.step.train_step
+    every weight by ~1000 while the loss stays finite), its first batch, and tenure.engine.train.step.train_step
     bound to that stage's model, losses and optimizer (pass `divergence=` to guard it)."""
     import functools
     import json
 
     import optax
 
-    from engine.config import validate
-    from engine.data.pipeline import to_global_batch
-    from engine.step import train_step
-    from engine.train import Trainer
+    from tenure.engine.config.schema import validate
+    from tenure.engine.data.pipeline import to_global_batch
+    from tenure.engine.train.step import train_step
+    from tenure.engine.train.trainer import Trainer
 
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"word{i} thing", "label": "ab"[i % 2]}) + "\n"
                                               for i in range(32)))
@@ -158,7 +159,7 @@ def test_huge_learning_rate_on_a_real_model_is_stopped_before_the_weights_blow_u
 
 @pytest.mark.slow
 def test_the_train_step_skips_a_bad_update_under_skip_and_flags_it_under_halt(tmp_path):
-    """engine.step.train_step with the guard: lr=1000 makes the first update larger than the
+    """tenure.engine.train.step.train_step with the guard: lr=1000 makes the first update larger than the
     weights. Under `skip` the returned params and AdamW moments are the old ones, bit for bit,
     and the skip is counted; under `halt` the step only raises the flag (the loop stops on it
     before the state is saved or evaluated; test_run_safety checks that end to end)."""

@@ -10,21 +10,21 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from engine.assemble import abstract_batch
-from engine.config import validate
-from engine.data.batch_packing import first_fit_decreasing, global_rows, pack_batch, row_step
-from engine.data.config import DataConfig
-from engine.data.packing import collate
-from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator
-from engine.losses import task_losses
-from engine.optim import OptimConfig, build_optimizer, build_schedule
-from engine.sharding import MESH_AXES, param_shardings, put_params
-from engine.step import init_state, make_train_step
-from engine.trainability import TrainableConfig, compile_trainability
-from models.bert import BertConfig
-from models.errors import TenureError
-from models.gpt2 import GPT2Config
-from models.tasks import build_task_model
+from tenure.engine.train.assemble import abstract_batch
+from tenure.engine.config.schema import validate
+from tenure.engine.data.batch_packing import first_fit_decreasing, global_rows, pack_batch, row_step
+from tenure.engine.data.config import DataConfig
+from tenure.engine.data.packing import collate
+from tenure.engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator
+from tenure.engine.tasks.losses import task_losses
+from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
+from tenure.engine.runtime.sharding import MESH_AXES, param_shardings, put_params
+from tenure.engine.train.step import init_state, make_train_step
+from tenure.engine.train.trainability import TrainableConfig, compile_trainability
+from tenure.models.bert import BertConfig
+from tenure.models.errors import TenureError
+from tenure.models.gpt2 import GPT2Config
+from tenure.models.tasks import build_task_model
 from tests.test_data_pipeline import FIRST_WORD, labelled, word_tokenizer, write_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -288,8 +288,8 @@ def test_tenure_train_packed_equals_unpacked(tmp_path):
         tenure("train", "configs/quickstart.yaml", *overrides)
         summaries[pack] = json.loads((run_dir / "summary.json").read_text())
     # The packed run's config really packs its training and evaluation batches.
-    from engine.config import load_config
-    from models.hf import load_tokenizer
+    from tenure.engine.config.schema import load_config
+    from tenure.models.hf import load_tokenizer
     cfg = load_config(ROOT / "configs/quickstart.yaml", overrides)
     tok = load_tokenizer(ROOT / "tests/fixtures/bert/seq_cls")
     vocab = build_label_vocab(cfg.data, "seq_cls")
@@ -315,10 +315,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, "tests")
 from test_data_pipeline import word_tokenizer
-from engine.data.config import DataConfig
-from engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
-from models.bert import BertConfig
-from models.tasks import build_task_model
+from tenure.engine.data.config import DataConfig
+from tenure.engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator, to_global_batch
+from tenure.models.bert import BertConfig
+from tenure.models.tasks import build_task_model
 
 common = dict(train=f"{data_dir}/train.jsonl", validation=f"{data_dir}/val.jsonl", batch_size=8, eval_batch_size=4,
               max_length=16, length_buckets=[4, 8, 16], shuffle=False, num_epochs=1, read_threads=1, prefetch=0)

@@ -1,4 +1,4 @@
-"""Diagonal Fisher (engine/fisher.py): closed forms for softmax and linear regression, the token
+"""Diagonal Fisher (engine/continual/fisher.py): closed forms for softmax and linear regression, the token
 path against hand-written per-example loops on the real tiny GPT-2 / BERT fixtures, the
 unbiasedness of the per-sequence sampled token Fisher, padding, trimming, chunking, and 8
 simulated devices against 1.
@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.fisher import (FISHER_MODES, fisher_diagonal, make_fisher_step, online_update, overlay, pick,
-                           prune)
-from engine.sharding import MeshConfig, make_mesh, param_shardings, put_params, replicated
-from engine.step import like_params_shardings
-from models.bert import BertConfig
-from models.errors import TenureError
-from models.hf import load_hf
-from models.tasks import build_task_model, graft_pretrained
+from tenure.engine.continual.fisher import (FISHER_MODES, fisher_diagonal, make_fisher_step, online_update, overlay,
+                                            pick, prune)
+from tenure.engine.runtime.sharding import MeshConfig, make_mesh, param_shardings, put_params, replicated
+from tenure.engine.train.step import like_params_shardings
+from tenure.models.bert import BertConfig
+from tenure.models.errors import TenureError
+from tenure.models.hf import load_hf
+from tenure.models.tasks import build_task_model, graft_pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"
 N, D, C = 64, 5, 4
@@ -503,11 +503,11 @@ def test_class_incremental_fisher_uses_the_task_s_own_classes():
     was trained with (its 4 classes) whether it is taken at the start of B or of D, not with the
     16 classes D's head has; exact mode then runs 4 backward passes per example, not 16, and
     skipping the masked classes (p = 0) changes nothing."""
-    from engine.build import RunTask, Tasks
-    from engine.config import load_config
-    from engine.continual import fisher_head
-    from engine.data.records import LabelVocab
-    from engine.stages import resolve
+    from tenure.engine.train.build import RunTask, Tasks
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.continual.stage_regularizers import fisher_head
+    from tenure.engine.data.records import LabelVocab
+    from tenure.engine.config.stages import resolve
 
     cfg = load_config(Path(__file__).parents[1] / "configs/forgetting/split_lexnames.yaml", ["heads=shared"])
     specs, stages = resolve(cfg)

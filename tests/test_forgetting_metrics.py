@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from engine import forgetting_metrics as fm
+from tenure.engine.continual import forgetting_metrics as fm
 
 # R[i, j]: accuracy on task j after stage i.
 R = np.array([

@@ -16,9 +16,9 @@ import sys
 import pytest
 
 from tests.cli_helpers import cli_env
-from engine.study.aggregate import ForgettingRecord
-from engine.study.config import load_study
-from engine.study.plots import _mean_curve
+from tenure.engine.study.aggregate import ForgettingRecord
+from tenure.engine.study.config import load_study
+from tenure.engine.study.plots import _mean_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STUDY_DIR = ROOT / "configs/forgetting"
@@ -52,7 +52,7 @@ def test_curves_of_a_task_without_validation_split_come_from_R():
 
 
 def _train(run_dir, overrides, config="split_lexnames.yaml"):
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(STUDY_DIR / config),
+    result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", "train", str(STUDY_DIR / config),
                              *overrides, f"run_dir={run_dir}", "train.seed=0", "logging.tensorboard=false"],
                             cwd=ROOT, env=cli_env(real_model=True), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -121,7 +121,7 @@ def test_minilm_fewer_examples_open_a_wider_train_validation_gap(tmp_path, monke
     it scores higher."""
     import argparse
 
-    from engine.study import add_study_parser, run_study
+    from tenure.engine.study import add_study_parser, run_study
 
     monkeypatch.chdir(ROOT)                       # the base config's data paths are relative to the repo
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the runs compile as `tenure study` does, not as tests do
@@ -151,8 +151,8 @@ def test_decoder_lm_study_from_scratch_model_and_methods():
     """Study 3's model directory has a config and a tokenizer but no weights (model.init: random
     reads none); every method changes only stage B (LoRA's stage A trains exactly the full model:
     everything but the still-zero adapters)."""
-    from models.errors import TenureError
-    from models.hf import load_hf
+    from tenure.models.errors import TenureError
+    from tenure.models.hf import load_hf
 
     arch, backbone, head, tokenizer = load_hf(STUDY_DIR / "tiny_gpt2", with_weights=False)
     assert (arch.num_layers, arch.hidden_size, arch.vocab_size) == (2, 128, len(tokenizer)) == (2, 128, 2048)

@@ -7,11 +7,11 @@ import string
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine.config import _set_path, load_config, to_dict, validate
-from engine.data.records import RECORD_FORMATS, parse_record, validate as validate_records
-from engine.data.sources import open_source
-from engine.resume_check import flatten
-from models.errors import TenureError
+from tenure.engine.config.schema import _set_path, load_config, to_dict, validate
+from tenure.engine.data.records import RECORD_FORMATS, parse_record, validate as validate_records
+from tenure.engine.data.sources import open_source
+from tenure.engine.runtime.resume_check import flatten
+from tenure.models.errors import TenureError
 
 BASE = {"model": {"path": "minilm"}, "task": {"kind": "seq_cls"}, "data": {"train": "t.jsonl"}}
 KEYS = sorted(flatten(to_dict(validate(BASE))))
@@ -174,7 +174,7 @@ study_trees = st.one_of(study_trees, study_trees, study_trees, st.dictionaries(s
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(study_trees)
 def test_study_files_plan_or_fail_in_one_line(tmp_path, tree):
-    from engine.study.config import load_study, plan_runs
+    from tenure.engine.study.config import load_study, plan_runs
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(STAGED_BASE))
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(tree))

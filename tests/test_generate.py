@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from models import hf_gpt2, hf_llama
-from models.errors import TenureError
-from models.generate import _greedy_loop, greedy_generate, left_align
-from models.gpt2 import GPT2Config
-from models.llama import LlamaConfig
-from models.tasks import build_task_model
+from tenure.models import hf_gpt2, hf_llama
+from tenure.models.errors import TenureError
+from tenure.models.generate import _greedy_loop, greedy_generate, left_align
+from tenure.models.gpt2 import GPT2Config
+from tenure.models.llama import LlamaConfig
+from tenure.models.tasks import build_task_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral")

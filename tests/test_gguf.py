@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from models.errors import TenureError
-from models.gguf import check_gguf_target, export_gguf
-from models.hf import export_hf, load_hf, resolve_model_dir
-from models.parity import check_parity, last_token_logits
+from tenure.models.errors import TenureError
+from tenure.models.gguf import check_gguf_target, export_gguf
+from tenure.models.hf import export_hf, load_hf, resolve_model_dir
+from tenure.models.parity import check_parity, last_token_logits
 from tests.cli_helpers import tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from models.errors import TenureError
-from models.hf import export_hf, load_hf, resolve_model_dir
-from models.lora import LoRASpec, strip_lora
-from models.parity import torch_python
-from models.tasks import build_task_model, graft_pretrained
+from tenure.models.errors import TenureError
+from tenure.models.hf import export_hf, load_hf, resolve_model_dir
+from tenure.models.lora import LoRASpec, strip_lora
+from tenure.models.parity import torch_python
+from tenure.models.tasks import build_task_model, graft_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT = ROOT / "tests" / "fixtures" / "bert"

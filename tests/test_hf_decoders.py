@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from models.errors import TenureError
-from models import hf_gpt2, hf_llama
-from models.gpt2 import GPT2Config, GPT2Decoder
-from models.llama import LlamaDecoder
+from tenure.models.errors import TenureError
+from tenure.models import hf_gpt2, hf_llama
+from tenure.models.gpt2 import GPT2Config, GPT2Decoder
+from tenure.models.llama import LlamaDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

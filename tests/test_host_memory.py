@@ -1,4 +1,4 @@
-"""engine.host_memory: on CPU hosts the process keeps freed step buffers for the next step
+"""tenure.engine.runtime.host_memory: on CPU hosts the process keeps freed step buffers for the next step
 instead of faulting fresh pages in every step, and gives memory back once it grows past its
 bound. Each case runs in a new process (malloc options must be set before JAX starts its
 threads)."""
@@ -14,7 +14,7 @@ PAGES_PER_CALL = 100e6 / 4096  # the probe's 100 MB output
 
 PROBE = """
 import json, os, resource, sys, time
-from engine import host_memory
+from tenure.engine.runtime import host_memory
 limit = os.environ.get("PROBE_RSS_LIMIT")
 mode = host_memory.keep_freed_memory(int(limit) if limit else None)
 import jax, jax.numpy as jnp
@@ -80,14 +80,14 @@ def test_memory_goes_back_to_the_system_past_the_bound():
 
 
 def test_left_alone_when_the_step_runs_on_an_accelerator():
-    code = "from engine.host_memory import keep_freed_memory; print(keep_freed_memory())"
+    code = "from tenure.engine.runtime.host_memory import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "tpu"}, cwd=ROOT)
     assert out.stdout.strip() == "default"
 
 
 def test_an_unknown_setting_is_one_clear_error():
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "tenure.engine.cli", "--help"], capture_output=True, text=True,
                          env={**os.environ, "TENURE_HOST_MALLOC": "resue"}, cwd=ROOT)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == "error: TENURE_HOST_MALLOC='resue': expected one of reuse, default"

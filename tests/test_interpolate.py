@@ -1,4 +1,4 @@
-"""`tenure interpolate` (engine/interpolate.py) on one tiny staged run (the tiny BERT, stages A and
+"""`tenure interpolate` (engine/continual/interpolate.py) on one tiny staged run (the tiny BERT, stages A and
 B): the curve's ends reproduce R's rows exactly, its files, the export of a chosen point, and the
 refusals."""
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from engine.interpolate import mix, parse_alphas
-from models.errors import TenureError
+from tenure.engine.continual.interpolate import mix, parse_alphas
+from tenure.models.errors import TenureError
 from tests.cli_helpers import tenure
 from tests.test_continual import CONFIG, data, staged_args  # noqa: F401  (data: the module fixture)
 

@@ -90,7 +90,7 @@ def test_slurm_task_command_starts_a_two_process_job(tmp_path):
         (tmp_path / f"{split}.jsonl").write_text(
             "".join(itertools.islice(open(ROOT / f"data/wordnet_lexnames/{split}.jsonl"), n)))
     tenure = tmp_path / "tenure"
-    tenure.write_text(f"#!/bin/sh\nexec {sys.executable} -m engine.cli \"$@\"\n")
+    tenure.write_text(f"#!/bin/sh\nexec {sys.executable} -m tenure.engine.cli \"$@\"\n")
     tenure.chmod(0o755)
     port = _free_port()
     args = ["launch", "--preflight", "configs/quickstart.yaml", f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}",

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import layers
-from models.layers import (Dense, LayerNorm, MultiHeadAttention, RMSNorm, SwiGLU, attention_mask,
-                           dot_product_attention, library_attention, remat_module)
-from models.lora import LoRASpec
+from tenure.models import layers
+from tenure.models.layers import (Dense, LayerNorm, MultiHeadAttention, RMSNorm, SwiGLU, attention_mask,
+                                  dot_product_attention, library_attention, remat_module)
+from tenure.models.lora import LoRASpec
 
 
 def _init(module, *args, **kwargs):

@@ -1,7 +1,7 @@
-"""The lm-eval model `tenure` (engine/lm_eval_adapter.py) on the tiny random Llama fixture (GQA,
+"""The lm-eval model `tenure` (engine/tasks/lm_eval_adapter.py) on the tiny random Llama fixture (GQA,
 untied head), with max_length 16 so that truncation and rolling windows happen.
 
-References are computed without the adapter: the fixture's HF weights through models.llama's
+References are computed without the adapter: the fixture's HF weights through tenure.models.llama's
 decoder on one unpadded sequence at a time, log-softmax in numpy, so batching, padding to
 length buckets and left/right alignment in the adapter are all under test."""
 import json
@@ -13,13 +13,13 @@ import pytest
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
-from engine.lm_eval_adapter import TenureLM, task_manager_for
+from tenure.engine.tasks.lm_eval_adapter import TenureLM, task_manager_for
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
-from models import hf_llama
-from models.errors import TenureError
-from models.generate import greedy_generate
-from models.llama import LlamaDecoder
+from tenure.models import hf_llama
+from tenure.models.errors import TenureError
+from tenure.models.generate import greedy_generate
+from tenure.models.llama import LlamaDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT / "tests" / "fixtures" / "llama"
@@ -178,8 +178,8 @@ def test_harness_scores_a_probe_as_the_adapter_does(lm):
 def test_a_run_dir_scores_as_its_hf_export(tmp_path):
     """checkpoint=RUN_DIR restores the run's last checkpoint from its saved config, as `tenure eval`
     does; its scores equal those of the run's own HF export of the same weights."""
-    from engine.config import load_config
-    from engine.train import train
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.train.trainer import train
     train(load_config(ROOT / "configs/tasks/sft.yaml",
                       [f"run_dir={tmp_path}", "train.steps=1", "train.eval_every=1", "task.generation_examples=0",
                        "data.max_length=32", "data.length_buckets=[32]", "logging.progress=false",
@@ -193,7 +193,7 @@ def test_a_run_dir_scores_as_its_hf_export(tmp_path):
 
 
 def _probe_config(tmp_path, stage_tasks):
-    from engine.config import validate
+    from tenure.engine.config.schema import validate
     return validate({
         "run_dir": str(tmp_path), "model": {"path": str(LLAMA)},
         "tasks": {"defs": {"kind": "sft", "generation_examples": 0, "few_shot": 0,
@@ -209,7 +209,7 @@ def _probe_config(tmp_path, stage_tasks):
 def test_a_staged_run_scores_an_lm_eval_probe_as_the_harness_does_on_its_checkpoint(tmp_path):
     """An lm_eval task in a staged run is a column of R: scored on the starting model and at the
     stage end, where it equals the harness's score of the run's saved checkpoint (checkpoint=RUN_DIR)."""
-    from engine.train import train
+    from tenure.engine.train.trainer import train
     train(_probe_config(tmp_path, ["defs"]))
     record = json.loads((tmp_path / "forgetting.json").read_text())
     column = record["tasks"].index("general")
@@ -227,7 +227,7 @@ def test_a_staged_run_scores_an_lm_eval_probe_as_the_harness_does_on_its_checkpo
 def test_a_stage_that_trains_an_lm_eval_probe_is_refused(tmp_path):
     with pytest.raises(TenureError, match="'general' is an lm_eval probe, scored but never trained"):
         _probe_config(tmp_path, ["defs", "general"])
-    from engine.config import validate
+    from tenure.engine.config.schema import validate
     base = {"model": {"path": str(LLAMA)}, "stages": [{"tasks": ["general"]}]}
     with pytest.raises(TenureError, match="tasks.general': an lm_eval task reads its data through lm-eval"):
         validate(base | {"tasks": {"general": {"kind": "lm_eval", "tasks": ["tenure_kjv"], "data": {"test": "x"}}}})

@@ -1,4 +1,4 @@
-"""The run's loggers (engine/loggers.py): a tiny run logging to TensorBoard and, offline, to
+"""The run's loggers (engine/runtime/loggers.py): a tiny run logging to TensorBoard and, offline, to
 Weights & Biases; the W&B scalars read back from the offline run's own file equal TensorBoard's
 and the run's summary; a missing wandb package is one line naming the extra."""
 import itertools
@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from engine.config import load_config
-from engine.loggers import run_loggers
-from engine.train import train
-from models.errors import TenureError
+from tenure.engine.config.schema import load_config
+from tenure.engine.runtime.loggers import run_loggers
+from tenure.engine.train.trainer import train
+from tenure.models.errors import TenureError
 from tests.test_tblog import read_events
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -3,9 +3,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from models.bert import BertConfig
-from models.lora import LoRASpec, lora_only, lora_paths, merge_lora, strip_lora
-from models.tasks import build_task_model
+from tenure.models.bert import BertConfig
+from tenure.models.lora import LoRASpec, lora_only, lora_paths, merge_lora, strip_lora
+from tenure.models.tasks import build_task_model
 
 TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,

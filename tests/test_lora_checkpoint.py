@@ -1,4 +1,4 @@
-"""A LoRA run's frozen base (engine/frozen_base.py): bfloat16 in the train state, and left out of
+"""A LoRA run's frozen base (engine/train/frozen_base.py): bfloat16 in the train state, and left out of
 checkpoints, coming back from the model directory.
 
 In-process, on the tiny BERT fixture: the dtypes of a bf16 LoRA state, and its train steps against
@@ -18,17 +18,17 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.build import build_stage, init_params, kept_head
-from engine.config import load_config
-from engine.data.pipeline import to_global_batch
-from engine.fisher import prune
-from engine.frozen_base import weights_fingerprint
-from engine.optim import build_schedule
-from engine.step import make_train_step
-from engine.train import Trainer, to_host
-from engine.trainability import path_str
-from engine.xla_env import compiler_options
-from models.hf import load_hf
+from tenure.engine.train.build import build_stage, init_params, kept_head
+from tenure.engine.config.schema import load_config
+from tenure.engine.data.pipeline import to_global_batch
+from tenure.engine.continual.fisher import prune
+from tenure.engine.train.frozen_base import weights_fingerprint
+from tenure.engine.train.optim import build_schedule
+from tenure.engine.train.step import make_train_step
+from tenure.engine.train.trainer import Trainer, to_host
+from tenure.engine.train.trainability import path_str
+from tenure.engine.runtime.xla_env import compiler_options
+from tenure.models.hf import load_hf
 from tests.cli_helpers import tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.losses import IGNORE, info_nce, task_losses, total_loss
+from tenure.engine.tasks.losses import IGNORE, info_nce, task_losses, total_loss
 
 
 def call(kind, outputs, batch, **cfg):
@@ -120,7 +120,7 @@ def test_kl_to_start_value_and_its_gradient_match_a_finite_difference():
     """KL(p_start || p_theta) by hand (causal: over the positions predicting a label, of the own
     task's real examples); its gradient against a central difference in float64; 0 at the start."""
     import jax
-    from engine.losses import kl_to_start
+    from tenure.engine.tasks.losses import kl_to_start
 
     model, batch, start, moved = _kl_problem(per_position=True)
     batch["labels"][0, 2] = IGNORE                       # row 0: positions 0 and 1 predict labels 1, 2
@@ -161,9 +161,9 @@ def test_kl_weight_zero_leaves_training_bit_for_bit_unchanged():
     import jax
     import optax
 
-    from engine.losses import classification_ce, kl_to_start
-    from engine.sharding import MeshConfig, make_mesh, replicated
-    from engine.step import init_state, make_train_step
+    from tenure.engine.tasks.losses import classification_ce, kl_to_start
+    from tenure.engine.runtime.sharding import MeshConfig, make_mesh, replicated
+    from tenure.engine.train.step import init_state, make_train_step
 
     model, batch, start, _ = _kl_problem(per_position=False, seed=2)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from engine import metrics
+from tenure.engine.tasks import metrics
 
 
 def test_classification_hand_computed():

@@ -1,9 +1,9 @@
 """Early stopping with patience, and the overfitting warning."""
 import pytest
 
-from engine.config import EarlyStoppingConfig
-from models.errors import TenureError
-from engine.monitor import BestTracker, OverfitMonitor
+from tenure.engine.config.schema import EarlyStoppingConfig
+from tenure.models.errors import TenureError
+from tenure.engine.train.monitor import BestTracker, OverfitMonitor
 
 
 def test_best_tracker_patience_and_min_delta():

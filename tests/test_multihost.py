@@ -1,7 +1,7 @@
 """Multi-host made checkable: `tenure train` as real JAX processes on localhost, compared with
 one process holding the same number of devices; checkpoints restored into other topologies.
 
-Every run here is a real `python -m engine.cli train` process with its own simulated CPU
+Every run here is a real `python -m tenure.engine.cli train` process with its own simulated CPU
 devices (JAX_NUM_CPU_DEVICES) and real orbax checkpoints."""
 import itertools
 import json
@@ -36,7 +36,7 @@ def _data(tmp_path, rows=64) -> list[str]:
 def train_args(tmp_path, run_dir, *overrides) -> list[str]:
     """A small deterministic run: no shuffle, no dropout, no length grouping (several processes pad
     to one width, so they never group), so 1 and 2 processes see the same batches."""
-    return [sys.executable, "-m", "engine.cli", "train", "configs/quickstart.yaml",
+    return [sys.executable, "-m", "tenure.engine.cli", "train", "configs/quickstart.yaml",
             f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}", f"run_dir={run_dir}", *_data(tmp_path),
             "data.max_length=32", "data.batch_size=8", "data.eval_batch_size=8", "data.shuffle=false", "data.group_by_length=0",
             "model.dropout=0.0", "optim.lr=1e-3", "logging.progress=false", "logging.tensorboard=false",
@@ -185,7 +185,7 @@ def test_checkpoint_resumes_on_other_topologies_with_the_same_next_loss(tmp_path
 def test_a_killed_process_makes_the_other_exit_naming_it(tmp_path):
     """Kill process 1 of 2 mid-run: process 0 leaves its collective within the hang-guard timeout,
     with one line naming process 1 (not a silent hang). (Killing process 0 instead was run once
-    with this test: JAX's own error polling aborts process 1 at once, see engine/hangguard.py.)"""
+    with this test: JAX's own error polling aborts process 1 at once, see engine/runtime/hangguard.py.)"""
     victim = 1
     import signal
     import time

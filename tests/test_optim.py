@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from engine.optim import OptimConfig, build_optimizer, build_schedule, decay_mask
-from engine.trainability import TrainableConfig, compile_trainability
+from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule, decay_mask
+from tenure.engine.train.trainability import TrainableConfig, compile_trainability
 from test_trainability import L, fake_params
 
 

@@ -1,7 +1,7 @@
 """Progress bar: tokens/s over a moving window, ETA, plain-log fallback, silence when disabled."""
 import io
 
-from engine.progress import Progress
+from tenure.engine.runtime.progress import Progress
 
 
 class FakeClock:

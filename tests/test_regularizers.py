@@ -1,13 +1,13 @@
-"""EWC and L2-SP loss terms (engine/regularizers.py): values against numpy on hand-built pruned
+"""EWC and L2-SP loss terms (engine/continual/regularizers.py): values against numpy on hand-built pruned
 trees, gradients in closed form, fp32 for bf16 params, exact zero at lam = alpha = 0."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.losses import classification_ce, total_loss
-from engine.regularizers import ewc_extra, ewc_term, l2sp_extra, l2sp_term
-from engine.sharding import MeshConfig, make_mesh
+from tenure.engine.tasks.losses import classification_ce, total_loss
+from tenure.engine.continual.regularizers import ewc_extra, ewc_term, l2sp_extra, l2sp_term
+from tenure.engine.runtime.sharding import MeshConfig, make_mesh
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 RNG = np.random.default_rng(0)

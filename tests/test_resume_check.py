@@ -1,8 +1,8 @@
 """Config drift on resume: breaking changes are named, safe ones become notes."""
 import copy
 
-from engine.config import to_dict, validate
-from engine.resume_check import compare_for_resume, drift_message, flatten
+from tenure.engine.config.schema import to_dict, validate
+from tenure.engine.runtime.resume_check import compare_for_resume, drift_message, flatten
 
 BASE = {"model": {"path": "minilm"}, "task": {"kind": "seq_cls"},
         "data": {"train": "t.jsonl", "validation": "v.jsonl", "batch_size": 8, "max_length": 64},
@@ -80,7 +80,7 @@ def test_drift_message_is_one_line():
 def test_keys_added_to_the_engine_since_the_checkpoint_are_not_changes():
     """A checkpoint written before `data.group_by_length` existed resumes when the key is at its
     default (what that run did); set to something else, it is a change like any other."""
-    from engine.config import as_today
+    from tenure.engine.config.schema import as_today
     saved = config()
     del saved["data"]["group_by_length"]
     assert compare_for_resume(saved, config())[0] == ["data.group_by_length: unset -> 0"]
@@ -94,7 +94,7 @@ def test_a_replay_run_saved_before_replay_loss_existed_keeps_its_loss():
     """Such a run trained with the separate replay loss: resuming it under today's default (one
     mean) is a change the resume check names, not a silent switch; a run without replay, or
     one that says `replay.loss: separate`, resumes as before."""
-    from engine.config import as_today
+    from tenure.engine.config.schema import as_today
     old = config(replay__ratio=0.25)
     del old["replay"]["loss"]
     assert compare_for_resume(as_today(old), config(replay__ratio=0.25))[0] == ['replay.loss: "separate" -> "mean"']

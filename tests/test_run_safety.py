@@ -26,7 +26,7 @@ def args(run_dir, data, steps, *extra):
 
 
 def tenure(*argv, check=True):
-    result = subprocess.run([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=ROOT, env=env(),
+    result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", *map(str, argv)], cwd=ROOT, env=env(),
                             capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -34,7 +34,7 @@ def tenure(*argv, check=True):
 
 
 def start(*argv):
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=ROOT, env=env(),
+    return subprocess.Popen([sys.executable, "-m", "tenure.engine.cli", *map(str, argv)], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -116,7 +116,7 @@ def test_compiled_steps_are_reused_across_runs_and_a_torn_cache_entry_is_recompi
     cache = tmp_path / "xla"
 
     def run(name):
-        result = subprocess.run([sys.executable, "-m", "engine.cli", *args(tmp_path / name, data, 4)], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", *args(tmp_path / name, data, 4)], cwd=ROOT,
                                 env={**env(), "TENURE_COMPILATION_CACHE": str(cache)}, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -10,14 +10,14 @@ import textwrap
 
 import pytest
 
-from engine.runlock import RunLock, lock_path
-from models.errors import TenureError
+from tenure.engine.runtime.runlock import RunLock, lock_path
+from tenure.models.errors import TenureError
 from tests.fs_helpers import mounted_tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLDER = textwrap.dedent("""
     import sys, time
-    from engine.runlock import RunLock
+    from tenure.engine.runtime.runlock import RunLock
     with RunLock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(60)
@@ -80,7 +80,7 @@ def test_unwritable_run_dir_is_one_line(tmp_path):
 
 
 def test_restart_moves_the_old_run_aside(tmp_path):
-    from engine.runlock import set_aside_run
+    from tenure.engine.runtime.runlock import set_aside_run
     run = tmp_path / "run"
     with RunLock(run):
         assert set_aside_run(run) is None  # only the lock file: nothing to move

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.checkpoint import MARKER, CheckpointConfig, Checkpointer, NonFiniteStateError, nonfinite_leaves
-from models.errors import TenureError
+from tenure.engine.runtime.checkpoint import (MARKER, CheckpointConfig, Checkpointer, NonFiniteStateError,
+                                              nonfinite_leaves)
+from tenure.models.errors import TenureError
 from tests.fs_helpers import mounted_tmpfs
 
 
@@ -133,7 +134,7 @@ def test_tenure_train_refuses_a_users_folder_as_checkpoint_dir(tmp_path):
     data.write_text("".join(json.dumps({"text": f"w{i}", "label": "ab"[i % 2]}) + "\n" for i in range(16)))
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "train", "configs/quickstart.yaml",
+        [sys.executable, "-m", "tenure.engine.cli", "train", "configs/quickstart.yaml",
          f"model.path={root}/tests/fixtures/bert/seq_cls", f"run_dir={tmp_path}/run", f"data.train={data}",
          "data.validation=null", "data.test=null", "data.max_length=16", "data.length_buckets=[16]",
              "data.batch_size=4", "train.steps=2",
@@ -148,8 +149,8 @@ def test_tenure_train_refuses_a_users_folder_as_checkpoint_dir(tmp_path):
 
 ERROR_EXIT = """
 import sys, jax
-from engine.checkpoint import CheckpointConfig, Checkpointer
-from models.errors import TenureError
+from tenure.engine.runtime.checkpoint import CheckpointConfig, Checkpointer
+from tenure.models.errors import TenureError
 try:
     with Checkpointer(CheckpointConfig(every_steps=1), sys.argv[1]) as ckpt:
         ckpt.save(1, {"w": jax.random.normal(jax.random.key(0), (2_000_000,))})  # async, 8 MB

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.cli import main
+from tenure.engine.cli import main
 from test_run_safety import args
 from test_train_loop import data  # noqa: F401  (the `data` fixture)
 from tests.cli_helpers import cli_env
@@ -54,7 +54,7 @@ def test_a_key_written_twice_is_refused_in_configs_overrides_and_study_files(tmp
         f"error: {config}:{line}: invalid YAML (key 'optim' is written twice (first on line {first}); "
         "YAML would silently keep the last one)")
     # Keys merged in (`<<: *data`, then `labels:`) may be overridden: the staged config loads.
-    from engine.config import load_config
+    from tenure.engine.config.schema import load_config
     assert "<<: *data" in STAGED.read_text() and load_config(STAGED).tasks["B"].data.labels[0] == "noun.artifact"
     assert refused(capsys, "train", STAGED, "optim={lr: 1, lr: 2}") == (
         "error: override 'optim={lr: 1, lr: 2}': key 'lr' is written twice (first on line 1); "
@@ -88,8 +88,8 @@ def test_r_columns_from_different_splits_need_the_config_to_say_so(data, tmp_pat
     assert line == (f"error: {STAGED}: config key 'eval.mixed_splits': R's columns would come from different "
                     "splits (test: A; validation: B); give every task a test split, or set eval.mixed_splits: "
                     "true to accept it")
-    from engine.config import load_config
-    from engine.stages import r_split, resolve
+    from tenure.engine.config.schema import load_config
+    from tenure.engine.config.stages import r_split, resolve
     tasks, _ = resolve(load_config(STAGED, staged(tmp_path, data, "tasks.B.data.test=null",
                                                   "eval.mixed_splits=true")[2:]))
     assert {name: r_split(task) for name, task in tasks.items()} == {"A": "test", "B": "validation"}
@@ -182,7 +182,7 @@ def test_a_study_stopped_by_sigterm_exits_143_as_train_does(data, tmp_path):  # 
     study = tmp_path / "study.yaml"
     study.write_text("base: base.yaml\nmethods:\n  long: [" + ", ".join(
         args("x", data, 100000)[3:]).replace("run_dir=x, ", "") + "]\n")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "study", study, "--out", tmp_path / "out"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "tenure.engine.cli", "study", study, "--out", tmp_path / "out"], cwd=ROOT,
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "out").rglob("study.log")) and time.monotonic() < deadline:

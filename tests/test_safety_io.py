@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import build_parser, main
-from engine.config import load_config
-from models.errors import TenureError
-from models.hf import check_export_target, export_hf, load_hf
+from tenure.engine.cli import build_parser, main
+from tenure.engine.config.schema import load_config
+from tenure.models.errors import TenureError
+from tenure.models.hf import check_export_target, export_hf, load_hf
 from tests.fs_helpers import mounted_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]

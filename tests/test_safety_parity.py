@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.cli import main
-from models.parity import check_parity
+from tenure.engine.cli import main
+from tenure.models.parity import check_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT = ROOT / "tests/fixtures/bert/seq_cls"

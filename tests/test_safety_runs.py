@@ -159,7 +159,7 @@ def test_a_damaged_study_record_is_one_line(tmp_path):
     (tmp_path / "base.yaml").write_text((ROOT / "configs/quickstart.yaml").read_text())
     study = tmp_path / "study.yaml"
     study.write_text("base: base.yaml\nseeds: 1\nmethods:\n  naive: []\n")
-    from engine.study.config import load_study, plan_runs
+    from tenure.engine.study.config import load_study, plan_runs
     run, = plan_runs(load_study(study), study, tmp_path / "out")
     run.run_dir.mkdir(parents=True)
     (run.run_dir / "study_run.json").write_text('{"method": "na')
@@ -180,7 +180,7 @@ def test_a_full_disk_at_the_first_save_is_one_line(data, tmp_path):  # noqa: F81
 
 def test_a_failed_atomic_write_leaves_the_old_file(tmp_path):
     """A summary rewritten on a full disk: the old one stays whole, no temporary file is left."""
-    from engine import atomic
+    from tenure.engine.runtime import atomic
     with mounted_tmpfs(tmp_path / "small", size="64k") as small:
         atomic.write_text(small / "summary.json", '{"old": 1}')
         with pytest.raises(OSError):
@@ -195,7 +195,7 @@ def test_a_nan_in_a_checkpoint_is_named_at_restore(finished, data, tmp_path):  #
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
-    from engine.checkpoint import Checkpointer, DataStateSave
+    from tenure.engine.runtime.checkpoint import Checkpointer, DataStateSave
     run_dir, ckpt_dir = finished
     damaged = pathlib.Path(shutil.copytree(ckpt_dir, tmp_path / "ckpts"))
     ckpt = Checkpointer(None, damaged)

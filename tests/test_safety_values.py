@@ -4,18 +4,18 @@ before training, and `on_bad_record: skip` saying what it skipped."""
 import numpy as np
 import pytest
 
-from engine import evaluate
-from engine.config import load_config
-from engine.data.config import DataConfig
-from engine.data.inspect import inspect_data
-from engine.data.pipeline import build_eval_batches, build_train_iterator, plan_total_steps
-from engine.data.records import validate
-from engine.data.sources import open_source
-from engine.data.tokenize import Featurizer
-from engine.metrics import check_eval_metric, metrics_for_kind
-from models.errors import TenureError
-from models.hf import load_hf
-from models.positions import check_max_length
+from tenure.engine.tasks import evaluate
+from tenure.engine.config.schema import load_config
+from tenure.engine.data.config import DataConfig
+from tenure.engine.data.inspect import inspect_data
+from tenure.engine.data.pipeline import build_eval_batches, build_train_iterator, plan_total_steps
+from tenure.engine.data.records import validate
+from tenure.engine.data.sources import open_source
+from tenure.engine.data.tokenize import Featurizer
+from tenure.engine.tasks.metrics import check_eval_metric, metrics_for_kind
+from tenure.models.errors import TenureError
+from tenure.models.hf import load_hf
+from tenure.models.positions import check_max_length
 from tests.test_data_pipeline import labelled, word_tokenizer, write_jsonl
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -107,7 +107,7 @@ def test_steps_and_epochs_that_do_not_fit(tmp_path):
     # The iterator itself: running out is a TenureError naming the step, not a bare StopIteration.
     cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", labelled(8)), batch_size=4, max_length=8,
                      num_epochs=1, shuffle=False, read_threads=1)
-    from engine.data.pipeline import build_label_vocab
+    from tenure.engine.data.pipeline import build_label_vocab
     it = build_train_iterator(cfg, "seq_cls", word_tokenizer(), build_label_vocab(cfg, "seq_cls"))
     it.next_batch(1), it.next_batch(2)
     with pytest.raises(TenureError, match=r"^data.train: the training data ran out at step 3 \(data.num_epochs "
@@ -124,7 +124,7 @@ def test_skipped_records_are_counted_per_split(tmp_path, capsys):
     validation = write_jsonl(tmp_path / "validation.jsonl", labelled(4) + [{"text": "w1", "label": "other"}])
     cfg = DataConfig(train=train, validation=validation, batch_size=2, max_length=8, on_bad_record="skip",
                      shuffle=False, read_threads=1)
-    from engine.data.pipeline import build_label_vocab
+    from tenure.engine.data.pipeline import build_label_vocab
     vocab = build_label_vocab(cfg, "seq_cls")
     capsys.readouterr()
     build_train_iterator(cfg, "seq_cls", word_tokenizer(), vocab)
@@ -148,8 +148,8 @@ def test_inspect_reports_regression_labels_as_numbers(tmp_path):
 
 
 def test_every_kinds_default_metric_is_one_it_reports():
-    from models.kinds import KINDS
+    from tenure.models.kinds import KINDS
     for name, kind in KINDS.items():
-        if name == "lm_eval":  # its metrics are the harness's tasks' own (engine.build.lm_eval_metric)
+        if name == "lm_eval":  # its metrics are the harness's tasks' own (tenure.engine.train.build.lm_eval_metric)
             continue
         assert check_eval_metric(name, kind.metric, kind.mode) is None, name

@@ -15,17 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.config import load_config
-from engine.build import model_for
-from engine.losses import task_losses
-from engine.optim import OptimConfig, build_optimizer, build_schedule
-from engine.sharding import MeshConfig, make_mesh, param_shardings, put_params
-from engine.step import init_state, make_train_step
-from engine.trainability import TrainableConfig, compile_trainability
-from models.hf import family
-from models.layer_scan import layer_ranges, scan_layers
-from models.lora import LoRASpec
-from models.tasks import build_task_model
+from tenure.engine.config.schema import load_config
+from tenure.engine.train.build import model_for
+from tenure.engine.tasks.losses import task_losses
+from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
+from tenure.engine.runtime.sharding import MeshConfig, make_mesh, param_shardings, put_params
+from tenure.engine.train.step import init_state, make_train_step
+from tenure.engine.train.trainability import TrainableConfig, compile_trainability
+from tenure.models.hf import family
+from tenure.models.layer_scan import layer_ranges, scan_layers
+from tenure.models.lora import LoRASpec
+from tenure.models.tasks import build_task_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NUM_LAYERS = 4
@@ -219,7 +219,7 @@ def test_config_key_reaches_the_backbone(tmp_path):
 
 
 def train_losses(scan, mesh, steps=3):
-    """Losses of `steps` train steps on one batch (engine.step, last 2 layers + head trainable) and
+    """Losses of `steps` train steps on one batch (tenure.engine.train.step, last 2 layers + head trainable) and
     the final params."""
     batch = dict(make_batch(batch_size=8), labels=np.arange(8, dtype=np.int32) % 3,
                  example_mask=np.ones(8, np.float32))

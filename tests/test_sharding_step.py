@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from models.errors import TenureError
-from engine.losses import task_losses
-from engine.optim import OptimConfig, build_optimizer, build_schedule
-from engine.sharding import MeshConfig, init_sharded, make_mesh, mesh_shape, param_shardings, put_params
-from engine.step import compiled_flops, init_state, make_eval_step, make_train_step
-from engine.trainability import TrainableConfig, compile_trainability
-from models.bert import BertConfig
-from models.tasks import build_task_model
+from tenure.models.errors import TenureError
+from tenure.engine.tasks.losses import task_losses
+from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
+from tenure.engine.runtime.sharding import MeshConfig, init_sharded, make_mesh, mesh_shape, param_shardings, put_params
+from tenure.engine.train.step import compiled_flops, init_state, make_eval_step, make_train_step
+from tenure.engine.train.trainability import TrainableConfig, compile_trainability
+from tenure.models.bert import BertConfig
+from tenure.models.tasks import build_task_model
 
 TINY = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.1,

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from engine.signals import StopSignals
+from tenure.engine.runtime.signals import StopSignals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOP = textwrap.dedent("""
     import sys, time
-    from engine.signals import StopSignals
+    from tenure.engine.runtime.signals import StopSignals
     obey = sys.argv[1] == "obey"
     with StopSignals() as stop:
         print("ready", flush=True)

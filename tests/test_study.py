@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.forgetting_metrics import summarize
-from engine.study import add_study_parser, run_study
-from engine.study.aggregate import mean_se
-from engine.study.stats import mean_ci
-from engine.study.config import Cell, Run, format_override, load_study, plan_runs
-from engine.study.runner import check_resumable, run_all, thread_env
-from models.errors import TenureError
+from tenure.engine.continual.forgetting_metrics import summarize
+from tenure.engine.study import add_study_parser, run_study
+from tenure.engine.study.aggregate import mean_se
+from tenure.engine.study.stats import mean_ci
+from tenure.engine.study.config import Cell, Run, format_override, load_study, plan_runs
+from tenure.engine.study.runner import check_resumable, run_all, thread_env
+from tenure.models.errors import TenureError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ grid:
     ewc = runs[3]
     assert ewc.run_dir == tmp_path / "out" / "data.subset-100__data.label_noise-0.2" / "ewc" / "seed1"
     # method overrides, then the grid cell (so a grid axis wins), then run_dir and seed
-    assert ewc.command == (sys.executable, "-m", "engine.cli", "train", str(tmp_path / "base.yaml"),
+    assert ewc.command == (sys.executable, "-m", "tenure.engine.cli", "train", str(tmp_path / "base.yaml"),
                            "stages.1.ewc.lambda=100", "optim.lr=1e-4", "data.subset=100", "data.label_noise=0.2",
                            f"run_dir={ewc.run_dir}", "train.seed=1")
     assert ewc.name == "ewc seed 1 [data.subset=100, data.label_noise=0.2]"
@@ -158,7 +158,7 @@ grid:
 
 
 def test_methods_that_differ_only_after_stage_a_share_one_stage_a_run(tmp_path):
-    from engine.study.config import share_first_stage
+    from tenure.engine.study.config import share_first_stage
     data = {"train": "train.jsonl", "labels": ["x", "y"]}
     base = {"model": {"path": "some/model"}, "tasks": {"A": {"kind": "seq_cls", "data": data},
                                                        "B": {"kind": "seq_cls", "data": data}},
@@ -276,8 +276,8 @@ def test_a_run_that_exits_0_without_forgetting_json_fails(tmp_path):
 
 STUDY_THAT_HANGS = """
 import pathlib, sys
-from engine.study.config import Cell, Run
-from engine.study.runner import run_all
+from tenure.engine.study.config import Cell, Run
+from tenure.engine.study.runner import run_all
 out = pathlib.Path(sys.argv[1])
 hang = "import os, pathlib, time; pathlib.Path(r'{}', str(os.getpid())).touch(); time.sleep(120)".format(out)
 runs = [Run(f"r{i}", Cell(()), 0, out / f"r{i}", (sys.executable, "-c", hang)) for i in range(3)]

@@ -4,7 +4,7 @@ exact bootstrap distribution), forgetting at matched learning (hand-interpolated
 and selection on validation only (never on test).
 
 Every run here is a forgetting.json + summary.json written by hand in the engine's format
-(engine/report.py, engine/train.py); the thing under test is what the study makes of them.
+(engine/continual/report.py, engine/train/trainer.py); the thing under test is what the study makes of them.
 Two tasks A then B: learning = R[B after B] (learning_newest), forgetting = R[A after A] -
 R[A after B] (forgetting_max with two stages)."""
 import argparse
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.forgetting_metrics import summarize
-from engine.study import add_study_parser, analyse, run_study
-from engine.study.config import load_study, plan_runs, value_text
-from engine.study.stats import LEVEL
-from models.errors import TenureError
+from tenure.engine.continual.forgetting_metrics import summarize
+from tenure.engine.study import add_study_parser, analyse, run_study
+from tenure.engine.study.config import load_study, plan_runs, value_text
+from tenure.engine.study.stats import LEVEL
+from tenure.models.errors import TenureError
 
 A_AFTER_A = 0.9
 ENDS = [10, 20]
@@ -289,7 +289,7 @@ def test_methods_without_a_sweep_need_no_validation_split(tmp_path):
 def test_interpolation_between_points_and_at_tied_learning():
     """Hand values: points given out of order; two points at the same learning count as one at
     their mean forgetting (so the answer does not depend on the sweep's order)."""
-    from engine.study.stats import interpolate_rows
+    from tenure.engine.study.stats import interpolate_rows
     x_BxP = np.array([[0.9, 0.6, 0.7], [0.5, 0.5, 0.8], [0.5, 0.5, 0.8]])
     y_BxP = np.array([[0.5, 0.1, 0.2], [0.0, 0.2, 0.4], [0.2, 0.0, 0.4]])
     got = interpolate_rows(x_BxP, y_BxP, np.array([0.8, 0.5, 0.65]))

@@ -7,9 +7,9 @@ import pathlib
 import pydantic
 import pytest
 
-from engine.data.config import DataConfig
-from engine.data.subsample import describe, subsample_and_corrupt
-from models.errors import TenureError
+from tenure.engine.data.config import DataConfig
+from tenure.engine.data.subsample import describe, subsample_and_corrupt
+from tenure.models.errors import TenureError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

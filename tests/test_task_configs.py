@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.cli_helpers import cli_env
-from engine.config import load_config
+from tenure.engine.config.schema import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> d
                  f"data.validation={_head(base.data.validation, rows, tmp_path / 'val.jsonl')}",
                  f"data.test={_head(base.data.test, rows, tmp_path / 'test.jsonl')}",
                  f"data.train={ROOT / base.data.train}", *extra]
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(path), *overrides],
+    result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", "train", str(path), *overrides],
                             cwd=ROOT, env=cli_env(real_model=True), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

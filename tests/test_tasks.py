@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from models.errors import TenureError
-from models.bert import BertConfig
-from models.gpt2 import GPT2Config
-from models.heads import pool
-from models.llama import LlamaConfig
-from models.lora import LoRASpec
-from models.tasks import build_task_model, graft_pretrained
+from tenure.models.errors import TenureError
+from tenure.models.bert import BertConfig
+from tenure.models.gpt2 import GPT2Config
+from tenure.models.heads import pool
+from tenure.models.llama import LlamaConfig
+from tenure.models.lora import LoRASpec
+from tenure.models.tasks import build_task_model, graft_pretrained
 
 TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=32, max_position_embeddings=16)

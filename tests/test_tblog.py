@@ -3,7 +3,7 @@ import os
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine.tblog import TBLogger
+from tenure.engine.runtime.tblog import TBLogger
 
 
 def read_events(logdir) -> EventAccumulator:

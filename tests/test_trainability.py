@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.errors import TenureError
-from engine.trainability import FROZEN, TrainableConfig, compile_trainability
-from models.bert import BertConfig
-from models.lora import LoRASpec
-from models.tasks import build_task_model
+from tenure.models.errors import TenureError
+from tenure.engine.train.trainability import FROZEN, TrainableConfig, compile_trainability
+from tenure.models.bert import BertConfig
+from tenure.models.lora import LoRASpec
+from tenure.models.tasks import build_task_model
 
 L = 3
 

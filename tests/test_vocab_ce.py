@@ -1,4 +1,4 @@
-"""The chunked vocabulary cross-entropy (engine.losses.vocab_ce) against the plain path (full
+"""The chunked vocabulary cross-entropy (tenure.engine.tasks.losses.vocab_ce) against the plain path (full
 fp32 logits + log-softmax): same loss, accuracy and gradients, on raw arrays and through tiny
 GPT-2 / Llama (untied head) causal LMs and a tiny BERT MLM, with -100 labels and padding rows."""
 import flax.linen as nn
@@ -8,17 +8,17 @@ import numpy as np
 import optax
 import pytest
 
-from engine import losses
-from engine.config import MeshConfig
-from engine.losses import IGNORE, _token_ce, task_loss, vocab_ce
-from engine.sharding import make_mesh, param_shardings
-from engine.step import init_state, make_train_step
-from models.bert import BertConfig
-from models.gpt2 import GPT2Config
-from models.heads import Vocab
-from models.layers import vocab_logits
-from models.llama import LlamaConfig
-from models.tasks import build_task_model
+from tenure.engine.tasks import losses
+from tenure.engine.config.schema import MeshConfig
+from tenure.engine.tasks.losses import IGNORE, _token_ce, task_loss, vocab_ce
+from tenure.engine.runtime.sharding import make_mesh, param_shardings
+from tenure.engine.train.step import init_state, make_train_step
+from tenure.models.bert import BertConfig
+from tenure.models.gpt2 import GPT2Config
+from tenure.models.heads import Vocab
+from tenure.models.layers import vocab_logits
+from tenure.models.llama import LlamaConfig
+from tenure.models.tasks import build_task_model
 
 RTOL = 1e-5
 

@@ -15,9 +15,9 @@ import grain
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.data.records import BadRecordReport, validate
-from engine.data.sources import open_source
-from models.errors import TenureError
+from tenure.engine.data.records import BadRecordReport, validate
+from tenure.engine.data.sources import open_source
+from tenure.models.errors import TenureError
 
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 # Function words EDA leaves alone: their "synonyms" change meaning or grammar.

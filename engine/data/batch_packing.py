@@ -15,10 +15,10 @@ example_row / example_start (int32): the row and the position of the example's f
 
 The encoder reads segment_ids (block-diagonal attention) and positions (per-segment position
 ids), as for packed causal-LM rows; the head pools each example at (example_row, example_start)
-or over its own segment (models.heads.pool), so the logits are [n, C] as unpacked.
+or over its own segment (tenure.models.heads.pool), so the logits are [n, C] as unpacked.
 
 Layout constraints, both exact:
-- `accum` (optim.grad_accum_steps = k): engine.step splits every array into micro-batches by
+- `accum` (optim.grad_accum_steps = k): tenure.engine.train.step splits every array into micro-batches by
   index modulo k (rows i*k+j go to micro-batch j). So the examples of micro-batch j (index % k ==
   j) are packed into rows r with r % k == j, Q rows per micro-batch (R = k * Q); the step divides
   example_row by k.
@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 
 def row_step(examples: int, shards: int = 1) -> int:

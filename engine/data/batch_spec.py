@@ -1,6 +1,6 @@
 """The batch contract: which fields a training batch has for a task, their axes and dtypes.
 
-The featurizer and the collators (engine.data.tokenize, packing, batch_packing) produce these
+The featurizer and the collators (tenure.engine.data.tokenize, packing, batch_packing) produce these
 fields from records; `tenure compile` (abstract batches) and `tenure bench` (synthetic batches)
 ask `batch_fields` for them instead of writing their own list; tests/test_batch_spec.py checks
 the featurizer's and the collators' batches against it.
@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from models.kinds import KINDS
+from tenure.models.kinds import KINDS
 
 IGNORE = -100  # the label of a position that carries none (padding, prompt tokens, non-first sub-tokens)
 
@@ -39,7 +39,7 @@ LABELS = {"causal_lm": Field(TOKENS, _INT), "mlm": Field(TOKENS, _INT), "token_c
 def batch_fields(kind: str, fmt: str | None = None, *, packed: bool = False, multi: bool = False) -> dict[str, Field]:
     """The fields of a training batch of task kind `kind` in record format `fmt` (None: the
     kind's default); `packed`: data.pack; `multi`: a multi-task run (examples carry task_id)."""
-    from engine.data.tokenize import resolve_format
+    from tenure.engine.data.tokenize import resolve_format
     fmt = resolve_format(kind, fmt)
     head = KINDS[kind].head
     if fmt == "retrieval":

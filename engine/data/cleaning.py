@@ -17,8 +17,8 @@ import grain
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.data.records import ensure_not_empty
-from engine.data.sources import select
+from tenure.engine.data.records import ensure_not_empty
+from tenure.engine.data.sources import select
 
 
 class CleaningConfig(BaseModel):

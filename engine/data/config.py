@@ -5,9 +5,9 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.data.augment import AugmentConfig
-from engine.data.cleaning import CleaningConfig
-from engine.data.records import RECORD_FORMATS
+from tenure.engine.data.augment import AugmentConfig
+from tenure.engine.data.cleaning import CleaningConfig
+from tenure.engine.data.records import RECORD_FORMATS
 
 Paths = Union[str, list[str]]
 

@@ -11,11 +11,11 @@ import json
 
 import numpy as np
 
-from engine.data.config import DataConfig
-from engine.data.pipeline import SplitReport, load_records, make_featurizer
-from engine.data.records import LABEL_FIELDS, TEXT_FIELDS, LabelVocab
-from engine.data.tokenize import resolve_format
-from models.kinds import KINDS
+from tenure.engine.data.config import DataConfig
+from tenure.engine.data.pipeline import SplitReport, load_records, make_featurizer
+from tenure.engine.data.records import LABEL_FIELDS, TEXT_FIELDS, LabelVocab
+from tenure.engine.data.tokenize import resolve_format
+from tenure.models.kinds import KINDS
 
 CHUNK = 256
 MAX_LABELS_SHOWN = 20

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 MAX_PERIOD = 10_000
 DRAW_BLOCK = 1024

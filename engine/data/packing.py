@@ -26,7 +26,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from engine.data.batch_spec import IGNORE
+from tenure.engine.data.batch_spec import IGNORE
 
 LM_KEYS = ("input_ids", "attention_mask", "labels")
 

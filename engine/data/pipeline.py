@@ -27,20 +27,20 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engine.data.augment import augment
-from engine.data.batch_packing import global_rows, pack_batch
-from engine.data.cleaning import CleaningReport, clean
-from engine.data.config import DataConfig
-from engine.data.grouping import LengthGroupIterDataset, length_order
-from engine.data.mixture import MixIterDataset
-from engine.data.packing import PackIterDataset, collate
-from engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, LabelVocab, over_length_error,
-                                 validate)
-from engine.data.sources import open_source, select
-from engine.data.subsample import describe, subsample_and_corrupt
-from engine.data.tokenize import Featurizer, resolve_format
-from models.errors import TenureError
-from models.kinds import KINDS, pack_error
+from tenure.engine.data.augment import augment
+from tenure.engine.data.batch_packing import global_rows, pack_batch
+from tenure.engine.data.cleaning import CleaningReport, clean
+from tenure.engine.data.config import DataConfig
+from tenure.engine.data.grouping import LengthGroupIterDataset, length_order
+from tenure.engine.data.mixture import MixIterDataset
+from tenure.engine.data.packing import PackIterDataset, collate
+from tenure.engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, LabelVocab, over_length_error,
+                                        validate)
+from tenure.engine.data.sources import open_source, select
+from tenure.engine.data.subsample import describe, subsample_and_corrupt
+from tenure.engine.data.tokenize import Featurizer, resolve_format
+from tenure.models.errors import TenureError
+from tenure.models.kinds import KINDS, pack_error
 
 
 

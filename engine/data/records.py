@@ -15,8 +15,8 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from engine.data.sources import BAD_RAW_KEY, select
-from models.errors import TenureError
+from tenure.engine.data.sources import BAD_RAW_KEY, select
+from tenure.models.errors import TenureError
 
 # Canonical keys of each format; ``negatives`` (retrieval) is optional and defaults to [].
 RECORD_FORMATS: dict[str, tuple[str, ...]] = {

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 # A line that is not valid JSON (or a CSV row with the wrong column count) becomes
 # ``{BAD_RAW_KEY: reason}``; records.parse_record turns it into a BadRecord, so

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 _SUBSET_STREAM, _NOISE_STREAM = 0x5B5E7, 0x1AB31  # keep the two draws independent of each other
 

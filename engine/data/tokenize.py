@@ -28,9 +28,9 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from engine.data.batch_spec import IGNORE
-from models.errors import TenureError
-from models.kinds import KINDS
+from tenure.engine.data.batch_spec import IGNORE
+from tenure.models.errors import TenureError
+from tenure.models.kinds import KINDS
 
 TASK_FORMATS: dict[str, tuple[str, ...]] = {name: kind.formats for name, kind in KINDS.items()}
 """Record formats each task kind accepts; the first is the default."""

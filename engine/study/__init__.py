@@ -13,7 +13,7 @@ import argparse
 import pathlib
 import sys
 
-from models.errors import TenureError
+from tenure.models.errors import TenureError
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def _plot_name(kind: str, slug: str, n_cells: int) -> str:
 
 def _validation(by_variant: dict, figure: str) -> dict[str, dict[int, float]]:
     """variant -> seed -> `figure` on validation, for the selection: the points of swept methods."""
-    from engine.study.aggregate import validation_value
+    from tenure.engine.study.aggregate import validation_value
 
     return {variant: {run.seed: validation_value(run, record, figure) for run, record in results}
             for variant, results in by_variant.items() if results[0][0].point.values}
@@ -53,7 +53,7 @@ def _validation(by_variant: dict, figure: str) -> dict[str, dict[int, float]]:
 def analyse(runs, study) -> list[tuple[dict, dict]]:
     """(table, records by variant) per cell with a finished run: the cell table and, for a staged
     cell, its comparison (engine/study/compare.py), from the runs' JSON alone."""
-    from engine.study import aggregate, compare
+    from tenure.engine.study import aggregate, compare
 
     tradeoff, out = study.tradeoff, []
     for cell, by_variant in aggregate.collect(runs):
@@ -75,7 +75,7 @@ def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict
     A staged cell gets the learning-vs-forgetting plot; single-task cells do not (nothing is
     forgotten); a grid with a numeric axis gets `grid.png` (the study's `grid_plot`, else
     plots.grid_axes's default)."""
-    from engine.study import aggregate, plots
+    from tenure.engine.study import aggregate, plots
 
     stream = stream or sys.stdout
     grid_keys = list(study.grid)
@@ -102,9 +102,9 @@ def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict
 
 def run_study(args) -> int:
     """`tenure study`: 0 when every run finished, 1 when any failed or is missing."""
-    from engine.study.config import check_selection_uses_validation, default_out, load_study, plan_runs, \
+    from tenure.engine.study.config import check_selection_uses_validation, default_out, load_study, plan_runs, \
         share_first_stage
-    from engine.study.runner import run_all
+    from tenure.engine.study.runner import run_all
 
     study = load_study(args.study)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None

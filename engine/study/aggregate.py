@@ -28,10 +28,10 @@ import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from engine.forgetting_metrics import summarize
-from engine.study.config import COUNTS, SINGLE, STATS, Cell, Run
-from engine.study.stats import mean_ci
-from models.errors import TenureError
+from tenure.engine.continual.forgetting_metrics import summarize
+from tenure.engine.study.config import COUNTS, SINGLE, STATS, Cell, Run
+from tenure.engine.study.stats import mean_ci
+from tenure.models.errors import TenureError
 
 
 class CurvePoint(BaseModel):

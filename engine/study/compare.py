@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from engine.study.stats import interpolate_rows, mean_ci, percentile_interval, resample_indices
+from tenure.engine.study.stats import interpolate_rows, mean_ci, percentile_interval, resample_indices
 
 
 def figure_direction(figure: str, direction: dict[str, str]) -> str:

@@ -47,9 +47,9 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine import yamlfile
-from engine.config import one_line, read_yaml_mapping
-from models.errors import TenureError
+from tenure.engine.config import yamlfile
+from tenure.engine.config.schema import one_line, read_yaml_mapping
+from tenure.models.errors import TenureError
 
 STATS = {  # name -> column title, in table order (after the per-task final scores)
     "acc": "ACC",
@@ -452,7 +452,7 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
             for point in points(study, method):
                 for seed in range(study.seeds if seeds is None else seeds):
                     run_dir = out / cell.slug / method / point.slug / f"seed{seed}"
-                    command = (sys.executable, "-m", "engine.cli", "train", base, *study.methods[method],
+                    command = (sys.executable, "-m", "tenure.engine.cli", "train", base, *study.methods[method],
                                *point.overrides, *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}",
                                *(f"{key}={seed}" for key in study.seed_keys))
                     runs.append(Run(method, cell, seed, run_dir, command, point))
@@ -461,11 +461,11 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
 
 def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Run], list[Run]]:
     """(first-stage runs, the runs) where the runs of one cell and seed whose first stage computes
-    the same thing (engine/branch.py: EWC and replay act only from stage B on) train it once, as
+    the same thing (engine/continual/branch.py: EWC and replay act only from stage B on) train it once, as
     the config cut to that stage in ``<out>/<cell slug>/first_stage/<method>/seed<k>``, and
     branch from it (`branch_from`)."""
-    from engine.branch import first_stage_key
-    from engine.config import Config, load_config
+    from tenure.engine.continual.branch import first_stage_key
+    from tenure.engine.config.schema import Config, load_config
 
     out = pathlib.Path(out).resolve()
     groups: dict[tuple, list[tuple[Run, Config]]] = {}
@@ -498,7 +498,7 @@ def figure_tasks(figure: str, tasks: list[str]) -> list[str]:
 def check_selection_uses_validation(study: StudyConfig, runs: list[Run]) -> None:
     """Refuse, before anything runs, a selection that would read a task without a validation
     split in a swept method's run (R is on test: choosing on it would judge a choice on what chose it)."""
-    from engine.config import load_config
+    from tenure.engine.config.schema import load_config
 
     if study.select is None:
         return

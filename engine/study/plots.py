@@ -9,8 +9,8 @@ import pathlib
 
 import numpy as np
 
-from engine.study.compare import figure_direction
-from engine.study.config import STATS
+from tenure.engine.study.compare import figure_direction
+from tenure.engine.study.config import STATS
 
 
 def _pyplot():

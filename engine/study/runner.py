@@ -19,9 +19,9 @@ import threading
 import time
 from typing import TextIO
 
-from engine import atomic
-from engine.study.config import Run
-from models.errors import TenureError
+from tenure.engine.runtime import atomic
+from tenure.engine.study.config import Run
+from tenure.models.errors import TenureError
 
 RECORD, LOG = "study_run.json", "study.log"
 

@@ -1,0 +1,2 @@
+"""The run config: its schema (pydantic sections), loading with overrides, and its resolution into
+tasks and stages."""

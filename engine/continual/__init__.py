@@ -1,0 +1,2 @@
+"""Staged runs and forgetting: regularisers, Fisher, forgetting metrics, the forgetting report,
+branching."""

@@ -1,0 +1,270 @@
+"""`tenure interpolate RUN_DIR`: weight interpolation between a stage's start and its end, no training.
+
+    tenure interpolate runs/x --alphas 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+    tenure interpolate runs/x --export 0.4 --out runs/x/hf_alpha0.4
+
+theta(a) = (1 - a) theta_start + a theta_end (WiSE-FT, Wortsman et al. 2022; for LLM alignment,
+Lin et al. 2024), leaf by leaf in fp32 (cast back to each leaf's dtype). For stage N (`--stage`,
+default the last):
+  theta_end    the weights R's row for stage N was taken on: the checkpoint at the stage's end
+               (a single-task run: its result, the best checkpoint);
+  theta_start  `--start stage` (default): the weights stage N started from, i.e. the end of stage
+               N-1 (the run's starting model, pretrained with fresh heads, for stage 0);
+               `--start run`: the run's starting model for every stage.
+Both must still be checkpoints of the run (`checkpoint.keep` keeps the newest few), else the
+command says which one is gone. Every task and probe is scored at every alpha with stage N's
+evaluators, as R is: the test split (validation without one). So a = 1 reproduces R's row for
+stage N exactly, and a = 0 R's row for stage N-1 (or the start row) exactly wherever the heads are
+the same in both stages (task-incremental, single-task runs); class-incremental (heads: shared),
+stage N's head scores classes stage N-1's did not yet have.
+
+Outputs in RUN_DIR/interpolation/ (or --out-dir): stage<N>.json (alphas, tasks, metric, direction,
+rows [{alpha, scores {task: value}}], and the R rows the ends should equal), stage<N>.csv (alpha,
+one column per task), stage<N>.png (each other task's score against the stage's own tasks'
+score, one point per alpha). `--export ALPHA --out DIR` writes theta(ALPHA) as an HF model
+directory (tenure.engine.tools.commands.export_params).
+
+Not supported: LoRA runs (interpolating the factors A, B is not interpolating the merged weight)
+and stages that ended under a forgetting guard (their result is no checkpoint): both refused.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from pydantic import BaseModel
+
+from tenure.engine.runtime import atomic, distributed
+from tenure.engine.runtime.checkpoint import Checkpointer
+from tenure.engine.config.schema import Config, _leaf_types, as_today, validate
+from tenure.engine.train.trainer import Trainer, _print, evaluate_all, task_score
+from tenure.models.errors import TenureError
+
+
+def parse_alphas(text: str) -> list[float]:
+    """'0,0.1,...,1' -> floats in [0, 1]; a bad list is one line."""
+    try:
+        alphas = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TenureError(f"--alphas {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise TenureError(f"--alphas {text!r}: expected numbers in [0, 1]")
+    return alphas
+
+
+def mix(start, end, alpha: float):
+    """(1 - alpha) start + alpha end per leaf, in fp32, in each leaf's dtype."""
+    def one(s, e):
+        return ((1.0 - alpha) * s.astype(jnp.float32) + alpha * e.astype(jnp.float32)).astype(e.dtype)
+    return jax.tree.map(one, start, end)
+
+
+def _as_given(model_cls, tree: dict) -> dict:
+    """A config dump (`tenure.engine.config.schema.to_dict`, every default written out) without the values equal
+    to their defaults, so the sections a run switched on by setting them (`ewc.lambda`, `kl.weight`,
+    ... : `tenure.engine.continual.stage_regularizers`'s *_on) read as they did. A default value that was set explicitly
+    (`ewc.lambda=0`, the null-equivalence runs) is dropped too: such a run's checkpoints do not
+    restore (one line saying the checkpoint is unreadable)."""
+    out = {}
+    for name, field in model_cls.model_fields.items():
+        key = field.alias or name
+        if key not in tree:
+            continue
+        value = tree[key]
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json", by_alias=True)
+        if value == default:
+            continue
+        section = next((t for t in _leaf_types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)),
+                       None)
+        items = next((typing.get_args(t)[0] for t in _leaf_types(field.annotation)
+                      if typing.get_origin(t) is list and typing.get_args(t)
+                      and isinstance(typing.get_args(t)[0], type) and issubclass(typing.get_args(t)[0], BaseModel)),
+                     None)
+        if section is not None and isinstance(value, dict):
+            value = _as_given(section, value)
+        elif items is not None and isinstance(value, list):
+            value = [_as_given(items, v) if isinstance(v, dict) else v for v in value]
+        out[key] = value
+    return out
+
+
+def _checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    """The run's checkpoint directory: summary.json names it relative to the run dir (a moved run
+    still interpolates); a run that has not finished keeps the default place."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        record = atomic.read_json(summary, "interpolate an intact run, or rerun that one to its end")
+        if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
+            raise TenureError(f"{summary}: names no checkpoint directory; interpolate an intact run, "
+                              "or rerun that one to its end")
+        return run_dir / record["checkpoints"]
+    return run_dir / "checkpoints"
+
+
+class Interpolation:
+    """A finished run's trainer, checkpoints and history, and the two ends of one stage."""
+
+    def __init__(self, run_dir: str, stage: int | None, start: str):
+        self.run_dir = pathlib.Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise TenureError(f"interpolate: {run_dir}: no such run directory")
+        self.ckpt = Checkpointer(None, _checkpoint_dir(self.run_dir), read_only=True)
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            raise TenureError(f"interpolate: {self.ckpt.directory}: no checkpoint")
+        meta = self.ckpt.read_extra(latest)
+        self.history = meta["history"]
+        done = len(self.history.get("R", []))
+        self.index = done - 1 if stage is None else stage
+        if not 0 <= self.index < done:
+            raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
+        cfg = validate(_as_given(Config, as_today(meta["config"])), f"{self.ckpt.step_dir(latest)} (its config)")
+        self.trainer = Trainer(cfg.model_copy(update={"run_dir": str(self.run_dir)}))
+        if self.trainer.lora is not None:
+            raise TenureError("interpolate: a LoRA run's adapters are factors (A, B); interpolating them is not "
+                              "interpolating the merged weight, so LoRA runs are not supported")
+        self.end_step = self._end_step(self.index)
+        self.start_step = None if (start == "run" or self.index == 0) else self._end_step(self.index - 1)
+        self.stage = self.trainer.stages[self.index]
+
+    def _end_step(self, index: int) -> int:
+        stage = self.trainer.stages[index]
+        if stage.guard is not None:
+            raise TenureError(f"interpolate: stage {index} ({stage.name}) ended under a forgetting guard: its "
+                              "result is its best weights within budget, which no checkpoint holds")
+        step = self.history["final_step"] if self.trainer.single else self.history["stage_ends"][index]
+        if step not in self.ckpt.all_steps():
+            raise TenureError(f"interpolate: the checkpoint of stage {index}'s end (step {step}) is no longer in "
+                              f"{self.ckpt.directory} (checkpoint.keep keeps the newest few; rerun with a larger "
+                              "checkpoint.keep, or --start run)")
+        return step
+
+    def _params_at(self, index: int, step: int):
+        trainer = self.trainer
+        sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
+        sr.train_iter.close()
+        state, _, _ = trainer.restore(self.ckpt, sr, sr.state, self.ckpt.read_extra(step), step)
+        return sr, state.params
+
+    def ends(self):
+        """(stage run of stage N, theta_start, theta_end)."""
+        sr, end = self._params_at(self.index, self.end_step)
+        if self.start_step is None:
+            start = self.trainer.start_params
+        else:
+            _, start = self._params_at(self.index - 1, self.start_step)
+        return sr, start, end
+
+    def reference_rows(self) -> dict:
+        """The R rows a = 0 and a = 1 should reproduce."""
+        R, start_row = self.history.get("R", []), self.history.get("start_row")
+        before = start_row if self.start_step is None else R[self.index - 1]
+        return {"alpha_0": before, "alpha_1": R[self.index]}
+
+
+def curve(interp: Interpolation, sr, start, end, alphas: list[float]) -> list[dict]:
+    trainer = interp.trainer
+    evaluators = trainer._evaluators(sr)
+    place = jax.jit(mix, static_argnums=2, out_shardings=sr.state_shardings.params)
+    rows = []
+    for alpha in alphas:
+        params = place(start, end, alpha)
+        scores = evaluate_all(trainer.tasks, evaluators, params, ("validation", "test"), trainer.backbone.mesh)
+        row = {t: task_score(trainer.tasks, scores, t) for t in trainer.tasks.by_name}
+        rows.append({"alpha": alpha, "scores": row})
+        _print(f"alpha {alpha:g}: " + "  ".join(f"{t} {v:.4f}" for t, v in row.items() if v is not None))
+    return rows
+
+
+def write_curve(out_dir: pathlib.Path, interp: Interpolation, rows: list[dict]) -> dict:
+    tasks = interp.trainer.tasks
+    names = list(tasks.by_name)
+    record = {"run_dir": str(interp.run_dir), "stage": interp.index, "stage_name": interp.stage.name,
+              "start": "run start" if interp.start_step is None else f"end of stage {interp.index - 1}",
+              "start_step": interp.start_step, "end_step": interp.end_step, "tasks": names,
+              "own_tasks": list(interp.stage.weights),
+              "metric": {n: t.task.metric for n, t in tasks.by_name.items()},
+              "direction": {n: t.task.mode for n, t in tasks.by_name.items()},
+              "alphas": [r["alpha"] for r in rows], "rows": rows, "R_rows": interp.reference_rows()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"stage{interp.index}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["alpha", *names])
+        for r in rows:
+            writer.writerow([r["alpha"], *[r["scores"][n] for n in names]])
+    plot_curve(record, stem.with_suffix(".png"))
+    return record
+
+
+def plot_curve(record: dict, path: pathlib.Path) -> None:
+    """Each other task's (earlier task's or probe's) score against the stage's own tasks' mean
+    score, one point per alpha; with no other task, the own score against alpha."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    own = record["own_tasks"]
+    others = [t for t in record["tasks"] if t not in own]
+    x = [float(np.mean([r["scores"][t] for t in own])) for r in record["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    if not others:
+        ax.plot(record["alphas"], x, marker="o")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(f"{'+'.join(own)} ({record['metric'][own[0]]})")
+    for task in others:
+        y = [r["scores"][task] for r in record["rows"]]
+        ax.plot(x, y, marker="o", label=f"{task} ({record['metric'][task]})")
+        for xa, ya, alpha in zip(x, y, record["alphas"]):
+            if alpha in (0.0, 1.0):
+                ax.annotate(f"a={alpha:g}", (xa, ya), fontsize=8, textcoords="offset points", xytext=(4, 4))
+    if others:
+        ax.set_xlabel(f"{'+'.join(own)} ({record['metric'][own[0]]}), the stage's own")
+        ax.set_ylabel("other task / probe")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"stage {record['stage']} ({record['stage_name']}): theta(a) from {record['start']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None = None, start: str = "stage",
+                out_dir: str | None = None, export: float | None = None, export_out: str | None = None,
+                force: bool = False) -> dict | None:
+    """The curve of stage `stage` (written and returned) and/or the export of theta(`export`)."""
+    from tenure.engine.tools.commands import export_params
+    from tenure.models.hf import check_export_target
+    if export is not None:
+        if not 0 <= export <= 1:
+            raise TenureError(f"--export {export}: expected a number in [0, 1]")
+        if export_out is None:
+            raise TenureError("--export needs --out DIR (where the HF model directory goes)")
+        check_export_target(export_out, force=force)
+    distributed.initialize()
+    interp = Interpolation(run_dir, stage, start)
+    try:
+        sr, theta_start, theta_end = interp.ends()
+        record = None
+        if alphas:
+            rows = curve(interp, sr, theta_start, theta_end, alphas)
+            target = pathlib.Path(out_dir) if out_dir else interp.run_dir / "interpolation"
+            if distributed.is_primary():
+                record = write_curve(target, interp, rows)
+                _print(f"curve: {target / f'stage{interp.index}'}.json (.csv, .png)")
+        if export is not None:
+            params = jax.jit(mix, static_argnums=2, out_shardings=sr.state_shardings.params)(
+                theta_start, theta_end, export)
+            export_params(interp.trainer, params, export_out, merge_lora=True, force=force)
+            _print(f"exported theta({export:g}) of stage {interp.index} to {export_out}")
+        return record
+    finally:
+        interp.ckpt.close(quiet=True)

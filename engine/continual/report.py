@@ -1,0 +1,102 @@
+"""What a run leaves behind about forgetting: the accuracy matrix R[stage, task] with its
+summaries, as a printed table, `forgetting.json`, `forgetting.csv` and a PNG of every task's
+metric over the run's steps with the stage boundaries marked.
+
+`forgetting.json` is the contract `tenure study` reads:
+  tasks, stages, metric {task: name}, direction {task: max|min}, split {task: test|validation}
+  (the split each R column is scored on), start_row [T], R [S][T],
+  summary (tenure.engine.continual.forgetting_metrics.summarize of R when it is square, with each task's
+  direction: forgetting > 0 means worse, for perplexity too), curves
+  [{step, stage, scores {task: value}}], stage_ends [global step per stage].
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import pathlib
+
+import numpy as np
+
+from tenure.engine.runtime import atomic
+from tenure.engine.continual.forgetting_metrics import summarize
+
+
+def forgetting_record(task_names, stage_names, metrics, directions, history, splits=None) -> dict:
+    """The JSON record from the run history (start row, R rows, curves, stage ends); `splits`
+    names the split of each task's R column."""
+    R = [[row[t] for t in task_names] for row in history.get("R", [])]
+    start = [history["start_row"][t] for t in task_names] if "start_row" in history else None
+    record = {"tasks": list(task_names), "stages": list(stage_names), "metric": dict(metrics),
+              "direction": dict(directions), "split": dict(splits or {}), "start_row": start, "R": R,
+              "curves": history.get("curves", []), "stage_ends": history.get("stage_ends", [])}
+    if R and len(R) == len(task_names):
+        record["summary"] = summarize(np.asarray(R), start_row=start,
+                                      directions=[directions.get(t, "max") for t in task_names]).as_dict()
+    return record
+
+
+def _cell(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def r_table(record: dict) -> str:
+    """R as text: one row per stage (and the starting model), one column per task."""
+    tasks = record["tasks"]
+    width = max([len("after stage"), *(len(s) + 8 for s in record["stages"]), 10]) + 2
+    splits = record.get("split") or {}
+    head = "".ljust(width) + "".join(
+        f"{t} ({', '.join(filter(None, (record['metric'][t], splits.get(t))))})".rjust(24) for t in tasks)
+    lines = [head]
+    if record["start_row"] is not None:
+        lines.append("start".ljust(width) + "".join(_cell(v).rjust(24) for v in record["start_row"]))
+    for name, row in zip(record["stages"], record["R"]):
+        lines.append(f"after {name}".ljust(width) + "".join(_cell(v).rjust(24) for v in row))
+    summary = record.get("summary")
+    if summary:
+        lines.append("ACC {acc:.4f}  BWT {bwt:.4f}  FWT {fwt:.4f} ({against})  forgetting (max-based) "
+                     "{forgetting_max:.4f}  forgetting (first-minus-last) {forgetting_first:.4f}".format(
+                         against=summary.get("fwt_against", "vs untrained head"),
+                         **{k: (float("nan") if v is None else v) for k, v in summary.items()
+                            if not isinstance(v, (list, str))}))
+    return "\n".join(lines)
+
+
+def write_forgetting(run_dir: pathlib.Path, record: dict) -> None:
+    """The record's files; forgetting.json last (a study takes it as the mark of a finished run)."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["row", *record["tasks"]])
+    if record["start_row"] is not None:
+        writer.writerow(["start", *record["start_row"]])
+    for name, row in zip(record["stages"], record["R"]):
+        writer.writerow([f"after {name}", *row])
+    atomic.write_text(run_dir / "forgetting.csv", table.getvalue())
+    plot_curves(record, run_dir / "forgetting.png")
+    atomic.write_text(run_dir / "forgetting.json", json.dumps(record, indent=2))
+
+
+def plot_curves(record: dict, path: pathlib.Path) -> None:
+    """Every task's metric over global steps, a dashed line at each stage end."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    steps = [c["step"] for c in record["curves"]]
+    for task in record["tasks"]:
+        values = [c["scores"].get(task, np.nan) for c in record["curves"]]
+        ax.plot(steps, values, marker="o", markersize=3, label=f"{task} ({record['metric'][task]})")
+    for i, end in enumerate(record["stage_ends"][:-1]):
+        ax.axvline(end, color="grey", linestyle="--", linewidth=1)
+    for i, (name, end) in enumerate(zip(record["stages"], record["stage_ends"])):
+        start = record["stage_ends"][i - 1] if i else 0
+        ax.text((start + end) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation metric")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

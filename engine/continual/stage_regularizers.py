@@ -1,0 +1,146 @@
+"""The regularisers a stage trains with, and what they hold in `TrainState.extra`:
+
+  ewc   {"fisher": F, "anchor": theta*}: F is the diagonal Fisher of the Fisher tasks (default:
+        the previous stage's), averaged over `ewc.examples` of their training records, taken at
+        the start of the stage (= the end of the previous one, so theta* is those weights); Online
+        EWC keeps ONE penalty: F <- gamma * F_previous + F_new, anchored at the latest theta*. A
+        stage with EWC off carries the accumulated F through unchanged ({"fisher": F} only, no
+        penalty), so a later EWC stage adds to it instead of starting over. A task's Fisher is
+        taken with the head it had when it was trained: class-incremental (heads: shared), the
+        classes of the tasks trained up to its stage, not those added since (exact mode sums over
+        those classes only).
+  kl    {"anchor": theta_start}: the trainable leaves' values in the starting model (the stage's
+        start, or the pretrained weights), from which the KL-to-start term recomputes the starting
+        model's predictions in the train step (tenure.engine.tasks.losses.kl_to_start).
+  l2sp  {"anchor": theta0}: the pretrained (or stage-start) weights of the trainable backbone
+        (LoRA: the adapters, and the penalty is on the merged weight's change, engine/continual/regularizers.py).
+
+A regulariser is on when its strength is above 0 or set explicitly (`ewc.lambda=0` runs the
+whole machinery with a zero penalty: the null-equivalence tests rely on that).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tenure.engine.train.build import Backbone, Tasks, _where, lora_spec
+from tenure.engine.data.pipeline import (EvalBatches, TaskFeaturizer, load_train_records, make_featurizer,
+                                         to_global_batch)
+from tenure.engine.data.sources import select
+from tenure.engine.continual.fisher import fisher_diagonal, make_fisher_step, online_update, prune
+from tenure.engine.tasks.losses import KL_KINDS, kl_to_start
+from tenure.engine.continual.regularizers import copy_f32, ewc_extra, ewc_term, l2sp_extra, l2sp_term
+from tenure.models.errors import TenureError
+from tenure.engine.config.stages import Stage
+
+
+def ewc_on(stage: Stage) -> bool:
+    return stage.ewc.lam > 0 or "lam" in stage.ewc.model_fields_set
+
+
+def kl_on(stage: Stage) -> bool:
+    return stage.kl.weight > 0 or "weight" in stage.kl.model_fields_set
+
+
+def l2sp_on(stage: Stage) -> bool:
+    return stage.l2sp.alpha > 0 or "alpha" in stage.l2sp.model_fields_set
+
+
+def fisher_tasks(stages: list[Stage], index: int) -> list[str]:
+    stage = stages[index]
+    if stage.ewc.tasks is not None:
+        return list(stage.ewc.tasks)
+    return list(stages[index - 1].weights) if index > 0 else []
+
+
+def _fisher_batches(backbone: Backbone, tasks: Tasks, name: str, examples: int, seed: int):
+    """Global batches of `examples` training records of task `name`, a seeded random choice."""
+    run_task = tasks.by_name[name]
+    data, kind = run_task.task.data, run_task.task.spec.kind
+    records = next(iter(load_train_records(data, kind, backbone.tokenizer, tasks.label_vocab).values()))
+    chosen = np.sort(np.random.default_rng([seed, run_task.index]).permutation(len(records))[:examples])
+    records = select(records, chosen)
+    featurizer = make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records)
+    if tasks.multi:
+        featurizer = TaskFeaturizer(featurizer, run_task.index)
+    batches = EvalBatches(records, featurizer, global_batch=data.global_eval_batch_size,
+                          buckets=data.length_buckets, pad_id=backbone.tokenizer.pad_token_id or 0,
+                          seed=seed, **_where())
+    return (to_global_batch(b, backbone.mesh) for b in batches)
+
+
+def fisher_head(cfg, tasks: Tasks, stages: list[Stage], index: int, name: str) -> tuple:
+    """(label masks, classes) task `name`'s Fisher is taken with at the start of stage `index`:
+    the masks of the last earlier stage that trained it (else stage `index`'s), and the classes its
+    row allows (None: all; a probe or a kind without classes: no masks)."""
+    run_task = tasks.by_name[name]
+    trained = [s for s in stages[:index] if name in s.weights]
+    masks = tasks.label_masks(trained[-1] if trained else stages[index], cfg.heads)
+    if masks is None or run_task.probe or run_task.task.spec.kind not in ("seq_cls", "pair_cls"):
+        return None, None
+    return masks, tuple(i for i, on in enumerate(masks[tasks.by_name[name].index]) if on)
+
+
+def _fisher_model(model, masks):
+    """`model` with the label masks of the Fisher task's own stage (a probe model has none)."""
+    if getattr(model, "label_masks", None) is None or model.label_masks == masks:
+        return model
+    return model.clone(label_masks=masks)
+
+
+def _backbone_mask(trainable_mask):
+    return {k: (v if k == "backbone" else jax.tree.map(lambda _: False, v)) for k, v in trainable_mask.items()}
+
+
+def regularizers(cfg, stages: list[Stage], index: int, backbone: Backbone, tasks: Tasks, trainability, params,
+                 param_shardings, start_params, previous_extra: dict, *, models=None,
+                 model=None) -> tuple[dict, dict]:
+    """(loss terms, extra) of stage `index`. With `models` (task name -> model, see
+    `tenure.engine.train.build.eval_models`) the Fisher pass runs; without, the extra holds zeros of the right
+    shapes (the target a checkpoint of this stage restores into). `model` is the stage's train
+    model, which the KL-to-start term runs (None: that term's extra only, for a restore target)."""
+    stage, losses, extra = stages[index], {}, {}
+    mask = trainability.trainable_mask
+    if ewc_on(stage):
+        previous = (previous_extra.get("ewc") or {}).get("fisher")
+        names = fisher_tasks(stages, index)
+        fisher = None
+        if names and models is not None:
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 17), index)
+            for name in names:
+                spec = tasks.by_name[name].task.spec
+                masks, classes = fisher_head(cfg, tasks, stages, index, name)
+                step = make_fisher_step(_fisher_model(models[name], masks), spec.kind, stage.ewc.fisher, mask,
+                                        backbone.mesh, param_shardings, temperature=spec.temperature,
+                                        classes=classes)
+                batches = _fisher_batches(backbone, tasks, name, stage.ewc.examples, cfg.train.seed + index)
+                f, _ = fisher_diagonal(step, params, batches, jax.random.fold_in(key, tasks.by_name[name].index),
+                                       max_examples=stage.ewc.examples)
+                fisher = f if fisher is None else jax.tree.map(jnp.add, fisher, f)
+        elif names:
+            fisher = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), prune(params, mask))
+        fisher = online_update(previous, fisher, stage.ewc.gamma) if fisher is not None else previous
+        if fisher is not None:
+            extra["ewc"] = ewc_extra(fisher, params)
+            losses["ewc"] = ewc_term(stage.ewc.lam)
+    elif (previous_extra.get("ewc") or {}).get("fisher") is not None:
+        extra["ewc"] = {"fisher": previous_extra["ewc"]["fisher"]}  # kept for a later EWC stage
+    if kl_on(stage):
+        kinds = {tasks.by_name[name].task.spec.kind for name in stage.weights}
+        unsupported = sorted(kinds - set(KL_KINDS))
+        if unsupported:
+            raise TenureError(f"stages.{index}.kl: the KL to the starting model needs a predictive distribution; "
+                              f"task kind {unsupported[0]} has none (kinds with one: {', '.join(KL_KINDS)})")
+        source = start_params if stage.kl.anchor == "pretrained" else params
+        extra["kl"] = {"anchor": copy_f32(prune(source, mask))}
+        if model is not None:
+            task_ids = tuple(tasks.by_name[name].index for name in stage.weights) if tasks.multi else None
+            # a stage's kinds share one head, so one unit (example, token, causal token)
+            losses["kl"] = kl_to_start(model, min(kinds), stage.kl.weight, task_ids)
+    if l2sp_on(stage):
+        source = start_params if stage.l2sp.anchor == "pretrained" else params
+        extra["l2sp"] = l2sp_extra(source, _backbone_mask(mask))
+        lora = lora_spec(stage.trainable)
+        losses["l2sp"] = l2sp_term(stage.l2sp.alpha, lora.scale if lora is not None else None)
+    return losses, extra

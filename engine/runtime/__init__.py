@@ -1,0 +1,2 @@
+"""The process and its devices, independent of tasks: distribution, sharding, XLA and host settings,
+signals, hang guard, run lock, checkpoints, loggers, progress."""

@@ -1,0 +1,120 @@
+"""Config drift on resume: which changes since the checkpoint break the run, which are safe.
+
+`compare_for_resume(saved_config, new_config, saved_labels, new_labels)` compares the
+`tenure.engine.config.schema.to_dict` dicts key by key (dotted paths; lists of sections by index, e.g.
+`stages.1.steps`) and returns `(breaking, safe_notes)`, each a list of one-line strings
+naming the key and both values. Everything that is not on the allow-list `SAFE` breaks
+the run, so keys added to the config later (sections `tasks:`, `stages:`, ...) are
+refused on change until someone decides they are safe.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from typing import Any
+
+# Keys whose change does not alter what the resumed run computes for the steps it already
+# took (or only how it is watched, logged, evaluated, saved and placed). Globs on dotted
+# paths; `*` also matches a list index. A key also matches when a prefix of it does.
+SAFE: tuple[str, ...] = (
+    "run_dir",
+    "branch_from",  # only read when a run starts: a resume continues from its own checkpoints
+    "logging", "*.logging",
+    "train.log_every", "train.eval_every", "train.early_stopping", "train.resume",
+    "eval", "*.eval", "*.eval_every", "*.log_every",
+    "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_best", "checkpoint.async_save",
+    "checkpoint.dir",
+    "divergence",
+    "mesh",  # checkpoints restore into any mesh
+    "data.validation", "data.test", "data.eval_batch_size", "*.data.validation", "*.data.test",
+    "*.data.eval_batch_size",
+    "data.worker_count", "data.read_threads", "data.prefetch",
+    "*.data.worker_count", "*.data.read_threads", "*.data.prefetch",
+    "task.max_new_tokens", "task.generation_examples", "task.few_shot",
+    "*.max_new_tokens", "*.generation_examples", "*.few_shot",
+)
+# Safe only in one direction: more steps continue the run (the schedule stretches to them).
+STEPS_KEYS: tuple[str, ...] = ("train.steps", "stages.*.steps", "stages.*.train.steps")
+_MAX_SHOWN = 60
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf value; dicts and lists of dicts are walked, other lists are leaves."""
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, value in enumerate(tree):
+            out.update(flatten(value, f"{prefix}.{i}" if prefix else str(i)))
+        return out
+    return {prefix: tree}
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    parts = key.split(".")
+    prefixes = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, pattern) for p in prefixes for pattern in patterns)
+
+
+def _show(value: Any) -> str:
+    text = "unset" if value is _MISSING else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
+
+
+_MISSING = object()
+
+
+def _labels(labels: Any) -> Any:
+    """A LabelVocab JSON string (what checkpoints store), a list, or None -> list or None."""
+    if isinstance(labels, str):
+        try:
+            labels = json.loads(labels)
+        except ValueError:
+            return labels
+    if isinstance(labels, dict) and "labels" in labels:
+        labels = labels["labels"]
+    if isinstance(labels, dict):  # {task: labels} for several tasks
+        return {k: _labels(v) for k, v in sorted(labels.items())}
+    return list(labels) if isinstance(labels, (list, tuple)) else labels
+
+
+def compare_for_resume(saved_config: dict, new_config: dict, saved_labels: Any = None,
+                       new_labels: Any = None) -> tuple[list[str], list[str]]:
+    """(breaking, safe_notes): one line per changed key, e.g. `optim.lr: 0.001 -> 0.0001`.
+
+    Labels (a list, a LabelVocab JSON string, or {task: labels}) must match exactly, order
+    included: label i is row i of the classifier.
+    """
+    old, new = flatten(saved_config), flatten(new_config)
+    breaking, notes = [], []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, _MISSING), new.get(key, _MISSING)
+        if before == after:
+            continue
+        line = f"{key}: {_show(before)} -> {_show(after)}"
+        if _matches(key, STEPS_KEYS) and isinstance(before, int) and isinstance(after, int):
+            if after >= before:
+                notes.append(line + " (the run continues to the new step count; a decaying "
+                                    "learning-rate schedule stretches to it from here on)")
+            else:
+                breaking.append(line + " (fewer steps than the saved run: the schedule would "
+                                       "jump; use --restart)")
+        elif _matches(key, SAFE):
+            notes.append(line)
+        else:
+            breaking.append(line)
+    saved, current = _labels(saved_labels), _labels(new_labels)
+    if saved != current:
+        breaking.append(f"labels: {_show(saved)} -> {_show(current)} (classifier rows follow "
+                        "the label order)")
+    return breaking, notes
+
+
+def drift_message(breaking: list[str], run_dir: str) -> str:
+    """The one-line refusal the loop raises (TenureError) when `breaking` is not empty."""
+    return (f"{run_dir}: the config differs from the checkpoint's in {len(breaking)} key"
+            f"{'s' if len(breaking) > 1 else ''} that change the run: {'; '.join(breaking)}; "
+            "restore them, or start over with --restart (the old run is moved aside)")

@@ -1,0 +1,1 @@
+"""What a task computes and how it is scored: losses, metrics, evaluation."""

@@ -1,0 +1,1 @@
+"""Commands beside training: compile (aot), bench, preflight, eval and export."""

@@ -1,0 +1,80 @@
+"""`tenure eval` and `tenure export`: a checkpoint (or an HF directory) back into a model."""
+from __future__ import annotations
+
+import pathlib
+
+from tenure.engine.runtime import distributed
+from tenure.engine.runtime.checkpoint import Checkpointer
+from tenure.engine.config.schema import Config
+from tenure.engine.train.trainer import Trainer, _print, evaluate_all, to_host
+from tenure.engine.data.records import LabelVocab
+from tenure.models.errors import TenureError
+from tenure.models.gguf import export_gguf
+from tenure.models.hf import export_hf
+from tenure.models.kinds import head_of
+
+
+def restore(cfg: Config, path: str):
+    """(trainer, stage run, params, step) of `path`: an HF model directory (its weights and task
+    head are the model), or a run / checkpoint / step directory (default: best, else latest)."""
+    if (pathlib.Path(path) / "config.json").is_file():
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
+        trainer = Trainer(cfg, keep_pretrained_head=True)
+        sr = trainer._build(0, trainer.start_params, {}, compute=False)
+        return trainer, sr, trainer.start_params, 0
+    trainer = Trainer(cfg)
+    ckpt, step = Checkpointer.open(path, cfg.checkpoint, **trainer.ranking())
+    if ckpt.latest_step() is None:
+        raise TenureError(f"{ckpt.directory}: no checkpoint steps in this directory")
+    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+    meta = ckpt.read_extra(step)
+    saved = LabelVocab.from_json(meta["labels"]) if meta.get("labels") else None
+    if saved != trainer.tasks.label_vocab:  # the classifier rows follow the checkpoint's labels
+        raise TenureError(f"{ckpt.directory}: the checkpoint was trained with labels "
+                          f"{list(saved.labels) if saved else None}, today's data gives "
+                          f"{list(trainer.tasks.label_vocab.labels) if trainer.tasks.label_vocab else None}; "
+                          "evaluate or export it with the data it was trained on")
+    index = int(meta.get("stage", 0))
+    sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
+    state, _, _ = trainer.restore(ckpt, sr, sr.state, meta, step)
+    return trainer, sr, state.params, step
+
+
+def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
+    distributed.initialize()
+    trainer, sr, params, step = restore(cfg, path)
+    if not any(split in t.eval_batches for t in trainer.tasks.by_name.values()):
+        raise TenureError(f"config: data.{split} is not set, nothing to evaluate")
+    evaluators = trainer._evaluators(sr)
+    scores = evaluate_all(trainer.tasks, evaluators, params, (split,), trainer.backbone.mesh)
+    sr.train_iter.close()
+    _print(f"{path} (step {step}):")
+    _print("\n".join(f"  {k}: {v:.4f}" for k, v in sorted(scores.items())))
+    return scores
+
+
+def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force: bool = False,
+                      fmt: str = "hf", gguf_type: str = "f16") -> None:
+    """`fmt` hf: an HF model directory; gguf: one GGUF file of `gguf_type` (f16, bf16, q8_0), for a
+    causal LM that started from a GGUF file (its tokenizer metadata is copied from there)."""
+    distributed.initialize()
+    trainer, sr, params, step = restore(cfg, path)
+    sr.train_iter.close()
+    export_params(trainer, params, out, merge_lora, force, fmt=fmt, gguf_type=gguf_type)
+    _print(f"exported step {step} of {path} to {out}")
+
+
+def export_params(trainer: Trainer, params, out: str, merge_lora: bool, force: bool = False, *,
+                  fmt: str = "hf", gguf_type: str = "f16") -> None:
+    """Writes `params` of the trainer's model at `out` as an HF model directory (`fmt` hf) or a
+    GGUF file (every process takes part in gathering them; the primary writes)."""
+    host_params = trainer.frozen_base.full_precision(to_host(params))
+    tasks = trainer.tasks
+    if distributed.is_primary() and fmt == "gguf":
+        export_gguf(out, trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
+                    trainer.backbone.model_dir, gguf_type, lora=trainer.lora)
+    elif distributed.is_primary():
+        labels = [str(label) for label in tasks.label_vocab.labels] if tasks.label_vocab else None
+        export_hf(pathlib.Path(out), trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
+                  trainer.backbone.tokenizer, lora=trainer.lora, merge=merge_lora, labels=labels,
+                  overwrite=force)
