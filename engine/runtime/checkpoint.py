@@ -180,6 +180,16 @@ def _quiet_orbax_errors() -> None:
 
         excepthook.drops_late_write_callbacks = True
         sys.excepthook = excepthook
+    # The same callbacks, when tensorstore's threads call them, end in the unraisable hook.
+    if not getattr(sys.unraisablehook, "drops_late_write_callbacks", False):
+        previous_unraisable = sys.unraisablehook
+
+        def unraisablehook(unraisable):
+            if not _late_write_callback(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+                previous_unraisable(unraisable)
+
+        unraisablehook.drops_late_write_callbacks = True
+        sys.unraisablehook = unraisablehook
 
 
 def _looks_like_old_tenure_step(entry: Path) -> bool:
