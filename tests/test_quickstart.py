@@ -1,0 +1,84 @@
+"""The quickstart (configs/quickstart.yaml): a one-stage run of the lexname task beside the
+retrieval probe it never trains. It trains exactly as the single-task config of the same task
+(configs/tasks/seq_cls.yaml) does, keeps its best checkpoint as that one does, and ends on a
+start -> end table of both, the methods line quoting study 2 of docs/forgetting.md."""
+import itertools
+import json
+import pathlib
+import re
+
+import pytest
+
+from engine.report import KEEPING_IT
+from tests.cli_helpers import tenure
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
+
+
+def _head(source: str, rows: int, out: pathlib.Path) -> pathlib.Path:
+    out.write_text("".join(itertools.islice(open(ROOT / source), rows)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Shorter validation and test splits of both datasets (training data: the real sets)."""
+    d = tmp_path_factory.mktemp("data")
+    return {f"{name}.{split}": _head(f"data/wordnet_{name}/{split}.jsonl", 64, d / f"{name}_{split}.jsonl")
+            for name in ("lexnames", "retrieval") for split in ("validation", "test")}
+
+
+def _quickstart(run_dir, small, *extra):
+    return tenure("train", "configs/quickstart.yaml", f"run_dir={run_dir}", "logging.progress=false",
+                  "stages.0.steps=4", "train.eval_every=2",
+                  *[f"tasks.{task}.data.{split}={small[f'{name}.{split}']}"
+                    for task, name in (("lexnames", "lexnames"), ("embeddings", "retrieval"))
+                    for split in ("validation", "test")], *extra, real_model=True)
+
+
+def test_quickstart_trains_as_the_single_task_config_does(small, tmp_path):
+    """Same losses, same kept checkpoint, same test scores: the probe beside the task changes
+    nothing of its training (tiny BERT, lr high enough that the best step is not the last)."""
+    common = ["optim.lr=3e-3", "optim.warmup_ratio=0", "logging.progress=false", "train.eval_every=2"]
+    staged = _quickstart(tmp_path / "staged", small, f"model.path={TINY_BERT}", *common)
+    tenure("train", "configs/tasks/seq_cls.yaml", f"run_dir={tmp_path / 'single'}", f"model.path={TINY_BERT}",
+           "train.steps=4", f"data.validation={small['lexnames.validation']}",
+           f"data.test={small['lexnames.test']}", *common)
+    runs = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("staged", "single")}
+    assert runs["staged"]["train_loss"] == runs["single"]["train_loss"]
+    assert runs["staged"]["best_step"] == runs["single"]["best_step"]
+    for metric in ("accuracy", "loss", "f1_macro"):
+        assert runs["staged"]["final"][f"test/lexnames/{metric}"] == runs["single"]["final"][f"test/{metric}"]
+    assert "test/embeddings/ndcg@10" in runs["staged"]["final"], staged.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_quickstart_ends_on_what_it_learned_and_what_it_forgot(small, tmp_path):
+    """The real MiniLM, 4 steps: the last table has the task's and the probe's start and end
+    scores (R's), the methods line when the probe fell, and forgetting.png's curves both."""
+    result = _quickstart(tmp_path / "run", small)
+    record = json.loads((tmp_path / "run" / "forgetting.json").read_text())
+    assert record["tasks"] == ["lexnames", "embeddings"]
+    (start_task, start_probe), (end_task, end_probe) = record["start_row"], record["R"][-1]
+    assert start_probe > 0.4  # the pretrained embeddings retrieve (0.60 on the full test split)
+    lines = result.stdout.splitlines()
+    table = lines.index("test split, start -> end of the run")
+    assert lines[table + 1].split() == ["the", "task", "lexnames", "(accuracy)",
+                                        f"{start_task:.4f}", "->", f"{end_task:.4f}"]
+    assert lines[table + 2].split() == ["what", "it", "knew", "embeddings", "(ndcg@10)",
+                                        f"{start_probe:.4f}", "->", f"{end_probe:.4f}"]
+    assert (lines[table + 3] == KEEPING_IT) == (end_probe < start_probe)
+    # The curves forgetting.png draws: both tasks at the start and at every eval (steps 2, 4).
+    assert [c["step"] for c in record["curves"]] == [0, 2, 4]
+    assert all(isinstance(c["scores"][t], float) for c in record["curves"] for t in record["tasks"])
+    assert (tmp_path / "run" / "forgetting.png").stat().st_size > 0
+
+
+def test_the_methods_line_quotes_study_2():
+    """Every number KEEPING_IT prints is in study 2's section of docs/forgetting.md."""
+    docs = (ROOT / "docs/forgetting.md").read_text()
+    study2 = docs[docs.index("## Study 2"):docs.index("## Study 3")]
+    numbers = re.findall(r"\d\.\d{3}", KEEPING_IT)
+    assert len(numbers) == 9
+    assert [n for n in numbers if n not in study2] == []
