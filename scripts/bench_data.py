@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--read-threads", type=int, default=4)
     parser.add_argument("--workers", type=int, default=0, help="grain worker processes (0 = threads only)")
-    parser.add_argument("--train-config", default="configs/quickstart.yaml",
+    parser.add_argument("--train-config", default="configs/tasks/seq_cls.yaml",
                         help="also time this config's train step ('' to skip)")
     parser.add_argument("--train-batches", type=int, default=10, help="timed train steps")
     args = parser.parse_args()

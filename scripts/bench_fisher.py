@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_fisher.py                                 # quickstart MiniLM
     .venv/bin/python scripts/bench_fisher.py --modes sampled empirical --chunks 4 8 16
-    .venv/bin/python scripts/bench_fisher.py configs/quickstart.yaml data.max_length=64
+    .venv/bin/python scripts/bench_fisher.py configs/tasks/seq_cls.yaml data.max_length=64
 
 Prints examples/s of the jitted train step and of `tenure.engine.continual.fisher.make_fisher_step` for each
 mode and chunk, on the same pipeline batches (taken beforehand: data time excluded), after one
@@ -52,7 +52,7 @@ def line(name: str, examples: int, seconds: tuple[float, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    parser.add_argument("config", nargs="?", default="configs/tasks/seq_cls.yaml")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     parser.add_argument("--batches", type=int, default=8, help="timed batches")
     parser.add_argument("--modes", nargs="+", default=["sampled", "empirical", "batched", "exact"])

@@ -32,7 +32,7 @@ def test_topology_names():
 
 
 def test_cpu_compile_reports_the_executables_memory():
-    cfg = load_config(ROOT / "configs/quickstart.yaml", TINY)
+    cfg = load_config(ROOT / "configs/tasks/seq_cls.yaml", TINY)
     target = aot.target_devices("cpu:4")
     step_fn, state, batch, mesh, _ = aot.build_abstract_step(cfg, target)
     # No weights anywhere: every leaf is abstract.
@@ -67,7 +67,7 @@ import json, sys
 import jax
 from tenure.engine.tools import aot
 from tenure.engine.config.schema import load_config
-cfg = load_config("configs/quickstart.yaml", sys.argv[1:])
+cfg = load_config("configs/tasks/seq_cls.yaml", sys.argv[1:])
 c = aot.compile_for(cfg, "v5p-8")
 a = c.compiled.memory_analysis()
 step_fn, state, batch, mesh, _ = aot.build_abstract_step(cfg, c.target)
@@ -106,7 +106,7 @@ def test_tpu_compile_for_v5p_8(tmp_path):
     assert r["flops"] > 0
 
     # The CLI: a report that fits, then the same step against a 1 MiB budget: one line, exit 1.
-    cmd = [sys.executable, "-m", "tenure.engine.cli", "compile", "configs/quickstart.yaml", *TINY, "--topology", "v5p-8"]
+    cmd = [sys.executable, "-m", "tenure.engine.cli", "compile", "configs/tasks/seq_cls.yaml", *TINY, "--topology", "v5p-8"]
     ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "on v5p-8 (4 chips, TPU v5p), mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in ok.stdout
@@ -121,7 +121,7 @@ def test_tpu_compile_for_v5p_8(tmp_path):
 
 
 def test_cpu_compile_of_the_ewc_fisher_step():
-    cfg = load_config(ROOT / "configs/quickstart.yaml", TINY)
+    cfg = load_config(ROOT / "configs/tasks/seq_cls.yaml", TINY)
     memory, flops = aot.compile_fisher(cfg, "cpu:4")
     # Its arguments: the params' shards and the batch's (no optimizer state), byte for byte, and the
     # int32 budget. The exact Fisher sums over every class under the model's own p(y|x): XLA drops the

@@ -285,12 +285,12 @@ def test_tenure_train_packed_equals_unpacked(tmp_path):
                      "data.max_length=40", "data.group_by_length=0", f"data.pack={pack}", "model.dropout=0",
                      "train.steps=6", "train.eval_every=3", "train.log_every=1", "checkpoint.every_steps=100",
                      "optim.lr=1e-3", "logging.progress=false", "logging.tensorboard=false"]
-        tenure("train", "configs/quickstart.yaml", *overrides)
+        tenure("train", "configs/tasks/seq_cls.yaml", *overrides)
         summaries[pack] = json.loads((run_dir / "summary.json").read_text())
     # The packed run's config really packs its training and evaluation batches.
     from tenure.engine.config.schema import load_config
     from tenure.models.hf import load_tokenizer
-    cfg = load_config(ROOT / "configs/quickstart.yaml", overrides)
+    cfg = load_config(ROOT / "configs/tasks/seq_cls.yaml", overrides)
     tok = load_tokenizer(ROOT / "tests/fixtures/bert/seq_cls")
     vocab = build_label_vocab(cfg.data, "seq_cls")
     batch = next(build_train_iterator(cfg.data, "seq_cls", tok, vocab))

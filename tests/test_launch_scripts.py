@@ -93,7 +93,7 @@ def test_slurm_task_command_starts_a_two_process_job(tmp_path):
     tenure.write_text(f"#!/bin/sh\nexec {sys.executable} -m tenure.engine.cli \"$@\"\n")
     tenure.chmod(0o755)
     port = _free_port()
-    args = ["launch", "--preflight", "configs/quickstart.yaml", f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}",
+    args = ["launch", "--preflight", "configs/tasks/seq_cls.yaml", f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}",
             f"run_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'train.jsonl'}",
             f"data.validation={tmp_path / 'validation.jsonl'}", "data.test=null", "data.batch_size=8"]
     out = _run("scripts/slurm/tenure.sbatch", "--dry-run", *args, SLURM_JOB_NODELIST="127.0.0.1",

@@ -78,7 +78,7 @@ def test_a_tiny_run_logs_the_same_scalars_to_tensorboard_and_wandb(tmp_path, off
         data[split] = tmp_path / f"{split}.jsonl"
         data[split].write_text("".join(itertools.islice(open(ROOT / f"data/wordnet_lexnames/{split}.jsonl"), rows)))
     run_dir = tmp_path / "run"
-    cfg = load_config(ROOT / "configs/quickstart.yaml", [
+    cfg = load_config(ROOT / "configs/tasks/seq_cls.yaml", [
         f"model.path={TINY_BERT}", f"run_dir={run_dir}", f"data.train={data['train']}",
         f"data.validation={data['validation']}", "data.test=null", "data.batch_size=8", "data.eval_batch_size=16",
         "train.steps=3", "train.eval_every=3", "train.log_every=1", "checkpoint.every_steps=3",
@@ -98,7 +98,7 @@ def test_a_tiny_run_logs_the_same_scalars_to_tensorboard_and_wandb(tmp_path, off
 
 def test_a_missing_wandb_package_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, as when not installed
-    cfg = load_config(ROOT / "configs/quickstart.yaml", ["logging.wandb={project: p}"])
+    cfg = load_config(ROOT / "configs/tasks/seq_cls.yaml", ["logging.wandb={project: p}"])
     with pytest.raises(TenureError) as err:
         run_loggers(cfg.logging, tmp_path, {}, primary=True)
     assert str(err.value) == ("logging.wandb: the wandb package is not installed; install the extra: "
@@ -106,7 +106,7 @@ def test_a_missing_wandb_package_is_one_line_naming_the_extra(tmp_path, monkeypa
 
 
 def test_only_the_primary_process_logs(tmp_path):
-    cfg = load_config(ROOT / "configs/quickstart.yaml", ["logging.wandb={project: p, mode: offline}"])
+    cfg = load_config(ROOT / "configs/tasks/seq_cls.yaml", ["logging.wandb={project: p, mode: offline}"])
     loggers = run_loggers(cfg.logging, tmp_path, {}, primary=False)
     loggers.scalars(1, {"a": 1.0})
     loggers.close()

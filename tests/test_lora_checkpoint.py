@@ -81,7 +81,7 @@ def quickstart_args(model, data, *extra):
 
 
 def train(run_dir, model, data, steps, *extra, check=True):
-    return tenure("train", "configs/quickstart.yaml", f"run_dir={run_dir}", f"train.steps={steps}",
+    return tenure("train", "configs/tasks/seq_cls.yaml", f"run_dir={run_dir}", f"train.steps={steps}",
                   "train.eval_every=4", "checkpoint.every_steps=4", "checkpoint.keep=5",
                   *quickstart_args(model, data, *extra), check=check)
 
@@ -121,7 +121,7 @@ def _steps(stage_run, state, batches, mesh, xla_options):
 
 
 def test_bf16_lora_state_holds_the_frozen_matrices_in_bf16(data, tmp_path):
-    cfg = load_config("configs/quickstart.yaml", [f"run_dir={tmp_path}", *quickstart_args(TINY_BERT, data, *LORA)])
+    cfg = load_config("configs/tasks/seq_cls.yaml", [f"run_dir={tmp_path}", *quickstart_args(TINY_BERT, data, *LORA)])
     trainer = Trainer(cfg)
     bf16 = trainer._build(0, trainer.start_params, {})
     dtypes = {path_str(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(bf16.state.params)[0]}
@@ -200,7 +200,7 @@ def test_lora_resume_continues_exactly(lora_run, wide_bert, data, tmp_path):
 
 @pytest.mark.slow
 def test_export_from_a_lora_checkpoint_has_the_pretrained_base(lora_run, wide_bert, data, tmp_path):
-    tenure("export", "configs/quickstart.yaml", "--checkpoint", lora_run, "--out", tmp_path / "hf",
+    tenure("export", "configs/tasks/seq_cls.yaml", "--checkpoint", lora_run, "--out", tmp_path / "hf",
            *quickstart_args(wide_bert, data, *LORA))
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == weights(lora_run)
     exported, pretrained = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(
@@ -222,7 +222,7 @@ def test_changed_model_directory_is_refused(wide_bert, data, tmp_path):
     tensors["bert.encoder.layer.0.attention.self.key.weight"] += 1e-3
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     resumed = train(run, model, data, 8, *LORA, check=False)
-    evaluated = tenure("eval", "configs/quickstart.yaml", "--checkpoint", run, *quickstart_args(model, data, *LORA),
+    evaluated = tenure("eval", "configs/tasks/seq_cls.yaml", "--checkpoint", run, *quickstart_args(model, data, *LORA),
                        check=False)
     for result, where in ((resumed, run / "checkpoints"), (evaluated, run / "checkpoints" / "4")):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

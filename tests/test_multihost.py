@@ -36,7 +36,7 @@ def _data(tmp_path, rows=64) -> list[str]:
 def train_args(tmp_path, run_dir, *overrides) -> list[str]:
     """A small deterministic run: no shuffle, no dropout, no length grouping (several processes pad
     to one width, so they never group), so 1 and 2 processes see the same batches."""
-    return [sys.executable, "-m", "tenure.engine.cli", "train", "configs/quickstart.yaml",
+    return [sys.executable, "-m", "tenure.engine.cli", "train", "configs/tasks/seq_cls.yaml",
             f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}", f"run_dir={run_dir}", *_data(tmp_path),
             "data.max_length=32", "data.batch_size=8", "data.eval_batch_size=8", "data.shuffle=false", "data.group_by_length=0",
             "model.dropout=0.0", "optim.lr=1e-3", "logging.progress=false", "logging.tensorboard=false",

@@ -27,7 +27,7 @@ def test_two_process_training(tmp_path):
         (tmp_path / f"{split}.jsonl").write_text(
             "".join(itertools.islice(open(ROOT / f"data/wordnet_lexnames/{split}.jsonl"), rows)))
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "tenure.engine.cli", "train", "configs/quickstart.yaml",
+    args = [sys.executable, "-m", "tenure.engine.cli", "train", "configs/tasks/seq_cls.yaml",
             f"model.path={ROOT / 'tests/fixtures/bert/seq_cls'}", f"run_dir={run_dir}",
             *(f"data.{s}={tmp_path / s}.jsonl" for s in ("train", "validation", "test")),
             "data.max_length=32", "data.batch_size=8", "data.eval_batch_size=16", "train.steps=6",

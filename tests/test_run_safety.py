@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def args(run_dir, data, steps, *extra):
-    return ["train", "configs/quickstart.yaml", f"model.path={TINY_BERT}", f"run_dir={run_dir}",
+    return ["train", "configs/tasks/seq_cls.yaml", f"model.path={TINY_BERT}", f"run_dir={run_dir}",
             f"data.train={data['train']}", f"data.validation={data['validation']}", f"data.test={data['test']}",
             "data.max_length=32", "data.batch_size=8", "data.eval_batch_size=16", f"train.steps={steps}",
             "train.eval_every=1000", "train.log_every=2", "checkpoint.every_steps=1000", "optim.schedule=constant",

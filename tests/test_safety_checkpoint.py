@@ -134,7 +134,7 @@ def test_tenure_train_refuses_a_users_folder_as_checkpoint_dir(tmp_path):
     data.write_text("".join(json.dumps({"text": f"w{i}", "label": "ab"[i % 2]}) + "\n" for i in range(16)))
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     result = subprocess.run(
-        [sys.executable, "-m", "tenure.engine.cli", "train", "configs/quickstart.yaml",
+        [sys.executable, "-m", "tenure.engine.cli", "train", "configs/tasks/seq_cls.yaml",
          f"model.path={root}/tests/fixtures/bert/seq_cls", f"run_dir={tmp_path}/run", f"data.train={data}",
          "data.validation=null", "data.test=null", "data.max_length=16", "data.length_buckets=[16]",
              "data.batch_size=4", "train.steps=2",

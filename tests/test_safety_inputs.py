@@ -46,7 +46,7 @@ def staged(tmp_path, data, *extra):  # noqa: F811
 
 def test_a_key_written_twice_is_refused_in_configs_overrides_and_study_files(tmp_path, capsys):
     config = tmp_path / "twice.yaml"
-    text = (ROOT / "configs/quickstart.yaml").read_text()
+    text = (ROOT / "configs/tasks/seq_cls.yaml").read_text()
     config.write_text(text + "optim:\n  lr: 1.0\n")
     line = len(text.splitlines()) + 1
     first = next(i for i, row in enumerate(text.splitlines(), 1) if row.startswith("optim:"))
@@ -102,7 +102,7 @@ def test_a_regression_target_written_as_a_word_is_refused_before_training(tmp_pa
     rows[33]["label"] = "high"
     train = tmp_path / "sts.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    line = refused(capsys, "train", "configs/quickstart.yaml", f"model.path={TINY_BERT}", f"run_dir={tmp_path / 'r'}",
+    line = refused(capsys, "train", "configs/tasks/seq_cls.yaml", f"model.path={TINY_BERT}", f"run_dir={tmp_path / 'r'}",
                    "task.kind=regression", "data.format=text_label", f"data.train={train}", "data.validation=null",
                    "data.test=null", "eval.metric=pearson", "data.batch_size=8", "train.steps=2")
     assert line == f"error: {train}:34: field 'label': expected a number, got string 'high'"
@@ -178,7 +178,7 @@ def test_hf_check_names_the_tensor_when_the_config_disagrees_with_the_weights(tm
 
 def test_a_study_stopped_by_sigterm_exits_143_as_train_does(data, tmp_path):  # noqa: F811
     base = tmp_path / "base.yaml"
-    base.write_text((ROOT / "configs/quickstart.yaml").read_text())
+    base.write_text((ROOT / "configs/tasks/seq_cls.yaml").read_text())
     study = tmp_path / "study.yaml"
     study.write_text("base: base.yaml\nmethods:\n  long: [" + ", ".join(
         args("x", data, 100000)[3:]).replace("run_dir=x, ", "") + "]\n")

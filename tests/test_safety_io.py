@@ -111,7 +111,7 @@ def test_export_refuses_existing_model_dir_unless_forced(tmp_path, tiny):
 def test_cli_export_refuses_before_restoring(tmp_path, tiny, capsys):
     cfg, params, tokenizer = tiny
     out = export_hf(tmp_path / "hf", cfg, params, "seq_cls", tokenizer)
-    code, err = tenure(capsys, "export", "configs/quickstart.yaml", "--checkpoint", tmp_path / "no-such-run",
+    code, err = tenure(capsys, "export", "configs/tasks/seq_cls.yaml", "--checkpoint", tmp_path / "no-such-run",
                        "--out", out)
     assert (code, err.strip()) == (2, f"error: export: {out} already holds an HF model; pass --force to replace it")
     args = build_parser().parse_args(["export", "c.yaml", "--checkpoint", "r", "--out", "o", "--force"])

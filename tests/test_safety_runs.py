@@ -101,7 +101,7 @@ def test_restart_of_the_current_directory_is_one_line(run_dir, data):  # noqa: F
         assert line == (f"error: --restart: run_dir {ROOT} is the current directory or holds it, so everything "
                         "in it would be moved aside; give the run a run_dir of its own")
     else:
-        assert line == ("error: configs/quickstart.yaml: config key 'run_dir': String should have at least "
+        assert line == ("error: configs/tasks/seq_cls.yaml: config key 'run_dir': String should have at least "
                         "1 character (got '')")
 
 
@@ -156,7 +156,7 @@ def test_a_moved_run_is_branched_from_and_a_replaced_checkpoint_is_refused(stage
 
 
 def test_a_damaged_study_record_is_one_line(tmp_path):
-    (tmp_path / "base.yaml").write_text((ROOT / "configs/quickstart.yaml").read_text())
+    (tmp_path / "base.yaml").write_text((ROOT / "configs/tasks/seq_cls.yaml").read_text())
     study = tmp_path / "study.yaml"
     study.write_text("base: base.yaml\nseeds: 1\nmethods:\n  naive: []\n")
     from tenure.engine.study.config import load_study, plan_runs

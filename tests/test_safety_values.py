@@ -18,7 +18,7 @@ from tenure.models.hf import load_hf
 from tenure.models.positions import check_max_length
 from tests.test_data_pipeline import labelled, word_tokenizer, write_jsonl
 
-QUICKSTART = "configs/quickstart.yaml"
+QUICKSTART = "configs/tasks/seq_cls.yaml"
 
 
 def test_nan_and_infinity_regression_targets_name_file_and_line(tmp_path):

@@ -25,7 +25,7 @@ def _head(path: str, rows: int, out: pathlib.Path) -> str:
 
 
 def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> dict:
-    path = ROOT / ("configs/quickstart.yaml" if name == "seq_cls" else f"configs/tasks/{name}.yaml")
+    path = ROOT / f"configs/tasks/{name}.yaml"
     base = load_config(path)
     overrides = [f"run_dir={tmp_path / 'run'}", f"train.steps={steps}", f"train.eval_every={steps}",
                  "data.batch_size=8", "data.eval_batch_size=32",  # extra may override "logging.progress=false",

@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 
 def train(run_dir, data, steps, *extra):
-    return tenure("train", "configs/quickstart.yaml", f"model.path={TINY_BERT}", f"run_dir={run_dir}",
+    return tenure("train", "configs/tasks/seq_cls.yaml", f"model.path={TINY_BERT}", f"run_dir={run_dir}",
                   f"data.train={data['train']}", f"data.validation={data['validation']}",
                   f"data.test={data['test']}", "data.max_length=32", "data.batch_size=8",
                   "data.eval_batch_size=16", f"train.steps={steps}", "train.eval_every=4",
@@ -77,13 +77,13 @@ def test_artefacts_of_a_run(straight_run):
 def test_eval_command_reproduces_final_metrics(straight_run, data, tmp_path):
     run_dir, _ = straight_run
     s = summary(run_dir)
-    result = tenure("eval", "configs/quickstart.yaml", "--checkpoint", run_dir, f"model.path={TINY_BERT}",
+    result = tenure("eval", "configs/tasks/seq_cls.yaml", "--checkpoint", run_dir, f"model.path={TINY_BERT}",
                     f"data.train={data['train']}", f"data.validation={data['validation']}",
                     f"data.test={data['test']}", "data.max_length=32", "data.eval_batch_size=16")
     printed = dict(re.findall(r"^\s+(test/\S+): ([0-9.]+)$", result.stdout, re.M))
     assert float(printed["test/accuracy"]) == pytest.approx(s["final"]["test/accuracy"], abs=1e-4)
     # The exported HF directory evaluates to the same numbers.
-    result = tenure("eval", "configs/quickstart.yaml", "--checkpoint", run_dir / "hf",
+    result = tenure("eval", "configs/tasks/seq_cls.yaml", "--checkpoint", run_dir / "hf",
                     f"data.train={data['train']}", f"data.validation={data['validation']}",
                     f"data.test={data['test']}", "data.max_length=32", "data.eval_batch_size=16")
     printed = dict(re.findall(r"^\s+(test/\S+): ([0-9.]+)$", result.stdout, re.M))
@@ -134,6 +134,6 @@ def test_summary_records_validation_evals_early_stopping_and_overfit_warnings(da
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
-    result = tenure("eval", "configs/quickstart.yaml", "--checkpoint", tmp_path / "nope", check=False)
+    result = tenure("eval", "configs/tasks/seq_cls.yaml", "--checkpoint", tmp_path / "nope", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: checkpoint directory not found: {tmp_path / 'nope'}"

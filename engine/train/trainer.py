@@ -6,8 +6,9 @@ stability gap shows); at each stage end every task's test metric (validation if 
 fills a row of the accuracy matrix R. Checkpoints carry the stage, its step, the history
 (R so far, curves) and, in the train state, the regularisers' anchors and Fisher, so a killed
 run resumes exactly. A single-task config is a run of one stage, and keeps the best validation
-checkpoint as its result; in a staged run each stage hands its last weights to the next
-(or, under a forgetting guard, its best weights within the budget).
+checkpoint as its result (so does a run of one stage with checkpoint.keep_best); in a staged
+run each stage hands its last weights to the next (or, under a forgetting guard, its best
+weights within the budget).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from tenure.engine.train.fit import fit
 from tenure.engine.runtime.loggers import run_loggers
 from tenure.engine.train.monitor import BestTracker, OverfitMonitor
 from tenure.engine.runtime.progress import Progress
-from tenure.engine.continual.report import forgetting_record, r_table, write_forgetting
+from tenure.engine.continual.report import forgetting_record, r_table, start_end_table, write_forgetting
 from tenure.engine.runtime.resume_check import compare_for_resume, drift_message
 from tenure.engine.runtime.runlock import RunLock, is_inside, set_aside_run
 from tenure.engine.runtime.signals import StopSignals
@@ -129,6 +130,10 @@ class Trainer:
         self.start_params, self.param_shardings, self.frozen_base = start_params(
             cfg, self.stages, self.backbone, self.tasks, keep_pretrained_head=keep_pretrained_head)
         self.single = len(self.stages) == 1 and not self.tasks.multi
+        # Ends on its best validation checkpoint (checkpoint.keep_best), not its last weights: a
+        # single-task run, or a run of one stage beside tasks it only evaluates (the quickstart).
+        self.keeps_best = self.single or (len(self.stages) == 1 and self.stages[0].guard is None
+                                          and cfg.checkpoint.keep_best)
         self.stages_computed = computed_stages(cfg)  # checkpoints record it: a branch compares it
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
         self.history: dict = {}
@@ -290,7 +295,7 @@ class Trainer:
             early = stop and best.patience and best.bad_evals >= best.patience
             if early:
                 self.history.setdefault("early_stops", []).append({"step": offset + step, "stage": index})
-            if (step == sr.steps or stop) and guard is None and not self.single:
+            if (step == sr.steps or stop) and guard is None and not self.keeps_best:
                 # The stage ends on these weights: R's row goes into its last checkpoint, so a
                 # resume or a branch from here does not evaluate the stage end again.
                 self._take_row(sr, state.params, step, offset + step)
@@ -321,7 +326,7 @@ class Trainer:
         return state, params, last
 
     def finish_stage(self, sr: StageRun, state, params, last: int) -> tuple:
-        """R's row for the stage (and, for a single-task run, its best checkpoint as the result);
+        """R's row for the stage (and, for a run that keeps its best, that checkpoint as the result);
         nothing to do where the row for this stage end is in the history already (taken at the
         stage's last eval, or before a kill, resume or branch)."""
         index = sr.stage.index
@@ -329,7 +334,7 @@ class Trainer:
         if self.history.get("stage_ends", [])[index:index + 1] == [final_step]:
             return params, final_step
         best = self.ckpt.best_step()
-        if self.single and best is not None and best != final_step:
+        if self.keeps_best and best is not None and best != final_step:
             best_state, _, _ = self.restore(self.ckpt, sr, state, self.ckpt.read_extra(best), best)
             params, final_step = best_state.params, best
         self._take_row(sr, params, last, final_step)
@@ -491,7 +496,9 @@ class Trainer:
             if names:
                 _print("\n" + _table(names, {"pretrained + fresh head": summary["baseline"],
                                              f"fine-tuned (step {final_step})": summary["final"]}))
-            if not self.single:
+            if len(self.stages) == 1 and not self.single:
+                _print("\n" + start_end_table(record, list(self.stages[0].weights)))
+            elif not self.single:
                 _print("\naccuracy matrix R (rows: after each stage; columns: tasks)\n" + r_table(record))
             _print(f"\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
                    f"checkpoints: {self.ckpt.directory}\nHF export:   {export_dir}\n"
