@@ -46,13 +46,14 @@ def r_table(record: dict) -> str:
     tasks = record["tasks"]
     width = max([len("after stage"), *(len(s) + 8 for s in record["stages"]), 10]) + 2
     splits = record.get("split") or {}
-    head = "".ljust(width) + "".join(
-        f"{t} ({', '.join(filter(None, (record['metric'][t], splits.get(t))))})".rjust(24) for t in tasks)
+    titles = [f"{t} ({', '.join(filter(None, (record['metric'][t], splits.get(t))))})" for t in tasks]
+    columns = [max(24, len(title) + 2) for title in titles]  # long lm-eval metric names stay apart
+    head = "".ljust(width) + "".join(title.rjust(c) for title, c in zip(titles, columns))
     lines = [head]
     if record["start_row"] is not None:
-        lines.append("start".ljust(width) + "".join(_cell(v).rjust(24) for v in record["start_row"]))
+        lines.append("start".ljust(width) + "".join(_cell(v).rjust(c) for v, c in zip(record["start_row"], columns)))
     for name, row in zip(record["stages"], record["R"]):
-        lines.append(f"after {name}".ljust(width) + "".join(_cell(v).rjust(24) for v in row))
+        lines.append(f"after {name}".ljust(width) + "".join(_cell(v).rjust(c) for v, c in zip(row, columns)))
     summary = record.get("summary")
     if summary:
         lines.append("ACC {acc:.4f}  BWT {bwt:.4f}  FWT {fwt:.4f} ({against})  forgetting (max-based) "
