@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -497,3 +498,20 @@ def test_joint_method_trains_every_task_so_far_in_equal_shares():
     assert list(stage_losses(run_tasks, stages[0])) == ["task/A"]
     with pytest.raises(TenureError, match=r"'stages.0.replay': method joint trains every earlier task"):
         load_config(ROOT / "configs/forgetting/split_lexnames.yaml", ["method=joint", "replay.ratio=0.25"])
+
+
+def test_replay_tasks_names_general_data_no_stage_trains():
+    """replay.tasks: a single-stage LLM fine-tune mixes general text (a task no stage trains) into
+    its batches; the replayed task must have data and must not be the stage's own."""
+    from tenure.engine.config.stages import replayed_tasks
+
+    smol = ROOT / "configs/forgetting/smollm2_sft.yaml"
+    tasks, stages = resolve(load_config(smol, ["replay.ratio=0.25", "replay.tasks=[general]"]))
+    assert replayed_tasks(stages[0]) == ["general"] and stages[0].earlier == ()
+    assert replayed_tasks(resolve(load_config(smol, ["replay.tasks=[general]"]))[1][0]) == []  # ratio 0: off
+    _, stages = resolve(load_config(ROOT / "configs/forgetting/split_lexnames.yaml", ["replay.ratio=0.2"]))
+    assert replayed_tasks(stages[2]) == ["A", "B"]           # default: every earlier task
+    for name, why in (("capitals", "an lm_eval probe (no training data)"), ("definitions", "trained by this stage"),
+                      ("nope", "not a task")):
+        with pytest.raises(TenureError, match=rf"'stages.0.replay.tasks': '{name}' is {re.escape(why)}"):
+            resolve(load_config(smol, ["replay.ratio=0.25", f"replay.tasks=[{name}]"]))

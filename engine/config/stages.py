@@ -56,6 +56,9 @@ class ReplayConfig(_Section):
                             "(the form before; each replayed example then weighs weight (1-r)/r new ones)")
     weight: float = Field(1.0, ge=0, description="loss weight of the replay term under replay.loss=separate; "
                                                  "with mean every example weighs 1 and other values are refused")
+    tasks: list[str] | None = Field(
+        None, description="tasks replayed; null = every earlier stage's task. Naming a task no stage trains "
+                          "replays general data (e.g. general text mixed into an LLM's fine-tune)")
 
     @model_validator(mode="after")
     def _weight_needs_separate(self):
@@ -182,6 +185,12 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                     raise TenureError(f"config key 'stages.{i}.guard.task': task {name!r} has no validation split "
                                       f"(tasks.{name}.data.validation), which the guard watches")
         replay = s.replay or cfg.replay
+        for name in replay.tasks or ():
+            if name not in tasks or tasks[name].spec.kind == "lm_eval" or name in weights:
+                raise TenureError(f"config key 'stages.{i}.replay.tasks': {name!r} is "
+                                  + ("not a task" if name not in tasks else "an lm_eval probe (no training data)"
+                                     if tasks[name].spec.kind == "lm_eval" else "trained by this stage")
+                                  + f" (tasks with data: {', '.join(t for t in tasks if tasks[t].spec.kind != 'lm_eval')})")
         if cfg.method == "joint":
             replay = _joint_replay(replay, weights, seen, i)
         stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, s.trainable or cfg.trainable,
@@ -238,5 +247,8 @@ def guarded_tasks(guard: GuardConfig) -> list[str]:
 
 
 def replayed_tasks(stage: Stage) -> list[str]:
-    """Earlier tasks this stage replays (none when replay is off), in training order."""
-    return [t for t in stage.earlier if t not in stage.weights] if stage.replay.ratio > 0 else []
+    """Tasks this stage replays (none when replay is off): `replay.tasks`, else the earlier tasks in
+    training order."""
+    if stage.replay.ratio <= 0:
+        return []
+    return list(stage.replay.tasks) if stage.replay.tasks else [t for t in stage.earlier if t not in stage.weights]
