@@ -3,7 +3,7 @@
 The study needs text that is neither the fine-tuning task (WordNet definitions) nor any probe's
 data (capitals, King James Version): quotations, maxims and short prose from the fortune cookie
 files of Debian's `fortunes` package (Debian main, BSD-licensed collection). Files with offensive
-or code-like entries are not used. Entries are shuffled with a fixed seed and split 80/10/10.
+or code-like entries are not used. Entries are shuffled with a fixed seed; 150 go to test, 150 to validation, the rest to train.
 
     apt-get download fortunes && dpkg-deb -x fortunes_*.deb /tmp/fortunes
     python scripts/build_general_text.py --fortunes-dir /tmp/fortunes/usr/share/games/fortunes \
@@ -19,6 +19,7 @@ import re
 import shutil
 
 FILES = ("wisdom", "literature", "education", "science", "work", "people")
+EVAL_ROWS = 150  # validation and test each: a column of R scored at the start and end of every run
 
 
 def entries(path: pathlib.Path) -> list[str]:
@@ -40,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     texts = sorted({t for name in FILES for t in entries(args.fortunes_dir / name)})
     random.Random(0).shuffle(texts)
-    n = len(texts) // 10
+    n = EVAL_ROWS
     splits = {"test": texts[:n], "validation": texts[n:2 * n], "train": texts[2 * n:]}
     args.out.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -50,7 +51,7 @@ def main() -> None:
     (args.out / "SOURCE").write_text(
         "Debian package `fortunes` 1:1.99.1-7.3 (bookworm), files " + ", ".join(FILES) + ";\n"
         "built by scripts/build_general_text.py (attributions dropped, 40-600 ASCII characters, "
-        "seed-0 shuffle, 80/10/10 split).\n")
+        "seed-0 shuffle, 150 test, 150 validation, the rest train).\n")
     print({split: len(rows) for split, rows in splits.items()})
 
 

@@ -515,3 +515,27 @@ def test_replay_tasks_names_general_data_no_stage_trains():
                       ("nope", "not a task")):
         with pytest.raises(TenureError, match=rf"'stages.0.replay.tasks': '{name}' is {re.escape(why)}"):
             resolve(load_config(smol, ["replay.ratio=0.25", f"replay.tasks=[{name}]"]))
+
+
+@pytest.mark.slow
+def test_baseline_cache_shares_the_starting_scores_between_runs(naive_run, data, tmp_path):
+    """eval.baseline_cache: the first run computes the start row and stores it; a run from the same
+    weights with the same task settings (another lr) reads it back; the scores equal those of a run
+    without the cache. The key follows the weights and the task settings, not the optimizer."""
+    from tenure.engine.train import baseline_cache
+
+    run_dir, _ = naive_run
+    cache = tmp_path / "cache"
+    first = train(tmp_path / "first", data, f"eval.baseline_cache={cache}")
+    second = train(tmp_path / "second", data, f"eval.baseline_cache={cache}", "optim.lr=5e-4")
+    assert "baseline: from" not in first.stdout and f"baseline: from {cache}" in second.stdout
+    assert len(list(cache.glob("*.json"))) == 1
+    want = json.loads((run_dir / "summary.json").read_text())["baseline"]
+    for run in ("first", "second"):
+        assert json.loads((tmp_path / run / "summary.json").read_text())["baseline"] == want
+        assert record(tmp_path / run)["start_row"] == record(run_dir)["start_row"]
+    cfg = load_config(CONFIG, staged_args(run_dir, data))
+    same = baseline_cache.key(load_config(CONFIG, staged_args(run_dir, data, 2, 6, "optim.lr=5e-4")), "w")
+    assert baseline_cache.key(cfg, "w") == same != baseline_cache.key(cfg, "v")
+    assert baseline_cache.key(load_config(CONFIG, staged_args(run_dir, data, 2, 6, "tasks.A.data.eval_batch_size=16")),
+                              "w") != same

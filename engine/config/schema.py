@@ -118,6 +118,10 @@ class EvalConfig(Section):
         False, description="a staged run's R columns normally all come from test splits (validation where no task "
                            "has one); true accepts test for some tasks and validation for others (forgetting.json "
                            "names each column's split)")
+    baseline_cache: str | None = Field(
+        None, description="a dir where runs share the starting model's scores (R's start row), keyed by the "
+                          "starting weights' digest and the model, task and eval settings (a study's runs of one "
+                          "pretrained LLM compute it once); null = every run computes its own")
 
 
 class WandbConfig(Section):

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from tenure.engine.runtime import atomic, distributed
 from tenure.engine.continual.branch import check_branch, check_stage_end, computed_stages, source_checkpoints
+from tenure.engine.train import baseline_cache
 from tenure.engine.train.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
                                        lora_spec, start_params)
 from tenure.engine.runtime.checkpoint import Checkpointer, directory_problem, nonfinite_leaves
@@ -214,6 +215,23 @@ class Trainer:
         return built[1]
 
     def _baseline(self, sr: StageRun, evaluators) -> None:
+        cache = self.cfg.eval.baseline_cache
+        cache_key = baseline_cache.key(self.cfg, params_digest(sr.state.params)) if cache else None
+        scores = baseline_cache.lookup(cache, cache_key) if cache else None
+        if scores is not None:
+            _print(f"baseline: from {cache} (the same starting weights and task settings)")
+        else:
+            scores = self._score_baseline(sr, evaluators)
+            if cache:
+                baseline_cache.store(cache, cache_key, scores)
+        self.history["baseline"] = scores
+        self.history["start_row"] = {t: task_score(self.tasks, scores, t) for t in self.tasks.by_name}
+        self.history["curves"] = [{"step": 0, "stage": 0, "scores": {
+            t: task_score(self.tasks, scores, t, ("validation", "test")) for t in self.tasks.by_name}}]
+        self.tb.scalars(0, {f"baseline/{k}": v for k, v in scores.items()})
+        _print("baseline (starting model, fresh head): " + json.dumps({k: round(v, 4) for k, v in scores.items()}))
+
+    def _score_baseline(self, sr: StageRun, evaluators) -> dict[str, float]:
         scores = evaluate_all(self.tasks, evaluators, sr.state.params, ("validation", "test"), self.backbone.mesh)
         for name, by_split in evaluators.items():  # decoders: the prompting baseline
             prefix = f"{name}/" if self.tasks.multi else ""
@@ -222,12 +240,7 @@ class Trainer:
                 if evaluator.generate is not None and spec.few_shot:
                     few = evaluator.generate(sr.state.params, with_examples=True)
                     scores.update({f"{split}/{prefix}{spec.few_shot}shot_{k}": v for k, v in few.items()})
-        self.history["baseline"] = scores
-        self.history["start_row"] = {t: task_score(self.tasks, scores, t) for t in self.tasks.by_name}
-        self.history["curves"] = [{"step": 0, "stage": 0, "scores": {
-            t: task_score(self.tasks, scores, t, ("validation", "test")) for t in self.tasks.by_name}}]
-        self.tb.scalars(0, {f"baseline/{k}": v for k, v in scores.items()})
-        _print("baseline (starting model, fresh head): " + json.dumps({k: round(v, 4) for k, v in scores.items()}))
+        return scores
 
     def run_stage(self, sr: StageRun, state, local: int) -> tuple:
         cfg, stage, index = self.cfg, sr.stage, sr.stage.index
