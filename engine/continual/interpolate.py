@@ -42,7 +42,9 @@ from pydantic import BaseModel
 from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import Config, _leaf_types, as_today, validate
-from tenure.engine.train.trainer import Trainer, _print, evaluate_all, task_score
+from tenure.engine.runtime.distributed import print_primary
+from tenure.engine.train.hooks import evaluate_all, task_score
+from tenure.engine.train.trainer import Trainer
 from tenure.models.errors import TenureError
 
 
@@ -148,7 +150,7 @@ class Interpolation:
 
     def _params_at(self, index: int, step: int):
         trainer = self.trainer
-        sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
+        sr = trainer.build_for_restore(index)
         sr.train_iter.close()
         state, _, _ = trainer.restore(self.ckpt, sr, sr.state, self.ckpt.read_extra(step), step)
         return sr, state.params
@@ -171,7 +173,7 @@ class Interpolation:
 
 def curve(interp: Interpolation, sr, start, end, alphas: list[float]) -> list[dict]:
     trainer = interp.trainer
-    evaluators = trainer._evaluators(sr)
+    evaluators = trainer.evaluators(sr)
     place = jax.jit(mix, static_argnums=2, out_shardings=sr.state_shardings.params)
     rows = []
     for alpha in alphas:
@@ -179,7 +181,7 @@ def curve(interp: Interpolation, sr, start, end, alphas: list[float]) -> list[di
         scores = evaluate_all(trainer.tasks, evaluators, params, ("validation", "test"), trainer.backbone.mesh)
         row = {t: task_score(trainer.tasks, scores, t) for t in trainer.tasks.by_name}
         rows.append({"alpha": alpha, "scores": row})
-        _print(f"alpha {alpha:g}: " + "  ".join(f"{t} {v:.4f}" for t, v in row.items() if v is not None))
+        print_primary(f"alpha {alpha:g}: " + "  ".join(f"{t} {v:.4f}" for t, v in row.items() if v is not None))
     return rows
 
 
@@ -259,12 +261,12 @@ def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None =
             target = pathlib.Path(out_dir) if out_dir else interp.run_dir / "interpolation"
             if distributed.is_primary():
                 record = write_curve(target, interp, rows)
-                _print(f"curve: {target / f'stage{interp.index}'}.json (.csv, .png)")
+                print_primary(f"curve: {target / f'stage{interp.index}'}.json (.csv, .png)")
         if export is not None:
             params = jax.jit(mix, static_argnums=2, out_shardings=sr.state_shardings.params)(
                 theta_start, theta_end, export)
             export_params(interp.trainer, params, export_out, merge_lora=True, force=force)
-            _print(f"exported theta({export:g}) of stage {interp.index} to {export_out}")
+            print_primary(f"exported theta({export:g}) of stage {interp.index} to {export_out}")
         return record
     finally:
         interp.ckpt.close(quiet=True)
