@@ -32,16 +32,14 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
-import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pydantic import BaseModel
 
 from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
-from tenure.engine.config.schema import Config, _leaf_types, as_today, validate
+from tenure.engine.config.schema import saved_config
 from tenure.engine.runtime.distributed import print_primary
 from tenure.engine.train.hooks import evaluate_all, task_score
 from tenure.engine.train.trainer import Trainer
@@ -64,37 +62,6 @@ def mix(start, end, alpha: float):
     def one(s, e):
         return ((1.0 - alpha) * s.astype(jnp.float32) + alpha * e.astype(jnp.float32)).astype(e.dtype)
     return jax.tree.map(one, start, end)
-
-
-def _as_given(model_cls, tree: dict) -> dict:
-    """A config dump (`tenure.engine.config.schema.to_dict`, every default written out) without the values equal
-    to their defaults, so the sections a run switched on by setting them (`ewc.lambda`, `kl.weight`,
-    ... : `tenure.engine.continual.stage_regularizers`'s *_on) read as they did. A default value that was set explicitly
-    (`ewc.lambda=0`, the null-equivalence runs) is dropped too: such a run's checkpoints do not
-    restore (one line saying the checkpoint is unreadable)."""
-    out = {}
-    for name, field in model_cls.model_fields.items():
-        key = field.alias or name
-        if key not in tree:
-            continue
-        value = tree[key]
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            default = default.model_dump(mode="json", by_alias=True)
-        if value == default:
-            continue
-        section = next((t for t in _leaf_types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)),
-                       None)
-        items = next((typing.get_args(t)[0] for t in _leaf_types(field.annotation)
-                      if typing.get_origin(t) is list and typing.get_args(t)
-                      and isinstance(typing.get_args(t)[0], type) and issubclass(typing.get_args(t)[0], BaseModel)),
-                     None)
-        if section is not None and isinstance(value, dict):
-            value = _as_given(section, value)
-        elif items is not None and isinstance(value, list):
-            value = [_as_given(items, v) if isinstance(v, dict) else v for v in value]
-        out[key] = value
-    return out
 
 
 def _checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
@@ -127,7 +94,7 @@ class Interpolation:
         self.index = done - 1 if stage is None else stage
         if not 0 <= self.index < done:
             raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
-        cfg = validate(_as_given(Config, as_today(meta["config"])), f"{self.ckpt.step_dir(latest)} (its config)")
+        cfg = saved_config(meta, f"{self.ckpt.step_dir(latest)} (its config)")
         self.trainer = Trainer(cfg.model_copy(update={"run_dir": str(self.run_dir)}))
         if self.trainer.lora is not None:
             raise TenureError("interpolate: a LoRA run's adapters are factors (A, B); interpolating them is not "

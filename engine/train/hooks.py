@@ -115,6 +115,7 @@ class CheckpointSaver:
                        metrics=metrics,
                        extra={"step": step, "stage": index, "local_step": local, "stopped": stopped,
                               "history": self.ctx.history.to_dict(), "config": extras["config"],
+                              "config_given": extras["config_given"],
                               "stages_computed": extras["stages_computed"], "replay_buffers": sr.replay_buffers,
                               "frozen_base": extras["frozen_base"], "labels": extras["labels"]})
 

@@ -6,6 +6,7 @@ import json
 
 import jax
 
+from tenure.engine.config.schema import given, to_dict
 from tenure.engine.runtime import distributed
 from tenure.engine.runtime.distributed import print_primary
 from tenure.engine.runtime.progress import Progress
@@ -26,7 +27,8 @@ class StageRunner:
         self.trainer, self.ckpt, self.tb, self.stop, self.history = trainer, ckpt, tb, stop, history
         self.cfg = trainer.cfg
         self.last_eval: tuple | None = None  # (stage index, (local step, params, validation scores))
-        self.run_extras = {"config": trainer.saved_config(), "stages_computed": trainer.stages_computed,
+        self.run_extras = {"config": to_dict(trainer.cfg), "config_given": given(trainer.cfg),
+                           "stages_computed": trainer.stages_computed,
                            "frozen_base": trainer.frozen_base.meta(), "labels": trainer.labels_json()}
 
     def context(self, sr: StageRun) -> StageContext:

@@ -88,10 +88,6 @@ class Trainer:
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
         self._stage_evaluators: dict[int, tuple] = {}  # stage index -> (its StageRun, its evaluators)
 
-    def saved_config(self) -> dict:
-        """The config as checkpoints carry it."""
-        return to_dict(self.cfg)
-
     def labels_json(self):
         return self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
 
