@@ -9,8 +9,7 @@ import pathlib
 import pytest
 
 from tenure.engine.config.schema import given, load_config, saved_config, to_dict, validate
-from tenure.engine.config.stages import resolve
-from tenure.engine.continual.branch import computed_stages
+from tenure.engine.config.plan import plan
 from tenure.engine.continual.stage_regularizers import ewc_on, kl_on, l2sp_on
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ def saved_extras(cfg) -> dict:
 
 
 def switches(cfg) -> list[tuple[bool, bool, bool]]:
-    return [(ewc_on(s), kl_on(s), l2sp_on(s)) for s in resolve(cfg)[1]]
+    return [(ewc_on(s), kl_on(s), l2sp_on(s)) for s in plan(cfg).stages]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -42,7 +41,7 @@ def test_a_config_rebuilt_from_a_checkpoint_is_the_config(case):
     assert rebuilt == cfg
     assert given(rebuilt) == given(cfg)
     assert switches(rebuilt) == switches(cfg)
-    assert computed_stages(rebuilt) == computed_stages(cfg)
+    assert plan(rebuilt).computed == plan(cfg).computed
 
 
 def test_the_full_dict_alone_turns_on_sections_the_config_never_set():
@@ -64,4 +63,4 @@ def test_a_checkpoint_without_config_given_reads_its_full_dict_without_the_defau
     old = saved_config({"config": to_dict(cfg)}, "checkpoint")
     assert to_dict(old) == to_dict(cfg)
     assert switches(old) == switches(cfg)
-    assert computed_stages(old) == computed_stages(cfg)
+    assert plan(old).computed == plan(cfg).computed

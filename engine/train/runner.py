@@ -28,7 +28,7 @@ class StageRunner:
         self.cfg = trainer.cfg
         self.last_eval: tuple | None = None  # (stage index, (local step, params, validation scores))
         self.run_extras = {"config": to_dict(trainer.cfg), "config_given": given(trainer.cfg),
-                           "stages_computed": trainer.stages_computed,
+                           "stages_computed": trainer.plan.computed,
                            "frozen_base": trainer.frozen_base.meta(), "labels": trainer.labels_json()}
 
     def context(self, sr: StageRun) -> StageContext:

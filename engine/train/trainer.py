@@ -26,8 +26,9 @@ import yaml
 from jax.experimental import multihost_utils
 
 from tenure.engine.config.schema import Config, as_today, to_dict
-from tenure.engine.config.stages import r_split, resolve
-from tenure.engine.continual.branch import check_branch, check_stage_end, computed_stages, source_checkpoints
+from tenure.engine.config.plan import RunPlan, plan
+from tenure.engine.config.stages import r_split
+from tenure.engine.continual.branch import check_branch, check_stage_end, source_checkpoints
 from tenure.engine.continual.report import forgetting_record, r_table, start_end_table, write_forgetting
 from tenure.engine.continual.stage_regularizers import regularizers
 from tenure.engine.runtime import atomic, distributed
@@ -64,18 +65,15 @@ class Trainer:
     """What every stage shares (backbone, tasks, starting params); builds, restores and evaluates
     a stage's run (also for `tenure eval`, `export`, `interpolate` and lm-eval); `run` trains."""
 
-    def __init__(self, cfg: Config, *, keep_pretrained_head: bool = False):
-        """`keep_pretrained_head`: the model directory's task head is the model (evaluating an export)."""
+    def __init__(self, cfg: Config, run_plan: RunPlan | None = None, *, keep_pretrained_head: bool = False):
+        """`run_plan`: the config resolved (default: resolved here); `keep_pretrained_head`: the
+        model directory's task head is the model (evaluating an export)."""
         self.cfg = cfg
         self.run_dir = pathlib.Path(cfg.run_dir)
-        task_specs, self.stages = resolve(cfg)
-        modes = {s.trainable.mode == "lora" for s in self.stages}
-        if len(modes) > 1:
-            raise TenureError("stages: LoRA changes the parameter tree, so either every stage or none uses "
-                              "trainable.mode=lora")
+        self.plan = run_plan or plan(cfg)
+        self.stages = self.plan.stages
         self.backbone: Backbone = build_backbone(cfg)
-        self.tasks: Tasks = build_tasks(cfg, self.backbone, task_specs,
-                                        trained=list(dict.fromkeys(t for s in self.stages for t in s.weights)))
+        self.tasks: Tasks = build_tasks(cfg, self.backbone, self.plan.tasks, trained=self.plan.trained)
         self.lora = lora_spec(self.stages[0].trainable)
         self.start_params, self.param_shardings, self.frozen_base = start_params(
             cfg, self.stages, self.backbone, self.tasks, keep_pretrained_head=keep_pretrained_head)
@@ -84,7 +82,6 @@ class Trainer:
         # single-task run, or a run of one stage beside tasks it only evaluates (the quickstart).
         self.keeps_best = self.single or (len(self.stages) == 1 and self.stages[0].guard is None
                                           and cfg.checkpoint.keep_best)
-        self.stages_computed = computed_stages(cfg)  # checkpoints record it: a branch compares it
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
         self._stage_evaluators: dict[int, tuple] = {}  # stage index -> (its StageRun, its evaluators)
 
@@ -229,7 +226,7 @@ class Trainer:
             if step is None:
                 raise TenureError(f"branch_from: {source}: no checkpoint in {ckpt.directory}")
             meta = ckpt.read_extra(step)
-            done = check_branch(meta, self.cfg, self.labels_json(), source)
+            done = check_branch(meta, self.cfg, self.plan.computed, self.labels_json(), source)
             sr = self.build_for_restore(done - 1)
             sr.train_iter.close()
             state, _, extra = self.restore(ckpt, sr, sr.state, meta, step)
@@ -351,10 +348,11 @@ def train(cfg: Config, restart: bool = False, overwrite: bool = False) -> dict:
     train.resume=false replace them in place."""
     distributed.initialize()
     from tenure.engine.tools.preflight import require
-    require(cfg)  # mesh and batch (multi-host: also collectives, data and checkpoint dir) checked first
+    run_plan = plan(cfg)
+    require(cfg, run_plan.tasks)  # mesh and batch (multi-host: also collectives, data and checkpoint dir) checked first
     with contextlib.ExitStack() as held:
         _locked(held, cfg)
         stop = held.enter_context(StopSignals())
         if restart:
             _set_aside(cfg)
-        return Trainer(cfg).run(stop, overwrite=overwrite)
+        return Trainer(cfg, run_plan).run(stop, overwrite=overwrite)
