@@ -41,6 +41,7 @@ from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import saved_config
 from tenure.engine.runtime.distributed import print_primary
+from tenure.engine.train.history import RunHistory
 from tenure.engine.train.hooks import evaluate_all, task_score
 from tenure.engine.train.trainer import Trainer
 from tenure.models.errors import TenureError
@@ -89,8 +90,8 @@ class Interpolation:
         if latest is None:
             raise TenureError(f"interpolate: {self.ckpt.directory}: no checkpoint")
         meta = self.ckpt.read_extra(latest)
-        self.history = meta["history"]
-        done = len(self.history.get("R", []))
+        self.history = RunHistory.from_dict(meta["history"])
+        done = len(self.history.R)
         self.index = done - 1 if stage is None else stage
         if not 0 <= self.index < done:
             raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
@@ -108,7 +109,7 @@ class Interpolation:
         if stage.guard is not None:
             raise TenureError(f"interpolate: stage {index} ({stage.name}) ended under a forgetting guard: its "
                               "result is its best weights within budget, which no checkpoint holds")
-        step = self.history["final_step"] if self.trainer.single else self.history["stage_ends"][index]
+        step = self.history.final_step if self.trainer.single else self.history.stage_ends[index]
         if step not in self.ckpt.all_steps():
             raise TenureError(f"interpolate: the checkpoint of stage {index}'s end (step {step}) is no longer in "
                               f"{self.ckpt.directory} (checkpoint.keep keeps the newest few; rerun with a larger "
@@ -133,7 +134,7 @@ class Interpolation:
 
     def reference_rows(self) -> dict:
         """The R rows a = 0 and a = 1 should reproduce."""
-        R, start_row = self.history.get("R", []), self.history.get("start_row")
+        R, start_row = self.history.R, self.history.start_row
         before = start_row if self.start_step is None else R[self.index - 1]
         return {"alpha_0": before, "alpha_1": R[self.index]}
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-_LISTS = ("curves", "train_loss", "evals", "overfit_warnings", "early_stops", "R", "stage_ends", "stage_digests")
-_VALUES = ("baseline", "start_row", "final", "final_step")
 # The order a run first writes them in (a checkpoint's JSON reads the same as before).
 _ORDER = ("baseline", "start_row", "curves", "train_loss", "evals", "overfit_warnings", "early_stops",
           "final", "final_step", "R", "stage_ends", "stage_digests")
