@@ -63,7 +63,7 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
-    sr = trainer._build(0, trainer.start_params, {})   # the first stage's model, state and step
+    sr = trainer.build(0, trainer.start_params, {})   # the first stage's model, state and step
     kind = trainer.tasks.first.task.spec.kind
     mask = sr.trainability.trainable_mask
     mesh = trainer.backbone.mesh

@@ -53,7 +53,7 @@ def _glosses(n=48):
 def _train_lowering(cfg):
     """(StableHLO of the step `tenure train` runs in stage 1 on its first batch, that batch, labels)."""
     trainer = Trainer(cfg)
-    sr = trainer._build(0, trainer.start_params, {})
+    sr = trainer.build(0, trainer.start_params, {})
     batch = sr.train_iter.peek()
     sr.train_iter.close()
     labels = len(trainer.tasks.label_vocab) if trainer.tasks.label_vocab else 2

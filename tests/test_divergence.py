@@ -125,7 +125,7 @@ def lr1000_stage(tmp_path):
                     "data": {"train": str(tmp_path / "t.jsonl"), "max_length": 16, "batch_size": 8},
                     "optim": {"lr": 1000.0, "schedule": "constant"}, "train": {"steps": 4}})
     trainer = Trainer(cfg)
-    run = trainer._build(0, trainer.start_params, {})  # the stage's model, losses, optimizer, state, data
+    run = trainer.build(0, trainer.start_params, {})  # the stage's model, losses, optimizer, state, data
     step = functools.partial(train_step, model=run.model, losses=run.losses, tx=run.tx,
                              lr_schedule=optax.constant_schedule(cfg.optim.lr),
                              trainable_mask=run.trainability.trainable_mask)

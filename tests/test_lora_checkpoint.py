@@ -25,7 +25,8 @@ from tenure.engine.continual.fisher import prune
 from tenure.engine.train.frozen_base import weights_fingerprint
 from tenure.engine.train.optim import build_schedule
 from tenure.engine.train.step import make_train_step
-from tenure.engine.train.trainer import Trainer, to_host
+from tenure.engine.train.params import to_host
+from tenure.engine.train.trainer import Trainer
 from tenure.engine.train.trainability import path_str
 from tenure.engine.runtime.xla_env import compiler_options
 from tenure.models.hf import load_hf
@@ -123,7 +124,7 @@ def _steps(stage_run, state, batches, mesh, xla_options):
 def test_bf16_lora_state_holds_the_frozen_matrices_in_bf16(data, tmp_path):
     cfg = load_config("configs/tasks/seq_cls.yaml", [f"run_dir={tmp_path}", *quickstart_args(TINY_BERT, data, *LORA)])
     trainer = Trainer(cfg)
-    bf16 = trainer._build(0, trainer.start_params, {})
+    bf16 = trainer.build(0, trainer.start_params, {})
     dtypes = {path_str(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(bf16.state.params)[0]}
     in_bf16 = {p for p, d in dtypes.items() if d == jnp.bfloat16}
     # Every frozen kernel and embedding table; biases, norm params, adapters and the head stay fp32.
@@ -158,7 +159,7 @@ def test_a_frozen_untied_lm_head_is_part_of_the_base(tmp_path):
     cfg = load_config("configs/tasks/sft.yaml", [f"run_dir={tmp_path}", *LORA, "trainable.train_head=false",
                                                  "trainable.lora.targets=[q_proj, v_proj]"])
     trainer = Trainer(cfg)
-    run = trainer._build(0, trainer.start_params, {})
+    run = trainer.build(0, trainer.start_params, {})
     run.train_iter.close()
     paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.state.params)[0]}
     adapters = {p for p in paths if p.endswith(("/lora_a", "/lora_b"))}

@@ -318,6 +318,24 @@ def to_dict(cfg: Config) -> dict:
     return cfg.model_dump(mode="json", by_alias=True)
 
 
+def given(cfg: Config) -> dict:
+    """JSON-ready dict of the keys the config set (saved with checkpoints as `config_given`):
+    a section is on when its strength is set, even to its default (`ewc.lambda: 0`), which the full
+    dict cannot tell; `validate(given(cfg))` is `cfg` again, with the same keys set."""
+    return cfg.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def saved_config(extras: dict, source: str) -> Config:
+    """The config a checkpoint was trained with, from its extras. A checkpoint written before
+    `config_given` existed carries only the full dict, every default written out: it is read
+    without the values equal to their defaults, so the sections it switched on by setting them
+    read as they did (an explicit default, such as `ewc.lambda: 0`, reads as unset there)."""
+    if "config_given" in extras:
+        return validate(extras["config_given"], source)
+    full = validate(as_today(extras["config"]), source)
+    return validate(full.model_dump(mode="json", by_alias=True, exclude_defaults=True), source)
+
+
 def as_today(saved: dict) -> dict:
     """A checkpoint's config read by today's schema: keys added to the engine since it was
     written take their defaults (what that run did), so they are not changes on resume. A config

@@ -19,13 +19,10 @@ from __future__ import annotations
 import json
 import pathlib
 
-from pydantic import BaseModel
-
 from tenure.engine.runtime import atomic
-from tenure.engine.config.schema import Config, as_today, to_dict, validate
-from tenure.engine.continual.stage_regularizers import ewc_on, fisher_tasks, kl_on, l2sp_on
+from tenure.engine.config.schema import Config, saved_config, to_dict
 from tenure.engine.runtime.resume_check import compare_for_resume
-from tenure.engine.config.stages import Stage, replayed_tasks, resolve
+from tenure.engine.config.plan import plan
 from tenure.models.errors import TenureError
 
 # Top-level sections every stage resolves from: compared through the stages they resolve to.
@@ -58,31 +55,6 @@ def check_stage_end(source: str, step_dir: pathlib.Path, stage: str, recorded: l
                           "was its checkpoint dir replaced or shared with another run? Branch from an intact run")
 
 
-def _as_dict(stage: Stage, stages: list[Stage]) -> dict:
-    """What the stage computes: its fields, with the regularisers that act on nothing left out."""
-    plain = {k: (v.model_dump(mode="json", by_alias=True) if isinstance(v, BaseModel) else v)
-             for k, v in vars(stage).items()}
-    plain["weights"] = dict(stage.weights)
-    plain["earlier"] = list(stage.earlier)
-    has_fisher = any(ewc_on(s) and fisher_tasks(stages, s.index) for s in stages[:stage.index + 1])
-    if not (ewc_on(stage) and has_fisher):
-        plain["ewc"] = None
-    if not l2sp_on(stage):
-        plain["l2sp"] = None
-    if not replayed_tasks(stage):
-        plain["replay"] = None
-    if not kl_on(stage):
-        del plain["kl"]  # as in records made before the KL term existed
-    return plain
-
-
-def computed_stages(cfg: Config) -> list[dict]:
-    """Per stage, what it computes (JSON). Saved with every checkpoint: whether a regulariser is on
-    depends on whether its strength was set, which the saved config's full dict no longer tells."""
-    _, stages = resolve(cfg)
-    return [_as_dict(s, stages) for s in stages]
-
-
 def _comparable(cfg: Config, stages: list[dict]) -> dict:
     tree = to_dict(cfg)
     for key in (*STAGE_DEFAULTS, "branch_from"):
@@ -92,11 +64,11 @@ def _comparable(cfg: Config, stages: list[dict]) -> dict:
     return tree
 
 
-def check_branch(meta: dict, cfg: Config, labels, source: str) -> int:
+def check_branch(meta: dict, cfg: Config, computed: list[dict], labels, source: str) -> int:
     """How many stages the source trained (this run starts with the next one), from the extras
-    of its final checkpoint; a TenureError naming each key that differs when the source's stages
+    of its final checkpoint (`computed`: what this config's stages compute, RunPlan.computed); a TenureError naming each key that differs when the source's stages
     are not this run's first ones."""
-    saved = validate(as_today(meta.get("config") or {}), f"branch_from: {source}: its saved config")
+    saved = saved_config(meta, f"branch_from: {source}: its saved config")
     if saved.stages is None:
         raise TenureError(f"branch_from: {source} is a single-task run; branch from a staged run "
                           "(`tasks` + `stages`) cut to the stages this run shares")
@@ -111,7 +83,7 @@ def check_branch(meta: dict, cfg: Config, labels, source: str) -> int:
         raise TenureError(f"branch_from: {source}: its last stage has a forgetting guard, which hands the next "
                           "stage its best weights within budget, not the checkpoint's; branch after a stage without one")
     breaking, _ = compare_for_resume(_comparable(saved, meta["stages_computed"]),
-                                     _comparable(cfg, computed_stages(cfg)[:done]), meta.get("labels"), labels)
+                                     _comparable(cfg, computed[:done]), meta.get("labels"), labels)
     if breaking:
         raise TenureError(f"branch_from: {source}: its first {done} stage{'s' * (done > 1)} differ from "
                           f"this config's in {len(breaking)} key{'s' * (len(breaking) > 1)}: "
@@ -124,7 +96,7 @@ def first_stage_key(cfg: Config) -> str | None:
     other's `branch_from`; None when there is no later stage to branch (or it branches already)."""
     if cfg.stages is None or len(cfg.stages) < 2 or cfg.branch_from is not None:
         return None
-    tree = _comparable(cfg, computed_stages(cfg)[:1])
+    tree = _comparable(cfg, plan(cfg).computed[:1])
     for key in ("run_dir", "logging", "checkpoint"):  # where and how it is watched, not what it computes
         tree.pop(key, None)
     return json.dumps(tree, sort_keys=True, default=str)

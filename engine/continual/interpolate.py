@@ -32,17 +32,18 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
-import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pydantic import BaseModel
 
 from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
-from tenure.engine.config.schema import Config, _leaf_types, as_today, validate
-from tenure.engine.train.trainer import Trainer, _print, evaluate_all, task_score
+from tenure.engine.config.schema import saved_config
+from tenure.engine.runtime.distributed import print_primary
+from tenure.engine.train.history import RunHistory
+from tenure.engine.train.hooks import evaluate_all, task_score
+from tenure.engine.train.trainer import Trainer
 from tenure.models.errors import TenureError
 
 
@@ -62,37 +63,6 @@ def mix(start, end, alpha: float):
     def one(s, e):
         return ((1.0 - alpha) * s.astype(jnp.float32) + alpha * e.astype(jnp.float32)).astype(e.dtype)
     return jax.tree.map(one, start, end)
-
-
-def _as_given(model_cls, tree: dict) -> dict:
-    """A config dump (`tenure.engine.config.schema.to_dict`, every default written out) without the values equal
-    to their defaults, so the sections a run switched on by setting them (`ewc.lambda`, `kl.weight`,
-    ... : `tenure.engine.continual.stage_regularizers`'s *_on) read as they did. A default value that was set explicitly
-    (`ewc.lambda=0`, the null-equivalence runs) is dropped too: such a run's checkpoints do not
-    restore (one line saying the checkpoint is unreadable)."""
-    out = {}
-    for name, field in model_cls.model_fields.items():
-        key = field.alias or name
-        if key not in tree:
-            continue
-        value = tree[key]
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            default = default.model_dump(mode="json", by_alias=True)
-        if value == default:
-            continue
-        section = next((t for t in _leaf_types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)),
-                       None)
-        items = next((typing.get_args(t)[0] for t in _leaf_types(field.annotation)
-                      if typing.get_origin(t) is list and typing.get_args(t)
-                      and isinstance(typing.get_args(t)[0], type) and issubclass(typing.get_args(t)[0], BaseModel)),
-                     None)
-        if section is not None and isinstance(value, dict):
-            value = _as_given(section, value)
-        elif items is not None and isinstance(value, list):
-            value = [_as_given(items, v) if isinstance(v, dict) else v for v in value]
-        out[key] = value
-    return out
 
 
 def _checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
@@ -120,12 +90,12 @@ class Interpolation:
         if latest is None:
             raise TenureError(f"interpolate: {self.ckpt.directory}: no checkpoint")
         meta = self.ckpt.read_extra(latest)
-        self.history = meta["history"]
-        done = len(self.history.get("R", []))
+        self.history = RunHistory.from_dict(meta["history"])
+        done = len(self.history.R)
         self.index = done - 1 if stage is None else stage
         if not 0 <= self.index < done:
             raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
-        cfg = validate(_as_given(Config, as_today(meta["config"])), f"{self.ckpt.step_dir(latest)} (its config)")
+        cfg = saved_config(meta, f"{self.ckpt.step_dir(latest)} (its config)")
         self.trainer = Trainer(cfg.model_copy(update={"run_dir": str(self.run_dir)}))
         if self.trainer.lora is not None:
             raise TenureError("interpolate: a LoRA run's adapters are factors (A, B); interpolating them is not "
@@ -139,7 +109,7 @@ class Interpolation:
         if stage.guard is not None:
             raise TenureError(f"interpolate: stage {index} ({stage.name}) ended under a forgetting guard: its "
                               "result is its best weights within budget, which no checkpoint holds")
-        step = self.history["final_step"] if self.trainer.single else self.history["stage_ends"][index]
+        step = self.history.final_step if self.trainer.single else self.history.stage_ends[index]
         if step not in self.ckpt.all_steps():
             raise TenureError(f"interpolate: the checkpoint of stage {index}'s end (step {step}) is no longer in "
                               f"{self.ckpt.directory} (checkpoint.keep keeps the newest few; rerun with a larger "
@@ -148,7 +118,7 @@ class Interpolation:
 
     def _params_at(self, index: int, step: int):
         trainer = self.trainer
-        sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
+        sr = trainer.build_for_restore(index)
         sr.train_iter.close()
         state, _, _ = trainer.restore(self.ckpt, sr, sr.state, self.ckpt.read_extra(step), step)
         return sr, state.params
@@ -164,14 +134,14 @@ class Interpolation:
 
     def reference_rows(self) -> dict:
         """The R rows a = 0 and a = 1 should reproduce."""
-        R, start_row = self.history.get("R", []), self.history.get("start_row")
+        R, start_row = self.history.R, self.history.start_row
         before = start_row if self.start_step is None else R[self.index - 1]
         return {"alpha_0": before, "alpha_1": R[self.index]}
 
 
 def curve(interp: Interpolation, sr, start, end, alphas: list[float]) -> list[dict]:
     trainer = interp.trainer
-    evaluators = trainer._evaluators(sr)
+    evaluators = trainer.evaluators(sr)
     place = jax.jit(mix, static_argnums=2, out_shardings=sr.state_shardings.params)
     rows = []
     for alpha in alphas:
@@ -179,7 +149,7 @@ def curve(interp: Interpolation, sr, start, end, alphas: list[float]) -> list[di
         scores = evaluate_all(trainer.tasks, evaluators, params, ("validation", "test"), trainer.backbone.mesh)
         row = {t: task_score(trainer.tasks, scores, t) for t in trainer.tasks.by_name}
         rows.append({"alpha": alpha, "scores": row})
-        _print(f"alpha {alpha:g}: " + "  ".join(f"{t} {v:.4f}" for t, v in row.items() if v is not None))
+        print_primary(f"alpha {alpha:g}: " + "  ".join(f"{t} {v:.4f}" for t, v in row.items() if v is not None))
     return rows
 
 
@@ -259,12 +229,12 @@ def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None =
             target = pathlib.Path(out_dir) if out_dir else interp.run_dir / "interpolation"
             if distributed.is_primary():
                 record = write_curve(target, interp, rows)
-                _print(f"curve: {target / f'stage{interp.index}'}.json (.csv, .png)")
+                print_primary(f"curve: {target / f'stage{interp.index}'}.json (.csv, .png)")
         if export is not None:
             params = jax.jit(mix, static_argnums=2, out_shardings=sr.state_shardings.params)(
                 theta_start, theta_end, export)
             export_params(interp.trainer, params, export_out, merge_lora=True, force=force)
-            _print(f"exported theta({export:g}) of stage {interp.index} to {export_out}")
+            print_primary(f"exported theta({export:g}) of stage {interp.index} to {export_out}")
         return record
     finally:
         interp.ckpt.close(quiet=True)

@@ -47,3 +47,9 @@ def initialize() -> None:
 
 def is_primary() -> bool:
     return jax.process_index() == 0
+
+
+def print_primary(msg: str) -> None:
+    """Prints on the primary process only (one line per run, not one per host)."""
+    if is_primary():
+        print(msg, flush=True)

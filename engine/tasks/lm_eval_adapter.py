@@ -86,7 +86,7 @@ def restore_run(path: str, config: str | None = None, dtype: str | None = None) 
     the one saved with the checkpoint unless `config` names a YAML file."""
     from tenure.engine.runtime.checkpoint import Checkpointer
     from tenure.engine.tools.commands import restore
-    from tenure.engine.config.schema import load_config, validate
+    from tenure.engine.config.schema import load_config, saved_config
     if config is not None:
         cfg = load_config(config)
     else:
@@ -95,13 +95,10 @@ def restore_run(path: str, config: str | None = None, dtype: str | None = None) 
             step = step if step is not None else ckpt.latest_step()
             if step is None:
                 raise TenureError(f"{ckpt.directory}: no checkpoint steps in this directory")
-            saved = ckpt.read_extra(step).get("config")
-        if not saved:
+            extras = ckpt.read_extra(step)
+        if not extras.get("config"):
             raise TenureError(f"{ckpt.directory}: step {step} carries no config; pass config=YAML")
-        where = f"{ckpt.step_dir(step)} (its saved config)"
-        # The saved config lists every default; a key present reads as "set" (an explicit ewc.lambda: 0
-        # turns EWC on at weight 0, engine/continual/stage_regularizers.py), so keep only the values that differ from them.
-        cfg = validate(validate(saved, where).model_dump(mode="json", by_alias=True, exclude_defaults=True), where)
+        cfg = saved_config(extras, f"{ckpt.step_dir(step)} (its saved config)")
     if dtype is not None:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
     try:

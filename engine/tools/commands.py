@@ -6,7 +6,10 @@ import pathlib
 from tenure.engine.runtime import distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import Config
-from tenure.engine.train.trainer import Trainer, _print, evaluate_all, to_host
+from tenure.engine.runtime.distributed import print_primary
+from tenure.engine.train.hooks import evaluate_all
+from tenure.engine.train.params import to_host
+from tenure.engine.train.trainer import Trainer
 from tenure.engine.data.records import LabelVocab
 from tenure.models.errors import TenureError
 from tenure.models.gguf import export_gguf
@@ -20,7 +23,7 @@ def restore(cfg: Config, path: str):
     if (pathlib.Path(path) / "config.json").is_file():
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
         trainer = Trainer(cfg, keep_pretrained_head=True)
-        sr = trainer._build(0, trainer.start_params, {}, compute=False)
+        sr = trainer.build(0, trainer.start_params, {}, compute=False)
         return trainer, sr, trainer.start_params, 0
     trainer = Trainer(cfg)
     ckpt, step = Checkpointer.open(path, cfg.checkpoint, **trainer.ranking())
@@ -35,7 +38,7 @@ def restore(cfg: Config, path: str):
                           f"{list(trainer.tasks.label_vocab.labels) if trainer.tasks.label_vocab else None}; "
                           "evaluate or export it with the data it was trained on")
     index = int(meta.get("stage", 0))
-    sr = trainer._build(index, trainer.start_params, trainer._extra_shapes(index), compute=False)
+    sr = trainer.build_for_restore(index)
     state, _, _ = trainer.restore(ckpt, sr, sr.state, meta, step)
     return trainer, sr, state.params, step
 
@@ -45,11 +48,11 @@ def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
     trainer, sr, params, step = restore(cfg, path)
     if not any(split in t.eval_batches for t in trainer.tasks.by_name.values()):
         raise TenureError(f"config: data.{split} is not set, nothing to evaluate")
-    evaluators = trainer._evaluators(sr)
+    evaluators = trainer.evaluators(sr)
     scores = evaluate_all(trainer.tasks, evaluators, params, (split,), trainer.backbone.mesh)
     sr.train_iter.close()
-    _print(f"{path} (step {step}):")
-    _print("\n".join(f"  {k}: {v:.4f}" for k, v in sorted(scores.items())))
+    print_primary(f"{path} (step {step}):")
+    print_primary("\n".join(f"  {k}: {v:.4f}" for k, v in sorted(scores.items())))
     return scores
 
 
@@ -61,7 +64,7 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force:
     trainer, sr, params, step = restore(cfg, path)
     sr.train_iter.close()
     export_params(trainer, params, out, merge_lora, force, fmt=fmt, gguf_type=gguf_type)
-    _print(f"exported step {step} of {path} to {out}")
+    print_primary(f"exported step {step} of {path} to {out}")
 
 
 def export_params(trainer: Trainer, params, out: str, merge_lora: bool, force: bool = False, *,

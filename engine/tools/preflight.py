@@ -179,16 +179,17 @@ def preflight(cfg: Config, *, verbose: bool = True) -> bool:
     return not bad
 
 
-def require(cfg: Config) -> None:
-    """The first thing of every `tenure train`: the mesh and batch checks (one line naming the key),
-    and with several processes the whole preflight (raises one line if any process failed)."""
+def require(cfg: Config, tasks: dict) -> None:
+    """The first thing of every `tenure train`: the mesh and batch checks of the config's resolved
+    `tasks` (one line naming the key), and with several processes the whole preflight (raises one
+    line if any process failed)."""
     if jax.process_count() > 1:
         if not preflight(cfg, verbose=False):
             raise TenureError("preflight failed (the lines above name each problem); "
                               "`tenure launch --preflight CONFIG` prints the full report")
         return
     report = Report()
-    check_mesh_and_batch(cfg, _tasks(cfg), report)
+    check_mesh_and_batch(cfg, tasks, report)
     if report.failures:
         raise TenureError(report.failures[0].split(": ", 3)[3])
 

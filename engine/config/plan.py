@@ -1,0 +1,52 @@
+"""A run's plan: the config resolved once (engine/config/stages.py) into its tasks, its stages
+and what each stage computes; `tenure train` hands it to the preflight, the Trainer and the
+branch check instead of resolving the config again in each."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from tenure.engine.config.stages import Stage, Task, replayed_tasks, resolve
+from tenure.engine.continual.stage_regularizers import ewc_on, fisher_tasks, kl_on, l2sp_on
+from tenure.models.errors import TenureError
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    tasks: dict[str, Task]  # by name, in training order
+    stages: list[Stage]
+    computed: list[dict]    # per stage, what it computes (JSON): checkpoints record it, a branch compares it
+
+    @property
+    def trained(self) -> list[str]:
+        """The tasks some stage trains, in the order they are first trained."""
+        return list(dict.fromkeys(t for s in self.stages for t in s.weights))
+
+
+def plan(cfg) -> RunPlan:
+    tasks, stages = resolve(cfg)
+    if len({s.trainable.mode == "lora" for s in stages}) > 1:
+        raise TenureError("stages: LoRA changes the parameter tree, so either every stage or none uses "
+                          "trainable.mode=lora")
+    return RunPlan(tasks, stages, [_computed(s, stages) for s in stages])
+
+
+def _computed(stage: Stage, stages: list[Stage]) -> dict:
+    """What the stage computes: its fields, with the regularisers that act on nothing left out.
+    Whether a regulariser is on depends on whether its strength was set, which a full dict of
+    the config no longer tells."""
+    plain = {k: (v.model_dump(mode="json", by_alias=True) if isinstance(v, BaseModel) else v)
+             for k, v in vars(stage).items()}
+    plain["weights"] = dict(stage.weights)
+    plain["earlier"] = list(stage.earlier)
+    has_fisher = any(ewc_on(s) and fisher_tasks(stages, s.index) for s in stages[:stage.index + 1])
+    if not (ewc_on(stage) and has_fisher):
+        plain["ewc"] = None
+    if not l2sp_on(stage):
+        plain["l2sp"] = None
+    if not replayed_tasks(stage):
+        plain["replay"] = None
+    if not kl_on(stage):
+        del plain["kl"]  # as in records made before the KL term existed
+    return plain
