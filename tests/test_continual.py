@@ -327,22 +327,27 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # stage A, then three stage-B branches of the real MiniLM
-def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
+@pytest.mark.timeout(1500)  # stage A, then three stage-B branches of the real MiniLM
+def test_minilm_class_incremental_replay_forgets_far_less(tmp_path, head_rows):
     """The real pretrained MiniLM, 8 lexname classes split into two tasks, one shared head: plain
     sequential fine-tuning loses task A (its classes are never predicted again), replaying
     1 old example in 4 keeps most of it, and EWC's gain over naive is a fraction of replay's
-    (van de Ven & Tolias 2019: in class-IL regularisation does not keep old classes)."""
-    common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64"]
+    (van de Ven & Tolias 2019: in class-IL regularisation does not keep old classes). 40 steps
+    a stage at half the config's batch; validation and test cut to their first 256 and 800 rows."""
+    short = {split: head_rows(f"data/wordnet_lexnames/{split}.jsonl", rows, tmp_path / f"{split}.jsonl")
+             for split, rows in (("validation", 256), ("test", 800))}
+    common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64",
+              *(f"tasks.{task}.data.{key}={value}" for task in ("A", "B")
+                for key, value in (("validation", short["validation"]), ("test", short["test"]), ("batch_size", 16)))]
     # Stage A once; the three methods branch from it (they differ from stage B on).
     tenure("train", CONFIG, f"run_dir={tmp_path / 'A'}", "stages=" + json.dumps([{"tasks": ["A"], "steps": 40}]),
-           *common, timeout=1500, real_model=True)
+           *common, timeout=1200, real_model=True)
     common += ["stages.0.steps=40", "stages.1.steps=40", f"branch_from={tmp_path / 'A'}"]
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1500, real_model=True)
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1500,
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1200, real_model=True)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1200,
            real_model=True)
     tenure("train", CONFIG, f"run_dir={tmp_path / 'ewc'}", "stages.1.ewc.lambda=100000",
-           "stages.1.ewc.examples=64", *common, timeout=1500, real_model=True)
+           "stages.1.ewc.examples=64", *common, timeout=1200, real_model=True)
     naive, replay, ewc = record(tmp_path / "naive"), record(tmp_path / "replay"), record(tmp_path / "ewc")
     assert naive["R"][0] == replay["R"][0] == ewc["R"][0]           # one stage A
     naive_forgets = naive["summary"]["forgetting_max"]
