@@ -63,14 +63,14 @@ def test_pair_cls_config(run, tmp_path):
 
 @pytest.mark.slow
 def test_ner_config(run):
-    s = run("ner", steps=20, rows=48, extra=["optim.lr=3e-4"])
+    s = run("ner", steps=30, rows=48, extra=["optim.lr=3e-4"])
     assert s["final"]["test/f1"] > 0.2  # entity-level F1 of random tags is ~0
 
 
 @pytest.mark.slow
 def test_regression_config(run):
-    s = run("regression", steps=30, rows=64,
-            extra=["data.max_length=48", "data.batch_size=16", "optim.lr=2e-4"])
+    s = run("regression", steps=60, rows=64,
+            extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
     assert s["final"]["test/spearman"] > 0.2
 
 
@@ -82,7 +82,7 @@ def test_mlm_config(run):
 
 @pytest.mark.slow
 def test_embedding_config(run):
-    s = run("embedding", steps=10, rows=64)
+    s = run("embedding", steps=20, rows=64)
     assert s["final"]["test/recall@1"] > 5 / 64  # chance is 1/64
 
 
