@@ -1,4 +1,6 @@
 """forgetting.png (engine/continual/report.py): a panel per R column on its own y axis."""
+import warnings
+
 from tenure.engine.continual.report import plot_curves
 
 
@@ -41,3 +43,17 @@ def test_more_columns_than_a_row_wrap_onto_a_second(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == tasks
     assert [ax.get_subplotspec().rowspan.start for ax in fig.axes] == [0, 0, 0, 1]
     assert all(not ax.lines[1:] for ax in fig.axes)          # one stage: no boundary line
+
+
+def test_a_run_scored_only_at_its_start_and_stage_ends_spans_every_stage(tmp_path):
+    """No validation split: the curves hold the start only (R has the rest); the x axis still
+    covers the run, so the stage names sit inside it (tight_layout does not give up, no warning)."""
+    record = {"tasks": ["A", "B"], "stages": ["A"], "metric": {"A": "accuracy", "B": "accuracy"},
+              "direction": {"A": "max", "B": "max"},
+              "curves": [{"step": 0, "stage": 0, "scores": {"A": 0.23, "B": 0.22}}], "stage_ends": [40]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_curves(record, tmp_path / "forgetting.png")
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        assert low < 0 and 40 < high < 42

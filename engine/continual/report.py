@@ -129,6 +129,9 @@ def plot_curves(record: dict, path: pathlib.Path):
             begin = record["stage_ends"][i - 1] if i else 0
             ax.text((begin + end) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
                     fontsize=8, color="grey")
+        if record["stage_ends"]:                     # the whole run, though it was evaluated only at its start
+            pad = 0.02 * record["stage_ends"][-1]
+            ax.set_xlim(-pad, record["stage_ends"][-1] + pad)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(tasks):]:
         ax.remove()                                  # the last row's unused cells
