@@ -327,7 +327,7 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # stage A, then three stage-B branches of the real MiniLM
+@pytest.mark.timeout(2400)  # stage A, then three stage-B branches of the real MiniLM
 def test_minilm_class_incremental_replay_forgets_far_less(tmp_path, head_rows):
     """The real pretrained MiniLM, 8 lexname classes split into two tasks, one shared head: plain
     sequential fine-tuning loses task A (its classes are never predicted again), replaying
@@ -341,13 +341,13 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path, head_rows):
                 for key, value in (("validation", short["validation"]), ("test", short["test"]), ("batch_size", 16)))]
     # Stage A once; the three methods branch from it (they differ from stage B on).
     tenure("train", CONFIG, f"run_dir={tmp_path / 'A'}", "stages=" + json.dumps([{"tasks": ["A"], "steps": 40}]),
-           *common, timeout=1200, real_model=True)
+           *common, timeout=1500, real_model=True)
     common += ["stages.0.steps=40", "stages.1.steps=40", f"branch_from={tmp_path / 'A'}"]
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1200, real_model=True)
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1200,
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1500, real_model=True)
+    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1500,
            real_model=True)
     tenure("train", CONFIG, f"run_dir={tmp_path / 'ewc'}", "stages.1.ewc.lambda=100000",
-           "stages.1.ewc.examples=64", *common, timeout=1200, real_model=True)
+           "stages.1.ewc.examples=64", *common, timeout=1500, real_model=True)
     naive, replay, ewc = record(tmp_path / "naive"), record(tmp_path / "replay"), record(tmp_path / "ewc")
     assert naive["R"][0] == replay["R"][0] == ewc["R"][0]           # one stage A
     naive_forgets = naive["summary"]["forgetting_max"]
@@ -355,7 +355,7 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path, head_rows):
     ewc_gain = naive_forgets - ewc["summary"]["forgetting_max"]
     assert replay_gain > 3 * max(ewc_gain, 0.0) + 0.2, (replay_gain, ewc_gain)
     assert naive["R"][0][0] > 0.8 and replay["R"][0][0] > 0.8       # both learn A first
-    # and then B (a quarter of every batch and of the loss on A: 0.825 here, naive 0.8375)
+    # and then B (a quarter of every batch and of the loss on A: 0.680 here, naive 0.778)
     assert naive["R"][1][1] > 0.7 and replay["R"][1][1] > 0.3
     assert naive["summary"]["forgetting_max"] > 0.6                  # naive: A is gone
     assert replay["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - 0.3

@@ -79,7 +79,7 @@ def _tasks_a_and_b(test: pathlib.Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # MiniLM stage A, then two stage-B branches, one with EWC's Fisher pass
+@pytest.mark.timeout(2400)  # MiniLM stage A, then two stage-B branches, one with EWC's Fisher pass
 def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path, short_test):
     """Study 1, task-IL (a head per task), seed 0, stages A and B: naive fine-tuning on B loses
     part of A, EWC (the study's lambda, exact Fisher on 64 examples) keeps clearly more of it and
@@ -102,7 +102,7 @@ def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path, short_tes
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # three MiniLM runs
+@pytest.mark.timeout(1800)  # three MiniLM runs
 def test_minilm_head_and_lora_keep_the_pretrained_embeddings_better_than_full(tmp_path, short_test):
     """Study 2, seed 0, 40 steps at half its batch, on the short test splits: full fine-tuning
     on lexnames costs the sentence embeddings' retrieval quality; head-only leaves them exactly
