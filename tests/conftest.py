@@ -1,5 +1,8 @@
-"""Test session setup: 8 simulated CPU devices, so mesh tests run on one machine."""
+"""Test session setup: 8 simulated CPU devices, so mesh tests run on one machine; the shared
+`head_rows` fixture."""
+import itertools
 import os
+import pathlib
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,3 +18,19 @@ os.environ.setdefault("TENURE_COMPILATION_CACHE",
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def head_rows():
+    """`head_rows(source, rows, out)`: writes the first `rows` lines of the repository file
+    `source` (a JSONL split) to `out` and returns `out`: the tests' short validation and test splits."""
+    def head(source: str | pathlib.Path, rows: int, out: pathlib.Path) -> pathlib.Path:
+        with open(ROOT / source) as lines:
+            out.write_text("".join(itertools.islice(lines, rows)))
+        return out
+    return head

@@ -2,10 +2,11 @@
 
 The slow test runs study 1 (split lexnames, the real MiniLM) in its task-incremental setting
 for seed 0 only, naive against EWC with the study file's own overrides, on its first two tasks
-(A then B, the study's 40 steps each), and asserts the ordering the literature finds robust
-there: EWC forgets less than naive; a second runs study 2 (the embeddings MiniLM was made for, scored on its backbone while
-it learns lexnames) for naive, head-only and LoRA. The class-incremental ordering (replay forgets far less than naive) is tested in
-tests/test_continual.py::test_minilm_class_incremental_replay_forgets_far_less.
+(A then B, the study's 40 steps each at half its batch, scored on half the test split), and
+asserts the ordering the literature finds robust there: EWC forgets less than naive; a second
+runs study 2 (the embeddings MiniLM was made for, scored on its backbone while it learns
+lexnames) for naive, head-only and LoRA. The class-incremental ordering (replay forgets far less
+than naive) is tested in tests/test_continual.py::test_minilm_class_incremental_replay_forgets_far_less.
 """
 import concurrent.futures
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.cli_helpers import cli_env
 from tenure.engine.study.aggregate import ForgettingRecord
@@ -59,37 +61,59 @@ def _train(run_dir, overrides, config="split_lexnames.yaml"):
     return json.loads((run_dir / "forgetting.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def short_test(tmp_path_factory, head_rows):
+    """The first half of lexnames' test split (800 glosses, 42 to 62 of each class) and the first
+    200 of retrieval's 300 test queries: the studies' test scores at a third to half the cost."""
+    d = tmp_path_factory.mktemp("short_test")
+    return {"lexnames": head_rows("data/wordnet_lexnames/test.jsonl", 800, d / "lexnames.jsonl"),
+            "retrieval": head_rows("data/wordnet_retrieval/test.jsonl", 200, d / "retrieval.jsonl")}
+
+
+def _tasks_a_and_b(test: pathlib.Path) -> str:
+    """Study 1's tasks A and B (C and D, never trained in a two-stage run, are not scored), at
+    half the study's batch, tested on `test`."""
+    tasks = yaml.safe_load((STUDY_DIR / "split_lexnames.yaml").read_text())["tasks"]
+    return "tasks=" + json.dumps({name: {**tasks[name], "data": {**tasks[name]["data"], "test": str(test),
+                                                                 "batch_size": 16}} for name in ("A", "B")})
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # MiniLM stage A, then two stage-B branches, one with EWC's Fisher pass
-def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path):
+def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path, short_test):
     """Study 1, task-IL (a head per task), seed 0, stages A and B: naive fine-tuning on B loses
-    part of A, EWC (the study's lambda, exact Fisher) keeps clearly more of it and still learns B."""
+    part of A, EWC (the study's lambda, exact Fisher on 64 examples) keeps clearly more of it and
+    still learns B."""
     study = load_study(TASK_IL)
+    reduced = [_tasks_a_and_b(short_test["lexnames"]), "ewc.examples=64"]
     stage_a = {"tasks": ["A"], "steps": 40}
-    _train(tmp_path / "A", [*study.methods["naive"], "stages=" + json.dumps([stage_a])])
-    two_tasks = ["stages=" + json.dumps([stage_a, {"tasks": ["B"], "steps": 40}]), f"branch_from={tmp_path / 'A'}"]
+    _train(tmp_path / "A", [*study.methods["naive"], *reduced, "stages=" + json.dumps([stage_a])])
+    two_tasks = [*reduced, "stages=" + json.dumps([stage_a, {"tasks": ["B"], "steps": 40}]),
+                 f"branch_from={tmp_path / 'A'}"]
     naive = _train(tmp_path / "naive", [*study.methods["naive"], *two_tasks])
     ewc = _train(tmp_path / "ewc", [*study.methods["ewc"], *two_tasks])  # EWC acts from stage B on
     assert naive["R"][0] == ewc["R"][0] and naive["R"][0][0] > 0.8       # one stage A, which learns A
     assert naive["R"][1][1] > 0.8 and ewc["R"][1][1] > 0.7        # and then B
-    # R has a row per stage and a column per task (C and D are only evaluated here), so
-    # forgetting of A is read off R: its accuracy after A minus after B.
+    # R has a row per stage and a column per task, so forgetting of A is read off R: its
+    # accuracy after A minus after B.
     forgetting = {name: rec["R"][0][0] - rec["R"][1][0] for name, rec in (("naive", naive), ("ewc", ewc))}
     assert forgetting["naive"] > 0.1, forgetting                   # naive loses part of A
     assert forgetting["ewc"] < forgetting["naive"] - MARGIN, forgetting
 
 
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # three MiniLM runs
-def test_minilm_head_and_lora_keep_the_pretrained_embeddings_better_than_full(tmp_path):
-    """Study 2, seed 0, 40 steps: full fine-tuning on lexnames costs the sentence embeddings'
-    retrieval quality; head-only leaves them exactly as they were, LoRA costs less."""
+def test_minilm_head_and_lora_keep_the_pretrained_embeddings_better_than_full(tmp_path, short_test):
+    """Study 2, seed 0, 40 steps at half its batch, on the short test splits: full fine-tuning
+    on lexnames costs the sentence embeddings' retrieval quality; head-only leaves them exactly
+    as they were, LoRA costs less."""
     study = load_study(EMBEDDINGS)
+    reduced = ["stages.0.steps=40", "train.eval_every=40", "tasks.lexnames.data.batch_size=16",
+               f"tasks.lexnames.data.test={short_test['lexnames']}",
+               f"tasks.embeddings.data.test={short_test['retrieval']}"]
     change = {}
     for method in ("naive", "head", "lora"):
-        rec = _train(tmp_path / method, [*study.methods[method], "stages.0.steps=40", "train.eval_every=40"],
-                     config="pretrained_embeddings.yaml")
+        rec = _train(tmp_path / method, [*study.methods[method], *reduced], config="pretrained_embeddings.yaml")
         start, end = rec["start_row"], rec["R"][-1]
         assert rec["tasks"] == ["lexnames", "embeddings"] and start[1] > 0.5   # the pretrained model retrieves
         assert end[0] > start[0] + (0.2 if method == "naive" else 0.0), method  # and every method learns
@@ -105,15 +129,9 @@ MARGIN = 0.1
 DATA_VOLUME = STUDY_DIR / "data_volume.study.yaml"
 
 
-def _head_rows(split: str, rows: int, out: pathlib.Path) -> pathlib.Path:
-    lines = (ROOT / f"data/wordnet_lexnames/{split}.jsonl").read_text().splitlines(keepends=True)
-    out.write_text("".join(lines[:rows]))
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two MiniLM runs at once: ~85 s idle (2 x 30 s of startup and compile)
-def test_minilm_fewer_examples_open_a_wider_train_validation_gap(tmp_path, monkeypatch):
+def test_minilm_fewer_examples_open_a_wider_train_validation_gap(tmp_path, monkeypatch, head_rows):
     """Study 4, reduced: its base run with 100 and with 1000 training examples, seed 0, 32 steps of
     16 tokens at twice the study's learning rate (so the gap opens within the budget), 256
     validation and test examples, through `tenure study --jobs 2`. With 100 examples the model
@@ -126,7 +144,8 @@ def test_minilm_fewer_examples_open_a_wider_train_validation_gap(tmp_path, monke
     monkeypatch.chdir(ROOT)                       # the base config's data paths are relative to the repo
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the runs compile as `tenure study` does, not as tests do
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
-    val, test = _head_rows("validation", 256, tmp_path / "val.jsonl"), _head_rows("test", 256, tmp_path / "test.jsonl")
+    val, test = (head_rows(f"data/wordnet_lexnames/{split}.jsonl", 256, tmp_path / f"{split}.jsonl")
+                 for split in ("validation", "test"))
     overrides = [f"data.validation={val}", f"data.test={test}", "data.max_length=16", "train.steps=32",
                  "train.eval_every=16", "optim.lr=2e-4", "logging.tensorboard=false"]
     study = tmp_path / "volume.study.yaml"

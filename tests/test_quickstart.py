@@ -2,7 +2,6 @@
 of the lexname task beside the retrieval probe it never trains. It trains as the single-task
 config of the same task (configs/tasks/seq_cls.yaml) does, keeps its best checkpoint as that one
 does, and ends on a start -> end table of both and the methods line quoting study 2."""
-import itertools
 import json
 import pathlib
 import re
@@ -17,16 +16,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
 
 
-def _head(source: str, rows: int, out: pathlib.Path) -> pathlib.Path:
-    out.write_text("".join(itertools.islice(open(ROOT / source), rows)))
-    return out
-
-
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(tmp_path_factory, head_rows):
     """Shorter validation and test splits of both datasets (training data: the real sets)."""
     d = tmp_path_factory.mktemp("data")
-    return {f"{name}.{split}": _head(f"data/wordnet_{name}/{split}.jsonl", 64, d / f"{name}_{split}.jsonl")
+    return {f"{name}.{split}": head_rows(f"data/wordnet_{name}/{split}.jsonl", 64, d / f"{name}_{split}.jsonl")
             for name in ("lexnames", "retrieval") for split in ("validation", "test")}
 
 

@@ -4,7 +4,6 @@ Runs `tenure train` in a subprocess on one CPU device (real MiniLM or the tiny L
 fixture, real data files) with a reduced step count and validation/test cut to their
 first rows, then reads the run's summary.json.
 """
-import itertools
 import json
 import pathlib
 import subprocess
@@ -19,18 +18,20 @@ from tenure.engine.config.schema import load_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _head(path: str, rows: int, out: pathlib.Path) -> str:
-    out.write_text("".join(itertools.islice(open(ROOT / path), rows)))
-    return str(out)
+@pytest.fixture
+def run(tmp_path, head_rows):
+    """`run(name, steps, rows, extra)`: configs/tasks/NAME.yaml trained for `steps` steps,
+    validation and test cut to their first `rows` rows (written beside the run)."""
+    return lambda name, steps, rows, extra=(): _run(name, tmp_path, head_rows, steps, rows, extra)
 
 
-def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> dict:
+def _run(name: str, tmp_path, head_rows, steps: int, rows: int, extra: list[str] = ()) -> dict:
     path = ROOT / f"configs/tasks/{name}.yaml"
     base = load_config(path)
     overrides = [f"run_dir={tmp_path / 'run'}", f"train.steps={steps}", f"train.eval_every={steps}",
                  "data.batch_size=8", "data.eval_batch_size=32",  # extra may override "logging.progress=false",
-                 f"data.validation={_head(base.data.validation, rows, tmp_path / 'val.jsonl')}",
-                 f"data.test={_head(base.data.test, rows, tmp_path / 'test.jsonl')}",
+                 f"data.validation={head_rows(base.data.validation, rows, tmp_path / 'val.jsonl')}",
+                 f"data.test={head_rows(base.data.test, rows, tmp_path / 'test.jsonl')}",
                  f"data.train={ROOT / base.data.train}", *extra]
     result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", "train", str(path), *overrides],
                             cwd=ROOT, env=cli_env(real_model=True), capture_output=True, text=True, timeout=900)
@@ -45,50 +46,50 @@ def _run(name: str, tmp_path, steps: int, rows: int, extra: list[str] = ()) -> d
 
 
 @pytest.mark.slow
-def test_seq_cls_quickstart_config(tmp_path):
-    s = _run("seq_cls", tmp_path, steps=30, rows=48,
-             extra=["data.max_length=32", "optim.lr=3e-4", "optim.warmup_ratio=0"])
+def test_seq_cls_quickstart_config(run):
+    s = run("seq_cls", steps=20, rows=48,
+            extra=["data.max_length=32", "optim.lr=3e-4", "optim.warmup_ratio=0"])
     assert s["final"]["test/accuracy"] > 2 * (1 / 16)  # 16 balanced classes
 
 
 @pytest.mark.slow
-def test_pair_cls_config(tmp_path):
-    s = _run("pair_cls", tmp_path, steps=60, rows=48,
-             extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
+def test_pair_cls_config(run, tmp_path):
+    s = run("pair_cls", steps=30, rows=48,
+            extra=["data.max_length=48", "data.batch_size=16", "optim.lr=2e-4"])
     labels = [json.loads(line)["label"] for line in open(tmp_path / "test.jsonl")]
     majority = max(labels.count(x) for x in set(labels)) / len(labels)
     assert s["final"]["test/accuracy"] > majority + 0.05
 
 
 @pytest.mark.slow
-def test_ner_config(tmp_path):
-    s = _run("ner", tmp_path, steps=30, rows=48, extra=["optim.lr=3e-4"])
+def test_ner_config(run):
+    s = run("ner", steps=30, rows=48, extra=["optim.lr=3e-4"])
     assert s["final"]["test/f1"] > 0.2  # entity-level F1 of random tags is ~0
 
 
 @pytest.mark.slow
-def test_regression_config(tmp_path):
-    s = _run("regression", tmp_path, steps=60, rows=64,
-             extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
+def test_regression_config(run):
+    s = run("regression", steps=60, rows=64,
+            extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
     assert s["final"]["test/spearman"] > 0.2
 
 
 @pytest.mark.slow
-def test_mlm_config(tmp_path):
-    s = _run("mlm", tmp_path, steps=20, rows=32, extra=["data.max_length=32"])
+def test_mlm_config(run):
+    s = run("mlm", steps=20, rows=32, extra=["data.max_length=32"])
     assert s["final"]["test/perplexity"] < s["baseline"]["test/perplexity"]
 
 
 @pytest.mark.slow
-def test_embedding_config(tmp_path):
-    s = _run("embedding", tmp_path, steps=20, rows=64)
+def test_embedding_config(run):
+    s = run("embedding", steps=20, rows=64)
     assert s["final"]["test/recall@1"] > 5 / 64  # chance is 1/64
 
 
 @pytest.mark.slow
-def test_sft_decoder_config(tmp_path):
-    s = _run("sft", tmp_path, steps=40, rows=32,
-             extra=["task.generation_examples=8", "task.few_shot=1", "task.max_new_tokens=8"])
+def test_sft_decoder_config(run):
+    s = run("sft", steps=40, rows=32,
+            extra=["task.generation_examples=8", "task.few_shot=1", "task.max_new_tokens=8"])
     assert s["final"]["test/perplexity"] < 0.5 * s["baseline"]["test/perplexity"]
     assert s["final"]["test/perplexity"] < 320  # below a uniform guess over the vocab
     for key in ("test/bleu", "test/rougeL", "test/1shot_bleu"):

@@ -1,7 +1,6 @@
 """The training loop end to end through the CLI, on the tiny BERT fixture: artefacts
 (summary, TensorBoard events, orbax checkpoints, HF export), `tenure eval`, exact resume,
 and falling back past a corrupt checkpoint."""
-import itertools
 import json
 import pathlib
 import re
@@ -14,18 +13,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
 
 
-def _head(src: str, rows: int, out: pathlib.Path) -> pathlib.Path:
-    out.write_text("".join(itertools.islice(open(ROOT / src), rows)))
-    return out
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, head_rows):
     d = tmp_path_factory.mktemp("data")
-    return {split: _head(f"data/wordnet_lexnames/{split}.jsonl", rows, d / f"{split}.jsonl")
+    return {split: head_rows(f"data/wordnet_lexnames/{split}.jsonl", rows, d / f"{split}.jsonl")
             for split, rows in (("train", 400), ("validation", 48), ("test", 48))}
-
-
 
 
 def train(run_dir, data, steps, *extra):

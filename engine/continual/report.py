@@ -1,6 +1,6 @@
 """What a run leaves behind about forgetting: the accuracy matrix R[stage, task] with its
-summaries, as a printed table, `forgetting.json`, `forgetting.csv` and a PNG of every task's
-metric over the run's steps with the stage boundaries marked.
+summaries, as a printed table, `forgetting.json`, `forgetting.csv` and a PNG with a panel per
+task: its metric over the run's steps, with the stage boundaries marked.
 
 `forgetting.json` is the contract `tenure study` reads:
   tasks, stages, metric {task: name}, direction {task: max|min}, split {task: test|validation}
@@ -104,26 +104,40 @@ def write_forgetting(run_dir: pathlib.Path, record: dict) -> None:
     atomic.write_text(run_dir / "forgetting.json", json.dumps(record, indent=2))
 
 
-def plot_curves(record: dict, path: pathlib.Path) -> None:
-    """Every task's metric over global steps, a dashed line at each stage end."""
+def plot_curves(record: dict, path: pathlib.Path):
+    """A panel per task (R column) on its own y axis, so a perplexity does not flatten the
+    accuracies beside it: its metric over global steps, which way is better, a dashed line at
+    each stage end and the stage names along the top. Saves to `path`, returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    tasks = record["tasks"]
+    ncols = min(len(tasks), 3)
+    nrows = math.ceil(len(tasks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), dpi=100, sharex=True, squeeze=False)
     steps = [c["step"] for c in record["curves"]]
-    for task in record["tasks"]:
+    for ax, task in zip(axes.flat, tasks):
         values = [c["scores"].get(task, np.nan) for c in record["curves"]]
-        ax.plot(steps, values, marker="o", markersize=3, label=f"{task} ({record['metric'][task]})")
-    for i, end in enumerate(record["stage_ends"][:-1]):
-        ax.axvline(end, color="grey", linestyle="--", linewidth=1)
-    for i, (name, end) in enumerate(zip(record["stages"], record["stage_ends"])):
-        start = record["stage_ends"][i - 1] if i else 0
-        ax.text((start + end) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", fontsize=9)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation metric")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+        ax.plot(steps, [np.nan if v is None else v for v in values], marker="o", markersize=3)
+        better = "higher" if record["direction"].get(task, "max") == "max" else "lower"
+        ax.set_title(task)
+        ax.set_ylabel(f"{record['metric'][task]} ({better} is better)")
+        for end in record["stage_ends"][:-1]:
+            ax.axvline(end, color="grey", linestyle="--", linewidth=1)
+        for i, (name, end) in enumerate(zip(record["stages"], record["stage_ends"])):
+            begin = record["stage_ends"][i - 1] if i else 0
+            ax.text((begin + end) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                    fontsize=8, color="grey")
+        if record["stage_ends"]:                     # the whole run, though it was evaluated only at its start
+            pad = 0.02 * record["stage_ends"][-1]
+            ax.set_xlim(-pad, record["stage_ends"][-1] + pad)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(tasks):]:
+        ax.remove()                                  # the last row's unused cells
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return fig

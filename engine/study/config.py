@@ -87,6 +87,15 @@ def _check_override(text: Any) -> str:
     return text
 
 
+def _check_axis(key: str, values: list[Any]) -> None:
+    """A grid or sweep axis: a dotted config key the tool does not set, with distinct values."""
+    _check_override(f"{key}=")
+    if not values:
+        raise ValueError(f"axis '{key}' has no values")
+    if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+        raise ValueError(f"axis '{key}' repeats a value")
+
+
 FIGURE_PREFIXES = ("final/", "change/", "drop/")  # per-task figures: final/<task>, change/<task>, drop/<task>
 
 
@@ -193,11 +202,7 @@ class StudyConfig(BaseModel):
     @classmethod
     def _grid(cls, grid: dict[str, list[Any]]):
         for key, values in grid.items():
-            _check_override(f"{key}=")  # a dotted config key, not one the tool sets
-            if not values:
-                raise ValueError(f"axis '{key}' has no values")
-            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
-                raise ValueError(f"axis '{key}' repeats a value")
+            _check_axis(key, values)
         return grid
 
     @field_validator("sweep")
@@ -207,15 +212,11 @@ class StudyConfig(BaseModel):
             if not axes:
                 raise ValueError(f"method '{method}' has no axis")
             for key, values in axes.items():
+                values[:] = [_number_text(v) for v in values]
                 try:
-                    _check_override(f"{key}=")
+                    _check_axis(key, values)
                 except ValueError as exc:
                     raise ValueError(f"method '{method}': {exc}") from None
-                values[:] = [_number_text(v) for v in values]
-                if not values:
-                    raise ValueError(f"method '{method}': axis '{key}' has no values")
-                if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
-                    raise ValueError(f"method '{method}': axis '{key}' repeats a value")
         return sweep
 
     @field_validator("select")
