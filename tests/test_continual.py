@@ -522,7 +522,7 @@ def test_baseline_cache_shares_the_starting_scores_between_runs(naive_run, data,
     """eval.baseline_cache: the first run computes the start row and stores it; a run from the same
     weights with the same task settings (another lr) reads it back; the scores equal those of a run
     without the cache. The key follows the weights and the task settings, not the optimizer."""
-    from tenure.engine.train import baseline_cache
+    from tenure.engine.tasks import baseline_cache
 
     run_dir, _ = naive_run
     cache = tmp_path / "cache"

@@ -10,7 +10,7 @@ from tenure.engine.config.schema import given, to_dict
 from tenure.engine.runtime import distributed
 from tenure.engine.runtime.distributed import print_primary
 from tenure.engine.runtime.progress import Progress
-from tenure.engine.train import baseline_cache
+from tenure.engine.tasks import baseline_cache
 from tenure.engine.train.build import StageRun
 from tenure.engine.train.fit import fit
 from tenure.engine.train.history import RunHistory
