@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from tenure.models.errors import TenureError
-from tenure.models.kinds import HEADS
 from tenure.models.heads import ClassifierHead, EmbeddingHead, Examples, LmHead, MlmHead, TokenClassifierHead
 from tenure.models.layers import ATTENTION_IMPLEMENTATIONS, vocab_logits
 from tenure.models.lora import LoRASpec
 
 POOLINGS = ("cls", "mean", "last")
+# The model heads a TaskModel builds (each task kind of tenure.engine.tasks.kinds trains one)
+HEADS = ("seq_cls", "pair_cls", "token_cls", "regression", "causal_lm", "mlm", "embedding")
 # Config class name -> (module, backbone class).
 BACKBONES = {
     "BertConfig": ("tenure.models.bert", "BertEncoder"),

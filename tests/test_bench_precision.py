@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 from jax.extend.random import threefry2x32_p
 
-from tenure.engine.tasks.losses import task_losses
+from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
 from tenure.engine.runtime.sharding import MeshConfig, init_sharded, make_mesh
 from tenure.engine.train.step import init_state, make_train_step
@@ -53,7 +53,7 @@ def train(dtype_name, onednn: bool, steps: int):
     tr = compile_trainability(params, TrainableConfig(), TINY.num_hidden_layers)
     tx = build_optimizer(optim, tr, total_steps=len(data))
     state, state_shardings = init_state(params, tx, 0, mesh, shardings)
-    step = make_train_step(model, task_losses("seq_cls"), tx, mesh, state_shardings,
+    step = make_train_step(model, {"task": KINDS["seq_cls"].loss()}, tx, mesh, state_shardings,
                            lr_schedule=build_schedule(optim, len(data)), trainable_mask=tr.trainable_mask,
                            xla_options=xla_options)
     losses, snapshot = [], None

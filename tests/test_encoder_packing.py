@@ -16,7 +16,7 @@ from tenure.engine.data.batch_packing import first_fit_decreasing, global_rows, 
 from tenure.engine.data.config import DataConfig
 from tenure.engine.data.packing import collate
 from tenure.engine.data.pipeline import build_eval_batches, build_label_vocab, build_train_iterator
-from tenure.engine.tasks.losses import task_losses
+from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
 from tenure.engine.runtime.sharding import MESH_AXES, param_shardings, put_params
 from tenure.engine.train.step import init_state, make_train_step
@@ -146,7 +146,7 @@ def test_packed_logits_equal_unpacked(kind, pooling, arch):
 def test_loss_and_gradients_equal_unpacked(kind, pooling):
     exs = examples(16, seed=3, pair=kind == "pair_cls", regression=kind == "regression")
     model, params = _model_and_params(kind, pooling)
-    loss = task_losses(kind)["task"]
+    loss = KINDS[kind].loss()
 
     def loss_fn(p, batch):
         return loss(p, model.apply({"params": p}, batch, deterministic=False, logits=False), batch, {})[0]
@@ -172,7 +172,7 @@ def _train(mesh, batches, accum_steps, steps=2):
     tx = build_optimizer(optim, tr, total_steps=10)
     shardings = param_shardings(boxed, mesh)
     state, state_shardings = init_state(put_params(params_np, shardings), tx, 0, mesh, shardings)
-    step = make_train_step(model, task_losses("seq_cls"), tx, mesh, state_shardings,
+    step = make_train_step(model, {"task": KINDS["seq_cls"].loss()}, tx, mesh, state_shardings,
                            lr_schedule=build_schedule(optim, 10), trainable_mask=tr.trainable_mask,
                            accum_steps=accum_steps)
     history = []

@@ -65,3 +65,30 @@ def test_every_package_is_in_the_wheel():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"tenure.engine": "engine", "tenure.models": "models"}
     assert set(setuptools["packages"]) == packages_on_disk()
+
+
+def _kind_literals(node, names: set[str]) -> list[str]:
+    """Kind names written as string constants in `node` (a constant, or a tuple / list / set of them)."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return [item.value for item in items if isinstance(item, ast.Constant) and item.value in names]
+
+
+def test_task_kind_behaviour_lives_in_the_kind_objects():
+    """No comparison with a task kind's name and no table keyed by kind names in engine/ outside
+    engine/tasks/kinds/: the rest asks the kind object. (models/ builds and maps model heads, whose
+    names the kinds share; it never imports engine/.)"""
+    from tenure.engine.tasks.kinds import KINDS
+    names = set(KINDS)
+    offenders = []
+    for path in sorted((ROOT / "engine").rglob("*.py")):
+        if (ROOT / "engine" / "tasks" / "kinds") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                found = [v for operand in [node.left, *node.comparators] for v in _kind_literals(operand, names)]
+            elif isinstance(node, ast.Dict):
+                found = [v for key in node.keys if key is not None for v in _kind_literals(key, names)]
+            else:
+                continue
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {value}" for value in found]
+    assert offenders == []

@@ -3,14 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tenure.engine.tasks.losses import IGNORE, info_nce, task_losses, total_loss
+from tenure.engine.tasks.kinds import KINDS, kind_of
+from tenure.engine.tasks.losses import IGNORE, info_nce, total_loss
+from tenure.models.errors import TenureError
 
 
 def call(kind, outputs, batch, **cfg):
     class Cfg:
         temperature = cfg.get("temperature", 0.05)
 
-    fn = task_losses(kind, Cfg)["task"]
+    fn = KINDS[kind].loss(Cfg)
     value, aux = fn({}, outputs, batch, {})
     return float(value), {k: float(v) for k, v in aux.items()}
 
@@ -79,8 +81,8 @@ def test_total_loss_sums_terms_and_reports_each():
     assert float(total) == 1.75 and float(metrics["loss"]) == 1.75
     assert float(metrics["loss/task"]) == 1.5 and float(metrics["loss/l2sp"]) == 0.25
     assert float(metrics["l2sp/x"]) == 0.5
-    with pytest.raises(ValueError, match="unknown task kind"):
-        task_losses("translation")
+    with pytest.raises(TenureError, match="task kind 'translation': expected one of"):
+        kind_of("translation")
 
 
 # ----------------------------------------------------------------------------- KL to the starting model
@@ -124,7 +126,7 @@ def test_kl_to_start_value_and_its_gradient_match_a_finite_difference():
 
     model, batch, start, moved = _kl_problem(per_position=True)
     batch["labels"][0, 2] = IGNORE                       # row 0: positions 0 and 1 predict labels 1, 2
-    term = kl_to_start(model, "causal_lm", 0.7, task_ids=(1,))
+    term = kl_to_start(model, KINDS["causal_lm"].kl_unit, 0.7, task_ids=(1,))
     extra = {"kl": {"anchor": start}}
     outputs = model.apply({"params": moved}, batch)
     value, aux = term(moved, outputs, batch, extra)
@@ -183,8 +185,8 @@ def test_kl_weight_zero_leaves_training_bit_for_bit_unchanged():
         return history, jax.tree.map(np.asarray, state.params)
 
     plain = run({"task": classification_ce})
-    zero = run({"task": classification_ce, "kl": kl_to_start(model, "seq_cls", 0.0)})
-    half = run({"task": classification_ce, "kl": kl_to_start(model, "seq_cls", 0.5)})
+    zero = run({"task": classification_ce, "kl": kl_to_start(model, KINDS["seq_cls"].kl_unit, 0.0)})
+    half = run({"task": classification_ce, "kl": kl_to_start(model, KINDS["seq_cls"].kl_unit, 0.5)})
     assert zero[0] == plain[0]
     for a, b in zip(jax.tree.leaves(zero[1]), jax.tree.leaves(plain[1])):
         assert a.tobytes() == b.tobytes()

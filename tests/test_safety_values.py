@@ -4,7 +4,6 @@ before training, and `on_bad_record: skip` saying what it skipped."""
 import numpy as np
 import pytest
 
-from tenure.engine.tasks import evaluate
 from tenure.engine.config.schema import load_config
 from tenure.engine.data.config import DataConfig
 from tenure.engine.data.inspect import inspect_data
@@ -12,7 +11,7 @@ from tenure.engine.data.pipeline import build_eval_batches, build_train_iterator
 from tenure.engine.data.records import validate
 from tenure.engine.data.sources import open_source
 from tenure.engine.data.tokenize import Featurizer
-from tenure.engine.tasks.metrics import check_eval_metric, metrics_for_kind
+from tenure.engine.tasks.kinds import KINDS
 from tenure.models.errors import TenureError
 from tenure.models.hf import load_hf
 from tenure.models.positions import check_max_length
@@ -66,16 +65,16 @@ def _task_outputs(kind):
 @pytest.mark.parametrize("kind", ["seq_cls", "pair_cls", "token_cls", "regression", "mlm", "causal_lm", "sft",
                                   "embedding"])
 def test_metrics_for_kind_is_what_the_evaluator_reports(kind):
-    reported = evaluate.task_metrics(kind, _task_outputs(kind), ["O", "B-X", "I-X"])
-    assert set(reported) == metrics_for_kind(kind)
+    reported = KINDS[kind].scores(_task_outputs(kind), ["O", "B-X", "I-X"])
+    assert set(reported) == KINDS[kind].metric_names()
 
 
 def test_eval_metric_the_task_cannot_produce():
-    assert check_eval_metric("seq_cls", "accuracy", "max") is None
-    assert check_eval_metric("regression", "accuracy") == (
+    assert KINDS["seq_cls"].check_metric("accuracy", "max") is None
+    assert KINDS["regression"].check_metric("accuracy") == (
         "eval.metric 'accuracy' is not reported by task kind 'regression'; choose one of mse, pearson, spearman")
-    assert check_eval_metric("sft", "bleu") is not None and check_eval_metric("sft", "bleu", generation=True) is None
-    assert check_eval_metric("mlm", "perplexity", "max") == (
+    assert KINDS["sft"].check_metric("bleu") is not None and KINDS["sft"].check_metric("bleu", generation=True) is None
+    assert KINDS["mlm"].check_metric("perplexity", "max") == (
         "eval.mode 'max' contradicts eval.metric 'perplexity', where lower is better")
 
 
@@ -148,8 +147,7 @@ def test_inspect_reports_regression_labels_as_numbers(tmp_path):
 
 
 def test_every_kinds_default_metric_is_one_it_reports():
-    from tenure.models.kinds import KINDS
     for name, kind in KINDS.items():
         if name == "lm_eval":  # its metrics are the harness's tasks' own (tenure.engine.train.build.lm_eval_metric)
             continue
-        assert check_eval_metric(name, kind.metric, kind.mode) is None, name
+        assert kind.check_metric(kind.metric, kind.mode) is None, name

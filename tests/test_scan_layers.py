@@ -17,7 +17,7 @@ import pytest
 
 from tenure.engine.config.schema import load_config
 from tenure.engine.train.build import model_for
-from tenure.engine.tasks.losses import task_losses
+from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
 from tenure.engine.runtime.sharding import MeshConfig, make_mesh, param_shardings, put_params
 from tenure.engine.train.step import init_state, make_train_step
@@ -234,7 +234,7 @@ def train_losses(scan, mesh, steps=3):
     tx = build_optimizer(optim, trainability, total_steps=10)
     shardings = param_shardings(boxed, mesh)
     state, state_shardings = init_state(put_params(params_np, shardings), tx, 0, mesh, shardings)
-    step = make_train_step(mdl, task_losses("seq_cls"), tx, mesh, state_shardings,
+    step = make_train_step(mdl, {"task": KINDS["seq_cls"].loss()}, tx, mesh, state_shardings,
                            lr_schedule=build_schedule(optim, 10), trainable_mask=trainability.trainable_mask)
     losses = []
     for _ in range(steps):

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tenure.models.errors import TenureError
-from tenure.engine.tasks.losses import task_losses
+from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
 from tenure.engine.runtime.sharding import MeshConfig, init_sharded, make_mesh, mesh_shape, param_shardings, put_params
 from tenure.engine.train.step import compiled_flops, init_state, make_eval_step, make_train_step
@@ -54,7 +54,7 @@ def run(mesh, params_np, boxed, steps=3, trainable=TrainableConfig(), optim=Opti
     shardings = param_shardings(boxed, mesh)
     tx = build_optimizer(optim, tr, total_steps=10)
     state, state_shardings = init_state(put_params(params_np, shardings), tx, 0, mesh, shardings)
-    step = make_train_step(model, task_losses("seq_cls"), tx, mesh, state_shardings,
+    step = make_train_step(model, {"task": KINDS["seq_cls"].loss()}, tx, mesh, state_shardings,
                            lr_schedule=build_schedule(optim, 10), trainable_mask=tr.trainable_mask,
                            accum_steps=accum_steps)
     history = []

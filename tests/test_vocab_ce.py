@@ -10,7 +10,8 @@ import pytest
 
 from tenure.engine.tasks import losses
 from tenure.engine.config.schema import MeshConfig
-from tenure.engine.tasks.losses import IGNORE, _token_ce, task_loss, vocab_ce
+from tenure.engine.tasks.kinds import KINDS
+from tenure.engine.tasks.losses import IGNORE, _token_ce, vocab_ce
 from tenure.engine.runtime.sharding import make_mesh, param_shardings
 from tenure.engine.train.step import init_state, make_train_step
 from tenure.models.bert import BertConfig
@@ -109,7 +110,7 @@ def test_model_loss_and_grads_equal_the_full_logits_path(arch, kind):
     model = build_task_model(arch, kind)
     batch = _batch(kind)
     params = nn.unbox(model.init(jax.random.key(0), batch)["params"])
-    loss = task_loss(kind)
+    loss = KINDS[kind].loss()
 
     def value(params, logits):
         outputs = model.apply({"params": params}, batch, logits=logits)
@@ -135,11 +136,11 @@ def test_train_step_uses_the_chunked_loss_and_logs_accuracy(monkeypatch):
     tx = optax.adamw(1e-3)
     state, shardings = init_state(params, tx, 0, mesh, param_shardings(boxed, mesh))
     mask = jax.tree.map(lambda _: True, params)
-    step = make_train_step(model, {"task": task_loss("causal_lm")}, tx, mesh, shardings,
+    step = make_train_step(model, {"task": KINDS["causal_lm"].loss()}, tx, mesh, shardings,
                            lr_schedule=optax.constant_schedule(1e-3), trainable_mask=mask)
     text = step.lower(state, batch).as_text()
     assert "4x10x61xf32" not in text and "4x4x61xf32" in text  # chunks, never the full [B, L, V]
-    _, ref_aux = task_loss("causal_lm")(params, model.apply({"params": params}, batch), batch, {})
+    _, ref_aux = KINDS["causal_lm"].loss()(params, model.apply({"params": params}, batch), batch, {})
     _, metrics = step(state, batch)  # donates the state (and params)
     assert 0.0 <= float(metrics["task/accuracy"]) <= 1.0
     assert float(metrics["task/tokens"]) == float(ref_aux["tokens"])

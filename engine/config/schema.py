@@ -25,7 +25,7 @@ from tenure.engine.train.optim import OptimConfig
 from tenure.engine.runtime.sharding import MeshConfig
 from tenure.engine.config.stages import EWCConfig, KLConfig, L2SPConfig, ReplayConfig, StageConfig, resolve
 from tenure.engine.train.trainability import TrainableConfig
-from tenure.models.kinds import KINDS
+from tenure.engine.tasks.kinds import KINDS
 
 TaskKind = Literal[tuple(KINDS)]
 
@@ -83,7 +83,7 @@ class TaskEntry(TaskConfig):
 
     @model_validator(mode="after")
     def _lm_eval_or_data(self):
-        if self.kind == "lm_eval":
+        if KINDS[self.kind].harness:
             if self.data is not None:
                 raise ValueError("an lm_eval task reads its data through lm-eval (tasks, limit): remove its data")
             if not self.tasks:

@@ -14,11 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tenure.engine.data.config import DataConfig
 from tenure.engine.continual.fisher import FISHER_MODES
-from tenure.engine.tasks.metrics import LOWER_IS_BETTER
+from tenure.engine.tasks.kinds import KINDS, LOWER_IS_BETTER, TaskKind, pack_error
 from tenure.engine.train.optim import OptimConfig
 from tenure.engine.train.trainability import TrainableConfig
 from tenure.models.errors import TenureError
-from tenure.models.kinds import KINDS, pack_error
 
 SINGLE_TASK = "task"  # the task name of a config without `tasks:`
 
@@ -114,6 +113,10 @@ class Task:
     metric: str
     mode: str           # "max" or "min"
 
+    @property
+    def kind(self) -> TaskKind:
+        return KINDS[self.spec.kind]
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -139,7 +142,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                               "a staged run: `tasks` and `stages`)")
         if cfg.task is None or cfg.data is None:
             raise TenureError(f"missing config key '{'data' if cfg.data is None else 'task'}'")
-        if cfg.task.kind == "lm_eval":
+        if KINDS[cfg.task.kind].harness:
             raise TenureError("config key 'task.kind': lm_eval is a probe of a staged run (`tasks:` + `stages:`), "
                               "scored but never trained")
         task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
@@ -166,14 +169,14 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.tasks': unknown task {name!r} "
                                   f"(tasks: {', '.join(tasks)})")
-            if tasks[name].spec.kind == "lm_eval":
+            if tasks[name].kind.harness:
                 raise TenureError(f"config key 'stages.{i}.tasks': {name!r} is an lm_eval probe, scored but never "
                                   "trained; train a task with data")
         ewc = s.ewc or cfg.ewc
         for name in ewc.tasks or ():
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.ewc.tasks': unknown task {name!r}")
-            if tasks[name].spec.kind == "lm_eval":
+            if tasks[name].kind.harness:
                 raise TenureError(f"config key 'stages.{i}.ewc.tasks': {name!r} is an lm_eval probe, which has no "
                                   "training data for a Fisher")
         if s.guard is not None:
@@ -186,11 +189,11 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                                       f"(tasks.{name}.data.validation), which the guard watches")
         replay = s.replay or cfg.replay
         for name in replay.tasks or ():
-            if name not in tasks or tasks[name].spec.kind == "lm_eval" or name in weights:
+            if name not in tasks or tasks[name].kind.harness or name in weights:
                 raise TenureError(f"config key 'stages.{i}.replay.tasks': {name!r} is "
                                   + ("not a task" if name not in tasks else "an lm_eval probe (no training data)"
-                                     if tasks[name].spec.kind == "lm_eval" else "trained by this stage")
-                                  + f" (tasks with data: {', '.join(t for t in tasks if tasks[t].spec.kind != 'lm_eval')})")
+                                     if tasks[name].kind.harness else "trained by this stage")
+                                  + f" (tasks with data: {', '.join(t for t in tasks if not tasks[t].kind.harness)})")
         if cfg.method == "joint":
             replay = _joint_replay(replay, weights, seen, i)
         stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, s.trainable or cfg.trainable,
@@ -205,7 +208,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
 
 def r_split(task: Task) -> str | None:
     """The split R's column of `task` is scored on: test, else validation (None: neither)."""
-    if task.spec.kind == "lm_eval":
+    if task.kind.harness:
         return "test"  # the harness's own split of each task (test_split), `limit` documents
     return "test" if task.data.test else ("validation" if task.data.validation else None)
 

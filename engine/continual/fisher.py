@@ -80,15 +80,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tenure.engine.tasks.losses import IGNORE
 from tenure.engine.runtime.sharding import batch_sharding, replicated
+from tenure.engine.tasks.kinds import TaskKind, kind_of
 from tenure.models.errors import TenureError
 
 FISHER_MODES = ("exact", "sampled", "empirical", "batched")
-CLASS_KINDS = ("seq_cls", "pair_cls", "embedding")  # embedding: a choice among the example's passages
-TOKEN_KINDS = ("token_cls", "mlm", "causal_lm", "sft")
-VOCAB_KINDS = ("mlm", "causal_lm", "sft")
-FISHER_KINDS = CLASS_KINDS + TOKEN_KINDS + ("regression",)
 _NO_LIMIT = np.int32(np.iinfo(np.int32).max)
 
 
@@ -166,66 +162,14 @@ def online_update(old: Any, new: Any, gamma: float) -> Any:
 
 # ----------------------------------------------------------------------------- log-likelihoods
 
-def _check(kind: str, mode: str) -> str:
+def _check(kind: str, mode: str) -> TaskKind:
     if mode not in FISHER_MODES:
         raise TenureError(f"fisher: mode {mode!r} is not one of {', '.join(FISHER_MODES)}")
-    if kind not in FISHER_KINDS:
-        raise TenureError(f"fisher: unknown task kind {kind!r}; one of {', '.join(FISHER_KINDS)}")
-    if mode == "exact" and kind in VOCAB_KINDS:
-        raise TenureError("fisher: exact Fisher over a vocabulary is infeasible; use sampled or empirical "
-                          f"(kind {kind!r})")
-    if mode == "exact" and kind == "token_cls":
-        raise TenureError("fisher: exact token_cls Fisher needs a backward pass per (token, class); use "
-                          "sampled (unbiased for the factorised Fisher) or empirical")
-    return "causal_lm" if kind == "sft" else kind
-
-
-def _token_logp_and_labels(kind: str, outputs: dict, batch: dict):
-    """fp32 log-probs [B, T, C] and labels [B, T] (-100 = ignored), causal ones shifted."""
-    logits, labels = outputs["logits"], batch["labels"]
-    if kind == "causal_lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), labels
-
-
-def _sample_rows(keys_B, logits):
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys_B, logits)
-
-
-def _loglik(kind: str, mode: str, outputs: dict, batch: dict, keys_B) -> jax.Array:
-    """Per-example log p(y|x) [B] with y chosen by `mode` (sampled / empirical; for regression
-    also exact), up to terms constant in theta. Targets are held constant (stop_gradient)."""
-    if kind == "regression":
-        pred_B = outputs["predictions"].astype(jnp.float32)
-        if mode == "exact":            # E_y[(y - f)^2] = 1: F = (grad f)^2
-            resid_B = jnp.ones_like(pred_B)
-        elif mode == "sampled":        # y ~ N(f, 1): y - f ~ N(0, 1)
-            resid_B = jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(keys_B)
-        else:
-            resid_B = batch["labels"].astype(jnp.float32) - pred_B
-        return jax.lax.stop_gradient(resid_B) * pred_B   # grad = (y - f) grad f
-    if kind in CLASS_KINDS:
-        logp_BxC = jax.nn.log_softmax(outputs["logits"].astype(jnp.float32), axis=-1)
-        if mode == "sampled":
-            y_B = _sample_rows(keys_B, jax.lax.stop_gradient(logp_BxC))
-        else:
-            # padding rows may carry -100 (they weigh 0); an embedding's positive is candidate 0
-            y_B = jnp.maximum(batch["labels"], 0) if "labels" in batch else jnp.zeros(logp_BxC.shape[:1], jnp.int32)
-        return jnp.take_along_axis(logp_BxC, y_B[:, None], axis=-1)[:, 0]
-    logp_BxTxC, labels_BxT = _token_logp_and_labels(kind, outputs, batch)
-    valid_BxT = labels_BxT != IGNORE
-    if mode == "sampled":
-        y_BxT = _sample_rows(keys_B, jax.lax.stop_gradient(logp_BxTxC))
-    else:
-        y_BxT = jnp.where(valid_BxT, labels_BxT, 0)
-    token_BxT = jnp.take_along_axis(logp_BxTxC, y_BxT[..., None], axis=-1)[..., 0]
-    return jnp.where(valid_BxT, token_BxT, 0.0).sum(-1)
-
-
-def _labelled_tokens(kind: str, batch: dict) -> jax.Array:
-    """Labelled positions per example [B] (causal kinds: those that predict labels[t+1])."""
-    labels_BxT = batch["labels"][:, 1:] if kind == "causal_lm" else batch["labels"]
-    return (labels_BxT != IGNORE).sum(-1).astype(jnp.int32)
+    task_kind = kind_of(kind)
+    problem = task_kind.fisher_error(mode)
+    if problem:
+        raise TenureError(problem)
+    return task_kind
 
 
 def _square(tree):
@@ -255,7 +199,7 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
     `classes`: the class indices exact mode sums over (None: all; `fisher_step.passes` = backward
     passes per example).
     """
-    kind = _check(kind, mode)
+    task_kind = _check(kind, mode)
     if chunk < 1:
         raise TenureError(f"fisher: chunk must be >= 1 (got {chunk})")
     if classes is not None and not classes:
@@ -268,20 +212,13 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
 
     def logprob_fn(params, trainable, batch):
         outputs = model.apply({"params": overlay(params, trainable)}, batch, deterministic=True)
-        if kind == "embedding":  # each query scored against its own passages [B, P]
-            if outputs["passage_embeddings"].shape[1] < 2:
-                raise TenureError("fisher: an embedding task's Fisher needs retrieval records with hard "
-                                  "negatives (one passage per query leaves nothing to choose)")
-            scores_BxP = jnp.einsum("bd,bpd->bp", outputs["query_embeddings"].astype(jnp.float32),
-                                    outputs["passage_embeddings"].astype(jnp.float32))
-            return {"logits": scores_BxP / temperature}
-        return outputs
+        return task_kind.choice_logits(outputs, temperature)
 
     def per_example(trainable, params, example, key):
         """One example's squared gradient of log p(y|x) (fp32 pruned tree); mode batched: the
         gradient itself (empirical labels), squared only after the batch mean."""
         ex1 = jax.tree.map(lambda x: x[None], example)
-        if mode == "exact" and kind in CLASS_KINDS:
+        if mode == "exact" and task_kind.fisher_classes:
             logp_1xC, vjp = jax.vjp(
                 lambda t: jax.nn.log_softmax(logprob_fn(params, t, ex1)["logits"].astype(jnp.float32), -1),
                 trainable)
@@ -296,7 +233,7 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
             zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), trainable)
             return jax.lax.scan(body, zeros, summed_C)[0]
         target = "empirical" if mode == "batched" else mode
-        g = jax.grad(lambda t: _loglik(kind, target, logprob_fn(params, t, ex1), ex1, key[None])[0])(trainable)
+        g = jax.grad(lambda t: task_kind.loglik(target, logprob_fn(params, t, ex1), ex1, key[None])[0])(trainable)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
         return g if mode == "batched" else _square(g)
 
@@ -305,8 +242,8 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
         real_B = batch["example_mask"] > 0
         real_B = real_B & (jnp.cumsum(real_B.astype(jnp.int32)) <= budget)
         count = real_B.sum().astype(jnp.int32)
-        units = (jnp.where(real_B, _labelled_tokens(kind, batch), 0).sum().astype(jnp.int32)
-                 if kind in TOKEN_KINDS else count)
+        tokens_B = task_kind.labelled_tokens(batch)
+        units = count if tokens_B is None else jnp.where(real_B, tokens_B, 0).sum().astype(jnp.int32)
         size = real_B.shape[0]
         m = _largest_divisor_at_most(size, chunk * shards)
         n = size // m
@@ -338,8 +275,8 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
 
     fisher_step.jitted = jitted
     fisher_step.kind, fisher_step.mode, fisher_step.chunk = kind, mode, chunk
-    fisher_step.passes = ((len(classes) if classes is not None else "C") if mode == "exact" and kind in CLASS_KINDS
-                          else 1)
+    fisher_step.passes = ((len(classes) if classes is not None else "C")
+                          if mode == "exact" and task_kind.fisher_classes else 1)
     return fisher_step
 
 

@@ -29,7 +29,8 @@ from tenure.engine.data.pipeline import (EvalBatches, TaskFeaturizer, load_train
                                          to_global_batch)
 from tenure.engine.data.sources import select
 from tenure.engine.continual.fisher import fisher_diagonal, make_fisher_step, online_update, prune
-from tenure.engine.tasks.losses import KL_KINDS, kl_to_start
+from tenure.engine.tasks.kinds import KINDS
+from tenure.engine.tasks.losses import kl_to_start
 from tenure.engine.continual.regularizers import copy_f32, ewc_extra, ewc_term, l2sp_extra, l2sp_term
 from tenure.models.errors import TenureError
 from tenure.engine.config.stages import Stage
@@ -77,7 +78,7 @@ def fisher_head(cfg, tasks: Tasks, stages: list[Stage], index: int, name: str) -
     run_task = tasks.by_name[name]
     trained = [s for s in stages[:index] if name in s.weights]
     masks = tasks.label_masks(trained[-1] if trained else stages[index], cfg.heads)
-    if masks is None or run_task.probe or run_task.task.spec.kind not in ("seq_cls", "pair_cls"):
+    if masks is None or run_task.probe or not KINDS[run_task.task.spec.kind].classifies:
         return None, None
     return masks, tuple(i for i, on in enumerate(masks[tasks.by_name[name].index]) if on)
 
@@ -127,17 +128,18 @@ def regularizers(cfg, stages: list[Stage], index: int, backbone: Backbone, tasks
     elif (previous_extra.get("ewc") or {}).get("fisher") is not None:
         extra["ewc"] = {"fisher": previous_extra["ewc"]["fisher"]}  # kept for a later EWC stage
     if kl_on(stage):
-        kinds = {tasks.by_name[name].task.spec.kind for name in stage.weights}
-        unsupported = sorted(kinds - set(KL_KINDS))
+        kinds = sorted({tasks.by_name[name].task.spec.kind for name in stage.weights})
+        unsupported = [kind for kind in kinds if KINDS[kind].kl_unit is None]
         if unsupported:
+            with_one = ", ".join(name for name, kind in KINDS.items() if kind.kl_unit)
             raise TenureError(f"stages.{index}.kl: the KL to the starting model needs a predictive distribution; "
-                              f"task kind {unsupported[0]} has none (kinds with one: {', '.join(KL_KINDS)})")
+                              f"task kind {unsupported[0]} has none (kinds with one: {with_one})")
         source = start_params if stage.kl.anchor == "pretrained" else params
         extra["kl"] = {"anchor": copy_f32(prune(source, mask))}
         if model is not None:
             task_ids = tuple(tasks.by_name[name].index for name in stage.weights) if tasks.multi else None
             # a stage's kinds share one head, so one unit (example, token, causal token)
-            losses["kl"] = kl_to_start(model, min(kinds), stage.kl.weight, task_ids)
+            losses["kl"] = kl_to_start(model, KINDS[kinds[0]].kl_unit, stage.kl.weight, task_ids)
     if l2sp_on(stage):
         source = start_params if stage.l2sp.anchor == "pretrained" else params
         extra["l2sp"] = l2sp_extra(source, _backbone_mask(mask))

@@ -15,8 +15,6 @@ import dataclasses
 
 import numpy as np
 
-from tenure.models.kinds import KINDS
-
 IGNORE = -100  # the label of a position that carries none (padding, prompt tokens, non-first sub-tokens)
 
 TOKENS = ("rows", "length")
@@ -30,18 +28,15 @@ class Field:
 
 
 _INT, _FLOAT = "int32", "float32"
-# The labels of each head: one per token (the LM heads, token tags) or one per example.
-LABELS = {"causal_lm": Field(TOKENS, _INT), "mlm": Field(TOKENS, _INT), "token_cls": Field(TOKENS, _INT),
-          "seq_cls": Field(EXAMPLES, _INT), "pair_cls": Field(EXAMPLES, _INT),
-          "regression": Field(EXAMPLES, _FLOAT)}
 
 
 def batch_fields(kind: str, fmt: str | None = None, *, packed: bool = False, multi: bool = False) -> dict[str, Field]:
     """The fields of a training batch of task kind `kind` in record format `fmt` (None: the
     kind's default); `packed`: data.pack; `multi`: a multi-task run (examples carry task_id)."""
     from tenure.engine.data.tokenize import resolve_format
+    from tenure.engine.tasks.kinds import KINDS   # the kinds import this module's IGNORE
     fmt = resolve_format(kind, fmt)
-    head = KINDS[kind].head
+    task_kind = KINDS[kind]
     if fmt == "retrieval":
         passages = ("examples", "passages", "length")
         fields = {"query_input_ids": Field(TOKENS, _INT), "query_attention_mask": Field(TOKENS, _INT),
@@ -50,14 +45,16 @@ def batch_fields(kind: str, fmt: str | None = None, *, packed: bool = False, mul
         fields = {"input_ids": Field(TOKENS, _INT), "attention_mask": Field(TOKENS, _INT)}
         if fmt == "pair":
             fields["token_type_ids"] = Field(TOKENS, _INT)
-        fields["labels"] = LABELS[head]
+        # one label per token (the LM heads, token tags) or one per example; a float target or an id
+        fields["labels"] = Field(TOKENS if task_kind.token_labels else EXAMPLES,
+                                 _FLOAT if task_kind.numeric_labels else _INT)
     if multi:
         fields["task_id"] = Field(EXAMPLES, _INT)
     fields["example_mask"] = Field(EXAMPLES, _FLOAT)
     if packed:
         fields["segment_ids"] = Field(TOKENS, _INT)
         fields["positions"] = Field(TOKENS, _INT)
-        if KINDS[kind].pack == "batch":  # where each example lies in the token rows
+        if task_kind.pack == "batch":  # where each example lies in the token rows
             fields["example_row"] = Field(EXAMPLES, _INT)
             fields["example_start"] = Field(EXAMPLES, _INT)
     return fields

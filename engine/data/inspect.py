@@ -15,7 +15,7 @@ from tenure.engine.data.config import DataConfig
 from tenure.engine.data.pipeline import SplitReport, load_records, make_featurizer
 from tenure.engine.data.records import LABEL_FIELDS, TEXT_FIELDS, LabelVocab
 from tenure.engine.data.tokenize import resolve_format
-from tenure.models.kinds import KINDS
+from tenure.engine.tasks.kinds import KINDS
 
 CHUNK = 256
 MAX_LABELS_SHOWN = 20
@@ -33,8 +33,8 @@ def _number(value) -> float:
         return float("nan")
 
 
-def _label_lines(records: list[dict], fmt: str, task_kind: str = "") -> list[str]:
-    if fmt == "text_target" or task_kind == "regression":  # regression reads `label` in other formats
+def _label_lines(records: list[dict], fmt: str, task_kind: str) -> list[str]:
+    if fmt == "text_target" or KINDS[task_kind].numeric_labels:  # regression reads `label` in other formats
         key = "target" if fmt == "text_target" else "label"
         targets = np.asarray([_number(r[key]) for r in records], np.float64)
         if np.isnan(targets).any():

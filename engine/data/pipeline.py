@@ -40,7 +40,7 @@ from tenure.engine.data.sources import open_source, select
 from tenure.engine.data.subsample import describe, subsample_and_corrupt
 from tenure.engine.data.tokenize import Featurizer, resolve_format
 from tenure.models.errors import TenureError
-from tenure.models.kinds import KINDS, pack_error
+from tenure.engine.tasks.kinds import KINDS, pack_error
 
 
 
@@ -84,7 +84,7 @@ def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
     # With data.labels the vocabulary check waits for the label filter (other labels are dropped).
     records, bad = validate(source, fmt, cfg.fields, cfg.on_bad_record,
                             label_vocab=label_vocab if cfg.labels is None else None,
-                            split=split, path=str(paths), numeric_labels=KINDS[task_kind].head == "regression")
+                            split=split, path=str(paths), numeric_labels=KINDS[task_kind].numeric_labels)
     records, cleaned = clean(records, cfg.clean, TEXT_FIELDS[fmt], split=split, path=str(paths))
     label_field = LABEL_FIELDS.get(fmt) if fmt != "token_tags" else None
     if cfg.labels is not None and label_field:
@@ -217,7 +217,7 @@ def _example_stream(records, featurizer, *, process_index: int, process_count: i
         ds = ds.seed(seed).shuffle()
     ds = ds.repeat(num_epochs)
     featurize = _FeaturizeOne(featurizer)
-    ds = ds.random_map(featurize, seed=seed) if featurizer.task_kind == "mlm" else ds.map(featurize)
+    ds = ds.random_map(featurize, seed=seed) if featurizer.kind.random_features else ds.map(featurize)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
 
 

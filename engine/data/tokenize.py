@@ -30,10 +30,6 @@ import numpy as np
 
 from tenure.engine.data.batch_spec import IGNORE
 from tenure.models.errors import TenureError
-from tenure.models.kinds import KINDS
-
-TASK_FORMATS: dict[str, tuple[str, ...]] = {name: kind.formats for name, kind in KINDS.items()}
-"""Record formats each task kind accepts; the first is the default."""
 
 
 class Vocab(Protocol):
@@ -42,9 +38,8 @@ class Vocab(Protocol):
 
 def resolve_format(task_kind: str, fmt: str | None) -> str:
     """The record format for a task kind (`fmt` or the kind's default), checked."""
-    if task_kind not in TASK_FORMATS:
-        raise TenureError(f"task kind {task_kind!r}: expected one of {sorted(TASK_FORMATS)}")
-    allowed = TASK_FORMATS[task_kind]
+    from tenure.engine.tasks.kinds import kind_of
+    allowed = kind_of(task_kind).formats
     if fmt is None:
         return allowed[0]
     if fmt not in allowed:
@@ -61,39 +56,32 @@ class Featurizer:
 
     def __init__(self, task_kind: str, fmt: str | None, tokenizer, label_vocab: Vocab | None = None, *,
                  max_length: int, mlm_probability: float = 0.15, num_negatives: int = 0):
+        from tenure.engine.tasks.kinds import KINDS
         self.task_kind = task_kind
         self.fmt = resolve_format(task_kind, fmt)
+        self.kind = KINDS[task_kind]
         self.tok = tokenizer
         self.vocab = label_vocab
         self.max_length = max_length
         self.mlm_probability = mlm_probability
         self.num_negatives = num_negatives
         self.eos_id = tokenizer.eos_token_id
-        if task_kind in ("seq_cls", "pair_cls", "token_cls") and label_vocab is None:
+        if self.kind.labelled and label_vocab is None:
             raise TenureError(f"task {task_kind!r} needs a label vocabulary")
-        if task_kind == "mlm" and tokenizer.mask_token_id is None:
-            raise TenureError("task 'mlm': the tokenizer has no mask token")
+        problem = self.kind.check_tokenizer(tokenizer)
+        if problem:
+            raise TenureError(problem)
 
     def __call__(self, records: Sequence[dict],
                  rngs: Sequence[np.random.Generator] | None = None) -> list[dict[str, np.ndarray]]:
-        """Features of each record; `rngs` (one per record) drive MLM masking only.
+        """Features of each record (the kind picks the method below); `rngs` (one per record)
+        drive MLM masking only.
 
         Label errors name the record's `location` key (set by records.parse_record)."""
         if not records:
             return []
         locations = [r.get("location", f"record {i}") for i, r in enumerate(records)]
-        kind, fmt = self.task_kind, self.fmt
-        if fmt == "token_tags":
-            return self._token_tags(records, locations)
-        if fmt == "retrieval":
-            return self._retrieval(records)
-        if kind == "sft":
-            return self._chat(records) if fmt == "chat" else self._prompt_completion(records)
-        if kind in ("causal_lm", "mlm"):
-            if kind == "mlm" and (rngs is None or len(rngs) != len(records)):
-                raise ValueError("mlm featurisation needs one rng per record")
-            return self._text(records, rngs)
-        return self._classify(records, locations)
+        return self.kind.features(self, records, locations, rngs)
 
     def lengths(self, records: Sequence[dict]) -> list[int]:
         """Untruncated token length of each record (for retrieval: the longest of its texts)."""
@@ -106,7 +94,7 @@ class Featurizer:
         return [max(f[key].shape[-1], f.get("passage_input_ids", f[key]).shape[-1]) for f in feats]
 
     # -- classification and regression -------------------------------------------------
-    def _classify(self, records, locations):
+    def classify(self, records, locations):
         if self.fmt == "pair":
             enc = self.tok([r["text_a"] for r in records], [r["text_b"] for r in records],
                            truncation=True, max_length=self.max_length, return_token_type_ids=True)
@@ -123,7 +111,7 @@ class Featurizer:
         return out
 
     def _label(self, value, location: str, field: str) -> np.ndarray:
-        if self.task_kind != "regression":
+        if not self.kind.numeric_labels:
             return np.asarray(self.vocab.encode(value, location), dtype=np.int32)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TenureError(f"{location}: field {field!r}: expected a number, got {value!r}")
@@ -136,7 +124,7 @@ class Featurizer:
         return np.asarray(number, dtype=np.float32)
 
     # -- token classification -----------------------------------------------------------
-    def _token_tags(self, records, locations):
+    def token_tags(self, records, locations):
         enc = self.tok([list(r["tokens"]) for r in records], is_split_into_words=True,
                        truncation=True, max_length=self.max_length)
         out = []
@@ -156,17 +144,19 @@ class Featurizer:
             ids = ids + [self.eos_id]
         return ids[:limit]
 
-    def _text(self, records, rngs):
-        mlm = self.task_kind == "mlm"
+    def text(self, records):
         enc = self.tok([r["text"] for r in records], truncation=True, max_length=self.max_length)
         out = []
-        for i in range(len(records)):
-            ids = list(enc["input_ids"][i])
-            if mlm:
-                ids_L, labels_L = self._mask(ids, rngs[i])
-            else:
-                ids_L = _i32(self._with_eos(ids, self.max_length))
-                labels_L = ids_L.copy()
+        for ids in enc["input_ids"]:
+            ids_L = _i32(self._with_eos(list(ids), self.max_length))
+            out.append({"input_ids": ids_L, "attention_mask": np.ones_like(ids_L), "labels": ids_L.copy()})
+        return out
+
+    def masked_text(self, records, rngs):
+        enc = self.tok([r["text"] for r in records], truncation=True, max_length=self.max_length)
+        out = []
+        for ids, rng in zip(enc["input_ids"], rngs):
+            ids_L, labels_L = self._mask(list(ids), rng)
             out.append({"input_ids": ids_L, "attention_mask": np.ones_like(ids_L), "labels": labels_L})
         return out
 
@@ -182,13 +172,13 @@ class Featurizer:
         ids_L = np.where(selected & (u_action >= 0.8) & (u_action < 0.9), random_ids, ids_L)
         return ids_L.astype(np.int32), labels_L
 
-    def _prompt_completion(self, records):
+    def prompt_completion(self, records):
         pairs = [(r["prompt"], r["completion"]) for r in records]
         texts = [p + c for p, c in pairs]
         spans = [[(len(p), len(p) + len(c))] for p, c in pairs]
         return self._spans_to_examples(texts, spans, add_special_tokens=True, eos_after_spans=True)
 
-    def _chat(self, records):
+    def chat(self, records):
         texts, spans = zip(*(self._render_chat(r["messages"]) for r in records))
         has_template = bool(getattr(self.tok, "chat_template", None))
         return self._spans_to_examples(list(texts), list(spans), add_special_tokens=not has_template,
@@ -242,7 +232,7 @@ class Featurizer:
         return out
 
     # -- retrieval ------------------------------------------------------------------------
-    def _retrieval(self, records):
+    def retrieval(self, records):
         n_pass = 1 + self.num_negatives
         queries = self.tok([r["query"] for r in records], truncation=True, max_length=self.max_length)
         passages = []

@@ -1,54 +1,19 @@
-"""Evaluators: one per task kind, each a jitted reducer plus host-side metrics.
+"""Evaluators: one per task and split, each the kind's jitted reducer plus its host-side metrics.
 
-The jitted part turns a batch into small per-example arrays (predictions, labels,
-summed token NLL) so only those leave the device; the host part feeds them to the
-metric functions in `tenure.engine.tasks.metrics`.
+The jitted part (`TaskKind.reduce`) turns a batch into small per-example arrays (predictions,
+labels, summed token NLL) so only those leave the device; the host part (`TaskKind.scores`) feeds
+them to the metric functions in `tenure.engine.tasks.metrics`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from tenure.engine.tasks import metrics
+from tenure.engine.tasks.kinds import KINDS, TaskKind
 from tenure.engine.data.batch_spec import IGNORE
 from tenure.engine.train.step import make_eval_step
-
-
-def _token_nll(logits_BxLxV, labels_BxL, shift: bool):
-    if shift:  # causal LM: position t predicts token t+1
-        logits_BxLxV, labels_BxL = logits_BxLxV[:, :-1], labels_BxL[:, 1:]
-    valid_BxL = labels_BxL != IGNORE
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    safe_BxL = jnp.where(valid_BxL, labels_BxL, 0)
-    nll_BxL = -jnp.take_along_axis(logp_BxLxV, safe_BxL[..., None], axis=-1)[..., 0]
-    correct_BxL = jnp.argmax(logp_BxLxV, axis=-1) == safe_BxL
-    return ((nll_BxL * valid_BxL).sum(-1), valid_BxL.sum(-1),
-            (correct_BxL & valid_BxL).sum(-1))
-
-
-def reduce_batch(kind: str, outputs: dict, batch: dict) -> dict[str, jax.Array]:
-    """Per-example arrays for the host metrics (runs inside jit)."""
-    mask_B = batch["example_mask"]
-    if kind in ("seq_cls", "pair_cls"):
-        logits_BxC = outputs["logits"].astype(jnp.float32)
-        nll_B = -jnp.take_along_axis(jax.nn.log_softmax(logits_BxC), batch["labels"][:, None], -1)[:, 0]
-        return dict(pred=jnp.argmax(logits_BxC, -1), label=batch["labels"], nll=nll_B, mask=mask_B)
-    if kind == "token_cls":
-        return dict(pred=jnp.argmax(outputs["logits"], -1), label=batch["labels"], mask=mask_B)
-    if kind == "regression":
-        return dict(pred=outputs["predictions"].astype(jnp.float32), label=batch["labels"], mask=mask_B)
-    if kind in ("mlm", "sft", "causal_lm"):
-        nll_B, count_B, correct_B = _token_nll(outputs["logits"], batch["labels"], shift=kind != "mlm")
-        return dict(nll=nll_B, count=count_B, correct=correct_B, mask=mask_B)
-    if kind == "embedding":
-        return dict(query=outputs["query_embeddings"].astype(jnp.float32),
-                    passage=outputs["passage_embeddings"][:, 0].astype(jnp.float32), mask=mask_B)
-    raise ValueError(f"unknown task kind {kind!r}")
 
 
 def _to_host(tree: dict) -> dict[str, np.ndarray]:
@@ -72,40 +37,19 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in merged.items()}
 
 
-def task_metrics(kind: str, got: dict[str, np.ndarray], tag_names: list[str] | None) -> dict[str, float]:
-    """Host-side metrics from the concatenated per-example arrays of one split."""
-    if kind in ("seq_cls", "pair_cls"):
-        scores = metrics.classification_metrics(got["pred"], got["label"])
-        scores["loss"] = float(got["nll"].mean())
-        return scores
-    if kind == "token_cls":
-        return metrics.token_labelling_metrics(got["pred"], got["label"], tag_names)
-    if kind == "regression":
-        return metrics.regression_metrics(got["pred"], got["label"])
-    if kind in ("mlm", "sft", "causal_lm"):
-        count = float(got["count"].sum())
-        return {"perplexity": metrics.perplexity(float(got["nll"].sum()), count),
-                "loss": float(got["nll"].sum()) / max(count, 1.0),
-                "token_accuracy": float(got["correct"].sum()) / max(count, 1.0)}
-    if kind == "embedding":
-        scores_QxP = got["query"] @ got["passage"].T  # candidates: every passage in the split
-        return metrics.retrieval_metrics(scores_QxP, np.arange(len(scores_QxP)), ks=(1, 5, 10))
-    raise ValueError(f"unknown task kind {kind!r}")
-
-
 @dataclasses.dataclass
 class Evaluator:
     """Evaluates one task on one split; `generate` adds BLEU/ROUGE for decoders."""
-    kind: str
+    kind: TaskKind
     reduce_fn: Callable  # jitted (params, batch) -> per-example arrays
-    tag_names: list[str] | None = None
+    label_names: list[str] | None = None
     generate: Callable[[Any], dict[str, float]] | None = None
 
     def __call__(self, params, batches: Iterable[dict]) -> dict[str, float]:
         # Dispatch every batch before reading any back: the host builds the next batch while
         # the device runs the previous ones (outputs are small per-example arrays).
         parts = [_to_host(out) for out in [self.reduce_fn(params, batch) for batch in batches]]
-        scores = task_metrics(self.kind, _concat(parts), self.tag_names)
+        scores = self.kind.scores(_concat(parts), self.label_names)
         if self.generate is not None:
             scores.update(self.generate(params))
         return scores
@@ -149,7 +93,8 @@ def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> di
     harness_models = {}
     for name, run_task in tasks.by_name.items():
         spec, data, model = run_task.task.spec, run_task.task.data, models[name]
-        if spec.kind == "lm_eval":
+        kind = KINDS[spec.kind]
+        if kind.harness:
             from tenure.engine.tasks.lm_eval_adapter import TenureLM, max_positions
             if id(model) not in harness_models:
                 harness_models[id(model)] = TenureLM.of(model, None, tokenizer, max_length=max_positions(model.arch_cfg))
@@ -159,14 +104,14 @@ def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> di
             continue
         if spec.kind not in reducers:  # one model per kind: the stage's, or one probe head
             reducers[spec.kind] = make_eval_step(model, mesh, param_shardings,
-                                                 reduce_fn=functools.partial(reduce_batch, spec.kind))
-        tags = [str(t) for t in tasks.label_vocab.labels] if spec.kind == "token_cls" else None
+                                                 reduce_fn=kind.reduce)
+        labels = [str(t) for t in tasks.label_vocab.labels] if kind.labelled else None
         evaluators[name] = {}
         for split in run_task.eval_batches:
             generate = None
-            if (spec.kind == "sft" and spec.generation_examples
+            if (kind.generation and spec.generation_examples
                     and (data.format or "prompt_completion") == "prompt_completion"):
                 from tenure.engine.tasks.generation_eval import GenerationEval
                 generate = GenerationEval(spec, data, tokenizer, model, split)
-            evaluators[name][split] = Evaluator(spec.kind, reducers[spec.kind], tags, generate)
+            evaluators[name][split] = Evaluator(kind, reducers[spec.kind], labels, generate)
     return evaluators

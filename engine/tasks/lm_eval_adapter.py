@@ -34,6 +34,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from tenure.engine.tasks.kinds import HARNESS_HEAD
 from tenure.models.errors import TenureError
 from tenure.models.generate import greedy_generate
 
@@ -109,7 +110,7 @@ def restore_run(path: str, config: str | None = None, dtype: str | None = None) 
         raise TenureError(f"{error} (relative paths in a run's saved config are read from the directory it "
                           "was trained in: run from there, or pass config=YAML)") from None
     sr.train_iter.close()
-    if trainer.tasks.head != "causal_lm":
+    if trainer.tasks.head != HARNESS_HEAD:
         raise TenureError(f"{path}: the run trained a {trainer.tasks.head} head; lm-eval scores causal LMs "
                           "(task kinds causal_lm, sft)")
     return sr.model, params, trainer.backbone.tokenizer, max_positions(trainer.backbone.arch)

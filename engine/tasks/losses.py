@@ -25,9 +25,9 @@ import jax.numpy as jnp
 
 from tenure.models.heads import Vocab
 from tenure.models.layers import vocab_logits
-from tenure.models.kinds import KINDS
 
-IGNORE = -100
+from tenure.engine.data.batch_spec import IGNORE
+
 LossFn = Callable[[Any, dict, dict, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -223,21 +223,6 @@ def info_nce(temperature: float = 0.05) -> LossFn:
     return fn
 
 
-def task_loss(task_kind: str, cfg: Any = None) -> LossFn:
-    """The loss of a task kind (`tenure.models.kinds`); `cfg` is the task's config (reads `temperature`)."""
-    if task_kind not in KINDS:
-        raise ValueError(f"unknown task kind {task_kind!r}")
-    name = KINDS[task_kind].loss
-    if name == "info_nce":
-        return info_nce(getattr(cfg, "temperature", 0.05))
-    return {"classification": classification_ce, "token": token_ce, "causal_lm": causal_lm, "mse": mse}[name]
-
-
-def task_losses(task_kind: str, cfg: Any = None) -> dict[str, LossFn]:
-    """{"task": fn}: the loss terms of a single-task run."""
-    return {"task": task_loss(task_kind, cfg)}
-
-
 def of_task(fn: LossFn, task_id: int, weight: float = 1.0) -> LossFn:
     """`fn` over the examples of one task in a mixed batch (`batch["task_id"]` [B]), times `weight`.
     A batch with no example of the task contributes 0."""
@@ -281,15 +266,12 @@ def one_mean(parts: dict[str, tuple[LossFn, int, float]], replayed: tuple[str, .
     return term
 
 
-KL_KINDS = {"seq_cls": "example", "pair_cls": "example", "token_cls": "token", "mlm": "token",
-            "causal_lm": "causal", "sft": "causal"}
-
-
-def kl_to_start(model: Any, kind: str, weight: float, task_ids: tuple[int, ...] | None = None) -> LossFn:
+def kl_to_start(model: Any, unit: str, weight: float, task_ids: tuple[int, ...] | None = None) -> LossFn:
     """weight x KL(p_start(.|x) || p_theta(.|x)) (LwF, Li & Hoiem 2016; the KL-to-base term of LLM
-    fine-tuning), averaged like the task loss: over the examples (seq_cls, pair_cls), or over the
-    labelled positions (token_cls, mlm; causal_lm / sft: the positions that predict a label), of
-    the batch's examples of `task_ids` (the stage's own tasks; None: every example).
+    fine-tuning), averaged like the task loss over `unit` (the kind's `kl_unit`): "example" (seq_cls,
+    pair_cls), "token" (the labelled positions: token_cls, mlm) or "causal" (the positions that
+    predict a label: causal_lm, sft), of the batch's examples of `task_ids` (the stage's own tasks;
+    None: every example).
 
     The starting model is `model` on the current params with the leaves of `extra["kl"]["anchor"]`
     (the trainable leaves' values at the start) put back, run in eval mode inside the same jitted
@@ -297,12 +279,10 @@ def kl_to_start(model: Any, kind: str, weight: float, task_ids: tuple[int, ...] 
     adapters and the head only) and no optimizer state for it. The model's own forward pass is the
     train step's (dropout on). Memory: both models' logits [B, L, V] exist at once in fp32 for a
     vocabulary (the task loss's chunking does not apply). aux {"kl": the unscaled KL}."""
-    if kind not in KL_KINDS:
-        raise ValueError(f"kl_to_start: no predictive distribution for kind {kind!r}")
-    unit, weight = KL_KINDS[kind], float(weight)
+    weight = float(weight)
 
     def fn(params, outputs, batch, extra):
-        from tenure.engine.continual.fisher import overlay   # tenure.engine.continual.fisher imports this module
+        from tenure.engine.continual.fisher import overlay   # fisher imports the kinds, which import this module
         anchor = extra["kl"]["anchor"]
         start = overlay(jax.lax.stop_gradient(params), anchor)
         start_logits = jax.lax.stop_gradient(model.apply({"params": start}, batch, deterministic=True)["logits"])

@@ -29,7 +29,7 @@ from tenure.engine.train.trainability import path_str, stage_of
 from tenure.engine.runtime.xla_env import compiler_options
 from tenure.models.errors import TenureError
 from tenure.models.hf import read_config, resolve_model_dir
-from tenure.models.kinds import KINDS
+from tenure.engine.tasks.kinds import KINDS
 
 
 class BenchConfig(BaseModel):
@@ -112,25 +112,13 @@ def synthetic_batches(bench: BenchConfig, kind: str, vocab_size: int, seed: int 
             elif name == "token_type_ids":
                 batch[name] = np.zeros(shape, dtype)
             elif name == "labels":
-                batch[name] = _labels(bench, kind, shape, dtype, ids, mask, rng)
+                batch[name] = KINDS[kind].synthetic_labels(shape, dtype, ids, mask, rng, bench.num_labels,
+                                                           bench.mlm_probability)
             else:
                 raise TenureError(f"bench.data=synthetic: task kind {kind!r} has field {name!r}, which synthetic "
                                   "batches do not make; use bench.data=real")
         out.append(batch)
     return out
-
-
-def _labels(bench: BenchConfig, kind: str, shape, dtype, ids, mask, rng) -> np.ndarray:
-    if dtype == np.float32:  # regression targets
-        return rng.normal(size=shape).astype(dtype)
-    if len(shape) == 1:  # a class per example
-        return rng.integers(0, bench.num_labels, shape).astype(dtype)
-    if KINDS[kind].head == "causal_lm":
-        return np.where(mask == 1, ids, IGNORE).astype(dtype)
-    if kind == "mlm":
-        chosen = (rng.random(shape) < bench.mlm_probability) & (mask == 1)
-        return np.where(chosen, ids, IGNORE).astype(dtype)
-    return np.where(mask == 1, rng.integers(0, bench.num_labels, shape), IGNORE).astype(dtype)  # token tags
 
 
 def real_batches(cfg: Config, bench: BenchConfig, tokenizer) -> tuple[list[dict], int | None]:
@@ -212,7 +200,7 @@ def model_flops(arch, params, trainability, kind: str, batch_size: int, length: 
     flops = {"dense": 2.0 * tokens * (n_all + n_above + n_trainable),
              "attention": float(attn * layers + 2 * attn * layers_above)}
     paths = [path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    if kind in ("causal_lm", "sft", "mlm") and not any("/lm_head/" in p for p in paths):
+    if KINDS[kind].vocab_head and not any("/lm_head/" in p for p in paths):
         embeddings_train = any(t for p, t in zip(paths, jax.tree.leaves(trainability.trainable_mask))
                                if stage_of(p) == 0)
         flops["lm_head"] = 2.0 * vocab * hidden * tokens * (2 + int(embeddings_train))

@@ -14,7 +14,7 @@ from tenure.engine.data.records import LabelVocab
 from tenure.models.errors import TenureError
 from tenure.models.gguf import export_gguf
 from tenure.models.hf import export_hf
-from tenure.models.kinds import head_of
+from tenure.engine.tasks.kinds import KINDS
 
 
 def restore(cfg: Config, path: str):
@@ -74,10 +74,10 @@ def export_params(trainer: Trainer, params, out: str, merge_lora: bool, force: b
     host_params = trainer.frozen_base.full_precision(to_host(params))
     tasks = trainer.tasks
     if distributed.is_primary() and fmt == "gguf":
-        export_gguf(out, trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
+        export_gguf(out, trainer.backbone.arch, host_params, KINDS[tasks.first.task.spec.kind].head,
                     trainer.backbone.model_dir, gguf_type, lora=trainer.lora)
     elif distributed.is_primary():
         labels = [str(label) for label in tasks.label_vocab.labels] if tasks.label_vocab else None
-        export_hf(pathlib.Path(out), trainer.backbone.arch, host_params, head_of(tasks.first.task.spec.kind),
+        export_hf(pathlib.Path(out), trainer.backbone.arch, host_params, KINDS[tasks.first.task.spec.kind].head,
                   trainer.backbone.tokenizer, lora=trainer.lora, merge=merge_lora, labels=labels,
                   overwrite=force)

@@ -28,7 +28,7 @@ from tenure.engine.data.batch_spec import batch_fields, field_shapes
 from tenure.engine.data.records import LabelVocab
 from tenure.engine.config.stages import Stage, Task, resolve
 from tenure.models.errors import TenureError
-from tenure.models.kinds import KINDS
+from tenure.engine.tasks.kinds import KINDS
 
 
 def shape_tasks(tasks: dict[str, Task], stages: list[Stage], num_labels: int) -> Tasks:

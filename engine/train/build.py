@@ -34,15 +34,14 @@ from tenure.engine.data.records import LabelVocab
 from tenure.engine.data.sources import select
 from tenure.engine.train.divergence import init_divergence_state
 from tenure.engine.train.frozen_base import FrozenBase
-from tenure.engine.tasks.losses import of_task, one_mean, task_loss
-from tenure.engine.tasks.metrics import check_eval_metric
+from tenure.engine.tasks.kinds import HARNESS_HEAD, KINDS, VOCAB_HEADS
+from tenure.engine.tasks.losses import of_task, one_mean
 from tenure.engine.train.optim import build_optimizer, build_schedule
 from tenure.engine.config.stages import Stage, Task, replayed_tasks
 from tenure.engine.train.step import TrainState, init_state, like_params_shardings, make_train_step
 from tenure.engine.train.trainability import Trainability, compile_trainability
 from tenure.models.errors import TenureError
 from tenure.models.hf import load_hf, resolve_model_dir
-from tenure.models.kinds import KINDS
 from tenure.models.positions import check_max_length
 from tenure.models.tasks import ENCODER_FAMILIES, build_task_model, graft_pretrained
 
@@ -123,37 +122,36 @@ class Tasks:
         return tuple(rows)
 
 
-# Kinds an evaluation-only task may have with a head of its own: heads without trained weights,
-# so scoring them on the run's backbone measures the backbone (e.g. what fine-tuning did to the
-# pretrained sentence embeddings).
-PROBE_KINDS = ("embedding",)
-
-
 def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained: list[str]) -> Tasks:
     heads = {KINDS[tasks[name].spec.kind].head for name in trained}
     if len(heads) > 1:
         raise TenureError(f"tasks: every trained task of a run must share one model head, got {sorted(heads)} "
                           f"(kinds {[tasks[name].spec.kind for name in trained]})")
     head = heads.pop()
-    lm_eval = [name for name, task in tasks.items() if task.spec.kind == "lm_eval"]
-    if lm_eval and (head != "causal_lm" or type(backbone.arch).__name__ in ENCODER_FAMILIES):
+    lm_eval = [name for name, task in tasks.items() if KINDS[task.spec.kind].harness]
+    if lm_eval and (head != HARNESS_HEAD or type(backbone.arch).__name__ in ENCODER_FAMILIES):
         raise TenureError(f"tasks.{lm_eval[0]}: an lm_eval probe scores the run's causal LM; this run trains a "
                           f"{head} head on {type(backbone.arch).__name__} (lm_eval needs causal_lm / sft on a decoder)")
     tasks = {name: lm_eval_metric(task) if name in lm_eval else task for name, task in tasks.items()}
     probes = {name for name, task in tasks.items() if KINDS[task.spec.kind].head != head}
+    # an evaluation-only task with a head of its own must be of a kind whose head has no trained
+    # weights, so scoring it on the run's backbone measures the backbone (e.g. what fine-tuning did
+    # to the pretrained sentence embeddings)
     for name in sorted(probes):
-        if tasks[name].spec.kind not in PROBE_KINDS:
+        if not KINDS[tasks[name].spec.kind].probe_head:
+            probe_kinds = ", ".join(kind.name for kind in KINDS.values() if kind.probe_head)
             raise TenureError(f"tasks.{name}: an evaluation-only task with a head other than the trained "
                               f"{head!r} must be of a kind whose head has no trained weights "
-                              f"({', '.join(PROBE_KINDS)}); a {tasks[name].spec.kind} head would be scored untrained")
+                              f"({probe_kinds}); a {tasks[name].spec.kind} head would be scored untrained")
     multi = len(tasks) > 1
     for name, task in tasks.items():  # before any data is read: choices that cannot work
         if name in lm_eval:
             continue
         where = f"tasks.{name}: " if multi else ""
-        generation = (task.spec.kind == "sft" and task.spec.generation_examples > 0
+        kind = KINDS[task.spec.kind]
+        generation = (kind.generation and task.spec.generation_examples > 0
                       and (task.data.format or "prompt_completion") == "prompt_completion")
-        problem = check_eval_metric(task.spec.kind, task.metric, task.mode, generation=generation)
+        problem = kind.check_metric(task.metric, task.mode, generation=generation)
         if problem:
             raise TenureError(where + problem)
         warning = check_max_length(backbone.arch, task.data.max_length)
@@ -226,20 +224,17 @@ def lora_spec(trainable):
 
 
 def _pooling(spec, arch) -> str:
-    if spec.pooling:
-        return spec.pooling
-    if spec.kind == "embedding":
-        return "mean"
-    return "cls" if type(arch).__name__ in ENCODER_FAMILIES else "last"
+    """The task's pooling, else its kind's, else the backbone's ([CLS] for encoders, the last token)."""
+    return (spec.pooling or KINDS[spec.kind].pooling
+            or ("cls" if type(arch).__name__ in ENCODER_FAMILIES else "last"))
 
 
 def model_for(cfg: Config, arch, spec, num_labels: int | None, lora, *, frozen_prefix: int = 0,
               label_masks: tuple | None = None):
     """The task model of task config `spec` (kind, pooling, ...) on architecture `arch`."""
-    head = KINDS[spec.kind].head
-    num_labels = num_labels or (1 if head == "regression" else 2)
+    kind = KINDS[spec.kind]
     return build_task_model(
-        arch, head, num_labels=num_labels, pooling=_pooling(spec, arch), lora=lora,
+        arch, kind.head, num_labels=num_labels or kind.default_labels, pooling=_pooling(spec, arch), lora=lora,
         dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, frozen_prefix=frozen_prefix,
         normalize_embeddings=spec.normalize, label_masks=label_masks, attention=cfg.model.attention,
         scan_layers=cfg.model.scan_layers)
@@ -259,10 +254,10 @@ def eval_models(cfg: Config, backbone: Backbone, tasks: Tasks, model, lora) -> d
             for name, run_task in tasks.by_name.items()}
 
 
-def kept_head(head_kind: str, pretrained_head, keep_all: bool = False):
-    """The pretrained head leaves a fresh task model keeps: LM heads (MLM, untied causal LM) and
-    BERT's pooler; all of them with `keep_all` (an exported model's own task head)."""
-    if keep_all or head_kind in ("mlm", "causal_lm"):
+def kept_head(head: str, pretrained_head, keep_all: bool = False):
+    """The pretrained head leaves a fresh task model with model head `head` keeps: LM heads (MLM,
+    untied causal LM) and BERT's pooler; all of them with `keep_all` (an exported model's own task head)."""
+    if keep_all or head in VOCAB_HEADS:
         return pretrained_head
     return {"pooler": pretrained_head["pooler"]} if pretrained_head and "pooler" in pretrained_head else None
 
@@ -382,22 +377,22 @@ def stage_losses(tasks: Tasks, stage: Stage) -> dict:
     replayed tasks)."""
     if not tasks.multi:
         run_task = tasks.first
-        return {"task": task_loss(run_task.task.spec.kind, run_task.task.spec)}
+        return {"task": KINDS[run_task.task.spec.kind].loss(run_task.task.spec)}
     replayed = replayed_tasks(stage)
     if replayed and stage.replay.loss == "mean":
-        parts = {name: (task_loss(tasks.by_name[name].task.spec.kind, tasks.by_name[name].task.spec),
+        parts = {name: (KINDS[tasks.by_name[name].task.spec.kind].loss(tasks.by_name[name].task.spec),
                         tasks.by_name[name].index, stage.weights.get(name, 1.0))
                  for name in [*stage.weights, *replayed]}
         return {"task": one_mean(parts, tuple(replayed))}
     losses = {}
     for name, weight in stage.weights.items():
         spec = tasks.by_name[name].task.spec
-        losses[f"task/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index, weight)
+        losses[f"task/{name}"] = of_task(KINDS[spec.kind].loss(spec), tasks.by_name[name].index, weight)
     for name in replayed:
         # One replay term over all earlier tasks (their mean), however many there are: a term of
         # weight replay.weight each would give the old tasks k times the new task's pull.
         spec = tasks.by_name[name].task.spec
-        losses[f"replay/{name}"] = of_task(task_loss(spec.kind, spec), tasks.by_name[name].index,
+        losses[f"replay/{name}"] = of_task(KINDS[spec.kind].loss(spec), tasks.by_name[name].index,
                                            stage.replay.weight / len(replayed))
     return losses
 

@@ -47,7 +47,7 @@ from tenure.engine.train.runner import StageRunner
 from tenure.engine.train.trainability import compile_trainability
 from tenure.models.errors import TenureError
 from tenure.models.hf import export_hf
-from tenure.models.kinds import head_of
+from tenure.engine.tasks.kinds import KINDS
 
 
 def _table(metric_names, columns: dict[str, dict[str, float]]) -> str:
@@ -273,7 +273,7 @@ class Trainer:
         host_params = self.frozen_base.full_precision(to_host(params))  # collective: every process takes part
         labels = [str(label) for label in self.tasks.label_vocab.labels] if self.tasks.label_vocab else None
         if distributed.is_primary():
-            export_hf(export_dir, self.backbone.arch, host_params, head_of(self.tasks.first.task.spec.kind),
+            export_hf(export_dir, self.backbone.arch, host_params, KINDS[self.tasks.first.task.spec.kind].head,
                       self.backbone.tokenizer, lora=self.lora, merge=True, labels=labels)
         runner.tb.close()
         history = runner.history.to_dict()
