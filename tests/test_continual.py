@@ -95,6 +95,13 @@ def test_staged_run_fills_the_accuracy_matrix(naive_run):
     assert set(rec["curves"][2]["scores"]) == {"A", "B"}
     # The stage-1 end row equals the last eval of stage 1 on A? No: R uses test, curves validation.
     assert "accuracy matrix R" in result.stdout and "after B" in result.stdout
+    # Stability gap (De Lange et al. 2023): A's last eval before stage B (step 6) minus its worst in B
+    a_at = {c["step"]: c["scores"]["A"] for c in rec["curves"]}
+    (gap,) = rec["stability_gap"]
+    assert gap["stage"] == 1 and gap["worst_within_stage"] == {"A": min(a_at[9], a_at[12])}
+    assert gap["gap_within_stage"]["A"] == pytest.approx(a_at[6] - min(a_at[9], a_at[12]))
+    assert gap["min_acc"] == pytest.approx(min(a_at[9], a_at[12]))
+    assert "stability gap in B: A " in result.stdout
     png = (run_dir / "forgetting.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     csv_rows = (run_dir / "forgetting.csv").read_text().splitlines()
@@ -334,7 +341,9 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     sequential fine-tuning loses task A (its classes are never predicted again), replaying
     1 old example in 4 keeps most of it, and EWC's gain over naive is a fraction of replay's
     (van de Ven & Tolias 2019: in class-IL regularisation does not keep old classes)."""
-    common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64"]
+    # R and the curves on test, as the forgetting studies do: no validation pass to pay for
+    common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64", "tasks.A.data.validation=null",
+              "tasks.B.data.validation=null"]
     # Stage A once; the three methods branch from it (they differ from stage B on).
     tenure("train", CONFIG, f"run_dir={tmp_path / 'A'}", "stages=" + json.dumps([{"tasks": ["A"], "steps": 40}]),
            *common, timeout=1500, real_model=True)

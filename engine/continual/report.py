@@ -7,7 +7,9 @@ task: its metric over the run's steps, with the stage boundaries marked.
   (the split each R column is scored on), start_row [T], R [S][T],
   summary (tenure.engine.continual.forgetting_metrics.summarize of R when it is square, with each task's
   direction: forgetting > 0 means worse, for perplexity too), curves
-  [{step, stage, scores {task: value}}], stage_ends [global step per stage].
+  [{step, stage, scores {task: value}}], stage_ends [global step per stage],
+  stability_gap (from stage 2 on: forgetting_metrics.stability_gap of the curves, which score
+  validation where a task has it; NaN written as null).
 """
 from __future__ import annotations
 
@@ -20,12 +22,19 @@ import pathlib
 import numpy as np
 
 from tenure.engine.runtime import atomic
-from tenure.engine.continual.forgetting_metrics import summarize
+from tenure.engine.continual.forgetting_metrics import stability_gap, summarize
 
 
-def forgetting_record(task_names, stage_names, metrics, directions, history, splits=None) -> dict:
-    """The JSON record from the run history (start row, R rows, curves, stage ends); `splits`
-    names the split of each task's R column."""
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def forgetting_record(task_names, stage_names, metrics, directions, history, splits=None,
+                      stage_tasks=None) -> dict:
+    """The JSON record from the run history (start row, R rows, curves, stage ends, the stability
+    gap); `splits` names the split of each task's R column, `stage_tasks` the tasks each stage trains."""
     R = [[row[t] for t in task_names] for row in history.get("R", [])]
     start = [history["start_row"][t] for t in task_names] if "start_row" in history else None
     record = {"tasks": list(task_names), "stages": list(stage_names), "metric": dict(metrics),
@@ -34,6 +43,9 @@ def forgetting_record(task_names, stage_names, metrics, directions, history, spl
     if R and len(R) == len(task_names):
         record["summary"] = summarize(np.asarray(R), start_row=start,
                                       directions=[directions.get(t, "max") for t in task_names]).as_dict()
+    if stage_tasks and len(stage_tasks) > 1:
+        record["stability_gap"] = [_finite_or_none(s) for s in
+                                   stability_gap(record["curves"], stage_tasks, dict(directions))]
     return record
 
 
@@ -61,6 +73,11 @@ def r_table(record: dict) -> str:
                          against=summary.get("fwt_against", "vs untrained head"),
                          **{k: (float("nan") if v is None else v) for k, v in summary.items()
                             if not isinstance(v, (list, str))}))
+    for stage in record.get("stability_gap", []):
+        dips = ", ".join(f"{t} {gap:+.4f} (worst {stage['worst_within_stage'][t]:.4f})"
+                         for t, gap in stage["gap_within_stage"].items())
+        lines.append(f"stability gap in {record['stages'][stage['stage']]}: {dips or '-'}  "
+                     f"min-ACC {_cell(stage['min_acc'])}  WC-ACC {_cell(stage['wc_acc'])}")
     return "\n".join(lines)
 
 

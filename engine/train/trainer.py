@@ -281,7 +281,8 @@ class Trainer:
         record = forgetting_record(list(by_name), [s.name for s in self.stages],
                                    {n: t.task.metric for n, t in by_name.items()},
                                    {n: t.task.mode for n, t in by_name.items()}, history,
-                                   {n: r_split(t.task) for n, t in by_name.items()})
+                                   {n: r_split(t.task) for n, t in by_name.items()},
+                                   [list(s.weights) for s in self.stages])
         summary = _summary(history, record, final_step, os.path.relpath(runner.ckpt.directory,
                                                                         self.run_dir.absolute()))
         if distributed.is_primary():
