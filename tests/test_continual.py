@@ -548,3 +548,20 @@ def test_baseline_cache_shares_the_starting_scores_between_runs(naive_run, data,
     assert baseline_cache.key(cfg, "w") == same != baseline_cache.key(cfg, "v")
     assert baseline_cache.key(load_config(CONFIG, staged_args(run_dir, data, 2, 6, "tasks.A.data.eval_batch_size=16")),
                               "w") != same
+
+
+@pytest.mark.slow
+def test_kl_to_start_is_measured_on_the_eval_cadence(data, tmp_path):
+    """eval.kl_to_start: every eval after the start carries each trained task's KL to the starting
+    model on its own validation inputs; at lr 1e-12 the weights barely move and it is 0 to float
+    precision, at the run's lr it is clearly above 0, and forgetting.json keeps its value at each stage's last eval."""
+    moved, still = tmp_path / "moved", tmp_path / "still"
+    train(moved, data, "eval.kl_to_start=true")
+    train(still, data, "eval.kl_to_start=true", "optim.lr=1e-12")
+    for run_dir in (moved, still):
+        rec = record(run_dir)
+        assert [sorted(c.get("kl_start", {})) for c in rec["curves"]] == [[], ["A"], ["A"], ["B"], ["B"]]
+        assert rec["kl_to_start"] == [rec["curves"][2]["kl_start"], rec["curves"][4]["kl_start"]]
+    kl = [v for c in record(moved)["curves"][1:] for v in c["kl_start"].values()]
+    assert all(abs(v) < 1e-6 for c in record(still)["curves"][1:] for v in c["kl_start"].values())
+    assert all(v > 1e-3 for v in kl), kl   # (not monotone: here A's 0.060 at step 3, 0.0028 at step 6)

@@ -122,6 +122,10 @@ class EvalConfig(Section):
         None, description="a dir where runs share the starting model's scores (R's start row), keyed by the "
                           "starting weights' digest and the model, task and eval settings (a study's runs of one "
                           "pretrained LLM compute it once); null = every run computes its own")
+    kl_to_start: bool = Field(
+        False, description="also measure, at every eval, KL(start || now) on each trained task's own validation (else "
+                           "test) inputs, averaged like its loss (curves' kl_start, forgetting.json kl_to_start, "
+                           "TensorBoard kl_start/<task>); costs a second forward pass over those batches")
 
 
 class WandbConfig(Section):

@@ -266,6 +266,23 @@ def one_mean(parts: dict[str, tuple[LossFn, int, float]], replayed: tuple[str, .
     return term
 
 
+def kl_and_weights(start_logits, logits, batch: dict, unit: str, mask_B):
+    """KL(p_start || p) per example [B] or position [B, L], and the weight of each in the mean over
+    `unit` (module `kl_to_start`) of the examples `mask_B` keeps."""
+    at_least_f32 = lambda z: z.astype(jnp.promote_types(z.dtype, jnp.float32))  # noqa: E731
+    logp_start = jax.nn.log_softmax(at_least_f32(start_logits), axis=-1)
+    logp = jax.nn.log_softmax(at_least_f32(logits), axis=-1)
+    kl = jnp.sum(jnp.exp(logp_start) * (logp_start - logp), axis=-1)       # [B] or [B, L]
+    if unit == "example":
+        return kl, mask_B
+    if unit == "token":
+        return kl, (batch["labels"] != IGNORE).astype(jnp.float32) * mask_B[:, None]
+    # causal: position t predicts labels[t + 1]; the last position predicts nothing
+    predicts = jnp.concatenate([batch["labels"][:, 1:] != IGNORE, jnp.zeros_like(batch["labels"][:, :1], bool)],
+                               axis=1)
+    return kl, predicts.astype(jnp.float32) * mask_B[:, None]
+
+
 def kl_to_start(model: Any, unit: str, weight: float, task_ids: tuple[int, ...] | None = None) -> LossFn:
     """weight x KL(p_start(.|x) || p_theta(.|x)) (LwF, Li & Hoiem 2016; the KL-to-base term of LLM
     fine-tuning), averaged like the task loss over `unit` (the kind's `kl_unit`): "example" (seq_cls,
@@ -287,21 +304,10 @@ def kl_to_start(model: Any, unit: str, weight: float, task_ids: tuple[int, ...] 
         start = overlay(jax.lax.stop_gradient(params), anchor)
         start_logits = jax.lax.stop_gradient(model.apply({"params": start}, batch, deterministic=True)["logits"])
         logits = outputs["logits"] if "logits" in outputs else vocab_logits(*outputs["vocab"])
-        at_least_f32 = lambda z: z.astype(jnp.promote_types(z.dtype, jnp.float32))
-        logp_start = jax.nn.log_softmax(at_least_f32(start_logits), axis=-1)
-        logp = jax.nn.log_softmax(at_least_f32(logits), axis=-1)
-        kl = jnp.sum(jnp.exp(logp_start) * (logp_start - logp), axis=-1)       # [B] or [B, L]
         mask_B = batch["example_mask"].astype(jnp.float32)
         if task_ids is not None:
             mask_B = mask_B * jnp.isin(batch["task_id"], jnp.asarray(task_ids)).astype(jnp.float32)
-        if unit == "example":
-            weights = mask_B
-        elif unit == "token":
-            weights = (batch["labels"] != IGNORE).astype(jnp.float32) * mask_B[:, None]
-        else:   # position t predicts labels[t + 1]; the last position predicts nothing
-            predicts = jnp.concatenate([batch["labels"][:, 1:] != IGNORE,
-                                        jnp.zeros_like(batch["labels"][:, :1], bool)], axis=1)
-            weights = predicts.astype(jnp.float32) * mask_B[:, None]
+        kl, weights = kl_and_weights(start_logits, logits, batch, unit, mask_B)
         value = _masked_mean(kl, weights)
         return weight * value, {"kl": value}
 

@@ -56,6 +56,7 @@ class StageContext:
     history: RunHistory
     tb: object               # runtime/loggers.py's run loggers
     single: bool             # a single-task run: selects on eval.metric, not the stage's score
+    kl_start: object = None  # tasks/kl_start.py KLToStart (eval.kl_to_start), else None
 
     def validation(self, params, only=None) -> dict:
         return evaluate_all(self.tasks, self.evaluators, params, ("validation",), self.mesh, only=only)
@@ -180,7 +181,9 @@ class Evaluation:
     def __call__(self, step: int, state) -> bool:
         ctx = self.ctx
         scores = ctx.validation(state.params)
+        kl = ctx.kl_start(state.params) if ctx.kl_start is not None else {}
         self.last = (step, state.params, dict(scores))
+        scores.update({f"kl_start/{task}": value for task, value in kl.items()})
         if not ctx.single:  # the stage's own score: mean of its tasks' validation metrics
             own = [v for v in ctx.validation_row(scores, ctx.sr.stage.weights).values() if v is not None]
             if own:
@@ -214,7 +217,10 @@ class Evaluation:
             print_primary(f"step {at['step']}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items()))
                           + ("  (best so far)" if improved else ""))
             ctx.history.evals.append({"step": step, "stage": at["stage"], **scores})
-            ctx.history.curves.append({**at, "scores": ctx.validation_row(scores, ctx.tasks.by_name)})
+            ctx.history.curves.append({**at, "scores": ctx.validation_row(scores, ctx.tasks.by_name)}
+                                      | ({"kl_start": {k.split("/", 1)[1]: v for k, v in scores.items()
+                                                       if k.startswith("kl_start/")}}
+                                         if ctx.kl_start is not None else {}))
         if warning:
             print_primary(f"warning: step {at['step']}: {warning}")
             ctx.history.overfit_warnings.append(dict(at))

@@ -36,7 +36,7 @@ class StageRunner:
         trainer = self.trainer
         return StageContext(sr=sr, offset=trainer.offsets[sr.stage.index], tasks=trainer.tasks,
                             mesh=trainer.backbone.mesh, evaluators=trainer.evaluators(sr), history=self.history,
-                            tb=self.tb, single=trainer.single)
+                            tb=self.tb, single=trainer.single, kl_start=trainer.kl_start(sr))
 
     def saver(self, sr: StageRun) -> CheckpointSaver:
         return CheckpointSaver(self.context(sr), self.ckpt, self.trainer.frozen_base, self.run_extras,

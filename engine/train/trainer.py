@@ -39,6 +39,7 @@ from tenure.engine.runtime.resume_check import compare_for_resume, drift_message
 from tenure.engine.runtime.runlock import RunLock, is_inside, set_aside_run
 from tenure.engine.runtime.signals import StopSignals
 from tenure.engine.tasks.evaluate import make_evaluators
+from tenure.engine.tasks.kl_start import KLToStart
 from tenure.engine.train.build import (Backbone, StageRun, Tasks, build_backbone, build_stage, build_tasks, eval_models,
                                        lora_spec, start_params)
 from tenure.engine.train.history import RunHistory
@@ -83,7 +84,7 @@ class Trainer:
         self.keeps_best = self.single or (len(self.stages) == 1 and self.stages[0].guard is None
                                           and cfg.checkpoint.keep_best)
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
-        self._stage_evaluators: dict[int, tuple] = {}  # stage index -> (its StageRun, its evaluators)
+        self._stage_evaluators: dict[int, tuple] = {}  # stage index -> (its StageRun, evaluators, KL measure)
 
     def labels_json(self):
         return self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
@@ -147,14 +148,26 @@ class Trainer:
     def _models(self, model) -> dict:
         return eval_models(self.cfg, self.backbone, self.tasks, model, self.lora)
 
-    def evaluators(self, sr: StageRun):
-        """The stage's evaluators, built once per stage run (each jitted eval step compiles once)."""
+    def _stage_measures(self, sr: StageRun) -> tuple:
+        """(its StageRun, evaluators, KL-to-start measure or None), built once per stage run (each
+        jitted step compiles once)."""
         built = self._stage_evaluators.get(sr.stage.index)
         if built is None or built[0] is not sr:
-            built = (sr, make_evaluators(self.tasks, self._models(sr.model), self.backbone.mesh,
-                                         sr.state_shardings.params, self.backbone.tokenizer))
+            models = self._models(sr.model)
+            kl = (KLToStart(self.tasks, list(sr.stage.weights), models, self.start_params, self.backbone.mesh,
+                            sr.state_shardings.params) if self.cfg.eval.kl_to_start else None)
+            built = (sr, make_evaluators(self.tasks, models, self.backbone.mesh, sr.state_shardings.params,
+                                         self.backbone.tokenizer), kl)
             self._stage_evaluators[sr.stage.index] = built
-        return built[1]
+        return built
+
+    def evaluators(self, sr: StageRun):
+        """The stage's evaluators, built once per stage run."""
+        return self._stage_measures(sr)[1]
+
+    def kl_start(self, sr: StageRun):
+        """The stage's KL-to-start measure (`eval.kl_to_start`), else None."""
+        return self._stage_measures(sr)[2]
 
     def ranking(self) -> dict:
         """How checkpoints rank for keep_best: the task's metric, or a staged run's stage score."""
