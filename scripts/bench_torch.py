@@ -7,7 +7,9 @@ Run in the torch environment (`make torch-env`), by `tenure bench`, as a subproc
 SPEC.json: model_dir, init ("pretrained" | "random"), kind ("seq_cls" | "regression" |
 "causal_lm" | "mlm"), num_labels, batches (an .npz of batch_0_input_ids, ...), dtype ("float32" |
 "bfloat16": torch.autocast on CPU, fp32 master weights), dropout (null = the config's),
-lr, betas, eps, weight_decay, clip_norm (null = off), total_steps, warmup, seed.
+lr, betas, eps, weight_decay, clip_norm (null = off), total_steps, warmup, seed, lora (null, or
+{rank, alpha, targets, dropout}: PEFT's LoRA on those modules, the base frozen). A model_dir that
+is a .gguf file is loaded by transformers from the GGUF (dequantised, as tenure does).
 
 The loop is the one a user writes: forward with labels (HF computes the loss), backward,
 clip_grad_norm_, AdamW step (no weight decay on biases and norm weights, as tenure),
@@ -32,7 +34,14 @@ DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classi
 
 
 def build_model(spec):
-    config = transformers.AutoConfig.from_pretrained(spec["model_dir"])
+    if spec["model_dir"].endswith(".gguf"):   # transformers reads the GGUF itself (needs the gguf package)
+        directory, name = spec["model_dir"].rsplit("/", 1)
+        spec = dict(spec, model_dir=directory)
+        config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+        load = {"gguf_file": name}
+    else:
+        config = transformers.AutoConfig.from_pretrained(spec["model_dir"])
+        load = {}
     if spec["dropout"] is not None:
         for name in DROPOUT_FIELDS:
             if hasattr(config, name):
@@ -47,9 +56,17 @@ def build_model(spec):
         if spec["kind"] == "regression":
             config.problem_type = "regression"
     if spec["init"] == "pretrained":
-        return auto.from_pretrained(spec["model_dir"], config=config)
-    torch.manual_seed(spec["seed"])
-    return auto.from_config(config)
+        model = auto.from_pretrained(spec["model_dir"], config=config, **load)
+    else:
+        torch.manual_seed(spec["seed"])
+        model = auto.from_config(config)
+    if spec.get("lora"):
+        import peft
+        lora = spec["lora"]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"],
+                                                           target_modules=lora["targets"],
+                                                           lora_dropout=lora["dropout"]))
+    return model
 
 
 def no_decay(name: str) -> bool:

@@ -159,8 +159,9 @@ def torch_spec(b, tmp: str) -> Path:
     """Writes the PyTorch loop's spec (and the batches it reads) for scripts/bench_torch.py."""
     from tenure.engine.train.optim import warmup_steps
     cfg = b.cfg
-    if cfg.trainable.mode != "full" or cfg.trainable.llrd is not None:
-        raise TenureError("--compare torch times full fine-tuning only (trainable.mode=full, no llrd)")
+    if cfg.trainable.mode not in ("full", "lora") or cfg.trainable.llrd is not None:
+        raise TenureError("--compare torch times full fine-tuning and LoRA (PEFT) only (trainable.mode=full "
+                          "or lora, no llrd)")
     if cfg.optim.name != "adamw" or cfg.optim.grad_accum_steps != 1 or cfg.model.remat != "none":
         raise TenureError("--compare torch needs optim.name=adamw, grad_accum_steps=1, model.remat=none")
     npz = Path(tmp) / "batches.npz"
@@ -171,7 +172,10 @@ def torch_spec(b, tmp: str) -> Path:
             "dropout": cfg.model.dropout, "lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
             "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay, "clip_norm": cfg.optim.clip_norm,
             "total_steps": total, "warmup_steps": warmup_steps(cfg.optim, total),
-            "warmup": b.bench.warmup, "seed": cfg.train.seed}
+            "warmup": b.bench.warmup, "seed": cfg.train.seed,
+            "lora": ({"rank": cfg.trainable.lora.rank, "alpha": cfg.trainable.lora.alpha,
+                      "targets": list(cfg.trainable.lora.targets), "dropout": cfg.trainable.lora.dropout}
+                     if cfg.trainable.mode == "lora" else None)}
     path = Path(tmp) / "spec.json"
     path.write_text(json.dumps(spec))
     return path
