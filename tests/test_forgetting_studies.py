@@ -102,13 +102,14 @@ def test_minilm_task_incremental_ewc_forgets_less_than_naive(tmp_path, short_tes
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three MiniLM runs
-def test_minilm_head_and_lora_keep_the_pretrained_embeddings_better_than_full(tmp_path):
+@pytest.mark.timeout(1800)  # two MiniLM runs
+def test_minilm_lora_keeps_the_pretrained_embeddings_better_than_full(tmp_path):
     """Study 2, seed 0, 40 steps: full fine-tuning on lexnames costs the sentence embeddings'
-    retrieval quality; head-only leaves them exactly as they were, LoRA costs less."""
+    retrieval quality; LoRA costs less. (Head-only leaving them exactly as they were is the frozen
+    backbone's property: tests/test_trainability.py; a third MiniLM run here cost ~80 s.)"""
     study = load_study(EMBEDDINGS)
     change = {}
-    for method in ("naive", "head", "lora"):
+    for method in ("naive", "lora"):
         rec = _train(tmp_path / method, [*study.methods[method], "stages.0.steps=40", "train.eval_every=40"],
                      config="pretrained_embeddings.yaml")
         start, end = rec["start_row"], rec["R"][-1]
@@ -116,7 +117,6 @@ def test_minilm_head_and_lora_keep_the_pretrained_embeddings_better_than_full(tm
         assert end[0] > start[0] + (0.2 if method == "naive" else 0.0), method  # and every method learns
         change[method] = end[1] - start[1]
     assert change["naive"] < -0.05, change
-    assert change["head"] == 0.0, change
     assert change["lora"] > change["naive"], change    # LoRA costs the embeddings less
 
 
