@@ -3,12 +3,14 @@
 A kind is one frozen object; the rest of the engine asks it instead of comparing kind names:
   records    `formats` (the first is the default), `labelled` (labels form a vocabulary),
              `numeric_labels` (a float target), `token_labels` (a label per token, else per
-             example), `synthetic_labels` (a benchmark batch's), `features` (records -> contract arrays, through the
-             Featurizer's per-format methods), `random_features` (features drawn from an rng)
+             example), `synthetic_labels` (a benchmark batch's), `features` (records -> contract
+             arrays, through the Featurizer's per-format methods), `random_features` (features
+             drawn from an rng), `check_tokenizer`
   model      `head` (the model head it trains), `pooling` (its default, None: the backbone's),
              `vocab_head` (an LM head over the vocabulary), `classifies` (one class of the label
              vocabulary per example: the logits label masks restrict), `probe_head` (may be scored
-             evaluation-only with a head of its own that has no trained weights), `pack`
+             evaluation-only with a head of its own that has no trained weights), `pack` (how
+             data.pack packs it: "stream", "batch", None), `default_labels`
   training   `loss(cfg)`, `kl_unit` (what the KL to the starting model averages over; None: no
              predictive distribution)
   evaluation `reduce` (jitted: a batch -> small per-example arrays), `scores` (host metrics from
