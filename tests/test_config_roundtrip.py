@@ -10,7 +10,7 @@ import pytest
 
 from tenure.engine.config.schema import given, load_config, saved_config, to_dict, validate
 from tenure.engine.config.plan import plan
-from tenure.engine.continual.stage_regularizers import ewc_on, kl_on, l2sp_on
+from tenure.engine.config.stages import ewc_on, kl_on, l2sp_on
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,3 +64,20 @@ def test_a_checkpoint_without_config_given_reads_its_full_dict_without_the_defau
     assert to_dict(old) == to_dict(cfg)
     assert switches(old) == switches(cfg)
     assert plan(old).computed == plan(cfg).computed
+
+
+def test_a_config_is_resolved_once_and_cannot_change_after(monkeypatch):
+    """Validation plans the config; preflight, Trainer and assembly read that plan. A frozen
+    config keeps its plan true; a copy with other values is planned again."""
+    import tenure.engine.config.plan as plan_module
+    resolved = []
+    real = plan_module.resolve
+    monkeypatch.setattr(plan_module, "resolve", lambda cfg: resolved.append(cfg) or real(cfg))
+    cfg = load_config(ROOT / "configs/continual/split_lexnames.yaml", ["ewc.lambda=1000"])
+    first = plan(cfg)
+    assert plan(cfg) is first and len(resolved) == 1
+    with pytest.raises(Exception, match="frozen"):
+        cfg.model.path = "another"
+    copy = cfg.model_copy(update={"run_dir": "elsewhere"})
+    assert plan(copy) is not first and len(resolved) == 2
+    assert [s.ewc.lam for s in plan(copy).stages] == [s.ewc.lam for s in first.stages]

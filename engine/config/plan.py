@@ -1,14 +1,15 @@
 """A run's plan: the config resolved once (engine/config/stages.py) into its tasks, its stages
-and what each stage computes; `tenure train` hands it to the preflight, the Trainer and the
-branch check instead of resolving the config again in each."""
+and what each stage computes. Validation resolves it and it is kept while the config lives: configs
+are frozen, so a plan never goes stale, and every later `plan(cfg)` (preflight, Trainer, assembly,
+branch check) reads it instead of resolving again. A copy (`model_copy`) is another config."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from tenure.engine.config.stages import Stage, Task, replayed_tasks, resolve
-from tenure.engine.continual.stage_regularizers import ewc_on, fisher_tasks, kl_on, l2sp_on
+from tenure.engine.config.stages import Stage, Task, ewc_on, fisher_tasks, kl_on, l2sp_on, replayed_tasks, resolve
 from tenure.models.errors import TenureError
 
 
@@ -24,7 +25,18 @@ class RunPlan:
         return list(dict.fromkeys(t for s in self.stages for t in s.weights))
 
 
+_PLANS: dict[int, RunPlan] = {}  # id(config) -> its plan, dropped when the config is
+
+
 def plan(cfg) -> RunPlan:
+    key = id(cfg)
+    if key not in _PLANS:
+        _PLANS[key] = _resolved(cfg)
+        weakref.finalize(cfg, _PLANS.pop, key, None)
+    return _PLANS[key]
+
+
+def _resolved(cfg) -> RunPlan:
     tasks, stages = resolve(cfg)
     if len({s.trainable.mode == "lora" for s in stages}) > 1:
         raise TenureError("stages: LoRA changes the parameter tree, so either every stage or none uses "

@@ -23,7 +23,8 @@ from tenure.engine.train.divergence import DivergenceConfig
 from tenure.models.errors import TenureError
 from tenure.engine.train.optim import OptimConfig
 from tenure.engine.runtime.sharding import MeshConfig
-from tenure.engine.config.stages import EWCConfig, KLConfig, L2SPConfig, ReplayConfig, StageConfig, resolve
+from tenure.engine.config.plan import plan
+from tenure.engine.config.stages import EWCConfig, KLConfig, L2SPConfig, ReplayConfig, StageConfig
 from tenure.engine.train.trainability import TrainableConfig
 from tenure.engine.tasks.kinds import KINDS
 
@@ -31,7 +32,7 @@ TaskKind = Literal[tuple(KINDS)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(Section):
@@ -301,7 +302,7 @@ def validate(tree: dict, source: str = "config") -> Config:
         raise one_line(exc, source, _describe) from None
     _reject_non_finite(cfg, "", source)
     try:
-        resolve(cfg)  # the sections that only make sense together (tasks, stages, their names)
+        plan(cfg)  # the sections that only make sense together (tasks, stages, their names), resolved once
     except TenureError as exc:
         raise TenureError(f"{source}: {exc}") from None
     return cfg

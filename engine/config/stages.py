@@ -23,7 +23,7 @@ SINGLE_TASK = "task"  # the task name of a config without `tasks:`
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class EWCConfig(_Section):
@@ -132,6 +132,27 @@ class Stage:
     guard: GuardConfig | None
     earlier: tuple[str, ...]    # tasks trained in stages before this one, in order
     kl: KLConfig = dataclasses.field(default_factory=KLConfig)
+
+
+# A regulariser is on when its strength is above 0 or set explicitly (`ewc.lambda=0` runs the
+# whole machinery with a zero penalty: the null-equivalence tests rely on that).
+def ewc_on(stage: Stage) -> bool:
+    return stage.ewc.lam > 0 or "lam" in stage.ewc.model_fields_set
+
+
+def kl_on(stage: Stage) -> bool:
+    return stage.kl.weight > 0 or "weight" in stage.kl.model_fields_set
+
+
+def l2sp_on(stage: Stage) -> bool:
+    return stage.l2sp.alpha > 0 or "alpha" in stage.l2sp.model_fields_set
+
+
+def fisher_tasks(stages: list[Stage], index: int) -> list[str]:
+    stage = stages[index]
+    if stage.ewc.tasks is not None:
+        return list(stage.ewc.tasks)
+    return list(stages[index - 1].weights) if index > 0 else []
 
 
 def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:

@@ -15,8 +15,7 @@
   l2sp  {"anchor": theta0}: the pretrained (or stage-start) weights of the trainable backbone
         (LoRA: the adapters, and the penalty is on the merged weight's change, engine/continual/regularizers.py).
 
-A regulariser is on when its strength is above 0 or set explicitly (`ewc.lambda=0` runs the
-whole machinery with a zero penalty: the null-equivalence tests rely on that).
+Which are on: `ewc_on` / `kl_on` / `l2sp_on` in engine/config/stages.py.
 """
 from __future__ import annotations
 
@@ -33,26 +32,7 @@ from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.tasks.losses import kl_to_start
 from tenure.engine.continual.regularizers import copy_f32, ewc_extra, ewc_term, l2sp_extra, l2sp_term
 from tenure.models.errors import TenureError
-from tenure.engine.config.stages import Stage
-
-
-def ewc_on(stage: Stage) -> bool:
-    return stage.ewc.lam > 0 or "lam" in stage.ewc.model_fields_set
-
-
-def kl_on(stage: Stage) -> bool:
-    return stage.kl.weight > 0 or "weight" in stage.kl.model_fields_set
-
-
-def l2sp_on(stage: Stage) -> bool:
-    return stage.l2sp.alpha > 0 or "alpha" in stage.l2sp.model_fields_set
-
-
-def fisher_tasks(stages: list[Stage], index: int) -> list[str]:
-    stage = stages[index]
-    if stage.ewc.tasks is not None:
-        return list(stage.ewc.tasks)
-    return list(stages[index - 1].weights) if index > 0 else []
+from tenure.engine.config.stages import Stage, ewc_on, fisher_tasks, kl_on, l2sp_on
 
 
 def _fisher_batches(backbone: Backbone, tasks: Tasks, name: str, examples: int, seed: int):

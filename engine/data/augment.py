@@ -30,7 +30,7 @@ so than too very can will just should would could""".split())
 class AugmentConfig(BaseModel):
     """The ``data.augment`` section: EDA operations (Wei & Zou, 2019), off by default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     copies: int = Field(0, ge=0, description="augmented copies added per record; 0 = off")
     synonym_replacement: float = Field(

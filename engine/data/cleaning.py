@@ -24,7 +24,7 @@ from tenure.engine.data.sources import select
 class CleaningConfig(BaseModel):
     """The ``data.clean`` section. Defaults change nothing but the unicode form."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     unicode_form: Literal["NFC", "NFKC", "none"] = Field(
         "NFC", description="unicode normalisation of every text field; NFKC also folds "

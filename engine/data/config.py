@@ -15,7 +15,7 @@ Paths = Union[str, list[str]]
 class SourceConfig(BaseModel):
     """One named source of a training mixture."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: Paths = Field(description="a file, a glob, or a list of them")
     weight: float = Field(1.0, gt=0, description="relative share of training examples from this source")
@@ -33,7 +33,7 @@ def default_buckets(max_length: int) -> list[int]:
 class DataConfig(BaseModel):
     """Data for one training stage: sources, record format, cleaning, tokenisation, batching."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: str | None = Field(None, description="record format (text_label, pair, token_tags, text_target, "
                                "prompt_completion, chat, text, retrieval); null = the task's default")
@@ -51,7 +51,7 @@ class DataConfig(BaseModel):
     augment: AugmentConfig | None = Field(None, description="EDA augmentation of the training split; null = off")
     max_length: int = Field(128, ge=2, description="tokens per example (and per packed row)")
     length_buckets: list[int] | None = Field(
-        None, description="pad each batch to the smallest bucket >= its longest example; null = powers of two "
+        None, validate_default=True, description="pad each batch to the smallest bucket >= its longest example; null = powers of two "
                           "from 32 up to max_length (max_length is always the last bucket)")
     truncate: bool = Field(True, description="cut over-long examples to max_length; false = they are bad records")
     pack: bool = Field(False, description="pack several examples per row of max_length tokens. causal_lm: rows filled "
@@ -95,15 +95,18 @@ class DataConfig(BaseModel):
             raise ValueError("pack and group_by_length both remove padding; set one of them")
         return self
 
-    @model_validator(mode="after")
-    def _resolve_buckets(self):
-        buckets = sorted(set(self.length_buckets or default_buckets(self.max_length)))
-        if buckets[0] < 1 or buckets[-1] > self.max_length:
-            raise ValueError(f"length_buckets must lie in 1..max_length ({self.max_length}), got {buckets}")
-        if buckets[-1] != self.max_length:
-            buckets.append(self.max_length)
-        self.length_buckets = buckets
-        return self
+    @field_validator("length_buckets")
+    @classmethod
+    def _resolve_buckets(cls, value, info):
+        max_length = info.data.get("max_length")
+        if max_length is None:  # max_length itself failed validation, which reports it
+            return value
+        buckets = sorted(set(value or default_buckets(max_length)))
+        if buckets[0] < 1 or buckets[-1] > max_length:
+            raise ValueError(f"length_buckets must lie in 1..max_length ({max_length}), got {buckets}")
+        if buckets[-1] != max_length:
+            buckets.append(max_length)
+        return buckets
 
     @property
     def sources(self) -> dict[str, SourceConfig]:

@@ -44,7 +44,7 @@ from tenure.models.errors import TenureError
 class CheckpointConfig(BaseModel):
     """The `checkpoint` config section."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     dir: str | None = Field(None, description="checkpoint directory; default <run_dir>/checkpoints")
     every_steps: int = Field(1000, ge=1, description="save every this many train steps")

@@ -37,7 +37,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 class MeshConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: int = Field(-1, description="data-parallel size; -1 = all devices left after the others")
     fsdp: int = Field(1, description="fully-sharded data-parallel size (params sharded on 'embed'); -1 = fill")

@@ -45,9 +45,8 @@ class Report:
 
 
 def _tasks(cfg: Config):
-    from tenure.engine.config.stages import resolve
-    tasks, _ = resolve(cfg)
-    return tasks
+    from tenure.engine.config.plan import plan
+    return plan(cfg).tasks
 
 
 def _heads(model_path: str) -> tuple[int | None, int | None, str]:
@@ -179,9 +178,9 @@ def preflight(cfg: Config, *, verbose: bool = True) -> bool:
     return not bad
 
 
-def require(cfg: Config, tasks: dict) -> None:
-    """The first thing of every `tenure train`: the mesh and batch checks of the config's resolved
-    `tasks` (one line naming the key), and with several processes the whole preflight (raises one
+def require(cfg: Config) -> None:
+    """The first thing of every `tenure train`: the mesh and batch checks of the config's planned
+    tasks (one line naming the key), and with several processes the whole preflight (raises one
     line if any process failed)."""
     if jax.process_count() > 1:
         if not preflight(cfg, verbose=False):
@@ -189,7 +188,7 @@ def require(cfg: Config, tasks: dict) -> None:
                               "`tenure launch --preflight CONFIG` prints the full report")
         return
     report = Report()
-    check_mesh_and_batch(cfg, tasks, report)
+    check_mesh_and_batch(cfg, _tasks(cfg), report)
     if report.failures:
         raise TenureError(report.failures[0].split(": ", 3)[3])
 

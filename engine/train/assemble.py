@@ -26,7 +26,8 @@ from tenure.engine.train.build import (Backbone, RunTask, StageStep, Tasks, buil
 from tenure.engine.config.schema import Config
 from tenure.engine.data.batch_spec import batch_fields, field_shapes
 from tenure.engine.data.records import LabelVocab
-from tenure.engine.config.stages import Stage, Task, resolve
+from tenure.engine.config.plan import plan
+from tenure.engine.config.stages import Stage, Task
 from tenure.models.errors import TenureError
 from tenure.engine.tasks.kinds import KINDS
 
@@ -112,7 +113,8 @@ def abstract_step(cfg: Config, devices, *, num_labels: int = 2) -> AbstractStep:
     """The first stage's step over `devices` (those of a compile target), with abstract params,
     state and batch. Its schedule runs the stage's steps (1000 for a config that trains epochs:
     the length only sets constants of the lr schedule)."""
-    tasks_by_name, stages = resolve(cfg)
+    run_plan = plan(cfg)
+    tasks_by_name, stages = run_plan.tasks, run_plan.stages
     backbone = build_backbone(cfg, weights=False, tokenizer=False, devices=devices)
     tasks = shape_tasks(tasks_by_name, stages, num_labels)
     batch = train_batch(tasks, stages[0], backbone.mesh)
@@ -125,7 +127,8 @@ def bench_step(cfg: Config, model_dir, batch: dict, *, num_labels: int, steps: i
                xla_options: dict | None) -> tuple[StageStep, Backbone]:
     """The single-task config's step on real params (pretrained weights for model.init=pretrained,
     no tokenizer read), traced on `batch` (numpy), with `xla_options` (the dot path timed)."""
-    tasks_by_name, stages = resolve(cfg)
+    run_plan = plan(cfg)
+    tasks_by_name, stages = run_plan.tasks, run_plan.stages
     backbone = build_backbone(cfg, str(model_dir), tokenizer=False)
     tasks = shape_tasks(tasks_by_name, stages, num_labels)
     return _step(cfg, backbone, tasks, stages, batch, steps=steps, abstract=False, xla_options=xla_options), backbone

@@ -36,7 +36,7 @@ REASONS = {0: "ok", 1: "non-finite loss", 2: "non-finite gradient norm", 3: "los
 class DivergenceConfig(BaseModel):
     """The `divergence` config section (not the forgetting guard of engine/config/stages.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: Literal["halt", "skip"] = Field(
         "halt", description="on a bad step (NaN/Inf or spike): halt, or skip the update and go on")

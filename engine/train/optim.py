@@ -27,7 +27,7 @@ from tenure.engine.train.trainability import FROZEN, Trainability, path_str
 
 
 class OptimConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["adamw", "adafactor", "sgd"] = Field("adamw", description="base optimizer")
     lr: float = Field(2e-5, gt=0, description="peak learning rate (after warmup)")

@@ -32,13 +32,13 @@ _LAYER_RE = re.compile(r"(?:^|/)layers_(\d+)(?:/|$)")
 
 
 class LLRDConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     decay: float = Field(0.9, gt=0, le=1, description="layer l of L gets lr * decay**(L-l); embeddings decay**(L+1)")
 
 
 class LoRAConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     rank: int = Field(8, ge=1, description="adapter rank r")
     alpha: float = Field(16.0, gt=0, description="adapter scale is alpha / rank")
@@ -47,7 +47,7 @@ class LoRAConfig(BaseModel):
 
 
 class TrainableConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Literal["full", "head", "last_n", "bitfit", "lora", "regex"] = Field(
         "full", description="base set of trainable params (see engine/train/trainability.py)")

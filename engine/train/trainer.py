@@ -26,7 +26,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from tenure.engine.config.schema import Config, as_today, to_dict
-from tenure.engine.config.plan import RunPlan, plan
+from tenure.engine.config.plan import plan
 from tenure.engine.config.stages import r_split
 from tenure.engine.continual.branch import check_branch, check_stage_end, source_checkpoints
 from tenure.engine.continual.report import forgetting_record, r_table, start_end_table, write_forgetting
@@ -66,12 +66,11 @@ class Trainer:
     """What every stage shares (backbone, tasks, starting params); builds, restores and evaluates
     a stage's run (also for `tenure eval`, `export`, `interpolate` and lm-eval); `run` trains."""
 
-    def __init__(self, cfg: Config, run_plan: RunPlan | None = None, *, keep_pretrained_head: bool = False):
-        """`run_plan`: the config resolved (default: resolved here); `keep_pretrained_head`: the
-        model directory's task head is the model (evaluating an export)."""
+    def __init__(self, cfg: Config, *, keep_pretrained_head: bool = False):
+        """`keep_pretrained_head`: the model directory's task head is the model (evaluating an export)."""
         self.cfg = cfg
         self.run_dir = pathlib.Path(cfg.run_dir)
-        self.plan = run_plan or plan(cfg)
+        self.plan = plan(cfg)
         self.stages = self.plan.stages
         self.backbone: Backbone = build_backbone(cfg)
         self.tasks: Tasks = build_tasks(cfg, self.backbone, self.plan.tasks, trained=self.plan.trained)
@@ -362,11 +361,10 @@ def train(cfg: Config, restart: bool = False, overwrite: bool = False) -> dict:
     train.resume=false replace them in place."""
     distributed.initialize()
     from tenure.engine.tools.preflight import require
-    run_plan = plan(cfg)
-    require(cfg, run_plan.tasks)  # mesh and batch (multi-host: also collectives, data and checkpoint dir) checked first
+    require(cfg)  # mesh and batch (multi-host: also collectives, data and checkpoint dir) checked first
     with contextlib.ExitStack() as held:
         _locked(held, cfg)
         stop = held.enter_context(StopSignals())
         if restart:
             _set_aside(cfg)
-        return Trainer(cfg, run_plan).run(stop, overwrite=overwrite)
+        return Trainer(cfg).run(stop, overwrite=overwrite)
