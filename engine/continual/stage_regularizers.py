@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tenure.engine.train.build import Backbone, Tasks, _where, lora_spec
+from tenure.engine.train.build import Backbone, Tasks, process_where, lora_spec
 from tenure.engine.data.pipeline import (EvalBatches, TaskFeaturizer, load_train_records, make_featurizer,
                                          to_global_batch)
 from tenure.engine.data.sources import select
@@ -47,7 +47,7 @@ def _fisher_batches(backbone: Backbone, tasks: Tasks, name: str, examples: int, 
         featurizer = TaskFeaturizer(featurizer, run_task.index)
     batches = EvalBatches(records, featurizer, global_batch=data.global_eval_batch_size,
                           buckets=data.length_buckets, pad_id=backbone.tokenizer.pad_token_id or 0,
-                          seed=seed, **_where())
+                          seed=seed, **process_where())
     return (to_global_batch(b, backbone.mesh) for b in batches)
 
 

@@ -79,7 +79,8 @@ def build_backbone(cfg: Config, model_path: str | None = None, *, weights: bool 
                     tokenizer)
 
 
-def _where() -> dict:
+def process_where() -> dict:
+    """This process's index and the process count, as the data loaders take them."""
     return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -173,7 +174,7 @@ def build_tasks(cfg: Config, backbone: Backbone, tasks: dict[str, Task], trained
             continue
         eval_batches = {split: build_eval_batches(task.data, split, task.spec.kind, backbone.tokenizer, union,
                                                   task_id=index if multi else None,
-                                                  batch_shards=batch_shards(backbone.mesh), **_where())
+                                                  batch_shards=batch_shards(backbone.mesh), **process_where())
                         for split in ("validation", "test") if getattr(task.data, split)}
         by_name[name] = RunTask(task, index, own_labels[name], eval_batches, probe=name in probes)
     return Tasks(by_name, head, union, multi)
@@ -327,7 +328,7 @@ def single_task_iterator(backbone: Backbone, run_task: RunTask, *, seed: int, mu
     from tenure.engine.data.pipeline import build_train_iterator
     return build_train_iterator(run_task.task.data, run_task.task.spec.kind, backbone.tokenizer, label_vocab,
                                 seed=seed, task_id=run_task.index if multi else None,
-                                batch_shards=batch_shards(backbone.mesh), accum_steps=accum_steps, **_where())
+                                batch_shards=batch_shards(backbone.mesh), accum_steps=accum_steps, **process_where())
 
 
 def _replay_records(records, buffer: int | None, seed: int):
@@ -365,7 +366,7 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) ->
     # Batching (batch size, length buckets, epochs) follows the stage's first task.
     batching = tasks.by_name[next(iter(stage.weights))].task.data
     return make_train_iterator(batching, sources, pad_id=backbone.tokenizer.pad_token_id or 0, seed=seed,
-                               batch_shards=batch_shards(backbone.mesh), accum_steps=accum, **_where()), buffers
+                               batch_shards=batch_shards(backbone.mesh), accum_steps=accum, **process_where()), buffers
 
 
 def stage_losses(tasks: Tasks, stage: Stage) -> dict:
