@@ -82,7 +82,8 @@ def _cmd_interpolate(args) -> int:
         raise TenureError("interpolate: give --alphas (the curve) and/or --export ALPHA --out DIR")
     _with_compilation_cache()
     interpolate(args.run_dir, parse_alphas(args.alphas) if args.alphas is not None else None, stage=args.stage,
-                start=args.start, out_dir=args.out_dir, export=args.export, export_out=args.out, force=args.force)
+                start=args.start, out_dir=args.out_dir, export=args.export, export_out=args.out, force=args.force,
+                as_run=args.as_run)
     return 0
 
 
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", type=float, metavar="ALPHA", help="write theta(ALPHA) as an HF model directory")
     p.add_argument("--out", help="the HF directory --export writes")
     p.add_argument("--force", action="store_true", help="replace an existing HF model directory at --out")
+    p.add_argument("--as-run", metavar="DIR", help="write the run as it ends at theta(a) (one alpha, the last "
+                                                   "stage) to DIR, as `tenure study` tabulates a trained run")
     p.set_defaults(fn=_cmd_interpolate)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(

@@ -42,6 +42,21 @@ def test_curve_ends_reproduce_the_rows_of_R_exactly(staged_run):
     _, first = curve_of(staged_run, "--stage", "0", "--alphas", "0,1")
     assert [first["rows"][0]["scores"][t] for t in ("A", "B")] == R["start_row"]
     assert [first["rows"][1]["scores"][t] for t in ("A", "B")] == R["R"][0]
+    # --as-run: the run as it would end at theta(0.5), which a study tabulates like a trained run
+    as_run = staged_run.parent / "as_run"
+    tenure("interpolate", str(staged_run), "--alphas", "0.5", "--as-run", str(as_run))
+    made, summary = (json.loads((as_run / name).read_text()) for name in ("forgetting.json", "summary.json"))
+    assert made["R"] == [R["R"][0], [rows[0.5][t] for t in ("A", "B")]]
+    assert made["start_row"] == R["start_row"] and made["stage_ends"] == R["stage_ends"]
+    assert made["interpolated"]["alpha"] == 0.5 and made["interpolated"]["start"] == "end of stage 0"
+    end = made["curves"][-1]
+    assert end["stage"] == 1 and end["step"] == R["stage_ends"][1]
+    assert set(end["scores"]) == {"A", "B"} and end["scores"]["A"] != next(
+        c for c in R["curves"] if c["stage"] == 1 and c["step"] == R["stage_ends"][1])["scores"]["A"]
+    assert all(c["stage"] == 0 for c in made["curves"][:-1]) and "stability_gap" not in made
+    assert made["summary"]["bwt"] == pytest.approx(made["R"][1][0] - made["R"][0][0])
+    assert summary["final"]["validation/A/accuracy"] == end["scores"]["A"]
+    assert summary["final"]["test/B/accuracy"] == made["R"][1][1]
 
 
 @pytest.mark.slow

@@ -112,6 +112,18 @@ def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps
      "study key 'grid_plot.x': axis 'optim.name' has non-numeric values"),
     ("base: base.yaml\nmethods: {naive: []}\ngrid_plot: {x: data.subset, y: [loss]}\n",
      "study key 'grid_plot.y': expected one of test, validation, "),
+    ("base: base.yaml\nmethods: {naive: []}\ninterpolate: {naive: {of: naive, alphas: [0.5]}}\n",
+     "study key 'interpolate.naive': the name must be a new method name"),
+    ("base: base.yaml\nmethods: {naive: []}\ninterpolate: {wise: {of: lora, alphas: [0.5]}}\n",
+     "study key 'interpolate.wise': 'of' must name a trained method of the study, got 'lora'"),
+    ("base: base.yaml\nmethods: {naive: []}\ninterpolate: {wise: {of: naive, alphas: [0.5, 1.5]}}\n",
+     "study key 'interpolate.wise.alphas': expected distinct numbers in [0, 1], got [0.5, 1.5]"),
+    ("base: base.yaml\nmethods: {naive: []}\nsweep: {naive: {optim.lr: [1, 2]}}\nselect: acc\n"
+     "interpolate: {wise: {of: naive, alphas: [0.5]}}\n",
+     "study key 'interpolate.wise': 'at' must give a value for each sweep key of 'naive' (optim.lr), got none"),
+    ("base: base.yaml\nmethods: {naive: []}\nsweep: {naive: {optim.lr: [1, 2]}}\nselect: acc\n"
+     "interpolate: {wise: {of: naive, at: {optim.lr: 3}, alphas: [0.5]}}\n",
+     "study key 'interpolate.wise': 'at.optim.lr': 3 is not a value of the sweep of 'naive'"),
 ])
 def test_bad_study_files_give_one_line_naming_the_key(tmp_path, text, message):
     path = write_study(tmp_path, text)
@@ -658,3 +670,27 @@ def test_a_swept_study_runs_every_point_from_one_stage_a_and_resumes(tiny_sweep_
     # The resume ran the one killed run only.
     assert "2 runs: 2 already done, 0 to run\n6 runs: 5 already done, 1 to run\n" in printed
     assert (out / "tradeoff.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+
+
+def test_an_interpolation_method_reads_the_trained_runs_of_its_cell_and_seed(tmp_path):
+    """`interpolate:` adds one run per alpha and seed whose command interpolates the same seed's
+    run of `of` at the point `at` names; those runs come after the trained ones and share no stage A."""
+    path = write_study(tmp_path, """
+base: base.yaml
+seeds: 2
+methods: {naive: [], ewc: []}
+sweep: {naive: {optim.lr: [1.0e-4, 3.0e-4]}}
+select: acc
+interpolate:
+  wise: {of: naive, at: {optim.lr: 3.0e-4}, alphas: [0.25, 0.75]}
+""")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    wise = [r for r in runs if r.method == "wise"]
+    assert [(r.variant, r.seed) for r in wise] == [("wise[alpha=0.25]", 0), ("wise[alpha=0.25]", 1),
+                                                   ("wise[alpha=0.75]", 0), ("wise[alpha=0.75]", 1)]
+    last = wise[-1]
+    assert last.source.run_dir == tmp_path / "out" / "base" / "naive" / "optim.lr-0.0003" / "seed1"
+    assert last.source.run_dir in {r.run_dir for r in runs if r.method == "naive"}
+    assert last.command == (sys.executable, "-m", "tenure.engine.cli", "interpolate", str(last.source.run_dir),
+                            "--alphas", "0.75", "--as-run", str(tmp_path / "out" / "base" / "wise" / "alpha-0.75" / "seed1"))
+    assert [r.method for r in plan_runs(load_study(path), path, tmp_path / "out", methods=["wise"])] == ["wise"] * 4

@@ -41,6 +41,7 @@ from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import saved_config
 from tenure.engine.runtime.distributed import print_primary
+from tenure.engine.continual.forgetting_metrics import summarize
 from tenure.engine.train.history import RunHistory
 from tenure.engine.train.hooks import evaluate_all, task_score
 from tenure.engine.train.trainer import Trainer
@@ -140,6 +141,8 @@ class Interpolation:
 
 
 def curve(interp: Interpolation, sr, start, end, alphas: list[float]) -> list[dict]:
+    """Per alpha: `scores` as R takes them (test, else validation), `validation` (None where a task
+    has none) and `all` (every split's metrics, as summary.json keys them)."""
     trainer = interp.trainer
     evaluators = trainer.evaluators(sr)
     place = jax.jit(mix, static_argnums=2, out_shardings=sr.state_shardings.params)
@@ -148,9 +151,40 @@ def curve(interp: Interpolation, sr, start, end, alphas: list[float]) -> list[di
         params = place(start, end, alpha)
         scores = evaluate_all(trainer.tasks, evaluators, params, ("validation", "test"), trainer.backbone.mesh)
         row = {t: task_score(trainer.tasks, scores, t) for t in trainer.tasks.by_name}
-        rows.append({"alpha": alpha, "scores": row})
+        validation = {t: task_score(trainer.tasks, scores, t, splits=("validation",)) for t in trainer.tasks.by_name}
+        rows.append({"alpha": alpha, "scores": row, "validation": validation,
+                     "all": {k: float(v) for k, v in scores.items()}})
         print_primary(f"alpha {alpha:g}: " + "  ".join(f"{t} {v:.4f}" for t, v in row.items() if v is not None))
     return rows
+
+
+def write_as_run(interp: Interpolation, row: dict, run_dir: pathlib.Path) -> None:
+    """theta(alpha) of the run's last stage as a finished run in `run_dir`, for `tenure study` to
+    tabulate like a trained one (a study's `interpolate:` method): the source's forgetting.json
+    with the last R row, summary and end-of-stage validation point at theta(alpha) (the stability
+    gap and KL, measured along the source's training, left out), its summary.json with `final` at
+    theta(alpha), and `interpolated` naming the source and alpha in both."""
+    if interp.index != len(interp.trainer.stages) - 1:
+        raise TenureError(f"interpolate --as-run: the run as it would end at theta(a) needs the last stage "
+                          f"({len(interp.trainer.stages) - 1}), not --stage {interp.index}")
+    source = {name: atomic.read_json(interp.run_dir / name, "interpolate a finished run")
+              for name in ("forgetting.json", "summary.json")}
+    record, summary = source["forgetting.json"], source["summary.json"]
+    tasks, index = record["tasks"], interp.index
+    R = [*record["R"][:index], [row["scores"][t] for t in tasks]]
+    origin = {"from": str(interp.run_dir.resolve()), "stage": index, "alpha": row["alpha"],
+              "start": "run start" if interp.start_step is None else f"end of stage {index - 1}"}
+    end_point = {"step": interp.end_step, "stage": index, "scores": row["validation"]}
+    record = {**{k: v for k, v in record.items() if k not in ("stability_gap", "kl_to_start", "summary")},
+              "R": R, "curves": [*(c for c in record["curves"] if c["stage"] < index), end_point],
+              "interpolated": origin}
+    if len(R) == len(tasks):
+        record["summary"] = summarize(np.asarray(R), start_row=record["start_row"],
+                                      directions=[record["direction"].get(t, "max") for t in tasks]).as_dict()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run_dir / "summary.json", json.dumps({**summary, "final": row["all"], "interpolated": origin},
+                                                           indent=2))
+    atomic.write_text(run_dir / "forgetting.json", json.dumps(record, indent=2))  # last: the mark of a finished run
 
 
 def write_curve(out_dir: pathlib.Path, interp: Interpolation, rows: list[dict]) -> dict:
@@ -209,8 +243,11 @@ def plot_curve(record: dict, path: pathlib.Path) -> None:
 
 def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None = None, start: str = "stage",
                 out_dir: str | None = None, export: float | None = None, export_out: str | None = None,
-                force: bool = False) -> dict | None:
-    """The curve of stage `stage` (written and returned) and/or the export of theta(`export`)."""
+                force: bool = False, as_run: str | None = None) -> dict | None:
+    """The curve of stage `stage` (written and returned) and/or the export of theta(`export`);
+    with `as_run`, the one alpha's run (write_as_run) instead of the curve's files."""
+    if as_run is not None and (not alphas or len(alphas) != 1):
+        raise TenureError("interpolate --as-run DIR: give exactly one alpha (--alphas 0.5)")
     from tenure.engine.tools.commands import export_params
     from tenure.models.hf import check_export_target
     if export is not None:
@@ -226,6 +263,11 @@ def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None =
         record = None
         if alphas:
             rows = curve(interp, sr, theta_start, theta_end, alphas)
+            if as_run is not None:
+                if distributed.is_primary():
+                    write_as_run(interp, rows[0], pathlib.Path(as_run))
+                    print_primary(f"run at alpha {alphas[0]:g}: {as_run}")
+                return None
             target = pathlib.Path(out_dir) if out_dir else interp.run_dir / "interpolation"
             if distributed.is_primary():
                 record = write_curve(target, interp, rows)

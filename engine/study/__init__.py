@@ -122,8 +122,11 @@ def run_study(args) -> int:
             print(f"first stage shared by the methods that differ only later: {len(first)} run"
                   f"{'s' * (len(first) > 1)} in {out / '*' / 'first_stage'}", flush=True)
             run_all(first, jobs=args.jobs)  # a failed one fails its branches, which say so
-        outcome = run_all(runs, jobs=args.jobs)
-        failed = outcome.failed
+        trained = [run for run in runs if run.source is None]
+        failed = run_all(trained, jobs=args.jobs).failed
+        interpolated = [run for run in runs if run.source is not None]
+        if interpolated:  # after the runs they read; a missing one fails with a line naming it
+            failed += run_all(interpolated, jobs=args.jobs).failed
         missing = [run for run, _ in failed]
     tables = report(runs, out.resolve(), f"Study {pathlib.Path(args.study).stem}", study)
     for run, reason in failed:

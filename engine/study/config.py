@@ -9,6 +9,8 @@ methods:                                # name -> key=value overrides of the bas
   replay: [stages.1.replay.ratio=0.2]
 sweep:                                  # optional: a method's own axes; every combination is a point
   ewc: {stages.1.ewc.lambda: [1.0e2, 1.0e4, 1.0e6]}   # runs ewc[stages.1.ewc.lambda=100] etc.
+interpolate:                            # optional: methods that train nothing: the last stage of a trained
+  wise: {of: naive, alphas: [0.25, 0.5, 0.75]}   # method's runs at theta(a) (`tenure interpolate --as-run`)
 reference: naive                        # optional: paired differences are to this method (default naive)
 select: acc                             # optional: the best point of each swept method, on VALIDATION
 tradeoff: {learning: learning_newest, forgetting: forgetting_max, levels: [0.8, 0.9]}
@@ -22,7 +24,9 @@ grid_plot: {x: data.subset, y: [acc]}   # optional: figures against a numeric gr
 ```
 
 `plan_runs` expands it into one `Run` per (cell, method, sweep point, seed): its run dir under
-the study's out dir and the exact `tenure train` command. Overrides apply in the order base,
+the study's out dir and the exact `tenure train` command; an `interpolate:` method adds one per
+(cell, alpha, seed), its point `alpha=a`, whose command interpolates the same cell and seed's run
+of `of` (at the sweep point `at` names when `of` sweeps) and runs after every trained run. Overrides apply in the order base,
 method, sweep point, grid cell, then `run_dir`, `train.seed` and the `seed_keys` (later wins),
 so a grid axis sweeps a key even when a method sets it (a sweep key may not also be set by its
 method or be a grid axis: it would be set twice). A sweep value written `1e3` (text to YAML 1.1)
@@ -152,6 +156,30 @@ class GridPlot(BaseModel):
         return values
 
 
+class Interpolated(BaseModel):
+    """A method that trains nothing: theta(a) = (1-a) theta_start + a theta_end of the last stage
+    of another method's runs (WiSE-FT), each alpha a point of its curve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    of: str = Field(description="the trained method whose runs (one per cell and seed) are interpolated")
+    at: dict[str, Any] = Field(default_factory=dict, description="the point of `of`'s sweep to interpolate: a "
+                                                                 "value for each of its sweep keys")
+    alphas: list[float] = Field(min_length=1, description="a in [0, 1]; 1 is `of`'s run itself, 0 the stage's start")
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, alphas: list[float]):
+        if any(not 0 <= a <= 1 for a in alphas) or len(set(alphas)) != len(alphas):
+            raise ValueError(f"expected distinct numbers in [0, 1], got {alphas}")
+        return alphas
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, at: dict[str, Any]):
+        return {key: _number_text(value) for key, value in at.items()}
+
+
 class StudyConfig(BaseModel):
     """One study: the same staged run per method, grid cell and seed."""
 
@@ -166,6 +194,9 @@ class StudyConfig(BaseModel):
     sweep: dict[str, dict[str, list[Any]]] = Field(
         default_factory=dict, description="method name -> its own axes (config key -> values); every "
                                           "combination is a point of that method, run in every cell and seed")
+    interpolate: dict[str, Interpolated] = Field(
+        default_factory=dict, description="method name -> {of, at, alphas}: another method's runs at theta(a), "
+                                          "scored without training (run after the trained ones)")
     reference: str | None = Field(None, description="the method every other is compared with, paired by seed; "
                                                     "null = naive when the study has it (else no comparison)")
     select: str | None = Field(None, description="figure (STATS name or final/<task>) by whose VALIDATION mean "
@@ -245,6 +276,19 @@ class StudyConfig(BaseModel):
                 if key in self.grid or key in self.seed_keys:
                     what = "grid axis" if key in self.grid else "seed key"
                     raise ValueError(f"'sweep.{method}': '{key}' is also a {what}")
+        for name, interp in self.interpolate.items():
+            where = f"'interpolate.{name}'"
+            if not _NAME.match(name) or name in self.methods:
+                raise ValueError(f"{where}: the name must be a new method name (letters, digits and _ . + -)")
+            if interp.of not in self.methods:
+                raise ValueError(f"{where}: 'of' must name a trained method of the study, got {interp.of!r}")
+            axes = self.sweep.get(interp.of, {})
+            if set(interp.at) != set(axes):
+                raise ValueError(f"{where}: 'at' must give a value for each sweep key of '{interp.of}' "
+                                 f"({', '.join(axes) or 'none'}), got {', '.join(interp.at) or 'none'}")
+            for key, value in interp.at.items():
+                if value not in axes[key]:
+                    raise ValueError(f"{where}: 'at.{key}': {value!r} is not a value of the sweep of '{interp.of}'")
         if self.reference is not None and self.reference not in self.methods:
             raise ValueError(f"'reference': {self.reference!r} is not a method of the study")
         reference = self.reference_method
@@ -404,6 +448,7 @@ class Run:
     run_dir: pathlib.Path
     command: tuple[str, ...]
     point: Point = Point()
+    source: "Run | None" = None  # an interpolated run's trained run (its command is `tenure interpolate`)
 
     @property
     def variant(self) -> str:
@@ -428,11 +473,12 @@ def default_out(study_path: str | pathlib.Path, study: StudyConfig) -> pathlib.P
 
 
 def select_methods(study: StudyConfig, methods: list[str] | None) -> list[str]:
+    known = [*study.methods, *study.interpolate]
     if not methods:
-        return list(study.methods)
-    unknown = [m for m in methods if m not in study.methods]
+        return known
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise TenureError(f"--methods: unknown method {unknown[0]!r}; the study has {', '.join(study.methods)}")
+        raise TenureError(f"--methods: unknown method {unknown[0]!r}; the study has {', '.join(known)}")
     return list(dict.fromkeys(methods))
 
 
@@ -447,16 +493,31 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
         raise TenureError(f"--seeds: must be at least 1, got {seeds}")
     base = str((pathlib.Path(study_path).parent / study.base).resolve())
     out = pathlib.Path(out).resolve()
+
+    def trained(cell: Cell, method: str, point: Point, seed: int) -> Run:
+        run_dir = out / cell.slug / method / point.slug / f"seed{seed}"
+        command = (sys.executable, "-m", "tenure.engine.cli", "train", base, *study.methods[method],
+                   *point.overrides, *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}",
+                   *(f"{key}={seed}" for key in study.seed_keys))
+        return Run(method, cell, seed, run_dir, command, point)
+
+    def interpolated(cell: Cell, method: str, alpha: float, seed: int) -> Run:
+        interp = study.interpolate[method]
+        source = trained(cell, interp.of, Point(tuple((k, interp.at[k]) for k in study.sweep.get(interp.of, {}))),
+                         seed)
+        point = Point((("alpha", alpha),))
+        run_dir = out / cell.slug / method / point.slug / f"seed{seed}"
+        command = (sys.executable, "-m", "tenure.engine.cli", "interpolate", str(source.run_dir),
+                   "--alphas", repr(alpha), "--as-run", str(run_dir))
+        return Run(method, cell, seed, run_dir, command, point, source)
+
     runs = []
     for cell in cells(study):
         for method in select_methods(study, methods):
-            for point in points(study, method):
+            for point in (points(study, method) if method in study.methods else study.interpolate[method].alphas):
                 for seed in range(study.seeds if seeds is None else seeds):
-                    run_dir = out / cell.slug / method / point.slug / f"seed{seed}"
-                    command = (sys.executable, "-m", "tenure.engine.cli", "train", base, *study.methods[method],
-                               *point.overrides, *cell.overrides, f"run_dir={run_dir}", f"train.seed={seed}",
-                               *(f"{key}={seed}" for key in study.seed_keys))
-                    runs.append(Run(method, cell, seed, run_dir, command, point))
+                    runs.append(trained(cell, method, point, seed) if method in study.methods
+                                else interpolated(cell, method, point, seed))
     return runs
 
 
@@ -470,7 +531,7 @@ def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Ru
 
     out = pathlib.Path(out).resolve()
     groups: dict[tuple, list[tuple[Run, Config]]] = {}
-    for run in runs:
+    for run in (r for r in runs if r.source is None):
         cfg = load_config(run.command[4], list(run.command[5:]))
         key = first_stage_key(cfg)
         if key is not None:
@@ -504,7 +565,8 @@ def check_selection_uses_validation(study: StudyConfig, runs: list[Run]) -> None
     if study.select is None:
         return
     for run in (r for r in runs if r.point.values):  # the points a selection chooses among
-        cfg = load_config(run.command[4], list(run.command[5:]))
+        trained = run.source or run  # an interpolated run is scored on its trained run's splits
+        cfg = load_config(trained.command[4], list(trained.command[5:]))
         splits = ({name: task.data.validation for name, task in cfg.tasks.items()} if cfg.tasks
                   else {"the task": cfg.data.validation})
         wanted = figure_tasks(study.select, list(splits)) if cfg.tasks else list(splits)
