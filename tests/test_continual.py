@@ -2,6 +2,7 @@
 matrix and its files, null equivalence of the regularisers, exact resume after SIGKILL in the
 middle of stage 2 of a 3-stage run with EWC and replay, and config errors."""
 import itertools
+import math
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import load_config
@@ -564,3 +566,12 @@ def test_kl_to_start_is_measured_on_the_eval_cadence(naive_run, data, tmp_path):
     kl = [v for c in record(moved)["curves"][1:] for v in c["kl_start"].values()]
     assert all(abs(v) < 1e-6 for c in record(still)["curves"][1:] for v in c["kl_start"].values())
     assert all(v > 1e-3 for v in kl), kl   # (not monotone: here A's 0.060 at step 3, 0.0028 at step 6)
+    # beside it, the backbone's distance to the start: the exported weights' distance to the pretrained ones
+    rec = record(moved)
+    assert rec["weight_distance"] == [rec["curves"][2]["weight_distance"], rec["curves"][4]["weight_distance"]]
+    assert all(c["weight_distance"] < 1e-6 for c in record(still)["curves"][1:])
+    end, start = (load_file(str(d / "model.safetensors")) for d in (moved / "hf", TINY_BERT))
+    # tenure's backbone is the encoder and embeddings: the pooler belongs to the [CLS] head
+    shared = [k for k in start if k in end and not k.startswith(("classifier", "cls.", "bert.pooler"))]
+    expected = math.sqrt(sum(float(np.sum((end[k].astype(np.float64) - start[k]) ** 2)) for k in shared))
+    assert len(shared) > 10 and rec["weight_distance"][-1] == pytest.approx(expected, rel=1e-4)

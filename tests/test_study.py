@@ -583,6 +583,36 @@ def test_an_evaluation_only_task_gets_its_change_from_start(tmp_path):
         run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out")))
 
 
+def test_forgetting_against_kl_and_weight_distance_is_correlated_across_the_runs(tmp_path):
+    """Runs with eval.kl_to_start: the table reports Pearson and Spearman of the forgetting figure
+    against the last stage's KL (mean over its trained tasks) and against the weight distance."""
+    path = write_study(tmp_path, "base: base.yaml\nseeds: 2\nmethods: {full: [], lora: [lora.rank=4]}\n"
+                                 "tradeoff: {learning: final/lexnames, forgetting: drop/general}\n")
+    runs = plan_runs(load_study(path), path, tmp_path / "out")
+    drop = {("full", 0): 0.10, ("full", 1): 0.20, ("lora", 0): 0.02, ("lora", 1): 0.00}
+    kl = {("full", 0): 0.31, ("full", 1): 0.35, ("lora", 0): 0.12, ("lora", 1): 0.05}
+    distance = {("full", 0): 1.0, ("full", 1): 3.0, ("lora", 0): 4.0, ("lora", 1): 2.0}
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        key = run.method, run.seed
+        rec = record([[0.9, 0.8 - drop[key]]], [0.1, 0.8], tasks=("lexnames", "general"), stages=("lexnames",))
+        run.result.write_text(json.dumps({**rec, "kl_to_start": [{"lexnames": kl[key]}],
+                                          "weight_distance": [distance[key]]}))
+    assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 0
+    (table,) = json.loads((tmp_path / "out" / "study.json").read_text())["cells"]
+    y = np.array([drop[k] for k in drop])
+    for name, x in (("kl_to_start", kl), ("weight_distance", distance)):
+        x = np.array([x[k] for k in drop])
+        ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731  (no ties here)
+        assert table["predictors"][name] == {"pearson": pytest.approx(np.corrcoef(x, y)[0, 1]),
+                                             "spearman": pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1]),
+                                             "n": 4}
+    assert table["predictors"]["kl_to_start"]["spearman"] == pytest.approx(1.0)
+    assert table["predictors"]["weight_distance"]["spearman"] == pytest.approx(0.0, abs=1e-12)  # ranks 0,2,3,1 vs 2,3,1,0
+    text = (tmp_path / "out" / "study.md").read_text()
+    assert "| KL to the starting model | " in text and "| distance to the starting weights | " in text
+
+
 # ---------------------------------------------------------------- end to end, real engine
 
 TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"

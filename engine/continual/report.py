@@ -9,8 +9,9 @@ task: its metric over the run's steps, with the stage boundaries marked.
   direction: forgetting > 0 means worse, for perplexity too), curves
   [{step, stage, scores {task: value}}], stage_ends [global step per stage],
   stability_gap (from stage 2 on: forgetting_metrics.stability_gap of the curves, which score
-  validation where a task has it; NaN written as null), kl_to_start (with eval.kl_to_start: per
-  stage, each trained task's KL to the starting model at the stage's last eval; null where none).
+  validation where a task has it; NaN written as null), kl_to_start and weight_distance (with
+  eval.kl_to_start: per stage, at the stage's last eval, each trained task's KL to the starting
+  model and the backbone's L2 distance to the starting weights; null where none).
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def forgetting_record(task_names, stage_names, metrics, directions, history, spl
     if R and len(R) == len(task_names):
         record["summary"] = summarize(np.asarray(R), start_row=start,
                                       directions=[directions.get(t, "max") for t in task_names]).as_dict()
-    if any("kl_start" in c for c in record["curves"]):
-        record["kl_to_start"] = [next((c["kl_start"] for c in reversed(record["curves"])
-                                       if c["stage"] == s and "kl_start" in c), None)
-                                 for s in range(len(record["stages"]))]
+    for key, name in (("kl_start", "kl_to_start"), ("weight_distance", "weight_distance")):
+        if any(key in c for c in record["curves"]):
+            record[name] = [next((c[key] for c in reversed(record["curves"]) if c["stage"] == s and key in c), None)
+                            for s in range(len(record["stages"]))]
     if stage_tasks and len(stage_tasks) > 1:
         record["stability_gap"] = [_finite_or_none(s) for s in
                                    stability_gap(record["curves"], stage_tasks, dict(directions))]

@@ -66,6 +66,8 @@ def analyse(runs, study) -> list[tuple[dict, dict]]:
                 table["rows"], reference=study.reference_method, learning=tradeoff.learning,
                 forgetting=tradeoff.forgetting, levels=tradeoff.levels, select=study.select, select_best=best,
                 validation=_validation(by_variant, study.select) if study.select else None)
+            table["predictors"] = aggregate.predictors(by_variant, tradeoff.forgetting)
+            table["predictors_of"] = tradeoff.forgetting
         out.append((table, {v: [rec for _, rec in results] for v, results in by_variant.items()}))
     return out
 

@@ -54,6 +54,8 @@ class ForgettingRecord(BaseModel):
     summary: dict[str, Any] | None = None
     curves: list[CurvePoint] = []
     stage_ends: list[int] = []
+    kl_to_start: list[dict[str, float | None] | None] | None = None   # per stage (eval.kl_to_start)
+    weight_distance: list[float | None] | None = None
 
 
 class MonitorEvent(BaseModel):
@@ -307,6 +309,45 @@ def grid_markdown(tables: list[dict], grid_keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def predictors(by_variant: dict[str, list[tuple[Run, ForgettingRecord]]], forgetting: str) -> dict:
+    """How well each measure of the runs' move away from the start predicts their `forgetting`
+    figure, across every run of the cell (each seed of each method and point): Pearson r and
+    Spearman rho with n, for the KL to the starting model on the last stage's own inputs (mean
+    over its trained tasks) and the backbone's distance to the starting weights (Shenfeld et al.
+    2025 found the KL predicts forgetting across methods where the distance does not). Only runs
+    with `eval.kl_to_start` carry them; a measure with fewer than 3 runs, or constant, is left out."""
+    from scipy import stats
+
+    pairs: dict[str, list[tuple[float, float]]] = {"kl_to_start": [], "weight_distance": []}
+    for results in by_variant.values():
+        for _, record in results:
+            y = run_values(record).get(forgetting, float("nan"))
+            kl = (record.kl_to_start or [None])[-1]
+            x = {"kl_to_start": float(np.mean(list(kl.values()))) if kl and None not in kl.values() else None,
+                 "weight_distance": (record.weight_distance or [None])[-1]}
+            for name, value in x.items():
+                if value is not None and math.isfinite(value) and math.isfinite(y):
+                    pairs[name].append((value, y))
+    out = {}
+    for name, xy in pairs.items():
+        x, y = np.asarray(xy, float).T if xy else (np.zeros(0), np.zeros(0))
+        if len(xy) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            out[name] = {"pearson": float(stats.pearsonr(x, y)[0]), "spearman": float(stats.spearmanr(x, y)[0]),
+                         "n": len(xy)}
+    return out
+
+
+def predictors_markdown(table: dict) -> str:
+    found = table.get("predictors") or {}
+    if not found:
+        return ""
+    what = {"kl_to_start": "KL to the starting model", "weight_distance": "distance to the starting weights"}
+    lines = [f"Forgetting ({_title(table, table['predictors_of'])}) against each run's move from the start, "
+             "across the cell's runs:", "", "| measure | Pearson r | Spearman rho | n |", "|---|---:|---:|---:|"]
+    lines += [f"| {what[name]} | {v['pearson']:.3f} | {v['spearman']:.3f} | {v['n']} |" for name, v in found.items()]
+    return "\n".join(lines)
+
+
 def tables_markdown(tables: list[dict], grid_keys: list[str]) -> str:
     """Every cell's table: single-task cells of a grid in one table, staged cells one section each."""
     if len(tables) > 1 and all(t.get("kind") == "single_task" for t in tables):
@@ -318,6 +359,8 @@ def tables_markdown(tables: list[dict], grid_keys: list[str]) -> str:
         parts += [markdown(table), ""]
         if table.get("comparison"):
             parts += [comparison_markdown(table), ""]
+        if table.get("predictors"):
+            parts += [predictors_markdown(table), ""]
     compared = [t["comparison"]["comparisons"] for t in tables if t.get("comparison")]
     if len(compared) > 1:
         parts += [f"{sum(compared)} comparisons with the reference in all {len(compared)} cells.", ""]

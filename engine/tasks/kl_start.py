@@ -5,7 +5,9 @@ positions that predict a label) of each trained task's curve split (validation, 
 Shenfeld et al. (2025) found it predicts forgetting across methods where the distance in weight
 space does not. The starting model is the run's starting params (pretrained backbone, fresh
 heads) on the task's own model; both forward passes run in eval mode (no dropout). It costs a
-second forward pass over those batches per evaluation."""
+second forward pass over those batches per evaluation. Beside it, the distance in weight space to
+the start, ||theta - theta_start||_2 over the backbone (a LoRA layer counts its merged weight's
+change), so that a study can set the two predictors side by side."""
 from __future__ import annotations
 
 import functools
@@ -17,6 +19,7 @@ from tenure.engine.data.pipeline import to_global_batch
 from tenure.engine.runtime.sharding import batch_sharding, replicated
 from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.tasks.losses import kl_and_weights
+from tenure.engine.continual.regularizers import distance_sq
 
 
 def _kl_sums(params, start_params, batch, *, model, unit):
@@ -30,8 +33,10 @@ class KLToStart:
     """`measure(params) -> {task: KL}` for the tasks among `names` whose kind has a predictive
     distribution and that have a validation or test split."""
 
-    def __init__(self, tasks, names, models: dict, start_params, mesh, param_shardings):
+    def __init__(self, tasks, names, models: dict, start_params, mesh, param_shardings, lora_scale=None):
         self.start_params, self.mesh = start_params, mesh
+        self._distance = jax.jit(lambda p, s: jnp.sqrt(distance_sq(p["backbone"], s["backbone"], lora_scale)),
+                                 out_shardings=replicated(mesh))
         self.fns, self.batches = {}, {}
         for name in names:
             run_task = tasks.by_name[name]
@@ -51,3 +56,7 @@ class KLToStart:
             total, weight = (float(sum(float(s[i].addressable_data(0)) for s in sums)) for i in (0, 1))
             out[name] = total / max(weight, 1.0)
         return out
+
+    def distance(self, params) -> float:
+        """||theta - theta_start||_2 over the backbone."""
+        return float(self._distance(params, self.start_params).addressable_data(0))

@@ -181,9 +181,10 @@ class Evaluation:
     def __call__(self, step: int, state) -> bool:
         ctx = self.ctx
         scores = ctx.validation(state.params)
-        kl = ctx.kl_start(state.params) if ctx.kl_start is not None else {}
         self.last = (step, state.params, dict(scores))
-        scores.update({f"kl_start/{task}": value for task, value in kl.items()})
+        if ctx.kl_start is not None:
+            scores.update({f"kl_start/{task}": value for task, value in ctx.kl_start(state.params).items()})
+            scores["weight_distance"] = ctx.kl_start.distance(state.params)
         if not ctx.single:  # the stage's own score: mean of its tasks' validation metrics
             own = [v for v in ctx.validation_row(scores, ctx.sr.stage.weights).values() if v is not None]
             if own:
@@ -219,7 +220,8 @@ class Evaluation:
             ctx.history.evals.append({"step": step, "stage": at["stage"], **scores})
             ctx.history.curves.append({**at, "scores": ctx.validation_row(scores, ctx.tasks.by_name)}
                                       | ({"kl_start": {k.split("/", 1)[1]: v for k, v in scores.items()
-                                                       if k.startswith("kl_start/")}}
+                                                       if k.startswith("kl_start/")},
+                                          "weight_distance": scores["weight_distance"]}
                                          if ctx.kl_start is not None else {}))
         if warning:
             print_primary(f"warning: step {at['step']}: {warning}")

@@ -154,7 +154,8 @@ class Trainer:
         if built is None or built[0] is not sr:
             models = self._models(sr.model)
             kl = (KLToStart(self.tasks, list(sr.stage.weights), models, self.start_params, self.backbone.mesh,
-                            sr.state_shardings.params) if self.cfg.eval.kl_to_start else None)
+                            sr.state_shardings.params, self.lora.scale if self.lora is not None else None)
+                  if self.cfg.eval.kl_to_start else None)
             built = (sr, make_evaluators(self.tasks, models, self.backbone.mesh, sr.state_shardings.params,
                                          self.backbone.tokenizer), kl)
             self._stage_evaluators[sr.stage.index] = built
