@@ -125,8 +125,10 @@ class EvalConfig(Section):
                           "pretrained LLM compute it once); null = every run computes its own")
     kl_to_start: bool = Field(
         False, description="also measure, at every eval, KL(start || now) on each trained task's own validation (else "
-                           "test) inputs, averaged like its loss (curves' kl_start, forgetting.json kl_to_start, "
-                           "TensorBoard kl_start/<task>); costs a second forward pass over those batches")
+                           "test) inputs, averaged like its loss, and the backbone's L2 distance to the starting "
+                           "weights (curves' kl_start and weight_distance, forgetting.json kl_to_start and "
+                           "weight_distance, TensorBoard kl_start/<task> and weight_distance); costs a second "
+                           "forward pass over those batches")
 
 
 class WandbConfig(Section):
