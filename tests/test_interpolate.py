@@ -16,7 +16,7 @@ from tests.test_continual import CONFIG, data, staged_args  # noqa: F401  (data:
 @pytest.fixture(scope="module")
 def staged_run(tmp_path_factory, data):  # noqa: F811
     run_dir = tmp_path_factory.mktemp("staged")
-    tenure("train", CONFIG, *staged_args(run_dir, data, 2, 6, "heads=per_task"))
+    tenure("train", CONFIG, *staged_args(run_dir, data, 2, 6, "heads=per_task", "eval.kl_to_start=true"))
     return run_dir
 
 
@@ -53,7 +53,8 @@ def test_curve_ends_reproduce_the_rows_of_R_exactly(staged_run):
     assert end["stage"] == 1 and end["step"] == R["stage_ends"][1]
     assert set(end["scores"]) == {"A", "B"} and end["scores"]["A"] != next(
         c for c in R["curves"] if c["stage"] == 1 and c["step"] == R["stage_ends"][1])["scores"]["A"]
-    assert all(c["stage"] == 0 for c in made["curves"][:-1]) and "stability_gap" not in made
+    assert "weight_distance" in R and not {"stability_gap", "kl_to_start", "weight_distance"} & set(made)
+    assert all(c["stage"] == 0 for c in made["curves"][:-1])
     assert made["summary"]["bwt"] == pytest.approx(made["R"][1][0] - made["R"][0][0])
     assert summary["final"]["validation/A/accuracy"] == end["scores"]["A"]
     assert summary["final"]["test/B/accuracy"] == made["R"][1][1]

@@ -162,7 +162,7 @@ def write_as_run(interp: Interpolation, row: dict, run_dir: pathlib.Path) -> Non
     """theta(alpha) of the run's last stage as a finished run in `run_dir`, for `tenure study` to
     tabulate like a trained one (a study's `interpolate:` method): the source's forgetting.json
     with the last R row, summary and end-of-stage validation point at theta(alpha) (the stability
-    gap and KL, measured along the source's training, left out), its summary.json with `final` at
+    gap, KL and weight distance, measured along the source's training, left out), its summary.json with `final` at
     theta(alpha), and `interpolated` naming the source and alpha in both."""
     if interp.index != len(interp.trainer.stages) - 1:
         raise TenureError(f"interpolate --as-run: the run as it would end at theta(a) needs the last stage "
@@ -175,7 +175,8 @@ def write_as_run(interp: Interpolation, row: dict, run_dir: pathlib.Path) -> Non
     origin = {"from": str(interp.run_dir.resolve()), "stage": index, "alpha": row["alpha"],
               "start": "run start" if interp.start_step is None else f"end of stage {index - 1}"}
     end_point = {"step": interp.end_step, "stage": index, "scores": row["validation"]}
-    record = {**{k: v for k, v in record.items() if k not in ("stability_gap", "kl_to_start", "summary")},
+    along_training = ("stability_gap", "kl_to_start", "weight_distance", "summary")
+    record = {**{k: v for k, v in record.items() if k not in along_training},
               "R": R, "curves": [*(c for c in record["curves"] if c["stage"] < index), end_point],
               "interpolated": origin}
     if len(R) == len(tasks):
