@@ -41,7 +41,7 @@ from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import saved_config
 from tenure.engine.runtime.distributed import print_primary
-from tenure.engine.continual.forgetting_metrics import summarize
+from tenure.engine.continual.report import r_summary
 from tenure.engine.train.history import RunHistory
 from tenure.engine.train.hooks import evaluate_all, task_score
 from tenure.engine.train.trainer import Trainer
@@ -180,8 +180,7 @@ def write_as_run(interp: Interpolation, row: dict, run_dir: pathlib.Path) -> Non
               "R": R, "curves": [*(c for c in record["curves"] if c["stage"] < index), end_point],
               "interpolated": origin}
     if len(R) == len(tasks):
-        record["summary"] = summarize(np.asarray(R), start_row=record["start_row"],
-                                      directions=[record["direction"].get(t, "max") for t in tasks]).as_dict()
+        record["summary"] = r_summary(record)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(run_dir / "summary.json", json.dumps({**summary, "final": row["all"], "interpolated": origin},
                                                            indent=2))

@@ -43,8 +43,7 @@ def forgetting_record(task_names, stage_names, metrics, directions, history, spl
               "direction": dict(directions), "split": dict(splits or {}), "start_row": start, "R": R,
               "curves": history.get("curves", []), "stage_ends": history.get("stage_ends", [])}
     if R and len(R) == len(task_names):
-        record["summary"] = summarize(np.asarray(R), start_row=start,
-                                      directions=[directions.get(t, "max") for t in task_names]).as_dict()
+        record["summary"] = r_summary(record)
     for key, name in (("kl_start", "kl_to_start"), ("weight_distance", "weight_distance")):
         if any(key in c for c in record["curves"]):
             record[name] = [next((c[key] for c in reversed(record["curves"]) if c["stage"] == s and key in c), None)
@@ -53,6 +52,12 @@ def forgetting_record(task_names, stage_names, metrics, directions, history, spl
         record["stability_gap"] = [_finite_or_none(s) for s in
                                    stability_gap(record["curves"], stage_tasks, dict(directions))]
     return record
+
+
+def r_summary(record: dict) -> dict:
+    """ACC, BWT, FWT and both forgetting measures of the record's square R, each task in its direction."""
+    return summarize(np.asarray(record["R"]), start_row=record["start_row"],
+                     directions=[record["direction"].get(t, "max") for t in record["tasks"]]).as_dict()
 
 
 def _cell(value) -> str:

@@ -330,8 +330,10 @@ def predictors(by_variant: dict[str, list[tuple[Run, ForgettingRecord]]], forget
                     pairs[name].append((value, y))
     out = {}
     for name, xy in pairs.items():
-        x, y = np.asarray(xy, float).T if xy else (np.zeros(0), np.zeros(0))
-        if len(xy) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+        if len(xy) < 3:
+            continue
+        x, y = np.asarray(xy, float).T
+        if np.ptp(x) > 0 and np.ptp(y) > 0:
             out[name] = {"pearson": float(stats.pearsonr(x, y)[0]), "spearman": float(stats.spearmanr(x, y)[0]),
                          "n": len(xy)}
     return out
