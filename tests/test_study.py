@@ -699,6 +699,20 @@ def test_a_swept_study_runs_every_point_from_one_stage_a_and_resumes(tiny_sweep_
     assert comparison["reference"] == "naive" and comparison["comparisons"] == 2 * 2 + matched["reached"]
     # The resume ran the one killed run only.
     assert "2 runs: 2 already done, 0 to run\n6 runs: 5 already done, 1 to run\n" in printed
+    # The runs ran in two worker processes; every branched run reused steps an earlier run of its
+    # worker compiled (the eval steps at least), and its result is the one its command gives in a
+    # process of its own, to the bit.
+    for log in (out / "base").glob("[nr]*/**/study.log"):
+        reused = [int(line.rsplit(" ", 1)[1]) for line in log.read_text().splitlines()
+                  if line.startswith("study worker ")]
+        assert reused and reused[0] >= 1, log
+    worker_dir = out / "base" / "replay" / "stages.1.replay.ratio-0.25" / "seed1"
+    command = json.loads((worker_dir / "study_run.json").read_text())["command"]
+    alone = out.parent / "alone"
+    command = [c if not c.startswith("run_dir=") else f"run_dir={alone}" for c in command]
+    subprocess.run([sys.executable, *command], check=True, capture_output=True)
+    worker_record, alone_record = (json.loads((d / "forgetting.json").read_text()) for d in (worker_dir, alone))
+    assert worker_record["R"] == alone_record["R"] and worker_record["curves"] == alone_record["curves"]
     assert (out / "tradeoff.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
 
 

@@ -1,7 +1,7 @@
 """`tenure study STUDY.yaml`: the same staged run per method, sweep point, grid cell and seed,
 then one comparison table per cell (CSV / JSON / Markdown) and PNG plots.
 
-Pieces: `config` (the study file and its runs), `runner` (subprocesses, resume, --jobs),
+Pieces: `config` (the study file and its runs), `runner` (worker processes, resume, --jobs), `worker` (runs one after another in one process),
 `aggregate` (forgetting.json -> tables), `stats` (bootstrap intervals, interpolation),
 `compare` (selection on validation, paired differences, matched learning), `plots`
 (learning vs forgetting, curves, grid). The study tool holds no per-method code: a method is a
@@ -32,6 +32,9 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    help="runs at once; each gets cores/N threads (default 1)")
     p.add_argument("--out", help="directory for runs, tables and plots (default: the study's out, "
                                  "else runs/study/<study name>)")
+    p.add_argument("--process-per-run", action="store_true",
+                   help="start a fresh `tenure` process for every run (default: one worker process per job runs "
+                        "its runs one after another and reuses the steps they compile alike)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="run nothing; tabulate and plot the runs already finished")
     p.set_defaults(fn=run_study)
@@ -106,7 +109,7 @@ def run_study(args) -> int:
     """`tenure study`: 0 when every run finished, 1 when any failed or is missing."""
     from tenure.engine.study.config import check_selection_uses_validation, default_out, load_study, plan_runs, \
         share_first_stage
-    from tenure.engine.study.runner import run_all
+    from tenure.engine.study.runner import WorkerPool, run_all
 
     study = load_study(args.study)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -120,15 +123,17 @@ def run_study(args) -> int:
         print(f"{len(runs)} runs: {len(runs) - len(missing)} finished, {len(missing)} not (--aggregate-only)")
     else:
         first, runs = share_first_stage(runs, out)
-        if first:
-            print(f"first stage shared by the methods that differ only later: {len(first)} run"
-                  f"{'s' * (len(first) > 1)} in {out / '*' / 'first_stage'}", flush=True)
-            run_all(first, jobs=args.jobs)  # a failed one fails its branches, which say so
-        trained = [run for run in runs if run.source is None]
-        failed = run_all(trained, jobs=args.jobs).failed
-        interpolated = [run for run in runs if run.source is not None]
-        if interpolated:  # after the runs they read; a missing one fails with a line naming it
-            failed += run_all(interpolated, jobs=args.jobs).failed
+        with WorkerPool() as workers:
+            pool = None if args.process_per_run else workers
+            if first:
+                print(f"first stage shared by the methods that differ only later: {len(first)} run"
+                      f"{'s' * (len(first) > 1)} in {out / '*' / 'first_stage'}", flush=True)
+                run_all(first, jobs=args.jobs, pool=pool)  # a failed one fails its branches, which say so
+            trained = [run for run in runs if run.source is None]
+            failed = run_all(trained, jobs=args.jobs, pool=pool).failed
+            interpolated = [run for run in runs if run.source is not None]
+            if interpolated:  # after the runs they read; a missing one fails with a line naming it
+                failed += run_all(interpolated, jobs=args.jobs, pool=pool).failed
         missing = [run for run, _ in failed]
     tables = report(runs, out.resolve(), f"Study {pathlib.Path(args.study).stem}", study)
     for run, reason in failed:

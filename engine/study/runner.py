@@ -1,4 +1,8 @@
-"""Run a study's runs as subprocesses, N at once, skipping the finished ones.
+"""Run a study's runs, N at once, skipping the finished ones.
+
+Each job hands its runs to one worker process (engine/study/worker.py) that runs them one after
+another and keeps their compiled steps, so a seed or method whose programs equal an earlier
+run's does not compile again; `process_per_run` starts a fresh `tenure` process for every run.
 
 A run is finished when its ``forgetting.json`` exists (the engine writes it last), so a
 killed study resumes where it stopped; an unfinished run dir is simply run again (the
@@ -74,11 +78,50 @@ class Outcome:
     failed: list[tuple[Run, str]] = dataclasses.field(default_factory=list)  # (run, reason with log path)
 
 
-class _Runner:
-    def __init__(self, total: int, finished: int, env: dict, stream: TextIO):
-        self.total, self.finished, self.env, self.stream = total, finished, env, stream
+_CLI = (sys.executable, "-m", "tenure.engine.cli")
+_WORKER = (sys.executable, "-m", "tenure.engine.study.worker")
+
+
+class WorkerPool:
+    """Idle study workers, kept across the `run_all` calls of one study (its first stages, the
+    trained runs, the interpolations) so later runs reuse what earlier ones compiled."""
+
+    def __init__(self):
+        self.idle: list[subprocess.Popen] = []
         self.lock = threading.Lock()
-        self.procs: set[subprocess.Popen] = set()
+
+    def take(self) -> subprocess.Popen | None:
+        with self.lock:
+            while self.idle:
+                worker = self.idle.pop()
+                if worker.poll() is None:
+                    return worker
+            return None
+
+    def give(self, worker: subprocess.Popen) -> None:
+        with self.lock:
+            self.idle.append(worker)
+
+    def close(self) -> None:
+        """End the idle workers (stdin closed: each exits)."""
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for worker in idle:
+            worker.stdin.close()
+            worker.wait()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Runner:
+    def __init__(self, total: int, finished: int, env: dict, stream: TextIO, pool: "WorkerPool | None"):
+        self.total, self.finished, self.env, self.stream, self.pool = total, finished, env, stream, pool
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()   # the processes running a run now
         self.stopping = False
 
     def say(self, text: str) -> None:
@@ -94,15 +137,12 @@ class _Runner:
         with open(log_path, "a") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run.command)}\n")
             log.flush()
-            with self.lock:
-                if self.stopping:
-                    return "not started (study interrupted)"
-                proc = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        stdin=subprocess.DEVNULL)
-                self.procs.add(proc)
-            code = proc.wait()
-            with self.lock:
-                self.procs.discard(proc)
+        if self.pool is None or run.command[:len(_CLI)] != _CLI:
+            code = self._in_own_process(run, log_path)
+        else:
+            code = self._in_worker(run, log_path)
+        if code is None:
+            return "not started (study interrupted)"
         elapsed = time.monotonic() - start
         if code == 0 and is_finished(run):
             reason = None
@@ -119,6 +159,50 @@ class _Runner:
                   f"{self.total - self.finished} left" + ("" if reason is None else f" ({reason})"),
                   file=self.stream, flush=True)
         return reason
+
+    def _start(self, command, **popen) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(command, env=self.env, **popen)
+            self.procs.add(proc)
+            return proc
+
+    def _done(self, proc: subprocess.Popen) -> int:
+        code = proc.wait()
+        with self.lock:
+            self.procs.discard(proc)
+        return code
+
+    def _in_own_process(self, run: Run, log_path) -> int | None:
+        with open(log_path, "a") as log:
+            proc = self._start(run.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            return None if proc is None else self._done(proc)
+
+    def _in_worker(self, run: Run, log_path) -> int | None:
+        worker = self.pool.take()
+        if worker is not None:
+            with self.lock:
+                self.procs.add(worker)
+        else:
+            worker = self._start(_WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            if worker is None:
+                return None
+        request = {"argv": list(run.command[len(_CLI):]), "log": str(log_path)}
+        try:
+            worker.stdin.write(json.dumps(request) + "\n")
+            worker.stdin.flush()
+            reply = worker.stdout.readline()
+        except (BrokenPipeError, ValueError):   # the worker died, or its pipe was closed
+            reply = ""
+        code = json.loads(reply)["code"] if reply else None
+        if code == 0:
+            with self.lock:
+                self.procs.discard(worker)
+            self.pool.give(worker)
+            return 0
+        ended = self._done(worker)   # a failed run ends its worker; the next run gets a fresh one
+        return ended if code is None else code
 
     def stop(self) -> None:
         with self.lock:
@@ -148,8 +232,10 @@ def _raise_on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: TextIO | None = None) -> Outcome:
-    """Run every unfinished run, `jobs` at once; failures are reported and the rest go on."""
+def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: TextIO | None = None,
+            pool: WorkerPool | None = None) -> Outcome:
+    """Run every unfinished run, `jobs` at once; failures are reported and the rest go on.
+    With a worker `pool` the `tenure` commands run in its workers; without, each in its own process."""
     stream = stream or sys.stdout
     if jobs < 1:
         raise TenureError(f"--jobs: must be at least 1, got {jobs}")
@@ -162,11 +248,11 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
           + (f", {min(jobs, len(todo))} at a time" if len(todo) > 1 and jobs > 1 else ""), file=stream, flush=True)
     if not todo:
         return outcome
-    runner = _Runner(len(runs), len(outcome.skipped), thread_env(jobs) if env is None else env, stream)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    runner = _Runner(len(runs), len(outcome.skipped), thread_env(jobs) if env is None else env, stream, pool)
+    threads = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     previous = _raise_on_sigterm()
     try:
-        futures = {pool.submit(runner, run): run for run in todo}
+        futures = {threads.submit(runner, run): run for run in todo}
         for future in concurrent.futures.as_completed(futures):
             run, reason = futures[future], future.result()
             if reason is None:
@@ -177,7 +263,7 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
         runner.stop()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        threads.shutdown(wait=True, cancel_futures=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     order = {id(r): i for i, r in enumerate(runs)}

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from tenure.engine.train.divergence import DivergenceConfig, DivergenceState, guard_step, keep_if_ok, ratio_before_apply
 from tenure.engine.tasks.losses import LossFn, total_loss
+from tenure.engine.runtime.executables import SharedStep
 from tenure.engine.runtime.sharding import batch_sharding, replicated
 from tenure.engine.runtime.xla_env import compiler_options
 from tenure.engine.train.trainability import path_str
@@ -143,17 +144,19 @@ def make_train_step(model: nn.Module, losses: dict[str, LossFn], tx: optax.Gradi
                if xla_options is None else xla_options)
     # keep_unused: the state is donated whole, divergence fields the step only writes included, so
     # the executable's arguments are the state and the batch (what `tenure compile` reports).
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",),
-                   keep_unused=True, compiler_options=options)
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnames=("state",),
+                     keep_unused=True, compiler_options=options)
+    return SharedStep(jitted, options, mesh.devices.flat)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any,
                    reduce_fn: Callable[[dict, dict], Any] | None = None):
     step = functools.partial(eval_step, model=model, reduce_fn=reduce_fn)
-    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh),
-                   compiler_options=compiler_options(mesh.devices.flat[0].platform,
-                                                     getattr(model, "dtype", jnp.float32)))
+    options = compiler_options(mesh.devices.flat[0].platform, getattr(model, "dtype", jnp.float32))
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh),
+                     compiler_options=options)
+    return SharedStep(jitted, options, mesh.devices.flat)
 
 
 def like_params_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
