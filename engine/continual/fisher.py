@@ -80,6 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from tenure.engine.runtime.executables import SharedStep
 from tenure.engine.runtime.sharding import batch_sharding, replicated
 from tenure.engine.tasks.kinds import TaskKind, kind_of
 from tenure.models.errors import TenureError
@@ -266,9 +267,10 @@ def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, pa
             sums = jax.tree.map(lambda s: jnp.square(s) / jnp.maximum(count, 1), sums)
         return sums, count, units
 
-    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh),
-                                         replicated(mesh)),
-                     out_shardings=(sum_shardings, replicated(mesh), replicated(mesh)))
+    jitted = SharedStep(jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh),
+                                                    replicated(mesh)),
+                                out_shardings=(sum_shardings, replicated(mesh), replicated(mesh))),
+                        None, mesh.devices.flat)
 
     def fisher_step(params, batch, key, budget=None):
         return jitted(params, batch, key, _NO_LIMIT if budget is None else np.int32(budget))
