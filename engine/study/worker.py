@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import sys
 import traceback
 
@@ -57,8 +58,9 @@ def _run(argv: list[str]) -> int:
             array.block_until_ready()
     gc.collect()
     compiled, reused = (executables.STATS[k] - before[k] for k in ("compiled", "reused"))
-    print(f"study worker {os.getpid()}: steps compiled {compiled}, reused from earlier runs of this process "
-          f"{reused}", flush=True)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: kB
+    print(f"study worker {os.getpid()}: peak resident {peak_gb:.1f} GB; steps compiled {compiled}, reused from "
+          f"earlier runs of this process {reused}", flush=True)
     return code
 
 
