@@ -1,8 +1,9 @@
 """Run a study's runs, N at once, skipping the finished ones.
 
-Each job hands its runs to one worker process (engine/study/worker.py) that runs them one after
-another and keeps their compiled steps, so a seed or method whose programs equal an earlier
-run's does not compile again; `process_per_run` starts a fresh `tenure` process for every run.
+With a `WorkerPool`, each job hands its `tenure` commands to one worker process
+(engine/study/worker.py) that runs them one after another and keeps their compiled steps, so a
+seed or method whose programs equal an earlier run's does not compile again; without one
+(`tenure study --process-per-run`) every run is a fresh process.
 
 A run is finished when its ``forgetting.json`` exists (the engine writes it last), so a
 killed study resumes where it stopped; an unfinished run dir is simply run again (the
