@@ -702,7 +702,9 @@ def test_a_swept_study_runs_every_point_from_one_stage_a_and_resumes(tiny_sweep_
     # The runs ran in two worker processes; every branched run reused steps an earlier run of its
     # worker compiled (the eval steps at least), and its result is the one its command gives in a
     # process of its own, to the bit.
-    for log in (out / "base").glob("[nr]*/**/study.log"):
+    logs = sorted((out / "base").glob("[nr]*/**/study.log"))
+    assert len(logs) == 6   # naive x 2 seeds, replay x 2 points x 2 seeds
+    for log in logs:
         reused = [int(line.rsplit(" ", 1)[1]) for line in log.read_text().splitlines()
                   if line.startswith("study worker ")]
         assert reused and reused[0] >= 1, log
