@@ -244,10 +244,11 @@ def test_selection_is_made_on_validation_even_where_test_disagrees(tmp_path, sel
 
 
 def test_a_selection_that_would_read_test_is_refused_before_anything_runs(tmp_path):
-    data = {"train": "train.jsonl", "validation": "validation.jsonl", "labels": ["x", "y"]}
+    data = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "labels": ["x", "y"]}
     base = {"model": {"path": "some/model"},
             "tasks": {"A": {"kind": "seq_cls", "data": data},
-                      "B": {"kind": "seq_cls", "data": {**data, "validation": None}}},
+                      "B": {"kind": "seq_cls", "data": {**data, "validation": None}},
+                      "probe": {"kind": "lm_eval", "tasks": ["tenure_format"]}},  # no data block at all
             "stages": [{"tasks": ["A"], "steps": 4}, {"tasks": ["B"], "steps": 4}]}
     path = write_study(tmp_path, SELECT.replace("SELECT", "acc"))
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -257,7 +258,7 @@ def test_a_selection_that_would_read_test_is_refused_before_anything_runs(tmp_pa
     with pytest.raises(TenureError) as caught:
         run_study(parser.parse_args(["study", str(path), "--out", str(out)]))
     assert str(caught.value) == ("study key 'select': 'acc' would be chosen on test: naive[optim.lr=0.0001] has no "
-                                 "validation split for B (set tasks.<task>.data.validation, or drop 'select')")
+                                 "validation split for B, probe (set tasks.<task>.data.validation, or drop 'select')")
     assert not out.exists()  # refused before running
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(base))
     only_a = write_study(tmp_path, SELECT.replace("SELECT", "final/A").replace("base.yaml", "b.yaml"))

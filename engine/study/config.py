@@ -567,8 +567,9 @@ def check_selection_uses_validation(study: StudyConfig, runs: list[Run]) -> None
     for run in (r for r in runs if r.point.values):  # the points a selection chooses among
         trained = run.source or run  # an interpolated run is scored on its trained run's splits
         cfg = load_config(trained.command[4], list(trained.command[5:]))
-        splits = ({name: task.data.validation for name, task in cfg.tasks.items()} if cfg.tasks
-                  else {"the task": cfg.data.validation})
+        # an lm_eval probe carries no data block: it has no validation split to choose on
+        splits = ({name: task.data.validation if task.data else None for name, task in cfg.tasks.items()}
+                  if cfg.tasks else {"the task": cfg.data.validation})
         wanted = figure_tasks(study.select, list(splits)) if cfg.tasks else list(splits)
         missing = [t for t in wanted if t in splits and splits[t] is None]
         if missing:
