@@ -231,6 +231,7 @@ FAKE_TRAIN = """
 import json, pathlib, sys
 run_dir = pathlib.Path(sys.argv[1]); code = int(sys.argv[2])
 (run_dir / "ran").write_text("yes")
+(run_dir / "checkpoints" / "4").mkdir(parents=True)
 print("training", run_dir.name, flush=True)
 if code == 0:
     (run_dir / "forgetting.json").write_text(json.dumps({"tasks": ["A"]}))
@@ -269,6 +270,16 @@ def test_runner_skips_finished_runs_reports_failures_and_goes_on(tmp_path, capsy
     assert [r.method for r in again.skipped] == ["finished", "todo", "late"]
     assert [r.method for r, _ in again.failed] == ["broken"]
     assert (broken.run_dir / "study.log").read_text().count("=== ") == 2
+
+
+def test_prune_deletes_the_checkpoints_of_finished_runs_only(tmp_path):
+    """study key keep_checkpoints: false: a run that finished loses its checkpoints (nothing resumes
+    it); one the study keeps (a branch source) and one that failed (it resumes) keep theirs."""
+    pruned, kept, broken = (fake_run(tmp_path, n, c) for n, c in (("pruned", 0), ("kept", 0), ("broken", 3)))
+    outcome = run_all([pruned, kept, broken], jobs=1, stream=io.StringIO(), prune=lambda run: run.method != "kept")
+    assert [r.method for r in outcome.done] == ["pruned", "kept"]
+    assert not (pruned.run_dir / "checkpoints").exists() and pruned.result.is_file()
+    assert (kept.run_dir / "checkpoints" / "4").is_dir() and (broken.run_dir / "checkpoints" / "4").is_dir()
 
 
 def test_a_run_dir_made_by_another_command_is_refused(tmp_path):
@@ -640,8 +651,8 @@ def tiny_sweep_study(tmp_path_factory):
             "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0},
             "train": {"eval_every": 2, "log_every": 2}, "checkpoint": {"every_steps": 100},
             "logging": {"progress": False, "tensorboard": False}}
-    study = write_study(tmp_path, "base: base.yaml\nseeds: 2\nselect: acc\nmethods:\n  naive: []\n  replay: []\n"
-                                  "sweep:\n  replay: {stages.1.replay.ratio: [0.25, 0.5]}\n")
+    study = write_study(tmp_path, "base: base.yaml\nseeds: 2\nselect: acc\nkeep_checkpoints: false\nmethods:\n"
+                                  "  naive: []\n  replay: []\nsweep:\n  replay: {stages.1.replay.ratio: [0.25, 0.5]}\n")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))  # write_study wrote a placeholder base
     out = tmp_path / "out"
     assert run_study(study_args(study, "--out", str(out), "--jobs", "2")) == 0
@@ -697,8 +708,11 @@ def test_a_swept_study_runs_every_point_from_one_stage_a_and_resumes(tiny_sweep_
     (matched,) = [m for m in comparison["matched"] if m["method"] == "replay"]
     assert matched["reached"] == (min(replay_levels) - 1e-12 <= naive_level <= max(replay_levels) + 1e-12)
     assert comparison["reference"] == "naive" and comparison["comparisons"] == 2 * 2 + matched["reached"]
-    # The resume ran the one killed run only.
+    # The resume ran the one killed run only (its checkpoints were pruned: it ran again from stage A's).
     assert "2 runs: 2 already done, 0 to run\n6 runs: 5 already done, 1 to run\n" in printed
+    # keep_checkpoints: false: the branched runs' checkpoints are gone, the stage-A runs they branch from keep theirs.
+    assert all((first[k] / "checkpoints").is_dir() for k in (0, 1))
+    assert not list((out / "base").glob("[nr]*/**/checkpoints"))
     # The runs ran in two worker processes; every branched run reused steps an earlier run of its
     # worker compiled (the eval steps at least), and its result is the one its command gives in a
     # process of its own, to the bit.

@@ -243,6 +243,35 @@ def test_selection_is_made_on_validation_even_where_test_disagrees(tmp_path, sel
     assert {p["variant"] for p in comparison["paired"]} == {v for v in SCORES if v != naive_choice}
 
 
+def test_reference_flag_compares_with_another_method_and_keeps_the_study_tables(tmp_path):
+    """`--reference ewc`: every method paired with ewc at its point chosen on validation, the tables
+    in OUT/vs-ewc/; the study's own tables (vs naive) are not touched; an unknown method is one line."""
+    data = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "labels": ["x", "y"]}
+    path = write_study(tmp_path, SELECT.replace("SELECT", "acc"))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "model": {"path": "some/model"}, "tasks": {"A": {"kind": "seq_cls", "data": data},
+                                                   "B": {"kind": "seq_cls", "data": data}},
+        "stages": [{"tasks": ["A"], "steps": 4}, {"tasks": ["B"], "steps": 4}]}))
+    out = tmp_path / "out"
+    for run in plan_runs(load_study(path), path, out):
+        learn, forget, v_learn, v_forget = SCORES[run.variant]
+        write_run(run, learn + 0.01 * run.seed, forget, validation=(v_learn + 0.01 * run.seed, v_forget))
+    parser = argparse.ArgumentParser(prog="tenure")
+    add_study_parser(parser.add_subparsers(dest="command"))
+    assert run_study(parser.parse_args(["study", str(path), "--aggregate-only", "--reference", "ewc",
+                                        "--out", str(out)])) == 0
+    (table,) = json.loads((out / "vs-ewc" / "study.json").read_text())["cells"]
+    comparison = table["comparison"]
+    assert comparison["reference"] == "ewc[ewc.lambda=10]"          # ewc's validation choice
+    assert {p["variant"] for p in comparison["paired"]} == {v for v in SCORES if v != "ewc[ewc.lambda=10]"}
+    naive_low = next(p for p in comparison["paired"] if p["variant"] == "naive[optim.lr=0.0001]")
+    # paired by seed: forgetting 0.40 against ewc's 0.30 in every seed, so the difference is exactly 0.1
+    assert naive_low["forgetting_max"]["mean"] == pytest.approx(0.1)
+    assert not (out / "study.json").exists() and (out / "vs-ewc" / "tradeoff.png").is_file()
+    with pytest.raises(TenureError, match="'reference': 'joint' is not a method of the study"):
+        run_study(parser.parse_args(["study", str(path), "--aggregate-only", "--reference", "joint", "--out", str(out)]))
+
+
 def test_a_selection_that_would_read_test_is_refused_before_anything_runs(tmp_path):
     data = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "labels": ["x", "y"]}
     base = {"model": {"path": "some/model"},

@@ -37,6 +37,9 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                         "its runs one after another and reuses the steps they compile alike)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="run nothing; tabulate and plot the runs already finished")
+    p.add_argument("--reference", metavar="METHOD",
+                   help="compare every method with METHOD (at its point chosen on validation, if it sweeps) "
+                        "instead of the study's reference; tables and plots go to OUT/vs-METHOD/")
     p.set_defaults(fn=run_study)
     return p
 
@@ -111,7 +114,7 @@ def run_study(args) -> int:
         share_first_stage
     from tenure.engine.study.runner import WorkerPool, run_all
 
-    study = load_study(args.study)
+    study = load_study(args.study, reference=args.reference)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     out = pathlib.Path(args.out) if args.out else default_out(args.study, study)
     runs = plan_runs(study, args.study, out, methods=methods, seeds=args.seeds)
@@ -130,12 +133,16 @@ def run_study(args) -> int:
                       f"{'s' * (len(first) > 1)} in {out / '*' / 'first_stage'}", flush=True)
                 run_all(first, jobs=args.jobs, pool=pool)  # a failed one fails its branches, which say so
             trained = [run for run in runs if run.source is None]
-            failed = run_all(trained, jobs=args.jobs, pool=pool).failed
+            read_later = {r.source.run_dir for r in runs if r.source is not None}
+            prune = lambda run: not study.keep_checkpoints and run.run_dir not in read_later  # noqa: E731
+            failed = run_all(trained, jobs=args.jobs, pool=pool, prune=prune).failed
             interpolated = [run for run in runs if run.source is not None]
             if interpolated:  # after the runs they read; a missing one fails with a line naming it
                 failed += run_all(interpolated, jobs=args.jobs, pool=pool).failed
         missing = [run for run, _ in failed]
-    tables = report(runs, out.resolve(), f"Study {pathlib.Path(args.study).stem}", study)
+    tables_dir = out / f"vs-{args.reference}" if args.reference else out  # the study's own tables stay
+    tables_dir.mkdir(exist_ok=True)
+    tables = report(runs, tables_dir.resolve(), f"Study {pathlib.Path(args.study).stem}", study)
     for run, reason in failed:
         print(f"failed: {run.name}: {reason}", file=sys.stderr)
     if not tables:

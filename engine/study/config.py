@@ -202,6 +202,9 @@ class StudyConfig(BaseModel):
     select: str | None = Field(None, description="figure (STATS name or final/<task>) by whose VALIDATION mean "
                                                  "the best point of each swept method is chosen; null = none")
     seeds: int = Field(5, ge=1, description="seeds per method and cell: train.seed = 0 .. seeds-1")
+    keep_checkpoints: bool = Field(True, description="false: delete a run's checkpoints once it has finished "
+                                                     "(the tables read only its JSON), except a first stage "
+                                                     "others branch from or a run an interpolation reads")
     out: str | None = Field(None, description="directory for the runs, tables and plots (relative to the "
                                               "working directory); null = runs/study/<study file name>")
     exclude: list[dict[str, Any]] = Field(
@@ -337,10 +340,13 @@ def _describe(error: dict) -> str:
                                                else f" (got {error['input']!r})")
 
 
-def load_study(path: str | pathlib.Path) -> StudyConfig:
-    """Read and validate a study file; every problem is one TenureError line naming the key."""
+def load_study(path: str | pathlib.Path, reference: str | None = None) -> StudyConfig:
+    """Read and validate a study file; every problem is one TenureError line naming the key.
+    `reference` (`tenure study --reference`) replaces the file's reference method."""
     path = pathlib.Path(path)
     tree = read_yaml_mapping(path, "study file", "(base, methods, grid, seeds)")
+    if reference is not None:
+        tree = {**tree, "reference": reference}
     try:
         study = StudyConfig.model_validate(tree)
     except pydantic.ValidationError as exc:

@@ -17,12 +17,13 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 from tenure.engine.runtime import atomic
 from tenure.engine.study.config import Run
@@ -119,8 +120,10 @@ class WorkerPool:
 
 
 class _Runner:
-    def __init__(self, total: int, finished: int, env: dict, stream: TextIO, pool: "WorkerPool | None"):
+    def __init__(self, total: int, finished: int, env: dict, stream: TextIO, pool: "WorkerPool | None",
+                 prune: Callable[[Run], bool]):
         self.total, self.finished, self.env, self.stream, self.pool = total, finished, env, stream, pool
+        self.prune = prune
         self.lock = threading.Lock()
         self.procs: set[subprocess.Popen] = set()   # the processes running a run now
         self.stopping = False
@@ -147,6 +150,8 @@ class _Runner:
         elapsed = time.monotonic() - start
         if code == 0 and is_finished(run):
             reason = None
+            if self.prune(run):  # a finished run is never resumed: its checkpoints only take disk
+                shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
         elif code == 0:
             reason = f"exited 0 but wrote no {run.result.name}; log: {log_path}"
         else:
@@ -234,9 +239,10 @@ def _raise_on_sigterm():
 
 
 def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: TextIO | None = None,
-            pool: WorkerPool | None = None) -> Outcome:
+            pool: WorkerPool | None = None, prune: Callable[[Run], bool] = lambda run: False) -> Outcome:
     """Run every unfinished run, `jobs` at once; failures are reported and the rest go on.
-    With a worker `pool` the `tenure` commands run in its workers; without, each in its own process."""
+    With a worker `pool` the `tenure` commands run in its workers; without, each in its own process.
+    A run for which `prune(run)` is true has its checkpoints deleted once it has finished."""
     stream = stream or sys.stdout
     if jobs < 1:
         raise TenureError(f"--jobs: must be at least 1, got {jobs}")
@@ -249,7 +255,7 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
           + (f", {min(jobs, len(todo))} at a time" if len(todo) > 1 and jobs > 1 else ""), file=stream, flush=True)
     if not todo:
         return outcome
-    runner = _Runner(len(runs), len(outcome.skipped), thread_env(jobs) if env is None else env, stream, pool)
+    runner = _Runner(len(runs), len(outcome.skipped), thread_env(jobs) if env is None else env, stream, pool, prune)
     threads = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     previous = _raise_on_sigterm()
     try:
