@@ -86,7 +86,7 @@ def test_minilm_fisher_variants_headline(tmp_path, short_test):
     stage_a = {"tasks": ["A"], "steps": 40}
     _train(tmp_path / "A", [*reduced, "stages=" + json.dumps([stage_a])], config="fisher_variants.yaml")
     two_tasks = [*reduced, f"branch_from={tmp_path / 'A'}"]
-    branches = {"naive": [], "exact 1e5": [*study.methods["exact"], "ewc.lambda=1e5"],
+    branches = {"naive": study.methods["naive"], "exact 1e5": [*study.methods["exact"], "ewc.lambda=1e5"],
                 "batched 1e5": [*study.methods["batched"], "ewc.lambda=1e5"],
                 "batched 1e7": [*study.methods["batched"], "ewc.lambda=1e7"]}
     R = {name: _train(tmp_path / name.replace(" ", "_"), [*overrides, *two_tasks], config="fisher_variants.yaml")["R"]

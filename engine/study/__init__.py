@@ -133,10 +133,10 @@ def run_study(args) -> int:
                       f"{'s' * (len(first) > 1)} in {out / '*' / 'first_stage'}", flush=True)
                 run_all(first, jobs=args.jobs, pool=pool)  # a failed one fails its branches, which say so
             trained = [run for run in runs if run.source is None]
-            read_later = {r.source.run_dir for r in runs if r.source is not None}
+            interpolated = [run for run in runs if run.source is not None]
+            read_later = {run.source.run_dir for run in interpolated}
             prune = lambda run: not study.keep_checkpoints and run.run_dir not in read_later  # noqa: E731
             failed = run_all(trained, jobs=args.jobs, pool=pool, prune=prune).failed
-            interpolated = [run for run in runs if run.source is not None]
             if interpolated:  # after the runs they read; a missing one fails with a line naming it
                 failed += run_all(interpolated, jobs=args.jobs, pool=pool).failed
         missing = [run for run, _ in failed]

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Callable, TextIO
 
+from tenure.engine.continual.branch import source_checkpoints
 from tenure.engine.runtime import atomic
 from tenure.engine.study.config import Run
 from tenure.models.errors import TenureError
@@ -151,7 +152,7 @@ class _Runner:
         if code == 0 and is_finished(run):
             reason = None
             if self.prune(run):  # a finished run is never resumed: its checkpoints only take disk
-                shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
+                shutil.rmtree(source_checkpoints(run.run_dir)[0], ignore_errors=True)
         elif code == 0:
             reason = f"exited 0 but wrote no {run.result.name}; log: {log_path}"
         else:
