@@ -317,14 +317,65 @@ def test_methods_without_a_sweep_need_no_validation_split(tmp_path):
 
 
 def test_interpolation_between_points_and_at_tied_learning():
-    """Hand values: points given out of order; two points at the same learning count as one at
-    their mean forgetting (so the answer does not depend on the sweep's order)."""
+    """Hand values: points given out of order; of two points at the same learning the one that
+    forgets less is the envelope's (so the answer does not depend on the sweep's order)."""
     from tenure.engine.study.stats import interpolate_rows
     x_BxP = np.array([[0.9, 0.6, 0.7], [0.5, 0.5, 0.8], [0.5, 0.5, 0.8]])
     y_BxP = np.array([[0.5, 0.1, 0.2], [0.0, 0.2, 0.4], [0.2, 0.0, 0.4]])
     got = interpolate_rows(x_BxP, y_BxP, np.array([0.8, 0.5, 0.65]))
     assert got[0] == pytest.approx(0.2 + 0.5 * 0.3)          # between (0.7, 0.2) and (0.9, 0.5)
-    assert got[1] == pytest.approx(0.1)                      # at the tie: mean of 0.0 and 0.2
-    assert got[2] == pytest.approx(0.1 + 0.5 * (0.4 - 0.1))  # from the tie's mean toward (0.8, 0.4)
+    assert got[1] == pytest.approx(0.0)                      # at the tie: the point forgetting 0.0
+    assert got[2] == pytest.approx(0.0 + 0.5 * 0.4)          # from (0.5, 0.0) toward (0.8, 0.4)
     outside = interpolate_rows(x_BxP, y_BxP, np.array([0.95, 0.4, 0.81]))
     assert np.isnan(outside).all()                           # not reached: no extrapolation
+
+
+def test_interpolation_skips_points_beaten_on_both_axes():
+    """A sweep point that learns less AND forgets more than another (a too-high lr) is not on the
+    trade-off curve: interpolating through it would overstate the method's forgetting."""
+    from tenure.engine.study.stats import dominated_rows, interpolate_rows
+    x_1xP = np.array([[0.6, 0.7, 0.9, 0.8]])
+    y_1xP = np.array([[0.1, 0.6, 0.5, 0.3]])                  # (0.7, 0.6) is beaten by (0.8, 0.3)
+    assert dominated_rows(x_1xP, y_1xP, True).tolist() == [[False, True, False, False]]
+    got = interpolate_rows(np.repeat(x_1xP, 4, 0), np.repeat(y_1xP, 4, 0), np.array([0.7, 0.85, 0.6, 0.65]))
+    assert got == pytest.approx([0.1 + 0.5 * 0.2, 0.3 + 0.5 * 0.2, 0.1, 0.1 + 0.25 * 0.2])
+    # learning as perplexity (lower learns more): the same points mirrored, the same answers
+    got = interpolate_rows(-np.repeat(x_1xP, 4, 0), np.repeat(y_1xP, 4, 0), -np.array([0.7, 0.85, 0.6, 0.65]),
+                           higher_learns_more=False)
+    assert got == pytest.approx([0.2, 0.4, 0.1, 0.15])
+    # one point beats all the others: a level between them costs that point's forgetting
+    flat = interpolate_rows(np.array([[0.5, 0.9]]), np.array([[0.4, 0.2]]), np.array([0.7]))
+    assert flat == pytest.approx([0.2])
+
+
+PERPLEXITY = """
+base: base.yaml
+seeds: 3
+methods: {naive: [], lora: []}
+sweep:
+  lora: {optim.lr: [1.0e-4, 1.0e-3, 1.0e-2]}
+tradeoff: {learning: final/B, forgetting: forgetting_max, levels: [18]}
+"""
+
+
+def test_matched_learning_on_a_lower_is_better_figure_uses_the_envelope(tmp_path):
+    """Learning as a loss-like figure (lower learns more: task B's final test score with direction
+    min, as a perplexity): lora's lr-1e-2 point learns less than its lr-1e-3 and forgets more, so
+    the study skips it, says so, and matches along (20, 0.05)-(16, 0.25)."""
+    path = write_study(tmp_path, PERPLEXITY)
+    points = {"naive": (17.0, 0.30), "lora[optim.lr=0.0001]": (20.0, 0.05), "lora[optim.lr=0.001]": (16.0, 0.25),
+              "lora[optim.lr=0.01]": (18.5, 0.60)}
+    for run in plan_runs(load_study(path), path, tmp_path / "out"):
+        write_run(run, *points[run.variant])
+        record = json.loads(run.result.read_text())
+        run.result.write_text(json.dumps({**record, "direction": {"A": "max", "B": "min"}}))
+    (table,) = tables_of(path, tmp_path)
+    matched = {(m["method"], m["at"]): m for m in table["comparison"]["matched"] if m["method"] == "lora"}
+    at_18 = matched["lora", 18]
+    assert at_18["reached"] and at_18["dominated"] == ["lora[optim.lr=0.01]"]
+    assert at_18["forgetting"]["mean"] == pytest.approx(0.05 + 0.5 * 0.20)   # not via (18.5, 0.60)
+    at_naive = matched["lora", "reference"]                                  # naive's 17.0
+    assert at_naive["forgetting"]["mean"] == pytest.approx(0.05 + 0.75 * 0.20)
+    assert at_naive["difference"]["mean"] == pytest.approx(0.20 - 0.30)
+    from tenure.engine.study.aggregate import comparison_markdown
+    assert "Skipped as beaten on both axes (means over seeds): lora[optim.lr=0.01]." in comparison_markdown(table)

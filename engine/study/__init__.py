@@ -70,7 +70,9 @@ def analyse(runs, study) -> list[tuple[dict, dict]]:
             best = compare.figure_direction(study.select, table["direction"]) if study.select else "max"
             table["comparison"] = compare.compare(
                 table["rows"], reference=study.reference_method, learning=tradeoff.learning,
-                forgetting=tradeoff.forgetting, levels=tradeoff.levels, select=study.select, select_best=best,
+                forgetting=tradeoff.forgetting, levels=tradeoff.levels,
+                learning_best=compare.figure_direction(tradeoff.learning, table["direction"]),
+                select=study.select, select_best=best,
                 validation=_validation(by_variant, study.select) if study.select else None)
             table["predictors"] = aggregate.predictors(by_variant, tradeoff.forgetting)
             table["predictors_of"] = tradeoff.forgetting

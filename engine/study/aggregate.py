@@ -399,7 +399,8 @@ def comparison_markdown(table: dict) -> str:
             lines.append(f"| {entry['variant']} | {_estimate_text(a)} | {_estimate_text(b)} | {min(a['n'], b['n'])} |")
         parts.append("\n".join(lines))
     if comparison["matched"]:
-        lines = [f"{forgetting} at matched {learning} (linear along each method's points sorted by learning; "
+        lines = [f"{forgetting} at matched {learning} (along each method's lower envelope: linear between its "
+                 "points in order of learning, skipping any point another of its points beats on both axes; "
                  "no extrapolation):", "",
                  f"| method | at {learning} | {forgetting} there | minus {reference or 'reference'}'s | n |",
                  "|---|---:|---:|---:|---:|"]
@@ -416,6 +417,10 @@ def comparison_markdown(table: dict) -> str:
                 there = "not reached" + (f" (learning {span[0]:.3f}–{span[1]:.3f})" if span else " (no paired seeds)")
                 diff = ""
             lines.append(f"| {entry['method']} | {at} | {there} | {diff} | {entry['n']} |")
+        skipped = {e["method"]: e["dominated"] for e in comparison["matched"] if e.get("dominated")}
+        if skipped:
+            lines += ["", "Skipped as beaten on both axes (means over seeds): "
+                      + "; ".join(", ".join(variants) for variants in skipped.values()) + "."]
         parts.append("\n".join(lines))
     parts.append(f"{comparison['comparisons']} comparisons with the reference in this table (each a 95% interval, "
                  "not corrected for their number: about 1 in 20 excludes 0 by chance where nothing differs).")

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from tenure.engine.study.stats import interpolate_rows, mean_ci, percentile_interval, resample_indices
+from tenure.engine.study.stats import dominated_rows, interpolate_rows, mean_ci, percentile_interval, resample_indices
 
 
 def figure_direction(figure: str, direction: dict[str, str]) -> str:
@@ -59,12 +59,13 @@ def paired_difference(row: dict, reference: dict, key: str) -> dict:
 
 
 def matched_learning(members: list[dict], reference: dict | None, learning: str, forgetting: str,
-                     level: float | None) -> dict:
-    """Forgetting of one method (its rows = its sweep points) at a learning level, linear along
-    its points sorted by learning (means over seeds). `level` None: the reference's learning, and
-    the result is also the difference to the reference's forgetting, paired by seed. Seeds: those
-    every point (and the reference) has. A level outside the points' learning range is not
-    reached: no value, no extrapolation."""
+                     level: float | None, higher_learns_more: bool = True) -> dict:
+    """Forgetting of one method (its rows = its sweep points) at a learning level, along the lower
+    envelope of its points (means over seeds; stats.interpolate_rows): a point another of its
+    points beats on both axes is skipped, in every bootstrap resample anew. `level` None: the
+    reference's learning, and the result is also the difference to the reference's forgetting,
+    paired by seed. Seeds: those every point (and the reference) has. A level outside the points'
+    learning range is not reached: no value, no extrapolation."""
     tables = [(_by_seed(r, learning), _by_seed(r, forgetting)) for r in members]
     if reference is not None:
         ref = (_by_seed(reference, learning), _by_seed(reference, forgetting))
@@ -86,11 +87,13 @@ def matched_learning(members: list[dict], reference: dict | None, learning: str,
         level_B, level_value = ref_x_S[idx_BxS].mean(axis=1), float(ref_x_S.mean())
     else:
         level_B, level_value = np.full(len(idx_BxS), level), float(level)
-    result.update(level_value=level_value, range=[float(x_P.min()), float(x_P.max())])
-    value = float(interpolate_rows(x_P[None], y_P[None], np.array([level_value]))[0])
+    dominated_P = dominated_rows(x_P[None], y_P[None], higher_learns_more)[0]
+    result.update(level_value=level_value, range=[float(x_P.min()), float(x_P.max())],
+                  dominated=[r["variant"] for r, skip in zip(members, dominated_P) if skip])
+    value = float(interpolate_rows(x_P[None], y_P[None], np.array([level_value]), higher_learns_more)[0])
     if not math.isfinite(value):
         return {**result, "reached": False}
-    value_B = interpolate_rows(x_BxP, y_BxP, level_B)
+    value_B = interpolate_rows(x_BxP, y_BxP, level_B, higher_learns_more)
     result.update(reached=True, forgetting=_estimate(value, *percentile_interval(value_B), len(seeds)),
                   unreached_resamples=float(np.mean(~np.isfinite(value_B))))
     if level is None:
@@ -100,7 +103,7 @@ def matched_learning(members: list[dict], reference: dict | None, learning: str,
 
 
 def compare(rows: list[dict], *, reference: str | None, learning: str, forgetting: str, levels: list[float],
-            select: str | None = None, select_best: str = "max",
+            learning_best: str = "max", select: str | None = None, select_best: str = "max",
             validation: dict[str, dict[int, float]] | None = None) -> dict:
     """The cell's comparison (JSON-ready): selection, paired differences, matched learning and
     how many comparisons with the reference were made."""
@@ -118,15 +121,15 @@ def compare(rows: list[dict], *, reference: str | None, learning: str, forgettin
                 continue
             paired.append({"variant": row["variant"], "method": row["method"],
                            **{key: paired_difference(row, ref_row, key) for key in (learning, forgetting)}})
-    matched = []
+    matched, higher = [], learning_best == "max"
     for method in methods:
         members = [r for r in rows if r["method"] == method]
         if ref_row is not None and method != reference:
             matched.append({"method": method, "at": "reference",
-                            **matched_learning(members, ref_row, learning, forgetting, None)})
+                            **matched_learning(members, ref_row, learning, forgetting, None, higher)})
         for level in levels:
             matched.append({"method": method, "at": level,
-                            **matched_learning(members, None, learning, forgetting, level)})
+                            **matched_learning(members, None, learning, forgetting, level, higher)})
     count = 2 * len(paired) + sum(1 for m in matched if "difference" in m)
     return {"reference": ref_row["variant"] if ref_row else None, "learning": learning, "forgetting": forgetting,
             "levels": list(levels), "select": select, "selected": chosen, "paired": paired, "matched": matched,
