@@ -336,6 +336,19 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
         resolve(load_config(CONFIG, ["stages.1.guard={task: B, max_drop: 0.1}"]))
 
 
+def test_an_anchor_at_random_initial_weights_is_refused():
+    """Study 3's model is trained from scratch (model.init: random), so its 'pretrained' weights
+    are the random initialisation: L2-SP or the KL term anchored there would pull stage B toward
+    noise (study 3b's L2-SP did: A's perplexity 301 -> 351 at alpha 0.01), not keep stage A."""
+    config = ROOT / "configs/forgetting/decoder_lm.yaml"
+    for term, on in (("l2sp", "stages.1.l2sp.alpha=0.01"), ("kl", "stages.1.kl.weight=1.0")):
+        with pytest.raises(TenureError, match=rf"stage 1: {term}.anchor=pretrained with model.init=random anchors "
+                                              rf"to the random initial weights; set {term}.anchor=stage_start"):
+            load_config(config, [on, f"stages.1.{term}.anchor=pretrained"])
+    cfg = load_config(config, ["stages.1.l2sp.alpha=0.01", "stages.1.l2sp.anchor=stage_start"])
+    assert resolve(cfg)[1][1].l2sp.anchor == "stage_start"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # stage A, then three stage-B branches of the real MiniLM
 def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):

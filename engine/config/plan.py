@@ -41,6 +41,12 @@ def _resolved(cfg) -> RunPlan:
     if len({s.trainable.mode == "lora" for s in stages}) > 1:
         raise TenureError("stages: LoRA changes the parameter tree, so either every stage or none uses "
                           "trainable.mode=lora")
+    if cfg.model.init == "random":  # the run's starting weights are random: nothing to stay near or distil from
+        for s in stages:
+            for name, on in (("l2sp", l2sp_on(s)), ("kl", kl_on(s))):
+                if on and getattr(s, name).anchor == "pretrained":
+                    raise TenureError(f"stage {s.index}: {name}.anchor=pretrained with model.init=random anchors "
+                                      f"to the random initial weights; set {name}.anchor=stage_start")
     return RunPlan(tasks, stages, [_computed(s, stages) for s in stages])
 
 
