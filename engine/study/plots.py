@@ -10,7 +10,6 @@ import pathlib
 import numpy as np
 
 from tenure.engine.study.compare import figure_direction
-from tenure.engine.study.stats import dominated_rows
 from tenure.engine.study.config import STATS
 
 
@@ -33,16 +32,16 @@ def _error(row: dict, key: str) -> tuple[float, float]:
 
 def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
     """Learning (x) against forgetting (y): one curve per method through its lower envelope (the
-    sweep points no other of its points beats on both axes, filled; the others hollow), error
-    bars = 95% bootstrap intervals over seeds, the reference method's point starred and its learning level a dotted line (the matched
-    levels dashed)."""
+    points the comparison did not skip as beaten on both axes, filled; the others hollow), error
+    bars = 95% bootstrap intervals over seeds, the reference method's point starred and its
+    learning level a dotted line (the matched levels dashed)."""
     comparison = table["comparison"]
     x, y = comparison["learning"], comparison["forgetting"]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 5.2), dpi=110)
     colors, markers = plt.get_cmap("tab10"), "osD^vP*X"
     methods = list(dict.fromkeys(row["method"] for row in table["rows"]))
-    higher_learns_more = figure_direction(x, table["direction"]) == "max"
+    dominated = {variant for entry in comparison["matched"] for variant in entry.get("dominated", [])}
     plotted = 0
     for i, method in enumerate(methods):
         rows = [r for r in table["rows"] if r["method"] == method
@@ -55,7 +54,7 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
         n = sorted({len(r["seeds"]) for r in rows})
         label = f"{method} ({len(rows)} point{'s' * (len(rows) > 1)}, n={'/'.join(map(str, n))})"
         x_P, y_P = np.array([r["mean"][x] for r in rows]), np.array([r["mean"][y] for r in rows])
-        envelope_P = ~dominated_rows(x_P[None], y_P[None], higher_learns_more)[0]
+        envelope_P = np.array([r["variant"] not in dominated for r in rows])
         ax.errorbar(x_P, y_P, xerr=xerr, yerr=yerr, marker=markers[i % 8], color=colors(i % 10), capsize=3,
                     markersize=5, linestyle="none", mfc="none", label=label)
         ax.plot(x_P[envelope_P], y_P[envelope_P], marker=markers[i % 8], color=colors(i % 10), markersize=5,
