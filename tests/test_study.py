@@ -273,13 +273,18 @@ def test_runner_skips_finished_runs_reports_failures_and_goes_on(tmp_path, capsy
     assert (broken.run_dir / "study.log").read_text().count("=== ") == 2
 
 
-def test_prune_deletes_the_checkpoints_of_finished_runs_only(tmp_path):
-    """study key keep_checkpoints: false: a run that finished loses its checkpoints (nothing resumes
-    it); one the study keeps (a branch source) and one that failed (it resumes) keep theirs."""
+def test_prune_deletes_the_weights_of_finished_runs_only(tmp_path):
+    """study key keep_checkpoints: false: a run that finished loses its checkpoints and HF export
+    (nothing resumes it); one the study keeps (a branch source) and one that failed (it resumes)
+    keep theirs."""
     pruned, kept, broken = (fake_run(tmp_path, n, c) for n, c in (("pruned", 0), ("kept", 0), ("broken", 3)))
+    for run in (pruned, kept):
+        (run.run_dir / "hf").mkdir(parents=True)
+        (run.run_dir / "hf" / "model.safetensors").write_bytes(b"weights")
     outcome = run_all([pruned, kept, broken], jobs=1, stream=io.StringIO(), prune=lambda run: run.method != "kept")
     assert [r.method for r in outcome.done] == ["pruned", "kept"]
     assert not (pruned.run_dir / "checkpoints").exists() and pruned.result.is_file()
+    assert not (pruned.run_dir / "hf").exists() and (kept.run_dir / "hf" / "model.safetensors").is_file()
     assert (kept.run_dir / "checkpoints" / "4").is_dir() and (broken.run_dir / "checkpoints" / "4").is_dir()
 
 

@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -151,8 +152,9 @@ class _Runner:
         elapsed = time.monotonic() - start
         if code == 0 and is_finished(run):
             reason = None
-            if self.prune(run):  # a finished run is never resumed: its checkpoints only take disk
+            if self.prune(run):  # a finished run is never resumed: its weights only take disk
                 shutil.rmtree(source_checkpoints(run.run_dir)[0], ignore_errors=True)
+                shutil.rmtree(pathlib.Path(run.run_dir) / "hf", ignore_errors=True)
         elif code == 0:
             reason = f"exited 0 but wrote no {run.result.name}; log: {log_path}"
         else:
