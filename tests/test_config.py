@@ -71,3 +71,22 @@ def test_model_attention_reaches_the_task_model(cfg_file):
     assert load_config(cfg_file).model.attention == "einsum"
     with pytest.raises(TenureError, match="config key 'model.attention'"):
         load_config(cfg_file, ["model.attention=flash"])
+
+
+@pytest.mark.parametrize("flags, platforms, expected", [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "", "bfloat16"),   # AMX Xeon
+    ({"avx2", "avx512f", "avx512_bf16"}, "cpu", "bfloat16"),            # Zen 4 / 5
+    ({"avx2"}, "", "float32"),                                          # Zen 3: bf16 emulated
+    ({"avx2"}, "cuda,cpu", "bfloat16"),                                 # a GPU run on that host
+])
+def test_auto_dtype_is_resolved_once_from_the_host(cfg_file, monkeypatch, flags, platforms, expected):
+    """model.dtype: auto becomes a concrete dtype when the config is read, so every later reader
+    (the step, the checkpoint's config, a resume's comparison) sees which one ran."""
+    from tenure.engine.runtime import xla_env
+
+    monkeypatch.setattr(xla_env, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert load_config(cfg_file, ["model.dtype=auto"]).model.dtype == expected
+    assert load_config(cfg_file, ["model.dtype=float32"]).model.dtype == "float32"  # explicit stays
+    with pytest.raises(TenureError, match="config key 'model.dtype'"):
+        load_config(cfg_file, ["model.dtype=fp16"])

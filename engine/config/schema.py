@@ -23,6 +23,7 @@ from tenure.engine.train.divergence import DivergenceConfig
 from tenure.models.errors import TenureError
 from tenure.engine.train.optim import OptimConfig
 from tenure.engine.runtime.sharding import MeshConfig
+from tenure.engine.runtime.xla_env import auto_compute_dtype
 from tenure.engine.config.plan import plan
 from tenure.engine.config.stages import EWCConfig, KLConfig, L2SPConfig, ReplayConfig, StageConfig
 from tenure.engine.train.trainability import TrainableConfig
@@ -39,9 +40,11 @@ class ModelConfig(Section):
     path: str = Field(description="HF model directory (config.json + safetensors), or the alias 'minilm'")
     init: Literal["pretrained", "random"] = Field(
         "pretrained", description="'random' keeps the architecture but re-initialises all weights")
-    dtype: Literal["float32", "bfloat16"] = Field(
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="compute dtype; parameters and optimizer state stay float32 (a bf16 LoRA run "
-                               "holds its frozen base matrices in bfloat16)")
+                               "holds its frozen base matrices in bfloat16). auto: bfloat16 where bf16 matmuls "
+                               "are native (AMX / AVX512-BF16 CPUs, a GPU or TPU named in JAX_PLATFORMS), else "
+                               "float32; resolved when the config is read, so the run records which")
     remat: Literal["none", "full", "dots"] = Field(
         "none", description="rematerialisation policy for transformer layers")
     scan_layers: bool = Field(
@@ -51,6 +54,11 @@ class ModelConfig(Section):
         "einsum", description="attention: einsum, or jax.nn.dot_product_attention's xla / cudnn (GPU flash "
                               "attention, bf16) kernel; steps that draw attention dropout use einsum")
     dropout: float | None = Field(None, ge=0, lt=1, description="override the checkpoint's dropout rates")
+
+    @pydantic.field_validator("dtype")
+    @classmethod
+    def _host_dtype(cls, dtype: str) -> str:
+        return auto_compute_dtype() if dtype == "auto" else dtype
 
 
 class TaskConfig(Section):

@@ -80,9 +80,8 @@ def host_description() -> str:
         fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
         model = fields.get("model name", model)
         if "cpu family" in fields:  # x86
-            flags = set(fields.get("flags", "").split())
             model += (f" (family {fields['cpu family']} model {fields.get('model', '?')}; "
-                      f"{' '.join(f for f in SPEED_FLAGS if f in flags) or 'no avx2'})")
+                      f"{' '.join(f for f in SPEED_FLAGS if f in cpu_flags()) or 'no avx2'})")
     except OSError:
         pass
     device = jax.devices()[0]
@@ -101,12 +100,26 @@ ONEDNN_OPTIONS = {
 
 
 @functools.cache
-def _cpu_has_avx512() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's instruction-set flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        return any(line.startswith("flags") and " avx512f" in line
-                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), ()))
+
+
+ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu")
+
+
+def auto_compute_dtype() -> str:
+    """What `model.dtype: auto` means on this host: bfloat16 where bf16 matmuls run natively (a
+    GPU / TPU named in JAX_PLATFORMS, or a CPU with AMX-BF16 or AVX512-BF16), float32 on other
+    CPUs, which emulate bf16 (0.87x fp32 on an AVX2 AMD Zen 3, docs/performance.md). Decided from
+    the environment, not from a device: the config is resolved before jax.distributed starts."""
+    if any(name in os.environ.get("JAX_PLATFORMS", "").lower() for name in ACCELERATOR_PLATFORMS):
+        return "bfloat16"
+    return "bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
 def onednn_dots(dtype=jnp.float32) -> bool:
@@ -117,7 +130,7 @@ def onednn_dots(dtype=jnp.float32) -> bool:
     forced = os.environ.get("TENURE_XLA_ONEDNN", "auto")
     if forced in ("0", "1"):
         return forced == "1"
-    return jnp.dtype(dtype).itemsize == 2 or _cpu_has_avx512()
+    return jnp.dtype(dtype).itemsize == 2 or "avx512f" in cpu_flags()
 
 
 def compiler_options(platform: str | None = None, dtype=jnp.float32, onednn: bool | None = None) -> dict:

@@ -260,7 +260,7 @@ class Trainer:
         cfg = self.cfg
         print_primary(f"model {self.backbone.model_dir}  tasks "
                       f"{', '.join(f'{n} ({t.task.spec.kind})' for n, t in self.tasks.by_name.items())}  "
-                      f"mesh {dict(self.backbone.mesh.shape)}  stages {len(self.stages)}")
+                      f"mesh {dict(self.backbone.mesh.shape)}  compute {cfg.model.dtype}  stages {len(self.stages)}")
         runner.tb.text(0, "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```")
         params, previous_extra, begin, resumed = self.start_params, {}, 0, None
         if cfg.train.resume and runner.ckpt.latest_step() is not None:
