@@ -124,6 +124,12 @@ def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps
     ("base: base.yaml\nmethods: {naive: []}\nsweep: {naive: {optim.lr: [1, 2]}}\nselect: acc\n"
      "interpolate: {wise: {of: naive, at: {optim.lr: 3}, alphas: [0.5]}}\n",
      "study key 'interpolate.wise': 'at.optim.lr': 3 is not a value of the sweep of 'naive'"),
+    ("base: base.yaml\nmethods: {lora: []}\nsweep: {lora: {'trainable.lora.rank,trainable.lora.alpha': [[4, 8], 16]}}\n",
+     "study key 'sweep': method 'lora': axis 'trainable.lora.rank,trainable.lora.alpha' moves 2 keys together: "
+     "each value must be a list of 2 (one per key), got [[4, 8], 16]"),
+    ("base: base.yaml\nmethods: {lora: [trainable.lora.alpha=8]}\n"
+     "sweep: {lora: {'trainable.lora.rank,trainable.lora.alpha': [[4, 8], [16, 32]]}}\n",
+     "study key 'sweep.lora': 'trainable.lora.alpha' is also set by the method's overrides"),
 ])
 def test_bad_study_files_give_one_line_naming_the_key(tmp_path, text, message):
     path = write_study(tmp_path, text)
@@ -167,6 +173,28 @@ grid:
                       tmp_path / "p.yaml", tmp_path / "o2")
     assert [(r.run_dir.relative_to(tmp_path), r.name) for r in plain] == [
         (pathlib.Path(f"o2/base/naive/seed{k}"), f"naive seed {k}") for k in range(5)]  # 5 seeds by default
+
+
+def test_a_tied_sweep_axis_moves_its_keys_together(tmp_path):
+    """'rank,alpha': [[4, 8], [16, 32]] is two points (not four), each setting both keys, and an
+    interpolation names its source point by the tied axis."""
+    path = write_study(tmp_path, """
+base: base.yaml
+seeds: 1
+methods: {naive: [], lora: [optim.lr=1e-3]}
+sweep: {lora: {"trainable.lora.rank,trainable.lora.alpha": [[4, 8], [16, 1.6e1]], optim.warmup_ratio: [0, 0.1]}}
+interpolate: {wise: {of: lora, at: {"trainable.lora.rank,trainable.lora.alpha": [16, 16], optim.warmup_ratio: 0}, alphas: [0.5]}}
+""")
+    runs = [r for r in plan_runs(load_study(path), path, tmp_path / "out") if r.method != "naive"]
+    assert [r.variant for r in runs] == [
+        "lora[trainable.lora.rank=4, trainable.lora.alpha=8, optim.warmup_ratio=0]",
+        "lora[trainable.lora.rank=4, trainable.lora.alpha=8, optim.warmup_ratio=0.1]",
+        "lora[trainable.lora.rank=16, trainable.lora.alpha=16, optim.warmup_ratio=0]",
+        "lora[trainable.lora.rank=16, trainable.lora.alpha=16, optim.warmup_ratio=0.1]",
+        "wise[alpha=0.5]"]
+    assert runs[1].command[-5:-2] == ("trainable.lora.rank=4", "trainable.lora.alpha=8", "optim.warmup_ratio=0.1")
+    assert runs[1].run_dir.parent.name == "trainable.lora.rank-4__trainable.lora.alpha-8__optim.warmup_ratio-0.1"
+    assert runs[4].source.run_dir == runs[2].run_dir
 
 
 def test_methods_that_differ_only_after_stage_a_share_one_stage_a_run(tmp_path):

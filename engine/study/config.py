@@ -9,6 +9,7 @@ methods:                                # name -> key=value overrides of the bas
   replay: [stages.1.replay.ratio=0.2]
 sweep:                                  # optional: a method's own axes; every combination is a point
   ewc: {stages.1.ewc.lambda: [1.0e2, 1.0e4, 1.0e6]}   # runs ewc[stages.1.ewc.lambda=100] etc.
+  lora: {"trainable.lora.rank,trainable.lora.alpha": [[4, 8], [16, 32]]}   # keys that move together
 interpolate:                            # optional: methods that train nothing: the last stage of a trained
   wise: {of: naive, alphas: [0.25, 0.5, 0.75]}   # method's runs at theta(a) (`tenure interpolate --as-run`)
 reference: naive                        # optional: paired differences are to this method (default naive)
@@ -100,6 +101,36 @@ def _check_axis(key: str, values: list[Any]) -> None:
         raise ValueError(f"axis '{key}' repeats a value")
 
 
+def axis_keys(axis: str) -> list[str]:
+    """The config keys of a sweep axis: 'a,b' moves a and b together (each value a list [a, b])."""
+    return axis.split(",")
+
+
+def axis_pairs(axis: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    """(key, value) of each config key an axis value sets."""
+    keys = axis_keys(axis)
+    return ((axis, value),) if len(keys) == 1 else tuple(zip(keys, value))
+
+
+def _check_sweep_axis(axis: str, values: list[Any]) -> list[Any]:
+    """A sweep axis, its `1e3` texts read as numbers; a tied axis's values are lists, one
+    entry per key."""
+    keys = axis_keys(axis)
+    if len(keys) == 1:
+        values = [_number_text(v) for v in values]
+    else:
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"axis '{axis}' names a key twice")
+        for key in keys:
+            _check_override(f"{key}=")
+        if any(not isinstance(v, list) or len(v) != len(keys) for v in values):
+            raise ValueError(f"axis '{axis}' moves {len(keys)} keys together: each value must be a list of "
+                             f"{len(keys)} (one per key), got {values!r}")
+        values = [[_number_text(x) for x in v] for v in values]
+    _check_axis(axis, values)
+    return values
+
+
 FIGURE_PREFIXES = ("final/", "change/", "drop/")  # per-task figures: final/<task>, change/<task>, drop/<task>
 
 
@@ -177,7 +208,8 @@ class Interpolated(BaseModel):
     @field_validator("at")
     @classmethod
     def _at(cls, at: dict[str, Any]):
-        return {key: _number_text(value) for key, value in at.items()}
+        return {key: [_number_text(x) for x in value] if isinstance(value, list) else _number_text(value)
+                for key, value in at.items()}
 
 
 class StudyConfig(BaseModel):
@@ -192,8 +224,9 @@ class StudyConfig(BaseModel):
         default_factory=dict, description="other axes: config key -> values; every combination is a cell, "
                                           "run for every method and seed")
     sweep: dict[str, dict[str, list[Any]]] = Field(
-        default_factory=dict, description="method name -> its own axes (config key -> values); every "
-                                          "combination is a point of that method, run in every cell and seed")
+        default_factory=dict, description="method name -> its own axes (config key -> values; 'k1,k2' -> lists "
+                                          "[v1, v2] moves keys together); every combination is a point of that "
+                                          "method, run in every cell and seed")
     interpolate: dict[str, Interpolated] = Field(
         default_factory=dict, description="method name -> {of, at, alphas}: another method's runs at theta(a), "
                                           "scored without training (run after the trained ones)")
@@ -246,9 +279,8 @@ class StudyConfig(BaseModel):
             if not axes:
                 raise ValueError(f"method '{method}' has no axis")
             for key, values in axes.items():
-                values[:] = [_number_text(v) for v in values]
                 try:
-                    _check_axis(key, values)
+                    values[:] = _check_sweep_axis(key, values)
                 except ValueError as exc:
                     raise ValueError(f"method '{method}': {exc}") from None
         return sweep
@@ -272,7 +304,7 @@ class StudyConfig(BaseModel):
         for method, axes in self.sweep.items():
             if method not in self.methods:
                 raise ValueError(f"'sweep.{method}': not a method of the study")
-            for key in axes:
+            for key in (k for axis in axes for k in axis_keys(axis)):
                 if any(o.partition("=")[0] == key for o in self.methods[method]):
                     raise ValueError(f"'sweep.{method}': '{key}' is also set by the method's overrides; set it "
                                      "in one place")
@@ -424,7 +456,8 @@ def variant_name(method: str, point: Point) -> str:
 
 def points(study: StudyConfig, method: str) -> list[Point]:
     axes = study.sweep.get(method, {})
-    out = [Point(tuple(zip(axes, combo))) for combo in itertools.product(*axes.values())]
+    out = [Point(tuple(pair for axis, value in zip(axes, combo) for pair in axis_pairs(axis, value)))
+           for combo in itertools.product(*axes.values())]
     slugs = [p.slug for p in out]
     if len(set(slugs)) != len(slugs):
         raise TenureError(f"study key 'sweep.{method}': two points map to the same directory name; use plainer values")
@@ -509,8 +542,8 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
 
     def interpolated(cell: Cell, method: str, alpha: float, seed: int) -> Run:
         interp = study.interpolate[method]
-        source = trained(cell, interp.of, Point(tuple((k, interp.at[k]) for k in study.sweep.get(interp.of, {}))),
-                         seed)
+        at = Point(tuple(pair for axis in study.sweep.get(interp.of, {}) for pair in axis_pairs(axis, interp.at[axis])))
+        source = trained(cell, interp.of, at, seed)
         point = Point((("alpha", alpha),))
         run_dir = out / cell.slug / method / point.slug / f"seed{seed}"
         command = (sys.executable, "-m", "tenure.engine.cli", "interpolate", str(source.run_dir),

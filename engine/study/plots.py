@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 
 from tenure.engine.study.compare import figure_direction
-from tenure.engine.study.config import STATS
+from tenure.engine.study.config import STATS, value_text
 
 
 def _pyplot():
@@ -65,7 +65,7 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
                         markeredgecolor="black", linestyle="none", zorder=5, label=f"{r['variant']} (reference)")
                 ax.axvline(r["mean"][x], color="grey", linestyle=":", linewidth=1)
             elif r["point"]:
-                ax.annotate(r["variant"].split("[", 1)[1].rstrip("]"), (r["mean"][x], r["mean"][y]),
+                ax.annotate(_point_label(r["point"]), (r["mean"][x], r["mean"][y]),
                             textcoords="offset points", xytext=(4, 4), fontsize=6, color=colors(i % 10))
         plotted += 1
     for level in comparison["levels"]:
@@ -85,6 +85,13 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _point_label(point: dict) -> str:
+    """A sweep point by its keys' last parts (rank=64, alpha=128), the whole keys where two share one."""
+    short = [key.rsplit(".", 1)[-1] for key in point]
+    names = short if len(set(short)) == len(short) else list(point)
+    return ", ".join(f"{name}={value_text(value)}" for name, value in zip(names, point.values()))
 
 
 def _axis_label(table: dict, key: str) -> str:
