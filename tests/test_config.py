@@ -78,6 +78,7 @@ def test_model_attention_reaches_the_task_model(cfg_file):
     ({"avx2", "avx512f", "avx512_bf16"}, "cpu", "bfloat16"),            # Zen 4 / 5
     ({"avx2"}, "", "float32"),                                          # Zen 3: bf16 emulated
     ({"avx2"}, "cuda,cpu", "bfloat16"),                                 # a GPU run on that host
+    ({"avx2"}, "cpu", "float32"),
 ])
 def test_auto_dtype_is_resolved_once_from_the_host(cfg_file, monkeypatch, flags, platforms, expected):
     """model.dtype: auto becomes a concrete dtype when the config is read, so every later reader

@@ -43,8 +43,8 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="compute dtype; parameters and optimizer state stay float32 (a bf16 LoRA run "
                                "holds its frozen base matrices in bfloat16). auto: bfloat16 where bf16 matmuls "
-                               "are native (AMX / AVX512-BF16 CPUs, a GPU or TPU named in JAX_PLATFORMS), else "
-                               "float32; resolved when the config is read, so the run records which")
+                               "are native (AMX / AVX512-BF16 CPUs, GPUs, TPUs), else float32; resolved when the "
+                               "config is read, so the run records which")
     remat: Literal["none", "full", "dots"] = Field(
         "none", description="rematerialisation policy for transformer layers")
     scan_layers: bool = Field(

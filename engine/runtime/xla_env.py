@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import time
@@ -112,14 +114,22 @@ def cpu_flags() -> frozenset[str]:
 ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu")
 
 
+def _accelerator() -> bool:
+    """Whether JAX will run on a GPU / TPU: JAX_PLATFORMS names one, or (unset) a GPU plugin or
+    libtpu is installed, as jax itself would pick them."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if platforms:
+        return any(name in platforms for name in ACCELERATOR_PLATFORMS)
+    return (importlib.util.find_spec("libtpu") is not None
+            or any(True for _ in importlib.metadata.entry_points(group="jax_plugins")))
+
+
 def auto_compute_dtype() -> str:
     """What `model.dtype: auto` means on this host: bfloat16 where bf16 matmuls run natively (a
-    GPU / TPU named in JAX_PLATFORMS, or a CPU with AMX-BF16 or AVX512-BF16), float32 on other
-    CPUs, which emulate bf16 (0.87x fp32 on an AVX2 AMD Zen 3, docs/performance.md). Decided from
-    the environment, not from a device: the config is resolved before jax.distributed starts."""
-    if any(name in os.environ.get("JAX_PLATFORMS", "").lower() for name in ACCELERATOR_PLATFORMS):
-        return "bfloat16"
-    return "bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+    GPU or TPU, or a CPU with AMX-BF16 or AVX512-BF16), float32 on other CPUs, which emulate bf16
+    (0.87x fp32 on an AVX2 AMD Zen 3, docs/performance.md). Decided from the environment, not from
+    a device: the config is resolved before jax.distributed starts."""
+    return "bfloat16" if _accelerator() or cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
 def onednn_dots(dtype=jnp.float32) -> bool:
