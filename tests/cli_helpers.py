@@ -1,10 +1,12 @@
-"""Running the `tenure` CLI, or a two-process JAX job, as subprocesses of a test."""
+"""Running the `tenure` CLI, a reduced study, or a two-process JAX job, as subprocesses of a test."""
 import json
 import os
 import pathlib
 import socket
 import subprocess
 import sys
+
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -14,9 +16,15 @@ def cli_env(real_model: bool = False) -> dict[str, str]:
     simulated CPU devices are not passed on); with `real_model` (MiniLM-size runs), XLA's default
     optimisation level too: conftest's level 0 compiles tiny models 3x faster, but runs a real
     model's steps so much slower (a 10 + 10-step MiniLM continual run: 96 s against 60 s) that
-    it loses."""
+    it loses. Tiny-model runs also compile XLA's default dots instead of oneDNN's (the path
+    AVX2 hosts take): oneDNN executables cannot enter the persistent compilation cache, and the
+    suite's tiny runs compile the same steps again and again (a 6 + 6-step staged run: 25.7 s with
+    oneDNN, 16.2 s from the cache). Real-model runs keep the dots their figures were measured with."""
     drop = {"JAX_NUM_CPU_DEVICES", "XLA_FLAGS"} if real_model else {"JAX_NUM_CPU_DEVICES"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if not real_model:
+        env.setdefault("TENURE_XLA_ONEDNN", "0")
+    return env
 
 
 def tenure(*args, check=True, timeout=600, real_model=False) -> subprocess.CompletedProcess:
@@ -28,6 +36,19 @@ def tenure(*args, check=True, timeout=600, real_model=False) -> subprocess.Compl
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def study_records(tmp_path, spec: dict) -> dict[str, dict]:
+    """Runs the study `spec` (a study file's mapping, seed 0) with `tenure study --jobs 1`: one
+    worker process trains the shared first stage, then every branch, reusing the compiled steps
+    they share. Returns each run's forgetting.json by its directory relative to the study's cell ('naive/seed0',
+    'batched/ewc.lambda-1e7/seed0', ...)."""
+    study = tmp_path / "reduced.study.yaml"
+    study.write_text(yaml.safe_dump({"seeds": 1, **spec}))
+    tenure("study", study, "--jobs", "1", "--out", tmp_path / "out", timeout=1800, real_model=True)
+    cell = tmp_path / "out" / "base"
+    return {str(path.parent.relative_to(cell)): json.loads(path.read_text())
+            for path in cell.glob("*/**/forgetting.json") if path.parts[len(cell.parts)] != "first_stage"}
 
 
 def run_two_processes(worker: str, *args, timeout=300) -> list[dict]:

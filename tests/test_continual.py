@@ -21,7 +21,7 @@ from tenure.engine.config.schema import load_config
 from tenure.engine.continual.forgetting_metrics import summarize
 from tenure.engine.config.stages import resolve
 from tenure.models.errors import TenureError
-from tests.cli_helpers import tenure
+from tests.cli_helpers import cli_env, study_records, tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_BERT = ROOT / "tests/fixtures/bert/seq_cls"
@@ -144,9 +144,8 @@ def test_sigkill_in_stage_two_resumes_bit_exact(data, tmp_path):
     straight = tmp_path / "straight"
     train(straight, data, *extra, stages=3)
     killed = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     proc = subprocess.Popen([sys.executable, "-m", "tenure.engine.cli", "train", str(CONFIG),
-                             *staged_args(killed, data, 3, 6, *extra)], cwd=ROOT, env=env,
+                             *staged_args(killed, data, 3, 6, *extra)], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "8").is_dir():  # step 8 = step 2 of stage 2
@@ -356,19 +355,14 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     sequential fine-tuning loses task A (its classes are never predicted again), replaying
     1 old example in 4 keeps most of it, and EWC's gain over naive is a fraction of replay's
     (van de Ven & Tolias 2019: in class-IL regularisation does not keep old classes)."""
-    # R and the curves on test, as the forgetting studies do: no validation pass to pay for
+    # R and the curves on test, as the forgetting studies do: no validation pass to pay for. Stage A
+    # once, in one worker process with the three stage-B branches (they differ from stage B on).
     common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64", "tasks.A.data.validation=null",
-              "tasks.B.data.validation=null"]
-    # Stage A once; the three methods branch from it (they differ from stage B on).
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'A'}", "stages=" + json.dumps([{"tasks": ["A"], "steps": 40}]),
-           *common, timeout=1500, real_model=True)
-    common += ["stages.0.steps=40", "stages.1.steps=40", f"branch_from={tmp_path / 'A'}"]
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'naive'}", *common, timeout=1500, real_model=True)
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'replay'}", "replay.ratio=0.25", *common, timeout=1500,
-           real_model=True)
-    tenure("train", CONFIG, f"run_dir={tmp_path / 'ewc'}", "stages.1.ewc.lambda=100000",
-           "stages.1.ewc.examples=64", *common, timeout=1500, real_model=True)
-    naive, replay, ewc = record(tmp_path / "naive"), record(tmp_path / "replay"), record(tmp_path / "ewc")
+              "tasks.B.data.validation=null", "stages.0.steps=40", "stages.1.steps=40"]
+    runs = study_records(tmp_path, {"base": str(CONFIG), "methods": {
+        "naive": common, "replay": ["replay.ratio=0.25", *common],
+        "ewc": ["stages.1.ewc.lambda=100000", "stages.1.ewc.examples=64", *common]}})
+    naive, replay, ewc = (runs[f"{method}/seed0"] for method in ("naive", "replay", "ewc"))
     assert naive["R"][0] == replay["R"][0] == ewc["R"][0]           # one stage A
     naive_forgets = naive["summary"]["forgetting_max"]
     replay_gain = naive_forgets - replay["summary"]["forgetting_max"]

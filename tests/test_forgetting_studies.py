@@ -17,7 +17,7 @@ import sys
 import pytest
 import yaml
 
-from tests.cli_helpers import cli_env
+from tests.cli_helpers import cli_env, study_records
 from tenure.engine.study.aggregate import ForgettingRecord
 from tenure.engine.study.config import load_study
 from tenure.engine.study.plots import _mean_curve
@@ -81,15 +81,18 @@ def test_minilm_fisher_variants_headline(tmp_path, short_test):
     0.78 at seed 0 here, 0.86 in the study's mean)."""
     study = load_study(FISHER_VARIANTS)
     test = str(short_test["lexnames"])
-    reduced = [f"tasks.A.data.test={test}", f"tasks.B.data.test={test}", "ewc.examples=64"]
-    stage_a = {"tasks": ["A"], "steps": 40}
-    _train(tmp_path / "A", [*reduced, "stages=" + json.dumps([stage_a])], config="fisher_variants.yaml")
-    two_tasks = [*reduced, f"branch_from={tmp_path / 'A'}"]
-    branches = {"naive": study.methods["naive"], "exact 1e5": [*study.methods["exact"], "ewc.lambda=1e5"],
-                "batched 1e5": [*study.methods["batched"], "ewc.lambda=1e5"],
-                "batched 1e7": [*study.methods["batched"], "ewc.lambda=1e7"]}
-    R = {name: _train(tmp_path / name.replace(" ", "_"), [*overrides, *two_tasks], config="fisher_variants.yaml")["R"]
-         for name, overrides in branches.items()}
+    reduced = [f"tasks.A.data.test={test}", f"tasks.B.data.test={test}", "ewc.examples=64",
+               "logging.tensorboard=false"]
+    by_dir = study_records(tmp_path, {
+        "base": str(STUDY_DIR / study.base),
+        "methods": {"naive": [*study.methods["naive"], *reduced],
+                    "exact": [*study.methods["exact"], *reduced, "ewc.lambda=1e5"],
+                    "batched": [*study.methods["batched"], *reduced]},
+        "sweep": {"batched": {"ewc.lambda": [1.0e5, 1.0e7]}}})
+    R = {name: by_dir[path]["R"] for name, path in (("naive", "naive/seed0"), ("exact 1e5", "exact/seed0"),
+                                               ("batched 1e5", "batched/ewc.lambda-100000/seed0"),
+                                               ("batched 1e7", "batched/ewc.lambda-1e7/seed0"))}
+    assert len(by_dir) == 4
     assert all(r[0] == R["naive"][0] for r in R.values()) and R["naive"][0][0] > 0.8  # one stage A, which learns A
     # R has a row per stage and a column per task: A's forgetting is its accuracy after A minus after B.
     forgetting = {name: r[0][0] - r[1][0] for name, r in R.items()}

@@ -1,4 +1,6 @@
 """Every example config trains for a few steps: the loss goes down and the metric beats chance.
+(seq_cls.yaml is not here: tests/test_quickstart.py trains it as the quickstart's task, and the
+real MiniLM learns lexnames in every forgetting test.)
 
 Runs `tenure train` in a subprocess on one CPU device (real MiniLM or the tiny Llama
 fixture, real data files) with a reduced step count and validation/test cut to their
@@ -43,13 +45,6 @@ def _run(name: str, tmp_path, head_rows, steps: int, rows: int, extra: list[str]
     assert last < first, f"{name}: train loss did not go down ({first:.4f} -> {last:.4f})"
     assert "fine-tuned (step" in result.stdout  # the before/after table was printed
     return summary
-
-
-@pytest.mark.slow
-def test_seq_cls_quickstart_config(run):
-    s = run("seq_cls", steps=20, rows=48,
-            extra=["data.max_length=32", "optim.lr=3e-4", "optim.warmup_ratio=0"])
-    assert s["final"]["test/accuracy"] > 2 * (1 / 16)  # 16 balanced classes
 
 
 @pytest.mark.slow
