@@ -50,10 +50,11 @@ quickstart: $(STAMP)
 	$(VENV)/bin/tenure train configs/quickstart.yaml
 
 # Test files run in parallel, one worker per core (each file stays on one worker, so its
-# module fixtures are built once); TEST_WORKERS=0 runs them in this process.
+# module fixtures are built once), in collection order: tests/conftest.py puts the longest files
+# first (xdist would otherwise start the files with the most tests first); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf $(VENV)

@@ -34,3 +34,15 @@ def head_rows():
             out.write_text("".join(itertools.islice(lines, rows)))
         return out
     return head
+
+
+# The files with the longest real-model tests (`make test --durations`: 200-700 s each on 2 cores).
+# `--dist loadfile` hands files to the workers in collection order, so these go first: a long file
+# started last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_forgetting_studies.py", "test_continual.py", "test_task_configs.py",
+                 "test_smollm2_forgetting.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
