@@ -4,7 +4,6 @@ middle of stage 2 of a 3-stage run with EWC and replay, and config errors."""
 import itertools
 import math
 import json
-import os
 import pathlib
 import re
 import signal
