@@ -97,6 +97,30 @@ def test_init_sharded_places_params_by_rules():
     assert layer["mlp"]["intermediate"]["kernel"].addressable_shards[0].data.shape == (8, 16)
 
 
+def test_init_sharded_makes_only_the_leaves_not_given_and_places_every_leaf():
+    """Pretrained runs pass the weights they have: the rest (the fresh head) get the values the
+    whole init gives them, the given leaves are kept as given, each in its sharding."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    init = lambda: tiny_model().init(jax.random.PRNGKey(0), make_batch(0))["params"]  # noqa: E731
+    whole, shardings = init_sharded(init, mesh)
+    query = np.full((16, 16), 0.5, np.float32)
+
+    def given(shapes):
+        assert isinstance(shapes["backbone"]["layers_0"]["attention"]["query"]["kernel"], jax.ShapeDtypeStruct)
+        shapes["backbone"]["layers_0"]["attention"]["query"]["kernel"] = jnp.asarray(query)
+        return shapes
+
+    params, same_shardings = init_sharded(init, mesh, given=given)
+    assert same_shardings == shardings
+    got = params["backbone"]["layers_0"]["attention"]["query"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(got), query)
+    assert got.sharding.spec == P("fsdp", "tensor")
+    head = params["head"]["classifier"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(head), np.asarray(whole["head"]["classifier"]["kernel"]))
+    assert head.sharding.spec == P("fsdp", None)
+    assert not np.array_equal(np.asarray(whole["backbone"]["layers_0"]["attention"]["query"]["kernel"]), query)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [dict(data=8, fsdp=1), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)])
 def test_eight_devices_match_one_device(reference, layout):

@@ -305,11 +305,11 @@ def init_params(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, batch: d
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
                               param_shardings)
         return params, param_shardings
-    params, param_shardings = sharding.init_sharded(lambda: init(batch), backbone.mesh)
-    if cfg.model.init == "pretrained":
-        keep = _kept(cfg, backbone, tasks, params, keep_pretrained_head, abstract)
-        params = jax.device_put(graft_pretrained(params, backbone.pretrained, keep), param_shardings)
-    return params, param_shardings
+    if cfg.model.init != "pretrained":
+        return sharding.init_sharded(lambda: init(batch), backbone.mesh)
+    keep = _kept(cfg, backbone, tasks, None, keep_pretrained_head, abstract)
+    return sharding.init_sharded(lambda: init(batch), backbone.mesh,
+                                 given=lambda shapes: graft_pretrained(shapes, backbone.pretrained, keep))
 
 
 def start_params(cfg: Config, stages: list[Stage], backbone: Backbone, tasks: Tasks, *, batch: dict | None = None,
