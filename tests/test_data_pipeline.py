@@ -255,3 +255,29 @@ def test_worker_processes_match_threads_and_resume(tmp_path):
     resumed.set_state(state)
     _assert_batches_equal([next(resumed) for _ in range(5)], expected[3:])
     resumed.close()
+
+
+def test_a_split_read_again_comes_from_memory_until_its_file_changes(tmp_path, monkeypatch):
+    """A run reads one file for its vocabulary, each task and stage; a study worker for many runs:
+    small files are parsed once per process, a rewritten file is read again, a large one never kept."""
+    from tenure.engine.data import pipeline
+    opened = []
+    real_open = pipeline.open_source
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, labelled(6))
+    cfg = DataConfig(train=str(path), labels=["pos"])
+
+    def texts():
+        records, _ = pipeline.load_records(cfg, str(path), "seq_cls", split="train")
+        return [records[i]["text"] for i in range(len(records))]
+
+    assert texts() == ["w1", "w3", "w5"]
+    assert texts() == ["w1", "w3", "w5"] and len(opened) == 1
+    assert build_label_vocab(DataConfig(train=str(path)), "seq_cls").labels == ("neg", "pos")
+    assert len(opened) == 1                       # the same records, another label filter
+    write_jsonl(path, labelled(8))                # a longer file: size and time change
+    assert texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 2
+    monkeypatch.setattr(pipeline, "_KEPT_BYTES", 10)
+    pipeline._KEPT.clear()
+    assert texts() == texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 4
