@@ -259,7 +259,7 @@ def test_worker_processes_match_threads_and_resume(tmp_path):
 
 def test_a_split_read_again_comes_from_memory_until_its_file_changes(tmp_path, monkeypatch):
     """A run reads one file for its vocabulary, each task and stage; a study worker for many runs:
-    small files are parsed once per process, a rewritten file is read again, a large one never kept."""
+    small files are parsed once per process, a changed file is read again, a large one never kept."""
     from tenure.engine.data import pipeline
     opened = []
     real_open = pipeline.open_source
@@ -276,8 +276,10 @@ def test_a_split_read_again_comes_from_memory_until_its_file_changes(tmp_path, m
     assert texts() == ["w1", "w3", "w5"] and len(opened) == 1
     assert build_label_vocab(DataConfig(train=str(path)), "seq_cls").labels == ("neg", "pos")
     assert len(opened) == 1                       # the same records, another label filter
-    write_jsonl(path, labelled(8))                # a longer file: size and time change
-    assert texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 2
+    flipped = [{**r, "label": "neg" if r["label"] == "pos" else "pos"} for r in labelled(6)]
+    write_jsonl(path, flipped)                    # same size, maybe within the clock's tick: read again
+    assert texts() == ["w0", "w2", "w4"] and len(opened) == 2
+    write_jsonl(path, labelled(8))
+    assert texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 3
     monkeypatch.setattr(pipeline, "_KEPT_BYTES", 10)
-    pipeline._KEPT.clear()
-    assert texts() == texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 4
+    assert texts() == texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 5

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from typing import Iterator
@@ -81,33 +82,40 @@ def _report_skips(report: SplitReport) -> None:
 # Small splits are parsed and cleaned once per process and kept: a run reads each file for its
 # label vocabulary, every task and stage, and evaluation, and a study worker runs many runs
 # (split_lexnames: 4 tasks x 3 readings of one 8,000-line file cost 15 s of a 200 s run).
-# Larger files stay lazily re-read from disk, as the pipeline is built to do.
+# Keyed by the files' contents (a file rewritten within the clock's tick is still read again);
+# larger files stay lazily re-read from disk, as the pipeline is built to do.
 _KEPT_BYTES = 64 << 20
 _KEPT: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
 
 
 def _parsed(cfg: DataConfig, paths, fmt: str, task_kind: str, split: str, label_vocab: LabelVocab | None):
-    """(validated, cleaned records; BadRecordReport; CleaningReport), from the cache if the files,
-    their sizes and times and every setting that shapes the records are the same."""
+    """(validated, cleaned records; BadRecordReport; CleaningReport), kept for files of at most
+    _KEPT_BYTES in all and returned again for the same contents and settings."""
+    def parse():
+        records, bad = validate(open_source(paths, cfg.file_format), fmt, cfg.fields, cfg.on_bad_record,
+                                label_vocab=label_vocab, split=split, path=str(paths),
+                                numeric_labels=KINDS[task_kind].numeric_labels)
+        return (*clean(records, cfg.clean, TEXT_FIELDS[fmt], split=split, path=str(paths)), bad)
+
     files = resolve_paths(paths)
-    stats = [os.stat(path) for path in files]
-    key = (tuple((path, st.st_size, st.st_mtime_ns) for path, st in zip(files, stats)), fmt, cfg.file_format,
-           repr(cfg.fields), cfg.on_bad_record, label_vocab.to_json() if label_vocab else None,
-           KINDS[task_kind].numeric_labels, repr(cfg.clean), split, str(paths))
-    if key in _KEPT:
-        _KEPT.move_to_end(key)
-        return _KEPT[key]
-    records, bad = validate(open_source(paths, cfg.file_format), fmt, cfg.fields, cfg.on_bad_record,
-                            label_vocab=label_vocab, split=split, path=str(paths),
-                            numeric_labels=KINDS[task_kind].numeric_labels)
-    records, cleaned = clean(records, cfg.clean, TEXT_FIELDS[fmt], split=split, path=str(paths))
-    size = sum(st.st_size for st in stats)
+    size = sum(os.path.getsize(path) for path in files)
     if size > _KEPT_BYTES:
+        records, cleaned, bad = parse()
         return records, bad, cleaned
-    _KEPT[key] = grain.MapDataset.source([records[i] for i in range(len(records))]), bad, cleaned
-    while sum(sum(entry[1] for entry in k[0]) for k in _KEPT) > _KEPT_BYTES:
-        _KEPT.popitem(last=False)
-    return _KEPT[key]
+    digest = hashlib.blake2b()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    key = (tuple(files), digest.hexdigest(), fmt, cfg.file_format, repr(cfg.fields), cfg.on_bad_record,
+           label_vocab.to_json() if label_vocab else None, KINDS[task_kind].numeric_labels, repr(cfg.clean), split,
+           str(paths))
+    if key not in _KEPT:
+        records, cleaned, bad = parse()
+        _KEPT[key] = size, (grain.MapDataset.source([records[i] for i in range(len(records))]), bad, cleaned)
+        while sum(kept for kept, _ in _KEPT.values()) > _KEPT_BYTES:
+            _KEPT.popitem(last=False)
+    _KEPT.move_to_end(key)
+    return _KEPT[key][1]
 
 
 def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
