@@ -128,7 +128,8 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, given: Callable[[Any], 
     made = jax.jit(lambda: [jax.tree.leaves(nn.unbox(init_fn()))[i] for i in fresh],
                    out_shardings=[flat_shardings[i] for i in fresh])()
     made = dict(zip(fresh, made))
-    leaves = [made[i] if i in made else jax.device_put(leaf, s) for i, (leaf, s) in enumerate(zip(leaves, flat_shardings))]
+    leaves = [made[i] if i in made else jax.device_put(leaf, sharding)
+              for i, (leaf, sharding) in enumerate(zip(leaves, flat_shardings))]
     return jax.tree.unflatten(treedef, leaves), shardings
 
 
