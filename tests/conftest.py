@@ -36,11 +36,12 @@ def head_rows():
     return head
 
 
-# The files with the longest real-model tests (`make test --durations`: 200-700 s each on 2 cores).
+# The files with the longest real-model tests (`make test --durations`: 200-900 s each on 2 cores).
 # `--dist loadfile` hands files to the workers in collection order, so these go first: a long file
-# started last would run alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_forgetting_studies.py", "test_continual.py", "test_task_configs.py",
-                 "test_smollm2_forgetting.py")
+# started last would run alone at the end while the other worker idles. SmolLM2's bf16 file leads:
+# 298 s on an AMX Xeon but 890 s on a Zen 4 (no AMX), where it is the longest.
+LONGEST_FIRST = ("test_smollm2_forgetting.py", "test_forgetting_studies.py", "test_continual.py",
+                 "test_task_configs.py")
 
 
 def pytest_collection_modifyitems(items):
