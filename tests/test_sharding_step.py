@@ -101,7 +101,12 @@ def test_init_sharded_makes_only_the_leaves_not_given_and_places_every_leaf():
     """Pretrained runs pass the weights they have: the rest (the fresh head) get the values the
     whole init gives them, the given leaves are kept as given, each in its sharding."""
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    init = lambda: tiny_model().init(jax.random.PRNGKey(0), make_batch(0))["params"]  # noqa: E731
+    traces = []
+
+    def init():
+        traces.append(1)
+        return tiny_model().init(jax.random.PRNGKey(0), make_batch(0))["params"]
+
     whole, shardings = init_sharded(init, mesh)
     query = np.full((16, 16), 0.5, np.float32)
 
@@ -110,7 +115,9 @@ def test_init_sharded_makes_only_the_leaves_not_given_and_places_every_leaf():
         shapes["backbone"]["layers_0"]["attention"]["query"]["kernel"] = jnp.asarray(query)
         return shapes
 
+    traces.clear()
     params, same_shardings = init_sharded(init, mesh, given=given)
+    assert len(traces) == 2  # its shapes, then one jitted init of the dozens of fresh leaves (not one each)
     assert same_shardings == shardings
     got = params["backbone"]["layers_0"]["attention"]["query"]["kernel"]
     np.testing.assert_array_equal(np.asarray(got), query)

@@ -125,8 +125,12 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, given: Callable[[Any], 
     leaves, treedef = jax.tree.flatten(given(nn.unbox(boxed)))
     fresh = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)]
     flat_shardings = treedef.flatten_up_to(shardings)
-    made = jax.jit(lambda: [jax.tree.leaves(nn.unbox(init_fn()))[i] for i in fresh],
-                   out_shardings=[flat_shardings[i] for i in fresh])()
+
+    def init_fresh():
+        every = jax.tree.leaves(nn.unbox(init_fn()))  # traced once: the model is big, the fresh leaves many
+        return [every[i] for i in fresh]
+
+    made = jax.jit(init_fresh, out_shardings=[flat_shardings[i] for i in fresh])()
     made = dict(zip(fresh, made))
     leaves = [made[i] if i in made else jax.device_put(leaf, sharding)
               for i, (leaf, sharding) in enumerate(zip(leaves, flat_shardings))]
