@@ -222,6 +222,42 @@ def test_methods_that_differ_only_after_stage_a_share_one_stage_a_run(tmp_path):
     assert share_first_stage(plan_runs(load_study(path), path, tmp_path / "o2"), tmp_path / "o2")[0] == []
 
 
+def test_a_point_two_sweeps_share_is_trained_once_and_read_by_both(tmp_path, capsys):
+    """LoRA's rank 16 at lr 1e-3 sits on the lr curve and on the rank curve: one run per seed, its
+    results read by both variants; an interpolation of the second reads the first's weights."""
+    from tenure.engine.study.config import reuse_equal_runs
+    path = write_study(tmp_path, """
+base: base.yaml
+seeds: 2
+methods:
+  lora: ["trainable={mode: lora, lora: {rank: 16, alpha: 32}}"]
+  lora_rank: ["trainable={mode: lora}", optim.lr=1.0e-3]
+sweep:
+  lora: {optim.lr: [3.0e-4, 1.0e-3]}
+  lora_rank: {"trainable.lora.rank,trainable.lora.alpha": [[4, 8], [16, 32]]}
+interpolate: {wise: {of: lora_rank, at: {"trainable.lora.rank,trainable.lora.alpha": [16, 32]}, alphas: [0.5]}}
+""")
+    runs = reuse_equal_runs(plan_runs(load_study(path), path, tmp_path / "out"))
+    twins = {(r.variant, r.seed): r.same_as for r in runs if r.same_as is not None}
+    lead = {k: next(r for r in runs if r.variant == "lora[optim.lr=0.001]" and r.seed == k) for k in (0, 1)}
+    assert twins == {("lora_rank[trainable.lora.rank=16, trainable.lora.alpha=32]", k): lead[k] for k in (0, 1)}
+    twin = next(r for r in runs if r.same_as is lead[1])
+    assert twin.result == lead[1].run_dir / "forgetting.json" and twin.run_dir != lead[1].run_dir
+    wise = [r for r in runs if r.method == "wise"]
+    assert [(w.source, w.command[4]) for w in wise] == [(lead[k], str(lead[k].run_dir)) for k in (0, 1)]
+    # Aggregated, the twin's row holds the lead's values (written here in the engine's format).
+    for run in runs:
+        if run.source is None and run.same_as is None:
+            run.run_dir.mkdir(parents=True)
+            final = 0.5 + 0.1 * run.seed + (0.2 if "0.001" in run.variant else 0.0)
+            run.result.write_text(json.dumps(record([[0.8, 0.1], [final, 0.7]], START)))
+    assert run_study(study_args(path, "--aggregate-only", "--out", str(tmp_path / "out"))) == 1  # wise not run
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "study.json").read_text())["cells"][0]["rows"]}
+    assert rows["lora_rank[trainable.lora.rank=16, trainable.lora.alpha=32]"]["per_seed"]["final/A"] == \
+        rows["lora[optim.lr=0.001]"]["per_seed"]["final/A"] == pytest.approx([0.7, 0.8])
+    assert capsys.readouterr().out.startswith("10 runs: 8 finished, 2 not (--aggregate-only)")
+
+
 def test_exclude_leaves_cells_out_and_seed_keys_take_the_seed(tmp_path):
     path = write_study(tmp_path, """
 base: base.yaml

@@ -318,14 +318,18 @@ def validate(tree: dict, source: str = "config") -> Config:
     return cfg
 
 
-def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
-    """Reads YAML at `path`, applies `key.sub=value` overrides, validates."""
-    path = pathlib.Path(path)
-    tree = read_yaml_mapping(path, "config file", "sections")
+def config_tree(path: str | pathlib.Path, overrides: list[str] = ()) -> dict:
+    """The YAML at `path` with `key.sub=value` overrides applied, not yet validated."""
+    tree = read_yaml_mapping(pathlib.Path(path), "config file", "sections")
     for text in overrides:
         keys, value = _parse_override(text)
         _set_path(tree, keys, value, f"override {text!r}")
-    return validate(tree, str(path))
+    return tree
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
+    """Reads YAML at `path`, applies `key.sub=value` overrides, validates."""
+    return validate(config_tree(path, overrides), str(path))
 
 
 def to_dict(cfg: Config) -> dict:

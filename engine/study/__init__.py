@@ -113,13 +113,13 @@ def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict
 def run_study(args) -> int:
     """`tenure study`: 0 when every run finished, 1 when any failed or is missing."""
     from tenure.engine.study.config import check_selection_uses_validation, default_out, load_study, plan_runs, \
-        share_first_stage
+        reuse_equal_runs, share_first_stage
     from tenure.engine.study.runner import WorkerPool, run_all
 
     study = load_study(args.study, reference=args.reference)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     out = pathlib.Path(args.out) if args.out else default_out(args.study, study)
-    runs = plan_runs(study, args.study, out, methods=methods, seeds=args.seeds)
+    runs = reuse_equal_runs(plan_runs(study, args.study, out, methods=methods, seeds=args.seeds))
     check_selection_uses_validation(study, runs)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -134,7 +134,12 @@ def run_study(args) -> int:
                 print(f"first stage shared by the methods that differ only later: {len(first)} run"
                       f"{'s' * (len(first) > 1)} in {out / '*' / 'first_stage'}", flush=True)
                 run_all(first, jobs=args.jobs, pool=pool)  # a failed one fails its branches, which say so
-            trained = [run for run in runs if run.source is None]
+            twins = [run for run in runs if run.same_as is not None]
+            if twins:
+                print(f"{len(twins)} run{'s' * (len(twins) > 1)} equal to an earlier one's config, read from it: "
+                      + ", ".join(f"{run.name} = {run.same_as.name}" for run in twins[:3])
+                      + (", ..." if len(twins) > 3 else ""), flush=True)
+            trained = [run for run in runs if run.source is None and run.same_as is None]
             interpolated = [run for run in runs if run.source is not None]
             read_later = {run.source.run_dir for run in interpolated}
             prune = lambda run: not study.keep_checkpoints and run.run_dir not in read_later  # noqa: E731

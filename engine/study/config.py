@@ -488,6 +488,11 @@ class Run:
     command: tuple[str, ...]
     point: Point = Point()
     source: "Run | None" = None  # an interpolated run's trained run (its command is `tenure interpolate`)
+    same_as: "Run | None" = None  # an earlier run of the study whose config is this one's: its results are read
+
+    @property
+    def results_dir(self) -> pathlib.Path:
+        return (self.same_as or self).run_dir
 
     @property
     def variant(self) -> str:
@@ -500,11 +505,11 @@ class Run:
 
     @property
     def result(self) -> pathlib.Path:
-        return self.run_dir / "forgetting.json"
+        return self.results_dir / "forgetting.json"
 
     @property
     def summary(self) -> pathlib.Path:
-        return self.run_dir / "summary.json"
+        return self.results_dir / "summary.json"
 
 
 def default_out(study_path: str | pathlib.Path, study: StudyConfig) -> pathlib.Path:
@@ -560,6 +565,33 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
     return runs
 
 
+def reuse_equal_runs(runs: list[Run]) -> list[Run]:
+    """The runs, where a trained run whose resolved config equals an earlier one's (all but its
+    run_dir: one point named by two sweeps, e.g. LoRA's rank 16 at lr 1e-3 on a rank curve and on an
+    lr curve) is not trained again but reads that run's results (`same_as`); an interpolation of
+    such a run reads the earlier run's weights. Configs are compared as written with the overrides
+    applied, before defaults fill in (an explicitly set default can switch a section on)."""
+    from tenure.engine.config.schema import config_tree
+
+    first: dict[str, Run] = {}
+    lead_of: dict[pathlib.Path, Run] = {}
+    out = []
+    for run in runs:
+        if run.source is None:
+            tree = config_tree(run.command[4], list(run.command[5:]))
+            tree.pop("run_dir", None)
+            lead = first.setdefault(json.dumps(tree, sort_keys=True, default=str), run)
+            if lead is not run:
+                lead_of[run.run_dir] = lead
+                run = dataclasses.replace(run, same_as=lead)
+        elif run.source.run_dir in lead_of:
+            lead = lead_of[run.source.run_dir]
+            command = tuple(str(lead.run_dir) if part == str(run.source.run_dir) else part for part in run.command)
+            run = dataclasses.replace(run, source=lead, command=command)
+        out.append(run)
+    return out
+
+
 def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Run], list[Run]]:
     """(first-stage runs, the runs) where the runs of one cell and seed whose first stage computes
     the same thing (engine/continual/branch.py: EWC and replay act only from stage B on) train it once, as
@@ -570,7 +602,7 @@ def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Ru
 
     out = pathlib.Path(out).resolve()
     groups: dict[tuple, list[tuple[Run, Config]]] = {}
-    for run in (r for r in runs if r.source is None):
+    for run in (r for r in runs if r.source is None and r.same_as is None):
         cfg = load_config(run.command[4], list(run.command[5:]))
         key = first_stage_key(cfg)
         if key is not None:
