@@ -36,10 +36,10 @@ def head_rows():
     return head
 
 
-# The files with the longest real-model tests (`make test --durations`: 200-900 s each on 2 cores).
+# The files with the longest real-model tests (`make test --durations`: 200-340 s each on 2 cores).
 # `--dist loadfile` hands files to the workers in collection order, so these go first: a long file
 # started last would run alone at the end while the other worker idles. SmolLM2's bf16 file leads:
-# 298 s on an AMX Xeon but 890 s on a Zen 4 (no AMX), where it is the longest.
+# the longest on a host without AMX (335 s in the suite on a Zen 4).
 LONGEST_FIRST = ("test_smollm2_forgetting.py", "test_forgetting_studies.py", "test_continual.py",
                  "test_task_configs.py")
 
