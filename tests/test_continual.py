@@ -192,6 +192,14 @@ def test_a_branch_after_stage_a_trains_stage_b_as_the_whole_run_does(stage_a_run
     assert record(branch)["R"] == record(whole)["R"]
     assert record(branch)["curves"] == record(whole)["curves"]
     assert record(branch)["start_row"] == record(whole)["start_row"]
+    # Its stage B interpolates from stage A's end, which only the source's checkpoints hold: the
+    # same curve as the whole run's (at alpha 0 stage B's shared head scores A's weights).
+    curves = {}
+    for run in (whole, branch):
+        tenure("interpolate", str(run), "--alphas", "0,0.5,1")
+        curves[run] = json.loads((run / "interpolation" / "stage1.json").read_text())["rows"]
+    assert curves[branch] == curves[whole]
+    assert [curves[branch][2]["scores"][t] for t in ("A", "B")] == record(branch)["R"][1]
 
 
 @pytest.mark.slow

@@ -256,6 +256,13 @@ interpolate: {wise: {of: lora_rank, at: {"trainable.lora.rank,trainable.lora.alp
     assert rows["lora_rank[trainable.lora.rank=16, trainable.lora.alpha=32]"]["per_seed"]["final/A"] == \
         rows["lora[optim.lr=0.001]"]["per_seed"]["final/A"] == pytest.approx([0.7, 0.8])
     assert capsys.readouterr().out.startswith("10 runs: 8 finished, 2 not (--aggregate-only)")
+    # A twin that finished in its own directory (a study run before with --methods lora_rank) leads.
+    lead[1].result.unlink()
+    (twin.run_dir).mkdir(parents=True)
+    (twin.run_dir / "forgetting.json").write_text(json.dumps(record([[0.8, 0.1], [0.3, 0.7]], START)))
+    runs = reuse_equal_runs(plan_runs(load_study(path), path, tmp_path / "out"))
+    by_seed = {r.seed: r for r in runs if r.variant == "lora[optim.lr=0.001]"}
+    assert by_seed[1].same_as.run_dir == twin.run_dir and by_seed[0].same_as is None
 
 
 def test_exclude_leaves_cells_out_and_seed_keys_take_the_seed(tmp_path):

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tenure.engine.continual.branch import source_checkpoints
 from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import saved_config
@@ -97,6 +98,9 @@ class Interpolation:
         if not 0 <= self.index < done:
             raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
         cfg = saved_config(meta, f"{self.ckpt.step_dir(latest)} (its config)")
+        # a run branched after stage A (`branch_from`) has stage A's end in its source's checkpoints
+        self.sources = [self.ckpt] + ([Checkpointer(None, source_checkpoints(cfg.branch_from)[0], read_only=True)]
+                                      if cfg.branch_from else [])
         self.trainer = Trainer(cfg.model_copy(update={"run_dir": str(self.run_dir)}))
         if self.trainer.lora is not None:
             raise TenureError("interpolate: a LoRA run's adapters are factors (A, B); interpolating them is not "
@@ -111,17 +115,20 @@ class Interpolation:
             raise TenureError(f"interpolate: stage {index} ({stage.name}) ended under a forgetting guard: its "
                               "result is its best weights within budget, which no checkpoint holds")
         step = self.history.final_step if self.trainer.single else self.history.stage_ends[index]
-        if step not in self.ckpt.all_steps():
+        if self._holder(step) is None:
             raise TenureError(f"interpolate: the checkpoint of stage {index}'s end (step {step}) is no longer in "
-                              f"{self.ckpt.directory} (checkpoint.keep keeps the newest few; rerun with a larger "
-                              "checkpoint.keep, or --start run)")
+                              f"{' or '.join(str(c.directory) for c in self.sources)} (checkpoint.keep keeps the newest "
+                              "few; rerun with a larger checkpoint.keep, or --start run)")
         return step
 
+    def _holder(self, step: int) -> Checkpointer | None:
+        return next((ckpt for ckpt in self.sources if step in ckpt.all_steps()), None)
+
     def _params_at(self, index: int, step: int):
-        trainer = self.trainer
+        trainer, ckpt = self.trainer, self._holder(step)
         sr = trainer.build_for_restore(index)
         sr.train_iter.close()
-        state, _, _ = trainer.restore(self.ckpt, sr, sr.state, self.ckpt.read_extra(step), step)
+        state, _, _ = trainer.restore(ckpt, sr, sr.state, ckpt.read_extra(step), step)
         return sr, state.params
 
     def ends(self):

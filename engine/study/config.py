@@ -566,25 +566,28 @@ def plan_runs(study: StudyConfig, study_path: str | pathlib.Path, out: str | pat
 
 
 def reuse_equal_runs(runs: list[Run]) -> list[Run]:
-    """The runs, where a trained run whose resolved config equals an earlier one's (all but its
-    run_dir: one point named by two sweeps, e.g. LoRA's rank 16 at lr 1e-3 on a rank curve and on an
-    lr curve) is not trained again but reads that run's results (`same_as`); an interpolation of
-    such a run reads the earlier run's weights. Configs are compared as written with the overrides
-    applied, before defaults fill in (an explicitly set default can switch a section on)."""
+    """The runs, where of the trained runs whose configs are equal but for run_dir (one point named
+    by two sweeps, e.g. LoRA's rank 16 at lr 1e-3 on a rank curve and on an lr curve) only one is
+    trained: the first already finished, else the first planned; the others read its results
+    (`same_as`), and an interpolation of any of them reads its weights. Configs are compared as
+    written with the overrides applied, before defaults fill in (an explicitly set default can
+    switch a section on)."""
     from tenure.engine.config.schema import config_tree
 
-    first: dict[str, Run] = {}
+    groups: dict[str, list[Run]] = {}
+    for run in (r for r in runs if r.source is None):
+        tree = config_tree(run.command[4], list(run.command[5:]))
+        tree.pop("run_dir", None)
+        groups.setdefault(json.dumps(tree, sort_keys=True, default=str), []).append(run)
     lead_of: dict[pathlib.Path, Run] = {}
+    for members in groups.values():
+        lead = next((run for run in members if (run.run_dir / "forgetting.json").is_file()), members[0])
+        lead_of.update((run.run_dir, lead) for run in members if run is not lead)
     out = []
     for run in runs:
-        if run.source is None:
-            tree = config_tree(run.command[4], list(run.command[5:]))
-            tree.pop("run_dir", None)
-            lead = first.setdefault(json.dumps(tree, sort_keys=True, default=str), run)
-            if lead is not run:
-                lead_of[run.run_dir] = lead
-                run = dataclasses.replace(run, same_as=lead)
-        elif run.source.run_dir in lead_of:
+        if run.source is None and run.run_dir in lead_of:
+            run = dataclasses.replace(run, same_as=lead_of[run.run_dir])
+        elif run.source is not None and run.source.run_dir in lead_of:
             lead = lead_of[run.source.run_dir]
             command = tuple(str(lead.run_dir) if part == str(run.source.run_dir) else part for part in run.command)
             run = dataclasses.replace(run, source=lead, command=command)
