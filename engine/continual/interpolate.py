@@ -99,8 +99,11 @@ class Interpolation:
             raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
         cfg = saved_config(meta, f"{self.ckpt.step_dir(latest)} (its config)")
         # a run branched after stage A (`branch_from`) has stage A's end in its source's checkpoints
+        # (a source since removed only matters when that checkpoint is needed, and is named then)
         self.sources = [self.ckpt] + ([Checkpointer(None, source_checkpoints(cfg.branch_from)[0], read_only=True)]
-                                      if cfg.branch_from else [])
+                                      if cfg.branch_from and (pathlib.Path(cfg.branch_from) / "summary.json").is_file()
+                                      else [])
+        self.branch_from = cfg.branch_from
         self.trainer = Trainer(cfg.model_copy(update={"run_dir": str(self.run_dir)}))
         if self.trainer.lora is not None:
             raise TenureError("interpolate: a LoRA run's adapters are factors (A, B); interpolating them is not "
@@ -117,8 +120,10 @@ class Interpolation:
         step = self.history.final_step if self.trainer.single else self.history.stage_ends[index]
         if self._holder(step) is None:
             raise TenureError(f"interpolate: the checkpoint of stage {index}'s end (step {step}) is no longer in "
-                              f"{' or '.join(str(c.directory) for c in self.sources)} (checkpoint.keep keeps the newest "
-                              "few; rerun with a larger checkpoint.keep, or --start run)")
+                              f"{' or '.join(str(c.directory) for c in self.sources)}"
+                              + (f" (the run branched from {self.branch_from})" if self.branch_from else "")
+                              + " (checkpoint.keep keeps the newest few; rerun with a larger checkpoint.keep, or "
+                              "--start run)")
         return step
 
     def _holder(self, step: int) -> Checkpointer | None:
