@@ -70,7 +70,9 @@ def test_freed_step_buffers_are_reused_instead_of_faulted_in_again():
 
 @linux_only
 def test_memory_goes_back_to_the_system_past_the_bound():
-    record, stderr = probe(PROBE_RSS_LIMIT=str(1_500_000_000))
+    # The probe's own warm-up peaks at 1.1-1.4 GB (a bound of 1.5 GB was crossed once under load,
+    # releasing before the fault count); the 2 GB block held below takes it well past 2.2 GB.
+    record, stderr = probe(PROBE_RSS_LIMIT=str(2_200_000_000))
     assert record["mode"] == "reuse" and record["faults_per_call"] < 0.05 * PAGES_PER_CALL
     assert record["rss_holding_gb"] > 2.0
     assert record["mode_after"] == "released"
