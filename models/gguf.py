@@ -56,6 +56,7 @@ def is_gguf(path: str | Path) -> bool:
 # 49k-token vocabulary, element by element) takes 4-6 s, which a study worker's every run paid
 # again; the reader maps the file read-only, so keeping it costs no copy of the weights.
 _READERS: dict[Path, tuple[tuple[int, int], Any]] = {}
+_KEPT_READERS = 4
 
 
 def _reader(path: Path):
@@ -71,7 +72,10 @@ def _reader(path: Path):
     except (ValueError, IndexError, KeyError, OSError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise TenureError(f"{path}: not a readable GGUF file ({reason}); it is truncated, corrupt or not GGUF") from None
+    _READERS.pop(key, None)
     _READERS[key] = (version, reader)
+    while len(_READERS) > _KEPT_READERS:  # the least recently parsed go
+        _READERS.pop(next(iter(_READERS)))
     return reader
 
 

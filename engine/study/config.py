@@ -488,7 +488,7 @@ class Run:
     command: tuple[str, ...]
     point: Point = Point()
     source: "Run | None" = None  # an interpolated run's trained run (its command is `tenure interpolate`)
-    same_as: "Run | None" = None  # an earlier run of the study whose config is this one's: its results are read
+    same_as: "Run | None" = None  # the study's run with this one's config that is trained instead: its results are read
 
     @property
     def results_dir(self) -> pathlib.Path:
