@@ -140,7 +140,17 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         assert reopened.all_steps() == [2]
 
 
-def test_interrupted_save_is_invisible_and_cleaned_up(tmp_path):
+def test_interrupted_save_is_invisible_and_cleaned_up(tmp_path, monkeypatch):
+    import asyncio
+
+    from orbax.checkpoint._src.path import temporary_paths
+    cleanup = temporary_paths.cleanup_temporary_paths
+
+    async def slow_cleanup(*args, **kwargs):  # as on a loaded host: orbax's cleanup thread runs late
+        await asyncio.sleep(1)
+        return await cleanup(*args, **kwargs)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
     with Checkpointer(CheckpointConfig(every_steps=1), tmp_path) as ckpt:
         ckpt.save(1, make_state(1.0))
         ckpt.wait()

@@ -117,7 +117,7 @@ def test_init_sharded_makes_only_the_leaves_not_given_and_places_every_leaf():
 
     traces.clear()
     params, same_shardings = init_sharded(init, mesh, given=given)
-    assert len(traces) <= 2  # its shapes (unless cached), one jitted init of the dozens of fresh leaves (not one each)
+    assert len(traces) <= 2  # its shapes (unless cached), one jitted init of the many fresh leaves
     assert same_shardings == shardings
     got = params["backbone"]["layers_0"]["attention"]["query"]["kernel"]
     np.testing.assert_array_equal(np.asarray(got), query)

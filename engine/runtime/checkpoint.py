@@ -370,6 +370,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         # orbax drops those in a background thread and waits for it only at the next save: a run that
         # restores and stops (or a loaded host) could leave them; wait here, as the start it is
+        # (a private method: orbax-checkpoint is pinned in pyproject.toml)
         self._manager._maybe_await_cleanup_tmp_directory()
         self._closed = False
 

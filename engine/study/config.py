@@ -581,7 +581,7 @@ def reuse_equal_runs(runs: list[Run]) -> list[Run]:
         groups.setdefault(json.dumps(tree, sort_keys=True, default=str), []).append(run)
     lead_of: dict[pathlib.Path, Run] = {}
     for members in groups.values():
-        lead = next((run for run in members if (run.run_dir / "forgetting.json").is_file()), members[0])
+        lead = next((run for run in members if run.result.is_file()), members[0])
         lead_of.update((run.run_dir, lead) for run in members if run is not lead)
     out = []
     for run in runs:
