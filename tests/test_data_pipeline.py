@@ -157,6 +157,31 @@ def test_length_grouping_keeps_every_example_and_pads_less(tmp_path):
         DataConfig(pack=True, group_by_length=4)
 
 
+def test_eval_length_buckets_pad_evaluation_tightly_and_leave_training_alone(tmp_path):
+    """data.eval_length_buckets: validation runs in length order at its own widths (here 4 and 8
+    instead of one width of 16), every example once with its label; training batches keep
+    length_buckets' single width."""
+    records = labelled(48, length=_mixed_lengths)
+    train = write_jsonl(tmp_path / "t.jsonl", records)
+    common = dict(train=train, validation=train, batch_size=4, max_length=16, length_buckets=[16],
+                  num_epochs=1, read_threads=1, seed=3)
+    tok = word_tokenizer()
+    cfg = DataConfig(**common, eval_length_buckets=[4, 8])
+    assert cfg.eval_length_buckets == [4, 8, 16] and DataConfig(**common).eval_length_buckets is None
+    vocab = build_label_vocab(cfg, "seq_cls")
+    assert {b["input_ids"].shape[1] for b in build_train_iterator(cfg, "seq_cls", tok, vocab)} == {16}
+    tight = list(build_eval_batches(cfg, "validation", "seq_cls", tok, vocab))
+    plain = list(build_eval_batches(DataConfig(**common), "validation", "seq_cls", tok, vocab))
+    order = [k for b in tight for k in record_ids(b)]
+    assert sorted(order) == list(range(48))
+    assert [_mixed_lengths(k) for k in order] == sorted(_mixed_lengths(k) for k in range(48))
+    assert [int(lab) for b in tight for lab in b["labels"]] == [k % 2 for k in order]
+    assert {b["input_ids"].shape[1] for b in tight} == {4, 8, 16}
+    assert sum(b["input_ids"].size for b in tight) < 0.75 * sum(b["input_ids"].size for b in plain)  # 544 vs 768
+    with pytest.raises(ValueError, match="eval_length_buckets must lie in 1..max_length \\(16\\)"):
+        DataConfig(**common, eval_length_buckets=[8, 32])
+
+
 @pytest.mark.parametrize("case", ["seq_cls", "seq_cls_grouped", "mlm_random_mix", "causal_lm_packed_mix"])
 def test_resume_gives_exactly_the_next_batches(tmp_path, case):
     cfg, kind, vocab, tok = _resume_case(tmp_path, case)

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
-from tenure.engine.tasks.lm_eval_adapter import TenureLM, task_manager_for
+from tenure.engine.tasks.lm_eval_adapter import TenureLM, _token_scores, task_manager_for
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from tenure.models import hf_llama
@@ -84,6 +84,17 @@ def test_loglikelihood_matches_a_direct_forward(lm, reference):
             context_ids, continuation_ids = [tokenizer.bos_token_id], tokenizer.encode(continuation)
         expected = expected_loglikelihood(reference, context_ids, continuation_ids)
         assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-5), (context, continuation)
+
+
+def test_a_second_model_of_equal_structure_reuses_the_compiled_forward(lm):
+    """Every run of a study worker builds its own model and TenureLM: equal models share the
+    compiled scoring forward of each width (a SmolLM2 run paid about 6 s of compiles for it)."""
+    pairs = requests("loglikelihood", ("the quick brown", " fox"), ("a tiny model", " learns"))
+    first = lm.loglikelihood(pairs)
+    compiled = _token_scores._cache_size()
+    again = TenureLM(checkpoint=str(LLAMA), batch_size=BATCH, max_length=MAX_LENGTH, max_gen_toks=8)
+    assert again.model is not lm.model and again.loglikelihood(pairs) == first
+    assert _token_scores._cache_size() == compiled
 
 
 def test_greedy_flag(lm, reference):

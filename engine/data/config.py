@@ -53,6 +53,10 @@ class DataConfig(BaseModel):
     length_buckets: list[int] | None = Field(
         None, validate_default=True, description="pad each batch to the smallest bucket >= its longest example; null = powers of two "
                           "from 32 up to max_length (max_length is always the last bucket)")
+    eval_length_buckets: list[int] | None = Field(
+        None, description="padding widths of validation and test batches, which then run in length order (less padding, "
+                          "the same per-example results up to float rounding); training keeps length_buckets. null = "
+                          "length_buckets (eval in length order only with group_by_length)")
     truncate: bool = Field(True, description="cut over-long examples to max_length; false = they are bad records")
     pack: bool = Field(False, description="pack several examples per row of max_length tokens. causal_lm: rows filled "
                        "from the example stream; seq_cls, pair_cls, regression: each batch's same examples packed into "
@@ -95,15 +99,17 @@ class DataConfig(BaseModel):
             raise ValueError("pack and group_by_length both remove padding; set one of them")
         return self
 
-    @field_validator("length_buckets")
+    @field_validator("length_buckets", "eval_length_buckets")
     @classmethod
     def _resolve_buckets(cls, value, info):
         max_length = info.data.get("max_length")
         if max_length is None:  # max_length itself failed validation, which reports it
             return value
+        if value is None and info.field_name == "eval_length_buckets":
+            return None
         buckets = sorted(set(value or default_buckets(max_length)))
         if buckets[0] < 1 or buckets[-1] > max_length:
-            raise ValueError(f"length_buckets must lie in 1..max_length ({max_length}), got {buckets}")
+            raise ValueError(f"{info.field_name} must lie in 1..max_length ({max_length}), got {buckets}")
         if buckets[-1] != max_length:
             buckets.append(max_length)
         return buckets

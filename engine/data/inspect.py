@@ -97,7 +97,9 @@ def inspect_data(cfg: DataConfig, task_kind: str, tokenizer) -> str:
             vocab = LabelVocab.from_records(train_records, fmt)
         loaded.append((name, paths, records, report))
     lines = [f"data: task {task_kind}, format {fmt}, max_length {cfg.max_length}, "
-             f"buckets {cfg.length_buckets}, batch {cfg.batch_size}"]
+             f"buckets {cfg.length_buckets}"
+             + (f" (eval {cfg.eval_length_buckets})" if cfg.eval_length_buckets else "")
+             + f", batch {cfg.batch_size}"]
     for name, paths, records, report in loaded:
         featurizer = make_featurizer(cfg, task_kind, tokenizer, vocab, records)
         lines += _split_section(name, paths, records, report, fmt, featurizer, cfg)

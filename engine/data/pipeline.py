@@ -506,9 +506,11 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
     _report_skips(report)
     if task_id is not None:
         featurizer = TaskFeaturizer(featurizer, task_id)
-    return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size, buckets=cfg.length_buckets,
+    tight = cfg.eval_length_buckets is not None
+    return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size,
+                       buckets=cfg.eval_length_buckets if tight else cfg.length_buckets,
                        pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
-                       process_count=process_count, seed=cfg.seed, by_length=cfg.group_by_length > 0,
+                       process_count=process_count, seed=cfg.seed, by_length=tight or cfg.group_by_length > 0,
                        pack_length=cfg.max_length if packs_batches(cfg, task_kind) else None,
                        batch_shards=batch_shards)
 

@@ -14,6 +14,7 @@ harness's own windows (`get_rolling_token_windows`, one token of context).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -46,6 +47,17 @@ def _bucket(length: int, cap: int) -> int:
     """The padded length of a batch whose longest row has `length` tokens: the next power of
     two (at least SMALLEST_BUCKET), never above `cap`."""
     return min(max(SMALLEST_BUCKET, 1 << max(length - 1, 0).bit_length()), cap)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _token_scores(params, ids_BxT, mask_BxT, targets_BxT, *, model):
+    """Log-probability of each target token and whether it is the argmax. `model` is static, so
+    equal models (every run of a study worker) share the compiled forward of each width."""
+    batch = {"input_ids": ids_BxT, "attention_mask": mask_BxT}
+    logits_BxTxV = model.apply({"params": params}, batch, deterministic=True)["logits"]
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    chosen_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return chosen_BxT, jnp.argmax(logp_BxTxV, axis=-1) == targets_BxT
 
 
 def max_positions(arch) -> int:
@@ -168,16 +180,6 @@ class TenureLM(TemplateLM):
         if tokenizer.eos_token_id is None:
             raise TenureError("lm-eval: the tokenizer has no EOS token (the harness's end-of-text token)")
 
-        def token_scores(params, ids_BxT, mask_BxT, targets_BxT):
-            """Log-probability of each target token and whether it is the argmax."""
-            batch = {"input_ids": ids_BxT, "attention_mask": mask_BxT}
-            logits_BxTxV = model.apply({"params": params}, batch, deterministic=True)["logits"]
-            logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-            chosen_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-            return chosen_BxT, jnp.argmax(logp_BxTxV, axis=-1) == targets_BxT
-
-        self._token_scores = jax.jit(token_scores)
-
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "TenureLM":
         # The CLI always passes its own batch_size (default 1); one given in model_args wins.
@@ -247,7 +249,8 @@ class TenureLM(TemplateLM):
                 ids_BxT[row, :len(tokens) - 1] = tokens[:-1]
                 targets_BxT[row, :len(tokens) - 1] = tokens[1:]
                 mask_BxT[row, :len(tokens) - 1] = 1
-            chosen_BxT, greedy_BxT = jax.device_get(self._token_scores(self.params, ids_BxT, mask_BxT, targets_BxT))
+            chosen_BxT, greedy_BxT = jax.device_get(_token_scores(self.params, ids_BxT, mask_BxT, targets_BxT,
+                                                                     model=self.model))
             for row, i in enumerate(chunk):
                 length, count = len(rows[i][0]) - 1, rows[i][1]
                 results[i] = (float(chosen_BxT[row, length - count:length].sum(dtype=np.float64)),
