@@ -1,4 +1,5 @@
-"""Packing within a batch, for kinds with one output per example (seq_cls, pair_cls, regression).
+"""Packing within a batch: for kinds with one output per example (seq_cls, pair_cls, regression,
+`pack_batch`) and for sft, whose labels are per token (`pack_rows`).
 
 A packed batch holds exactly the examples the unpacked pipeline puts in that batch, in the same
 stream order (so steps, the lr schedule and the iterator's resume state mean the same thing);
@@ -36,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from tenure.engine.data.batch_spec import IGNORE
 from tenure.models.errors import TenureError
 
 
@@ -119,6 +121,64 @@ def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pa
                 batch["positions"][r, at:at + n] = np.arange(n)
                 batch["example_row"][e], batch["example_start"][e] = r, at
                 at += n
+    return batch
+
+
+def pack_rows(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad_id: int = 0,
+              slots: int | None = None, real: int | None = None, accum: int = 1, shards: int = 1,
+              fixed_rows: bool = False) -> dict[str, np.ndarray]:
+    """Per-token kinds (sft): examples[:real] packed into rows as `pack_batch` lays them out, but
+    every per-example field is per row, as in an unpacked batch: examples that differ in one (a
+    mixed batch's task_id) never share a row, and example_mask marks the rows holding examples.
+    A segment's first label is IGNORE, so no token predicts the next example's first (unpacked,
+    nothing predicts position 0 either): with block-diagonal causal attention and positions
+    restarting per segment, the loss is the unpacked batch's, over the same labelled tokens."""
+    slots = len(examples) if slots is None else slots
+    real = len(examples) if real is None else real
+    if slots % accum:
+        raise TenureError(f"data.pack: the {slots} examples of a process's batch do not split into "
+                          f"optim.grad_accum_steps={accum} micro-batches")
+    per_micro = slots // accum
+    step = row_step(per_micro, shards)
+    most = math.ceil(per_micro / step) * step
+    lengths = [len(ex["input_ids"]) for ex in examples[:real]]
+    scalars = lambda e: tuple((k, v.item()) for k, v in examples[e].items() if v.ndim == 0)
+    micro_rows = []
+    for j in range(accum):
+        groups: dict[tuple, list[int]] = {}
+        for e in range(j, real, accum):
+            groups.setdefault(scalars(e), []).append(e)
+        micro_rows.append([[group[i] for i in row] for group in groups.values()
+                           for row in first_fit_decreasing([lengths[e] for e in group], row_length)])
+    needed = max([len(r) for r in micro_rows] + [1])
+    q = most if fixed_rows else min(math.ceil(needed / step) * step, most)
+    num_rows = q * accum
+
+    batch: dict[str, np.ndarray] = {}
+    for key, value in examples[0].items():
+        if value.ndim > 1:
+            raise TenureError(f"data.pack: field {key!r} has {value.ndim} dimensions; only per-token "
+                              "sequences and scalars pack")
+        fill = IGNORE if key == "labels" and value.ndim else pad_id if key == "input_ids" else 0
+        batch[key] = np.full((num_rows, row_length) if value.ndim else (num_rows,), fill, value.dtype)
+    batch["segment_ids"] = np.zeros((num_rows, row_length), np.int32)
+    batch["positions"] = np.zeros((num_rows, row_length), np.int32)
+    batch["example_mask"] = np.zeros((num_rows,), np.float32)
+    for j, rows in enumerate(micro_rows):
+        for q_index, row in enumerate(rows):
+            r, at = q_index * accum + j, 0
+            for segment, e in enumerate(row, start=1):
+                n = lengths[e]
+                for key, value in examples[e].items():
+                    if value.ndim:
+                        batch[key][r, at:at + n] = value
+                    else:
+                        batch[key][r] = value
+                batch["labels"][r, at] = IGNORE
+                batch["segment_ids"][r, at:at + n] = segment
+                batch["positions"][r, at:at + n] = np.arange(n)
+                at += n
+            batch["example_mask"][r] = 1.0
     return batch
 
 

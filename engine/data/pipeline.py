@@ -7,8 +7,8 @@ read threads; named sources are then mixed (`mixture.MixIterDataset`), LM rows o
 packed, and rows batched to `batch_size / process_count` with bucketed padding (with several
 processes, every batch pads to the last bucket, max_length: each process pads its own rows
 and all must agree on the global shape without a collective per step). With `data.pack` for a
-kind with one output per example (seq_cls, pair_cls, regression), the batches are the same
-examples packed into fewer rows (`batch_packing.pack_batch`). The
+kind with one output per example (seq_cls, pair_cls, regression) or sft, the batches are the
+same examples packed into fewer rows (`batch_packing.pack_batch` / `pack_rows`). The
 iterator state is grain's (indices and small dicts), so it is JSON and resume is exact.
 
 Evaluation (`build_eval_batches`): every example exactly once, process p taking examples
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tenure.engine.data.augment import augment
-from tenure.engine.data.batch_packing import global_rows, pack_batch
+from tenure.engine.data.batch_packing import global_rows, pack_batch, pack_rows
 from tenure.engine.data.cleaning import CleaningReport, clean
 from tenure.engine.data.config import DataConfig
 from tenure.engine.data.grouping import LengthGroupIterDataset, length_order
@@ -331,15 +331,16 @@ class TrainSource:
     weight: float = 1.0
 
 
-def packs_batches(cfg: DataConfig, task_kind: str) -> bool:
-    """Whether `data.pack` packs the examples within each batch (seq_cls, pair_cls, regression);
+def batch_packer(cfg: DataConfig, task_kind: str):
+    """How `data.pack` packs the examples within each batch: `pack_batch` (seq_cls, pair_cls,
+    regression), `pack_rows` (sft), or None (off, or causal_lm's rows filled from the stream);
     TenureError (one line) for a kind that cannot pack."""
     if not cfg.pack:
-        return False
+        return None
     problem = pack_error(task_kind)
     if problem:
         raise TenureError(problem)
-    return KINDS[task_kind].pack == "batch"
+    return {"batch": pack_batch, "rows": pack_rows}.get(KINDS[task_kind].pack)
 
 
 def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, process_index: int,
@@ -350,7 +351,7 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
     `batch_shards` (data x fsdp shards per process) and `accum_steps` (grad_accum_steps) lay out
     packed batches (`batch_packing`)."""
     task_kind = sources[0].featurizer.task_kind
-    by_batch = packs_batches(cfg, task_kind)
+    packer = batch_packer(cfg, task_kind)
     streams = {}
     for k, source in enumerate(sources):
         epochs = cfg.num_epochs if k == 0 else None
@@ -364,8 +365,8 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
     rows = local_batch_size(cfg.batch_size, process_count)
     buckets = process_buckets(cfg.length_buckets, process_count)
     batch_fn = functools.partial(collate, buckets=buckets, pad_id=pad_id)
-    if by_batch:
-        batch_fn = functools.partial(pack_batch, row_length=cfg.max_length, pad_id=pad_id, accum=accum_steps,
+    if packer:
+        batch_fn = functools.partial(packer, row_length=cfg.max_length, pad_id=pad_id, accum=accum_steps,
                                      shards=batch_shards, fixed_rows=process_count > 1)
     elif cfg.pack:
         ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
@@ -453,14 +454,14 @@ def build_train_iterator(cfg: DataConfig, task_kind: str, tokenizer, label_vocab
 
 
 class EvalBatches:
-    """Re-iterable padded eval batches; `len()` is the same on every process. With `pack_length`
-    (a max_length) they are packed (`batch_packing.pack_batch`, `batch_shards` per process)."""
+    """Re-iterable padded eval batches; `len()` is the same on every process. With `packer`
+    (`batch_packer`'s function and its row_length) they are packed (`batch_shards` per process)."""
 
     def __init__(self, records, featurizer: Featurizer, *, global_batch: int, buckets, pad_id: int,
                  process_index: int, process_count: int, seed: int, by_length: bool = False,
-                 pack_length: int | None = None, batch_shards: int = 1):
+                 packer=None, batch_shards: int = 1):
         self.records, self.featurizer = records, featurizer
-        self._pack_length, self._batch_shards, self._fixed_rows = pack_length, batch_shards, process_count > 1
+        self._packer, self._batch_shards, self._fixed_rows = packer, batch_shards, process_count > 1
         self.rows = local_batch_size(global_batch, process_count)
         self.num_examples = len(records)
         self.num_batches = math.ceil(len(records) / global_batch)
@@ -481,9 +482,9 @@ class EvalBatches:
             take = chunk if len(chunk) else self._indices[:1] if len(self._indices) else np.arange(1)
             rngs = [np.random.default_rng([self._seed, int(i)]) for i in take]
             examples = self.featurizer([self.records[int(i)] for i in take], rngs)
-            if self._pack_length:
-                yield pack_batch(examples, row_length=self._pack_length, pad_id=self._pad_id, slots=self.rows,
-                                 real=len(chunk), shards=self._batch_shards, fixed_rows=self._fixed_rows)
+            if self._packer:
+                yield self._packer(examples, pad_id=self._pad_id, slots=self.rows, real=len(chunk),
+                                   shards=self._batch_shards, fixed_rows=self._fixed_rows)
                 continue
             batch = collate(examples, self._buckets, pad_id=self._pad_id, rows=self.rows)
             batch["example_mask"][len(chunk):] = 0.0
@@ -507,11 +508,12 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
     if task_id is not None:
         featurizer = TaskFeaturizer(featurizer, task_id)
     tight = cfg.eval_length_buckets is not None
+    packer = batch_packer(cfg, task_kind)
     return EvalBatches(records, featurizer, global_batch=cfg.global_eval_batch_size,
                        buckets=cfg.eval_length_buckets if tight else cfg.length_buckets,
                        pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
                        process_count=process_count, seed=cfg.seed, by_length=tight or cfg.group_by_length > 0,
-                       pack_length=cfg.max_length if packs_batches(cfg, task_kind) else None,
+                       packer=functools.partial(packer, row_length=cfg.max_length) if packer else None,
                        batch_shards=batch_shards)
 
 
