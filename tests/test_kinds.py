@@ -17,7 +17,7 @@ def test_every_kind_trains_a_head_the_models_build_and_is_consistent():
             continue
         assert kind.formats and kind.metric in kind.reported
         assert (kind.mode == "min") == (kind.metric in LOWER_IS_BETTER)
-        assert kind.pack in (None, "batch", "stream") and kind.kl_unit in (None, "example", "token", "causal")
+        assert kind.pack in (None, "batch", "rows", "stream") and kind.kl_unit in (None, "example", "token", "causal")
         assert callable(kind.loss(None))
     # the label layout follows the kind: one per token for the token kinds, else one per example
     assert sorted(n for n, k in KINDS.items() if k.token_labels) == ["causal_lm", "mlm", "sft", "token_cls"]

@@ -25,7 +25,7 @@ def reduced_config(path, trainable: dict, lr: float):
     test_pairs = (ROOT / definitions["data"]["test"]).read_text().splitlines(keepends=True)[:96]
     (path / "test.jsonl").write_text("".join(test_pairs))
     definitions["data"].update(train=str(ROOT / definitions["data"]["train"]), validation=None,
-                               test=str(path / "test.jsonl"), max_length=32, length_buckets=[32], eval_length_buckets=[16, 32])
+                               test=str(path / "test.jsonl"), max_length=32, length_buckets=[32], eval_length_buckets=None)
     cfg["tasks"] = {"definitions": definitions, "format": {**cfg["tasks"]["format"], "limit": 30, "eval_limit": 4},
                     "kjv": {**cfg["tasks"]["kjv"], "limit": 10, "eval_limit": 4}}
     cfg["stages"] = [{"tasks": ["definitions"], "steps": 30}]

@@ -10,7 +10,8 @@ A kind is one frozen object; the rest of the engine asks it instead of comparing
              `vocab_head` (an LM head over the vocabulary), `classifies` (one class of the label
              vocabulary per example: the logits label masks restrict), `probe_head` (may be scored
              evaluation-only with a head of its own that has no trained weights), `pack` (how
-             data.pack packs it: "stream", "batch", None), `default_labels`
+             data.pack packs it: "stream" rows of the example stream, "batch" or "rows" each batch's own
+             examples with per-example or per-row fields, None), `default_labels`
   training   `loss(cfg)`, `kl_unit` (what the KL to the starting model averages over; None: no
              predictive distribution)
   evaluation `reduce` (jitted: a batch -> small per-example arrays), `scores` (host metrics from
