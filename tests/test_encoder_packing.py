@@ -163,23 +163,28 @@ def _mesh(n):
     return Mesh(np.asarray(jax.devices()[:n]).reshape(n, 1, 1), MESH_AXES)
 
 
-def _train(mesh, batches, accum_steps, steps=2):
-    model = build_task_model(TINY, "seq_cls", num_labels=3, pooling="cls")
-    boxed = model.init(jax.random.key(0), collate(examples(2), (LENGTH,)))["params"]
+def train_steps(mesh, model, boxed, loss, num_layers, batches, accum_steps):
+    """(params after one AdamW step per batch, each step's metrics) from the boxed init `boxed`."""
     params_np = jax.tree.map(np.asarray, nn.unbox(boxed))
     optim = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant")
-    tr = compile_trainability(params_np, TrainableConfig(), TINY.num_hidden_layers)
+    tr = compile_trainability(params_np, TrainableConfig(), num_layers)
     tx = build_optimizer(optim, tr, total_steps=10)
     shardings = param_shardings(boxed, mesh)
     state, state_shardings = init_state(put_params(params_np, shardings), tx, 0, mesh, shardings)
-    step = make_train_step(model, {"task": KINDS["seq_cls"].loss()}, tx, mesh, state_shardings,
-                           lr_schedule=build_schedule(optim, 10), trainable_mask=tr.trainable_mask,
-                           accum_steps=accum_steps)
+    step = make_train_step(model, {"task": loss}, tx, mesh, state_shardings, lr_schedule=build_schedule(optim, 10),
+                           trainable_mask=tr.trainable_mask, accum_steps=accum_steps)
     history = []
-    for batch in batches[:steps]:
+    for batch in batches:
         state, metrics = step(state, batch)
         history.append(jax.tree.map(np.asarray, metrics))
     return jax.tree.map(np.asarray, state.params), history
+
+
+def _train(mesh, batches, accum_steps, steps=2):
+    model = build_task_model(TINY, "seq_cls", num_labels=3, pooling="cls")
+    boxed = model.init(jax.random.key(0), collate(examples(2), (LENGTH,)))["params"]
+    return train_steps(mesh, model, boxed, KINDS["seq_cls"].loss(), TINY.num_hidden_layers, batches[:steps],
+                       accum_steps)
 
 
 def test_train_step_packed_with_accumulation_on_two_devices_equals_unpacked():

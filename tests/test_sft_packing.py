@@ -14,15 +14,10 @@ from tenure.engine.data.packing import collate
 from tenure.engine.data.pipeline import build_eval_batches, build_train_iterator
 from tenure.engine.tasks import losses
 from tenure.engine.tasks.kinds import KINDS
-from tenure.engine.train.optim import OptimConfig, build_optimizer, build_schedule
-from tenure.engine.runtime.sharding import param_shardings, put_params
-from tenure.engine.train.step import init_state, make_train_step
-from tenure.engine.train.trainability import TrainableConfig, compile_trainability
 from tenure.models.gpt2 import GPT2Config
-from tenure.models.llama import LlamaConfig
 from tenure.models.tasks import build_task_model
 from tests.test_data_pipeline import write_jsonl
-from tests.test_encoder_packing import _mesh
+from tests.test_encoder_packing import _mesh, train_steps
 from tests.test_generate import RANDOM
 
 LENGTH = 16
@@ -104,20 +99,8 @@ def test_loss_gradients_and_eval_sums_equal_unpacked(arch):
 
 
 def _train(mesh, batches, accum_steps):
-    model, boxed, params = _model_and_params("llama")
-    optim = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant")
-    tr = compile_trainability(params, TrainableConfig(), 2)
-    tx = build_optimizer(optim, tr, total_steps=10)
-    shardings = param_shardings(boxed, mesh)
-    state, state_shardings = init_state(put_params(params, shardings), tx, 0, mesh, shardings)
-    step = make_train_step(model, {"task": KINDS["sft"].loss()}, tx, mesh, state_shardings,
-                           lr_schedule=build_schedule(optim, 10), trainable_mask=tr.trainable_mask,
-                           accum_steps=accum_steps)
-    history = []
-    for batch in batches:
-        state, metrics = step(state, batch)
-        history.append(jax.tree.map(np.asarray, metrics))
-    return jax.tree.map(np.asarray, state.params), history
+    model, boxed, _ = _model_and_params("llama")
+    return train_steps(mesh, model, boxed, KINDS["sft"].loss(), 2, batches, accum_steps)
 
 
 def test_train_step_packed_with_accumulation_on_two_devices_equals_unpacked():

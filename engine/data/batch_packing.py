@@ -68,11 +68,11 @@ def first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[i
     return [sorted(row) for row in rows]
 
 
-def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad_id: int = 0,
-               slots: int | None = None, real: int | None = None, accum: int = 1, shards: int = 1,
-               fixed_rows: bool = False) -> dict[str, np.ndarray]:
-    """Pack examples[:real] (default all) into one batch with `slots` example slots (default
-    len(examples)); slots past `real` are padding examples (their scalars 0, example_mask 0)."""
+def _layout(examples, *, row_length: int, slots: int | None, real: int | None, accum: int, shards: int,
+            fixed_rows: bool, key=lambda e: None):
+    """(slots, real, lengths, rows per micro-batch j: lists of example indices, the row count).
+    Micro-batch j's examples (index % accum == j) fill rows r % accum == j; examples whose `key`
+    differs never share a row."""
     slots = len(examples) if slots is None else slots
     real = len(examples) if real is None else real
     if slots % accum:
@@ -82,15 +82,27 @@ def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pa
     step = row_step(per_micro, shards)
     most = math.ceil(per_micro / step) * step
     lengths = [len(ex["input_ids"]) for ex in examples[:real]]
-    micro_rows = [first_fit_decreasing([lengths[e] for e in range(j, real, accum)], row_length)
-                  for j in range(accum)]
+    micro_rows = []
+    for j in range(accum):
+        groups: dict = {}
+        for e in range(j, real, accum):
+            groups.setdefault(key(e), []).append(e)
+        micro_rows.append([[group[i] for i in row] for group in groups.values()
+                           for row in first_fit_decreasing([lengths[e] for e in group], row_length)])
     needed = max([len(r) for r in micro_rows] + [1])
     q = most if fixed_rows else min(math.ceil(needed / step) * step, most)
-    num_rows = q * accum
+    return slots, real, lengths, micro_rows, q * accum
 
-    first = examples[0]
+
+def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad_id: int = 0,
+               slots: int | None = None, real: int | None = None, accum: int = 1, shards: int = 1,
+               fixed_rows: bool = False) -> dict[str, np.ndarray]:
+    """Pack examples[:real] (default all) into one batch with `slots` example slots (default
+    len(examples)); slots past `real` are padding examples (their scalars 0, example_mask 0)."""
+    slots, real, lengths, micro_rows, num_rows = _layout(
+        examples, row_length=row_length, slots=slots, real=real, accum=accum, shards=shards, fixed_rows=fixed_rows)
     batch: dict[str, np.ndarray] = {}
-    for key, value in first.items():
+    for key, value in examples[0].items():
         if value.ndim == 0:
             batch[key] = np.zeros((slots,), value.dtype)
         elif value.ndim == 1:
@@ -106,13 +118,11 @@ def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pa
     batch["example_mask"] = np.zeros((slots,), np.float32)
     batch["example_mask"][:real] = 1.0
     for j, rows in enumerate(micro_rows):
-        members = list(range(j, real, accum))  # this micro-batch's examples
         for q_index, row in enumerate(rows):
             r, at = q_index * accum + j, 0
-            for segment, local in enumerate(row, start=1):
-                e = members[local]
-                example, n = examples[e], lengths[e]
-                for key, value in example.items():
+            for segment, e in enumerate(row, start=1):
+                n = lengths[e]
+                for key, value in examples[e].items():
                     if value.ndim == 0:
                         batch[key][e] = value
                     else:
@@ -133,27 +143,10 @@ def pack_rows(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad
     A segment's first label is IGNORE, so no token predicts the next example's first (unpacked,
     nothing predicts position 0 either): with block-diagonal causal attention and positions
     restarting per segment, the loss is the unpacked batch's, over the same labelled tokens."""
-    slots = len(examples) if slots is None else slots
-    real = len(examples) if real is None else real
-    if slots % accum:
-        raise TenureError(f"data.pack: the {slots} examples of a process's batch do not split into "
-                          f"optim.grad_accum_steps={accum} micro-batches")
-    per_micro = slots // accum
-    step = row_step(per_micro, shards)
-    most = math.ceil(per_micro / step) * step
-    lengths = [len(ex["input_ids"]) for ex in examples[:real]]
-    scalars = lambda e: tuple((k, v.item()) for k, v in examples[e].items() if v.ndim == 0)
-    micro_rows = []
-    for j in range(accum):
-        groups: dict[tuple, list[int]] = {}
-        for e in range(j, real, accum):
-            groups.setdefault(scalars(e), []).append(e)
-        micro_rows.append([[group[i] for i in row] for group in groups.values()
-                           for row in first_fit_decreasing([lengths[e] for e in group], row_length)])
-    needed = max([len(r) for r in micro_rows] + [1])
-    q = most if fixed_rows else min(math.ceil(needed / step) * step, most)
-    num_rows = q * accum
-
+    scalars = lambda e: tuple((k, v.item()) for k, v in examples[e].items() if v.ndim == 0)  # noqa: E731
+    _, _, lengths, micro_rows, num_rows = _layout(
+        examples, row_length=row_length, slots=slots, real=real, accum=accum, shards=shards, fixed_rows=fixed_rows,
+        key=scalars)
     batch: dict[str, np.ndarray] = {}
     for key, value in examples[0].items():
         if value.ndim > 1:
