@@ -81,8 +81,9 @@ def test_minilm_fisher_variants_headline(tmp_path, short_test):
     0.78 at seed 0 here, 0.86 in the study's mean)."""
     study = load_study(FISHER_VARIANTS)
     test = str(short_test["lexnames"])
+    # R on test; no validation pass (the study chose lambda on it, the test asserts R only)
     reduced = [f"tasks.A.data.test={test}", f"tasks.B.data.test={test}", "ewc.examples=64",
-               "logging.tensorboard=false"]
+               "tasks.A.data.validation=null", "tasks.B.data.validation=null", "logging.tensorboard=false"]
     by_dir = study_records(tmp_path, {
         "base": str(STUDY_DIR / study.base),
         "methods": {"naive": [*study.methods["naive"], *reduced],
@@ -122,9 +123,10 @@ def test_minilm_curves_headline_lora_and_wise_beat_full_fine_tuning(tmp_path, mo
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
     shipped = load_study(STUDY_DIR / "pretrained_embeddings_curves.study.yaml")
     assert shipped.sweep["lora"]["optim.lr"][-1] == 3.0e-3 and shipped.interpolate["wise"].of == "naive"
+    # R on test; no validation pass (nothing is selected here: lora runs at the lr the study chose)
     common = [f"tasks.lexnames.data.test={short_test['lexnames']}",
-              f"tasks.embeddings.data.test={short_test['retrieval']}", "eval.kl_to_start=false",
-              "logging.tensorboard=false"]
+              f"tasks.embeddings.data.test={short_test['retrieval']}", "tasks.lexnames.data.validation=null",
+              "tasks.embeddings.data.validation=null", "eval.kl_to_start=false", "logging.tensorboard=false"]
     study = tmp_path / "curves.study.yaml"
     study.write_text(yaml.safe_dump({
         "base": str(STUDY_DIR / shipped.base), "seeds": 1,

@@ -130,7 +130,8 @@ class EvalConfig(Section):
     baseline_cache: str | None = Field(
         None, description="a dir where runs share the starting model's scores (R's start row), keyed by the "
                           "starting weights' digest and the model, task and eval settings (a study's runs of one "
-                          "pretrained LLM compute it once); null = every run computes its own")
+                          "pretrained LLM compute it once; runs of one host that start together wait for the first "
+                          "instead of computing it too); null = every run computes its own")
     kl_to_start: bool = Field(
         False, description="also measure, at every eval, KL(start || now) on each trained task's own validation (else "
                            "test) inputs, averaged like its loss, and the backbone's L2 distance to the starting "

@@ -9,14 +9,28 @@ the scores depend on (model, tasks and data, eval), and writes it there when it 
 Weights that differ (a fresh head drawn per seed, another checkpoint) or any changed task
 setting give another key. The cache does not know the engine's code: clear it after changing
 how tasks are scored.
+
+The workers of a study start together, so several runs would miss the cache at once and each
+compute the same start row (minutes on an LLM). The first to miss it writes a claim file naming
+its host and pid; the others of that host wait for its scores instead. A claim whose process is
+gone (killed mid-baseline) is taken over; one from another host is not waited on.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
+import socket
+import time
+from collections.abc import Callable
+
+import jax
 
 from tenure.engine.runtime import atomic, distributed
+from tenure.engine.runtime.distributed import print_primary
+
+POLL_SECONDS = 2.0
 
 
 def key(cfg, weights_digest: str) -> str:
@@ -42,3 +56,69 @@ def store(directory: str, cache_key: str, scores: dict[str, float]) -> None:
         path = pathlib.Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         atomic.write_text(path / f"{cache_key}.json", json.dumps({"scores": scores}, indent=1))
+
+
+def get_or_compute(directory: str, cache_key: str, compute: Callable[[], dict[str, float]]
+                   ) -> tuple[dict[str, float], bool]:
+    """(scores, whether they came from the cache): the cached scores, or `compute()`'s, stored.
+    While another process of this host computes them, wait for its result."""
+    if jax.process_count() > 1:  # the job's processes compute it together: none may wait
+        scores = lookup(directory, cache_key)
+        if scores is None:
+            scores = compute()
+            store(directory, cache_key, scores)
+            return scores, False
+        return scores, True
+    claim = pathlib.Path(directory) / f"{cache_key}.claim"
+    waited_for = None
+    while (scores := lookup(directory, cache_key)) is None:
+        holder = _claim(claim)
+        if holder is None:
+            break
+        if holder != waited_for:
+            print_primary(f"baseline: waiting for {holder}, which is computing it for {directory}")
+            waited_for = holder
+        time.sleep(POLL_SECONDS)
+    else:
+        return scores, True
+    try:
+        scores = compute()
+        store(directory, cache_key, scores)
+    finally:
+        claim.unlink(missing_ok=True)
+    return scores, False
+
+
+def _claim(claim: pathlib.Path) -> str | None:
+    """Takes the claim (None), or names the live process of this host that holds it."""
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} pid {os.getpid()}"
+    mine = claim.with_name(f"{claim.name}.{os.getpid()}")
+    mine.write_text(me)
+    try:
+        while True:
+            try:
+                os.link(mine, claim)  # atomic: a claim file always holds its holder
+                return None
+            except FileExistsError:
+                pass
+            try:
+                holder = claim.read_text()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            host, _, pid = holder.partition(" pid ")
+            if host == socket.gethostname() and pid.isdigit() and holder != me and _alive(int(pid)):
+                return holder
+            claim.unlink(missing_ok=True)  # its process is gone (or it is on another host: not waited on)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    return True

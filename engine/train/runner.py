@@ -45,14 +45,13 @@ class StageRunner:
     def baseline(self, sr: StageRun) -> None:
         """Every task's scores on the starting model, or those `eval.baseline_cache` holds for it."""
         tasks, cache = self.trainer.tasks, self.cfg.eval.baseline_cache
-        cache_key = baseline_cache.key(self.cfg, params_digest(sr.state.params)) if cache else None
-        scores = baseline_cache.lookup(cache, cache_key) if cache else None
-        if scores is not None:
-            print_primary(f"baseline: from {cache} (the same starting weights and task settings)")
+        if cache:
+            scores, cached = baseline_cache.get_or_compute(
+                cache, baseline_cache.key(self.cfg, params_digest(sr.state.params)), lambda: self._score_baseline(sr))
+            if cached:
+                print_primary(f"baseline: from {cache} (the same starting weights and task settings)")
         else:
             scores = self._score_baseline(sr)
-            if cache:
-                baseline_cache.store(cache, cache_key, scores)
         self.history.baseline = scores
         self.history.start_row = {t: task_score(tasks, scores, t) for t in tasks.by_name}
         self.history.curves = [{"step": 0, "stage": 0, "scores": {
