@@ -62,6 +62,15 @@ def strip_lora(params: Any) -> Any:
     return {k: strip_lora(v) for k, v in params.items() if k not in ("lora_a", "lora_b")}
 
 
+def without_zero_adapters(params: Any) -> Any:
+    """Params without the adapters whose `lora_b` is still all zero: such a layer adds exactly
+    nothing to its frozen base, so these params compute the same function (whatever lora_a holds)."""
+    if not isinstance(params, dict):
+        return params
+    unused = "lora_b" in params and not bool(jnp.any(params["lora_b"] != 0))
+    return {k: without_zero_adapters(v) for k, v in params.items() if not (unused and k in ("lora_a", "lora_b"))}
+
+
 def lora_only(params: Any) -> dict:
     """The adapter leaves only, keeping their paths: {"backbone": {"layers_0": {..."query": {"lora_a", "lora_b"}}}}."""
 

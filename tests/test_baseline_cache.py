@@ -65,3 +65,24 @@ def test_a_failed_computation_releases_its_claim(tmp_path):
     with pytest.raises(RuntimeError, match="out of memory"):
         baseline_cache.get_or_compute(str(tmp_path), "k", fail)
     assert list(tmp_path.iterdir()) == []                # no claim for others to wait on, no scores
+
+
+def test_lora_runs_of_any_seed_and_rank_share_their_start_weights_digest():
+    """A fresh adapter (lora_b = 0) adds exactly nothing, so LoRA runs of every seed and rank start
+    from one function: the cache key's digest leaves such adapters out, and only those."""
+    import numpy as np
+
+    from tenure.engine.train.params import params_digest
+    from tenure.models.lora import without_zero_adapters
+
+    kernel = np.arange(16, dtype=np.float32).reshape(4, 4)
+
+    def params(rank=None, seed=0, b=0.0):
+        adapter = {} if rank is None else {"lora_a": np.random.default_rng(seed).normal(size=(4, rank)).astype(np.float32),
+                                          "lora_b": np.full((rank, 4), b, np.float32)}
+        return {"backbone": {"query": {"kernel": kernel, **adapter}, "value": {"kernel": kernel}}}
+
+    digest = lambda p: params_digest(without_zero_adapters(p))  # noqa: E731
+    assert digest(params(rank=4, seed=0)) == digest(params(rank=16, seed=1)) == digest(params())
+    assert digest(params(rank=4, seed=0, b=1e-3)) != digest(params())            # a trained adapter counts
+    assert params_digest(params(rank=4, seed=0)) != params_digest(params(rank=4, seed=1))  # as it was
