@@ -62,13 +62,15 @@ def strip_lora(params: Any) -> Any:
     return {k: strip_lora(v) for k, v in params.items() if k not in ("lora_a", "lora_b")}
 
 
-def without_zero_adapters(params: Any) -> Any:
-    """Params without the adapters whose `lora_b` is still all zero: such a layer adds exactly
-    nothing to its frozen base, so these params compute the same function (whatever lora_a holds)."""
+def fresh_adapters_zeroed(params: Any) -> Any:
+    """Params whose fresh adapters (`lora_b` all zero) have `lora_a` zeroed too. Such a layer adds
+    exactly nothing to its frozen base whatever `lora_a` holds, so runs that differ only in the
+    seed's draw of `lora_a` start from one model; the adapters' shapes stay (another rank compiles
+    another program, whose rounding differs)."""
     if not isinstance(params, dict):
         return params
-    unused = "lora_b" in params and not bool(jnp.any(params["lora_b"] != 0))
-    return {k: without_zero_adapters(v) for k, v in params.items() if not (unused and k in ("lora_a", "lora_b"))}
+    fresh = "lora_b" in params and "lora_a" in params and not bool(jnp.any(params["lora_b"] != 0))
+    return {k: jnp.zeros_like(v) if fresh and k == "lora_a" else fresh_adapters_zeroed(v) for k, v in params.items()}
 
 
 def lora_only(params: Any) -> dict:

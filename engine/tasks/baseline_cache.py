@@ -4,8 +4,8 @@ Every run scores its starting model on every task before training (R's start row
 of summary.json). The runs of a study that fine-tune one pretrained model with no fresh head
 (an LLM's tied LM head) all start from the same weights, so they would compute the same
 baseline again and again: minutes each on a real LLM with lm-eval probes. With a cache dir, a
-run looks the baseline up by a key of the starting weights' digest (without LoRA adapters whose B
-is still zero: they add nothing, so LoRA runs of every seed and rank share one) and every config section
+run looks the baseline up by a key of the starting weights' digest (LoRA adapters whose B is
+still zero with their A zeroed: they add nothing, so LoRA runs of every seed share one) and every config section
 the scores depend on (model, tasks and data, eval), and writes it there when it computed it.
 Weights that differ (a fresh head drawn per seed, another checkpoint) or any changed task
 setting give another key. The cache does not know the engine's code: clear it after changing

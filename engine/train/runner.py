@@ -18,7 +18,7 @@ from tenure.engine.train.hooks import (CheckpointSaver, Evaluation, ForgettingGu
                                        evaluate_all, task_score)
 from tenure.engine.train.monitor import BestTracker
 from tenure.engine.train.params import params_digest
-from tenure.models.lora import without_zero_adapters
+from tenure.models.lora import fresh_adapters_zeroed
 
 
 class StageRunner:
@@ -48,8 +48,8 @@ class StageRunner:
         tasks, cache = self.trainer.tasks, self.cfg.eval.baseline_cache
         if cache:
             scores, cached = baseline_cache.get_or_compute(
-                # LoRA's fresh adapters (B = 0) left out: runs of every seed and rank share one start row
-                cache, baseline_cache.key(self.cfg, params_digest(without_zero_adapters(sr.state.params))),
+                # LoRA's fresh adapters (B = 0) without their random A: runs of every seed share one start row
+                cache, baseline_cache.key(self.cfg, params_digest(fresh_adapters_zeroed(sr.state.params))),
                 lambda: self._score_baseline(sr))
             if cached:
                 print_primary(f"baseline: from {cache} (the same starting weights and task settings)")
