@@ -63,31 +63,26 @@ def get_or_compute(directory: str, cache_key: str, compute: Callable[[], dict[st
                    ) -> tuple[dict[str, float], bool]:
     """(scores, whether they came from the cache): the cached scores, or `compute()`'s, stored.
     While another process of this host computes them, wait for its result."""
-    if jax.process_count() > 1:  # the job's processes compute it together: none may wait
-        scores = lookup(directory, cache_key)
-        if scores is None:
-            scores = compute()
-            store(directory, cache_key, scores)
-            return scores, False
-        return scores, True
-    claim = pathlib.Path(directory) / f"{cache_key}.claim"
-    waited_for = None
-    while (scores := lookup(directory, cache_key)) is None:
+    # a multi-process job's processes compute the row together: none may wait, so none claims
+    claim = pathlib.Path(directory) / f"{cache_key}.claim" if jax.process_count() == 1 else None
+    held, waited_for = False, None
+    while (scores := lookup(directory, cache_key)) is None and claim is not None and not held:
         holder = _claim(claim)
-        if holder is None:
-            break
-        if holder != waited_for:
-            print_primary(f"baseline: waiting for {holder}, which is computing it for {directory}")
-            waited_for = holder
-        time.sleep(POLL_SECONDS)
-    else:
-        return scores, True
+        held = holder is None  # then look once more: the last holder may have stored it just before
+        if not held:
+            if holder != waited_for:
+                print_primary(f"baseline: waiting for {holder}, which is computing it for {directory}")
+                waited_for = holder
+            time.sleep(POLL_SECONDS)
     try:
+        if scores is not None:
+            return scores, True
         scores = compute()
         store(directory, cache_key, scores)
+        return scores, False
     finally:
-        claim.unlink(missing_ok=True)
-    return scores, False
+        if held:
+            claim.unlink(missing_ok=True)
 
 
 def _claim(claim: pathlib.Path) -> str | None:
