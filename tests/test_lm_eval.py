@@ -244,3 +244,24 @@ def test_a_stage_that_trains_an_lm_eval_probe_is_refused(tmp_path):
         validate(base | {"tasks": {"general": {"kind": "lm_eval", "tasks": ["tenure_kjv"], "data": {"test": "x"}}}})
     with pytest.raises(TenureError, match="tasks.defs': `limit` applies to kind lm_eval only, not sft"):
         validate(base | {"tasks": {"defs": {"kind": "sft", "limit": 4, "data": {"train": "x"}}}})
+
+
+def test_a_probes_validation_documents_are_held_out_from_the_ones_r_reads(lm):
+    """`eval_limit` documents after R's first `limit`: validation scores capitals documents 4-6,
+    as the adapter's own answers to those documents give; more than the probe has is refused."""
+    from tenure.engine.tasks.evaluate import LMEvalProbe
+    validation = LMEvalProbe(lm, ["tenure_capitals_mc"], 3, after=4, key="tasks.general.eval_limit")
+    scores = validation(lm.params, [])
+    docs = [json.loads(line) for line in (ROOT / "data/probes/capitals/test.jsonl").open()]
+    pairs = [(f"Q: What is the capital of {d['country']}?\nA:", f" {c}") for d in docs[4:7] for c in d["choices"]]
+    direct = [ll for ll, _ in lm.loglikelihood(requests("loglikelihood", *pairs))]
+    accuracy = np.mean([np.argmax(direct[4 * i:4 * i + 4]) == d["label"] for i, d in enumerate(docs[4:7])])
+    assert scores["tenure_capitals_mc/acc"] == pytest.approx(accuracy)
+    assert validation.samples == {"tenure_capitals_mc": [4, 5, 6]}
+    with pytest.raises(TenureError, match=r"'tasks.kjv.eval_limit': 100 documents after the 60 R reads need 160, "
+                                          r"and lm-eval task tenure_kjv has 120"):
+        LMEvalProbe(lm, ["tenure_kjv"], 100, after=60, key="tasks.kjv.eval_limit")(lm.params, [])
+    from tenure.engine.config.schema import validate
+    with pytest.raises(TenureError, match="`eval_limit` needs `limit`"):
+        validate({"model": {"path": str(LLAMA)}, "stages": [{"tasks": ["defs"]}],
+                  "tasks": {"general": {"kind": "lm_eval", "tasks": ["tenure_kjv"], "eval_limit": 4}}})

@@ -88,7 +88,8 @@ class TaskEntry(TaskConfig):
     limit: int | None = Field(None, ge=1, description="lm_eval: documents per task at the start and stage ends "
                                                       "(R); null = all")
     eval_limit: int | None = Field(None, ge=1, description="lm_eval: documents per task on the eval cadence (the "
-                                                           "curves); null = limit")
+                                                           "curves): the eval_limit after R's first `limit`, held out "
+                                                           "from R; null = not scored on the cadence")
 
     @model_validator(mode="after")
     def _lm_eval_or_data(self):
@@ -97,6 +98,9 @@ class TaskEntry(TaskConfig):
                 raise ValueError("an lm_eval task reads its data through lm-eval (tasks, limit): remove its data")
             if not self.tasks:
                 raise ValueError("an lm_eval task needs `tasks`, the lm-eval task names it scores")
+            if self.eval_limit is not None and self.limit is None:
+                raise ValueError("`eval_limit` needs `limit`: the eval cadence scores the documents after R's first "
+                                 "`limit`, so that no curve reads a document R reports")
         else:
             if self.data is None:
                 raise ValueError(f"a {self.kind} task needs `data`")

@@ -9,7 +9,7 @@ still zero with their A zeroed: they add nothing, so LoRA runs of every seed sha
 the scores depend on (model, tasks and data, eval), and writes it there when it computed it.
 Weights that differ (a fresh head drawn per seed, another checkpoint) or any changed task
 setting give another key. The cache does not know the engine's code: clear it after changing
-how tasks are scored.
+how tasks are scored (the key's SCORING is bumped when tenure itself changes that).
 
 The workers of a study start together, so several runs would miss the cache at once and each
 compute the same start row (minutes on an LLM). The first to miss it writes a claim file naming
@@ -32,6 +32,7 @@ from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.distributed import print_primary
 
 POLL_SECONDS = 2.0
+SCORING = 2  # 2: an lm_eval probe's validation documents are held out from R's (version 1 scored R's first ones)
 
 
 def key(cfg, weights_digest: str) -> str:
@@ -41,7 +42,7 @@ def key(cfg, weights_digest: str) -> str:
                     if isinstance(value, dict) else value)
              for name, value in sections.items()}
     plain["eval"].pop("baseline_cache", None)  # where the cache is does not change the scores
-    text = json.dumps({"weights": weights_digest, **plain}, sort_keys=True)
+    text = json.dumps({"weights": weights_digest, "scoring": SCORING, **plain}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

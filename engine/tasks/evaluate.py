@@ -57,22 +57,38 @@ class Evaluator:
 
 class LMEvalProbe:
     """An lm_eval task: the harness's tasks scored on the given params by the adapter's model
-    (`tenure.engine.tasks.lm_eval_adapter.TenureLM`), `limit` documents each; the batches are ignored (the
-    harness reads its own documents). Scores are named `<lm-eval task>/<metric>`."""
+    (`tenure.engine.tasks.lm_eval_adapter.TenureLM`), `limit` documents each, those after the first
+    `after` (the validation documents, held out from the test ones R reads); the batches are ignored
+    (the harness reads its own documents). Scores are named `<lm-eval task>/<metric>`."""
     generate = None  # no prompting baseline of its own
 
-    def __init__(self, lm, tasks: list[str], limit: int | None) -> None:
+    def __init__(self, lm, tasks: list[str], limit: int | None, after: int = 0, key: str = "") -> None:
         from tenure.engine.tasks.lm_eval_adapter import task_manager_for
-        self.lm, self.tasks, self.limit = lm, list(tasks), limit
+        self.lm, self.tasks, self.limit, self.after, self.key = lm, list(tasks), limit, after, key
         self.task_manager = task_manager_for(self.tasks)
+        self.samples: dict[str, list[int]] | None = None  # the held-out documents' indices, per lm-eval task
+
+    def _held_out(self) -> dict[str, list[int]]:
+        """Indices `after` .. `after + limit` of each lm-eval task's documents; refuses a task with fewer."""
+        if self.samples is None:
+            from tenure.models.errors import TenureError
+            end = self.after + self.limit
+            self.samples = {}
+            for name, task in self.task_manager.load(self.tasks)["tasks"].items():  # the leaf tasks of any group
+                if len(task.eval_docs) < end:
+                    raise TenureError(f"config key '{self.key}': {self.limit} documents after the {self.after} R "
+                                      f"reads need {end}, and lm-eval task {name} has {len(task.eval_docs)}")
+                self.samples[name] = list(range(self.after, end))
+        return self.samples
 
     def __call__(self, params, batches: Iterable[dict]) -> dict[str, float]:
         import lm_eval
         from tenure.engine.tasks.lm_eval_adapter import offline_error
         self.lm.params = params  # one harness model per stage model: its jitted forward compiles once
         try:
-            out = lm_eval.simple_evaluate(model=self.lm, tasks=self.tasks, limit=self.limit, bootstrap_iters=0,
-                                          log_samples=False, task_manager=self.task_manager, verbosity="WARNING")
+            documents = {"samples": self._held_out()} if self.after else {"limit": self.limit}
+            out = lm_eval.simple_evaluate(model=self.lm, tasks=self.tasks, bootstrap_iters=0, log_samples=False,
+                                          task_manager=self.task_manager, verbosity="WARNING", **documents)
         except ConnectionError as error:
             raise offline_error(error) from None
         scores = {}
@@ -86,8 +102,9 @@ class LMEvalProbe:
 
 def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> dict[str, dict[str, Evaluator]]:
     """task name -> split -> Evaluator, for every split each task's data names; `models` gives each
-    task's model (`tenure.engine.train.build.eval_models`). An lm_eval task is scored on `limit` documents for
-    test (R) and `eval_limit` for validation (the eval cadence's curves)."""
+    task's model (`tenure.engine.train.build.eval_models`). An lm_eval task is scored on its first `limit`
+    documents for test (R) and, where it sets `eval_limit`, on that many after them for validation (the
+    eval cadence: held out, so a curve or a choice never reads a document R reports)."""
     evaluators = {}
     reducers = {}
     harness_models = {}
@@ -99,8 +116,10 @@ def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> di
             if id(model) not in harness_models:
                 harness_models[id(model)] = TenureLM.of(model, None, tokenizer, max_length=max_positions(model.arch_cfg))
             lm = harness_models[id(model)]
-            evaluators[name] = {"test": LMEvalProbe(lm, spec.tasks, spec.limit),
-                                "validation": LMEvalProbe(lm, spec.tasks, spec.eval_limit or spec.limit)}
+            evaluators[name] = {"test": LMEvalProbe(lm, spec.tasks, spec.limit)}
+            if spec.eval_limit:
+                evaluators[name]["validation"] = LMEvalProbe(lm, spec.tasks, spec.eval_limit, after=spec.limit,
+                                                             key=f"tasks.{name}.eval_limit")
             continue
         if spec.kind not in reducers:  # one model per kind: the stage's, or one probe head
             reducers[spec.kind] = make_eval_step(model, mesh, param_shardings,
