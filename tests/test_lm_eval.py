@@ -257,7 +257,8 @@ def test_a_probes_validation_documents_are_held_out_from_the_ones_r_reads(lm):
     direct = [ll for ll, _ in lm.loglikelihood(requests("loglikelihood", *pairs))]
     accuracy = np.mean([np.argmax(direct[4 * i:4 * i + 4]) == d["label"] for i, d in enumerate(docs[4:7])])
     assert scores["tenure_capitals_mc/acc"] == pytest.approx(accuracy)
-    assert validation.samples == {"tenure_capitals_mc": [4, 5, 6]}
+    assert validation._documents(validation.task_manager.load(["tenure_capitals_mc"])) == {
+        "samples": {"tenure_capitals_mc": [4, 5, 6]}}
     with pytest.raises(TenureError, match=r"'tasks.kjv.eval_limit': 100 documents after the 60 R reads need 160, "
                                           r"and lm-eval task tenure_kjv has 120"):
         LMEvalProbe(lm, ["tenure_kjv"], 100, after=60, key="tasks.kjv.eval_limit")(lm.params, [])
@@ -265,3 +266,21 @@ def test_a_probes_validation_documents_are_held_out_from_the_ones_r_reads(lm):
     with pytest.raises(TenureError, match="`eval_limit` needs `limit`"):
         validate({"model": {"path": str(LLAMA)}, "stages": [{"tasks": ["defs"]}],
                   "tasks": {"general": {"kind": "lm_eval", "tasks": ["tenure_kjv"], "eval_limit": 4}}})
+
+
+def test_a_probe_scores_as_simple_evaluate_does(lm):
+    """LMEvalProbe runs lm-eval's `evaluate` with `simple_evaluate`'s set-up (seeds, few-shot,
+    limit), without its `git describe`: every shipped probe's scores equal simple_evaluate's."""
+    from tenure.engine.tasks.evaluate import LMEvalProbe
+    tasks = ["tenure_capitals_mc", "tenure_capitals_gen", "tenure_format", "tenure_kjv"]
+    ours = LMEvalProbe(lm, tasks, 3)(lm.params, [])
+    out = simple_evaluate(model=lm, tasks=tasks, limit=3, bootstrap_iters=0, log_samples=False,
+                          task_manager=task_manager_for(tasks))
+    theirs = {}
+    for task in tasks:
+        for key, value in out["results"][task].items():
+            metric, _, kept = key.partition(",")
+            if kept and "_stderr" not in metric:
+                theirs[f"{task}/{metric}" + ("" if kept == "none" else f",{kept}")] = value
+    assert set(ours) == set(theirs) and len(ours) == 7   # acc, acc_norm; 2 exact_match; 3 of KJV
+    assert ours == theirs

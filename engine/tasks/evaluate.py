@@ -66,29 +66,39 @@ class LMEvalProbe:
         from tenure.engine.tasks.lm_eval_adapter import task_manager_for
         self.lm, self.tasks, self.limit, self.after, self.key = lm, list(tasks), limit, after, key
         self.task_manager = task_manager_for(self.tasks)
-        self.samples: dict[str, list[int]] | None = None  # the held-out documents' indices, per lm-eval task
 
-    def _held_out(self) -> dict[str, list[int]]:
-        """Indices `after` .. `after + limit` of each lm-eval task's documents; refuses a task with fewer."""
-        if self.samples is None:
-            from tenure.models.errors import TenureError
-            end = self.after + self.limit
-            self.samples = {}
-            for name, task in self.task_manager.load(self.tasks)["tasks"].items():  # the leaf tasks of any group
-                if len(task.eval_docs) < end:
-                    raise TenureError(f"config key '{self.key}': {self.limit} documents after the {self.after} R "
-                                      f"reads need {end}, and lm-eval task {name} has {len(task.eval_docs)}")
-                self.samples[name] = list(range(self.after, end))
-        return self.samples
+    def _documents(self, loaded: dict) -> dict:
+        """lm-eval's `limit` (R's first documents), or the indices `after` .. `after + limit` of each of
+        its leaf tasks (validation: held out from R's); refuses a task with fewer documents."""
+        if not self.after:
+            return {"limit": self.limit}
+        from tenure.models.errors import TenureError
+        end = self.after + self.limit
+        for name, task in loaded["tasks"].items():
+            if len(task.eval_docs) < end:
+                raise TenureError(f"config key '{self.key}': {self.limit} documents after the {self.after} R "
+                                  f"reads need {end}, and lm-eval task {name} has {len(task.eval_docs)}")
+        return {"samples": {name: list(range(self.after, end)) for name in loaded["tasks"]}}
 
     def __call__(self, params, batches: Iterable[dict]) -> dict[str, float]:
-        import lm_eval
+        import random
+
+        from lm_eval.evaluator import evaluate
         from tenure.engine.tasks.lm_eval_adapter import offline_error
         self.lm.params = params  # one harness model per stage model: its jitted forward compiles once
+        # lm-eval's `simple_evaluate` set-up (its default seeds, zero-shot unless the task says, the few-shot
+        # seed), then its `evaluate`: simple_evaluate would also run `git describe` in the working
+        # directory every call, printing git's "fatal: not a git repository" outside one.
+        random.seed(0)
+        np.random.seed(1234)
         try:
-            documents = {"samples": self._held_out()} if self.after else {"limit": self.limit}
-            out = lm_eval.simple_evaluate(model=self.lm, tasks=self.tasks, bootstrap_iters=0, log_samples=False,
-                                          task_manager=self.task_manager, verbosity="WARNING", **documents)
+            loaded = self.task_manager.load(self.tasks)  # fresh task objects: their documents and settings
+            for task in loaded["tasks"].values():
+                if task.get_config("num_fewshot") is None:
+                    task.set_config(key="num_fewshot", value=0)
+                task.set_fewshot_seed(seed=1234)
+            out = evaluate(lm=self.lm, task_dict=loaded, bootstrap_iters=0, log_samples=False, verbosity="WARNING",
+                           **self._documents(loaded))
         except ConnectionError as error:
             raise offline_error(error) from None
         scores = {}
