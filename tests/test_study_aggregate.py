@@ -379,3 +379,19 @@ def test_matched_learning_on_a_lower_is_better_figure_uses_the_envelope(tmp_path
     assert at_naive["difference"]["mean"] == pytest.approx(0.20 - 0.30)
     from tenure.engine.study.aggregate import comparison_markdown
     assert "Skipped as beaten on both axes (means over seeds): lora[optim.lr=0.01]." in comparison_markdown(table)
+
+
+def test_labels_of_points_on_one_another_do_not_overlap():
+    """Two methods' points at the same place (a rank sweep's point that is another method's lr
+    point) and a third beside them: every label lands where no other label is."""
+    from tenure.engine.study.plots import _place_labels, _pyplot
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=110)
+    ax.plot([0, 1], [0, 1])
+    labels = [("rank=16, alpha=32", (0.5, 0.5), "g"), ("lr=0.001", (0.5, 0.5), "b"), ("lr=0.003", (0.51, 0.5), "r")]
+    _place_labels(fig, ax, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert [t.get_text() for t in ax.texts] == [text for text, _, _ in labels]
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    plt.close(fig)

@@ -42,7 +42,7 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
     colors, markers = plt.get_cmap("tab10"), "osD^vP*X"
     methods = list(dict.fromkeys(row["method"] for row in table["rows"]))
     dominated = {variant for entry in comparison["matched"] for variant in entry.get("dominated", [])}
-    plotted = 0
+    plotted, labels = 0, []
     for i, method in enumerate(methods):
         rows = [r for r in table["rows"] if r["method"] == method
                 and all(math.isfinite(r["mean"].get(k, math.nan)) for k in (x, y))]
@@ -65,8 +65,7 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
                         markeredgecolor="black", linestyle="none", zorder=5, label=f"{r['variant']} (reference)")
                 ax.axvline(r["mean"][x], color="grey", linestyle=":", linewidth=1)
             elif r["point"]:
-                ax.annotate(_point_label(r["point"]), (r["mean"][x], r["mean"][y]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=6, color=colors(i % 10))
+                labels.append((_point_label(r["point"]), (r["mean"][x], r["mean"][y]), colors(i % 10)))
         plotted += 1
     for level in comparison["levels"]:
         ax.axvline(level, color="grey", linestyle="--", linewidth=0.8)
@@ -82,9 +81,34 @@ def tradeoff(table: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
                 transform=ax.transAxes, ha="center", va="center", fontsize=9, color="dimgrey")
     ax.margins(0.1)
     fig.tight_layout()
+    _place_labels(fig, ax, labels)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# where a point's label may go, in points from the point: beside it first, then further out
+_OFFSETS = [(4, 4), (4, -9), (-4, 4), (-4, -9), (4, 13), (4, -18), (-4, 13), (-4, -18), (4, 22), (-4, 22)]
+
+
+def _place_labels(fig, ax, labels: list[tuple[str, tuple[float, float], object]]) -> None:
+    """Each point's label at the first offset where it overlaps no label already placed (points that
+    sit on one another, e.g. a rank sweep's point that is another method's lr point, keep both
+    labels readable); the first offset when none is free."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for text, xy, color in labels:
+        for dx, dy in _OFFSETS:
+            note = ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), fontsize=6, color=color,
+                               ha="left" if dx > 0 else "right")
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            note.remove()
+        else:
+            note = ax.annotate(text, xy, textcoords="offset points", xytext=_OFFSETS[0], fontsize=6, color=color)
+            box = note.get_window_extent(renderer)
+        placed.append(box)
 
 
 def _point_label(point: dict) -> str:
