@@ -56,8 +56,20 @@ def test_resume_false_on_a_finished_run_is_refused(finished, data):  # noqa: F81
     before = files(run_dir, ckpt_dir)
     line = refused(*args(run_dir, data, 2, f"checkpoint.dir={ckpt_dir}", "train.resume=false"))
     assert line == (f"error: run_dir {run_dir} holds an earlier run ({ckpt_dir}, {run_dir}/summary.json, "
-                    f"{run_dir}/hf) and train.resume=false would overwrite it: add --restart to move it aside "
+                    f"{run_dir}/forgetting.json, {run_dir}/hf) and train.resume=false would overwrite it: add --restart to move it aside "
                     "first, or --overwrite to replace it in place")
+    assert files(run_dir, ckpt_dir) == before
+
+
+def test_a_finished_run_without_its_checkpoints_is_not_trained_over(finished, data, tmp_path):  # noqa: F811
+    """Its checkpoint dir changed (or deleted): the run would start at step 0 and overwrite the
+    earlier results in place; refused, as train.resume=false is."""
+    run_dir, ckpt_dir = finished
+    before = files(run_dir, ckpt_dir)
+    line = refused(*args(run_dir, data, 2, f"checkpoint.dir={tmp_path / 'elsewhere'}"))
+    assert line == (f"error: run_dir {run_dir} holds an earlier run ({run_dir}/summary.json, {run_dir}/forgetting.json, "
+                    f"{run_dir}/hf) and there is no checkpoint to resume from in {tmp_path / 'elsewhere'}, so starting over would "
+                    "overwrite it: add --restart to move it aside first, or --overwrite to replace it in place")
     assert files(run_dir, ckpt_dir) == before
 
 

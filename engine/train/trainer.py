@@ -177,10 +177,11 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def run(self, stop: StopSignals, overwrite: bool = False) -> dict:
         """The whole run; a checkpoint save in flight completes (or is dropped quietly) on any exit.
-        `overwrite`: with train.resume=false, replace an earlier run's files in place."""
+        `overwrite`: replace an earlier run's files in place when this run starts over (train.resume=false,
+        or no checkpoint to resume from)."""
         with Checkpointer(self.cfg.checkpoint, self.cfg.checkpoint.resolved_dir(self.run_dir),
                           owner=self.run_dir, **self.ranking()) as ckpt:
-            if not self.cfg.train.resume:
+            if not self.cfg.train.resume or ckpt.latest_step() is None:
                 self._start_over_in_place(ckpt, overwrite)
             tb = run_loggers(self.cfg.logging, self.run_dir, to_dict(self.cfg), primary=distributed.is_primary())
             runner = StageRunner(self, ckpt, tb, stop, RunHistory())
@@ -188,15 +189,18 @@ class Trainer:
             return self._conclude(runner, params, final_step)
 
     def _start_over_in_place(self, ckpt: Checkpointer, overwrite: bool) -> None:
-        """train.resume=false: nothing an earlier run wrote is overwritten unless asked explicitly."""
+        """A run that starts at step 0 (train.resume=false, or no checkpoint in its checkpoint dir, e.g.
+        deleted or checkpoint.dir changed): nothing an earlier run wrote is overwritten unless asked."""
         earlier = [str(ckpt.directory)] if ckpt.latest_step() is not None else []
-        earlier += [str(self.run_dir / name) for name in ("summary.json", "hf") if (self.run_dir / name).exists()]
+        earlier += [str(self.run_dir / name) for name in ("summary.json", "forgetting.json", "hf")
+                    if (self.run_dir / name).exists()]
         if not earlier:
             return
         if not overwrite:
-            raise TenureError(f"run_dir {self.run_dir} holds an earlier run ({', '.join(earlier)}) and "
-                              "train.resume=false would overwrite it: add --restart to move it aside first, or "
-                              "--overwrite to replace it in place")
+            why = ("train.resume=false would overwrite it" if not self.cfg.train.resume else
+                   f"there is no checkpoint to resume from in {ckpt.directory}, so starting over would overwrite it")
+            raise TenureError(f"run_dir {self.run_dir} holds an earlier run ({', '.join(earlier)}) and {why}: "
+                              "add --restart to move it aside first, or --overwrite to replace it in place")
         ckpt.delete_all()  # every process: orbax coordinates the deletion
         print_primary(f"overwrite: starting over in {self.run_dir}; the earlier run's checkpoints are deleted")
 
