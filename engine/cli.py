@@ -37,11 +37,11 @@ def _cmd_eval(args) -> int:
 
 def _cmd_data_inspect(args) -> int:
     from tenure.engine.config.schema import load_config
-    from tenure.engine.data.inspect import inspect_data
+    from tenure.engine.data.inspect import inspect_config
     from tenure.models.hf import load_tokenizer, resolve_model_dir
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model.path))
-    print(inspect_data(cfg.data, cfg.task.kind, tokenizer))
+    print(inspect_config(cfg, tokenizer))
     return 0
 
 
@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: move the run dir's earlier files aside (to <run_dir>.old-<time>) first, "
                         "and those of a checkpoint.dir outside it")
     p.add_argument("--overwrite", action="store_true",
-                   help="with train.resume=false, replace an earlier run in the run dir in place (its "
-                        "checkpoints are deleted) instead of refusing")
+                   help="when the run starts over (train.resume=false, or no checkpoint to resume from), replace "
+                        "an earlier run in the run dir in place (its checkpoints are deleted) instead of refusing")
     p.set_defaults(fn=_cmd_train)
 
     p = with_config(sub.add_parser("eval", help="evaluate a checkpoint or HF directory"))

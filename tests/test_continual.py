@@ -342,6 +342,22 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
         resolve(load_config(CONFIG, ["stages.1.guard={task: B, max_drop: 0.1}"]))
 
 
+def test_a_stage_section_overrides_only_the_keys_it_sets():
+    """stages.1.ewc={examples: 32} keeps the top level's lambda; stages.1.optim={lr: ...} its
+    optimizer, momentum and schedule; a loss weight at or below 0 is refused."""
+    cfg = load_config(CONFIG, ["ewc.lambda=1000", "ewc.examples=16", "stages.1.ewc={examples: 32}",
+                               "optim={name: sgd, lr: 0.05, momentum: 0.9, schedule: constant}",
+                               "stages.1.optim={lr: 0.01}", "stages.1.trainable={mode: head}"])
+    _, stages = resolve(cfg)
+    assert [(s.ewc.lam, s.ewc.examples) for s in stages] == [(1000, 16), (1000, 32)]
+    assert [(s.optim.name, s.optim.lr, s.optim.momentum, s.optim.schedule) for s in stages] == [
+        ("sgd", 0.05, 0.9, "constant"), ("sgd", 0.01, 0.9, "constant")]
+    assert [s.trainable.mode for s in stages] == ["full", "head"]
+    for weight in (-1, 0):
+        with pytest.raises(TenureError, match=rf"'stages.1.tasks.A': loss weight {weight}(.0)? must be above 0"):
+            resolve(load_config(CONFIG, [f"stages.1.tasks={{B: 1.0, A: {weight}}}"]))
+
+
 def test_an_anchor_at_random_initial_weights_is_refused():
     """Study 3's model is trained from scratch (model.init: random), so its 'pretrained' weights
     are the random initialisation: L2-SP or the KL term anchored there would pull stage B toward
@@ -482,7 +498,7 @@ def test_online_ewc_keeps_the_accumulated_fisher_through_a_stage_without_ewc():
     from tenure.engine.continual.stage_regularizers import regularizers
 
     cfg = load_config(ROOT / "configs/forgetting/split_lexnames.yaml",
-                      ["ewc.lambda=10", "ewc.gamma=0.5", "stages.2.ewc={examples: 8}"])
+                      ["ewc.gamma=0.5", "stages.1.ewc={lambda: 10}", "stages.3.ewc={lambda: 10}"])
     _, stages = resolve(cfg)
     params = {"backbone": {"w": jnp.ones((3, 2))}, "head": {"k": jnp.ones(2)}}
     trainability = types.SimpleNamespace(trainable_mask={"backbone": {"w": True}, "head": {"k": True}})

@@ -88,12 +88,12 @@ class StageConfig(_Section):
     tasks: list[str] | dict[str, float] = Field(
         description="task(s) trained in this stage; a mapping gives loss weights (multi-task: L_new + w * L_old)")
     steps: int = Field(ge=1, description="optimizer steps of this stage")
-    trainable: TrainableConfig | None = Field(None, description="trainability of this stage; null = top-level")
-    optim: OptimConfig | None = Field(None, description="optimizer and schedule (fresh warmup); null = top-level")
-    ewc: EWCConfig | None = Field(None, description="null = the top-level ewc section")
-    l2sp: L2SPConfig | None = Field(None, description="null = the top-level l2sp section")
-    replay: ReplayConfig | None = Field(None, description="null = the top-level replay section")
-    kl: KLConfig | None = Field(None, description="null = the top-level kl section")
+    trainable: TrainableConfig | None = Field(None, description="trainability of this stage: keys set here override the top-level section's; null = that section")
+    optim: OptimConfig | None = Field(None, description="optimizer and schedule (fresh warmup): keys set here override the top-level section's; null = that section")
+    ewc: EWCConfig | None = Field(None, description="keys set here override the top-level ewc section's; null = that section")
+    l2sp: L2SPConfig | None = Field(None, description="keys set here override the top-level l2sp section's; null = that section")
+    replay: ReplayConfig | None = Field(None, description="keys set here override the top-level replay section's; null = that section")
+    kl: KLConfig | None = Field(None, description="keys set here override the top-level kl section's; null = that section")
     guard: GuardConfig | None = Field(None, description="forgetting budget on earlier tasks; null = none")
 
     @field_validator("tasks")
@@ -155,6 +155,21 @@ def fisher_tasks(stages: list[Stage], index: int) -> list[str]:
     return list(stages[index - 1].weights) if index > 0 else []
 
 
+def _merged(base: dict, over: dict) -> dict:
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def _inherit(top: BaseModel, own: BaseModel | None) -> BaseModel:
+    """A stage's section over the top-level one: the keys the stage sets, the top level's for the
+    rest (`stages.1.optim={lr: 1e-4}` keeps the top-level optimizer, schedule and warm-up)."""
+    if own is None:
+        return top
+    # only the keys either sets: which keys were set says whether a term is on (`ewc_on`)
+    return type(top).model_validate(_merged(top.model_dump(by_alias=True, exclude_unset=True),
+                                            own.model_dump(by_alias=True, exclude_unset=True)))
+
+
 def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
     """(tasks by name in training order, stages) of either config form, validated across sections."""
     if cfg.stages is None:
@@ -186,14 +201,17 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
     stages, seen = [], []
     for i, s in enumerate(cfg.stages):
         weights = dict(s.tasks) if isinstance(s.tasks, dict) else {t: 1.0 for t in s.tasks}
-        for name in weights:
+        for name, weight in weights.items():
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.tasks': unknown task {name!r} "
                                   f"(tasks: {', '.join(tasks)})")
+            if not weight > 0:  # a negative weight ascends the task's loss; a zero one trains nothing
+                raise TenureError(f"config key 'stages.{i}.tasks.{name}': loss weight {weight} must be above 0 "
+                                  "(leave the task out of the stage not to train it)")
             if tasks[name].kind.harness:
                 raise TenureError(f"config key 'stages.{i}.tasks': {name!r} is an lm_eval probe, scored but never "
                                   "trained; train a task with data")
-        ewc = s.ewc or cfg.ewc
+        ewc = _inherit(cfg.ewc, s.ewc)
         for name in ewc.tasks or ():
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.ewc.tasks': unknown task {name!r}")
@@ -208,7 +226,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                 if not tasks[name].data.validation:
                     raise TenureError(f"config key 'stages.{i}.guard.task': task {name!r} has no validation split "
                                       f"(tasks.{name}.data.validation), which the guard watches")
-        replay = s.replay or cfg.replay
+        replay = _inherit(cfg.replay, s.replay)
         for name in replay.tasks or ():
             if name not in tasks or tasks[name].kind.harness or name in weights:
                 raise TenureError(f"config key 'stages.{i}.replay.tasks': {name!r} is "
@@ -217,9 +235,9 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                                   + f" (tasks with data: {', '.join(t for t in tasks if not tasks[t].kind.harness)})")
         if cfg.method == "joint":
             replay = _joint_replay(replay, weights, seen, i)
-        stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, s.trainable or cfg.trainable,
-                            s.optim or cfg.optim, ewc, s.l2sp or cfg.l2sp, replay, s.guard,
-                            tuple(seen), s.kl or cfg.kl))
+        stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, _inherit(cfg.trainable, s.trainable),
+                            _inherit(cfg.optim, s.optim), ewc, _inherit(cfg.l2sp, s.l2sp), replay, s.guard,
+                            tuple(seen), _inherit(cfg.kl, s.kl)))
         seen += [t for t in weights if t not in seen]
     order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
     tasks = {name: tasks[name] for name in order}

@@ -121,6 +121,13 @@ class WorkerPool:
         self.close()
 
 
+def _executed(command: list[str]) -> list[str]:
+    """The command as run: a `train` run that starts over (its checkpoints pruned, or none yet) may
+    replace its own unfinished run's files (`--overwrite`): the study owns its run dirs, and a run
+    without forgetting.json is unfinished. Not recorded in study_run.json: the run is the same."""
+    return [*command, "--overwrite"] if tuple(command[len(_CLI):len(_CLI) + 1]) == ("train",) else list(command)
+
+
 class _Runner:
     def __init__(self, total: int, finished: int, env: dict, stream: TextIO, pool: "WorkerPool | None",
                  prune: Callable[[Run], bool]):
@@ -185,7 +192,7 @@ class _Runner:
 
     def _in_own_process(self, run: Run, log_path) -> int | None:
         with open(log_path, "a") as log:
-            proc = self._start(run.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = self._start(_executed(run.command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             return None if proc is None else self._done(proc)
 
     def _in_worker(self, run: Run, log_path) -> int | None:
@@ -197,7 +204,7 @@ class _Runner:
             worker = self._start(_WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             if worker is None:
                 return None
-        request = {"argv": list(run.command[len(_CLI):]), "log": str(log_path)}
+        request = {"argv": _executed(run.command)[len(_CLI):], "log": str(log_path)}
         try:
             worker.stdin.write(json.dumps(request) + "\n")
             worker.stdin.flush()
