@@ -1,6 +1,6 @@
-"""How long an input each architecture can take: `data.max_length` checked against the
-model before anything is built (past a learned position table, a JAX gather returns NaN,
-and the run would later blame the learning rate)."""
+"""How long an input each architecture can take: `data.max_length` (and `tenure bench`'s
+`bench.length`) checked against the model before anything is built (past a learned position
+table, a JAX gather returns NaN, and the run would later blame the learning rate)."""
 from __future__ import annotations
 
 from tenure.models.errors import TenureError
@@ -23,15 +23,15 @@ def max_positions(arch) -> tuple[int | None, bool]:
     return None, False
 
 
-def check_max_length(arch, max_length: int) -> str | None:
-    """Raises TenureError when `max_length` exceeds a learned position table; returns a
-    warning line when it exceeds a RoPE model's trained context; None when it fits."""
+def check_max_length(arch, max_length: int, key: str = "data.max_length") -> str | None:
+    """Raises TenureError when `max_length` (the config key `key`) exceeds a learned position
+    table; returns a warning line when it exceeds a RoPE model's trained context; None when it fits."""
     limit, hard = max_positions(arch)
     if limit is None or max_length <= limit:
         return None
     model = getattr(arch, "model_type", None) or type(arch).__name__.removesuffix("Config").lower()
     if hard:
-        raise TenureError(f"data.max_length {max_length} is longer than the {limit} positions this {model} "
-                          f"model has (its position table); set data.max_length <= {limit}")
-    return (f"warning: data.max_length {max_length} is longer than the {limit}-token context this {model} "
+        raise TenureError(f"{key} {max_length} is longer than the {limit} positions this {model} "
+                          f"model has (its position table); set {key} <= {limit}")
+    return (f"warning: {key} {max_length} is longer than the {limit}-token context this {model} "
             "model was trained with; RoPE extrapolates past it, usually badly")

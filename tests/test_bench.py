@@ -151,6 +151,17 @@ def test_alone_check_needs_torch_and_variants_share_the_block_schedule(tmp_path,
     assert "--ab variant B: bench.steps and bench.rounds set the schedule" in capsys.readouterr().err
 
 
+def test_a_length_past_the_position_table_is_refused_before_anything_is_built(tmp_path, capsys):
+    """As training refuses such a data.max_length: past the table the gather reads NaN (a step
+    that is not the model's), or the step runs out of memory."""
+    path = _write(tmp_path, TINY_BERT)  # 40 positions
+    assert main(["bench", str(path), "--no-peak", "--max-load", "inf", "bench.length=41"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: bench.length 41 is longer than the 40 positions this bert "
+                                               "model has (its position table); set bench.length <= 40")
+    assert main(["bench", str(path), "--no-peak", "--max-load", "inf", "--ab", "bench.length=100000"]) == 2
+    assert "error: bench.length 100000 is longer than the 40 positions" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # three fresh processes (PyTorch twice, tenure alone once): about 30 s
 @pytest.mark.skipif(__import__("tenure.models.parity").models.parity.torch_python() is None,
                     reason=".torch-venv (torch + transformers) is not installed: `make torch-env`")

@@ -1,10 +1,12 @@
 """The `tenure` command: help for every subcommand, and user errors as one line + exit 2."""
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
 TENURE = [sys.executable, "-m", "tenure.engine.cli"]
+LLAMA = pathlib.Path(__file__).resolve().parent / "fixtures" / "llama"
 
 
 def run(*args):
@@ -39,3 +41,22 @@ def test_missing_config_file_exit_2(tmp_path):
     result = run("train", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_data_inspect_reports_each_task_of_a_staged_config(tmp_path):
+    """A staged config (`tasks:` + `stages:`) is inspected task by task; an lm_eval probe's
+    documents are the harness's, named and not read."""
+    (tmp_path / "a.jsonl").write_text('{"text": "the quick brown fox"}\n{"text": "jumps over"}\n')
+    cfg = tmp_path / "staged.yaml"
+    cfg.write_text(f"model: {{path: {LLAMA}}}\n"
+                   f"tasks:\n  A: {{kind: causal_lm, data: {{train: {tmp_path / 'a.jsonl'}, max_length: 16}}}}\n"
+                   "  general: {kind: lm_eval, tasks: [tenure_capitals_mc]}\n"
+                   "stages: [{tasks: [A], steps: 1}]\n")
+    result = run("data", "inspect", str(cfg))
+    assert result.returncode == 0, result.stderr
+    sections = result.stdout.strip().split("\n\n")
+    assert sections[0].splitlines()[:3] == [
+        "task A:", "data: task causal_lm, format text, max_length 16, buckets [16], batch 32",
+        f"train ({tmp_path / 'a.jsonl'}): 2 read, 0 bad records, 2 kept"]
+    assert sections[1] == ("task general: lm_eval probe of tenure_capitals_mc (lm-eval reads its documents; "
+                           "not inspected)")

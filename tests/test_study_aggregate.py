@@ -295,6 +295,29 @@ def test_a_selection_that_would_read_test_is_refused_before_anything_runs(tmp_pa
         run_study(parser.parse_args(["study", str(only_a), "--aggregate-only", "--out", str(out)]))
 
 
+def test_a_figure_naming_a_task_no_run_has_is_refused_before_anything_runs(tmp_path):
+    data = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "labels": ["x", "y"]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "model": {"path": "some/model"}, "tasks": {"A": {"kind": "seq_cls", "data": data},
+                                                   "B": {"kind": "seq_cls", "data": data}},
+        "stages": [{"tasks": ["A"], "steps": 4}, {"tasks": ["B"], "steps": 4}]}))
+    parser = argparse.ArgumentParser(prog="tenure")
+    add_study_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    for text, message in (
+            (SELECT.replace("SELECT", "final/Z"),
+             "study key 'select': 'final/Z' names task 'Z', which naive[optim.lr=0.0001] does not have "
+             "(its tasks: A, B)"),
+            ("base: base.yaml\nmethods: {naive: []}\ntradeoff: {learning: final/B, forgetting: drop/Z}\n",
+             "study key 'tradeoff.forgetting': 'drop/Z' names task 'Z', which naive does not have (its tasks: A, B)")):
+        path = tmp_path / "study.yaml"
+        path.write_text(text)
+        with pytest.raises(TenureError) as caught:
+            run_study(parser.parse_args(["study", str(path), "--out", str(out)]))
+        assert str(caught.value) == message
+        assert not out.exists()  # refused before running
+
+
 def test_a_run_without_validation_scores_cannot_be_selected_on(tmp_path):
     path = write_study(tmp_path, SELECT.replace("SELECT", "acc"))
     runs = plan_runs(load_study(path), path, tmp_path / "out")

@@ -1,4 +1,5 @@
-"""`tenure data inspect`: what the pipeline will see, per split, before any training.
+"""`tenure data inspect`: what the pipeline will see, per split, before any training; for a
+staged run, per task.
 
 Every split is read in skip mode (so all bad records are counted, not just the first),
 cleaned as configured (augmentation is left out: the report is about your data), then
@@ -104,3 +105,18 @@ def inspect_data(cfg: DataConfig, task_kind: str, tokenizer) -> str:
         featurizer = make_featurizer(cfg, task_kind, tokenizer, vocab, records)
         lines += _split_section(name, paths, records, report, fmt, featurizer, cfg)
     return "\n".join(lines)
+
+
+def inspect_config(cfg, tokenizer) -> str:
+    """inspect_data of a run config's task, or of each task of a staged run under its name (an
+    lm_eval probe's documents are lm-eval's own, read by the harness, not here)."""
+    if cfg.stages is None:
+        return inspect_data(cfg.data, cfg.task.kind, tokenizer)
+    sections = []
+    for name, entry in cfg.tasks.items():
+        if KINDS[entry.kind].harness:
+            sections.append(f"task {name}: lm_eval probe of {', '.join(entry.tasks)} (lm-eval reads its documents; "
+                            "not inspected)")
+        else:
+            sections.append(f"task {name}:\n" + inspect_data(entry.data, entry.kind, tokenizer))
+    return "\n\n".join(sections)

@@ -112,7 +112,7 @@ def report(runs, out: pathlib.Path, title: str, study, stream=None) -> list[dict
 
 def run_study(args) -> int:
     """`tenure study`: 0 when every run finished, 1 when any failed or is missing."""
-    from tenure.engine.study.config import check_selection_uses_validation, default_out, load_study, plan_runs, \
+    from tenure.engine.study.config import check_figures, default_out, load_study, plan_runs, \
         reuse_equal_runs, share_first_stage
     from tenure.engine.study.runner import WorkerPool, run_all
 
@@ -120,7 +120,7 @@ def run_study(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     out = pathlib.Path(args.out) if args.out else default_out(args.study, study)
     runs = reuse_equal_runs(plan_runs(study, args.study, out, methods=methods, seeds=args.seeds))
-    check_selection_uses_validation(study, runs)
+    check_figures(study, runs)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     if args.aggregate_only:

@@ -631,11 +631,26 @@ def figure_tasks(figure: str, tasks: list[str]) -> list[str]:
     return [task] if sep and prefix + "/" in FIGURE_PREFIXES else list(tasks)
 
 
-def check_selection_uses_validation(study: StudyConfig, runs: list[Run]) -> None:
-    """Refuse, before anything runs, a selection that would read a task without a validation
-    split in a swept method's run (R is on test: choosing on it would judge a choice on what chose it)."""
-    from tenure.engine.config.schema import load_config
+def check_figures(study: StudyConfig, runs: list[Run]) -> None:
+    """Refuse, before anything runs, a `select` or `tradeoff` figure naming a task that a staged run
+    does not have (found otherwise only once every run has trained), and a selection that would
+    read a task without a validation split in a swept method's run (R is on test: choosing on it
+    would judge a choice on what chose it)."""
+    from tenure.engine.config.schema import config_tree, load_config
 
+    figures = {"select": study.select, "tradeoff.learning": study.tradeoff.learning,
+               "tradeoff.forgetting": study.tradeoff.forgetting}
+    per_task = {key: figure for key, figure in figures.items() if figure and figure.startswith(FIGURE_PREFIXES)}
+    for run in runs if per_task else ():
+        trained = run.source or run  # an interpolated run has its trained run's tasks
+        tasks = config_tree(trained.command[4], list(trained.command[5:])).get("tasks")  # names as written; training validates the rest
+        if not tasks:  # a single-task run: tabulated by its own figures, never by these
+            continue
+        for key, figure in per_task.items():
+            task = figure.partition("/")[2]
+            if task not in tasks:
+                raise TenureError(f"study key '{key}': {figure!r} names task {task!r}, which {run.variant} does not "
+                                  f"have (its tasks: {', '.join(tasks)})")
     if study.select is None:
         return
     for run in (r for r in runs if r.point.values):  # the points a selection chooses among
@@ -645,7 +660,7 @@ def check_selection_uses_validation(study: StudyConfig, runs: list[Run]) -> None
         splits = ({name: task.data.validation if task.data else None for name, task in cfg.tasks.items()}
                   if cfg.tasks else {"the task": cfg.data.validation})
         wanted = figure_tasks(study.select, list(splits)) if cfg.tasks else list(splits)
-        missing = [t for t in wanted if t in splits and splits[t] is None]
+        missing = [t for t in wanted if splits[t] is None]
         if missing:
             raise TenureError(f"study key 'select': {study.select!r} would be chosen on test: {run.variant} has no "
                               f"validation split for {', '.join(missing)} (set tasks.<task>.data.validation, or "

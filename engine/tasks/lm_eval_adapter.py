@@ -15,6 +15,7 @@ harness's own windows (`get_rolling_token_windows`, one token of context).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import pathlib
@@ -182,6 +183,11 @@ class TenureLM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "TenureLM":
+        accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = [key for key in arg_dict if key not in accepted]
+        if unknown:  # a misspelt key would otherwise be a TypeError from __init__
+            raise TenureError(f"lm-eval model_args: unknown key {unknown[0]!r}; the model 'tenure' takes "
+                              f"{', '.join(accepted)}")
         # The CLI always passes its own batch_size (default 1); one given in model_args wins.
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)

@@ -283,14 +283,16 @@ def run_bench(args) -> int:
     _warn(load_warning(load_start, "start", max_load))
     variants = [(f"B{i + 1}" if len(args.ab) > 1 else "B", [*args.overrides, *ab])
                 for i, ab in enumerate(args.ab or [])]
+    from tenure.engine.tools.bench_setup import build_bench, check_length
+    configs = [("A", (cfg, bench), args.overrides)] + [
+        (label, load_bench_config(args.config, overrides), overrides) for label, overrides in variants]
+    _check_shared_schedule(configs, bench)
+    for warning in dict.fromkeys(check_length(c, bc, Path(args.config)) for _, (c, bc), _ in configs):
+        _warn(warning)  # each once: variants usually share the model and length
     from tenure.engine.runtime.xla_env import enable_compilation_cache, matmul_peak
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = enable_compilation_cache(Path(tmp) / "xla" if args.cold else args.cache_dir)
         import jax.numpy as jnp
-        from tenure.engine.tools.bench_setup import build_bench
-        configs = [("A", (cfg, bench), args.overrides)] + [
-            (label, load_bench_config(args.config, overrides), overrides) for label, overrides in variants]
-        _check_shared_schedule(configs, bench)
         peaks = {} if args.no_peak else {dt: matmul_peak(jnp.dtype(dt)) for dt in {c.model.dtype for _, (c, _), _ in configs}}
         runs = []  # (label, cfg, bench, built, runner, build_s, overrides)
         for label, (c, bc), overrides in configs:

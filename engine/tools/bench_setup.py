@@ -28,7 +28,8 @@ from tenure.engine.train.step import TrainState
 from tenure.engine.train.trainability import path_str, stage_of
 from tenure.engine.runtime.xla_env import compiler_options
 from tenure.models.errors import TenureError
-from tenure.models.hf import read_config, resolve_model_dir
+from tenure.models.hf import load_hf, read_config, resolve_model_dir
+from tenure.models.positions import check_max_length
 from tenure.engine.tasks.kinds import KINDS
 
 
@@ -142,6 +143,14 @@ def resolve_dir(path: str, config_path: Path) -> Path:
     if not Path(path).expanduser().is_dir() and beside.is_dir():
         return beside.resolve()
     return resolve_model_dir(path)
+
+
+def check_length(cfg: Config, bench: BenchConfig, config_path: Path) -> str | None:
+    """Refuses a bench.length past the model's position table, as training refuses such a
+    data.max_length (past it the embedding gather reads NaN: not the model's step); returns the
+    warning past a RoPE model's trained context. Reads config.json only."""
+    arch = load_hf(resolve_dir(cfg.model.path, config_path), with_tokenizer=False, with_weights=False)[0]
+    return check_max_length(arch, bench.length, key="bench.length")
 
 
 def build_bench(cfg: Config, bench: BenchConfig, config_path: Path) -> Bench:
