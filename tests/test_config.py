@@ -38,6 +38,10 @@ def test_yaml_and_overrides_are_typed(cfg_file):
     ("optim.lr=-1", "config key 'optim.lr'"),
     ("nonsense", "expected key.sub=value"),
     ("run_dir.x=1", "'run_dir' is a value, not a section"),
+    ("train.seed=-1", "config key 'train.seed': Input should be greater than or equal to 0"),
+    ("train.seed=99999999999999999999999", "config key 'train.seed': Input should be less than or equal to 2147483647"),
+    ("data.seed=-1", "config key 'data.seed'"),
+    ("model.path=", "config key 'model.path': String should have at least 1 character"),
 ])
 def test_bad_keys_and_values_name_the_key(cfg_file, override, message):
     with pytest.raises(TenureError) as err:
@@ -91,3 +95,17 @@ def test_auto_dtype_is_resolved_once_from_the_host(cfg_file, monkeypatch, flags,
     assert load_config(cfg_file, ["model.dtype=float32"]).model.dtype == "float32"  # explicit stays
     with pytest.raises(TenureError, match="config key 'model.dtype'"):
         load_config(cfg_file, ["model.dtype=fp16"])
+
+
+def test_an_override_of_one_task_leaves_the_tasks_sharing_its_yaml_anchor_alone(tmp_path):
+    """`data: *d` makes two tasks' data one YAML node: an override of one task's key is that task's."""
+    path = tmp_path / "anchors.yaml"
+    path.write_text("model: {path: minilm}\n"
+                    "tasks:\n"
+                    "  A: {kind: seq_cls, data: &d {train: a.jsonl, batch_size: 8, clean: {whitespace: true}}}\n"
+                    "  B: {kind: seq_cls, data: *d}\n"
+                    "  C: {kind: seq_cls, data: {<<: *d, train: c.jsonl}}\n"
+                    "stages: [{tasks: [A], steps: 2}, {tasks: [B], steps: 2}, {tasks: [C], steps: 2}]\n")
+    cfg = load_config(path, ["tasks.A.data.batch_size=4", "tasks.B.data.clean.min_length=30"])
+    assert [cfg.tasks[t].data.batch_size for t in "ABC"] == [4, 8, 8]
+    assert [cfg.tasks[t].data.clean.min_length for t in "ABC"] == [0, 30, 0]

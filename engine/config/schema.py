@@ -37,7 +37,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str = Field(description="HF model directory (config.json + safetensors), or the alias 'minilm'")
+    path: str = Field(min_length=1, description="HF model directory (config.json + safetensors), or the alias 'minilm'")
     init: Literal["pretrained", "random"] = Field(
         "pretrained", description="'random' keeps the architecture but re-initialises all weights")
     dtype: Literal["float32", "bfloat16", "auto"] = Field(
@@ -117,7 +117,7 @@ class EarlyStoppingConfig(Section):
 
 class TrainConfig(Section):
     steps: int | None = Field(None, ge=1, description="optimizer steps; unset = data.num_epochs passes")
-    seed: int = Field(0, description="seed for init, shuffling and dropout")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed for init, shuffling and dropout")
     log_every: int = Field(10, ge=1, description="steps between TensorBoard scalar writes")
     eval_every: int = Field(100, ge=1, description="steps between validation evaluations")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -323,9 +323,19 @@ def validate(tree: dict, source: str = "config") -> Config:
     return cfg
 
 
+def _unshared(node: Any) -> Any:
+    """A copy with no node reached twice: a YAML anchor's aliases (`data: *d`) are one object, so an
+    override of one task's key would change every task sharing it."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
+
+
 def config_tree(path: str | pathlib.Path, overrides: list[str] = ()) -> dict:
     """The YAML at `path` with `key.sub=value` overrides applied, not yet validated."""
-    tree = read_yaml_mapping(pathlib.Path(path), "config file", "sections")
+    tree = _unshared(read_yaml_mapping(pathlib.Path(path), "config file", "sections"))
     for text in overrides:
         keys, value = _parse_override(text)
         _set_path(tree, keys, value, f"override {text!r}")

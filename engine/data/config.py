@@ -69,7 +69,7 @@ class DataConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="global training batch size (all processes)")
     eval_batch_size: int | None = Field(None, ge=1, description="global eval batch size; null = batch_size")
     shuffle: bool = Field(True, description="shuffle the training data (a new order every epoch)")
-    seed: int = Field(0, description="seed for shuffling, mixing, MLM masking, augmentation, subset and label noise")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed for shuffling, mixing, MLM masking, augmentation, subset and label noise")
     labels: list[str] | None = Field(
         None, description="keep only records whose label is one of these, in every split (e.g. the classes of one "
                           "task of a class-incremental split); null = all")
