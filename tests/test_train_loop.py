@@ -107,6 +107,18 @@ def test_corrupt_latest_checkpoint_falls_back(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_latest_checkpoint_whose_extras_are_damaged_falls_back_too(data, tmp_path):
+    """The extras (the config, the stage, the history a resume reads first) of step 8 garbled."""
+    train(tmp_path, data, 8)
+    (tmp_path / "checkpoints" / "8" / "extra" / "metadata").write_text("{garbage")
+    result = train(tmp_path, data, 10)
+    assert "skipping checkpoint step 8" in result.stdout + result.stderr
+    assert "resumed from step 4" in result.stdout
+    assert (tmp_path / "checkpoints" / "8.broken").is_dir() and (tmp_path / "checkpoints" / "4").is_dir()
+    assert len(summary(tmp_path)["train_loss"]) == 10
+
+
+@pytest.mark.slow
 def test_summary_records_validation_evals_early_stopping_and_overfit_warnings(data, tmp_path):
     """16 training examples at a high learning rate: validation stalls while the training loss
     falls. summary.json holds every validation eval (with the monitor's train/validation loss gap)

@@ -487,6 +487,22 @@ class Checkpointer:
         except Exception as error:
             raise self._unreadable(step, _one_line(error)) from error
 
+    def latest_readable_extra(self, log: Callable[[str], None] = print) -> dict:
+        """`read_extra` of the newest step whose extras read back; newer ones that do not are
+        logged and set aside as `<step>.broken`, as `restore_latest_good` does for their arrays."""
+        skipped = []
+        for step in reversed(self.all_steps()):
+            try:
+                extra, problem = self.read_extra(step), None
+            except TenureError as error:
+                extra, problem = None, str(error)
+            if _all_processes_ok(problem is None):
+                self._set_aside(skipped)
+                return extra
+            log(f"skipping checkpoint step {step}: {problem or 'unreadable on another process'}")
+            skipped.append(step)
+        raise TenureError(f"no restorable checkpoint in {self.directory}")
+
     def _unreadable(self, step: int, reason: str) -> TenureError:
         return TenureError(f"checkpoint {self.step_dir(step)} (step {step}) is unreadable: {reason}")
 

@@ -217,7 +217,7 @@ class Trainer:
         """(params, regulariser trees, next stage index, the stage run to continue or None) from
         the run's newest checkpoint; the history continues the checkpoint's."""
         ckpt = runner.ckpt
-        meta = ckpt.read_extra(ckpt.latest_step())
+        meta = ckpt.latest_readable_extra(print_primary)
         self._check_drift(meta)
         begin = int(meta.get("stage", 0))
         sr = self.build_for_restore(begin)
