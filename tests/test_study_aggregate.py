@@ -309,13 +309,15 @@ def test_a_figure_naming_a_task_no_run_has_is_refused_before_anything_runs(tmp_p
              "study key 'select': 'final/Z' names task 'Z', which naive[optim.lr=0.0001] does not have "
              "(its tasks: A, B)"),
             ("base: base.yaml\nmethods: {naive: []}\ntradeoff: {learning: final/B, forgetting: drop/Z}\n",
-             "study key 'tradeoff.forgetting': 'drop/Z' names task 'Z', which naive does not have (its tasks: A, B)")):
+             "study key 'tradeoff.forgetting': 'drop/Z' names task 'Z', which naive does not have (its tasks: A, B)"),
+            ("base: base.yaml\nmethods: {naive: [], ewc: [ewc.lamda=100]}\n",  # a method's misspelt key
+             f"study method 'ewc' (its overrides on {tmp_path / 'base.yaml'}): unknown config key 'ewc.lamda'")):
         path = tmp_path / "study.yaml"
         path.write_text(text)
         with pytest.raises(TenureError) as caught:
             run_study(parser.parse_args(["study", str(path), "--out", str(out)]))
         assert str(caught.value) == message
-        assert not out.exists()  # refused before running
+        assert not out.exists() or not any(out.iterdir())  # refused before running
 
 
 def test_a_run_without_validation_scores_cannot_be_selected_on(tmp_path):

@@ -595,18 +595,30 @@ def reuse_equal_runs(runs: list[Run]) -> list[Run]:
     return out
 
 
+def run_config(run: Run):
+    """The validated config of a run's `tenure train` command; an error names the study's method
+    and point first (the config file it names is the study's base, not where the key was written)."""
+    from tenure.engine.config.schema import load_config
+    try:
+        return load_config(run.command[4], list(run.command[5:]))
+    except TenureError as error:
+        base, message = run.command[4], str(error)
+        message = message.removeprefix(f"{base}: ")
+        raise TenureError(f"study method {run.variant!r} (its overrides on {base}): {message}") from None
+
+
 def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Run], list[Run]]:
     """(first-stage runs, the runs) where the runs of one cell and seed whose first stage computes
     the same thing (engine/continual/branch.py: EWC and replay act only from stage B on) train it once, as
     the config cut to that stage in ``<out>/<cell slug>/first_stage/<method>/seed<k>``, and
     branch from it (`branch_from`)."""
     from tenure.engine.continual.branch import first_stage_key
-    from tenure.engine.config.schema import Config, load_config
+    from tenure.engine.config.schema import Config
 
     out = pathlib.Path(out).resolve()
     groups: dict[tuple, list[tuple[Run, Config]]] = {}
     for run in (r for r in runs if r.source is None and r.same_as is None):
-        cfg = load_config(run.command[4], list(run.command[5:]))
+        cfg = run_config(run)
         key = first_stage_key(cfg)
         if key is not None:
             groups.setdefault((run.cell.slug, run.seed, key), []).append((run, cfg))
@@ -636,7 +648,7 @@ def check_figures(study: StudyConfig, runs: list[Run]) -> None:
     does not have (found otherwise only once every run has trained), and a selection that would
     read a task without a validation split in a swept method's run (R is on test: choosing on it
     would judge a choice on what chose it)."""
-    from tenure.engine.config.schema import config_tree, load_config
+    from tenure.engine.config.schema import config_tree
 
     figures = {"select": study.select, "tradeoff.learning": study.tradeoff.learning,
                "tradeoff.forgetting": study.tradeoff.forgetting}
@@ -655,7 +667,7 @@ def check_figures(study: StudyConfig, runs: list[Run]) -> None:
         return
     for run in (r for r in runs if r.point.values):  # the points a selection chooses among
         trained = run.source or run  # an interpolated run is scored on its trained run's splits
-        cfg = load_config(trained.command[4], list(trained.command[5:]))
+        cfg = run_config(trained)
         # an lm_eval probe carries no data block: it has no validation split to choose on
         splits = ({name: task.data.validation if task.data else None for name, task in cfg.tasks.items()}
                   if cfg.tasks else {"the task": cfg.data.validation})
