@@ -73,6 +73,21 @@ def test_a_finished_run_without_its_checkpoints_is_not_trained_over(finished, da
     assert files(run_dir, ckpt_dir) == before
 
 
+def test_a_resume_over_changed_training_files_is_refused(data, tmp_path):  # noqa: F811
+    """The checkpoint's data position counts in the files it trained on: resuming over other
+    contents would silently read another order; refused, the checkpoint untouched."""
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_bytes(pathlib.Path(data["train"]).read_bytes())
+    run_dir = tmp_path / "run"
+    tenure(*args(run_dir, {**data, "train": train_file}, 2, "checkpoint.every_steps=2"))
+    train_file.write_text("".join(train_file.read_text().splitlines(keepends=True)[:200]))
+    before = files(run_dir / "checkpoints")
+    line = refused(*args(run_dir, {**data, "train": train_file}, 4, "checkpoint.every_steps=2"))
+    assert line.startswith(f"error: {run_dir}: the config differs from the checkpoint's in 1 key that change the run: "
+                           "data.train: its files changed since the checkpoint")
+    assert files(run_dir / "checkpoints") == before
+
+
 def test_restart_moves_an_outside_checkpoint_dir_aside_too(finished, data, tmp_path):  # noqa: F811
     """--restart with a changed lr starts over (no resume, no drift refusal) and the old run's
     files, checkpoints included, are kept byte for byte next to where they were."""

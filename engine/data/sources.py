@@ -10,6 +10,7 @@ loaded into memory whole.
 import bisect
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
@@ -85,6 +86,18 @@ def resolve_paths(paths: str | list[str]) -> list[str]:
         if not os.access(path, os.R_OK):
             raise TenureError(f"{path}: file is not readable (permission denied)")
     return sorted(files)
+
+
+def files_digest(paths: str | list[str]) -> str:
+    """sha256 over the files `paths` names (their names and bytes, in resolve_paths' order): what a
+    resume compares to know its training data is the one the checkpoint's data position counts in."""
+    digest = hashlib.sha256()
+    for path in resolve_paths(paths):
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def select(ds: Sequence, indices: np.ndarray) -> grain.MapDataset:

@@ -111,14 +111,11 @@ class CheckpointSaver:
     def __call__(self, local: int, state, *, stopped: bool = False, metrics=None) -> None:
         sr, index = self.ctx.sr, self.ctx.sr.stage.index
         step = self.ctx.offset + local
-        extras = self.run_extras
         self.ckpt.save(step, self.frozen_base.stored(state, index), sr.train_iter.get_state(), force=True,
                        metrics=metrics,
                        extra={"step": step, "stage": index, "local_step": local, "stopped": stopped,
-                              "history": self.ctx.history.to_dict(), "config": extras["config"],
-                              "config_given": extras["config_given"],
-                              "stages_computed": extras["stages_computed"], "replay_buffers": sr.replay_buffers,
-                              "frozen_base": extras["frozen_base"], "labels": extras["labels"]})
+                              "history": self.ctx.history.to_dict(), "replay_buffers": sr.replay_buffers,
+                              **self.run_extras})
 
 
 class ForgettingGuard:

@@ -31,7 +31,8 @@ class StageRunner:
         self.last_eval: tuple | None = None  # (stage index, (local step, params, validation scores))
         self.run_extras = {"config": to_dict(trainer.cfg), "config_given": given(trainer.cfg),
                            "stages_computed": trainer.plan.computed,
-                           "frozen_base": trainer.frozen_base.meta(), "labels": trainer.labels_json()}
+                           "frozen_base": trainer.frozen_base.meta(), "labels": trainer.labels_json(),
+                           "training_data": trainer.training_data()}
 
     def context(self, sr: StageRun) -> StageContext:
         trainer = self.trainer

@@ -27,10 +27,11 @@ from jax.experimental import multihost_utils
 
 from tenure.engine.config.schema import Config, as_today, to_dict
 from tenure.engine.config.plan import plan
-from tenure.engine.config.stages import r_split
+from tenure.engine.config.stages import SINGLE_TASK, r_split
 from tenure.engine.continual.branch import check_branch, check_stage_end, source_checkpoints
 from tenure.engine.continual.report import forgetting_record, r_table, start_end_table, write_forgetting
 from tenure.engine.continual.stage_regularizers import regularizers
+from tenure.engine.data.sources import files_digest
 from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer, directory_problem, nonfinite_leaves
 from tenure.engine.runtime.distributed import print_primary
@@ -87,6 +88,20 @@ class Trainer:
 
     def labels_json(self):
         return self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
+
+    def training_data(self) -> dict[str, str]:
+        """{config key of each trained task's training files: their digest}, saved with every
+        checkpoint: a resume counts its data position in those files, so it must read the same."""
+        digests = {}
+        for name, run_task in self.tasks.by_name.items():
+            train = run_task.task.data.train if run_task.task.data else None
+            if train is None:
+                continue
+            key = "data.train" if name == SINGLE_TASK else f"tasks.{name}.data.train"
+            sources = {f"{key}.{source}.path": config.path for source, config in train.items()} \
+                if isinstance(train, dict) else {key: train}
+            digests.update((where, files_digest(paths)) for where, paths in sources.items())
+        return digests
 
     # -- a stage's run -----------------------------------------------------------------------
     def _regularize(self, index: int, params, previous_extra: dict, compute: bool):
@@ -205,9 +220,13 @@ class Trainer:
         print_primary(f"overwrite: starting over in {self.run_dir}; the earlier run's checkpoints are deleted")
 
     def _check_drift(self, meta: dict) -> None:
-        """Refuse a resume whose config or labels changed in a way that breaks the run."""
+        """Refuse a resume whose config, labels or training files changed in a way that breaks the run."""
         breaking, notes = compare_for_resume(as_today(meta.get("config") or {}), to_dict(self.cfg),
                                              meta.get("labels"), self.labels_json())
+        saved = meta.get("training_data") or {}  # absent from checkpoints written before it was recorded
+        breaking += [f"{key}: its files changed since the checkpoint (the data position the run resumes at "
+                     "counts in the old files)" for key, digest in self.training_data().items()
+                     if key in saved and saved[key] != digest]
         if breaking:
             raise TenureError(drift_message(breaking, str(self.run_dir)))
         for note in notes:
