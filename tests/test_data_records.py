@@ -150,10 +150,23 @@ def test_label_vocab_sorted_round_trip_and_unknown():
 
 
 def test_label_vocab_from_records_bio_tags():
-    records = [{"tokens": ["a", "b"], "tags": ["B-PER", "O"]}, {"tokens": ["c"], "tags": ["I-PER"]}]
+    records = [{"tokens": ["a", "b"], "tags": ["B-PER", "O"], **META}, {"tokens": ["c"], "tags": ["I-PER"], **META}]
     vocab = LabelVocab.from_records(records, "token_tags")
     assert vocab.labels == ("B-PER", "I-PER", "O")
     with pytest.raises(BadRecord, match="^f:2: field 'tags': unknown label 'B-LOC'"):
         vocab.encode("B-LOC", "f:2", field="tags")
     with pytest.raises(TenureError, match="format 'text' has no labels"):
         LabelVocab.from_records([], "text")
+
+
+def test_labels_mixing_numbers_and_strings_are_refused(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": f"w{i}", "label": label} for i, label in enumerate([1, "1", 0, "0"] * 3)]
+    records, _ = validate(_write_jsonl(path, rows), "text_label")
+    with pytest.raises(TenureError) as error:
+        LabelVocab.from_records(records, "text_label")
+    assert str(error.value) == (f"{path}:1: label 1 is a number, but {path}:2 has the string label '1': labels mix "
+                                "numbers and strings, which would be different classes; write every label as a "
+                                "number or every label as a string")
+    numbers = [{"text": "w", "label": label, **META} for label in (1, 0, 1)]
+    assert LabelVocab.from_records(numbers, "text_label").labels == (0, 1)

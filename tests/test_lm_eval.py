@@ -163,6 +163,15 @@ def test_sampling_and_bad_arguments_are_refused(lm):
         TenureLM(checkpoint="/nonexistent/model.gguf")
 
 
+def test_an_unknown_model_args_key_is_refused_naming_it_and_the_accepted_ones():
+    """A misspelt key (`--model_args chekpoint=...`) is one line, not __init__'s TypeError."""
+    with pytest.raises(TenureError) as error:
+        TenureLM.create_from_arg_string("chekpoint=/some/dir", {"batch_size": 1, "max_batch_size": None,
+                                                                "device": None})  # what lm-eval's CLI passes
+    assert str(error.value) == ("lm-eval model_args: unknown key 'chekpoint'; the model 'tenure' takes checkpoint, "
+                                "config, batch_size, max_length, dtype, max_gen_toks, max_batch_size, device")
+
+
 def test_harness_scores_a_probe_as_the_adapter_does(lm):
     """simple_evaluate with model 'tenure' (by name, from model_args) on two shipped probes: its
     per-request scores and metrics equal the adapter's own answers to the same requests."""
@@ -266,6 +275,23 @@ def test_a_probes_validation_documents_are_held_out_from_the_ones_r_reads(lm):
     with pytest.raises(TenureError, match="`eval_limit` needs `limit`"):
         validate({"model": {"path": str(LLAMA)}, "stages": [{"tasks": ["defs"]}],
                   "tasks": {"general": {"kind": "lm_eval", "tasks": ["tenure_kjv"], "eval_limit": 4}}})
+
+
+def test_a_probes_limit_above_its_documents_is_refused(lm):
+    """R's `limit` above a task's documents is refused (the harness would silently score all it has);
+    a limit of exactly that many, and `limit: null`, score every document."""
+    from types import SimpleNamespace
+
+    from tenure.engine.tasks.evaluate import LMEvalProbe, make_evaluators
+    spec = SimpleNamespace(kind="lm_eval", tasks=["tenure_kjv"], limit=100000, eval_limit=None)
+    tasks = SimpleNamespace(by_name={"general": SimpleNamespace(task=SimpleNamespace(spec=spec, data=None))})
+    probe = make_evaluators(tasks, {"general": lm.model}, None, None, lm.tokenizer)["general"]["test"]
+    with pytest.raises(TenureError) as error:
+        probe(lm.params, [])
+    assert str(error.value) == "config key 'tasks.general.limit': 100000 documents, and lm-eval task tenure_kjv has 120"
+    loaded = probe.task_manager.load(["tenure_kjv"])
+    assert LMEvalProbe(lm, ["tenure_kjv"], 120)._documents(loaded) == {"limit": 120}
+    assert LMEvalProbe(lm, ["tenure_kjv"], None)._documents(loaded) == {"limit": None}
 
 
 def test_a_probe_scores_as_simple_evaluate_does(lm):

@@ -95,6 +95,37 @@ def test_r_columns_from_different_splits_need_the_config_to_say_so(data, tmp_pat
     assert {name: r_split(task) for name, task in tasks.items()} == {"A": "test", "B": "validation"}
 
 
+# -- trainable sections that select nothing they name ------------------------------------------------------
+
+def test_a_lora_target_or_regex_that_matches_no_param_is_refused_before_training(data, tmp_path, capsys):  # noqa: F811
+    line = refused(capsys, *args(tmp_path / "run", data, 2, "trainable.mode=lora", "trainable.lora.targets=[qeury]"))
+    assert line == ("error: config key 'trainable.lora.targets': 'qeury' matches no linear layer of the model "
+                    "(its linear layers: attn_out, key, query, value, intermediate, output)")
+    line = refused(capsys, *staged(tmp_path, data, "stages.1.trainable={mode: regex, include: [nomatch_xyz]}"))
+    assert line == ("error: config key 'stages.1.trainable.include': 'nomatch_xyz' matches no parameter path "
+                    "(paths look like 'backbone/layers_0/attention/attn_out/kernel')")
+    # A stage's section inherits the keys it leaves out: the top level's exclude is named.
+    line = refused(capsys, *staged(tmp_path, data, "trainable.exclude=[nomatch_xyz]",
+                                   "stages.1.trainable={mode: head}"))
+    assert line.startswith("error: config key 'trainable.exclude': 'nomatch_xyz' matches no parameter path")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_more_fisher_examples_or_replayed_records_than_a_task_has_are_said(data, tmp_path, capsys):  # noqa: F811
+    """Not clamped in silence: all the task's records are used, in a note naming the key (not a
+    refusal: it comes at stage 2's start, after stage 1 trained)."""
+    for run, extra, note in (
+            ("ewc", ["ewc.lambda=10", "ewc.examples=100000"],
+             "note: config key 'ewc.examples': 100000 is more than the 93 training records of task A: its Fisher "
+             "averages over all 93"),
+            ("replay", ["replay.ratio=0.25", "stages.1.replay={buffer: 100000}"],
+             "note: config key 'stages.1.replay.buffer': 100000 is more than the 93 training records of task A: "
+             "all 93 are replayed")):
+        capsys.readouterr()
+        assert main([str(a) for a in staged(tmp_path / run, data, "stages.0.steps=1", "stages.1.steps=1", *extra)]) == 0
+        assert note in capsys.readouterr().out
+
+
 # -- 9: field types of every record ----------------------------------------------------------------------------
 
 def test_a_regression_target_written_as_a_word_is_refused_before_training(tmp_path, capsys):

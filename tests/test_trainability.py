@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tenure.models.errors import TenureError
-from tenure.engine.train.trainability import FROZEN, TrainableConfig, compile_trainability
+from tenure.engine.train.trainability import FROZEN, TrainableConfig, compile_trainability, first_unmatched
 from tenure.models.bert import BertConfig
 from tenure.models.lora import LoRASpec
 from tenure.models.tasks import build_task_model
@@ -111,13 +111,17 @@ def test_llrd_multipliers_are_exact_powers():
     assert labels["backbone/embeddings/word_embeddings/embedding"] == "embeddings"
 
 
-def test_real_bert_lora_plus_head():
+def bert_lora_params():
+    """The abstract params of a 2-layer BERT classifier with adapters on query and value."""
     cfg = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=16, max_position_embeddings=8)
     model = build_task_model(cfg, "seq_cls", num_labels=3, lora=LoRASpec(rank=2, targets=("query", "value")))
     batch = {"input_ids": jnp.ones((2, 4), jnp.int32), "attention_mask": jnp.ones((2, 4), jnp.int32)}
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"]
-    tr = compile_trainability(nn.unbox(params), TrainableConfig(mode="lora"), 2)
+    return nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"])
+
+
+def test_real_bert_lora_plus_head():
+    tr = compile_trainability(bert_lora_params(), TrainableConfig(mode="lora"), 2)
     paths = trainable_paths(tr)
     lora = [p for p in paths if p.startswith("backbone/")]
     assert lora == [f"backbone/layers_{i}/attention/{m}/{leaf}" for i in range(2)
@@ -125,3 +129,21 @@ def test_real_bert_lora_plus_head():
     assert all(p.startswith("head/") for p in paths if p not in lora)
     assert tr.frozen_prefix == 1  # embeddings run forward-only
     assert tr.trainable_count == 2 * 2 * (8 * 2 + 2 * 8) + (8 * 8 + 8) + (8 * 3 + 3)
+
+
+def test_the_first_lora_target_or_regex_that_matches_nothing_is_found():
+    params = bert_lora_params()
+    assert first_unmatched(params, TrainableConfig(mode="lora", lora={"targets": ["query", "qeury"]})) == (
+        "lora.targets", "'qeury' matches no linear layer of the model "
+                        "(its linear layers: attn_out, key, query, value, intermediate, output)")
+    assert first_unmatched(params, TrainableConfig(mode="regex", include=["layers_1/", "nomatch_xyz"])) == (
+        "include", "'nomatch_xyz' matches no parameter path "
+                   "(paths look like 'backbone/layers_0/attention/attn_out/kernel')")
+    assert first_unmatched(params, TrainableConfig(exclude=["nomatch_xyz"]))[0] == "exclude"
+    # A match is a match whatever the mode makes of it: the head that trains anyway, the embeddings
+    # LoRA freezes anyway, a head kept frozen; and the targets of another mode are not read.
+    for cfg in (TrainableConfig(mode="head", include=["^head/"]),
+                TrainableConfig(mode="lora", exclude=["embeddings"], lora={"targets": ["intermediate"]}),
+                TrainableConfig(mode="lora", train_head=False, exclude=["classifier"]),
+                TrainableConfig(mode="full", lora={"targets": ["qeury"]})):
+        assert first_unmatched(params, cfg) is None

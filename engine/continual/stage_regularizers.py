@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tenure.engine.train.build import Backbone, Tasks, process_where, lora_spec
+from tenure.engine.train.build import Backbone, Tasks, config_key, process_where, lora_spec
 from tenure.engine.data.pipeline import (EvalBatches, TaskFeaturizer, load_train_records, make_featurizer,
                                          to_global_batch)
 from tenure.engine.data.sources import select
@@ -31,15 +31,21 @@ from tenure.engine.continual.fisher import fisher_diagonal, make_fisher_step, on
 from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.tasks.losses import kl_to_start
 from tenure.engine.continual.regularizers import copy_f32, ewc_extra, ewc_term, l2sp_extra, l2sp_term
+from tenure.engine.runtime.distributed import print_primary
 from tenure.models.errors import TenureError
 from tenure.engine.config.stages import Stage, ewc_on, fisher_tasks, kl_on, l2sp_on
 
 
-def _fisher_batches(backbone: Backbone, tasks: Tasks, name: str, examples: int, seed: int):
-    """Global batches of `examples` training records of task `name`, a seeded random choice."""
+def _fisher_batches(backbone: Backbone, tasks: Tasks, name: str, examples: int, seed: int, key: str):
+    """Global batches of `examples` training records of task `name`, a seeded random choice; all of
+    them, said in a note naming config key `key`, when the task has fewer (a note, not a refusal:
+    this runs at a later stage's start, after earlier stages trained)."""
     run_task = tasks.by_name[name]
     data, kind = run_task.task.data, run_task.task.spec.kind
     records = next(iter(load_train_records(data, kind, backbone.tokenizer, tasks.label_vocab).values()))
+    if examples > len(records):
+        print_primary(f"note: config key '{key}': {examples} is more than the {len(records)} training records of "
+                      f"task {name}: its Fisher averages over all {len(records)}")
     chosen = np.sort(np.random.default_rng([seed, run_task.index]).permutation(len(records))[:examples])
     records = select(records, chosen)
     featurizer = make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records)
@@ -95,7 +101,8 @@ def regularizers(cfg, stages: list[Stage], index: int, backbone: Backbone, tasks
                 step = make_fisher_step(_fisher_model(models[name], masks), spec.kind, stage.ewc.fisher, mask,
                                         backbone.mesh, param_shardings, temperature=spec.temperature,
                                         classes=classes)
-                batches = _fisher_batches(backbone, tasks, name, stage.ewc.examples, cfg.train.seed + index)
+                batches = _fisher_batches(backbone, tasks, name, stage.ewc.examples, cfg.train.seed + index,
+                                          config_key(cfg, index, "ewc.examples"))
                 f, _ = fisher_diagonal(step, params, batches, jax.random.fold_in(key, tasks.by_name[name].index),
                                        max_examples=stage.ewc.examples)
                 fisher = f if fisher is None else jax.tree.map(jnp.add, fisher, f)

@@ -193,6 +193,17 @@ def _label_sort_key(label: str | int):
         return (1, 0.0, str(label))
 
 
+def _refuse_mixed_types(first_at: dict) -> None:
+    """Refuses labels of both kinds: JSON's 1 and "1" are different values, so they would silently
+    be two classes (and two names in the export). `first_at`: label -> where it first occurs."""
+    number = next((label for label in first_at if not isinstance(label, str)), None)
+    string = next((label for label in first_at if isinstance(label, str)), None)
+    if number is not None and string is not None:
+        raise TenureError(f"{first_at[number]}: label {number!r} is a number, but {first_at[string]} has the string "
+                          f"label {string!r}: labels mix numbers and strings, which would be different classes; "
+                          "write every label as a number or every label as a string")
+
+
 class LabelVocab:
     """Class labels (or BIO tags) <-> integer ids, sorted so every run agrees."""
 
@@ -206,10 +217,12 @@ class LabelVocab:
         if fmt not in LABEL_FIELDS:
             raise TenureError(f"data.format: format {fmt!r} has no labels to build a vocabulary from")
         key = LABEL_FIELDS[fmt]
-        labels = set()
+        first_at = {}  # label -> the location of its first record
         for record in records:
-            labels.update(record[key] if key == "tags" else [record[key]])
-        return cls(labels)
+            for label in record[key] if key == "tags" else [record[key]]:
+                first_at.setdefault(label, record["location"])
+        _refuse_mixed_types(first_at)
+        return cls(first_at)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -68,16 +68,20 @@ class LMEvalProbe:
         self.task_manager = task_manager_for(self.tasks)
 
     def _documents(self, loaded: dict) -> dict:
-        """lm-eval's `limit` (R's first documents), or the indices `after` .. `after + limit` of each of
-        its leaf tasks (validation: held out from R's); refuses a task with fewer documents."""
-        if not self.after:
-            return {"limit": self.limit}
+        """lm-eval's `limit` (R's first documents; None: all), or the indices `after` .. `after + limit` of
+        each of its leaf tasks (validation: held out from R's); refuses a task with fewer documents (the
+        harness would silently score all it has)."""
+        if self.limit is None:
+            return {"limit": None}
         from tenure.models.errors import TenureError
         end = self.after + self.limit
         for name, task in loaded["tasks"].items():
             if len(task.eval_docs) < end:
-                raise TenureError(f"config key '{self.key}': {self.limit} documents after the {self.after} R "
-                                  f"reads need {end}, and lm-eval task {name} has {len(task.eval_docs)}")
+                need = f" after the {self.after} R reads need {end}" if self.after else ""
+                raise TenureError(f"config key '{self.key}': {self.limit} documents{need}, and lm-eval task {name} "
+                                  f"has {len(task.eval_docs)}")
+        if not self.after:
+            return {"limit": self.limit}
         return {"samples": {name: list(range(self.after, end)) for name in loaded["tasks"]}}
 
     def __call__(self, params, batches: Iterable[dict]) -> dict[str, float]:
@@ -126,7 +130,7 @@ def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> di
             if id(model) not in harness_models:
                 harness_models[id(model)] = TenureLM.of(model, None, tokenizer, max_length=max_positions(model.arch_cfg))
             lm = harness_models[id(model)]
-            evaluators[name] = {"test": LMEvalProbe(lm, spec.tasks, spec.limit)}
+            evaluators[name] = {"test": LMEvalProbe(lm, spec.tasks, spec.limit, key=f"tasks.{name}.limit")}
             if spec.eval_limit:
                 evaluators[name]["validation"] = LMEvalProbe(lm, spec.tasks, spec.eval_limit, after=spec.limit,
                                                              key=f"tasks.{name}.eval_limit")

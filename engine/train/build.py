@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tenure.engine.runtime import sharding
+from tenure.engine.runtime.distributed import print_primary
 from tenure.engine.config.schema import Config
 from tenure.engine.data.mixture import ReservoirBuffer
 from tenure.engine.data.pipeline import (EvalBatches, TaskFeaturizer, TrainIterator, TrainSource, build_eval_batches,
@@ -39,7 +40,7 @@ from tenure.engine.tasks.losses import of_task, one_mean
 from tenure.engine.train.optim import build_optimizer, build_schedule
 from tenure.engine.config.stages import Stage, Task, replayed_tasks
 from tenure.engine.train.step import TrainState, init_state, like_params_shardings, make_train_step
-from tenure.engine.train.trainability import Trainability, compile_trainability
+from tenure.engine.train.trainability import Trainability, compile_trainability, first_unmatched
 from tenure.models.errors import TenureError
 from tenure.models.hf import load_hf, resolve_model_dir
 from tenure.models.positions import check_max_length
@@ -312,12 +313,29 @@ def init_params(cfg: Config, backbone: Backbone, tasks: Tasks, lora, *, batch: d
                                  given=lambda shapes: graft_pretrained(shapes, backbone.pretrained, keep))
 
 
+def config_key(cfg: Config, index: int, dotted: str) -> str:
+    """The config key stage `index`'s setting `dotted` (e.g. "ewc.examples") comes from: the stage's
+    own section where that sets it, else the top level (a stage section inherits what it leaves out)."""
+    node = cfg.stages[index] if cfg.stages is not None else None
+    for name in dotted.split("."):
+        if node is None or name not in node.model_fields_set:
+            return dotted
+        node = getattr(node, name)
+    return f"stages.{index}.{dotted}"
+
+
 def start_params(cfg: Config, stages: list[Stage], backbone: Backbone, tasks: Tasks, *, batch: dict | None = None,
                  keep_pretrained_head: bool = False, abstract: bool = False) -> tuple[Any, Any, FrozenBase]:
     """(params, param_shardings, frozen_base): `init_params` with the base frozen in every stage
-    held in its dtype (tenure.engine.train.frozen_base): the params every stage of the run starts from."""
+    held in its dtype (tenure.engine.train.frozen_base): the params every stage of the run starts from.
+    Refuses a stage whose trainable section names what these params lack (`first_unmatched`)."""
     params, param_shardings = init_params(cfg, backbone, tasks, lora_spec(stages[0].trainable), batch=batch,
                                           keep_pretrained_head=keep_pretrained_head, abstract=abstract)
+    for stage in stages:
+        unmatched = first_unmatched(params, stage.trainable)
+        if unmatched:
+            field, problem = unmatched
+            raise TenureError(f"config key '{config_key(cfg, stage.index, 'trainable.' + field)}': {problem}")
     frozen_base = FrozenBase(cfg, stages, backbone, params,
                              _kept(cfg, backbone, tasks, params, keep_pretrained_head, abstract))
     return frozen_base.cast(params), param_shardings, frozen_base
@@ -331,8 +349,12 @@ def single_task_iterator(backbone: Backbone, run_task: RunTask, *, seed: int, mu
                                 batch_shards=batch_shards(backbone.mesh), accum_steps=accum_steps, **process_where())
 
 
-def _replay_records(records, buffer: int | None, seed: int):
-    """The old task's records a stage replays: all, or a seeded reservoir sample of `buffer`."""
+def _replay_records(records, buffer: int | None, seed: int, key: str, owner: str):
+    """The old task's records a stage replays: all, or a seeded reservoir sample of `buffer`; all,
+    said in a note naming config key `key`, when `owner` (the task or its source) has fewer."""
+    if buffer is not None and buffer > len(records):
+        print_primary(f"note: config key '{key}': {buffer} is more than the {len(records)} training records of "
+                      f"{owner}: all {len(records)} are replayed")
     if buffer is None or buffer >= len(records):
         return records, None
     reservoir = ReservoirBuffer(buffer, seed=seed)
@@ -341,10 +363,11 @@ def _replay_records(records, buffer: int | None, seed: int):
     return select(records, indices), indices.tolist()
 
 
-def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) -> tuple[TrainIterator, dict]:
+def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int,
+                   buffer_key: str) -> tuple[TrainIterator, dict]:
     """The stage's training batches: its tasks in equal shares, plus `replay.ratio` of every batch
     from earlier tasks (equal shares among them). Returns the iterator and the replay buffers'
-    record indices (per old task; None = whole set)."""
+    record indices (per old task; None = whole set). `buffer_key`: the config key of `replay.buffer`."""
     accum = stage.optim.grad_accum_steps
     if not tasks.multi:
         return single_task_iterator(backbone, tasks.first, seed=seed, multi=False,
@@ -356,9 +379,12 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int) ->
     for name in [*stage.weights, *replayed]:
         run_task = tasks.by_name[name]
         data, kind = run_task.task.data, run_task.task.spec.kind
-        for source_name, records in load_train_records(data, kind, backbone.tokenizer, tasks.label_vocab).items():
+        by_source = load_train_records(data, kind, backbone.tokenizer, tasks.label_vocab)
+        for source_name, records in by_source.items():
             if name in replayed:
-                records, buffers[name] = _replay_records(records, stage.replay.buffer, seed + run_task.index)
+                owner = f"task {name}" + (f"'s source {source_name}" if len(by_source) > 1 else "")
+                records, buffers[name] = _replay_records(records, stage.replay.buffer, seed + run_task.index,
+                                                         buffer_key, owner)
             featurizer = TaskFeaturizer(make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records),
                                         run_task.index)
             share = new_share if name in stage.weights else old_share
@@ -466,7 +492,8 @@ def build_step(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, para
 def build_stage(cfg: Config, stage: Stage, backbone: Backbone, tasks: Tasks, params, param_shardings, *,
                 regularize=None) -> StageRun:
     """`build_step` over the stage's data: its batches (`stage_iterator`) set the schedule's length."""
-    train_iter, buffers = stage_iterator(backbone, tasks, stage, cfg.train.seed + 101 * stage.index)
+    train_iter, buffers = stage_iterator(backbone, tasks, stage, cfg.train.seed + 101 * stage.index,
+                                         config_key(cfg, stage.index, "replay.buffer"))
     step = build_step(cfg, stage, backbone, tasks, params, param_shardings,
                       steps=stage_steps(stage, tasks, train_iter), regularize=regularize)
     return StageRun(**{f.name: getattr(step, f.name) for f in dataclasses.fields(step)}, train_iter=train_iter,

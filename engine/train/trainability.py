@@ -10,6 +10,7 @@ Rules, in order:
    regex (none: `include` decides).
 2. `train_head` adds every param under `head`.
 3. `include` regexes add params, then `exclude` regexes remove them (re.search on the path).
+A regex, or a LoRA target, that matches nothing is refused (`first_unmatched`).
 
 Layer-wise LR decay (`llrd.decay = d`, L layers): layers_l gets d**(L-l) (the top layer d**1),
 embeddings d**(L+1), final_norm and head d**0 = 1. Without llrd every trainable param is in
@@ -129,6 +130,26 @@ def _group(path: str, cfg: TrainableConfig, num_layers: int) -> tuple[str, float
         return "top", 1.0
     name = "embeddings" if stage == 0 else f"layers_{stage - 1}"
     return name, cfg.llrd.decay ** (num_layers + 1 - stage)
+
+
+def first_unmatched(params: Any, cfg: TrainableConfig) -> tuple[str, str] | None:
+    """(key under `trainable`, problem) of the first include/exclude regex that matches no param path,
+    or (mode=lora) LoRA target that names no linear layer of the backbone: either would silently
+    train something else (only the head, or what was meant to be frozen); None if all match."""
+    paths = [path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for name in ("include", "exclude"):
+        for pattern in getattr(cfg, name):
+            if not any(re.search(pattern, p) for p in paths):
+                example = next((p for p in paths if p.endswith("/kernel")), paths[0])
+                return name, f"{pattern!r} matches no parameter path (paths look like {example!r})"
+    if cfg.mode == "lora":
+        # Adapters sit on the backbone's Dense layers (the heads take none): the module names over a kernel.
+        linear = dict.fromkeys(p.split("/")[-2] for p in paths if p.startswith("backbone/") and p.endswith("/kernel"))
+        for target in cfg.lora.targets:
+            if target not in linear:
+                return "lora.targets", (f"{target!r} matches no linear layer of the model "
+                                        f"(its linear layers: {', '.join(linear)})")
+    return None
 
 
 def compile_trainability(params: Any, cfg: TrainableConfig, num_layers: int) -> Trainability:
