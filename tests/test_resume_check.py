@@ -2,7 +2,9 @@
 import copy
 
 from tenure.engine.config.schema import to_dict, validate
-from tenure.engine.runtime.resume_check import compare_for_resume, drift_message, flatten
+from tenure.engine.config.plan import plan
+from tenure.engine.runtime.resume_check import (compare_for_eval, compare_for_resume, drift_message,
+                                                eval_drift_message, flatten, model_tree)
 
 BASE = {"model": {"path": "minilm"}, "task": {"kind": "seq_cls"},
         "data": {"train": "t.jsonl", "validation": "v.jsonl", "batch_size": 8, "max_length": 64},
@@ -102,3 +104,36 @@ def test_a_replay_run_saved_before_replay_loss_existed_keeps_its_loss():
     no_replay = config()
     del no_replay["replay"]["loss"]
     assert compare_for_resume(as_today(no_replay), config()) == ([], [])
+
+
+# -- tenure eval / export: the model must be the one the checkpoint holds ----------------------------------------
+
+def test_eval_compares_only_the_keys_that_define_the_model():
+    assert compare_for_eval(config(), config(data__batch_size=16, data__validation="v2.jsonl", optim__lr=1e-4,
+                                             train__steps=7, task__max_new_tokens=5, eval__metric="f1_macro",
+                                             trainable__lora__dropout=0.1, checkpoint__keep=5,
+                                             model__dtype="bfloat16", model__remat="full")) == []  # how, not what
+    assert compare_for_eval(config(), config(task__pooling="mean", model__path="other", trainable__mode="lora",
+                                             trainable__lora__rank=4, heads="shared")) == [
+        'heads: trained "per_task", given "shared"', 'model.path: trained "minilm", given "other"',
+        'task.pooling: trained null, given "mean"', 'trainable.lora.rank: trained 8, given 4',
+        'trainable.mode: trained "full", given "lora"']
+
+
+def test_eval_compares_a_staged_runs_trainability_as_each_stage_trained():
+    """A stage's trainable keys override the top-level section's: `{mode: full}` and `{last_n: 1}`
+    write out the same stage dict, but only the first trains without LoRA under `mode: lora`."""
+    def staged(stage_trainable: dict) -> dict:
+        cfg = validate({"model": {"path": "minilm"}, "trainable": {"mode": "lora"},
+                        "tasks": {"A": {"kind": "seq_cls", "data": {"train": "a.jsonl"}}},
+                        "stages": [{"tasks": ["A"], "steps": 2, "trainable": stage_trainable}]})
+        return model_tree(to_dict(cfg), plan(cfg).computed)
+    assert compare_for_eval(staged({"mode": "full"}), staged({"last_n": 1})) == [
+        'stages.0.trainable.mode: trained "full", given "lora"']
+    changed_data = staged({"mode": "full"})
+    changed_data["tasks"]["A"]["data"]["test"] = "t.jsonl"
+    assert compare_for_eval(staged({"mode": "full"}), changed_data) == []
+    assert eval_drift_message(['task.pooling: trained "cls", given "mean"'], "runs/x/checkpoints") == (
+        'runs/x/checkpoints: the config differs from the one the checkpoint was trained with in 1 key that defines '
+        'the model: task.pooling: trained "cls", given "mean"; evaluate or export the checkpoint with the config it '
+        "was trained with")

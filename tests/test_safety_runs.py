@@ -137,8 +137,24 @@ def test_eval_with_another_architecture_blames_the_model_path(finished, data):  
     gpt2 = ROOT / "tests/fixtures/gpt2"
     line = refused("eval", *args(run_dir, data, 2, f"checkpoint.dir={ckpt_dir}", f"model.path={gpt2}")[1:],
                    "--checkpoint", ckpt_dir)
-    assert line.startswith(f"error: checkpoint {ckpt_dir}/2 was trained from model.path {TINY_BERT}, not this "
-                           f"config's {gpt2}, whose weights have another shape; use the config it was trained with")
+    assert line == (f"error: {ckpt_dir}: the config differs from the one the checkpoint was trained with in 1 key "
+                    f'that defines the model: model.path: trained "{TINY_BERT}", given "{gpt2}"; evaluate or export '
+                    "the checkpoint with the config it was trained with")
+
+
+def test_eval_refuses_a_changed_head_and_evaluates_with_other_data(finished, data, tmp_path):  # noqa: F811
+    """The model is built from the config `tenure eval` is given: a head option (the pooling) must be the
+    one the checkpoint was trained with; eval batch size and test split are the eval's own."""
+    run_dir, ckpt_dir = finished
+    config = args(run_dir, data, 2, f"checkpoint.dir={ckpt_dir}")[1:]
+    line = refused("eval", *config, "task.pooling=mean", "--checkpoint", ckpt_dir)
+    assert line == (f"error: {ckpt_dir}: the config differs from the one the checkpoint was trained with in 1 key "
+                    'that defines the model: task.pooling: trained "cls", given "mean"; evaluate or export the '
+                    "checkpoint with the config it was trained with")
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(data["test"].read_text().splitlines(keepends=True)[:20]))
+    result = tenure("eval", *config, "data.eval_batch_size=4", f"data.test={test}", "--checkpoint", ckpt_dir)
+    assert "test/accuracy: " in result.stdout
 
 
 # -- staged runs: one run of the config cut to stage A, branched from ------------------------------------------

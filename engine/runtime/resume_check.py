@@ -6,6 +6,11 @@
 naming the key and both values. Everything that is not on the allow-list `SAFE` breaks
 the run, so keys added to the config later (sections `tasks:`, `stages:`, ...) are
 refused on change until someone decides they are safe.
+
+`compare_for_eval(trained, given)` is the counterpart for `tenure eval` / `tenure export`, which
+restore a checkpoint into the model today's config builds: only the keys on `MODEL_DEFINING`
+(what the model computes and its parameter tree) must be as trained; data, batch sizes, eval
+settings, optimizer, steps and logging may change.
 """
 from __future__ import annotations
 
@@ -35,6 +40,25 @@ SAFE: tuple[str, ...] = (
 )
 # Safe only in one direction: more steps continue the run (the schedule stretches to them).
 STEPS_KEYS: tuple[str, ...] = ("train.steps", "stages.*.steps", "stages.*.train.steps")
+# Keys that define the model a checkpoint holds: its architecture and numerics, its task heads
+# and its parameter tree. A task option added later defines the model until it is put on
+# EVAL_ONLY. A staged run's trainability is compared per stage as the stage trained
+# (`model_tree`): a stage's own keys over the top-level section's.
+MODEL_DEFINING: tuple[str, ...] = (
+    "model", "task", "tasks", "heads",
+    "trainable.mode", "trainable.lora.rank", "trainable.lora.alpha", "trainable.lora.targets",
+    "stages.*.trainable.mode", "stages.*.trainable.lora.rank", "stages.*.trainable.lora.alpha",
+    "stages.*.trainable.lora.targets",
+)
+# Keys under MODEL_DEFINING that choose what is evaluated and how it is scored, or how the same
+# model is computed (compute dtype, rematerialisation, scanned layers, attention kernel; dropout is
+# off at eval), not the model.
+EVAL_ONLY: tuple[str, ...] = (
+    "model.dtype", "model.remat", "model.scan_layers", "model.attention", "model.dropout",
+    "task.max_new_tokens", "task.generation_examples", "task.few_shot",
+    "tasks.*.data", "tasks.*.metric", "tasks.*.mode", "tasks.*.tasks", "tasks.*.limit", "tasks.*.eval_limit",
+    "tasks.*.max_new_tokens", "tasks.*.generation_examples", "tasks.*.few_shot",
+)
 _MAX_SHOWN = 60
 
 
@@ -111,6 +135,37 @@ def compare_for_resume(saved_config: dict, new_config: dict, saved_labels: Any =
         breaking.append(f"labels: {_show(saved)} -> {_show(current)} (classifier rows follow "
                         "the label order)")
     return breaking, notes
+
+
+def model_tree(config: dict, computed: list[dict] | None) -> dict:
+    """`config` (a `to_dict`) with a staged run's trainability as each stage trained
+    (`computed`: RunPlan.computed, which checkpoints record as `stages_computed`): the top-level
+    section alone does not say it, and two stages may differ."""
+    if config.get("stages") is None or computed is None:
+        return config
+    tree = {key: value for key, value in config.items() if key not in ("trainable", "stages")}
+    tree["stages"] = [{"trainable": stage["trainable"]} for stage in computed]
+    return tree
+
+
+def compare_for_eval(trained: dict, given: dict) -> list[str]:
+    """One line per key on MODEL_DEFINING (not on EVAL_ONLY) where `model_tree`s differ, e.g.
+    `task.pooling: trained "cls", given "mean"`."""
+    old, new = flatten(trained), flatten(given)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, _MISSING), new.get(key, _MISSING)
+        if before != after and _matches(key, MODEL_DEFINING) and not _matches(key, EVAL_ONLY):
+            changed.append(f"{key}: trained {_show(before)}, given {_show(after)}")
+    return changed
+
+
+def eval_drift_message(changed: list[str], checkpoint: str) -> str:
+    """The one-line refusal (TenureError) of restoring `checkpoint` into another model."""
+    many = len(changed) > 1
+    return (f"{checkpoint}: the config differs from the one the checkpoint was trained with in {len(changed)} "
+            f"key{'s' * many} that define{'s' * (not many)} the model: {'; '.join(changed)}; evaluate or "
+            "export the checkpoint with the config it was trained with")
 
 
 def drift_message(breaking: list[str], run_dir: str) -> str:

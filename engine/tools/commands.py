@@ -5,8 +5,9 @@ import pathlib
 
 from tenure.engine.runtime import distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
-from tenure.engine.config.schema import Config
+from tenure.engine.config.schema import Config, as_today, to_dict
 from tenure.engine.runtime.distributed import print_primary
+from tenure.engine.runtime.resume_check import compare_for_eval, eval_drift_message, model_tree
 from tenure.engine.train.hooks import evaluate_all
 from tenure.engine.train.params import to_host
 from tenure.engine.train.trainer import Trainer
@@ -17,9 +18,11 @@ from tenure.models.hf import export_hf
 from tenure.engine.tasks.kinds import KINDS
 
 
-def restore(cfg: Config, path: str):
+def restore(cfg: Config, path: str, *, as_trained: bool = False):
     """(trainer, stage run, params, step) of `path`: an HF model directory (its weights and task
-    head are the model), or a run / checkpoint / step directory (default: best, else latest)."""
+    head are the model), or a run / checkpoint / step directory (default: best, else latest).
+    `as_trained`: refuse a config whose model-defining keys differ from those the checkpoint was
+    trained with (lm-eval leaves it off: its `dtype` model_arg changes model.dtype on purpose)."""
     if (pathlib.Path(path) / "config.json").is_file():
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
         trainer = Trainer(cfg, keep_pretrained_head=True)
@@ -37,6 +40,11 @@ def restore(cfg: Config, path: str):
                           f"{list(saved.labels) if saved else None}, today's data gives "
                           f"{list(trainer.tasks.label_vocab.labels) if trainer.tasks.label_vocab else None}; "
                           "evaluate or export it with the data it was trained on")
+    if as_trained and meta.get("config"):
+        changed = compare_for_eval(model_tree(as_today(meta["config"]), meta.get("stages_computed")),
+                                   model_tree(to_dict(cfg), trainer.plan.computed))
+        if changed:
+            raise TenureError(eval_drift_message(changed, str(ckpt.directory)))
     index = int(meta.get("stage", 0))
     sr = trainer.build_for_restore(index)
     state, _, _ = trainer.restore(ckpt, sr, sr.state, meta, step)
@@ -45,7 +53,7 @@ def restore(cfg: Config, path: str):
 
 def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
     distributed.initialize()
-    trainer, sr, params, step = restore(cfg, path)
+    trainer, sr, params, step = restore(cfg, path, as_trained=True)
     if not any(split in t.eval_batches for t in trainer.tasks.by_name.values()):
         raise TenureError(f"config: data.{split} is not set, nothing to evaluate")
     evaluators = trainer.evaluators(sr)
@@ -61,7 +69,7 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force:
     """`fmt` hf: an HF model directory; gguf: one GGUF file of `gguf_type` (f16, bf16, q8_0), for a
     causal LM that started from a GGUF file (its tokenizer metadata is copied from there)."""
     distributed.initialize()
-    trainer, sr, params, step = restore(cfg, path)
+    trainer, sr, params, step = restore(cfg, path, as_trained=True)
     sr.train_iter.close()
     export_params(trainer, params, out, merge_lora, force, fmt=fmt, gguf_type=gguf_type)
     print_primary(f"exported step {step} of {path} to {out}")
