@@ -42,6 +42,8 @@ def test_yaml_and_overrides_are_typed(cfg_file):
     ("train.seed=99999999999999999999999", "config key 'train.seed': Input should be less than or equal to 2147483647"),
     ("data.seed=-1", "config key 'data.seed'"),
     ("model.path=", "config key 'model.path': String should have at least 1 character"),
+    ("optim.momentum=0.9", "optim.momentum applies to sgd, not adamw (adamw: optim.betas)"),
+    ("data.length_buckets=[]", "config key 'data.length_buckets'"),
 ])
 def test_bad_keys_and_values_name_the_key(cfg_file, override, message):
     with pytest.raises(TenureError) as err:
@@ -109,3 +111,10 @@ def test_an_override_of_one_task_leaves_the_tasks_sharing_its_yaml_anchor_alone(
     cfg = load_config(path, ["tasks.A.data.batch_size=4", "tasks.B.data.clean.min_length=30"])
     assert [cfg.tasks[t].data.batch_size for t in "ABC"] == [4, 8, 8]
     assert [cfg.tasks[t].data.clean.min_length for t in "ABC"] == [0, 30, 0]
+
+
+def test_a_home_relative_run_dir_is_the_home_directory(cfg_file):
+    import os
+    cfg = load_config(cfg_file, ["run_dir=~/runs/x", "checkpoint.dir=~/ckpts"])
+    assert cfg.run_dir == os.path.expanduser("~/runs/x") and not cfg.run_dir.startswith("~")
+    assert str(cfg.checkpoint.resolved_dir(cfg.run_dir)) == os.path.expanduser("~/ckpts")

@@ -356,6 +356,11 @@ def test_a_stage_section_overrides_only_the_keys_it_sets():
     for weight in (-1, 0):
         with pytest.raises(TenureError, match=rf"'stages.1.tasks.A': loss weight {weight}(.0)? must be above 0"):
             resolve(load_config(CONFIG, [f"stages.1.tasks={{B: 1.0, A: {weight}}}"]))
+    with pytest.raises(TenureError, match=r"'stages.0.tasks': a task is named twice \(A, A\)"):
+        resolve(load_config(CONFIG, ["stages.0.tasks=[A, A]"]))
+    with pytest.raises(TenureError, match=r"'stages.1.optim' with the top-level section's other keys: .*momentum "
+                                          r"applies to sgd, not adamw"):
+        resolve(load_config(CONFIG, ["optim={name: sgd, momentum: 0.9}", "stages.1.optim={name: adamw}"]))
 
 
 def test_an_anchor_at_random_initial_weights_is_refused():

@@ -7,6 +7,7 @@ line that names the key, so a typo never reaches the training loop.
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import types
 import typing
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tenure.engine.config import yamlfile
 from tenure.engine.runtime.checkpoint import CheckpointConfig
@@ -188,6 +189,11 @@ class Config(Section):
     heads: Literal["per_task", "shared"] = Field(
         "per_task", description="per_task: each task scores only its own labels (task-incremental); shared: one "
                                 "classifier over the labels of every task trained so far (class-incremental)")
+
+    @field_validator("run_dir", "branch_from")
+    @classmethod
+    def _home(cls, path: str | None) -> str | None:  # `~/runs/x`, as a shell would read it
+        return None if path is None else os.path.expanduser(path)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

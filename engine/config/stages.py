@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tenure.engine.data.config import DataConfig
 from tenure.engine.continual.fisher import FISHER_MODES
@@ -160,14 +160,18 @@ def _merged(base: dict, over: dict) -> dict:
                        for k, v in over.items()}}
 
 
-def _inherit(top: BaseModel, own: BaseModel | None) -> BaseModel:
-    """A stage's section over the top-level one: the keys the stage sets, the top level's for the
-    rest (`stages.1.optim={lr: 1e-4}` keeps the top-level optimizer, schedule and warm-up)."""
+def _inherit(top: BaseModel, own: BaseModel | None, key: str) -> BaseModel:
+    """A stage's section (config key `key`) over the top-level one: the keys the stage sets, the top
+    level's for the rest (`stages.1.optim={lr: 1e-4}` keeps the top-level optimizer, schedule and warm-up)."""
     if own is None:
         return top
     # only the keys either sets: which keys were set says whether a term is on (`ewc_on`)
-    return type(top).model_validate(_merged(top.model_dump(by_alias=True, exclude_unset=True),
-                                            own.model_dump(by_alias=True, exclude_unset=True)))
+    try:
+        return type(top).model_validate(_merged(top.model_dump(by_alias=True, exclude_unset=True),
+                                                own.model_dump(by_alias=True, exclude_unset=True)))
+    except ValidationError as error:  # valid alone, not with the top-level keys it keeps
+        raise TenureError(f"config key '{key}' with the top-level section's other keys: "
+                          f"{error.errors()[0]['msg']}") from None
 
 
 def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
@@ -201,6 +205,9 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
     stages, seen = [], []
     for i, s in enumerate(cfg.stages):
         weights = dict(s.tasks) if isinstance(s.tasks, dict) else {t: 1.0 for t in s.tasks}
+        if len(weights) < len(s.tasks):  # a list naming a task twice does not weigh it twice
+            raise TenureError(f"config key 'stages.{i}.tasks': a task is named twice ({', '.join(s.tasks)}); give "
+                              "loss weights as a mapping ({A: 1.0, B: 0.5})")
         for name, weight in weights.items():
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.tasks': unknown task {name!r} "
@@ -211,7 +218,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
             if tasks[name].kind.harness:
                 raise TenureError(f"config key 'stages.{i}.tasks': {name!r} is an lm_eval probe, scored but never "
                                   "trained; train a task with data")
-        ewc = _inherit(cfg.ewc, s.ewc)
+        ewc = _inherit(cfg.ewc, s.ewc, f"stages.{i}.ewc")
         for name in ewc.tasks or ():
             if name not in tasks:
                 raise TenureError(f"config key 'stages.{i}.ewc.tasks': unknown task {name!r}")
@@ -226,7 +233,7 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                 if not tasks[name].data.validation:
                     raise TenureError(f"config key 'stages.{i}.guard.task': task {name!r} has no validation split "
                                       f"(tasks.{name}.data.validation), which the guard watches")
-        replay = _inherit(cfg.replay, s.replay)
+        replay = _inherit(cfg.replay, s.replay, f"stages.{i}.replay")
         for name in replay.tasks or ():
             if name not in tasks or tasks[name].kind.harness or name in weights:
                 raise TenureError(f"config key 'stages.{i}.replay.tasks': {name!r} is "
@@ -235,9 +242,9 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                                   + f" (tasks with data: {', '.join(t for t in tasks if not tasks[t].kind.harness)})")
         if cfg.method == "joint":
             replay = _joint_replay(replay, weights, seen, i)
-        stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, _inherit(cfg.trainable, s.trainable),
-                            _inherit(cfg.optim, s.optim), ewc, _inherit(cfg.l2sp, s.l2sp), replay, s.guard,
-                            tuple(seen), _inherit(cfg.kl, s.kl)))
+        own = lambda name: _inherit(getattr(cfg, name), getattr(s, name), f"stages.{i}.{name}")  # noqa: E731
+        stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, own("trainable"), own("optim"), ewc,
+                            own("l2sp"), replay, s.guard, tuple(seen), own("kl")))
         seen += [t for t in weights if t not in seen]
     order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
     tasks = {name: tasks[name] for name in order}

@@ -51,10 +51,10 @@ class DataConfig(BaseModel):
     augment: AugmentConfig | None = Field(None, description="EDA augmentation of the training split; null = off")
     max_length: int = Field(128, ge=2, description="tokens per example (and per packed row)")
     length_buckets: list[int] | None = Field(
-        None, validate_default=True, description="pad each batch to the smallest bucket >= its longest example; null = powers of two "
+        None, min_length=1, validate_default=True, description="pad each batch to the smallest bucket >= its longest example; null = powers of two "
                           "from 32 up to max_length (max_length is always the last bucket)")
     eval_length_buckets: list[int] | None = Field(
-        None, description="padding widths of validation and test batches, which then run in length order (less padding, "
+        None, min_length=1, description="padding widths of validation and test batches, which then run in length order (less padding, "
                           "the same per-example results up to float rounding); training keeps length_buckets. null = "
                           "length_buckets (eval in length order only with group_by_length)")
     truncate: bool = Field(True, description="cut over-long examples to max_length; false = they are bad records")

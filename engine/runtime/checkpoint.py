@@ -54,7 +54,7 @@ class CheckpointConfig(BaseModel):
     async_save: bool = Field(True, description="write in a background thread while training goes on")
 
     def resolved_dir(self, run_dir: str | os.PathLike) -> Path:
-        return Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
+        return Path(self.dir).expanduser() if self.dir else Path(run_dir) / "checkpoints"
 
 
 def _process_json(directory: str | os.PathLike) -> Path:

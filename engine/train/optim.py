@@ -53,6 +53,8 @@ class OptimConfig(BaseModel):
     def _one_warmup(self):
         if self.warmup_steps is not None and self.warmup_ratio > 0:
             raise ValueError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        if self.momentum > 0 and self.name != "sgd":  # it would be ignored: adamw's first moment is betas[0]
+            raise ValueError(f"optim.momentum applies to sgd, not {self.name} (adamw: optim.betas)")
         return self
 
 
