@@ -32,7 +32,7 @@ class StageRunner:
         self.run_extras = {"config": to_dict(trainer.cfg), "config_given": given(trainer.cfg),
                            "stages_computed": trainer.plan.computed,
                            "frozen_base": trainer.frozen_base.meta(), "labels": trainer.labels_json(),
-                           "training_data": trainer.training_data()}
+                           "training_data": trainer.training_data}
 
     def context(self, sr: StageRun) -> StageContext:
         trainer = self.trainer

@@ -16,6 +16,7 @@ stage is engine/train/runner.py, what fit calls during it engine/train/hooks.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -89,6 +90,7 @@ class Trainer:
     def labels_json(self):
         return self.tasks.label_vocab.to_json() if self.tasks.label_vocab else None
 
+    @functools.cached_property  # read once: the saver's extras and a resume's drift check both use it
     def training_data(self) -> dict[str, str]:
         """{config key of each trained task's training files: their digest}, saved with every
         checkpoint: a resume counts its data position in those files, so it must read the same."""
@@ -225,7 +227,7 @@ class Trainer:
                                              meta.get("labels"), self.labels_json())
         saved = meta.get("training_data") or {}  # absent from checkpoints written before it was recorded
         breaking += [f"{key}: its files changed since the checkpoint (the data position the run resumes at "
-                     "counts in the old files)" for key, digest in self.training_data().items()
+                     "counts in the old files)" for key, digest in self.training_data.items()
                      if key in saved and saved[key] != digest]
         if breaking:
             raise TenureError(drift_message(breaking, str(self.run_dir)))
