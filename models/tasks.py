@@ -25,6 +25,8 @@ from tenure.models.heads import ClassifierHead, EmbeddingHead, Examples, LmHead,
 from tenure.models.layers import ATTENTION_IMPLEMENTATIONS, vocab_logits
 from tenure.models.lora import LoRASpec
 
+MASKED_LOGIT = -1e9  # a class the head may not predict here (label_masks): far below any real logit
+
 POOLINGS = ("cls", "mean", "last")
 # The model heads a TaskModel builds (each task kind of tenure.engine.tasks.kinds trains one)
 HEADS = ("seq_cls", "pair_cls", "token_cls", "regression", "causal_lm", "mlm", "embedding")
@@ -142,7 +144,7 @@ class TaskModel(nn.Module):
         allowed_BxC = jnp.asarray(self.label_masks, bool)[batch["task_id"]]
         if logits.ndim == 3:
             allowed_BxC = allowed_BxC[:, None, :]
-        return jnp.where(allowed_BxC, logits, jnp.asarray(-1e9, logits.dtype))
+        return jnp.where(allowed_BxC, logits, jnp.asarray(MASKED_LOGIT, logits.dtype))
 
     def _embeddings(self, batch, deterministic):
         embed = lambda prefix: self.head(*self.encode(batch, prefix, deterministic))

@@ -44,6 +44,8 @@ def test_yaml_and_overrides_are_typed(cfg_file):
     ("model.path=", "config key 'model.path': String should have at least 1 character"),
     ("optim.momentum=0.9", "optim.momentum applies to sgd, not adamw (adamw: optim.betas)"),
     ("data.length_buckets=[]", "config key 'data.length_buckets'"),
+    ("checkpoint.dir=[/tmp/a", "override 'checkpoint.dir=[/tmp/a': invalid YAML"),
+    ("data.train={a: 1", "override 'data.train={a: 1': invalid YAML"),
 ])
 def test_bad_keys_and_values_name_the_key(cfg_file, override, message):
     with pytest.raises(TenureError) as err:
@@ -60,6 +62,10 @@ def test_missing_section_and_missing_file(tmp_path, cfg_file):
         load_config(broken)
     with pytest.raises(TenureError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(TenureError, match=f"^config file {tmp_path} is a directory; give the YAML file$"):
+        load_config(tmp_path)
+    # a value that is not YAML and not meant as a list or mapping stays a string
+    assert load_config(cfg_file, ["run_dir=*runs/x"]).run_dir == "*runs/x"
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -358,6 +358,11 @@ def test_a_stage_section_overrides_only_the_keys_it_sets():
             resolve(load_config(CONFIG, [f"stages.1.tasks={{B: 1.0, A: {weight}}}"]))
     with pytest.raises(TenureError, match=r"'stages.0.tasks': a task is named twice \(A, A\)"):
         resolve(load_config(CONFIG, ["stages.0.tasks=[A, A]"]))
+    # the first stage's own EWC or replay section, with nothing earlier to keep, is refused, not ignored
+    for section in ("ewc={lambda: 100}", "replay={ratio: 0.2}"):
+        with pytest.raises(TenureError, match=rf"'stages.0.{section.split('=')[0]}': the first stage has no earlier"):
+            resolve(load_config(CONFIG, [f"stages.0.{section}"]))
+    assert resolve(load_config(CONFIG, ["ewc.lambda=100", "replay.ratio=0.2"]))[1][0].ewc.lam == 100  # top level: fine
     with pytest.raises(TenureError, match=r"'stages.1.optim' with the top-level section's other keys: .*momentum "
                                           r"applies to sgd, not adamw"):
         resolve(load_config(CONFIG, ["optim={name: sgd, momentum: 0.9}", "stages.1.optim={name: adamw}"]))

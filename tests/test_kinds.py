@@ -1,5 +1,6 @@
 """The task-kind registry (engine/tasks/kinds/): what a new kind must satisfy to plug in."""
 import numpy as np
+import pytest
 
 from tenure.engine.tasks.kinds import HARNESS_HEAD, KINDS, LOWER_IS_BETTER, VOCAB_HEADS, kind_of
 from tenure.models.tasks import HEADS
@@ -37,3 +38,21 @@ def test_synthetic_labels_follow_each_kinds_label_layout():
     classes = KINDS["seq_cls"].synthetic_labels((2,), np.int32, ids, mask, rng, 3, 0.15)
     assert classes.shape == (2,) and set(classes) <= {0, 1, 2}
     assert KINDS["regression"].synthetic_labels((2,), np.float32, ids, mask, rng, 3, 0.15).dtype == np.float32
+
+
+def test_a_masked_gold_class_has_no_loss():
+    """Class-incremental: a task whose classes the shared head does not have yet scores accuracy 0
+    and no loss (the mask's logit would make it ~1e9)."""
+    import jax.numpy as jnp
+
+    from tenure.models.tasks import MASKED_LOGIT
+    kind = KINDS["seq_cls"]
+    logits = jnp.array([[2.0, 1.0, MASKED_LOGIT], [0.5, 1.5, MASKED_LOGIT]])
+    batch = {"labels": jnp.array([2, 2]), "example_mask": jnp.ones(2)}
+    got = {k: np.asarray(v) for k, v in kind.reduce({"logits": logits}, batch).items()}
+    scores = kind.scores(got, None)
+    assert scores["accuracy"] == 0.0 and "loss" not in scores
+    batch["labels"] = jnp.array([0, 1])
+    got = {k: np.asarray(v) for k, v in kind.reduce({"logits": logits}, batch).items()}
+    expected = -np.log(np.exp(2) / (np.exp(2) + np.exp(1)))
+    assert kind.scores(got, None)["loss"] == pytest.approx(expected, rel=1e-5)

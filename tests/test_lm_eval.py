@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
@@ -210,6 +211,11 @@ def test_a_run_dir_scores_as_its_hf_export(tmp_path):
     untrained = TenureLM(checkpoint=str(LLAMA), batch_size=BATCH, max_length=MAX_LENGTH).loglikelihood(pairs)
     np.testing.assert_allclose([ll for ll, _ in from_run], [ll for ll, _ in from_export], rtol=1e-6)
     assert all(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(from_run, untrained))  # the trained weights
+    # config=YAML describing another model than the checkpoint holds is refused, naming the key
+    other = yaml.safe_load((ROOT / "configs/tasks/sft.yaml").read_text()) | {"trainable": {"mode": "lora", "lora": {"targets": ["q_proj"]}}}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(TenureError, match='trainable.mode: trained "full", given "lora"'):
+        TenureLM(checkpoint=str(tmp_path), config=str(tmp_path / "other.yaml"), batch_size=BATCH, max_length=MAX_LENGTH)
 
 
 def _probe_config(tmp_path, stage_tasks):

@@ -187,6 +187,11 @@ def test_lora_checkpoint_holds_the_trained_leaves_only(lora_run, wide_bert, data
     extra = json.loads((lora_run / "checkpoints" / "4" / "extra" / "metadata").read_text())
     assert extra["frozen_base"] == {"model_dir": str(wide_bert), "weights_sha256": weights_fingerprint(base)}
     assert json.loads((full / "checkpoints" / "4" / "extra" / "metadata").read_text())["frozen_base"] is None
+    refused = tenure("export", "configs/tasks/seq_cls.yaml", "--checkpoint", full, "--out", tmp_path / "adapter",
+                     "--lora-adapter", *quickstart_args(wide_bert, data, "model.dtype=bfloat16"), check=False)
+    assert refused.returncode == 2 and not (tmp_path / "adapter").exists()
+    assert refused.stderr.strip().splitlines()[-1].endswith(
+        "holds no LoRA adapters (trainable.mode is not lora); export without --lora-adapter writes the full model")
 
 
 @pytest.mark.slow

@@ -204,8 +204,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = yamlfile.load(raw) if raw else ""
     except yaml.constructor.ConstructorError as exc:  # a key written twice: YAML, but ambiguous
         raise TenureError(f"override {text!r}: {exc.problem}") from None
-    except yaml.YAMLError:
-        value = raw  # not YAML: keep the literal string
+    except yaml.YAMLError as exc:
+        if raw.lstrip()[:1] in "[{\"'":  # meant as a list, mapping or quoted string: taking it literally would hide the typo
+            problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+            raise TenureError(f"override {text!r}: invalid YAML ({problem})") from None
+        value = raw  # not YAML (a path with ': ' or a leading '*'): keep the literal string
     return key.split("."), value
 
 
@@ -297,6 +300,8 @@ def one_line(exc: pydantic.ValidationError, source: str, describe) -> TenureErro
 
 def read_yaml_mapping(path: pathlib.Path, what: str, holds: str) -> dict:
     """The YAML mapping in `path`; a missing file, bad YAML (with its line) or a non-mapping is one line."""
+    if path.is_dir():
+        raise TenureError(f"{what} {path} is a directory; give the YAML file")
     if not path.is_file():
         raise TenureError(f"{what} not found: {path}")
     try:

@@ -240,6 +240,15 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                                   + ("not a task" if name not in tasks else "an lm_eval probe (no training data)"
                                      if tasks[name].kind.harness else "trained by this stage")
                                   + f" (tasks with data: {', '.join(t for t in tasks if not tasks[t].kind.harness)})")
+        if i == 0:  # the top-level sections start at the second stage; the first's own ones would keep nothing
+            if s.ewc is not None and ewc.lam > 0 and not ewc.tasks:
+                raise TenureError("config key 'stages.0.ewc': the first stage has no earlier stage whose Fisher to "
+                                  "take; name the tasks to keep (stages.0.ewc.tasks) or move the section to a "
+                                  "later stage")
+            if s.replay is not None and replay.ratio > 0 and not replay.tasks:
+                raise TenureError("config key 'stages.0.replay': the first stage has no earlier stage to replay; "
+                                  "name the tasks to mix in (stages.0.replay.tasks) or move the section to a "
+                                  "later stage")
         if cfg.method == "joint":
             replay = _joint_replay(replay, weights, seen, i)
         own = lambda name: _inherit(getattr(cfg, name), getattr(s, name), f"stages.{i}.{name}")  # noqa: E731

@@ -97,7 +97,8 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[Any, dict, Any, 
 def restore_run(path: str, config: str | None = None, dtype: str | None = None) -> tuple[Any, dict, Any, int]:
     """(causal LM model, params, tokenizer, max positions) of a tenure run / checkpoint / step
     directory, restored as `tenure eval` does (best checkpoint, else latest); the run's config is
-    the one saved with the checkpoint unless `config` names a YAML file."""
+    the one saved with the checkpoint unless `config` names a YAML file, whose model-defining keys
+    must be those the checkpoint was trained with."""
     from tenure.engine.runtime.checkpoint import Checkpointer
     from tenure.engine.tools.commands import restore
     from tenure.engine.config.schema import load_config, saved_config

@@ -15,14 +15,15 @@ from tenure.engine.data.records import LabelVocab
 from tenure.models.errors import TenureError
 from tenure.models.gguf import export_gguf
 from tenure.models.hf import export_hf
+from tenure.models.lora import lora_paths
 from tenure.engine.tasks.kinds import KINDS
 
 
-def restore(cfg: Config, path: str, *, as_trained: bool = False):
+def restore(cfg: Config, path: str):
     """(trainer, stage run, params, step) of `path`: an HF model directory (its weights and task
     head are the model), or a run / checkpoint / step directory (default: best, else latest).
-    `as_trained`: refuse a config whose model-defining keys differ from those the checkpoint was
-    trained with (lm-eval leaves it off: its `dtype` model_arg changes model.dtype on purpose)."""
+    A config whose model-defining keys differ from those the checkpoint was trained with is refused
+    (engine/runtime/resume_check.py; the compute dtype and the like may change)."""
     if (pathlib.Path(path) / "config.json").is_file():
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
         trainer = Trainer(cfg, keep_pretrained_head=True)
@@ -40,7 +41,7 @@ def restore(cfg: Config, path: str, *, as_trained: bool = False):
                           f"{list(saved.labels) if saved else None}, today's data gives "
                           f"{list(trainer.tasks.label_vocab.labels) if trainer.tasks.label_vocab else None}; "
                           "evaluate or export it with the data it was trained on")
-    if as_trained and meta.get("config"):
+    if meta.get("config"):
         changed = compare_for_eval(model_tree(as_today(meta["config"]), meta.get("stages_computed")),
                                    model_tree(to_dict(cfg), trainer.plan.computed))
         if changed:
@@ -53,7 +54,7 @@ def restore(cfg: Config, path: str, *, as_trained: bool = False):
 
 def evaluate_checkpoint(cfg: Config, path: str, split: str) -> dict[str, float]:
     distributed.initialize()
-    trainer, sr, params, step = restore(cfg, path, as_trained=True)
+    trainer, sr, params, step = restore(cfg, path)
     if not any(split in t.eval_batches for t in trainer.tasks.by_name.values()):
         raise TenureError(f"config: data.{split} is not set, nothing to evaluate")
     evaluators = trainer.evaluators(sr)
@@ -69,8 +70,11 @@ def export_checkpoint(cfg: Config, path: str, out: str, merge_lora: bool, force:
     """`fmt` hf: an HF model directory; gguf: one GGUF file of `gguf_type` (f16, bf16, q8_0), for a
     causal LM that started from a GGUF file (its tokenizer metadata is copied from there)."""
     distributed.initialize()
-    trainer, sr, params, step = restore(cfg, path, as_trained=True)
+    trainer, sr, params, step = restore(cfg, path)
     sr.train_iter.close()
+    if not merge_lora and not lora_paths(params):  # else a full model would be written under the adapter's flag
+        raise TenureError(f"export --lora-adapter: {path} (step {step}) holds no LoRA adapters "
+                          "(trainable.mode is not lora); export without --lora-adapter writes the full model")
     export_params(trainer, params, out, merge_lora, force, fmt=fmt, gguf_type=gguf_type)
     print_primary(f"exported step {step} of {path} to {out}")
 
