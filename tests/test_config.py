@@ -44,6 +44,8 @@ def test_yaml_and_overrides_are_typed(cfg_file):
     ("model.path=", "config key 'model.path': String should have at least 1 character"),
     ("optim.momentum=0.9", "optim.momentum applies to sgd, not adamw (adamw: optim.betas)"),
     ("data.length_buckets=[]", "config key 'data.length_buckets'"),
+    ("checkpoint.enabled=false", "config key 'checkpoint.enabled': false, but this run ends on its best validation "
+                                 "checkpoint (a single-task run), which it would not have"),
     ("checkpoint.dir=[/tmp/a", "override 'checkpoint.dir=[/tmp/a': invalid YAML"),
     ("data.train={a: 1", "override 'data.train={a: 1': invalid YAML"),
 ])

@@ -128,6 +128,23 @@ def test_zero_strength_regularisers_change_nothing(naive_run, data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_without_checkpoints_computes_the_same(naive_run, data, tmp_path):
+    """checkpoint.enabled=false (a study's runs whose checkpoints it would delete): the same losses,
+    R and exported weights, no checkpoint step written, and nothing to branch from."""
+    from tenure.engine.continual.branch import source_checkpoints
+
+    run_dir, _ = naive_run
+    result = train(tmp_path, data, "checkpoint.enabled=false")
+    assert "checkpoints: none (checkpoint.enabled=false)" in result.stdout
+    got, want = json.loads((tmp_path / "summary.json").read_text()), json.loads((run_dir / "summary.json").read_text())
+    assert got["train_loss"] == want["train_loss"] and got["checkpoints"] is None
+    assert record(tmp_path)["R"] == record(run_dir)["R"] and weights(tmp_path) == weights(run_dir)
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*")) and list((run_dir / "checkpoints").glob("[0-9]*"))
+    with pytest.raises(TenureError, match="was trained with checkpoint.enabled=false: it has no checkpoints to branch"):
+        source_checkpoints(str(tmp_path))
+
+
+@pytest.mark.slow
 def test_regularisers_and_replay_change_training(naive_run, data, tmp_path):
     run_dir, _ = naive_run
     train(tmp_path, data, "ewc.lambda=1000", "replay.ratio=0.25")

@@ -787,9 +787,10 @@ def test_a_swept_study_runs_every_point_from_one_stage_a_and_resumes(tiny_sweep_
     assert comparison["reference"] == "naive" and comparison["comparisons"] == 2 * 2 + matched["reached"]
     # The resume ran the one killed run only (its checkpoints were pruned: it ran again from stage A's).
     assert "2 runs: 2 already done, 0 to run\n6 runs: 5 already done, 1 to run\n" in printed
-    # keep_checkpoints: false: the branched runs' checkpoints are gone, the stage-A runs they branch from keep theirs.
-    assert all((first[k] / "checkpoints").is_dir() for k in (0, 1))
-    assert not list((out / "base").glob("[nr]*/**/checkpoints"))
+    # keep_checkpoints: false: the branched runs wrote no checkpoints, the stage-A runs they branch from keep theirs.
+    assert all(list((first[k] / "checkpoints").glob("[0-9]*")) for k in (0, 1))
+    assert not list((out / "base").glob("[nr]*/**/checkpoints/[0-9]*"))
+    assert all(json.loads(p.read_text())["checkpoints"] is None for p in (out / "base").glob("[nr]*/**/summary.json"))
     # The runs ran in two worker processes; every branched run reused steps an earlier run of its
     # worker compiled (the eval steps at least), and its result is the one its command gives in a
     # process of its own, to the bit.

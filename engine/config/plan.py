@@ -18,6 +18,9 @@ class RunPlan:
     tasks: dict[str, Task]  # by name, in training order
     stages: list[Stage]
     computed: list[dict]    # per stage, what it computes (JSON): checkpoints record it, a branch compares it
+    # ends on its best validation checkpoint, not its last weights: a single-task run, or one stage
+    # beside tasks it only evaluates (the quickstart) with checkpoint.keep_best
+    ends_on_best: bool
 
     @property
     def trained(self) -> list[str]:
@@ -47,7 +50,13 @@ def _resolved(cfg) -> RunPlan:
                 if on and getattr(s, name).anchor == "pretrained":
                     raise TenureError(f"stage {s.index}: {name}.anchor=pretrained with model.init=random anchors "
                                       f"to the random initial weights; set {name}.anchor=stage_start")
-    return RunPlan(tasks, stages, [_computed(s, stages) for s in stages])
+    single = len(stages) == 1 and len(tasks) == 1
+    ends_on_best = single or (len(stages) == 1 and stages[0].guard is None and cfg.checkpoint.keep_best)
+    if ends_on_best and not cfg.checkpoint.enabled:
+        raise TenureError("config key 'checkpoint.enabled': false, but this run ends on its best validation "
+                          "checkpoint (" + ("a single-task run" if single else "checkpoint.keep_best")
+                          + "), which it would not have")
+    return RunPlan(tasks, stages, [_computed(s, stages) for s in stages], ends_on_best)
 
 
 def _computed(stage: Stage, stages: list[Stage]) -> dict:

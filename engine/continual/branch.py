@@ -38,6 +38,9 @@ def source_checkpoints(run_dir: str) -> tuple[pathlib.Path, list[str]]:
         raise TenureError(f"branch_from: {run_dir} is not a finished run (no {summary.name}; "
                           "branch from a run that ran to its end)")
     record = atomic.read_json(summary, "branch from an intact run, or rerun that one to its end")
+    if isinstance(record, dict) and "checkpoints" in record and record["checkpoints"] is None:
+        raise TenureError(f"branch_from: {run_dir} was trained with checkpoint.enabled=false: it has no "
+                          "checkpoints to branch from")
     if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
         raise TenureError(f"branch_from: {summary}: names no checkpoint directory; branch from an intact run, "
                           "or rerun that one to its end")

@@ -73,6 +73,9 @@ def _checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
     summary = run_dir / "summary.json"
     if summary.is_file():
         record = atomic.read_json(summary, "interpolate an intact run, or rerun that one to its end")
+        if isinstance(record, dict) and "checkpoints" in record and record["checkpoints"] is None:
+            raise TenureError(f"{run_dir} was trained with checkpoint.enabled=false: it has no checkpoints to "
+                              "interpolate")
         if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
             raise TenureError(f"{summary}: names no checkpoint directory; interpolate an intact run, "
                               "or rerun that one to its end")

@@ -46,6 +46,9 @@ class CheckpointConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    enabled: bool = Field(True, description="false: write no checkpoints (a killed run starts over; nothing to "
+                          "resume, branch from or evaluate later); refused for a run that ends on its best "
+                          "checkpoint (single-task, or checkpoint.keep_best)")
     dir: str | None = Field(None, description="checkpoint directory; default <run_dir>/checkpoints")
     every_steps: int = Field(1000, ge=1, description="save every this many train steps")
     keep: int = Field(3, ge=1, description="how many of the most recent checkpoints to keep")

@@ -28,7 +28,7 @@ SAFE: tuple[str, ...] = (
     "train.log_every", "train.eval_every", "train.early_stopping", "train.resume",
     "eval", "*.eval", "*.eval_every", "*.log_every",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_best", "checkpoint.async_save",
-    "checkpoint.dir",
+    "checkpoint.dir", "checkpoint.enabled",
     "divergence",
     "mesh",  # checkpoints restore into any mesh
     "data.validation", "data.test", "data.eval_batch_size", "*.data.validation", "*.data.test",

@@ -235,9 +235,11 @@ class StudyConfig(BaseModel):
     select: str | None = Field(None, description="figure (STATS name or final/<task>) by whose VALIDATION mean "
                                                  "the best point of each swept method is chosen; null = none")
     seeds: int = Field(5, ge=1, description="seeds per method and cell: train.seed = 0 .. seeds-1")
-    keep_checkpoints: bool = Field(True, description="false: delete a run's checkpoints and HF export once it "
-                                                     "has finished (the tables read only its JSON), except a first "
-                                                     "stage others branch from or a run an interpolation reads")
+    keep_checkpoints: bool = Field(True, description="false: a run writes no checkpoints (a killed one starts "
+                                                     "over) and its HF export is deleted once it has finished (the "
+                                                     "tables read only its JSON), except a first stage others branch "
+                                                     "from or a run an interpolation reads (and a run that ends on its "
+                                                     "best checkpoint, whose checkpoints are deleted afterwards)")
     out: str | None = Field(None, description="directory for the runs, tables and plots (relative to the "
                                               "working directory); null = runs/study/<study file name>")
     exclude: list[dict[str, Any]] = Field(

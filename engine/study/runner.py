@@ -28,7 +28,8 @@ from typing import Callable, TextIO
 
 from tenure.engine.continual.branch import source_checkpoints
 from tenure.engine.runtime import atomic
-from tenure.engine.study.config import Run
+from tenure.engine.config.plan import plan
+from tenure.engine.study.config import Run, run_config
 from tenure.models.errors import TenureError
 
 RECORD, LOG = "study_run.json", "study.log"
@@ -121,11 +122,18 @@ class WorkerPool:
         self.close()
 
 
-def _executed(command: list[str]) -> list[str]:
-    """The command as run: a `train` run that starts over (its checkpoints pruned, or none yet) may
+def _executed(command: tuple[str, ...], unsaved: bool) -> list[str]:
+    """The command as run. A `train` run that starts over (its checkpoints pruned, or none yet) may
     replace its own unfinished run's files (`--overwrite`): the study owns its run dirs, and a run
-    without forgetting.json is unfinished. Not recorded in study_run.json: the run is the same."""
-    return [*command, "--overwrite"] if tuple(command[len(_CLI):len(_CLI) + 1]) == ("train",) else list(command)
+    without forgetting.json is unfinished. An `unsaved` one writes no checkpoints. Neither is
+    recorded in study_run.json: the run computes the same."""
+    if not _trains(command):
+        return list(command)
+    return [*command, *(["checkpoint.enabled=false"] if unsaved else []), "--overwrite"]
+
+
+def _trains(command: tuple[str, ...]) -> bool:
+    return tuple(command[len(_CLI):len(_CLI) + 1]) == ("train",)
 
 
 class _Runner:
@@ -143,6 +151,8 @@ class _Runner:
 
     def __call__(self, run: Run) -> str | None:
         """Runs one; returns None on success, else the reason (naming the log)."""
+        # a run whose checkpoints are deleted once it finishes writes none, unless it ends on its best
+        unsaved = self.prune(run) and _trains(run.command) and not plan(run_config(run)).ends_on_best
         run.run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(run.run_dir / RECORD, json.dumps(_recorded(run), indent=1) + "\n")
         log_path = run.run_dir / LOG
@@ -150,17 +160,19 @@ class _Runner:
         with open(log_path, "a") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run.command)}\n")
             log.flush()
+        command = _executed(run.command, unsaved)
         if self.pool is None or run.command[:len(_CLI)] != _CLI:
-            code = self._in_own_process(run, log_path)
+            code = self._in_own_process(command, log_path)
         else:
-            code = self._in_worker(run, log_path)
+            code = self._in_worker(command, log_path)
         if code is None:
             return "not started (study interrupted)"
         elapsed = time.monotonic() - start
         if code == 0 and is_finished(run):
             reason = None
             if self.prune(run):  # a finished run is never resumed: its weights only take disk
-                shutil.rmtree(source_checkpoints(run.run_dir)[0], ignore_errors=True)
+                if not unsaved:
+                    shutil.rmtree(source_checkpoints(run.run_dir)[0], ignore_errors=True)
                 shutil.rmtree(pathlib.Path(run.run_dir) / "hf", ignore_errors=True)
         elif code == 0:
             reason = f"exited 0 but wrote no {run.result.name}; log: {log_path}"
@@ -190,12 +202,12 @@ class _Runner:
             self.procs.discard(proc)
         return code
 
-    def _in_own_process(self, run: Run, log_path) -> int | None:
+    def _in_own_process(self, command: list[str], log_path) -> int | None:
         with open(log_path, "a") as log:
-            proc = self._start(_executed(run.command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = self._start(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             return None if proc is None else self._done(proc)
 
-    def _in_worker(self, run: Run, log_path) -> int | None:
+    def _in_worker(self, command: list[str], log_path) -> int | None:
         worker = self.pool.take()
         if worker is not None:
             with self.lock:
@@ -204,7 +216,7 @@ class _Runner:
             worker = self._start(_WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             if worker is None:
                 return None
-        request = {"argv": _executed(run.command)[len(_CLI):], "log": str(log_path)}
+        request = {"argv": command[len(_CLI):], "log": str(log_path)}
         try:
             worker.stdin.write(json.dumps(request) + "\n")
             worker.stdin.flush()

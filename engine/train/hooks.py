@@ -102,13 +102,16 @@ class TrainLogger:
 
 class CheckpointSaver:
     """Saves the stage's state every `every` steps (and from the evaluation hook), with the extras
-    a resume, a branch or `tenure eval` reads back."""
+    a resume, a branch or `tenure eval` reads back; nothing when `enabled` is false."""
 
-    def __init__(self, ctx: StageContext, ckpt, frozen_base, run_extras: dict, every: int):
+    def __init__(self, ctx: StageContext, ckpt, frozen_base, run_extras: dict, every: int, enabled: bool):
         """`run_extras`: the extras every checkpoint of the run carries (config, labels, ...)."""
         self.ctx, self.ckpt, self.frozen_base, self.run_extras, self.every = ctx, ckpt, frozen_base, run_extras, every
+        self.enabled = enabled
 
     def __call__(self, local: int, state, *, stopped: bool = False, metrics=None) -> None:
+        if not self.enabled:
+            return
         sr, index = self.ctx.sr, self.ctx.sr.stage.index
         step = self.ctx.offset + local
         self.ckpt.save(step, self.frozen_base.stored(state, index), sr.train_iter.get_state(), force=True,

@@ -42,7 +42,7 @@ class StageRunner:
 
     def saver(self, sr: StageRun) -> CheckpointSaver:
         return CheckpointSaver(self.context(sr), self.ckpt, self.trainer.frozen_base, self.run_extras,
-                               every=self.cfg.checkpoint.every_steps)
+                               every=self.cfg.checkpoint.every_steps, enabled=self.cfg.checkpoint.enabled)
 
     def baseline(self, sr: StageRun) -> None:
         """Every task's scores on the starting model, or those `eval.baseline_cache` holds for it."""

@@ -80,10 +80,7 @@ class Trainer:
         self.start_params, self.param_shardings, self.frozen_base = start_params(
             cfg, self.stages, self.backbone, self.tasks, keep_pretrained_head=keep_pretrained_head)
         self.single = len(self.stages) == 1 and not self.tasks.multi
-        # Ends on its best validation checkpoint (checkpoint.keep_best), not its last weights: a
-        # single-task run, or a run of one stage beside tasks it only evaluates (the quickstart).
-        self.keeps_best = self.single or (len(self.stages) == 1 and self.stages[0].guard is None
-                                          and cfg.checkpoint.keep_best)
+        self.keeps_best = self.plan.ends_on_best
         self.offsets = [sum(s.steps or 0 for s in self.stages[:i]) for i in range(len(self.stages))]
         self._stage_evaluators: dict[int, tuple] = {}  # stage index -> (its StageRun, evaluators, KL measure)
 
@@ -321,8 +318,8 @@ class Trainer:
                                    {n: t.task.mode for n, t in by_name.items()}, history,
                                    {n: r_split(t.task) for n, t in by_name.items()},
                                    [list(s.weights) for s in self.stages])
-        summary = _summary(history, record, final_step, os.path.relpath(runner.ckpt.directory,
-                                                                        self.run_dir.absolute()))
+        summary = _summary(history, record, final_step, os.path.relpath(runner.ckpt.directory, self.run_dir.absolute())
+                           if self.cfg.checkpoint.enabled else None)
         if distributed.is_primary():
             atomic.write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             write_forgetting(self.run_dir, record)
@@ -339,11 +336,12 @@ class Trainer:
         elif not self.single:
             print_primary("\naccuracy matrix R (rows: after each stage; columns: tasks)\n" + r_table(record))
         print_primary(f"\nTensorBoard: tensorboard --logdir {self.run_dir / 'tb'}\n"
-                      f"checkpoints: {ckpt_dir}\nHF export:   {self.run_dir / 'hf'}\n"
+                      f"checkpoints: {ckpt_dir if self.cfg.checkpoint.enabled else 'none (checkpoint.enabled=false)'}\n"
+                      f"HF export:   {self.run_dir / 'hf'}\n"
                       f"forgetting:  {self.run_dir / 'forgetting.json'} (.csv, .png)")
 
 
-def _summary(history: dict, record: dict, final_step: int, checkpoints: str) -> dict:
+def _summary(history: dict, record: dict, final_step: int, checkpoints: str | None) -> dict:
     """summary.json; paths relative to the run dir: a run moved with `mv` stays whole (issue 25)."""
     return {"baseline": history.get("baseline", {}), "final": history["final"],
             "train_loss": history.get("train_loss", []), "best_step": final_step,
