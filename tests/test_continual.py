@@ -409,7 +409,7 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path):
     # once, in one worker process with the three stage-B branches (they differ from stage B on).
     common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64", "tasks.A.data.validation=null",
               "tasks.B.data.validation=null", "stages.0.steps=40", "stages.1.steps=40"]
-    runs = study_records(tmp_path, {"base": str(CONFIG), "methods": {
+    runs = study_records(tmp_path, {"base": str(CONFIG), "keep_checkpoints": False, "methods": {
         "naive": common, "replay": ["replay.ratio=0.25", *common],
         "ewc": ["stages.1.ewc.lambda=100000", "stages.1.ewc.examples=64", *common]}})
     naive, replay, ewc = (runs[f"{method}/seed0"] for method in ("naive", "replay", "ewc"))

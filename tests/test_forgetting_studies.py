@@ -85,7 +85,7 @@ def test_minilm_fisher_variants_headline(tmp_path, short_test):
     reduced = [f"tasks.A.data.test={test}", f"tasks.B.data.test={test}", "ewc.examples=64",
                "tasks.A.data.validation=null", "tasks.B.data.validation=null", "logging.tensorboard=false"]
     by_dir = study_records(tmp_path, {
-        "base": str(STUDY_DIR / study.base),
+        "base": str(STUDY_DIR / study.base), "keep_checkpoints": False,
         "methods": {"naive": [*study.methods["naive"], *reduced],
                     "exact": [*study.methods["exact"], *reduced, "ewc.lambda=1e5"],
                     "batched": [*study.methods["batched"], *reduced]},
