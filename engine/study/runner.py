@@ -157,10 +157,10 @@ class _Runner:
         atomic.write_text(run.run_dir / RECORD, json.dumps(_recorded(run), indent=1) + "\n")
         log_path = run.run_dir / LOG
         start = time.monotonic()
-        with open(log_path, "a") as log:
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run.command)}\n")
-            log.flush()
         command = _executed(run.command, unsaved)
+        with open(log_path, "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+            log.flush()
         if self.pool is None or run.command[:len(_CLI)] != _CLI:
             code = self._in_own_process(command, log_path)
         else:
