@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="where the curve goes (default: RUN_DIR/interpolation)")
     p.add_argument("--export", type=float, metavar="ALPHA", help="write theta(ALPHA) as an HF model directory")
     p.add_argument("--out", help="the HF directory --export writes")
-    p.add_argument("--force", action="store_true", help="replace an existing HF model directory at --out")
+    p.add_argument("--force", action="store_true", help="replace an existing HF model directory at --out, "
+                                                        "or the results of a run at --as-run")
     p.add_argument("--as-run", metavar="DIR", help="write the run as it ends at theta(a) (one alpha, the last "
                                                    "stage) to DIR, as `tenure study` tabulates a trained run")
     p.set_defaults(fn=_cmd_interpolate)

@@ -73,6 +73,25 @@ def test_export_of_a_point_and_refusals(staged_run, tmp_path):
     assert line.splitlines()[-1] == "error: interpolate: --stage 5: the run has finished stages 0..1"
     line = tenure("interpolate", str(staged_run), check=False).stderr.strip().splitlines()[-1]
     assert line == "error: interpolate: give --alphas (the curve) and/or --export ALPHA --out DIR"
+    # --as-run never replaces a run's results: the source's own always refused, another's without --force
+    before = (staged_run / "summary.json").read_bytes()
+    refused = tenure("interpolate", str(staged_run), "--alphas", "0.5", "--as-run", str(staged_run), check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: interpolate --as-run {staged_run}: that is the source run; its results would be replaced by "
+        "theta(a)'s; give another directory")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "forgetting.json").write_text("{}")
+    refused = tenure("interpolate", str(staged_run), "--alphas", "0.5", "--as-run", str(other), check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
+        "it holds a run's forgetting.json; give a new directory, or --force to replace them")
+    assert (staged_run / "summary.json").read_bytes() == before and (other / "forgetting.json").read_text() == "{}"
+    # an unfinished run (no summary.json) is refused
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    line = tenure("interpolate", str(unfinished), "--alphas", "0,1", check=False).stderr.strip().splitlines()[-1]
+    assert line == f"error: interpolate: {unfinished} is not a finished run (no summary.json); finish it (rerun its " \
+                   "`tenure train`) first"
 
 
 def test_alphas_and_mix():

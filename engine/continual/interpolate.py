@@ -90,6 +90,9 @@ class Interpolation:
         self.run_dir = pathlib.Path(run_dir)
         if not self.run_dir.is_dir():
             raise TenureError(f"interpolate: {run_dir}: no such run directory")
+        if not (self.run_dir / "summary.json").is_file():
+            raise TenureError(f"interpolate: {run_dir} is not a finished run (no summary.json); finish it "
+                              "(rerun its `tenure train`) first")
         self.ckpt = Checkpointer(None, _checkpoint_dir(self.run_dir), read_only=True)
         latest = self.ckpt.latest_step()
         if latest is None:
@@ -97,6 +100,9 @@ class Interpolation:
         meta = self.ckpt.read_extra(latest)
         self.history = RunHistory.from_dict(meta["history"])
         done = len(self.history.R)
+        if done == 0:  # a single-task run takes its row after its last checkpoint
+            raise TenureError(f"interpolate: {run_dir}: its checkpoints hold no stage result (R row); interpolate "
+                              "a staged run (`tasks:` + `stages:`)")
         self.index = done - 1 if stage is None else stage
         if not 0 <= self.index < done:
             raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
@@ -256,6 +262,18 @@ def plot_curve(record: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def _check_as_run_target(source: pathlib.Path, target: pathlib.Path, force: bool) -> None:
+    """Refuses, before anything is evaluated, an --as-run DIR whose results would be replaced: the
+    source run itself always, another run's results unless `force` (a study reruns its own)."""
+    if target.resolve() == source.resolve():
+        raise TenureError(f"interpolate --as-run {target}: that is the source run; its results would be replaced "
+                          "by theta(a)'s; give another directory")
+    held = [name for name in ("summary.json", "forgetting.json") if (target / name).exists()]
+    if held and not force:
+        raise TenureError(f"interpolate --as-run {target}: it holds a run's {' and '.join(held)}; give a new "
+                          "directory, or --force to replace them")
+
+
 def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None = None, start: str = "stage",
                 out_dir: str | None = None, export: float | None = None, export_out: str | None = None,
                 force: bool = False, as_run: str | None = None) -> dict | None:
@@ -263,6 +281,8 @@ def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None =
     with `as_run`, the one alpha's run (write_as_run) instead of the curve's files."""
     if as_run is not None and (not alphas or len(alphas) != 1):
         raise TenureError("interpolate --as-run DIR: give exactly one alpha (--alphas 0.5)")
+    if as_run is not None:
+        _check_as_run_target(pathlib.Path(run_dir), pathlib.Path(as_run), force)
     from tenure.engine.tools.commands import export_params
     from tenure.models.hf import check_export_target
     if export is not None:

@@ -124,9 +124,11 @@ class WorkerPool:
 
 def _executed(command: tuple[str, ...], unsaved: bool) -> list[str]:
     """The command as run. A `train` run that starts over (its checkpoints pruned, or none yet) may
-    replace its own unfinished run's files (`--overwrite`): the study owns its run dirs, and a run
-    without forgetting.json is unfinished. An `unsaved` one writes no checkpoints. Neither is
-    recorded in study_run.json: the run computes the same."""
+    replace its own unfinished run's files (`--overwrite`), as an interpolation may (`--force`):
+    the study owns its run dirs, and a run without forgetting.json is unfinished. An `unsaved`
+    one writes no checkpoints. None of it is recorded in study_run.json: the run computes the same."""
+    if tuple(command[len(_CLI):len(_CLI) + 1]) == ("interpolate",):
+        return [*command, "--force"]  # --as-run into its own unfinished run dir
     if not _trains(command):
         return list(command)
     return [*command, *(["checkpoint.enabled=false"] if unsaved else []), "--overwrite"]
