@@ -63,6 +63,9 @@ def test_sigterm_saves_stops_and_resumes_the_same_curve(data, tmp_path):
     result = tenure(*args(run_dir, data, 60))
     assert f"resumed from step {step}" in result.stdout
     assert summary(run_dir)["train_loss"] == summary(straight)["train_loss"]
+    # the eval after the resume takes its train loss over every step since the last eval, as without the stop
+    (resumed,), (unbroken,) = summary(run_dir)["evals"], summary(straight)["evals"]
+    assert resumed == unbroken and "validation/generalization_gap" in resumed
 
 
 @pytest.mark.slow

@@ -69,9 +69,10 @@ class TrainLogger:
     """Every step's metrics (one step late): the divergence halt, the loss history, the progress
     bar; the TensorBoard / W&B scalars every `every` steps."""
 
-    def __init__(self, ctx: StageContext, progress, latest_checkpoint, every: int):
+    def __init__(self, ctx: StageContext, progress, latest_checkpoint, every: int, losses: list[float]):
+        """`losses`: the training losses since the stage's last eval (a resume between two evals)."""
         self.ctx, self.progress, self.latest_checkpoint, self.every = ctx, progress, latest_checkpoint, every
-        self.losses: list[float] = []  # since the last eval (the overfitting monitor's train loss)
+        self.losses = list(losses)  # since the last eval (the overfitting monitor's train loss)
 
     def __call__(self, step: int, metrics) -> None:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}

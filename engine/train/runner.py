@@ -101,7 +101,9 @@ class StageRunner:
         guard = ForgettingGuard(stage, ctx, state.params) if stage.guard else None
         progress = Progress(sr.steps, desc=f"train {stage.name}" if not trainer.single else "train", initial=local,
                             enabled=distributed.is_primary() and cfg.logging.progress)
-        logger = TrainLogger(ctx, progress, self.ckpt.latest_step, every=cfg.train.log_every)
+        since_eval = local % cfg.train.eval_every  # a resume between two evals: their gap's train loss
+        logger = TrainLogger(ctx, progress, self.ckpt.latest_step, every=cfg.train.log_every,
+                             losses=self.history.train_loss[len(self.history.train_loss) - since_eval:])
         save = self.saver(sr)
         evaluate = Evaluation(ctx, best=self._best_tracker(stage), guard=guard, logger=logger, save=save,
                               take_row=lambda params, last, step, seen: self.take_row(sr, params, last, step, seen),
