@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from tenure.engine.tools.argtypes import number
 from tenure.models.errors import TenureError
 
 
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="hf_command", required=True, metavar="HF_COMMAND")
     p = hf.add_parser("check", help="compare the engine's forward pass with HF PyTorch")
     p.add_argument("dir", help="HF model directory (config.json + *.safetensors), a .gguf file, or 'minilm' / 'smollm2'")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed")
+    p.add_argument("--tolerance", type=number(float, 0), default=1e-4, help="max relative error allowed")
     p.set_defaults(fn=_cmd_hf_check)
     return parser
 

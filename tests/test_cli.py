@@ -60,3 +60,22 @@ def test_data_inspect_reports_each_task_of_a_staged_config(tmp_path):
         f"train ({tmp_path / 'a.jsonl'}): 2 read, 0 bad records, 2 kept"]
     assert sections[1] == ("task general: lm_eval probe of tenure_capitals_mc (lm-eval reads its documents; "
                            "not inspected)")
+
+
+def test_out_of_range_numbers_are_refused_by_the_parser(capsys):
+    """--tolerance, --mfu, --hbm-gib, --num-labels and a cpu:0 topology: exit 2 naming the option."""
+    from tenure.engine.cli import build_parser
+    from tenure.engine.tools.aot import parse_topology
+    from tenure.models.errors import TenureError
+    parser = build_parser()
+    for argv, message in ((["hf", "check", "d", "--tolerance", "-1"], "argument --tolerance: expected a number at least 0, got -1"),
+                          (["hf", "check", "d", "--tolerance", "nan"], "argument --tolerance: expected a number at least 0"),
+                          (["compile", "c.yaml", "--topology", "cpu:1", "--mfu", "0"], "argument --mfu: expected a number above 0 and at most 1"),
+                          (["compile", "c.yaml", "--topology", "cpu:1", "--hbm-gib", "-1"], "argument --hbm-gib: expected a number above 0"),
+                          (["compile", "c.yaml", "--topology", "cpu:1", "--num-labels", "0"], "argument --num-labels: expected a number at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert parser.parse_args(["hf", "check", "d", "--tolerance", "0.001"]).tolerance == 0.001
+    with pytest.raises(TenureError, match=r"^--topology cpu:0: give at least one device \(cpu:1\)$"):
+        parse_topology("cpu:0")

@@ -46,6 +46,7 @@ def test_yaml_and_overrides_are_typed(cfg_file):
     ("data.length_buckets=[]", "config key 'data.length_buckets'"),
     ("checkpoint.enabled=false", "config key 'checkpoint.enabled': false, but this run ends on its best validation "
                                  "checkpoint (a single-task run), which it would not have"),
+    ("data.labels=[noun.plant, noun.plant, noun.food]", "config key 'data.labels': noun.plant listed twice"),
     ("checkpoint.dir=[/tmp/a", "override 'checkpoint.dir=[/tmp/a': invalid YAML"),
     ("data.train={a: 1", "override 'data.train={a: 1': invalid YAML"),
 ])

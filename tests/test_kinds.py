@@ -40,6 +40,14 @@ def test_synthetic_labels_follow_each_kinds_label_layout():
     assert KINDS["regression"].synthetic_labels((2,), np.float32, ids, mask, rng, 3, 0.15).dtype == np.float32
 
 
+def test_nothing_to_score_is_refused_naming_max_length():
+    """An SFT split whose completions data.max_length cuts off entirely: one line, not a division by 0."""
+    from tenure.models.errors import TenureError
+    got = {"nll": np.zeros(3), "count": np.zeros(3), "correct": np.zeros(3)}
+    with pytest.raises(TenureError, match="no labelled token to score in 3 examples: data.max_length cuts off"):
+        KINDS["sft"].scores(got, None)
+
+
 def test_a_masked_gold_class_has_no_loss():
     """Class-incremental: a task whose classes the shared head does not have yet scores accuracy 0
     and no loss (the mask's logit would make it ~1e9)."""

@@ -169,6 +169,9 @@ grid:
         ("ewc", 0, "data.subset-100__data.label_noise-0.2"), ("ewc", 0, "data.subset-1000__data.label_noise-0.2")]
     with pytest.raises(TenureError, match="--methods: unknown method 'lora'; the study has naive, ewc"):
         plan_runs(study, path, tmp_path / "out", methods=["lora"])
+    with pytest.raises(TenureError, match="^--methods: name at least one of the study's methods"):
+        run_study(study_args(path, "--methods", " , ", "--out", str(tmp_path / "none")))  # not "all of them"
+    assert not (tmp_path / "none").exists()
     plain = plan_runs(load_study(write_study(tmp_path, "base: base.yaml\nmethods: {naive: []}\n", "p.yaml")),
                       tmp_path / "p.yaml", tmp_path / "o2")
     assert [(r.run_dir.relative_to(tmp_path), r.name) for r in plain] == [

@@ -99,6 +99,14 @@ class DataConfig(BaseModel):
             raise ValueError("pack and group_by_length both remove padding; set one of them")
         return self
 
+    @field_validator("labels")
+    @classmethod
+    def _labels_once(cls, value):  # a label written twice is likely a typo for another one
+        twice = sorted({label for label in value or () if value.count(label) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice")
+        return value
+
     @field_validator("length_buckets", "eval_length_buckets")
     @classmethod
     def _resolve_buckets(cls, value, info):

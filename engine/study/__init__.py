@@ -117,7 +117,9 @@ def run_study(args) -> int:
     from tenure.engine.study.runner import WorkerPool, run_all
 
     study = load_study(args.study, reference=args.reference)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods == []:  # `--methods ""`: not "all of them"
+        raise TenureError("--methods: name at least one of the study's methods (comma-separated)")
     out = pathlib.Path(args.out) if args.out else default_out(args.study, study)
     runs = reuse_equal_runs(plan_runs(study, args.study, out, methods=methods, seeds=args.seeds))
     check_figures(study, runs)

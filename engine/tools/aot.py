@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from tenure.engine.runtime import sharding
 from tenure.engine.train.assemble import abstract_step
 from tenure.engine.config.schema import Config
+from tenure.engine.tools.argtypes import number
 from tenure.models.errors import TenureError
 
 GiB = 1024 ** 3
@@ -64,6 +65,8 @@ class Target:
 def parse_topology(name: str) -> tuple[str, str, int]:
     """("tpu", "v5p:2x2x1", chips) or ("cpu", "", n) for names like v5p-8, v6e-16, v5p:2x2x2, cpu:4."""
     if m := re.fullmatch(r"cpu:(\d+)", name):
+        if int(m.group(1)) < 1:
+            raise TenureError(f"--topology {name}: give at least one device (cpu:1)")
         return "cpu", "", int(m.group(1))
     if m := re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name):
         gen = ALIASES.get(m.group(1), m.group(1))
@@ -285,9 +288,9 @@ def add_parser(sub, with_config) -> None:
     p = with_config(sub.add_parser("compile", help="compile the train step ahead of time for a TPU slice "
                                                    "(or cpu:N) and report memory, FLOPs and step time"))
     p.add_argument("--topology", required=True, help="v5p-8, v5p-64, v6e-16, v5p:2x2x2, ... or cpu:N")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the step time assumes")
-    p.add_argument("--hbm-gib", type=float, default=None,
+    p.add_argument("--mfu", type=number(float, 0, 1, low_open=True), default=0.4, help="model FLOPs utilisation the step time assumes")
+    p.add_argument("--hbm-gib", type=number(float, 0, low_open=True), default=None,
                    help="plan against this much memory per chip instead of the chip's HBM (headroom)")
     p.add_argument("--fisher", action="store_true", help="also compile the EWC Fisher step (ewc.fisher mode)")
-    p.add_argument("--num-labels", type=int, default=2, help="classification heads: number of labels (of a task without data.labels)")
+    p.add_argument("--num-labels", type=number(int, 1), default=2, help="classification heads: number of labels (of a task without data.labels)")
     p.set_defaults(fn=_cmd_compile)

@@ -186,6 +186,9 @@ class LanguageKind(TokenKind):
 
     def scores(self, got, label_names):
         count = float(got["count"].sum())
+        if count == 0:  # nothing to score: every labelled token (an SFT completion) was truncated away
+            raise TenureError(f"no labelled token to score in {len(got['count'])} examples: data.max_length cuts "
+                              "off every one (an SFT example's completion comes after its prompt); raise it")
         return {"perplexity": metrics.perplexity(float(got["nll"].sum()), count),
                 "loss": float(got["nll"].sum()) / max(count, 1.0),
                 "token_accuracy": float(got["correct"].sum()) / max(count, 1.0)}
