@@ -205,7 +205,8 @@ def test_corrupt_checkpoint_names_path_and_step_and_falls_back(tmp_path):
 
 def test_missing_paths_and_missing_data_file(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(TenureError, match=f"^checkpoint directory not found: {missing}$"):
+    with pytest.raises(TenureError, match=f"^checkpoint directory not found: {missing} \\(give a run dir, its "
+                                          r"checkpoints dir or one step's dir, e.g. RUN/checkpoints/200\)$"):
         Checkpointer.open(missing)
     with pytest.raises(TenureError, match=f"^no checkpoint found in {tmp_path}$"):
         Checkpointer(None, tmp_path).restore()

@@ -86,6 +86,9 @@ def test_export_of_a_point_and_refusals(staged_run, tmp_path):
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
         "it holds a run's forgetting.json; give a new directory, or --force to replace them")
     assert (staged_run / "summary.json").read_bytes() == before and (other / "forgetting.json").read_text() == "{}"
+    line = tenure("interpolate", str(staged_run), "--alphas", "0,1", "--out-dir", str(other / "forgetting.json"),
+                  check=False).stderr.strip().splitlines()[-1]
+    assert line == f"error: interpolate --out-dir {other / 'forgetting.json'}: that is a file; give a directory"
     # an unfinished run (no summary.json) is refused
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()

@@ -172,6 +172,9 @@ grid:
     with pytest.raises(TenureError, match="^--methods: name at least one of the study's methods"):
         run_study(study_args(path, "--methods", " , ", "--out", str(tmp_path / "none")))  # not "all of them"
     assert not (tmp_path / "none").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(TenureError, match=f"^--out {tmp_path / 'a_file'}: that is a file; give a directory$"):
+        run_study(study_args(path, "--out", str(tmp_path / "a_file")))
     plain = plan_runs(load_study(write_study(tmp_path, "base: base.yaml\nmethods: {naive: []}\n", "p.yaml")),
                       tmp_path / "p.yaml", tmp_path / "o2")
     assert [(r.run_dir.relative_to(tmp_path), r.name) for r in plain] == [

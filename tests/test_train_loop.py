@@ -140,4 +140,5 @@ def test_summary_records_validation_evals_early_stopping_and_overfit_warnings(da
 def test_missing_checkpoint_is_one_line(tmp_path):
     result = tenure("eval", "configs/tasks/seq_cls.yaml", "--checkpoint", tmp_path / "nope", check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: checkpoint directory not found: {tmp_path / 'nope'}"
+    assert result.stderr.strip() == (f"error: checkpoint directory not found: {tmp_path / 'nope'} (give a run dir, "
+                                     "its checkpoints dir or one step's dir, e.g. RUN/checkpoints/200)")

@@ -283,6 +283,9 @@ def interpolate(run_dir: str, alphas: list[float] | None, *, stage: int | None =
         raise TenureError("interpolate --as-run DIR: give exactly one alpha (--alphas 0.5)")
     if as_run is not None:
         _check_as_run_target(pathlib.Path(run_dir), pathlib.Path(as_run), force)
+    for option, path in (("--out-dir", out_dir), ("--as-run", as_run)):
+        if path is not None and pathlib.Path(path).exists() and not pathlib.Path(path).is_dir():
+            raise TenureError(f"interpolate {option} {path}: that is a file; give a directory")
     from tenure.engine.tools.commands import export_params
     from tenure.models.hf import check_export_target
     if export is not None:

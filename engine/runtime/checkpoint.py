@@ -301,7 +301,8 @@ def split_checkpoint_path(path: str | os.PathLike) -> tuple[Path, int | None]:
     """`--checkpoint PATH` names a run directory, its checkpoints directory or one step in it."""
     path = Path(path)
     if not path.is_dir():
-        raise TenureError(f"checkpoint directory not found: {path}")
+        raise TenureError(f"checkpoint directory not found: {path} (give a run dir, its checkpoints dir or one "
+                          "step's dir, e.g. RUN/checkpoints/200)")
     if path.name.isdigit() and (path / "_CHECKPOINT_METADATA").exists():
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():

@@ -121,6 +121,8 @@ def run_study(args) -> int:
     if methods == []:  # `--methods ""`: not "all of them"
         raise TenureError("--methods: name at least one of the study's methods (comma-separated)")
     out = pathlib.Path(args.out) if args.out else default_out(args.study, study)
+    if out.exists() and not out.is_dir():
+        raise TenureError(f"--out {out}: that is a file; give a directory")
     runs = reuse_equal_runs(plan_runs(study, args.study, out, methods=methods, seeds=args.seeds))
     check_figures(study, runs)
     out.mkdir(parents=True, exist_ok=True)
