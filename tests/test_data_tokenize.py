@@ -73,6 +73,15 @@ def test_pair_has_token_type_ids():
     assert ex["labels"] == 1
 
 
+def test_a_max_length_with_no_room_for_text_is_refused():
+    """[CLS] [SEP] alone (max_length 2), or [CLS] a [SEP] [SEP] for a pair, would train on no text."""
+    for kind, length, specials in (("seq_cls", 2, "2 special tokens"), ("pair_cls", 3, "3 special tokens of a pair")):
+        with pytest.raises(TenureError, match=rf"^config key 'data.max_length': {length} leaves no room for text "
+                                              rf"beside the tokenizer's {specials}$"):
+            Featurizer(kind, None, bert_tokenizer(), LabelVocab(["no", "yes"]), max_length=length)
+    Featurizer("seq_cls", None, bert_tokenizer(), LabelVocab(["no", "yes"]), max_length=3)  # one token of text
+
+
 def test_regression_targets_are_float32():
     f = Featurizer("regression", None, bert_tokenizer(), None, max_length=8)
     (ex,) = f([{"text": "the cat", "target": 0.25}])

@@ -71,6 +71,11 @@ class Featurizer:
         problem = self.kind.check_tokenizer(tokenizer)
         if problem:
             raise TenureError(problem)
+        pair = self.fmt == "pair"
+        specials = tokenizer.num_special_tokens_to_add(pair=pair)
+        if max_length is not None and max_length <= specials + pair:  # every example would be special tokens only
+            raise TenureError(f"config key 'data.max_length': {max_length} leaves no room for text beside the "
+                              f"tokenizer's {specials} special tokens{' of a pair' if pair else ''}")
 
     def __call__(self, records: Sequence[dict],
                  rngs: Sequence[np.random.Generator] | None = None) -> list[dict[str, np.ndarray]]:
