@@ -97,6 +97,8 @@ def record(R, start_row, tasks=("A", "B"), stages=None, metric="accuracy", steps
      "study key 'select': expected one of acc, "),
     ("base: nowhere.yaml\nmethods: {naive: []}\n", "study key 'base': config file not found: "),
     ("base: base.yaml\nmethods: [naive]\n", "study key 'methods': Input should be a valid dictionary"),
+    ("base: base.yaml\nmethods: {naive: []}\nseeds: 1000000000000\n",  # planned until memory ran out
+     "study key 'seeds': Input should be less than or equal to 1000"),
     ("base: [\n", ":2: invalid YAML"),
     ("base: base.yaml\nmethods: {naive: []}\ngrid: {data.subset: [1, 2]}\nexclude: [{data.seed: 1}]\n",
      "study key 'exclude.0': 'data.seed' is not a grid axis"),

@@ -13,6 +13,7 @@ import argparse
 import pathlib
 import sys
 
+from tenure.engine.tools.argtypes import number
 from tenure.models.errors import TenureError
 
 
@@ -26,7 +27,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                     "and PNG plots into the out dir.")
     p.add_argument("study", help="study YAML (base, methods, sweep, grid, seeds)")
     p.add_argument("--methods", help="comma-separated methods to run (default: all in the study)")
-    p.add_argument("--seeds", type=int, help="seeds per method, point and cell, train.seed = 0..N-1 (default: the "
+    p.add_argument("--seeds", type=number(int, 1, 1000), help="seeds per method, point and cell, train.seed = 0..N-1 (default: the "
                                               "study's)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once; each gets cores/N threads (default 1)")

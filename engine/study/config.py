@@ -234,7 +234,8 @@ class StudyConfig(BaseModel):
                                                     "null = naive when the study has it (else no comparison)")
     select: str | None = Field(None, description="figure (STATS name or final/<task>) by whose VALIDATION mean "
                                                  "the best point of each swept method is chosen; null = none")
-    seeds: int = Field(5, ge=1, description="seeds per method and cell: train.seed = 0 .. seeds-1")
+    # bounded: `seeds: 1000000000` would plan a run per seed until memory ran out
+    seeds: int = Field(5, ge=1, le=1000, description="seeds per method and cell: train.seed = 0 .. seeds-1")
     keep_checkpoints: bool = Field(True, description="false: a run writes no checkpoints (a killed one starts "
                                                      "over) and its HF export is deleted once it has finished (the "
                                                      "tables read only its JSON), except a first stage others branch "
