@@ -68,19 +68,17 @@ def mix(start, end, alpha: float):
 
 
 def _checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
-    """The run's checkpoint directory: summary.json names it relative to the run dir (a moved run
-    still interpolates); a run that has not finished keeps the default place."""
+    """The finished run's checkpoint directory: summary.json names it relative to the run dir (a
+    moved run still interpolates)."""
     summary = run_dir / "summary.json"
-    if summary.is_file():
-        record = atomic.read_json(summary, "interpolate an intact run, or rerun that one to its end")
-        if isinstance(record, dict) and "checkpoints" in record and record["checkpoints"] is None:
-            raise TenureError(f"{run_dir} was trained with checkpoint.enabled=false: it has no checkpoints to "
-                              "interpolate")
-        if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
-            raise TenureError(f"{summary}: names no checkpoint directory; interpolate an intact run, "
-                              "or rerun that one to its end")
-        return run_dir / record["checkpoints"]
-    return run_dir / "checkpoints"
+    record = atomic.read_json(summary, "interpolate an intact run, or rerun that one to its end")
+    if isinstance(record, dict) and "checkpoints" in record and record["checkpoints"] is None:
+        raise TenureError(f"{run_dir} was trained with checkpoint.enabled=false: it has no checkpoints to "
+                          "interpolate")
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
+        raise TenureError(f"{summary}: names no checkpoint directory; interpolate an intact run, "
+                          "or rerun that one to its end")
+    return run_dir / record["checkpoints"]
 
 
 class Interpolation:

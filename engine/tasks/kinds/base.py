@@ -190,8 +190,8 @@ class LanguageKind(TokenKind):
             raise TenureError(f"no labelled token to score in {len(got['count'])} examples: data.max_length cuts "
                               "off every one (an SFT example's completion comes after its prompt); raise it")
         return {"perplexity": metrics.perplexity(float(got["nll"].sum()), count),
-                "loss": float(got["nll"].sum()) / max(count, 1.0),
-                "token_accuracy": float(got["correct"].sum()) / max(count, 1.0)}
+                "loss": float(got["nll"].sum()) / count,
+                "token_accuracy": float(got["correct"].sum()) / count}
 
 
 LANGUAGE_METRICS = ("perplexity", "loss", "token_accuracy")
