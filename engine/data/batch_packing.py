@@ -5,8 +5,12 @@ A packed batch holds exactly the examples the unpacked pipeline puts in that bat
 stream order (so steps, the lr schedule and the iterator's resume state mean the same thing);
 only their layout changes: they are placed into R rows of `row_length` tokens, first-fit
 decreasing by length, and R is padded up to a multiple of a step (about an eighth of the
-examples, rounded up to a multiple of `shards`), so only a few shapes compile. Padding rows are
-all pad.
+examples, rounded up to a multiple of `shards`) and to at least `min_rows` per micro-batch.
+A run's training batches set `min_rows` to what 99% of them need (`planned_rows`, from batches
+drawn from its data), so the train step compiles for one or two row counts, where each count its
+batches happened to need (up to 8) compiled a step of its own. Eval batches take the rows they
+need. Padding rows are all
+pad.
 
 Per-token arrays [R, row_length]: input_ids (pad_id), attention_mask, token_type_ids (pairs),
 segment_ids (1..k within a row, 0 = pad) and positions (0.. within each segment).
@@ -25,9 +29,9 @@ Layout constraints, both exact:
   example_row by k.
 - `shards` (data x fsdp shards of this process's rows): Q is a multiple of it, so every device
   holds whole rows of every micro-batch.
-With `fixed_rows` (several processes, which must agree on the global shape without exchanging
-row counts every step, as `process_buckets` does for widths) Q is the largest row count, i.e.
-R = n: packing then saves nothing. example_row is a row of this process's batch; `to_global_batch`
+Several processes must agree on the global shape without exchanging row counts every step (as
+`process_buckets` does for widths): they set `min_rows` to the examples per micro-batch, so R
+= n and packing saves nothing. example_row is a row of this process's batch; `to_global_batch`
 turns it into a row of the global batch.
 """
 from __future__ import annotations
@@ -46,6 +50,30 @@ def row_step(examples: int, shards: int = 1) -> int:
     rounded up to a multiple of `shards`."""
     step = max(1, math.ceil(examples / 8))
     return math.ceil(step / shards) * shards
+
+
+def planned_rows(length_pools: Sequence[Sequence[int]], weights: Sequence[float], *, examples: int,
+                 row_length: int, shards: int = 1, separate: bool = False, cover: float = 0.99,
+                 draws: int = 1000, seed: int = 0) -> int:
+    """Rows per micro-batch of `examples` that a run's packed batches use at least: enough for
+    `cover` of `draws` batches drawn from the example lengths in `length_pools` (one pool per
+    source, picked by `weights`; `separate`: examples of different pools never share a row, as
+    `pack_rows` keeps tasks apart). Every row count compiles the step anew, and a batch needing
+    more than the plan gets one of its own: at 0.99 a run compiles one or two row counts, where
+    each count its batches happened to need (up to 8) compiled before, for a few padding rows."""
+    rng = np.random.default_rng(seed)
+    weights = np.asarray(weights, float) / np.sum(weights)
+    capped = [np.minimum(np.asarray(pool), row_length) for pool in length_pools]
+    needed = []
+    for _ in range(draws):
+        picks = rng.choice(len(capped), size=examples, p=weights)
+        groups = [capped[k][rng.integers(len(capped[k]), size=int(np.sum(picks == k)))] for k in range(len(capped))]
+        if not separate:
+            groups = [np.concatenate(groups)]
+        needed.append(sum(len(first_fit_decreasing(group.tolist(), row_length)) for group in groups if len(group)))
+    step = row_step(examples, shards)
+    rows = int(np.sort(needed)[math.ceil(cover * draws) - 1])
+    return min(math.ceil(rows / step) * step, math.ceil(examples / step) * step)
 
 
 def first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[int]]:
@@ -69,7 +97,7 @@ def first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[i
 
 
 def _layout(examples, *, row_length: int, slots: int | None, real: int | None, accum: int, shards: int,
-            fixed_rows: bool, key=lambda e: None):
+            min_rows: int, key=lambda e: None):
     """(slots, real, lengths, rows per micro-batch j: lists of example indices, the row count).
     Micro-batch j's examples (index % accum == j) fill rows r % accum == j; examples whose `key`
     differs never share a row."""
@@ -90,17 +118,17 @@ def _layout(examples, *, row_length: int, slots: int | None, real: int | None, a
         micro_rows.append([[group[i] for i in row] for group in groups.values()
                            for row in first_fit_decreasing([lengths[e] for e in group], row_length)])
     needed = max([len(r) for r in micro_rows] + [1])
-    q = most if fixed_rows else min(math.ceil(needed / step) * step, most)
+    q = min(math.ceil(max(needed, min_rows) / step) * step, most)
     return slots, real, lengths, micro_rows, q * accum
 
 
 def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad_id: int = 0,
                slots: int | None = None, real: int | None = None, accum: int = 1, shards: int = 1,
-               fixed_rows: bool = False) -> dict[str, np.ndarray]:
+               min_rows: int = 0) -> dict[str, np.ndarray]:
     """Pack examples[:real] (default all) into one batch with `slots` example slots (default
     len(examples)); slots past `real` are padding examples (their scalars 0, example_mask 0)."""
     slots, real, lengths, micro_rows, num_rows = _layout(
-        examples, row_length=row_length, slots=slots, real=real, accum=accum, shards=shards, fixed_rows=fixed_rows)
+        examples, row_length=row_length, slots=slots, real=real, accum=accum, shards=shards, min_rows=min_rows)
     batch: dict[str, np.ndarray] = {}
     for key, value in examples[0].items():
         if value.ndim == 0:
@@ -136,7 +164,7 @@ def pack_batch(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pa
 
 def pack_rows(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad_id: int = 0,
               slots: int | None = None, real: int | None = None, accum: int = 1, shards: int = 1,
-              fixed_rows: bool = False) -> dict[str, np.ndarray]:
+              min_rows: int = 0) -> dict[str, np.ndarray]:
     """Per-token kinds (sft): examples[:real] packed into rows as `pack_batch` lays them out, but
     every per-example field is per row, as in an unpacked batch: examples that differ in one (a
     mixed batch's task_id) never share a row, and example_mask marks the rows holding examples.
@@ -145,7 +173,7 @@ def pack_rows(examples: Sequence[dict[str, np.ndarray]], *, row_length: int, pad
     restarting per segment, the loss is the unpacked batch's, over the same labelled tokens."""
     scalars = lambda e: tuple((k, v.item()) for k, v in examples[e].items() if v.ndim == 0)  # noqa: E731
     _, _, lengths, micro_rows, num_rows = _layout(
-        examples, row_length=row_length, slots=slots, real=real, accum=accum, shards=shards, fixed_rows=fixed_rows,
+        examples, row_length=row_length, slots=slots, real=real, accum=accum, shards=shards, min_rows=min_rows,
         key=scalars)
     batch: dict[str, np.ndarray] = {}
     for key, value in examples[0].items():

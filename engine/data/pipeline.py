@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tenure.engine.data.augment import augment
-from tenure.engine.data.batch_packing import global_rows, pack_batch, pack_rows
+from tenure.engine.data.batch_packing import global_rows, pack_batch, pack_rows, planned_rows
 from tenure.engine.data.cleaning import CleaningReport, clean
 from tenure.engine.data.config import DataConfig
 from tenure.engine.data.grouping import LengthGroupIterDataset, length_order
@@ -331,6 +331,13 @@ class TrainSource:
     weight: float = 1.0
 
 
+def _sample_lengths(records, featurizer, *, seed: int, count: int = 1024) -> list[int]:
+    """Token lengths of up to `count` records drawn at random (`planned_rows` draws batches from them)."""
+    picks = np.random.default_rng(seed).permutation(len(records))[:count]
+    examples = featurizer([records[int(i)] for i in picks], [np.random.default_rng([seed, int(i)]) for i in picks])
+    return [len(example["input_ids"]) for example in examples]
+
+
 def batch_packer(cfg: DataConfig, task_kind: str):
     """How `data.pack` packs the examples within each batch: `pack_batch` (seq_cls, pair_cls,
     regression), `pack_rows` (sft), or None (off, or causal_lm's rows filled from the stream);
@@ -366,8 +373,13 @@ def train_dataset(cfg: DataConfig, sources: list[TrainSource], *, pad_id: int, p
     buckets = process_buckets(cfg.length_buckets, process_count)
     batch_fn = functools.partial(collate, buckets=buckets, pad_id=pad_id)
     if packer:
+        per_micro = rows // accum_steps
+        min_rows = per_micro if process_count > 1 else planned_rows(
+            [_sample_lengths(s.records, s.featurizer, seed=seed + k) for k, s in enumerate(sources)],
+            [s.weight for s in sources], examples=per_micro, row_length=cfg.max_length, shards=batch_shards,
+            separate=packer is pack_rows, seed=seed)
         batch_fn = functools.partial(packer, row_length=cfg.max_length, pad_id=pad_id, accum=accum_steps,
-                                     shards=batch_shards, fixed_rows=process_count > 1)
+                                     shards=batch_shards, min_rows=min_rows)
     elif cfg.pack:
         ds = PackIterDataset(ds, cfg.max_length, pad_id=pad_id)
     elif cfg.group_by_length and len(buckets) > 1:  # with one width, grouping saves nothing
@@ -455,13 +467,14 @@ def build_train_iterator(cfg: DataConfig, task_kind: str, tokenizer, label_vocab
 
 class EvalBatches:
     """Re-iterable padded eval batches; `len()` is the same on every process. With `packer`
-    (`batch_packer`'s function and its row_length) they are packed (`batch_shards` per process)."""
+    (`batch_packer`'s function) they are packed into rows of `row_length` (`batch_shards` per
+    process)."""
 
     def __init__(self, records, featurizer: Featurizer, *, global_batch: int, buckets, pad_id: int,
                  process_index: int, process_count: int, seed: int, by_length: bool = False,
-                 packer=None, batch_shards: int = 1):
+                 packer=None, row_length: int = 0, batch_shards: int = 1):
         self.records, self.featurizer = records, featurizer
-        self._packer, self._batch_shards, self._fixed_rows = packer, batch_shards, process_count > 1
+        self._packer, self._row_length, self._batch_shards = packer, row_length, batch_shards
         self.rows = local_batch_size(global_batch, process_count)
         self.num_examples = len(records)
         self.num_batches = math.ceil(len(records) / global_batch)
@@ -471,6 +484,9 @@ class EvalBatches:
             lengths = [n for start in range(0, len(self._indices), 512)
                        for n in featurizer.lengths([records[int(i)] for i in self._indices[start:start + 512]])]
             self._indices = self._indices[length_order(lengths)]
+        # Several processes agree on the shape in advance; one packs each batch into the rows it needs
+        # (an eval step compiles fast, and a split sorted by length would pad its short batches a lot).
+        self._min_rows = self.rows if process_count > 1 else 0
 
     def __len__(self) -> int:
         return self.num_batches
@@ -483,8 +499,8 @@ class EvalBatches:
             rngs = [np.random.default_rng([self._seed, int(i)]) for i in take]
             examples = self.featurizer([self.records[int(i)] for i in take], rngs)
             if self._packer:
-                yield self._packer(examples, pad_id=self._pad_id, slots=self.rows, real=len(chunk),
-                                   shards=self._batch_shards, fixed_rows=self._fixed_rows)
+                yield self._packer(examples, row_length=self._row_length, pad_id=self._pad_id, slots=self.rows,
+                                   real=len(chunk), shards=self._batch_shards, min_rows=self._min_rows)
                 continue
             batch = collate(examples, self._buckets, pad_id=self._pad_id, rows=self.rows)
             batch["example_mask"][len(chunk):] = 0.0
@@ -513,7 +529,7 @@ def build_eval_batches(cfg: DataConfig, split: str, task_kind: str, tokenizer, l
                        buckets=cfg.eval_length_buckets if tight else cfg.length_buckets,
                        pad_id=tokenizer.pad_token_id or 0, process_index=process_index,
                        process_count=process_count, seed=cfg.seed, by_length=tight or cfg.group_by_length > 0,
-                       packer=functools.partial(packer, row_length=cfg.max_length) if packer else None,
+                       packer=packer, row_length=cfg.max_length,
                        batch_shards=batch_shards)
 
 
