@@ -61,7 +61,8 @@ class DataConfig(BaseModel):
     pack: bool = Field(False, description="pack several examples per row of max_length tokens. causal_lm: rows filled "
                        "from the example stream; seq_cls, pair_cls, regression, sft: each batch's same examples packed into "
                        "fewer rows (block-diagonal attention, positions restart per example: exact per-example logits, "
-                       "loss and metrics; eval packed too; no saving with several processes); other kinds cannot pack")
+                       "loss and metrics; training batches take the row count 99% of them need, so the step compiles "
+                       "once or twice; eval packed too; no saving with several processes); other kinds cannot pack")
     group_by_length: int = Field(
         0, ge=0, description="sort each window of this many training batches by length, then shuffle the batches "
                              "(less padding, same per-example losses); evaluation runs in length order too. No effect with one "
