@@ -47,6 +47,18 @@ def test_safe_changes_are_notes():
     assert notes[-1].startswith("train.steps: 100 -> 200 (the run continues")
 
 
+def test_more_steps_or_patience_for_a_stage_that_stopped_early_say_it_is_not_trained_further():
+    _, notes = compare_for_resume(config(), config(train__steps=200, train__early_stopping={"patience": 5}),
+                                  stopped_stage=0)
+    assert [n.split(" (")[0] for n in notes] == ["train.early_stopping.patience: 0 -> 5", "train.steps: 100 -> 200"]
+    assert all(n.endswith("(the stage the run resumes in stopped early: it is not trained further; "
+                          "--restart trains it anew)") for n in notes)
+    # A later stage's steps still continue when an earlier stage stopped early.
+    saved, new = {"stages": [{"steps": 10}, {"steps": 10}]}, {"stages": [{"steps": 10}, {"steps": 20}]}
+    assert "(the run continues" in compare_for_resume(saved, new, stopped_stage=0)[1][0]
+    assert "stopped early" in compare_for_resume(saved, new, stopped_stage=1)[1][0]
+
+
 def test_fewer_steps_or_switching_to_epochs_breaks():
     breaking, _ = compare_for_resume(config(), config(train__steps=50))
     assert breaking[0].startswith("train.steps: 100 -> 50 (fewer steps")

@@ -48,24 +48,33 @@ def wait_for_training(proc, run_dir):
 
 @pytest.mark.slow
 def test_sigterm_saves_stops_and_resumes_the_same_curve(data, tmp_path):
+    # Evals every 4 steps, no early stopping: validation stalls from step 16 on while the train loss
+    # falls, so the overfitting warnings start at step 28 with two stalled evals behind them.
+    extra = ("train.eval_every=4", "train.early_stopping.patience=0", "checkpoint.every_steps=2")
     straight = tmp_path / "straight"
-    tenure(*args(straight, data, 60))
+    tenure(*args(straight, data, 60, *extra))
     run_dir = tmp_path / "stopped"
-    proc = start(*args(run_dir, data, 60))
-    wait_for_training(proc, run_dir)
+    proc = start(*args(run_dir, data, 60, *extra))
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "26").is_dir():  # stopped between the evals of steps 24 and 36
+        assert proc.poll() is None and time.time() < deadline, "the run ended before step 26"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-2000:]
     stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM after step")]
     assert len(stopped) == 1, out[-2000:]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
-    assert 1 <= step < 60 and (run_dir / "checkpoints" / str(step)).is_dir()
-    result = tenure(*args(run_dir, data, 60))
+    assert 26 <= step < 60 and (run_dir / "checkpoints" / str(step)).is_dir()
+    result = tenure(*args(run_dir, data, 60, *extra))
     assert f"resumed from step {step}" in result.stdout
     assert summary(run_dir)["train_loss"] == summary(straight)["train_loss"]
-    # the eval after the resume takes its train loss over every step since the last eval, as without the stop
-    (resumed,), (unbroken,) = summary(run_dir)["evals"], summary(straight)["evals"]
-    assert resumed == unbroken and "validation/generalization_gap" in resumed
+    # The first eval after the resume takes its train loss over every step since the last eval, and
+    # the overfitting monitor counts the stalled evals before the stop, as without the stop.
+    resumed, unbroken = summary(run_dir), summary(straight)
+    assert resumed["evals"] == unbroken["evals"] and "validation/generalization_gap" in resumed["evals"][0]
+    assert resumed["overfit_warnings"] == unbroken["overfit_warnings"]
+    assert {"step": 28, "stage": 0} in unbroken["overfit_warnings"] and unbroken["overfit_warnings"][-1]["step"] > step
 
 
 @pytest.mark.slow

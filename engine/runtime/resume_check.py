@@ -105,12 +105,17 @@ def _labels(labels: Any) -> Any:
     return list(labels) if isinstance(labels, (list, tuple)) else labels
 
 
+STOPPED = " (the stage the run resumes in stopped early: it is not trained further; --restart trains it anew)"
+
+
 def compare_for_resume(saved_config: dict, new_config: dict, saved_labels: Any = None,
-                       new_labels: Any = None) -> tuple[list[str], list[str]]:
+                       new_labels: Any = None, stopped_stage: int | None = None) -> tuple[list[str], list[str]]:
     """(breaking, safe_notes): one line per changed key, e.g. `optim.lr: 0.001 -> 0.0001`.
 
     Labels (a list, a LabelVocab JSON string, or {task: labels}) must match exactly, order
-    included: label i is row i of the classifier.
+    included: label i is row i of the classifier. `stopped_stage`: the stage of the checkpoint
+    resumed from, where that stage stopped early (early stopping, its guard): more steps or
+    patience for it say it is not trained further, rather than that it continues.
     """
     old, new = flatten(saved_config), flatten(new_config)
     breaking, notes = [], []
@@ -119,15 +124,17 @@ def compare_for_resume(saved_config: dict, new_config: dict, saved_labels: Any =
         if before == after:
             continue
         line = f"{key}: {_show(before)} -> {_show(after)}"
+        stopped = stopped_stage is not None and (key.startswith(("train.steps", "train.early_stopping"))
+                                                 or key.startswith(f"stages.{stopped_stage}."))
         if _matches(key, STEPS_KEYS) and isinstance(before, int) and isinstance(after, int):
             if after >= before:
-                notes.append(line + " (the run continues to the new step count; a decaying "
-                                    "learning-rate schedule stretches to it from here on)")
+                notes.append(line + (STOPPED if stopped else " (the run continues to the new step count; a "
+                                     "decaying learning-rate schedule stretches to it from here on)"))
             else:
                 breaking.append(line + " (fewer steps than the saved run: the schedule would "
                                        "jump; use --restart)")
         elif _matches(key, SAFE):
-            notes.append(line)
+            notes.append(line + (STOPPED if stopped and "early_stopping" in key else ""))
         else:
             breaking.append(line)
     saved, current = _labels(saved_labels), _labels(new_labels)

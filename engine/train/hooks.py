@@ -170,13 +170,12 @@ class Evaluation:
     history's evals and curves; then a checkpoint (and R's row where the stage ends here).
     Returns whether to stop the stage."""
 
-    def __init__(self, ctx: StageContext, *, best: BestTracker, guard: ForgettingGuard | None, logger: TrainLogger,
-                 save: CheckpointSaver, take_row, ends_on_last: bool, every: int):
+    def __init__(self, ctx: StageContext, *, best: BestTracker, overfit: OverfitMonitor, guard: ForgettingGuard | None,
+                 logger: TrainLogger, save: CheckpointSaver, take_row, ends_on_last: bool, every: int):
         """`take_row(params, local, run step, last eval)`: R's row; `ends_on_last`: the stage's result is the
         weights of its last eval (not its best checkpoint, nor the guard's pick)."""
-        self.ctx, self.best, self.guard, self.logger, self.save = ctx, best, guard, logger, save
+        self.ctx, self.best, self.overfit, self.guard, self.logger, self.save = ctx, best, overfit, guard, logger, save
         self.take_row, self.ends_on_last, self.every = take_row, ends_on_last, every
-        self.overfit = OverfitMonitor()
         self.last: tuple | None = None  # (local step, params, validation scores) of the newest eval
 
     def __call__(self, step: int, state) -> bool:

@@ -11,8 +11,12 @@ class BestTracker:
         self.key, self.mode = f"validation/{metric}", mode
         self.patience, self.min_delta = early_stopping.patience, early_stopping.min_delta
         self.best, self.best_step, self.bad_evals = None, None, 0
-        for record in history.get("evals", []):  # replay after a resume
-            self.update(record["step"], record)
+        self.replayed: list[tuple[dict, bool]] = []  # after a resume: each earlier eval and whether it improved
+        for record in history.get("evals", []):
+            # An eval without the key (a stage whose own tasks have no validation split, scored for
+            # the other tasks' curves) selected nothing when it ran, so it is not replayed either.
+            if self.key in record:
+                self.replayed.append((record, self.update(record["step"], record)[0]))
 
     def _better(self, value: float) -> bool:
         if self.best is None:
@@ -39,10 +43,14 @@ class OverfitMonitor:
     is added to the scores as `validation/generalization_gap` when validation has a loss.
     """
 
-    def __init__(self, window: int = 2):
+    def __init__(self, window: int = 2, replay: tuple[tuple[float, bool], ...] = ()):
+        """`replay`: (train loss, improved) of the stage's evals before a resume, so a warning comes
+        at the eval it would have come at in an unbroken run."""
         self.window = window
         self.train_losses: list[float] = []
         self.stalled = 0
+        for train_loss, improved in replay:
+            self.update(train_loss, {}, improved)
 
     def update(self, train_loss: float, scores: dict[str, float], improved: bool) -> str | None:
         if "validation/loss" in scores:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import numpy as np
 
 from tenure.engine.config.schema import given, to_dict
 from tenure.engine.runtime import distributed
@@ -16,7 +17,7 @@ from tenure.engine.train.fit import fit
 from tenure.engine.train.history import RunHistory
 from tenure.engine.train.hooks import (CheckpointSaver, Evaluation, ForgettingGuard, StageContext, TrainLogger,
                                        evaluate_all, task_score)
-from tenure.engine.train.monitor import BestTracker
+from tenure.engine.train.monitor import BestTracker, OverfitMonitor
 from tenure.engine.train.params import params_digest
 from tenure.models.lora import fresh_adapters_zeroed
 
@@ -101,13 +102,19 @@ class StageRunner:
         guard = ForgettingGuard(stage, ctx, state.params) if stage.guard else None
         progress = Progress(sr.steps, desc=f"train {stage.name}" if not trainer.single else "train", initial=local,
                             enabled=distributed.is_primary() and cfg.logging.progress)
-        since_eval = local % cfg.train.eval_every  # a resume between two evals: their gap's train loss
+        every = cfg.train.eval_every
+        stage_losses = self.history.train_loss[len(self.history.train_loss) - local:] if local else []
+        # A resume between two evals: the gap's train losses so far, and the stage's evals replayed.
         logger = TrainLogger(ctx, progress, self.ckpt.latest_step, every=cfg.train.log_every,
-                             losses=self.history.train_loss[len(self.history.train_loss) - since_eval:])
+                             losses=stage_losses[local - local % every:])
+        best = self._best_tracker(stage)
+        overfit = OverfitMonitor(replay=tuple(
+            (float(np.mean(stage_losses[(record["step"] - 1) // every * every:record["step"]])), improved)
+            for record, improved in best.replayed))
         save = self.saver(sr)
-        evaluate = Evaluation(ctx, best=self._best_tracker(stage), guard=guard, logger=logger, save=save,
+        evaluate = Evaluation(ctx, best=best, overfit=overfit, guard=guard, logger=logger, save=save,
                               take_row=lambda params, last, step, seen: self.take_row(sr, params, last, step, seen),
-                              ends_on_last=guard is None and not trainer.keeps_best, every=cfg.train.eval_every)
+                              ends_on_last=guard is None and not trainer.keeps_best, every=every)
         state, last, _, signalled = fit(sr.step_fn, state, sr.train_iter, ctx.mesh, first=local + 1, last=sr.steps,
                                         log=logger, evaluate=evaluate, save=save, interrupted=self._interrupted())
         progress.close()

@@ -221,7 +221,8 @@ class Trainer:
     def _check_drift(self, meta: dict) -> None:
         """Refuse a resume whose config, labels or training files changed in a way that breaks the run."""
         breaking, notes = compare_for_resume(as_today(meta.get("config") or {}), to_dict(self.cfg),
-                                             meta.get("labels"), self.labels_json())
+                                             meta.get("labels"), self.labels_json(),
+                                             stopped_stage=int(meta.get("stage", 0)) if meta.get("stopped") else None)
         saved = meta.get("training_data") or {}  # absent from checkpoints written before it was recorded
         breaking += [f"{key}: its files changed since the checkpoint (the data position the run resumes at "
                      "counts in the old files)" for key, digest in self.training_data.items()
