@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p):
         p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+        p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",  # default: not listed as required
                        help="config overrides, e.g. train.steps=100 optim.lr=3e-5")
         return p
 

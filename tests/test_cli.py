@@ -79,3 +79,10 @@ def test_out_of_range_numbers_are_refused_by_the_parser(capsys):
     assert parser.parse_args(["hf", "check", "d", "--tolerance", "0.001"]).tolerance == 0.001
     with pytest.raises(TenureError, match=r"^--topology cpu:0: give at least one device \(cpu:1\)$"):
         parse_topology("cpu:0")
+
+
+def test_a_command_without_its_config_names_only_the_config_as_missing():
+    for command in ("train", "launch", "bench"):
+        result = run(command)
+        assert result.returncode == 2
+        assert result.stderr.strip().endswith("error: the following arguments are required: config"), result.stderr

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time the train step at fixed shapes (optionally vs HF PyTorch)")
     p.add_argument("config", help="bench YAML (a run config with a `bench:` section), e.g. configs/bench/minilm.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
                    help="overrides, e.g. model.dtype=bfloat16 bench.steps=10 trainable.mode=head")
     p.add_argument("--compare", choices=["torch"], default=None,
                    help="also time the HF transformers PyTorch loop, alternating blocks of steps")
