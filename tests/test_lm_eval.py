@@ -232,11 +232,12 @@ def _probe_config(tmp_path, stage_tasks):
         "logging": {"progress": False, "tensorboard": False}})
 
 
-def test_a_staged_run_scores_an_lm_eval_probe_as_the_harness_does_on_its_checkpoint(tmp_path):
+def test_a_staged_run_scores_an_lm_eval_probe_as_the_harness_does_on_its_checkpoint(tmp_path, capfd):
     """An lm_eval task in a staged run is a column of R: scored on the starting model and at the
     stage end, where it equals the harness's score of the run's saved checkpoint (checkpoint=RUN_DIR)."""
     from tenure.engine.train.trainer import train
     train(_probe_config(tmp_path, ["defs"]))
+    assert "it/s" not in capfd.readouterr().err  # logging.progress=false: no lm-eval progress bars either
     record = json.loads((tmp_path / "forgetting.json").read_text())
     column = record["tasks"].index("general")
     assert record["metric"]["general"] == "tenure_capitals_mc/acc" and record["split"]["general"] == "test"

@@ -7,6 +7,7 @@ them to the metric functions in `tenure.engine.tasks.metrics`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -95,6 +96,12 @@ class LMEvalProbe:
         # directory every call, printing git's "fatal: not a git repository" outside one.
         random.seed(0)
         np.random.seed(1234)
+        # lm-eval's bar over each task's documents has no switch: under logging.progress=false its
+        # module's tqdm is swapped for a disabled one for the call.
+        import lm_eval.api.task as harness_task
+        shown = harness_task.tqdm
+        if not self.lm.progress:
+            harness_task.tqdm = functools.partial(shown, disable=True)
         try:
             loaded = self.task_manager.load(self.tasks)  # fresh task objects: their documents and settings
             for task in loaded["tasks"].values():
@@ -105,6 +112,8 @@ class LMEvalProbe:
                            **self._documents(loaded))
         except ConnectionError as error:
             raise offline_error(error) from None
+        finally:
+            harness_task.tqdm = shown
         scores = {}
         for task in self.tasks:
             for key, value in out["results"][task].items():
@@ -114,7 +123,8 @@ class LMEvalProbe:
         return scores
 
 
-def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> dict[str, dict[str, Evaluator]]:
+def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer,
+                    progress: bool = True) -> dict[str, dict[str, Evaluator]]:
     """task name -> split -> Evaluator, for every split each task's data names; `models` gives each
     task's model (`tenure.engine.train.build.eval_models`). An lm_eval task is scored on its first `limit`
     documents for test (R) and, where it sets `eval_limit`, on that many after them for validation (the
@@ -129,6 +139,7 @@ def make_evaluators(tasks, models: dict, mesh, param_shardings, tokenizer) -> di
             from tenure.engine.tasks.lm_eval_adapter import TenureLM, max_positions
             if id(model) not in harness_models:
                 harness_models[id(model)] = TenureLM.of(model, None, tokenizer, max_length=max_positions(model.arch_cfg))
+                harness_models[id(model)].progress = progress
             lm = harness_models[id(model)]
             evaluators[name] = {"test": LMEvalProbe(lm, spec.tasks, spec.limit, key=f"tasks.{name}.limit")}
             if spec.eval_limit:

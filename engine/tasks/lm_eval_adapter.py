@@ -145,6 +145,11 @@ class TenureLM(TemplateLM):
     lm-eval's `device` (its CLI passes cuda:0 by default) and `max_batch_size` do not apply: JAX
     runs on its default backend (JAX_PLATFORMS chooses), and batch sizes are fixed."""
 
+    progress = True  # lm-eval's progress bars; a tenure run's probes follow logging.progress
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def __init__(self, checkpoint: str | None = None, config: str | None = None, batch_size: int | str = 16,
                  max_length: int | str | None = None, dtype: str | None = None, max_gen_toks: int | str = 256,
                  max_batch_size: int | None = None, device: str | None = None) -> None:

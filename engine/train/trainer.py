@@ -171,7 +171,7 @@ class Trainer:
                             sr.state_shardings.params, self.lora.scale if self.lora is not None else None)
                   if self.cfg.eval.kl_to_start else None)
             built = (sr, make_evaluators(self.tasks, models, self.backbone.mesh, sr.state_shardings.params,
-                                         self.backbone.tokenizer), kl)
+                                         self.backbone.tokenizer, progress=self.cfg.logging.progress), kl)
             self._stage_evaluators[sr.stage.index] = built
         return built
 
