@@ -29,22 +29,30 @@ from tenure.models.errors import TenureError
 STAGE_DEFAULTS = ("stages", "trainable", "optim", "ewc", "l2sp", "replay", "kl", "method")
 
 
+def finished_run_checkpoints(run_dir: pathlib.Path, verb: str, key: str = "") -> tuple[pathlib.Path, dict]:
+    """(checkpoint directory, summary record) of the finished run at `run_dir`: its summary.json names
+    the directory relative to the run dir, so a moved run still works. `verb` ("branch from",
+    "interpolate") and `key` (the config key, if any) word the refusals."""
+    summary = run_dir / "summary.json"
+    record = atomic.read_json(summary, f"{verb} an intact run, or rerun that one to its end")
+    if isinstance(record, dict) and "checkpoints" in record and record["checkpoints"] is None:
+        raise TenureError(f"{key}{run_dir} was trained with checkpoint.enabled=false: it has no checkpoints to "
+                          f"{verb}")
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
+        raise TenureError(f"{key}{summary}: names no checkpoint directory; {verb} an intact run, "
+                          "or rerun that one to its end")
+    return run_dir / record["checkpoints"], record
+
+
 def source_checkpoints(run_dir: str) -> tuple[pathlib.Path, list[str]]:
     """(checkpoint directory, content digest of each stage end's weights) of the finished run at
-    `run_dir`, from its summary.json (which names the checkpoint directory relative to the run dir,
-    so a moved run still branches)."""
+    `run_dir` (a `branch_from` source)."""
     summary = pathlib.Path(run_dir) / "summary.json"
     if not summary.is_file():
         raise TenureError(f"branch_from: {run_dir} is not a finished run (no {summary.name}; "
                           "branch from a run that ran to its end)")
-    record = atomic.read_json(summary, "branch from an intact run, or rerun that one to its end")
-    if isinstance(record, dict) and "checkpoints" in record and record["checkpoints"] is None:
-        raise TenureError(f"branch_from: {run_dir} was trained with checkpoint.enabled=false: it has no "
-                          "checkpoints to branch from")
-    if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
-        raise TenureError(f"branch_from: {summary}: names no checkpoint directory; branch from an intact run, "
-                          "or rerun that one to its end")
-    return pathlib.Path(run_dir) / record["checkpoints"], list(record.get("stage_digests") or [])
+    directory, record = finished_run_checkpoints(pathlib.Path(run_dir), "branch from", "branch_from: ")
+    return directory, list(record.get("stage_digests") or [])
 
 
 def check_stage_end(source: str, step_dir: pathlib.Path, stage: str, recorded: list[str], digest: str) -> None:

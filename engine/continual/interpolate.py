@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tenure.engine.continual.branch import source_checkpoints
+from tenure.engine.continual.branch import finished_run_checkpoints, source_checkpoints
 from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import saved_config
@@ -67,20 +67,6 @@ def mix(start, end, alpha: float):
     return jax.tree.map(one, start, end)
 
 
-def _checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
-    """The finished run's checkpoint directory: summary.json names it relative to the run dir (a
-    moved run still interpolates)."""
-    summary = run_dir / "summary.json"
-    record = atomic.read_json(summary, "interpolate an intact run, or rerun that one to its end")
-    if isinstance(record, dict) and "checkpoints" in record and record["checkpoints"] is None:
-        raise TenureError(f"{run_dir} was trained with checkpoint.enabled=false: it has no checkpoints to "
-                          "interpolate")
-    if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), str):
-        raise TenureError(f"{summary}: names no checkpoint directory; interpolate an intact run, "
-                          "or rerun that one to its end")
-    return run_dir / record["checkpoints"]
-
-
 class Interpolation:
     """A finished run's trainer, checkpoints and history, and the two ends of one stage."""
 
@@ -91,7 +77,7 @@ class Interpolation:
         if not (self.run_dir / "summary.json").is_file():
             raise TenureError(f"interpolate: {run_dir} is not a finished run (no summary.json); finish it "
                               "(rerun its `tenure train`) first")
-        self.ckpt = Checkpointer(None, _checkpoint_dir(self.run_dir), read_only=True)
+        self.ckpt = Checkpointer(None, finished_run_checkpoints(self.run_dir, "interpolate")[0], read_only=True)
         latest = self.ckpt.latest_step()
         if latest is None:
             raise TenureError(f"interpolate: {self.ckpt.directory}: no checkpoint")
