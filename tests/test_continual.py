@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from tenure.engine.runtime.checkpoint import Checkpointer
 from tenure.engine.config.schema import load_config
 from tenure.engine.continual.forgetting_metrics import summarize
-from tenure.engine.config.stages import resolve
+from tenure.engine.config.stages import SINGLE_TASK, resolve, score_mode
 from tenure.models.errors import TenureError
 from tests.cli_helpers import cli_env, study_records, tenure
 
@@ -357,6 +357,21 @@ def test_stage_config_resolves_and_names_bad_keys(tmp_path):
         load_config(CONFIG, ["stages.0.ewc.lamda=3"])
     with pytest.raises(TenureError, match=r"'stages.1.guard.task': 'B' is not trained in an earlier stage"):
         resolve(load_config(CONFIG, ["stages.1.guard={task: B, max_drop: 0.1}"]))
+    # The guard keeps a stage's best weights by its own tasks' validation score: B needs one (was a KeyError).
+    with pytest.raises(TenureError, match=r"'stages.1.guard': the guard keeps .* B has no validation split"):
+        resolve(load_config(CONFIG, ["stages.1.guard={task: A, max_drop: 0.1}", "tasks.B.data.validation=null"]))
+    # train.steps is a single-task key: a staged run read nothing of it and trained stages.N.steps.
+    with pytest.raises(TenureError, match=r"'train.steps': a staged run counts its steps per stage"):
+        resolve(load_config(CONFIG, ["train.steps=5"]))
+
+
+def test_which_direction_of_a_score_is_better():
+    assert score_mode(["min"], None) == "min" and score_mode(["max", "max"], "min") == "max"
+    assert score_mode(["min", "max"], "min") == "min" and score_mode(["min", "max"], None) == "max"
+    # A single task's eval.mode left unset follows its metric: a perplexity is better lower.
+    sft = ROOT / "configs/tasks/sft.yaml"
+    assert resolve(load_config(sft, ["eval.mode=null"]))[0][SINGLE_TASK].mode == "min"
+    assert resolve(load_config(ROOT / "configs/tasks/seq_cls.yaml", []))[0][SINGLE_TASK].mode == "max"
 
 
 def test_a_stage_section_overrides_only_the_keys_it_sets():

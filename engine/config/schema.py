@@ -127,7 +127,8 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     metric: str = Field("accuracy", description="validation metric that picks the best checkpoint")
-    mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better")
+    mode: Literal["max", "min"] | None = Field(None, description="whether a larger metric is better; null = from "
+                                               "the metric (min for loss, perplexity, mse; else max)")
     mixed_splits: bool = Field(
         False, description="a staged run's R columns normally all come from test splits (validation where no task "
                            "has one); true accepts test for some tasks and validation for others (forgetting.json "

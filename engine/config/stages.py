@@ -185,7 +185,8 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         if KINDS[cfg.task.kind].harness:
             raise TenureError("config key 'task.kind': lm_eval is a probe of a staged run (`tasks:` + `stages:`), "
                               "scored but never trained")
-        task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric, cfg.eval.mode)
+        task = Task(SINGLE_TASK, cfg.task, cfg.data, cfg.eval.metric,
+                    cfg.eval.mode or ("min" if cfg.eval.metric in LOWER_IS_BETTER else "max"))
         _check_pack(cfg.task.kind, cfg.data, "")
         stage = Stage(0, SINGLE_TASK, {SINGLE_TASK: 1.0}, cfg.train.steps, cfg.trainable, cfg.optim,
                       cfg.ewc, cfg.l2sp, cfg.replay, None, (), cfg.kl)
@@ -196,6 +197,8 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         raise TenureError("missing config key 'tasks' (`stages` train the tasks it names)")
     if not cfg.stages:
         raise TenureError("config key 'stages': the list is empty; list at least one stage (`tasks`, `steps`)")
+    if cfg.train.steps is not None:  # read by nothing in a staged run: it would silently train stages.N.steps
+        raise TenureError("config key 'train.steps': a staged run counts its steps per stage; set stages.N.steps")
     tasks = {}
     for name, entry in cfg.tasks.items():
         metric = entry.metric or KINDS[entry.kind].metric  # lm_eval: chosen from the harness's task (engine/train/build.py)
@@ -233,6 +236,9 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
                 if not tasks[name].data.validation:
                     raise TenureError(f"config key 'stages.{i}.guard.task': task {name!r} has no validation split "
                                       f"(tasks.{name}.data.validation), which the guard watches")
+            if not any(tasks[t].data.validation for t in weights):
+                raise TenureError(f"config key 'stages.{i}.guard': the guard keeps the stage's best weights by its "
+                                  f"own tasks' validation score, and {', '.join(weights)} has no validation split")
         replay = _inherit(cfg.replay, s.replay, f"stages.{i}.replay")
         for name in replay.tasks or ():
             if name not in tasks or tasks[name].kind.harness or name in weights:
@@ -298,6 +304,12 @@ def _check_pack(kind: str, data, where: str) -> None:
 
 def _names(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
+
+
+def score_mode(modes, fallback: str | None) -> str:
+    """Whether a larger stage score is better: its tasks' one mode, else `fallback` (eval.mode), else max."""
+    modes = set(modes)
+    return modes.pop() if len(modes) == 1 else (fallback or "max")
 
 
 def guarded_tasks(guard: GuardConfig) -> list[str]:

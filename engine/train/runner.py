@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from tenure.engine.config.schema import given, to_dict
+from tenure.engine.config.stages import score_mode
 from tenure.engine.runtime import distributed
 from tenure.engine.runtime.distributed import print_primary
 from tenure.engine.runtime.progress import Progress
@@ -80,9 +81,8 @@ class StageRunner:
 
     def _best_tracker(self, stage) -> BestTracker:
         cfg, trainer = self.cfg, self.trainer
-        modes = {trainer.tasks.by_name[t].task.mode for t in stage.weights}  # its tasks' own direction
         return BestTracker(cfg.eval.metric if trainer.single else "score",
-                           modes.pop() if len(modes) == 1 else cfg.eval.mode,
+                           score_mode((trainer.tasks.by_name[t].task.mode for t in stage.weights), cfg.eval.mode),
                            cfg.train.early_stopping, {"evals": self.history.stage_evals(stage.index)})
 
     def _interrupted(self):
@@ -99,7 +99,7 @@ class StageRunner:
         print_primary(f"stage {stage.index + 1}/{len(trainer.stages)} {stage.name}: steps {sr.steps}  "
                       f"losses {', '.join(sr.losses)}\n{sr.trainability.summary()}")
         ctx = self.context(sr)
-        guard = ForgettingGuard(stage, ctx, state.params) if stage.guard else None
+        guard = ForgettingGuard(stage, ctx, state.params, cfg.eval.mode) if stage.guard else None
         progress = Progress(sr.steps, desc=f"train {stage.name}" if not trainer.single else "train", initial=local,
                             enabled=distributed.is_primary() and cfg.logging.progress)
         every = cfg.train.eval_every

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from tenure.engine.config.schema import Config, as_today, to_dict
 from tenure.engine.config.plan import plan
-from tenure.engine.config.stages import SINGLE_TASK, r_split
+from tenure.engine.config.stages import SINGLE_TASK, r_split, score_mode
 from tenure.engine.continual.branch import check_branch, check_stage_end, source_checkpoints
 from tenure.engine.continual.report import forgetting_record, r_table, start_end_table, write_forgetting
 from tenure.engine.continual.stage_regularizers import regularizers
@@ -185,8 +185,9 @@ class Trainer:
 
     def ranking(self) -> dict:
         """How checkpoints rank for keep_best: the task's metric, or a staged run's stage score."""
+        modes = (self.tasks.by_name[t].task.mode for stage in self.stages for t in stage.weights)
         return dict(best_metric="validation/" + (self.cfg.eval.metric if self.single else "score"),
-                    best_mode=self.cfg.eval.mode)
+                    best_mode=score_mode(modes, self.cfg.eval.mode))
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, stop: StopSignals, overwrite: bool = False) -> dict:
