@@ -25,6 +25,11 @@ def test_integer_ratio_and_pattern():
     assert interleave_pattern({"new": 5, "replay": 1}) == ["new", "new", "new", "replay", "new", "new"]
     with pytest.raises(TenureError, match=r"^data.train: mixture weights must be > 0, got \{'a': 1, 'b': 0\}$"):
         integer_ratio({"a": 1, "b": 0})
+    # A weight finer than the interleave's 1/1000 needs random mixing, which takes it as it is.
+    with pytest.raises(TenureError, match=r"round to 0 at the interleave's resolution of 1/1000; use data.mix_mode=random"):
+        integer_ratio({"a": 1, "b": 0.0004})
+    MixIterDataset({"a": grain.MapDataset.range(4).to_iter_dataset(), "b": grain.MapDataset.range(4).to_iter_dataset()},
+                   {"a": 1, "b": 0.0004}, mode="random")
 
 
 def test_interleave_every_window_is_exact_and_small_source_repeats():

@@ -26,11 +26,18 @@ MAX_PERIOD = 10_000
 DRAW_BLOCK = 1024
 
 
+def check_weights(weights: Mapping[str, float]) -> None:
+    if any(not w > 0 for w in weights.values()):
+        raise TenureError(f"data.train: mixture weights must be > 0, got {dict(weights)}")
+
+
 def integer_ratio(weights: Mapping[str, float]) -> dict[str, int]:
     """The smallest integer ratio equal to the weights (each rounded to 1/1000)."""
+    check_weights(weights)
     fracs = {k: Fraction(w).limit_denominator(1000) for k, w in weights.items()}
     if any(f <= 0 for f in fracs.values()):
-        raise TenureError(f"data.train: mixture weights must be > 0, got {dict(weights)}")
+        raise TenureError(f"data.train: mixture weights {dict(weights)} round to 0 at the interleave's resolution "
+                          "of 1/1000; use data.mix_mode=random")
     scale = math.lcm(*(f.denominator for f in fracs.values()))
     ints = {k: int(f * scale) for k, f in fracs.items()}
     common = math.gcd(*ints.values())
@@ -100,7 +107,11 @@ class MixIterDataset(grain.IterDataset):
             raise TenureError(f"data.train: mixture sources {sorted(sources)} and weights {sorted(weights)} differ")
         if mode not in ("interleave", "random"):
             raise TenureError(f"data.mix_mode: expected 'interleave' or 'random', got {mode!r}")
-        integer_ratio(weights)  # validates weights early
+        # Checked early; random mode draws by the weights as they are, interleave needs their period.
+        if mode == "interleave":
+            integer_ratio(weights)
+        else:
+            check_weights(weights)
         super().__init__(list(sources.values()))
         self._named = dict(sources)
         self._weights, self._mode, self._seed = dict(weights), mode, seed
