@@ -9,8 +9,7 @@ examples, rounded up to a multiple of `shards`) and to at least `min_rows` per m
 A run's training batches set `min_rows` to what 99% of them need (`planned_rows`, from batches
 drawn from its data), so the train step compiles for one or two row counts, where each count its
 batches happened to need (up to 8) compiled a step of its own. Eval batches take the rows they
-need. Padding rows are all
-pad.
+need. Padding rows are all pad.
 
 Per-token arrays [R, row_length]: input_ids (pad_id), attention_mask, token_type_ids (pairs),
 segment_ids (1..k within a row, 0 = pad) and positions (0.. within each segment).

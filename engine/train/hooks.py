@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from tenure.engine.config.stages import Stage, guarded_tasks, score_mode
+from tenure.engine.config.stages import Stage, guarded_tasks
 from tenure.engine.data.pipeline import to_global_batch
 from tenure.engine.runtime.distributed import print_primary
 from tenure.engine.train.build import StageRun, Tasks
@@ -127,12 +127,13 @@ class ForgettingGuard:
     its value at the start of the stage. The stage keeps its best weights (by its own score) among
     the evals within budget, and stops after `patience` evals out of budget in a row."""
 
-    def __init__(self, stage: Stage, ctx: StageContext, params, eval_mode: str | None = None):
+    def __init__(self, stage: Stage, ctx: StageContext, params, mode: str):
+        """`mode`: whether a larger stage score is better (the stage's best-so-far's)."""
         self.stage, self.ctx = stage, ctx
         self.names = guarded_tasks(stage.guard)
         self.start = ctx.validation_row(ctx.validation(params, only=self.names), self.names)
         self.best_score, self.best_step, self.best_params, self.out = None, None, None, 0
-        self.mode = score_mode((ctx.tasks.by_name[t].task.mode for t in stage.weights), eval_mode)
+        self.mode = mode
 
     def within(self, scores) -> bool:
         for t, value in self.ctx.validation_row(scores, self.names).items():

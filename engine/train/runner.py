@@ -99,7 +99,8 @@ class StageRunner:
         print_primary(f"stage {stage.index + 1}/{len(trainer.stages)} {stage.name}: steps {sr.steps}  "
                       f"losses {', '.join(sr.losses)}\n{sr.trainability.summary()}")
         ctx = self.context(sr)
-        guard = ForgettingGuard(stage, ctx, state.params, cfg.eval.mode) if stage.guard else None
+        best = self._best_tracker(stage)
+        guard = ForgettingGuard(stage, ctx, state.params, best.mode) if stage.guard else None
         progress = Progress(sr.steps, desc=f"train {stage.name}" if not trainer.single else "train", initial=local,
                             enabled=distributed.is_primary() and cfg.logging.progress)
         every = cfg.train.eval_every
@@ -107,7 +108,6 @@ class StageRunner:
         # A resume between two evals: the gap's train losses so far, and the stage's evals replayed.
         logger = TrainLogger(ctx, progress, self.ckpt.latest_step, every=cfg.train.log_every,
                              losses=stage_losses[local - local % every:])
-        best = self._best_tracker(stage)
         overfit = OverfitMonitor(replay=tuple(
             (float(np.mean(stage_losses[(record["step"] - 1) // every * every:record["step"]])), improved)
             for record, improved in best.replayed))
