@@ -191,7 +191,7 @@ def test_corrupt_checkpoint_names_path_and_step_and_falls_back(tmp_path):
     assert message.startswith(f"checkpoint {tmp_path}/3 (step 3) is unreadable: ValueError: DATA_LOSS: ")
     assert "\n" not in message
     logged = []
-    state, data_state, extra = ckpt.restore_latest_good(abstract_like(make_state()), log=logged.append)
+    state, data_state, extra = ckpt.restore_latest_good(lambda extra: abstract_like(make_state()), log=logged.append)
     assert (ckpt.restored_step, data_state, extra) == (1, {"next_index": 1}, {"step": 1})
     assert_state_equal(state, make_state(1.0))
     assert [line.split(": ", 1)[0] for line in logged] == [
@@ -256,7 +256,7 @@ with Checkpointer(CheckpointConfig(every_steps=1), directory) as ckpt:
     replicated = NamedSharding(mesh, P())
     target = {"w": jax.ShapeDtypeStruct((8, 4), np.float32, sharding=replicated)}
     logged = []
-    state, data_state, extra = ckpt.restore_latest_good(target, log=logged.append)
+    state, data_state, extra = ckpt.restore_latest_good(lambda extra: target, log=logged.append)
     step = ckpt.restored_step
     w = np.asarray(state["w"].addressable_data(0))
 json.dump({"step": step, "w_equal": bool((w == w_np).all()), "data": data_state, "extra": extra,

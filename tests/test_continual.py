@@ -145,6 +145,27 @@ def test_a_run_without_checkpoints_computes_the_same(naive_run, data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_broken_newest_checkpoint_falls_back_into_the_stage_before(naive_run, data, tmp_path):
+    """The newest checkpoint (step 8, stage B) has damaged arrays: the resume skips it and restores step 6,
+    stage A's end, with stage A's own state, then trains stage B again: the same R and weights as the
+    unbroken run. It took step 6's arrays as stage B's (its stage index came from step 8's extras) and
+    finished B at once, on A's weights."""
+    import shutil
+
+    run_dir, _ = naive_run
+    shutil.copytree(run_dir / "checkpoints", tmp_path / "checkpoints")
+    for step in ("9", "10", "12"):
+        shutil.rmtree(tmp_path / "checkpoints" / step)
+    for chunk in (tmp_path / "checkpoints" / "8" / "state" / "d").iterdir():
+        damaged = bytearray(chunk.read_bytes())
+        damaged[-3] ^= 0xFF  # one flipped byte: the OCDBT checksum catches it
+        chunk.write_bytes(bytes(damaged))
+    result = train(tmp_path, data, "eval.kl_to_start=true")
+    assert "skipping checkpoint step 8" in result.stdout and "resumed from step 6" in result.stdout
+    assert record(tmp_path)["R"] == record(run_dir)["R"] and weights(tmp_path) == weights(run_dir)
+
+
+@pytest.mark.slow
 def test_regularisers_and_replay_change_training(naive_run, data, tmp_path):
     run_dir, _ = naive_run
     train(tmp_path, data, "ewc.lambda=1000", "replay.ratio=0.25")
@@ -465,6 +486,44 @@ def test_multitask_stage_with_a_forgetting_guard(data, tmp_path):
         assert "no eval stayed within the budget" in result.stdout
 
 
+
+@pytest.mark.slow
+def test_a_guarded_stage_resumes_to_the_pick_an_unbroken_run_keeps(data, tmp_path):
+    """Stage B under a budget on A's validation loss (+0.05 over its value at the stage start), task-IL,
+    checkpoint.keep=2. The guard's pick stays on disk although newer steps push it out of `keep`; a run
+    killed after the pick resumes with the stage's start values and earlier evals (not re-measured at
+    the resume step, which moved the budget and the pick) and ends on the same pick, R and weights; a
+    rerun of the finished run takes R's last row from the pick again (it took the last weights)."""
+    stage2 = "stages.1=" + json.dumps({"tasks": ["B"], "steps": 16,
+                                        "guard": {"task": "A", "max_drop": 0.05, "patience": 100}})
+    args = [*staged_args(tmp_path, data, 2, 6, "train.eval_every=2", "checkpoint.keep=2", "optim.lr=3e-3",
+                         "heads=per_task", "tasks.A.metric=loss"), stage2]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = tenure("train", CONFIG, *args, f"run_dir={straight}")
+    kept = re.search(r"guard: keeping step (\d+)", result.stdout)
+    curves = record(straight)["curves"]
+    start = next(c for c in curves if c["step"] == 6)["scores"]["A"]  # the end of stage A
+    within = [c for c in curves if c["stage"] == 1 and c["scores"]["A"] <= start + 0.05]
+    assert within and int(kept[1]) == max(within, key=lambda c: c["scores"]["B"])["step"] < 16
+    assert (straight / "checkpoints" / kept[1]).is_dir()  # pinned: keep=2 alone keeps 20 and 22
+    assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()) == [int(kept[1]), 20, 22]
+    proc = subprocess.Popen([sys.executable, "-m", "tenure.engine.cli", "train", str(CONFIG), *args,
+                             f"run_dir={killed}"], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "16").is_dir():  # after the pick, before the stage's end
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 16"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 16 <= max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) < 22
+    resumed = tenure("train", CONFIG, *args, f"run_dir={killed}")
+    assert "resumed from step" in resumed.stdout and kept[0] in resumed.stdout
+    assert record(killed)["R"] == record(straight)["R"] and weights(killed) == weights(straight)
+    rerun = tenure("train", CONFIG, *args, f"run_dir={straight}")
+    assert "resumed from step 22" in rerun.stdout and kept[0] in rerun.stdout
+    assert record(straight)["R"] == record(killed)["R"]
+
 # ----------------------------------------------------------------------------- evaluation-only probes
 
 def probe_args(run_dir, data, retrieval, *extra):
@@ -647,3 +706,53 @@ def test_kl_to_start_is_measured_on_the_eval_cadence(naive_run, data, tmp_path):
     shared = [k for k in start if k in end and not k.startswith(("classifier", "cls.", "bert.pooler"))]
     expected = math.sqrt(sum(float(np.sum((end[k].astype(np.float64) - start[k]) ** 2)) for k in shared))
     assert len(shared) > 10 and rec["weight_distance"][-1] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_replaying_stage_keeps_source_weights_and_the_longest_max_length(data, tmp_path):
+    """Stage B replays task A, whose two sources weigh 3:1 and whose examples run to 40 tokens while
+    B's max_length is 20: A's half of each batch splits 3:1 between them (the sources' weights were
+    dropped: 1:1, and A's share doubled), and the batches widen to 40 (was a ValueError mid-stage)."""
+    from tenure.engine.train.build import build_backbone, build_tasks, stage_iterator
+
+    rows = [json.loads(line) for line in data["train"].read_text().splitlines()]
+    sources = {}
+    for name, label in (("x", "noun.animal"), ("y", "noun.plant")):
+        path = tmp_path / f"{name}.jsonl"
+        # glosses lengthened past B's 20 tokens: A keeps up to its own max_length 40
+        path.write_text("".join(json.dumps({**r, "text": f"{r['text']} {r['text']} {r['text']}"}) + "\n"
+                                for r in rows if r["label"] == label))
+        sources[name] = {"path": str(path), "weight": 3 if name == "x" else 1}
+    cfg = load_config(CONFIG, [*staged_args(tmp_path, data), "tasks.A.data.train=" + json.dumps(sources),
+                               "tasks.A.data.max_length=40", "tasks.B.data.max_length=20", "tasks.A.data.pack=false", "tasks.B.data.pack=false",
+                               "replay.ratio=0.5"])
+    tasks, stages = resolve(cfg)
+    backbone = build_backbone(cfg, weights=False)
+    run_tasks = build_tasks(cfg, backbone, tasks, list(tasks))
+    it, _ = stage_iterator(backbone, run_tasks, stages[1], seed=0, buffer_key="replay.buffer")
+    labels, widths = [], set()
+    for _ in range(40):  # 320 examples: interleave shares B 4, A/x 3, A/y 1 of every 8
+        batch = next(it)
+        widths.add(batch["input_ids"].shape[1])
+        labels += [run_tasks.label_vocab.labels[int(k)] for k, t in zip(batch["labels"], batch["task_id"]) if t == 0]
+    it.close()
+    assert (labels.count("noun.animal"), labels.count("noun.plant"), len(labels)) == (120, 40, 160)
+    assert max(widths) == 40
+
+
+def test_a_run_has_one_set_of_lora_adapters():
+    """The adapters are made with the first stage's rank, alpha and targets, and R's evals and the
+    export apply those: a later stage with others, or without LoRA, is refused, not half applied."""
+    lora = "trainable={mode: lora, lora: {rank: 8, alpha: 16, targets: [query, value]}}"
+    for override, key, why in (
+            ("stages.1.trainable={mode: lora, lora: {rank: 4, alpha: 16, targets: [query, value]}}",
+             "stages.1.trainable.lora.rank", "4 differs from the first stage's 8"),
+            ("stages.1.trainable={mode: lora, lora: {rank: 8, alpha: 32, targets: [query, value]}}",
+             "stages.1.trainable.lora.alpha", "32.0 differs from the first stage's 16.0"),
+            ("stages.1.trainable={mode: full}", "stages.1.trainable.mode", "full, while the first stage's is lora")):
+        with pytest.raises(TenureError, match=rf"'{re.escape(key)}': {re.escape(why)}"):
+            resolve(load_config(CONFIG, [lora, override]))
+    with pytest.raises(TenureError, match=r"'stages.1.trainable.mode': lora, while the first stage's is full"):
+        resolve(load_config(CONFIG, ["stages.1.trainable={mode: lora}"]))
+    _, stages = resolve(load_config(CONFIG, [lora, "stages.1.trainable={mode: lora, lora: {rank: 8, alpha: 16, "
+                                                   "targets: [query, value], dropout: 0.1}}"]))
+    assert [s.trainable.lora.dropout for s in stages] == [0.0, 0.1]   # dropout may differ per stage

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tenure.engine.data.mixture import MixIterDataset, ReservoirBuffer, integer_ratio, interleave_pattern
+from tenure.engine.data.mixture import MixIterDataset, ReservoirBuffer, examples_before, integer_ratio, interleave_pattern
 from tenure.models.errors import TenureError
 
 
@@ -95,3 +95,14 @@ def test_reservoir_sample_is_uniform():
     # Each item should be kept with probability k / n = 0.25, i.e. 500 times out of 2000.
     chi2 = stats.chisquare(counts, np.full(n, k * seeds / n))
     assert chi2.pvalue > 0.001, (chi2, counts)
+
+
+@pytest.mark.parametrize("mode,weights", [("interleave", {"a": 1, "b": 2}), ("interleave", {"a": 5, "b": 1, "c": 1}),
+                                          ("random", {"a": 1, "b": 3}), ("random", {"a": 0.3, "b": 0.2, "c": 0.5})])
+def test_examples_before_the_first_source_ends(mode, weights):
+    """A finite first source of n examples ends the mix; `examples_before` says when, without mixing."""
+    for n in (1, 7, 1500):
+        sources = {name: grain.MapDataset.range(n).to_iter_dataset() if name == "a" else repeated(range(3))
+                   for name in weights}
+        mixed = sum(1 for _ in MixIterDataset(sources, weights, mode=mode, seed=4))
+        assert examples_before(weights, mode, seed=4, count=n) == mixed

@@ -308,3 +308,19 @@ def test_a_split_read_again_comes_from_memory_until_its_file_changes(tmp_path, m
     assert texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 3
     monkeypatch.setattr(pipeline, "_KEPT_BYTES", 10)
     assert texts() == texts() == ["w1", "w3", "w5", "w7"] and len(opened) == 5
+
+
+@pytest.mark.parametrize("mode", ["interleave", "random"])
+def test_a_mixture_counts_its_batches_until_the_first_source_ends(tmp_path, mode):
+    """num_epochs passes of the first source, which has a share of each batch: 2 passes of 20
+    records at share 1/3 (interleave) take 30 batches of 4, not the 10 a lone source would."""
+    first = write_jsonl(tmp_path / "a.jsonl", labelled(20))
+    other = write_jsonl(tmp_path / "b.jsonl", labelled(30)[20:])
+    cfg = DataConfig(train={"a": {"path": first, "weight": 1}, "b": {"path": other, "weight": 2}}, batch_size=4,
+                     max_length=16, length_buckets=[4, 8, 16], num_epochs=2, mix_mode=mode, seed=1, read_threads=2)
+    it = build_train_iterator(cfg, "seq_cls", word_tokenizer(), build_label_vocab(cfg, "seq_cls"))
+    batches = list(it)
+    assert it.num_batches == len(batches) and (mode == "random" or len(batches) == 30)
+    seen = [k for b in batches for k in record_ids(b) if k < 20]
+    assert 40 - 4 < len(seen) <= 40  # both passes of the first source, up to the dropped partial batch
+    assert sorted(seen[:20]) == list(range(20))

@@ -261,10 +261,30 @@ def resolve(cfg) -> tuple[dict[str, Task], list[Stage]]:
         stages.append(Stage(i, s.name or "+".join(weights), weights, s.steps, own("trainable"), own("optim"), ewc,
                             own("l2sp"), replay, s.guard, tuple(seen), own("kl")))
         seen += [t for t in weights if t not in seen]
+    _check_one_lora(stages)
     order = seen + [t for t in tasks if t not in seen]  # tasks never trained are still evaluated
     tasks = {name: tasks[name] for name in order}
     _check_r_splits(tasks, cfg.eval.mixed_splits)
     return tasks, stages
+
+
+def _check_one_lora(stages: list[Stage]) -> None:
+    """A run's LoRA adapters are made once, with its first stage's rank, alpha and targets, and every
+    stage's forward, R's evals and the export apply them: a stage without them, or with others, is refused."""
+    first = stages[0].trainable
+    if not any(s.trainable.mode == "lora" for s in stages):
+        return
+    for s in stages[1:]:
+        if (first.mode == "lora") != (s.trainable.mode == "lora"):
+            raise TenureError(f"config key 'stages.{s.index}.trainable.mode': {s.trainable.mode}, while the first "
+                              f"stage's is {first.mode}; a run's LoRA adapters are made with its first stage and "
+                              "used by every stage: train every stage with mode lora, or none")
+        for field in ("rank", "alpha", "targets"):
+            mine, theirs = getattr(s.trainable.lora, field), getattr(first.lora, field)
+            if list(mine) != list(theirs) if field == "targets" else mine != theirs:
+                raise TenureError(f"config key 'stages.{s.index}.trainable.lora.{field}': {mine} differs from the "
+                                  f"first stage's {theirs}; a run has one set of LoRA adapters (rank, alpha, "
+                                  "targets; dropout may differ per stage)")
 
 
 def r_split(task: Task) -> str | None:

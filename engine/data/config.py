@@ -80,7 +80,8 @@ class DataConfig(BaseModel):
     label_noise: float = Field(
         0.0, ge=0, lt=1, description="share of training labels flipped to a different label (seeded by data.seed; "
                                      "the count is reported); 0 = none. Validation and test are untouched")
-    num_epochs: int | None = Field(None, ge=1, description="passes over the training data; null = repeat "
+    num_epochs: int | None = Field(None, ge=1, description="passes over the training data (a mixture or a replaying stage: "
+                                   "over its first source, the others repeat as needed); null = repeat "
                                    "forever (training is step-driven)")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens selected for MLM")
     worker_count: int = Field(0, ge=0, description="grain worker processes; 0 = threads in this process")

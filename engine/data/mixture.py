@@ -63,6 +63,34 @@ def interleave_pattern(weights: Mapping[str, float]) -> list[str]:
     return pattern
 
 
+def _cumulative(weights: Mapping[str, float]) -> np.ndarray:
+    total = sum(weights.values())
+    return np.cumsum([w / total for w in weights.values()])
+
+
+def _random_block(cumulative: np.ndarray, seed: int, block: int) -> np.ndarray:
+    """The source indices (in the weights' order) of random-mode examples block*DRAW_BLOCK onward."""
+    draws = np.random.default_rng([seed, block]).random(DRAW_BLOCK)
+    return np.minimum(np.searchsorted(cumulative, draws, side="right"), len(cumulative) - 1)
+
+
+def examples_before(weights: Mapping[str, float], mode: str, seed: int, count: int) -> int:
+    """How many examples the mix yields before it asks its first source (the first of `weights`)
+    for example `count + 1`: where a first source of `count` examples ends the mix."""
+    if mode == "interleave":
+        pattern = interleave_pattern(weights)
+        first = next(iter(weights))
+        at = [i for i, name in enumerate(pattern) if name == first]
+        periods, within = divmod(count, len(at))
+        return periods * len(pattern) + at[within]
+    cumulative, seen, block = _cumulative(weights), 0, 0
+    while True:
+        firsts = np.flatnonzero(_random_block(cumulative, seed, block) == 0)
+        if seen + len(firsts) > count:
+            return block * DRAW_BLOCK + int(firsts[count - seen])
+        seen, block = seen + len(firsts), block + 1
+
+
 class _MixIterator(grain.DatasetIterator):
     def __init__(self, parents: dict[str, grain.DatasetIterator], weights: dict[str, float], mode: str, seed: int):
         super().__init__(list(parents.values()))
@@ -70,18 +98,16 @@ class _MixIterator(grain.DatasetIterator):
         self._names = list(parents)
         self._mode, self._seed, self._step = mode, seed, 0
         self._pattern = interleave_pattern(weights) if mode == "interleave" else None
-        total = sum(weights.values())
-        self._cumulative = np.cumsum([weights[k] / total for k in self._names])
-        self._block, self._draws = -1, np.empty(0)
+        self._cumulative = _cumulative({k: weights[k] for k in self._names})
+        self._block, self._picks = -1, np.empty(0, np.int64)
 
     def _pick(self, step: int) -> str:
         if self._pattern is not None:
             return self._pattern[step % len(self._pattern)]
         block, offset = divmod(step, DRAW_BLOCK)
         if block != self._block:
-            self._block, self._draws = block, np.random.default_rng([self._seed, block]).random(DRAW_BLOCK)
-        u = self._draws[offset]
-        return self._names[min(int(np.searchsorted(self._cumulative, u, side="right")), len(self._names) - 1)]
+            self._block, self._picks = block, _random_block(self._cumulative, self._seed, block)
+        return self._names[int(self._picks[offset])]
 
     def __next__(self) -> Any:
         name = self._pick(self._step)

@@ -35,7 +35,7 @@ from tenure.engine.data.batch_packing import global_rows, pack_batch, pack_rows,
 from tenure.engine.data.cleaning import CleaningReport, clean
 from tenure.engine.data.config import DataConfig
 from tenure.engine.data.grouping import LengthGroupIterDataset, length_order
-from tenure.engine.data.mixture import MixIterDataset
+from tenure.engine.data.mixture import MixIterDataset, examples_before
 from tenure.engine.data.packing import PackIterDataset, collate
 from tenure.engine.data.records import (LABEL_FIELDS, TEXT_FIELDS, BadRecordReport, LabelVocab, over_length_error,
                                         validate)
@@ -434,11 +434,16 @@ def make_train_iterator(cfg: DataConfig, sources: list[TrainSource], *, pad_id: 
                         accum_steps: int = 1) -> "TrainIterator":
     ds = train_dataset(cfg, sources, pad_id=pad_id, process_index=process_index, process_count=process_count,
                        seed=seed, batch_shards=batch_shards, accum_steps=accum_steps)
-    primary = len(sources[0].records)
-    num_examples = primary - primary % process_count
+    per_process = len(sources[0].records) // process_count
+    num_examples = per_process * process_count
     # LM packing fills rows from the stream (rows are not counted ahead); packing per batch keeps the batches.
     finite = cfg.num_epochs is not None and not (cfg.pack and KINDS[sources[0].featurizer.task_kind].pack == "stream")
-    num_batches = cfg.num_epochs * num_examples // cfg.batch_size if finite else None
+    num_batches = None
+    if finite:  # the data ends with the first source's last pass; in a mixture it is a share of each batch
+        count = cfg.num_epochs * per_process
+        if len(sources) > 1:
+            count = examples_before({s.name: s.weight for s in sources}, cfg.mix_mode, seed, count)
+        num_batches = count // local_batch_size(cfg.batch_size, process_count)
     return TrainIterator(ds, sources[0].featurizer, num_examples=num_examples, num_batches=num_batches)
 
 

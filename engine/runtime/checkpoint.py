@@ -310,6 +310,16 @@ def split_checkpoint_path(path: str | os.PathLike) -> tuple[Path, int | None]:
     return path, None
 
 
+class _PinnedStep(policies.PreservationPolicy):
+    """Preserves the one step `Checkpointer.pin` names."""
+
+    def __init__(self):
+        self.step: int | None = None
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [info.step == self.step for info in checkpoints]
+
+
 class Checkpointer:
     """Saves and restores train state, data-iterator state and extras with orbax.
 
@@ -342,19 +352,20 @@ class Checkpointer:
             claim_directory(self.directory, Path(owner) if owner is not None else None)
         _quiet_orbax_errors()
         cfg = self.config
-        latest = policies.LatestN(n=cfg.keep)
+        self._pinned = _PinnedStep()
+        # "Any" keeps the latest `keep` steps (resume), the pinned one (a forgetting guard's pick)
+        # and, with keep_best, the best one (export).
+        kept = [policies.LatestN(n=cfg.keep), self._pinned]
         best_fn = None
-        preservation = latest
         if cfg.keep_best:
             best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
-            best = policies.BestN(
+            kept.append(policies.BestN(
                 get_metric_fn=best_fn,
                 reverse=best_mode == "min",
                 n=1,
                 keep_checkpoints_without_metrics=False,
-            )
-            # "Any" keeps the latest `keep` steps (resume) and the best one (export).
-            preservation = policies.AnyPreservationPolicy([latest, best])
+            ))
+        preservation = policies.AnyPreservationPolicy(kept)
         options = ocp.CheckpointManagerOptions(
             # Orbax's default also saves the first step of a fresh run; we save only on
             # multiples of every_steps (or force=True), plus when JAX signals preemption.
@@ -462,6 +473,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def pin(self, step: int | None) -> None:
+        """Keeps checkpoint `step` whatever `keep` says (None: keeps none beyond it), from the
+        next save on. Orbax picks the steps to delete when a save starts and deletes them once
+        that save is committed, so pin a step before the save whose extras name it."""
+        self._pinned.step = step
+
     def best_step(self) -> int | None:
         """The kept step with the best `best_metric` value; None without keep_best or metrics."""
         if not self.config.keep_best:
@@ -538,10 +555,11 @@ class Checkpointer:
         return restored["state"], restored["extra"]
 
     def restore_latest_good(
-        self, abstract_state: Any, log: Callable[[str], None] = print
+        self, abstract_for: Callable[[dict], Any], log: Callable[[str], None] = print
     ) -> tuple[Any, Any, dict]:
         """Like `restore()` of the newest step that reads back, skipping (and logging) broken
-        ones; `restored_step` says which step it was.
+        ones; `restored_step` says which step it was. `abstract_for(extras)`: the restore target
+        of a step with those extras (an older step may hold another stage's state).
 
         All processes agree on each step before the collective orbax restore starts, so
         they never resume from different steps. Broken steps newer than the restored one are
@@ -554,8 +572,14 @@ class Checkpointer:
             except TenureError as error:
                 data_state, problem = None, str(error)
             if _all_processes_ok(problem is None):
+                try:  # extras are read by every process together (orbax), so only once all have their data state
+                    extra = self.read_extra(step)
+                except TenureError as error:
+                    problem = str(error)
+            if _all_processes_ok(problem is None):
+                target = abstract_for(extra)
                 try:
-                    state, extra = self._restore_state_and_extra(step, abstract_state)
+                    state, extra = self._restore_state_and_extra(step, target)
                     self.restored_step = step
                     self._set_aside(skipped)
                     return state, data_state, extra

@@ -380,6 +380,7 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int,
         run_task = tasks.by_name[name]
         data, kind = run_task.task.data, run_task.task.spec.kind
         by_source = load_train_records(data, kind, backbone.tokenizer, tasks.label_vocab)
+        weights = {source_name: data.sources[source_name].weight for source_name in by_source}
         for source_name, records in by_source.items():
             if name in replayed:
                 owner = f"task {name}" + (f"'s source {source_name}" if len(by_source) > 1 else "")
@@ -387,10 +388,16 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int,
                                                          buffer_key, owner)
             featurizer = TaskFeaturizer(make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records),
                                         run_task.index)
-            share = new_share if name in stage.weights else old_share
+            # the task's share, split among its sources by their weights
+            share = (new_share if name in stage.weights else old_share) * weights[source_name] / sum(weights.values())
             sources.append(TrainSource(f"{name}/{source_name}", records, featurizer, share))
-    # Batching (batch size, length buckets, epochs) follows the stage's first task.
+    # Batching (batch size, length buckets, epochs) follows the stage's first task, with room for
+    # the longest max_length among the tasks it mixes (their examples share its batches).
     batching = tasks.by_name[next(iter(stage.weights))].task.data
+    longest = max(tasks.by_name[name].task.data.max_length for name in [*stage.weights, *replayed])
+    if longest > batching.max_length:
+        batching = batching.model_copy(update={"max_length": longest,
+                                               "length_buckets": [*batching.length_buckets, longest]})
     return make_train_iterator(batching, sources, pad_id=backbone.tokenizer.pad_token_id or 0, seed=seed,
                                batch_shards=batch_shards(backbone.mesh), accum_steps=accum, **process_where()), buffers
 

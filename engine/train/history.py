@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 # The order a run first writes them in (a checkpoint's JSON reads the same as before).
 _ORDER = ("baseline", "start_row", "curves", "train_loss", "evals", "overfit_warnings", "early_stops",
-          "final", "final_step", "R", "stage_ends", "stage_digests")
+          "final", "final_step", "R", "stage_ends", "stage_digests", "guard_starts")
 
 
 @dataclass
@@ -27,12 +27,14 @@ class RunHistory:
     R: list = field(default_factory=list)            # per stage end: task -> R's metric
     stage_ends: list = field(default_factory=list)   # per stage end: its run step
     stage_digests: list = field(default_factory=list)  # per stage end: params_digest (None: not recorded)
+    guard_starts: dict = field(default_factory=dict)   # str(stage index) -> guarded task -> validation metric
+                                                       # at the stage's start (the forgetting guard's reference)
 
     def to_dict(self) -> dict:
         out = {}
         for key in _ORDER:
             value = getattr(self, key)
-            if value is not None and value != []:
+            if value not in (None, [], {}):
                 out[key] = value
         return out
 

@@ -125,15 +125,23 @@ class CheckpointSaver:
 class ForgettingGuard:
     """A forgetting budget: the guarded tasks' validation metric may drop at most `max_drop` below
     its value at the start of the stage. The stage keeps its best weights (by its own score) among
-    the evals within budget, and stops after `patience` evals out of budget in a row."""
+    the evals within budget, and stops after `patience` evals out of budget in a row.
 
-    def __init__(self, stage: Stage, ctx: StageContext, params, mode: str):
-        """`mode`: whether a larger stage score is better (the stage's best-so-far's)."""
-        self.stage, self.ctx = stage, ctx
+    The start values live in the run history and the pick's checkpoint is pinned, so a resumed
+    stage replays its earlier evals and ends on the pick an unbroken run would have kept."""
+
+    def __init__(self, stage: Stage, ctx: StageContext, params, mode: str, *, pin, restore):
+        """`mode`: whether a larger stage score is better (the stage's best-so-far's). `pin(run step)`
+        keeps that step's checkpoint; `restore(run step)`: its params (a pick made before a resume)."""
+        self.stage, self.ctx, self.mode, self.pin, self.restore = stage, ctx, mode, pin, restore
         self.names = guarded_tasks(stage.guard)
-        self.start = ctx.validation_row(ctx.validation(params, only=self.names), self.names)
+        starts = ctx.history.guard_starts
+        if str(stage.index) not in starts:  # a fresh stage (a resumed one measured them when it began)
+            starts[str(stage.index)] = ctx.validation_row(ctx.validation(params, only=self.names), self.names)
+        self.start = starts[str(stage.index)]
         self.best_score, self.best_step, self.best_params, self.out = None, None, None, 0
-        self.mode = mode
+        for record in ctx.history.stage_evals(stage.index):
+            self._judge(record["step"], record)
 
     def within(self, scores) -> bool:
         for t, value in self.ctx.validation_row(scores, self.names).items():
@@ -142,16 +150,23 @@ class ForgettingGuard:
                 return False
         return True
 
+    def _judge(self, step: int, scores: dict) -> bool:
+        """Counts an eval in or out of budget; whether it is the new pick."""
+        if not self.within(scores):
+            self.out += 1
+            return False
+        self.out = 0
+        score = scores["validation/score"]
+        if self.best_score is not None and not (score > self.best_score if self.mode == "max" else score < self.best_score):
+            return False
+        self.best_score, self.best_step, self.best_params = score, step, None
+        self.pin(self.ctx.offset + step)
+        return True
+
     def update(self, step: int, scores: dict, params) -> bool:
         """Whether to stop the stage."""
-        if self.within(scores):
-            self.out = 0
-            score = scores["validation/score"]
-            if self.best_score is None or (score > self.best_score if self.mode == "max" else score < self.best_score):
-                self.best_score, self.best_step = score, step
-                self.best_params = jax.tree.map(np.asarray, jax.device_get(params))
-            return False
-        self.out += 1
+        if self._judge(step, scores):
+            self.best_params = jax.tree.map(np.asarray, jax.device_get(params))
         if self.out >= self.stage.guard.patience:
             print_primary(f"guard: {', '.join(self.names)} out of budget (max_drop {self.stage.guard.max_drop}) "
                           f"for {self.out} evals; stopping the stage")
@@ -159,11 +174,13 @@ class ForgettingGuard:
         return False
 
     def result(self, params):
-        if self.best_params is None:
+        if self.best_step is None:
             print_primary("guard: no eval stayed within the budget; the stage ends with its last weights")
             return params
         print_primary(f"guard: keeping step {self.ctx.offset + self.best_step} "
                       f"(best {self.best_score:.4f} within budget)")
+        if self.best_params is None:  # picked before a resume: from its pinned checkpoint
+            return self.restore(self.ctx.offset + self.best_step)
         return jax.device_put(self.best_params, self.ctx.sr.state_shardings.params)
 
 

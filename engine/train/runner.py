@@ -100,7 +100,7 @@ class StageRunner:
                       f"losses {', '.join(sr.losses)}\n{sr.trainability.summary()}")
         ctx = self.context(sr)
         best = self._best_tracker(stage)
-        guard = ForgettingGuard(stage, ctx, state.params, best.mode) if stage.guard else None
+        guard = self.guard(sr, state, ctx, best.mode)
         progress = Progress(sr.steps, desc=f"train {stage.name}" if not trainer.single else "train", initial=local,
                             enabled=distributed.is_primary() and cfg.logging.progress)
         every = cfg.train.eval_every
@@ -126,6 +126,20 @@ class StageRunner:
         params = guard.result(state.params) if guard is not None else state.params
         return state, params, last
 
+    def guard(self, sr: StageRun, state, ctx: StageContext | None = None, mode: str | None = None):
+        """Stage `sr`'s forgetting guard (None without one), its earlier evals replayed from the history."""
+        self.ckpt.pin(None)  # an earlier stage's pick: this stage's first checkpoint holds its R row
+        if not sr.stage.guard:
+            return None
+        return ForgettingGuard(sr.stage, ctx or self.context(sr), state.params,
+                               mode or self._best_tracker(sr.stage).mode, pin=self.ckpt.pin,
+                               restore=lambda step: self.restore_params(sr, state, step))
+
+    def restore_params(self, sr: StageRun, state, step: int):
+        """The params of checkpoint `step` of stage run `sr` (`state`: a state of that stage)."""
+        restored, _, _ = self.trainer.restore(self.ckpt, sr, state, self.ckpt.read_extra(step), step)
+        return restored.params
+
     def finish_stage(self, sr: StageRun, state, params, last: int) -> tuple:
         """R's row for the stage (and, for a run that keeps its best, that checkpoint as the result):
         (the stage's result params, its run step). Nothing to do where the row for this stage end
@@ -136,8 +150,7 @@ class StageRunner:
             return params, final_step
         best = self.ckpt.best_step()
         if self.trainer.keeps_best and best is not None and best != final_step:
-            best_state, _, _ = self.trainer.restore(self.ckpt, sr, state, self.ckpt.read_extra(best), best)
-            params, final_step = best_state.params, best
+            params, final_step = self.restore_params(sr, state, best), best
         seen = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == index else None
         self.take_row(sr, params, last, final_step, seen)
         return params, final_step

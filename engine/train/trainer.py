@@ -133,17 +133,39 @@ class Trainer:
         """Stage `index`'s run as a restore target of its checkpoints (nothing computed)."""
         return self.build(index, self.start_params, self.extra_shapes(index), compute=False)
 
-    def restore(self, ckpt: Checkpointer, sr: StageRun, like, meta: dict, step: int | None = None) -> tuple:
-        """(state, data state, extras) of checkpoint `step` (None: the newest that reads back) of
-        stage run `sr`, whose checkpoints have extras like `meta`; `like` is a state of that stage,
-        which gives the frozen leaves a checkpoint leaves out (engine/train/frozen_base.py)."""
-        where = str(ckpt.directory if step is None else ckpt.step_dir(step))
+    def restore(self, ckpt: Checkpointer, sr: StageRun, like, meta: dict, step: int) -> tuple:
+        """(state, data state, extras) of checkpoint `step` of stage run `sr`, whose extras are
+        `meta`; `like` is a state of that stage, which gives the frozen leaves a checkpoint leaves
+        out (engine/train/frozen_base.py)."""
+        where = str(ckpt.step_dir(step))
         target = self.frozen_base.target(abstract(like, sr.state_shardings), meta, where)
+        stored, data_state, extra = self._checked(ckpt, meta, where, lambda: ckpt.restore(step, target))
+        return self.frozen_base.joined(stored, like.params), data_state, extra
+
+    def restore_newest(self, ckpt: Checkpointer, meta: dict) -> tuple:
+        """(stage run, state, data state, extras) of the newest checkpoint that reads back (`meta`:
+        the newest readable extras). Its stage is the one its own extras name: where the newest
+        step's arrays are broken, the one restored may belong to an earlier stage."""
+        runs = {}  # stage index -> the stage run whose state is the restore target
+
+        def target(extra: dict):
+            index = int(extra.get("stage", 0))
+            if index not in runs:
+                runs[index] = self.build_for_restore(index)
+            return self.frozen_base.target(abstract(runs[index].state, runs[index].state_shardings), extra,
+                                           str(ckpt.directory))
+
+        stored, data_state, extra = self._checked(ckpt, meta, str(ckpt.directory),
+                                                  lambda: ckpt.restore_latest_good(target, log=print_primary))
+        sr = runs.pop(int(extra.get("stage", 0)))
+        for unused in runs.values():
+            unused.train_iter.close()
+        return sr, self.frozen_base.joined(stored, sr.state.params), data_state, extra
+
+    def _checked(self, ckpt: Checkpointer, meta: dict, where: str, read) -> tuple:
+        """`read()`'s (stored state, data state, extras), or one line on what is wrong with them."""
         try:
-            if step is None:
-                stored, data_state, extra = ckpt.restore_latest_good(target)
-            else:
-                stored, data_state, extra = ckpt.restore(step, target)
+            stored, data_state, extra = read()
         except TenureError:
             trained_from = ((meta.get("config") or {}).get("model") or {}).get("path")
             if trained_from is not None and trained_from != self.cfg.model.path:
@@ -156,7 +178,7 @@ class Trainer:
             raise TenureError(f"checkpoint {ckpt.step_dir(ckpt.restored_step)}: non-finite values (NaN or Inf) in "
                               f"{len(bad)} array{'s' * (len(bad) > 1)} (first: {bad[0]}); it is damaged: move that "
                               "step directory away to resume from the one before, or --restart")
-        return self.frozen_base.joined(stored, like.params), data_state, extra
+        return stored, data_state, extra
 
     def _models(self, model) -> dict:
         return eval_models(self.cfg, self.backbone, self.tasks, model, self.lora)
@@ -239,14 +261,14 @@ class Trainer:
         ckpt = runner.ckpt
         meta = ckpt.latest_readable_extra(print_primary)
         self._check_drift(meta)
-        begin = int(meta.get("stage", 0))
-        sr = self.build_for_restore(begin)
-        state, data_state, extra = self.restore(ckpt, sr, sr.state, meta)
+        sr, state, data_state, extra = self.restore_newest(ckpt, meta)
+        begin = sr.stage.index
         runner.history = RunHistory.from_dict(extra["history"])
         local = int(extra["local_step"])
         if extra.get("stopped") or local >= sr.steps:
             sr.train_iter.close()
-            params, _ = runner.finish_stage(sr, state, state.params, local)
+            guard = runner.guard(sr, state)  # the stage's result is its guard's pick, not its last weights
+            params, _ = runner.finish_stage(sr, state, guard.result(state.params) if guard else state.params, local)
             resumed = params, state.extra, begin + 1, None
         else:
             sr.train_iter.set_state(data_state)
