@@ -112,6 +112,25 @@ def test_keep_best_keeps_best_and_latest(tmp_path, mode, accuracies, kept, best)
     assert extra["metrics"]["validation/accuracy"] == accuracies[best - 1]
 
 
+def test_eval_and_export_default_to_the_runs_result_not_a_staged_runs_best(tmp_path):
+    """`tenure eval` / `export` / lm-eval `checkpoint=RUN_DIR` without a step: a staged run's best
+    checkpoint ranks stages by their own tasks' scores (here stage A's step 2 above stage B's
+    steps), so it is not the run's result; the newest is, or the step its summary.json names (a
+    forgetting guard's pinned pick). A run that ends on its best checkpoint keeps it."""
+    from tenure.engine.tools.commands import result_step
+
+    cfg = CheckpointConfig(every_steps=1, keep=5, keep_best=True)
+    with Checkpointer(cfg, tmp_path / "checkpoints") as ckpt:
+        for step, score in enumerate([0.5, 0.9, 0.3, 0.4], start=1):
+            ckpt.save(step, make_state(step), metrics={"validation/accuracy": score})
+        ckpt.wait()
+        assert ckpt.best_step() == 2
+        assert (result_step(ckpt, ends_on_best=False), result_step(ckpt, ends_on_best=True)) == (4, 2)
+        (tmp_path / "summary.json").write_text(json.dumps({"best_step": 3, "checkpoints": "checkpoints"}))
+        assert result_step(ckpt, ends_on_best=False) == 3
+        (tmp_path / "summary.json").write_text(json.dumps({"best_step": 9, "checkpoints": "checkpoints"}))
+        assert result_step(ckpt, ends_on_best=False) == 4  # a step no longer kept
+
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with Checkpointer(CheckpointConfig(every_steps=1, keep=1), tmp_path) as ckpt:
         ckpt.save(1, make_state(1.0), {"next_index": 1})

@@ -505,6 +505,8 @@ def test_a_guarded_stage_resumes_to_the_pick_an_unbroken_run_keeps(data, tmp_pat
     start = next(c for c in curves if c["step"] == 6)["scores"]["A"]  # the end of stage A
     within = [c for c in curves if c["stage"] == 1 and c["scores"]["A"] <= start + 0.05]
     assert within and int(kept[1]) == max(within, key=lambda c: c["scores"]["B"])["step"] < 16
+    pick = next(c for c in curves if c["step"] == int(kept[1]))  # a study selects on the pick's validation row
+    assert record(straight)["R_validation"][1] == [pick["scores"]["A"], pick["scores"]["B"]]
     assert (straight / "checkpoints" / kept[1]).is_dir()  # pinned: keep=2 alone keeps 20 and 22
     assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()) == [int(kept[1]), 20, 22]
     proc = subprocess.Popen([sys.executable, "-m", "tenure.engine.cli", "train", str(CONFIG), *args,
@@ -676,11 +678,17 @@ def test_baseline_cache_shares_the_starting_scores_between_runs(naive_run, data,
     for run in ("first", "second"):
         assert json.loads((tmp_path / run / "summary.json").read_text())["baseline"] == want
         assert record(tmp_path / run)["start_row"] == record(run_dir)["start_row"]
-    cfg = load_config(CONFIG, staged_args(run_dir, data))
-    same = baseline_cache.key(load_config(CONFIG, staged_args(run_dir, data, 2, 6, "optim.lr=5e-4")), "w")
-    assert baseline_cache.key(cfg, "w") == same != baseline_cache.key(cfg, "v")
+    cfg, masks = load_config(CONFIG, staged_args(run_dir, data)), ((True, False), (False, True))
+    same = baseline_cache.key(load_config(CONFIG, staged_args(run_dir, data, 2, 6, "optim.lr=5e-4")), "w", masks)
+    assert baseline_cache.key(cfg, "w", masks) == same != baseline_cache.key(cfg, "v", masks)
     assert baseline_cache.key(load_config(CONFIG, staged_args(run_dir, data, 2, 6, "tasks.A.data.eval_batch_size=16")),
-                              "w") != same
+                              "w", masks) != same
+    # The same weights under per-task heads score B with its own classifier (shared: with stage A's
+    # labels only, B at 0): another key (it served the shared heads' start row, B 0.0 for 0.42).
+    per_task = train(tmp_path / "per_task", data, f"eval.baseline_cache={cache}", "heads=per_task",
+                     "stages.0.steps=1", "stages.1.steps=1")
+    assert "baseline: from" not in per_task.stdout and len(list(cache.glob("*.json"))) == 2
+    assert record(tmp_path / "per_task")["start_row"][1] > 0 == record(run_dir)["start_row"][1]
 
 
 @pytest.mark.slow

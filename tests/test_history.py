@@ -40,9 +40,10 @@ def test_a_new_run_writes_only_what_it_has_measured():
 def test_a_stage_row_replaces_the_one_a_resumed_stage_had():
     history = RunHistory.from_dict(SAVED)
     assert history.has_row(1, 4) and not history.has_row(1, 6)
-    history.set_row(1, {"A": 0.35, "B": 0.75}, 6, "cd" * 32)
+    history.set_row(1, {"A": 0.35, "B": 0.75}, {"A": 0.3, "B": 0.7}, 6, "cd" * 32)
     assert history.R == [SAVED["R"][0], {"A": 0.35, "B": 0.75}]
     assert history.stage_ends == [2, 6] and history.stage_digests == [None, "cd" * 32]
+    assert history.R_validation == [None, {"A": 0.3, "B": 0.7}]  # stage 0's ended before they were recorded
     old = RunHistory(R=[{"A": 0.5}], stage_ends=[2])  # written before digests were recorded
-    old.set_row(1, {"A": 0.4}, 4, "ef" * 32)
+    old.set_row(1, {"A": 0.4}, {"A": 0.45}, 4, "ef" * 32)
     assert old.stage_digests == [None, "ef" * 32]

@@ -374,6 +374,9 @@ def test_a_run_dir_made_by_another_command_is_refused(tmp_path):
     with pytest.raises(TenureError, match=r"r: made by another command .*study_run.json.*Remove that run dir"):
         check_resumable([changed])
     check_resumable([run])
+    # Which shared first stage a run branches from follows the invocation's --methods (it was refused,
+    # so `--methods ewc` after a whole study could only delete finished runs): not a change of command.
+    check_resumable([Run("r", Cell(()), 0, run.run_dir, (*run.command, "branch_from=/out/base/first_stage/naive"))])
 
 
 def test_a_run_that_exits_0_without_forgetting_json_fails(tmp_path):

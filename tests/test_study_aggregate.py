@@ -270,6 +270,9 @@ def test_reference_flag_compares_with_another_method_and_keeps_the_study_tables(
     assert not (out / "study.json").exists() and (out / "vs-ewc" / "tradeoff.png").is_file()
     with pytest.raises(TenureError, match="'reference': 'joint' is not a method of the study"):
         run_study(parser.parse_args(["study", str(path), "--aggregate-only", "--reference", "joint", "--out", str(out)]))
+    with pytest.raises(TenureError, match=r"^--reference ewc: not among --methods \(naive\); the comparison"):
+        run_study(parser.parse_args(["study", str(path), "--aggregate-only", "--reference", "ewc", "--methods", "naive",
+                                     "--out", str(out)]))
 
 
 def test_a_selection_that_would_read_test_is_refused_before_anything_runs(tmp_path):
@@ -293,6 +296,16 @@ def test_a_selection_that_would_read_test_is_refused_before_anything_runs(tmp_pa
     only_a = write_study(tmp_path, SELECT.replace("SELECT", "final/A").replace("base.yaml", "b.yaml"))
     with pytest.raises(TenureError, match="no run finished"):  # final/A reads A only, which has validation
         run_study(parser.parse_args(["study", str(only_a), "--aggregate-only", "--out", str(out)]))
+    # The other side: without a test split, R (what the tables report) is on validation, the split chosen on.
+    base["tasks"]["A"]["data"] = {**data, "test": None}
+    base["eval"] = {"mixed_splits": True}  # R's columns on validation (A) and test (B, probe), accepted
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(TenureError) as caught:
+        run_study(parser.parse_args(["study", str(only_a), "--out", str(tmp_path / "out2")]))
+    assert str(caught.value) == ("study key 'select': 'final/A' would be reported on the split it is chosen on: "
+                                 "naive[optim.lr=0.0001] has no test split for A, so its R is on validation (set "
+                                 "tasks.<task>.data.test, or drop 'select')")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_a_figure_naming_a_task_no_run_has_is_refused_before_anything_runs(tmp_path):
@@ -420,3 +433,42 @@ def test_labels_of_points_on_one_another_do_not_overlap():
     assert [t.get_text() for t in ax.texts] == [text for text, _, _ in labels]
     assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
     plt.close(fig)
+
+
+def test_figure_directions_follow_what_each_figure_measures(tmp_path):
+    """BWT and FWT are oriented by the engine (> 0 is better for any metric), forgetting is worse,
+    the newest task's learning follows that task's metric, and a mean over tasks of opposite
+    directions has none: a selection on it is refused in one line, not made the wrong way."""
+    from tenure.engine.study.compare import figure_direction
+
+    both_min = {"direction": {"A": "min", "B": "min"}, "newest": "B"}
+    mixed = {"direction": {"A": "max", "B": "min"}, "newest": "B"}
+    assert [figure_direction(f, both_min) for f in ("bwt", "fwt", "forgetting_max", "acc", "learning_newest")] == [
+        "max", "max", "min", "min", "min"]  # bwt and fwt were "min" here: select: bwt chose the most forgetting
+    assert [figure_direction(f, mixed) for f in ("learning_newest", "final/A", "acc", "learning_diag")] == [
+        "min", "max", None, None]           # learning_newest was "max": B's perplexity read as learning
+    path = write_study(tmp_path, PERPLEXITY.replace("tradeoff: {learning: final/B", "select: learning_diag\n"
+                                                    "tradeoff: {learning: final/B"))
+    for run in plan_runs(load_study(path), path, tmp_path / "out"):
+        write_run(run, 17.0, 0.3, validation=(17.0, 0.3))
+        record = json.loads(run.result.read_text())
+        run.result.write_text(json.dumps({**record, "direction": {"A": "max", "B": "min"}}))
+    with pytest.raises(TenureError, match=r"^study key 'select': learning_diag is a mean over tasks whose metrics go "
+                                          r"opposite ways \(A max, B min\); name one task's figure"):
+        tables_of(path, tmp_path)
+
+
+def test_selection_reads_the_validation_scores_of_the_weights_r_is_taken_from():
+    """A run ending on its best checkpoint or a guard's pick: R's row is those weights', and so are
+    the validation rows the engine records beside it; the eval at the stage's last step (what
+    selection read) belongs to other weights. Runs from before the rows were recorded still read it."""
+    from tenure.engine.study.aggregate import ForgettingRecord, ValidationSource, validation_record
+
+    curves = [{"step": 0, "stage": 0, "scores": {"A": 0.25}}, {"step": 3, "stage": 0, "scores": {"A": 0.53}},
+              {"step": 12, "stage": 0, "scores": {"A": 0.47}}]
+    record = {"tasks": ["A", "B"], "stages": ["A"], "metric": {"A": "accuracy", "B": "accuracy"},
+              "direction": {"A": "max", "B": "max"}, "R": [[0.51, 0.0]], "curves": curves, "stage_ends": [12]}
+    source = ValidationSource(baseline={"validation/A/accuracy": 0.25}, final={})
+    recorded = validation_record(ForgettingRecord(**record, R_validation=[[0.53, None]]), source)
+    assert recorded.R == [[0.53, None]] and recorded.start_row == [0.25, None]
+    assert validation_record(ForgettingRecord(**record), source).R == [[0.47, None]]  # older runs: the last eval

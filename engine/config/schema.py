@@ -135,7 +135,9 @@ class EvalConfig(Section):
                            "names each column's split)")
     baseline_cache: str | None = Field(
         None, description="a dir where runs share the starting model's scores (R's start row), keyed by the "
-                          "starting weights' digest (LoRA's fresh adapters without their seed's random A) and the model, task and eval settings (a study's runs of one "
+                          "starting weights' digest (LoRA's fresh adapters without their seed's random A), the "
+                          "model, task and eval settings, and the labels each classifier may predict (`heads`; "
+                          "a study's runs of one "
                           "pretrained LLM compute it once; runs of one host that start together wait for the first "
                           "instead of computing it too); null = every run computes its own")
     kl_to_start: bool = Field(

@@ -84,9 +84,10 @@ class Interpolation:
         meta = self.ckpt.read_extra(latest)
         self.history = RunHistory.from_dict(meta["history"])
         done = len(self.history.R)
-        if done == 0:  # a single-task run takes its row after its last checkpoint
-            raise TenureError(f"interpolate: {run_dir}: its checkpoints hold no stage result (R row); interpolate "
-                              "a staged run (`tasks:` + `stages:`)")
+        if done == 0:  # a run that ends on its best checkpoint takes its row after its last checkpoint
+            raise TenureError(f"interpolate: {run_dir}: its checkpoints hold no stage result (R row): it ended on its "
+                              "best checkpoint (a single-task run, or one stage with checkpoint.keep_best); "
+                              "interpolate a staged run that ends on its last weights")
         self.index = done - 1 if stage is None else stage
         if not 0 <= self.index < done:
             raise TenureError(f"interpolate: --stage {stage}: the run has finished stages 0..{done - 1}")
@@ -110,7 +111,7 @@ class Interpolation:
         if stage.guard is not None:
             raise TenureError(f"interpolate: stage {index} ({stage.name}) ended under a forgetting guard: its "
                               "result is its best weights within budget, which no checkpoint holds")
-        step = self.history.final_step if self.trainer.single else self.history.stage_ends[index]
+        step = self.history.stage_ends[index]
         if self._holder(step) is None:
             raise TenureError(f"interpolate: the checkpoint of stage {index}'s end (step {step}) is no longer in "
                               f"{' or '.join(str(c.directory) for c in self.sources)}"

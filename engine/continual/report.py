@@ -42,6 +42,9 @@ def forgetting_record(task_names, stage_names, metrics, directions, history, spl
     record = {"tasks": list(task_names), "stages": list(stage_names), "metric": dict(metrics),
               "direction": dict(directions), "split": dict(splits or {}), "start_row": start, "R": R,
               "curves": history.get("curves", []), "stage_ends": history.get("stage_ends", [])}
+    if history.get("R_validation"):  # rows of runs whose checkpoints predate them are None
+        record["R_validation"] = [None if row is None else [row.get(t) for t in task_names]
+                                  for row in history["R_validation"]]
     if R and len(R) == len(task_names):
         record["summary"] = r_summary(record)
     for key, name in (("kl_start", "kl_to_start"), ("weight_distance", "weight_distance")):

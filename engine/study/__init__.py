@@ -57,6 +57,17 @@ def _validation(by_variant: dict, figure: str) -> dict[str, dict[int, float]]:
             for variant, results in by_variant.items() if results[0][0].point.values}
 
 
+def _direction(figure: str, key: str, table: dict) -> str:
+    from tenure.engine.study import compare
+
+    best = compare.figure_direction(figure, table)
+    if best is None:
+        raise TenureError(f"study key '{key}': {figure} is a mean over tasks whose metrics go opposite ways "
+                          f"({', '.join(f'{t} {d}' for t, d in table['direction'].items())}); name one task's "
+                          "figure (final/<task>) instead")
+    return best
+
+
 def analyse(runs, study) -> list[tuple[dict, dict]]:
     """(table, records by variant) per cell with a finished run: the cell table and, for a staged
     cell, its comparison (engine/study/compare.py), from the runs' JSON alone."""
@@ -68,11 +79,11 @@ def analyse(runs, study) -> list[tuple[dict, dict]]:
             continue
         table = aggregate.cell_table(cell, by_variant)
         if table["kind"] != "single_task":
-            best = compare.figure_direction(study.select, table["direction"]) if study.select else "max"
+            best = _direction(study.select, "select", table) if study.select else "max"
             table["comparison"] = compare.compare(
                 table["rows"], reference=study.reference_method, learning=tradeoff.learning,
                 forgetting=tradeoff.forgetting, levels=tradeoff.levels,
-                learning_best=compare.figure_direction(tradeoff.learning, table["direction"]),
+                learning_best=_direction(tradeoff.learning, "tradeoff.learning", table),
                 select=study.select, select_best=best,
                 validation=_validation(by_variant, study.select) if study.select else None)
             table["predictors"] = aggregate.predictors(by_variant, tradeoff.forgetting)
@@ -121,6 +132,10 @@ def run_study(args) -> int:
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     if methods == []:  # `--methods ""`: not "all of them"
         raise TenureError("--methods: name at least one of the study's methods (comma-separated)")
+    reference = study.reference_method
+    if methods is not None and args.reference is not None and reference not in methods:
+        raise TenureError(f"--reference {reference}: not among --methods ({', '.join(methods)}); the comparison with "
+                          "it would be left out of the tables")
     out = pathlib.Path(args.out) if args.out else default_out(args.study, study)
     if out.exists() and not out.is_dir():
         raise TenureError(f"--out {out}: that is a file; give a directory")

@@ -51,6 +51,7 @@ class ForgettingRecord(BaseModel):
     direction: dict[str, str]
     start_row: list[float | None] | None = None
     R: list[list[float | None]]
+    R_validation: list[list[float | None] | None] | None = None  # R's rows on validation, the same weights
     summary: dict[str, Any] | None = None
     curves: list[CurvePoint] = []
     stage_ends: list[int] = []
@@ -105,19 +106,20 @@ class ValidationSource(BaseModel):
 
 
 def validation_record(record: ForgettingRecord, source: ValidationSource) -> ForgettingRecord:
-    """The run's R and start row on the VALIDATION split (None where a task has none): row i is
-    the validation eval the engine runs at stage i's last step (its curve point at stage_ends[i],
-    the weights R's row i is taken from), the start row the baseline's validation scores. A
-    single-task run's result is its best checkpoint, whose validation scores summary.json holds.
-    (A stage with a forgetting guard keeps weights from an earlier eval; its row here is still
-    the last step's.)"""
+    """The run's R and start row on the VALIDATION split (None where a task has none): row i the
+    validation scores of the weights R's row i is taken from (the engine records them, whether the
+    stage ended on its last step, its best checkpoint or a guard's pick), the start row the
+    baseline's validation scores. Runs from before the engine recorded them: a single-task run's
+    best checkpoint's (summary.json), else the eval at each stage's last step."""
     multi = len(record.tasks) > 1
 
     def key(task: str) -> str:
         return f"validation/{task + '/' if multi else ''}{record.metric.get(task, 'score')}"
 
     start = [source.baseline.get(key(t)) for t in record.tasks]
-    if is_single_task(record):
+    if record.R_validation and all(row is not None for row in record.R_validation):
+        rows = record.R_validation
+    elif is_single_task(record):
         rows = [[source.final.get(key(t)) for t in record.tasks]]
     else:
         at = {(p.stage, p.step): p.scores for p in record.curves}
@@ -241,8 +243,10 @@ def cell_table(cell: Cell, runs_by_method: dict[str, list[tuple[Run, ForgettingR
                      "mean": {k: s[0] for k, s in stats.items()}, "se": {k: s[1] for k, s in stats.items()},
                      "ci": {k: list(c) for k, c in cis.items()},
                      "n": {k: s[2] for k, s in stats.items()}, "per_seed": per_seed})
+    sample = next(iter(runs_by_method.values()))[0][1]
     return {"cell": dict(cell.values), "label": cell.label, "slug": cell.slug,
             "kind": "single_task" if single else "forgetting", "tasks": tasks,
+            "newest": sample.tasks[len(sample.R) - 1],  # the last stage's task (learning_newest)
             "metric": metric, "direction": direction, "columns": columns, "rows": rows}
 
 

@@ -14,15 +14,23 @@ import numpy as np
 from tenure.engine.study.stats import dominated_rows, interpolate_rows, mean_ci, percentile_interval, resample_indices
 
 
-def figure_direction(figure: str, direction: dict[str, str]) -> str:
-    """"max" when a larger value of `figure` is better, else "min". Forgetting and drop are bad
-    whatever the metric (the engine signs them so); a task's own figures follow its metric."""
+def figure_direction(figure: str, table: dict) -> str | None:
+    """"max" when a larger value of `figure` is better, "min" when a smaller one is, None for a mean
+    over tasks whose metrics go opposite ways (ACC, mean of the diagonal). Forgetting and drop are
+    bad and BWT and FWT good whatever the metric (the engine orients them); a task's own figures,
+    and the newest task's learning, follow its metric."""
+    direction = table["direction"]
     if figure.startswith(("forgetting", "drop/")):
         return "min"
+    if figure in ("bwt", "fwt"):
+        return "max"
+    if figure == "learning_newest":
+        return direction.get(table.get("newest"), "max")
     prefix, sep, task = figure.partition("/")
     if sep:
         return direction.get(task, "max")
-    return "min" if direction and all(d == "min" for d in direction.values()) else "max"
+    kinds = set(direction.values())
+    return None if len(kinds) > 1 else kinds.pop() if kinds else "max"
 
 
 def _by_seed(row: dict, key: str) -> dict[int, float]:

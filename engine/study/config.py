@@ -650,7 +650,8 @@ def check_figures(study: StudyConfig, runs: list[Run]) -> None:
     """Refuse, before anything runs, a `select` or `tradeoff` figure naming a task that a staged run
     does not have (found otherwise only once every run has trained), and a selection that would
     read a task without a validation split in a swept method's run (R is on test: choosing on it
-    would judge a choice on what chose it)."""
+    would judge a choice on what chose it), or a task without a test split (R is on validation:
+    the tables would report what the choice was made on)."""
     from tenure.engine.config.schema import config_tree
 
     figures = {"select": study.select, "tradeoff.learning": study.tradeoff.learning,
@@ -680,3 +681,11 @@ def check_figures(study: StudyConfig, runs: list[Run]) -> None:
             raise TenureError(f"study key 'select': {study.select!r} would be chosen on test: {run.variant} has no "
                               f"validation split for {', '.join(missing)} (set tasks.<task>.data.validation, or "
                               "drop 'select')")
+        # R (what the tables report) is on validation where a task has no test split
+        tests = ({name: task.data.test for name, task in cfg.tasks.items() if task.data} if cfg.tasks
+                 else {"the task": cfg.data.test})
+        untested = [t for t in wanted if t in tests and tests[t] is None]
+        if untested:
+            raise TenureError(f"study key 'select': {study.select!r} would be reported on the split it is chosen on: "
+                              f"{run.variant} has no test split for {', '.join(untested)}, so its R is on validation "
+                              "(set tasks.<task>.data.test, or drop 'select')")

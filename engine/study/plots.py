@@ -120,8 +120,8 @@ def _point_label(point: dict) -> str:
 
 def _axis_label(table: dict, key: str) -> str:
     title = STATS.get(key) or next((c["title"] for c in table["columns"] if c["key"] == key), key)
-    better = "lower" if figure_direction(key, table["direction"]) == "min" else "higher"
-    return f"{title}  ({better} is better)"
+    better = {"min": "lower is better", "max": "higher is better", None: "its tasks' metrics go opposite ways"}
+    return f"{title}  ({better[figure_direction(key, table)]})"
 
 
 def _seed_curve(record, task: str) -> dict[int, float]:

@@ -64,14 +64,20 @@ def is_finished(run: Run) -> bool:
 
 
 def check_resumable(runs: list[Run]) -> None:
-    """Refuse to reuse a run dir made by a different command (the study file changed)."""
+    """Refuse to reuse a run dir made by a different command (the study file changed). Where its
+    first stage came from does not count: which shared first-stage run a run branches from depends
+    on the methods of the invocation (`--methods`), and a branch computes that stage bit for bit."""
+    def own(command) -> list | None:
+        return [part for part in command if not str(part).startswith("branch_from=")] \
+            if isinstance(command, list) else None
+
     for run in runs:
         path = run.run_dir / RECORD
         if not path.is_file():
             continue
         record = atomic.read_json(path, f"remove {run.run_dir} (its run starts over) or choose another --out")
         old = record.get("command") if isinstance(record, dict) else None
-        if old != list(run.command[1:]):
+        if own(old) != own(list(run.command[1:])):
             raise TenureError(f"{run.run_dir}: made by another command ({path}); the study's overrides changed. "
                               "Remove that run dir or choose another --out")
 

@@ -6,7 +6,7 @@ of summary.json). The runs of a study that fine-tune one pretrained model with n
 baseline again and again: minutes each on a real LLM with lm-eval probes. With a cache dir, a
 run looks the baseline up by a key of the starting weights' digest (LoRA adapters whose B is
 still zero with their A zeroed: they add nothing, so LoRA runs of every seed share one) and every config section
-the scores depend on (model, tasks and data, eval), and writes it there when it computed it.
+the scores depend on (model, tasks and data, eval, the labels each classifier may predict), and writes it there when it computed it.
 Weights that differ (a fresh head drawn per seed, another checkpoint) or any changed task
 setting give another key. The cache does not know the engine's code: clear it after changing
 how tasks are scored (the key's SCORING is bumped when tenure itself changes that).
@@ -32,17 +32,21 @@ from tenure.engine.runtime import atomic, distributed
 from tenure.engine.runtime.distributed import print_primary
 
 POLL_SECONDS = 2.0
-SCORING = 2  # 2: an lm_eval probe's validation documents are held out from R's (version 1 scored R's first ones)
+SCORING = 3  # 2: an lm_eval probe's validation documents are held out from R's (version 1 scored R's first ones);
+             # 3: the key holds the labels each task may predict (version 2 served heads: shared scores to per_task)
 
 
-def key(cfg, weights_digest: str) -> str:
+def key(cfg, weights_digest: str, label_masks) -> str:
+    """`label_masks`: which labels each task's classifier may predict in the first stage (`heads` and
+    the first stage's tasks set them, and the weights do not show them)."""
     sections = {name: getattr(cfg, name) for name in ("model", "task", "data", "tasks", "eval")}
     plain = {name: (value.model_dump(mode="json", by_alias=True) if hasattr(value, "model_dump")
                     else {k: v.model_dump(mode="json", by_alias=True) for k, v in value.items()}
                     if isinstance(value, dict) else value)
              for name, value in sections.items()}
     plain["eval"].pop("baseline_cache", None)  # where the cache is does not change the scores
-    text = json.dumps({"weights": weights_digest, "scoring": SCORING, **plain}, sort_keys=True)
+    text = json.dumps({"weights": weights_digest, "scoring": SCORING, "label_masks": label_masks, **plain},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

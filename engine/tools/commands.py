@@ -1,6 +1,7 @@
 """`tenure eval` and `tenure export`: a checkpoint (or an HF directory) back into a model."""
 from __future__ import annotations
 
+import json
 import pathlib
 
 from tenure.engine.runtime import distributed
@@ -19,9 +20,25 @@ from tenure.models.lora import lora_paths
 from tenure.engine.tasks.kinds import KINDS
 
 
+def result_step(ckpt: Checkpointer, ends_on_best: bool) -> int:
+    """The checkpoint step of the run's result: the step its summary.json names (a finished run;
+    a forgetting guard's pick included) where it is kept, else its best checkpoint for a run that
+    ends on it, else its newest. A staged run's best checkpoint is not its result: keep_best ranks
+    each stage by its own tasks' score, so it may be a stage-A checkpoint."""
+    summary = ckpt.directory.parent / "summary.json"
+    try:
+        recorded = json.loads(summary.read_text())
+        if (summary.parent / recorded["checkpoints"]).resolve() == ckpt.directory.resolve() \
+                and recorded["best_step"] in ckpt.all_steps():
+            return recorded["best_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no finished run's summary beside these checkpoints
+    return (ckpt.best_step() if ends_on_best else None) or ckpt.latest_step()
+
+
 def restore(cfg: Config, path: str):
     """(trainer, stage run, params, step) of `path`: an HF model directory (its weights and task
-    head are the model), or a run / checkpoint / step directory (default: best, else latest).
+    head are the model), or a run / checkpoint / step directory (default: the run's result, `result_step`).
     A config whose model-defining keys differ from those the checkpoint was trained with is refused
     (engine/runtime/resume_check.py; the compute dtype and the like may change)."""
     if (pathlib.Path(path) / "config.json").is_file():
@@ -33,7 +50,7 @@ def restore(cfg: Config, path: str):
     ckpt, step = Checkpointer.open(path, cfg.checkpoint, **trainer.ranking())
     if ckpt.latest_step() is None:
         raise TenureError(f"{ckpt.directory}: no checkpoint steps in this directory")
-    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+    step = step if step is not None else result_step(ckpt, trainer.plan.ends_on_best)
     meta = ckpt.read_extra(step)
     saved = LabelVocab.from_json(meta["labels"]) if meta.get("labels") else None
     if saved != trainer.tasks.label_vocab:  # the classifier rows follow the checkpoint's labels

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 # The order a run first writes them in (a checkpoint's JSON reads the same as before).
 _ORDER = ("baseline", "start_row", "curves", "train_loss", "evals", "overfit_warnings", "early_stops",
-          "final", "final_step", "R", "stage_ends", "stage_digests", "guard_starts")
+          "final", "final_step", "R", "stage_ends", "stage_digests", "guard_starts", "R_validation")
 
 
 @dataclass
@@ -27,14 +27,16 @@ class RunHistory:
     R: list = field(default_factory=list)            # per stage end: task -> R's metric
     stage_ends: list = field(default_factory=list)   # per stage end: its run step
     stage_digests: list = field(default_factory=list)  # per stage end: params_digest (None: not recorded)
-    guard_starts: dict = field(default_factory=dict)   # str(stage index) -> guarded task -> validation metric
+    R_validation: list = field(default_factory=list)  # per stage end: task -> validation metric of the
+                                                      # same weights (a study selects on these)
+    guard_starts: dict | None = None                   # str(stage index) -> guarded task -> validation metric
                                                        # at the stage's start (the forgetting guard's reference)
 
     def to_dict(self) -> dict:
         out = {}
         for key in _ORDER:
             value = getattr(self, key)
-            if value not in (None, [], {}):
+            if value is not None and value != []:
                 out[key] = value
         return out
 
@@ -50,9 +52,11 @@ class RunHistory:
         """Whether R's row for stage `index` ending at run step `step` is recorded."""
         return self.stage_ends[index:index + 1] == [step]
 
-    def set_row(self, index: int, row: dict, step: int, digest: str) -> None:
-        """R's row of stage `index`; a resumed run that extends a finished stage replaces it."""
+    def set_row(self, index: int, row: dict, validation: dict, step: int, digest: str) -> None:
+        """R's row of stage `index` and its weights' validation row; a resumed run that extends a
+        finished stage replaces them."""
         self.R = self.R[:index] + [row]
+        self.R_validation = (self.R_validation + [None] * index)[:index] + [validation]
         self.stage_ends = self.stage_ends[:index] + [step]
         # None: a stage end of a checkpoint written before digests were recorded.
         self.stage_digests = (self.stage_digests + [None] * index)[:index] + [digest]

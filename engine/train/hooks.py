@@ -135,7 +135,7 @@ class ForgettingGuard:
         keeps that step's checkpoint; `restore(run step)`: its params (a pick made before a resume)."""
         self.stage, self.ctx, self.mode, self.pin, self.restore = stage, ctx, mode, pin, restore
         self.names = guarded_tasks(stage.guard)
-        starts = ctx.history.guard_starts
+        starts = ctx.history.guard_starts = ctx.history.guard_starts or {}
         if str(stage.index) not in starts:  # a fresh stage (a resumed one measured them when it began)
             starts[str(stage.index)] = ctx.validation_row(ctx.validation(params, only=self.names), self.names)
         self.start = starts[str(stage.index)]

@@ -52,7 +52,8 @@ class StageRunner:
         if cache:
             scores, cached = baseline_cache.get_or_compute(
                 # LoRA's fresh adapters (B = 0) without their random A: runs of every seed share one start row
-                cache, baseline_cache.key(self.cfg, params_digest(fresh_adapters_zeroed(sr.state.params))),
+                cache, baseline_cache.key(self.cfg, params_digest(fresh_adapters_zeroed(sr.state.params)),
+                                          tasks.label_masks(sr.stage, self.cfg.heads)),
                 lambda: self._score_baseline(sr))
             if cached:
                 print_primary(f"baseline: from {cache} (the same starting weights and task settings)")
@@ -167,6 +168,7 @@ class StageRunner:
             scores = evaluate_all(trainer.tasks, evaluators, params, ("validation", "test"), mesh)
         self.history.final, self.history.final_step = scores, final_step
         row = {t: task_score(trainer.tasks, scores, t) for t in trainer.tasks.by_name}
-        self.history.set_row(index, row, trainer.offsets[index] + last, params_digest(params))
+        validation = {t: task_score(trainer.tasks, scores, t, ("validation",)) for t in trainer.tasks.by_name}
+        self.history.set_row(index, row, validation, trainer.offsets[index] + last, params_digest(params))
         self.tb.scalars(final_step, {f"final/{k}": v for k, v in scores.items()}
                         | {f"R/{t}": v for t, v in row.items() if v is not None})
