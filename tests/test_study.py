@@ -225,6 +225,13 @@ def test_methods_that_differ_only_after_stage_a_share_one_stage_a_run(tmp_path):
         for method in ("naive", "ewc", "replay"):  # EWC and replay act only from stage B on
             assert branch[method, seed] == f"branch_from={first[seed].run_dir}"
         assert branch["l2sp", seed] is None  # L2-SP pulls stage A's weights too
+    # `--methods ewc` alone: ewc still branches from naive's first stage (it trained it again elsewhere,
+    # and a lone ewc did not branch at all)
+    only_ewc = plan_runs(load_study(path), path, tmp_path / "out", methods=["ewc"])
+    again, only_ewc = share_first_stage(only_ewc, tmp_path / "out", plan_runs(load_study(path), path, tmp_path / "out"))
+    assert [r.run_dir for r in again] == [r.run_dir for r in first]
+    assert [c for r in only_ewc for c in r.command if c.startswith("branch_from=")] == [
+        f"branch_from={r.run_dir}" for r in first]
     one_stage = {**base, "stages": base["stages"][:1]}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(one_stage))
     assert share_first_stage(plan_runs(load_study(path), path, tmp_path / "o2"), tmp_path / "o2")[0] == []

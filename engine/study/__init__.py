@@ -147,7 +147,8 @@ def run_study(args) -> int:
         missing = [run for run in runs if not run.result.is_file()]
         print(f"{len(runs)} runs: {len(runs) - len(missing)} finished, {len(missing)} not (--aggregate-only)")
     else:
-        first, runs = share_first_stage(runs, out)
+        planned = runs if methods is None else reuse_equal_runs(plan_runs(study, args.study, out, seeds=args.seeds))
+        first, runs = share_first_stage(runs, out, planned)
         with WorkerPool() as workers:
             pool = None if args.process_per_run else workers
             if first:

@@ -610,24 +610,29 @@ def run_config(run: Run):
         raise TenureError(f"study method {run.variant!r} (its overrides on {base}): {message}") from None
 
 
-def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Run], list[Run]]:
+def share_first_stage(runs: list[Run], out: str | pathlib.Path,
+                      planned: list[Run] | None = None) -> tuple[list[Run], list[Run]]:
     """(first-stage runs, the runs) where the runs of one cell and seed whose first stage computes
     the same thing (engine/continual/branch.py: EWC and replay act only from stage B on) train it once, as
     the config cut to that stage in ``<out>/<cell slug>/first_stage/<method>/seed<k>``, and
-    branch from it (`branch_from`)."""
+    branch from it (`branch_from`). `planned`: every run of the study (default `runs`, which may be
+    the methods `--methods` picked): the first of all the methods sharing a first stage names its
+    directory, so another `--methods` reuses the one trained before."""
     from tenure.engine.continual.branch import first_stage_key
     from tenure.engine.config.schema import Config
 
     out = pathlib.Path(out).resolve()
+    selected = {run.run_dir: run for run in runs}
     groups: dict[tuple, list[tuple[Run, Config]]] = {}
-    for run in (r for r in runs if r.source is None and r.same_as is None):
+    for run in (r for r in (runs if planned is None else planned) if r.source is None and r.same_as is None):
         cfg = run_config(run)
         key = first_stage_key(cfg)
         if key is not None:
             groups.setdefault((run.cell.slug, run.seed, key), []).append((run, cfg))
     first, branched = [], {}
     for members in groups.values():
-        if len(members) < 2:
+        chosen = [run for run, _ in members if run.run_dir in selected]
+        if len(members) < 2 or not chosen:
             continue
         lead, cfg = members[0]
         run_dir = out / lead.cell.slug / "first_stage" / lead.method / lead.point.slug / f"seed{lead.seed}"
@@ -635,9 +640,10 @@ def share_first_stage(runs: list[Run], out: str | pathlib.Path) -> tuple[list[Ru
         command = tuple(f"run_dir={run_dir}" if part.startswith("run_dir=") else part for part in lead.command)
         first.append(Run(lead.method, lead.cell, lead.seed, run_dir,
                          (*command, "stages=" + json.dumps([stage]))))
-        for run, _ in members:
-            branched[id(run)] = dataclasses.replace(run, command=(*run.command, f"branch_from={run_dir}"))
-    return first, [branched.get(id(run), run) for run in runs]
+        for run in chosen:
+            mine = selected[run.run_dir]
+            branched[run.run_dir] = dataclasses.replace(mine, command=(*mine.command, f"branch_from={run_dir}"))
+    return first, [branched.get(run.run_dir, run) for run in runs]
 
 
 def figure_tasks(figure: str, tasks: list[str]) -> list[str]:
