@@ -507,6 +507,8 @@ def test_a_guarded_stage_resumes_to_the_pick_an_unbroken_run_keeps(data, tmp_pat
     assert within and int(kept[1]) == max(within, key=lambda c: c["scores"]["B"])["step"] < 16
     pick = next(c for c in curves if c["step"] == int(kept[1]))  # a study selects on the pick's validation row
     assert record(straight)["R_validation"][1] == [pick["scores"]["A"], pick["scores"]["B"]]
+    # the run's result is the pick: `tenure eval` / `export` default to the step summary.json names
+    assert json.loads((straight / "summary.json").read_text())["best_step"] == int(kept[1])
     assert (straight / "checkpoints" / kept[1]).is_dir()  # pinned: keep=2 alone keeps 20 and 22
     assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()) == [int(kept[1]), 20, 22]
     proc = subprocess.Popen([sys.executable, "-m", "tenure.engine.cli", "train", str(CONFIG), *args,

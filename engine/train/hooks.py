@@ -173,15 +173,16 @@ class ForgettingGuard:
             return True
         return False
 
-    def result(self, params):
+    def result(self, params) -> tuple:
+        """(the stage's result params, their run step; None: the last weights, `params`)."""
         if self.best_step is None:
             print_primary("guard: no eval stayed within the budget; the stage ends with its last weights")
-            return params
-        print_primary(f"guard: keeping step {self.ctx.offset + self.best_step} "
-                      f"(best {self.best_score:.4f} within budget)")
+            return params, None
+        step = self.ctx.offset + self.best_step
+        print_primary(f"guard: keeping step {step} (best {self.best_score:.4f} within budget)")
         if self.best_params is None:  # picked before a resume: from its pinned checkpoint
-            return self.restore(self.ctx.offset + self.best_step)
-        return jax.device_put(self.best_params, self.ctx.sr.state_shardings.params)
+            return self.restore(step), step
+        return jax.device_put(self.best_params, self.ctx.sr.state_shardings.params), step
 
 
 class Evaluation:

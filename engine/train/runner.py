@@ -93,7 +93,7 @@ class StageRunner:
         return lambda step: self.stop.requested
 
     def run_stage(self, sr: StageRun, state, local: int) -> tuple:
-        """Trains stage `sr` from its local step `local`: (state, the stage's result params, last step)."""
+        """Trains stage `sr` from its local step `local`: (state, its forgetting guard or None, last step)."""
         cfg, trainer, stage = self.cfg, self.trainer, sr.stage
         if self.history.baseline is None:
             self.baseline(sr)
@@ -124,8 +124,7 @@ class StageRunner:
         if signalled:
             print_primary(self.stop.stopped_message(ctx.offset + last, str(self.ckpt.directory)))
             raise SystemExit(self.stop.exit_code)
-        params = guard.result(state.params) if guard is not None else state.params
-        return state, params, last
+        return state, guard, last
 
     def guard(self, sr: StageRun, state, ctx: StageContext | None = None, mode: str | None = None):
         """Stage `sr`'s forgetting guard (None without one), its earlier evals replayed from the history."""
@@ -141,13 +140,16 @@ class StageRunner:
         restored, _, _ = self.trainer.restore(self.ckpt, sr, state, self.ckpt.read_extra(step), step)
         return restored.params
 
-    def finish_stage(self, sr: StageRun, state, params, last: int) -> tuple:
-        """R's row for the stage (and, for a run that keeps its best, that checkpoint as the result):
-        (the stage's result params, its run step). Nothing to do where the row for this stage end
-        is in the history already (taken at the stage's last eval, or before a kill, resume or branch)."""
+    def finish_stage(self, sr: StageRun, state, last: int, guard: ForgettingGuard | None = None) -> tuple:
+        """R's row for the stage and its result: (the result params, their run step). The result is the
+        pick of the stage's forgetting `guard`, the best checkpoint of a run that keeps its best, else the
+        last weights. Nothing to evaluate where the row for this stage end is in the history already
+        (taken at the stage's last eval, or before a kill, resume or branch)."""
         index = sr.stage.index
-        final_step = self.trainer.offsets[index] + last
-        if self.history.has_row(index, final_step):
+        end = self.trainer.offsets[index] + last
+        params, final_step = guard.result(state.params) if guard is not None else (state.params, None)
+        final_step = final_step or end
+        if self.history.has_row(index, end):
             return params, final_step
         best = self.ckpt.best_step()
         if self.trainer.keeps_best and best is not None and best != final_step:

@@ -267,8 +267,8 @@ class Trainer:
         local = int(extra["local_step"])
         if extra.get("stopped") or local >= sr.steps:
             sr.train_iter.close()
-            guard = runner.guard(sr, state)  # the stage's result is its guard's pick, not its last weights
-            params, _ = runner.finish_stage(sr, state, guard.result(state.params) if guard else state.params, local)
+            # a guarded stage's result is its guard's pick (replayed from the history), not its last weights
+            params, _ = runner.finish_stage(sr, state, local, runner.guard(sr, state))
             resumed = params, state.extra, begin + 1, None
         else:
             sr.train_iter.set_state(data_state)
@@ -296,7 +296,7 @@ class Trainer:
             raise TenureError(f"branch_from: {source}: its newest checkpoint (step {step}) is not the end of "
                               "its last stage; branch from a run that ran to its end")
         runner.history = RunHistory.from_dict(extra["history"])
-        params, _ = runner.finish_stage(sr, state, state.params, local)
+        params, _ = runner.finish_stage(sr, state, local)
         print_primary(f"branched from {source} after stage{'s' * (done > 1)} "
                       f"{', '.join(s.name for s in self.stages[:done])} (checkpoint step {step})")
         return params, state.extra, done
@@ -320,8 +320,8 @@ class Trainer:
             else:
                 sr = self.build(index, params, previous_extra)
                 state, local = sr.state, 0
-            state, stage_params, last = runner.run_stage(sr, state, local)
-            params, final_step = runner.finish_stage(sr, state, stage_params, last)
+            state, guard, last = runner.run_stage(sr, state, local)
+            params, final_step = runner.finish_stage(sr, state, last, guard)
             previous_extra = state.extra
             sr.train_iter.close()
         return params, final_step
