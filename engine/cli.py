@@ -81,6 +81,9 @@ def _cmd_interpolate(args) -> int:
     from tenure.engine.continual.interpolate import interpolate, parse_alphas
     if args.alphas is None and args.export is None:
         raise TenureError("interpolate: give --alphas (the curve) and/or --export ALPHA --out DIR")
+    if args.out is not None and args.export is None:  # it was ignored: the curve went to its default dir
+        raise TenureError("interpolate: --out is where --export ALPHA writes its weights; the curve's directory "
+                          "is --out-dir")
     _with_compilation_cache()
     interpolate(args.run_dir, parse_alphas(args.alphas) if args.alphas is not None else None, stage=args.stage,
                 start=args.start, out_dir=args.out_dir, export=args.export, export_out=args.out, force=args.force,

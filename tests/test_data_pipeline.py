@@ -324,3 +324,33 @@ def test_a_mixture_counts_its_batches_until_the_first_source_ends(tmp_path, mode
     seen = [k for b in batches for k in record_ids(b) if k < 20]
     assert 40 - 4 < len(seen) <= 40  # both passes of the first source, up to the dropped partial batch
     assert sorted(seen[:20]) == list(range(20))
+
+
+def test_settings_that_would_silently_mean_something_else_are_refused(tmp_path):
+    """data.labels on token tags (every tag was still trained), label_noise on regression targets in
+    text_label format (a target swapped for another observed number), augment on token tags (the
+    copies were the records unchanged), subset over several sources (N of each), and a malformed
+    WordNet line (a traceback): one line each."""
+    from tenure.engine.data.augment import WORDNET_FILES, load_synonyms
+    from tenure.engine.data.pipeline import load_records, load_train_records
+
+    tags = write_jsonl(tmp_path / "tags.jsonl", [{"tokens": ["a", "b"], "tags": t} for t in (["B-PER", "O"], ["B-LOC", "O"])])
+    reg = write_jsonl(tmp_path / "reg.jsonl", [{"text": "w1", "label": v} for v in (4.5, 1.0, 3.0, 5.0)])
+    cases = [
+        (lambda: load_records(DataConfig(train=tags, labels=["B-PER", "O"]), tags, "token_cls", split="train"),
+         r"^data.labels: keeps the records whose class label is listed; token_cls records in format token_tags "
+         r"have none \(a tag per token\)$"),
+        (lambda: load_records(DataConfig(train=reg, format="text_label", label_noise=0.5), reg, "regression",
+                              split="train", with_augment=True), r"^data.label_noise: this task's data has no class labels"),
+        (lambda: load_records(DataConfig(train=tags, augment={"copies": 2, "synonym_replacement": 0}), tags, "token_cls",
+                              split="train", with_augment=True), r"^data.augment: rewrites text fields; token_tags records"),
+        (lambda: load_train_records(DataConfig(train={"a": {"path": reg}, "b": {"path": reg}}, subset=2), "seq_cls",
+                                    None, None), r"^data.subset: keeps N training records of one source; this task mixes 2"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TenureError, match=message):
+            call()
+    for name in WORDNET_FILES:
+        (tmp_path / name).write_text("00001740 03 n 01 entity 0 000 | that which exists\n\nentity\n")
+    with pytest.raises(TenureError, match=rf"^{tmp_path}/data.noun:3: not a WordNet 3 data line"):
+        load_synonyms(str(tmp_path))

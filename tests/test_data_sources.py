@@ -55,6 +55,24 @@ def test_tsv_and_explicit_format(tmp_path):
         (f"{path}:2", {"text_a": "A man", "text_b": "A person", "label": "entail"})]
 
 
+def test_tsv_quotation_marks_are_text_and_a_repeated_header_column_is_refused(tmp_path):
+    """TSV has no quoting: a cell opening with a quotation mark ran on over tabs and lines to the
+    next one, merging three rows into one record with another row's label (5 lines, 3 records)."""
+    path = tmp_path / "q.tsv"
+    path.write_text('text\tlabel\n"Great" said nobody\tpos\n"an opening quote only\tneg\nfine\tpos\n'
+                    'a "quote" inside\tneg\nlast\tpos\n')
+    assert _all(open_source(str(path))) == [
+        (f"{path}:2", {"text": '"Great" said nobody', "label": "pos"}),
+        (f"{path}:3", {"text": '"an opening quote only', "label": "neg"}),
+        (f"{path}:4", {"text": "fine", "label": "pos"}),
+        (f"{path}:5", {"text": 'a "quote" inside', "label": "neg"}),
+        (f"{path}:6", {"text": "last", "label": "pos"})]
+    dup = tmp_path / "dup.csv"
+    dup.write_text("text,label,text\nhello,pos,world\n")  # the record kept the last 'text' column
+    with pytest.raises(TenureError, match=rf"^{dup}:1: column 'text' appears twice in the header$"):
+        open_source(str(dup))
+
+
 def test_parquet_rows_across_row_groups(tmp_path):
     path = tmp_path / "train.parquet"
     table = pa.table({"text": [f"t{i}" for i in range(5)], "target": [0.5 * i for i in range(5)]})
@@ -180,5 +198,6 @@ def test_empty_file_has_no_records(tmp_path):
 def test_index_cache_is_per_format(tmp_path):
     path = tmp_path / "rows.txt"
     path.write_text('a\n"x\ny"\n')
-    assert _all(open_source(str(path), fmt="tsv")) == [(f"{path}:2", {"a": "x\ny"})]
+    assert _all(open_source(str(path), fmt="csv")) == [(f"{path}:2", {"a": "x\ny"})]
+    assert _all(open_source(str(path), fmt="tsv")) == [(f"{path}:2", {"a": '"x'}), (f"{path}:3", {"a": 'y"'})]
     assert [loc for loc, _ in _all(open_source(str(path), fmt="jsonl"))] == [f"{path}:1", f"{path}:2", f"{path}:3"]

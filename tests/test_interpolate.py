@@ -73,6 +73,10 @@ def test_export_of_a_point_and_refusals(staged_run, tmp_path):
     assert line.splitlines()[-1] == "error: interpolate: --stage 5: the run has finished stages 0..1"
     line = tenure("interpolate", str(staged_run), check=False).stderr.strip().splitlines()[-1]
     assert line == "error: interpolate: give --alphas (the curve) and/or --export ALPHA --out DIR"
+    line = tenure("interpolate", str(staged_run), "--alphas", "0,1", "--out", str(tmp_path / "c"),
+                  check=False).stderr.strip().splitlines()[-1]  # was ignored: the curve went to its default dir
+    assert line == ("error: interpolate: --out is where --export ALPHA writes its weights; the curve's directory "
+                    "is --out-dir")
     # --as-run never replaces a run's results: the source's own always refused, another's without --force
     before = (staged_run / "summary.json").read_bytes()
     refused = tenure("interpolate", str(staged_run), "--alphas", "0.5", "--as-run", str(staged_run), check=False)

@@ -42,6 +42,19 @@ def staged(tmp_path, data, *extra):  # noqa: F811
     return ["train", STAGED, *overrides, *extra]
 
 
+# -- numbers as written ------------------------------------------------------------------------------------
+
+def test_numbers_mean_what_they_say(capsys):
+    """YAML 1.1 read `010` as octal 8 and `1:30` as base-60 90; an aliased key (`ewc.lambda`, field
+    `lam`) took `true` as 1.0. Integers are decimal (0o/0x written out), a boolean is refused there too."""
+    from tenure.engine.config.schema import load_config
+
+    cfg = load_config(STAGED, ["stages.0.steps=010", "ewc.lambda=1_000", "stages.1.steps=0x10"])
+    assert (cfg.stages[0].steps, cfg.ewc.lam, cfg.stages[1].steps) == (10, 1000, 16)
+    assert refused(capsys, "train", STAGED, "ewc.lambda=true") == (
+        f"error: {STAGED}: config key 'ewc.lambda': expected a number, got a boolean (true)")
+    assert "stages.0.steps" in refused(capsys, "train", STAGED, "stages.0.steps=1:30")  # not 90
+
 # -- 4: a key written twice -------------------------------------------------------------------------------
 
 def test_a_key_written_twice_is_refused_in_configs_overrides_and_study_files(tmp_path, capsys):

@@ -266,8 +266,9 @@ def _reject_bools(annotation, value: Any, where: str, source: str) -> None:
         origin, args = typing.get_origin(alt), typing.get_args(alt)
         if isinstance(alt, type) and issubclass(alt, BaseModel) and isinstance(value, dict):
             for name, field in alt.model_fields.items():
-                if name in value:
-                    _reject_bools(field.annotation, value[name], f"{where}.{name}" if where else name, source)
+                for key in dict.fromkeys((field.alias or name, name)):  # as written: `ewc.lambda` is field `lam`
+                    if key in value:
+                        _reject_bools(field.annotation, value[key], f"{where}.{key}" if where else key, source)
         elif origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
             for i, item in enumerate(value):
                 arg = args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else (

@@ -4,6 +4,7 @@ one (a task defined twice, `optim:` twice). Keys merged in with `<<: *anchor` ma
 overridden; only the keys written in the mapping itself must be unique."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -25,6 +26,25 @@ class UniqueKeyLoader(yaml.SafeLoader):
                                     "YAML would silently keep the last one", key_node.start_mark)
                 first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads an integer with a leading zero as octal (`steps: 010` is 8) and one with
+# colons as base 60 (`1:30` is 90): integers here are YAML 1.2's, decimal (leading zeros allowed),
+# or 0o / 0x / 0b written out; `1:30` stays a string (and a number field refuses it).
+_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$")
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+
+
+def _construct_int(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    base = {"0o": 8, "0x": 16, "0b": 2}.get(text[:2], 10)
+    return int(text if base == 10 else text[2:], base)
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def load(text: str) -> Any:

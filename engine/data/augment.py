@@ -185,11 +185,15 @@ def load_synonyms(wordnet_dir: str) -> dict[str, tuple[str, ...]]:
     synonyms: dict[str, set[str]] = {}
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("  "):  # licence header
+            for line_number, line in enumerate(f, start=1):
+                if line.startswith("  ") or not line.strip():  # licence header, a trailing blank line
                     continue
                 parts = line.split(" ", 4 + 2 * 255)
-                n_words = int(parts[3], 16)
+                try:
+                    n_words = int(parts[3], 16)
+                except (IndexError, ValueError):
+                    raise TenureError(f"{path}:{line_number}: not a WordNet 3 data line (offset lex_filenum ss_type "
+                                      "w_cnt word ...); check data.augment.wordnet_dir") from None
                 lemmas = {re.sub(r"\(\w+\)$", "", w).replace("_", " ").lower()
                           for w in parts[4:4 + 2 * n_words:2]}
                 for lemma in lemmas:

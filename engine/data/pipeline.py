@@ -125,8 +125,15 @@ def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
     # With data.labels the vocabulary check waits for the label filter (other labels are dropped).
     records, bad, cleaned = _parsed(cfg, paths, fmt, task_kind, split,
                                     label_vocab if cfg.labels is None else None)
-    label_field = LABEL_FIELDS.get(fmt) if fmt != "token_tags" else None
-    if cfg.labels is not None and label_field:
+    # One class label per record: what data.labels keeps records by and label_noise flips (a
+    # regression target is a number, token tags are one per token).
+    kind = KINDS[task_kind]
+    label_field = LABEL_FIELDS.get(fmt) if fmt != "token_tags" and not kind.numeric_labels else None
+    if cfg.labels is not None and not label_field:
+        raise TenureError(f"data.labels: keeps the records whose class label is listed; {task_kind} records in "
+                          f"format {fmt} have none (" + ("a tag per token" if fmt == "token_tags" else
+                                                         "a number" if kind.numeric_labels else "no label") + ")")
+    if cfg.labels is not None:
         wanted = set(cfg.labels)
         records = select(records, np.asarray([i for i in range(len(records)) if records[i][label_field] in wanted]))
         if not len(records):
@@ -137,6 +144,10 @@ def load_records(cfg: DataConfig, paths, task_kind: str, *, split: str,
         records = grain.MapDataset.source(kept)
         print(f"{paths}: {describe(report)}", flush=True)
     if with_augment and cfg.augment is not None and cfg.augment.copies:
+        if fmt in ("token_tags", "chat"):  # the copies were the records unchanged, each trained 1 + copies times
+            raise TenureError(f"data.augment: rewrites text fields; {fmt} records hold lists ("
+                              + ("tokens with a tag each" if fmt == "token_tags" else "messages")
+                              + "), which it cannot rewrite; set data.augment: null")
         records = augment(records, cfg.augment, cfg.seed, TEXT_FIELDS[fmt])
     return records, SplitReport(split, bad, cleaned)
 
@@ -419,6 +430,9 @@ def load_train_records(cfg: DataConfig, task_kind: str, tokenizer, label_vocab) 
     """Each named training source's records, validated, cleaned, augmented and length-checked."""
     if not cfg.sources:
         raise TenureError("data.train: no training data configured")
+    if cfg.subset is not None and len(cfg.sources) > 1:  # it kept N of each source: N x sources in all
+        raise TenureError(f"data.subset: keeps N training records of one source; this task mixes "
+                          f"{len(cfg.sources)} ({', '.join(cfg.sources)}): cut the source files instead")
     fmt = resolve_format(task_kind, cfg.format)
     records_by_source = {}
     for name, source in cfg.sources.items():

@@ -217,6 +217,13 @@ class _JsonlFile(_IndexedFile):
         return self._location(i), raw
 
 
+def _dialect(delimiter: str) -> dict:
+    """csv.reader arguments: CSV quotes (a quoted cell may hold commas and newlines); TSV has no
+    quoting, so a cell that starts with a quotation mark is text (quoted, it ran on over tabs and
+    lines to the next quotation mark, merging rows)."""
+    return {"delimiter": delimiter} if delimiter == "," else {"delimiter": delimiter, "quoting": csv.QUOTE_NONE}
+
+
 def _csv_index(delimiter: str):
     """Index builder for CSV rows, which may span lines inside quotes; row 0 is the header."""
 
@@ -231,7 +238,7 @@ def _csv_index(delimiter: str):
                     offset += len(line)
                     yield line.decode("utf-8-sig" if line_number == 1 else "utf-8")
 
-        rows, reader = [], csv.reader(lines(), delimiter=delimiter)
+        rows, reader = [], csv.reader(lines(), **_dialect(delimiter))
         while True:
             consumed = len(line_starts)
             try:
@@ -250,17 +257,22 @@ def _csv_index(delimiter: str):
 class _CsvFile(_IndexedFile):
     def __init__(self, path: str, delimiter: str):
         self._delimiter = delimiter
-        index = _load_or_build_index(path, f"csv{delimiter}", _csv_index(delimiter))
+        # the TSV index's name changed with its quoting: an index built with quotes is not reused
+        index = _load_or_build_index(path, "csv," if delimiter == "," else "tsv-unquoted", _csv_index(delimiter))
         super().__init__(path, index[1:])
         if len(index):
             with open(path, encoding="utf-8-sig", newline="") as f:
-                self._header = next(csv.reader(f, delimiter=delimiter))
+                self._header = next(csv.reader(f, **_dialect(delimiter)))
         else:
             self._header = []
+        twice = sorted({name for name in self._header if self._header.count(name) > 1})
+        if twice:  # the record would keep the last such column's value
+            raise TenureError(f"{path}:1: column{'s' * (len(twice) > 1)} {', '.join(map(repr, twice))} appear"
+                              f"{'s' * (len(twice) == 1)} twice in the header")
 
     def __getitem__(self, i: int) -> tuple[str, dict]:
         text = self._read_bytes(i).decode("utf-8")
-        row = next(csv.reader(io.StringIO(text, newline=""), delimiter=self._delimiter))
+        row = next(csv.reader(io.StringIO(text, newline=""), **_dialect(self._delimiter)))
         if len(row) != len(self._header):
             raw = {BAD_RAW_KEY: f"row has {len(row)} columns, header has {len(self._header)}"}
         else:
