@@ -39,7 +39,8 @@ class DataConfig(BaseModel):
                                "prompt_completion, chat, text, retrieval); null = the task's default")
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="canonical field -> the field name in your files")
-    file_format: str | None = Field(None, description="jsonl/csv/tsv/parquet/arrayrecord; null = from the extension")
+    file_format: str | None = Field(None, description="jsonl/csv/tsv/parquet/arrayrecord (csv: quoted cells may hold "
+                                       "commas and newlines; tsv: no quoting, one row per line); null = from the extension")
     train: Paths | dict[str, SourceConfig] | None = Field(
         None, description="path, glob or list; or named weighted sources {name: {path, weight}} for a mixture")
     validation: Paths | None = Field(None, description="validation split (path, glob or list)")
