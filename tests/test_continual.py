@@ -738,7 +738,8 @@ def test_a_replaying_stage_keeps_source_weights_and_the_longest_max_length(data,
     tasks, stages = resolve(cfg)
     backbone = build_backbone(cfg, weights=False)
     run_tasks = build_tasks(cfg, backbone, tasks, list(tasks))
-    it, _ = stage_iterator(backbone, run_tasks, stages[1], seed=0, buffer_key="replay.buffer")
+    it, buffers = stage_iterator(backbone, run_tasks, stages[1], seed=0, buffer_key="replay.buffer")
+    assert set(buffers) == {"A/x", "A/y"}  # each source's buffer (one key "A" kept only y's)
     labels, widths = [], set()
     for _ in range(40):  # 320 examples: interleave shares B 4, A/x 3, A/y 1 of every 8
         batch = next(it)

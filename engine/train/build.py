@@ -367,7 +367,8 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int,
                    buffer_key: str) -> tuple[TrainIterator, dict]:
     """The stage's training batches: its tasks in equal shares, plus `replay.ratio` of every batch
     from earlier tasks (equal shares among them). Returns the iterator and the replay buffers'
-    record indices (per old task; None = whole set). `buffer_key`: the config key of `replay.buffer`."""
+    record indices (per old task, or per source of an old task of several; None = whole set).
+    `buffer_key`: the config key of `replay.buffer`."""
     accum = stage.optim.grad_accum_steps
     if not tasks.multi:
         return single_task_iterator(backbone, tasks.first, seed=seed, multi=False,
@@ -384,7 +385,9 @@ def stage_iterator(backbone: Backbone, tasks: Tasks, stage: Stage, seed: int,
         for source_name, records in by_source.items():
             if name in replayed:
                 owner = f"task {name}" + (f"'s source {source_name}" if len(by_source) > 1 else "")
-                records, buffers[name] = _replay_records(records, stage.replay.buffer, seed + run_task.index,
+                # a task of several sources: each source's buffer (one key per task kept only the last's)
+                kept = name if len(by_source) == 1 else f"{name}/{source_name}"
+                records, buffers[kept] = _replay_records(records, stage.replay.buffer, seed + run_task.index,
                                                          buffer_key, owner)
             featurizer = TaskFeaturizer(make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records),
                                         run_task.index)
