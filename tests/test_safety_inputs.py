@@ -69,6 +69,11 @@ def test_a_key_written_twice_is_refused_in_configs_overrides_and_study_files(tmp
     # Keys merged in (`<<: *data`, then `labels:`) may be overridden: the staged config loads.
     from tenure.engine.config.schema import load_config
     assert "<<: *data" in STAGED.read_text() and load_config(STAGED).tasks["B"].data.labels[0] == "noun.artifact"
+    # ... also through a chain: a mapping merging an anchor that merges another and overrides a key
+    # (the check ran after construction had flattened the inner merge: "key 'x' is written twice")
+    from tenure.engine.config import yamlfile
+    assert yamlfile.load("base: &b {x: 1, y: 2}\na: {inner: &m {<<: *b, x: 5}}\ntop: {<<: *m}\n")["top"] == {
+        "x": 5, "y": 2}
     assert refused(capsys, "train", STAGED, "optim={lr: 1, lr: 2}") == (
         "error: override 'optim={lr: 1, lr: 2}': key 'lr' is written twice (first on line 1); "
         "YAML would silently keep the last one")

@@ -13,19 +13,22 @@ MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first_line = {}
-            for key_node, _ in node.value:
-                if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = self.construct_object(key_node)
-                if key in first_line:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is written twice (first on line {first_line[key]}); "
-                                    "YAML would silently keep the last one", key_node.start_mark)
-                first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+    def compose_mapping_node(self, anchor):
+        """Checks the keys written in the mapping as it is composed: construction flattens a merged
+        anchor's keys into its node (a mapping that merges one which merges another and overrides a
+        key would then show that key twice)."""
+        node = super().compose_mapping_node(anchor)
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice (first on line {first_line[key]}); "
+                                "YAML would silently keep the last one", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return node
 
 
 # YAML 1.1 (PyYAML) reads an integer with a leading zero as octal (`steps: 010` is 8) and one with
