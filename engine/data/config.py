@@ -39,8 +39,9 @@ class DataConfig(BaseModel):
                                "prompt_completion, chat, text, retrieval); null = the task's default")
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="canonical field -> the field name in your files")
-    file_format: str | None = Field(None, description="jsonl/csv/tsv/parquet/arrayrecord (csv: quoted cells may hold "
-                                       "commas and newlines; tsv: no quoting, one row per line); null = from the extension")
+    file_format: str | None = Field(None, description="jsonl/csv/tsv/parquet/arrayrecord (csv: quoted cells may "
+                                    "hold commas and newlines; tsv: no quoting, one row per line); null = from the "
+                                    "extension")
     train: Paths | dict[str, SourceConfig] | None = Field(
         None, description="path, glob or list; or named weighted sources {name: {path, weight}} for a mixture")
     validation: Paths | None = Field(None, description="validation split (path, glob or list)")
@@ -81,8 +82,8 @@ class DataConfig(BaseModel):
     label_noise: float = Field(
         0.0, ge=0, lt=1, description="share of training labels flipped to a different label (seeded by data.seed; "
                                      "the count is reported); 0 = none. Validation and test are untouched")
-    num_epochs: int | None = Field(None, ge=1, description="passes over the training data (a mixture or a replaying stage: "
-                                   "over its first source, the others repeat as needed); null = repeat "
+    num_epochs: int | None = Field(None, ge=1, description="passes over the training data (a mixture or a "
+                                   "replaying stage: over its first source, the others repeat as needed); null = repeat "
                                    "forever (training is step-driven)")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens selected for MLM")
     worker_count: int = Field(0, ge=0, description="grain worker processes; 0 = threads in this process")

@@ -6,7 +6,8 @@ of summary.json). The runs of a study that fine-tune one pretrained model with n
 baseline again and again: minutes each on a real LLM with lm-eval probes. With a cache dir, a
 run looks the baseline up by a key of the starting weights' digest (LoRA adapters whose B is
 still zero with their A zeroed: they add nothing, so LoRA runs of every seed share one) and every config section
-the scores depend on (model, tasks and data, eval, the labels each classifier may predict), and writes it there when it computed it.
+the scores depend on (model, tasks and data, eval, the labels each classifier may predict),
+and writes it there when it computed it.
 Weights that differ (a fresh head drawn per seed, another checkpoint) or any changed task
 setting give another key. The cache does not know the engine's code: clear it after changing
 how tasks are scored (the key's SCORING is bumped when tenure itself changes that).

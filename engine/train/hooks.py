@@ -156,8 +156,8 @@ class ForgettingGuard:
             self.out += 1
             return False
         self.out = 0
-        score = scores["validation/score"]
-        if self.best_score is not None and not (score > self.best_score if self.mode == "max" else score < self.best_score):
+        score, best = scores["validation/score"], self.best_score
+        if best is not None and not (score > best if self.mode == "max" else score < best):
             return False
         self.best_score, self.best_step, self.best_params = score, step, None
         self.pin(self.ctx.offset + step)
