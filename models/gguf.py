@@ -197,6 +197,9 @@ def _tokenizer(reader, path: Path):
                        for key, name in renames.items() if reader.get_field(f"tokenizer.{key}") is not None}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
     tokenizer_dict, init = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # A sentencepiece vocabulary without the flag (older files): llama.cpp and transformers add BOS
+        init.setdefault("add_bos_token", True)
     tokens = tokenizer_dict["tokens"]
     try:
         backend, _ = convert_gguf_tokenizer(_architecture(reader, path), tokenizer_dict)

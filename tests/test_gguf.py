@@ -100,6 +100,40 @@ def test_minimal_file_loads(tmp_path):
     assert tokenizer("abc")["input_ids"] == [7, 2]
 
 
+def write_spm_gguf(path, add_bos):
+    """A layer-less model with a sentencepiece vocabulary; `add_bos` None: the file has no flag."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(0)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", "\u2581", "a", "b", "c", "\u2581a", "ab", "\u2581ab"])
+    writer.add_token_scores([0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -1.5, -1.2, -0.5])
+    writer.add_token_types([2, 3, 3, 1, 1, 1, 1, 1, 1, 1])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.add_tensor("token_embd.weight", np.zeros((10, 32), np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(32, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_sentencepiece_file_without_the_bos_flag_adds_bos(tmp_path):
+    """llama.cpp and transformers add BOS to a sentencepiece vocabulary whose file does not say
+    otherwise (older Llama-2-era files carry no flag); it was read as no BOS."""
+    ids = {flag: load_hf(write_spm_gguf(tmp_path / f"{flag}.gguf", flag), with_weights=False)[3]("ab c")["input_ids"]
+           for flag in (None, True, False)}
+    assert ids[None] == ids[True] == [1, *ids[False]] and ids[False] == [9, 3, 6]
+
+
 def test_a_file_is_parsed_once_per_process_until_it_changes(tmp_path):
     from tenure.models.gguf import _reader
     path = write_gguf(tmp_path / "ok.gguf")
