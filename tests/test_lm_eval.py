@@ -164,6 +164,57 @@ def test_sampling_and_bad_arguments_are_refused(lm):
         TenureLM(checkpoint="/nonexistent/model.gguf")
 
 
+def test_a_context_that_encodes_to_nothing_is_conditioned_on_the_prefix_token(lm):
+    """A context of only spaces reaches the scorer as no tokens (the harness moves them into the
+    continuation): it scores as conditioned on the prefix token. It summed an empty slice: log p 0
+    and greedy True, so a multiple-choice task always picked that choice."""
+    continuation = lm.tok_encode(" the lazy dog", add_special_tokens=False)
+    empty, prefixed = lm._loglikelihood_tokens([(None, [], continuation), (None, [lm.prefix_token_id], continuation)])
+    assert empty == prefixed and empty[0] < -1.0
+
+
+def test_generation_settings_greedy_decoding_cannot_honour_are_refused(lm):
+    """num_beams, repetition_penalty and the like were dropped without a word; the sampling
+    settings greedy decoding ignores (temperature, top_p, top_k) still pass."""
+    for setting in ({"num_beams": 4}, {"repetition_penalty": 1.2}, {"min_new_tokens": 3}):
+        with pytest.raises(TenureError, match=rf"generation setting {next(iter(setting))}="):
+            lm.generate_until(requests("generate_until", ("a", {"until": ["\n"], **setting})))
+    out = lm.generate_until(requests("generate_until", ("a", {"until": ["\n"], "temperature": 0.0, "top_p": 1.0})))
+    assert out == lm.generate_until(requests("generate_until", ("a", {"until": ["\n"]})))
+
+
+def test_apply_chat_template_writes_the_tokenizers_template_once(lm):
+    """--apply_chat_template was a traceback (lm-eval's NotImplementedError). A tokenizer without a
+    template is one line; with one, the prompt is the template's, and a text that opens with the
+    BOS the template wrote gets no second BOS."""
+    tokenizer = lm.tokenizer
+    saved = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = None
+        with pytest.raises(TenureError, match="no chat template"):
+            lm.apply_chat_template([{"role": "user", "content": "x"}])
+        tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                                   "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+        prompt = lm.apply_chat_template([{"role": "user", "content": "hello"}])
+        assert prompt == f"{tokenizer.bos_token}<user>hello<assistant>"
+        ids = lm.tok_encode(prompt)
+        assert ids == tokenizer.encode(prompt, add_special_tokens=False) and ids.count(tokenizer.bos_token_id) == 1
+    finally:
+        tokenizer.chat_template = saved
+
+
+def test_a_text_that_opens_with_bos_gets_no_second_one(tmp_path):
+    """A chat template writes the BOS itself; a tokenizer that adds one (sentencepiece) doubled it."""
+    from tests.test_gguf import write_spm_gguf
+    from tenure.models.hf import load_hf
+
+    bare = TenureLM.__new__(TenureLM)  # tok_encode reads only the tokenizer
+    bare.tokenizer = load_hf(write_spm_gguf(tmp_path / "spm.gguf", True), with_weights=False)[3]
+    assert bare.tok_encode("ab c")[0] == bare.tokenizer.bos_token_id
+    assert bare.tok_encode("<s>ab c") == bare.tokenizer.encode("<s>ab c", add_special_tokens=False)
+    assert bare.tok_encode("<s>ab c").count(bare.tokenizer.bos_token_id) == 1
+
+
 def test_an_unknown_model_args_key_is_refused_naming_it_and_the_accepted_ones():
     """A misspelt key (`--model_args chekpoint=...`) is one line, not __init__'s TypeError."""
     with pytest.raises(TenureError) as error:

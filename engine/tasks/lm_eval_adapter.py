@@ -136,6 +136,10 @@ def _is_run_dir(path: str) -> bool:
     return directory.is_dir() and not (directory / "config.json").is_file()
 
 
+# Sampling settings that greedy decoding (do_sample false) ignores, as transformers' generate does.
+GREEDY_IGNORES = frozenset({"do_sample", "temperature", "top_p", "top_k"})
+
+
 @register_model("tenure")
 class TenureLM(TemplateLM):
     """model_args: checkpoint (a tenure run / checkpoint / step dir, an HF directory, or anything
@@ -223,9 +227,21 @@ class TenureLM(TemplateLM):
         return getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """The tokenizer's ids; special tokens as the tokenizer adds them unless told (as the harness's HF model)."""
+        """The tokenizer's ids; special tokens as the tokenizer adds them unless told (as the harness's
+        HF model), but no second BOS before a text that opens with it (a chat template's output)."""
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            add_special_tokens = False
         flags = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return list(self.tokenizer.encode(string, **flags))
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """`--apply_chat_template`: the prompt as the tokenizer's own chat template writes it."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise TenureError("lm-eval --apply_chat_template: this model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), continuation is the greedy output) per
@@ -233,6 +249,9 @@ class TenureLM(TemplateLM):
         oldest context tokens."""
         rows = []
         for _, context_ids, continuation_ids in requests:
+            # a context of only spaces encodes to nothing (the harness moves them into the
+            # continuation): condition on the prefix token, as an empty context is
+            context_ids = context_ids or [self.prefix_token_id]
             if not continuation_ids:
                 raise TenureError("lm-eval: a request's continuation is empty after tokenisation")
             if len(continuation_ids) > self.max_length:
@@ -299,6 +318,10 @@ class TenureLM(TemplateLM):
                 raise TenureError("lm-eval: tenure decodes greedily; this task asks for sampling (do_sample=True)")
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             new_tokens = int(kwargs.pop("max_gen_toks"))
+            unsupported = sorted(set(kwargs) - GREEDY_IGNORES)
+            if unsupported:
+                raise TenureError(f"lm-eval: generation setting {unsupported[0]}={kwargs[unsupported[0]]!r} is not "
+                                  "supported: tenure decodes greedily, with until and max_gen_toks only")
             context_limit = self.max_length - new_tokens
             if context_limit <= 0:
                 raise TenureError(f"lm-eval: max_gen_toks {new_tokens} leaves no room for a context within "
