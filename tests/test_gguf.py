@@ -70,14 +70,17 @@ def test_tokenizer_is_the_bpe_the_file_was_written_from():
 
 
 def write_gguf(path, arch="llama", tensors=None, tokenizer=True, truncate_to=None, merges=("a b",)):
-    """A minimal GGUF of one layer-less model (metadata + `tensors`), for the refusals."""
+    """A minimal GGUF of one layer-less model (metadata + `tensors`), for the refusals; `tokenizer`
+    a function writes another vocabulary than the default byte-level one."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(0)
     writer.add_embedding_length(32)
     writer.add_feed_forward_length(64)
     writer.add_head_count(4)
     writer.add_layer_norm_rms_eps(1e-5)
-    if tokenizer:
+    if callable(tokenizer):
+        tokenizer(writer)
+    elif tokenizer:
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([*"abcdefg", "ab"])
         writer.add_token_merges(merges)
@@ -102,28 +105,18 @@ def test_minimal_file_loads(tmp_path):
 
 def write_spm_gguf(path, add_bos):
     """A layer-less model with a sentencepiece vocabulary; `add_bos` None: the file has no flag."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(0)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(64)
-    writer.add_head_count(4)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(["<unk>", "<s>", "</s>", "\u2581", "a", "b", "c", "\u2581a", "ab", "\u2581ab"])
-    writer.add_token_scores([0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -1.5, -1.2, -0.5])
-    writer.add_token_types([2, 3, 3, 1, 1, 1, 1, 1, 1, 1])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    if add_bos is not None:
-        writer.add_add_bos_token(add_bos)
-    writer.add_tensor("token_embd.weight", np.zeros((10, 32), np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(32, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    def vocabulary(writer):
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(["<unk>", "<s>", "</s>", "\u2581", "a", "b", "c", "\u2581a", "ab", "\u2581ab"])
+        writer.add_token_scores([0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -1.5, -1.2, -0.5])
+        writer.add_token_types([2, 3, 3, 1, 1, 1, 1, 1, 1, 1])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        if add_bos is not None:
+            writer.add_add_bos_token(add_bos)
+    return write_gguf(path, tokenizer=vocabulary, tensors={"token_embd.weight": np.zeros((10, 32), np.float32),
+                                                           "output_norm.weight": np.ones(32, np.float32)})
 
 
 def test_a_sentencepiece_file_without_the_bos_flag_adds_bos(tmp_path):
