@@ -31,12 +31,20 @@ def test_classification_perfect_and_worst():
     assert worst == {"accuracy": 0.0, "precision_macro": 0.0, "recall_macro": 0.0, "f1_macro": 0.0}
 
 
-def test_classification_matches_sklearn_on_random_data():
-    rng = np.random.default_rng(0)
-    labels, preds = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+@pytest.mark.parametrize("seed", range(6))
+def test_classification_matches_sklearn_on_random_data(seed):
+    """Classes only labelled, only predicted, or absent; ids that do not start at 0 or are strings."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    labels, preds = rng.integers(0, 6, n), rng.integers(2, 9, n)   # 0-1 never predicted, 6-8 never labelled
+    if seed % 2:
+        labels, preds = labels.astype(str), preds.astype(str)
     result = metrics.classification_metrics(preds, labels)
-    assert result["f1_macro"] == pytest.approx(sklearn.metrics.f1_score(labels, preds, average="macro"))
-    assert result["accuracy"] == pytest.approx(np.mean(labels == preds))
+    precision, recall, f1, _ = sklearn.metrics.precision_recall_fscore_support(
+        labels, preds, average="macro", zero_division=0)
+    expected = {"accuracy": sklearn.metrics.accuracy_score(labels, preds), "precision_macro": precision,
+                "recall_macro": recall, "f1_macro": f1}
+    assert result == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_classification_shape_mismatch_is_an_error():
