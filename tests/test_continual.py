@@ -443,11 +443,12 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path, head_rows):
     (van de Ven & Tolias 2019: in class-IL regularisation does not keep old classes)."""
     # R and the curves on test (its first half: 42-62 glosses a class), as the forgetting studies
     # do: no validation pass to pay for. Stage A once, in one worker process with the three
-    # stage-B branches (they differ from stage B on). Naive forgets 0.902, replay 0.083, EWC 0.868.
+    # stage-B branches (they differ from stage B on), 20 steps a stage. Here (AVX2 Zen 3, fp32)
+    # A reaches 0.892; naive and EWC forget all of it (0.892), replay 0.113.
     test = head_rows("data/wordnet_lexnames/test.jsonl", 800, tmp_path / "test.jsonl")
     common = ["train.eval_every=40", "logging.progress=false", "ewc.examples=64", "tasks.A.data.validation=null",
               "tasks.B.data.validation=null", f"tasks.A.data.test={test}", f"tasks.B.data.test={test}",
-              "stages.0.steps=30", "stages.1.steps=30"]
+              "stages.0.steps=20", "stages.1.steps=20"]
     runs = study_records(tmp_path, {"base": str(CONFIG), "keep_checkpoints": False, "methods": {
         "naive": common, "replay": ["replay.ratio=0.25", *common], "ewc": ["stages.1.ewc.lambda=100000", *common]}})
     naive, replay, ewc = (runs[f"{method}/seed0"] for method in ("naive", "replay", "ewc"))
@@ -457,9 +458,9 @@ def test_minilm_class_incremental_replay_forgets_far_less(tmp_path, head_rows):
     ewc_gain = naive_forgets - ewc["summary"]["forgetting_max"]
     assert replay_gain > 3 * max(ewc_gain, 0.0) + 0.2, (replay_gain, ewc_gain)
     assert naive["R"][0][0] > 0.8 and replay["R"][0][0] > 0.8       # both learn A first
-    # and then B (a quarter of every batch and of the loss on A), 30 steps a stage: replay 0.650, naive
-    # 0.773 on an AVX2 Zen 3 (fp32); 40 steps gave 0.783 and 0.837 for 25 s more run alone
-    assert naive["R"][1][1] > 0.7 and replay["R"][1][1] > 0.3
+    # and then B (replay: a quarter of every batch and of the loss on A): naive 0.635, replay 0.552
+    # here; 30 steps a stage gave 0.773 and 0.650, 40 steps 0.837 and 0.783 (chance: 1/8)
+    assert naive["R"][1][1] > 0.5 and replay["R"][1][1] > 0.3
     assert naive["summary"]["forgetting_max"] > 0.6                  # naive: A is gone
     assert replay["summary"]["forgetting_max"] < naive["summary"]["forgetting_max"] - 0.3
     assert replay["R"][1][0] > 0.5

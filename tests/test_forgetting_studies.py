@@ -108,12 +108,12 @@ def test_minilm_fisher_variants_headline(tmp_path, short_test):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two MiniLM runs at once, then one interpolation
 def test_minilm_curves_headline_lora_and_wise_beat_full_fine_tuning(tmp_path, monkeypatch, short_test):
-    """Study 2b's headline (docs/forgetting.md) through `tenure study --jobs 2`, seed 0, two thirds
-    of retrieval's test queries and half of lexnames': full fine-tuning at the base lr (1e-4)
-    learns lexnames and costs the embeddings; LoRA at the lr validation chose for it (3e-3) learns
-    at least as much and costs them far less (the two are not on one curve, unlike Biderman et
-    al.); naive's run at theta(0.6), no training (WiSE-FT), keeps its accuracy and most of what
-    it cost the embeddings."""
+    """Study 2b's headline (docs/forgetting.md) through `tenure study --jobs 2`, seed 0, 60 of the
+    study's 100 steps, two thirds of retrieval's test queries and half of lexnames': full
+    fine-tuning at the base lr (1e-4) learns lexnames and costs the embeddings; LoRA at the lr
+    validation chose for it (3e-3) learns at least as much and costs them far less (the two are
+    not on one curve, unlike Biderman et al.); naive's run at theta(0.6), no training (WiSE-FT),
+    keeps its accuracy and most of what it cost the embeddings."""
     import argparse
 
     from tenure.engine.study import add_study_parser, run_study
@@ -126,7 +126,8 @@ def test_minilm_curves_headline_lora_and_wise_beat_full_fine_tuning(tmp_path, mo
     # R on test; no validation pass (nothing is selected here: lora runs at the lr the study chose)
     common = [f"tasks.lexnames.data.test={short_test['lexnames']}",
               f"tasks.embeddings.data.test={short_test['retrieval']}", "tasks.lexnames.data.validation=null",
-              "tasks.embeddings.data.validation=null", "eval.kl_to_start=false", "logging.tensorboard=false"]
+              "tasks.embeddings.data.validation=null", "eval.kl_to_start=false", "logging.tensorboard=false",
+              "stages.0.steps=60"]
     study = tmp_path / "curves.study.yaml"
     study.write_text(yaml.safe_dump({
         "base": str(STUDY_DIR / shipped.base), "seeds": 1,
@@ -140,8 +141,9 @@ def test_minilm_curves_headline_lora_and_wise_beat_full_fine_tuning(tmp_path, mo
     point = {row["method"]: (row["per_seed"]["final/lexnames"][0], row["per_seed"]["drop/embeddings"][0])
              for row in cell["rows"]}
     (naive_acc, naive_drop), (lora_acc, lora_drop), (wise_acc, wise_drop) = (point[m] for m in ("naive", "lora", "wise"))
-    # here, Xeon 2026-12-05: naive 0.630 / 0.244, LoRA 0.760 / 0.089, WiSE 0.609 / 0.070
-    assert naive_acc > 0.55 and naive_drop > 0.2, point                  # study: 0.634, 0.280 (5 seeds)
+    # 60 of the study's 100 steps; here (AVX2 Zen 3, fp32): naive 0.483 / 0.215, LoRA 0.711 / 0.048,
+    # WiSE 0.493 / 0.048 (100 steps on a Xeon: 0.630 / 0.244, 0.760 / 0.089, 0.609 / 0.070)
+    assert naive_acc > 0.4 and naive_drop > 0.15, point                  # study: 0.634, 0.280 (5 seeds); chance 1/16
     assert lora_acc >= naive_acc and lora_drop < naive_drop / 2, point    # study: 0.777, 0.097
     assert wise_acc > naive_acc - 0.05 and wise_drop < naive_drop / 2, point  # study: 0.634, 0.091
 
