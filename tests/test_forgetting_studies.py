@@ -8,7 +8,6 @@ than naive; the batched Fisher needs a lambda about a batch larger); a second ru
 fine-tuning, LoRA and the interpolated full fine-tune, and asserts its headline. The class-incremental ordering (replay forgets far less
 than naive) is tested in tests/test_continual.py::test_minilm_class_incremental_replay_forgets_far_less.
 """
-import concurrent.futures
 import json
 import pathlib
 import subprocess
@@ -228,19 +227,20 @@ def test_decoder_lm_perplexity_stage_tracking_and_a_stage_without_validation(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two tiny-GPT-2 runs at once: about 65 s of CPU each
+@pytest.mark.timeout(900)  # one tiny-GPT-2 stage A, then two stage-B branches
 def test_decoder_lm_replay_keeps_corpus_a_perplexity_lower_than_naive(tmp_path):
     """Study 3, reduced: seed 0, stage A of 200 steps from scratch with half the study's batch,
     stage B of 40 steps, B scored by its perplexity without decoding, no periodic evals; naive
-    against replay (the study's ratio), run side by side. Both learn A far below a random model's
-    perplexity (the same stage A, so the same value) and learn B; naive loses part of A on B,
-    replay keeps A's perplexity clearly lower (here: A 301 after A; 372 naive, 305 replay)."""
+    against replay (the study's ratio), branched from one stage A as the study does. Both learn A
+    far below a random model's perplexity and learn B; naive loses part of A on B, replay keeps
+    A's perplexity clearly lower (here: A 300 after A; 372 naive, 310 replay)."""
     study = load_study(DECODER_LM)
     reduced = ["tasks.A.data.batch_size=16", "stages.1.steps=40", "tasks.B.metric=perplexity",
-               "tasks.B.generation_examples=0", "tasks.A.data.validation=null", "train.eval_every=1000"]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        naive, replay = pool.map(lambda m: _train(tmp_path / m, [*study.methods[m], *reduced], config="decoder_lm.yaml"),
-                                 ["naive", "replay"])
+               "tasks.B.generation_examples=0", "tasks.A.data.validation=null", "train.eval_every=1000",
+               "logging.tensorboard=false"]
+    runs = study_records(tmp_path, {"base": str(STUDY_DIR / study.base), "keep_checkpoints": False, "methods": {
+        method: [*study.methods[method], *reduced] for method in ("naive", "replay")}})
+    naive, replay = runs["naive/seed0"], runs["replay/seed0"]
     random_ppl, after_a = naive["start_row"][0], naive["R"][0][0]
     assert after_a < 0.2 * random_ppl                                  # A learned: under a fifth of random's
     assert replay["R"][0][0] == pytest.approx(after_a, rel=1e-6)       # the same stage A
@@ -253,4 +253,4 @@ def test_decoder_lm_replay_keeps_corpus_a_perplexity_lower_than_naive(tmp_path):
 
 
 DECODER_FORGETTING = 20.0   # perplexity points (71.6 at seed 0)
-DECODER_MARGIN = 20.0       # perplexity points (67 at seed 0)
+DECODER_MARGIN = 20.0       # perplexity points (62 at seed 0)
