@@ -159,6 +159,8 @@ class _Runner:
 
     def __call__(self, run: Run) -> str | None:
         """Runs one; returns None on success, else the reason (naming the log)."""
+        if self.stopping:   # the study was stopped before this run began: it leaves no trace
+            return "not started (study interrupted)"
         # a run whose checkpoints are deleted once it finishes writes none, unless it ends on its best
         unsaved = self.prune(run) and _trains(run.command) and not plan(run_config(run)).ends_on_best
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +221,9 @@ class _Runner:
         worker = self.pool.take()
         if worker is not None:
             with self.lock:
+                if self.stopping:
+                    self.pool.give(worker)
+                    return None
                 self.procs.add(worker)
         else:
             worker = self._start(_WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -257,15 +262,21 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM
 
 
-def _raise_on_sigterm():
-    """SIGTERM to the study stops its runs too (as Ctrl-C does); returns the previous handler."""
+def _stop_on_signals(runner: "_Runner") -> tuple[dict, list[int]]:
+    """SIGTERM or SIGINT to the study stops its runs. The handler only records the signal and
+    terminates the running processes; `run_all` raises once every run has returned. An exception
+    raised by the handler itself can land in a gc callback or a __del__, where Python swallows it,
+    and the study would then wait for its runs to finish. Returns the previous handlers and the
+    list the signals are recorded in."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}, received
 
     def handler(signum, frame):
-        raise Terminated("SIGTERM")
+        received.append(signum)
+        runner.stop()
 
-    return signal.signal(signal.SIGTERM, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}, received
 
 
 def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: TextIO | None = None,
@@ -287,7 +298,7 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
         return outcome
     runner = _Runner(len(runs), len(outcome.skipped), thread_env(jobs) if env is None else env, stream, pool, prune)
     threads = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
-    previous = _raise_on_sigterm()
+    previous, received = _stop_on_signals(runner)
     try:
         futures = {threads.submit(runner, run): run for run in todo}
         for future in concurrent.futures.as_completed(futures):
@@ -301,8 +312,10 @@ def run_all(runs: list[Run], *, jobs: int = 1, env: dict | None = None, stream: 
         raise
     finally:
         threads.shutdown(wait=True, cancel_futures=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Terminated("SIGTERM") if received[0] == signal.SIGTERM else KeyboardInterrupt
     order = {id(r): i for i, r in enumerate(runs)}
     outcome.done.sort(key=lambda r: order[id(r)])
     outcome.failed.sort(key=lambda f: order[id(f[0])])
