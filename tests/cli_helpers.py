@@ -1,10 +1,15 @@
-"""Running the `tenure` CLI, a reduced study, or a two-process JAX job, as subprocesses of a test."""
+"""Running the `tenure` CLI (in a study worker or its own process), a reduced study, or a two-process
+JAX job, from a test."""
+import atexit
 import json
 import os
 import pathlib
+import select
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 
 import yaml
 
@@ -28,14 +33,70 @@ def cli_env(real_model: bool = False) -> dict[str, str]:
 
 
 def tenure(*args, check=True, timeout=600, real_model=False) -> subprocess.CompletedProcess:
-    """`python -m tenure.engine.cli ARGS` from the repository root (environment: `cli_env`); asserts
-    exit 0 when `check`."""
-    env = cli_env(real_model)
-    result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    """`tenure ARGS` from the repository root (environment: `cli_env`); asserts exit 0 when `check`.
+
+    A run expected to succeed (`check`, tiny models) goes to a study worker
+    (engine/study/worker.py), as `tenure study` hands its runs: the same `tenure` command in a
+    process that has imported the engine and keeps the steps earlier runs compiled, which saves
+    about half of a tiny run's 12-14 s. A run expected to fail, and a real model's, is a fresh
+    `python -m tenure.engine.cli` process, so exit codes and messages are tested where users meet
+    them."""
+    if check and not real_model:
+        result = _WORKERS.run([str(a) for a in args], cli_env(), timeout)
+    else:
+        result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", *map(str, args)], cwd=ROOT,
+                                env=cli_env(real_model), capture_output=True, text=True, timeout=timeout)
     if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, (result.stderr or result.stdout)[-3000:]
     return result
+
+
+class _Workers:
+    """Idle study workers of this test process, by environment. A run that does not exit 0 ends
+    its worker (the worker's rule), so the next run gets a fresh one."""
+
+    def __init__(self):
+        self.idle: dict[tuple, list[subprocess.Popen]] = {}
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        key = tuple(sorted(env.items()))
+        with self.lock:
+            idle = self.idle.setdefault(key, [])
+            worker = idle.pop() if idle else None
+        if worker is None or worker.poll() is not None:
+            worker = subprocess.Popen([sys.executable, "-m", "tenure.engine.study.worker"], cwd=ROOT, env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        with tempfile.TemporaryDirectory() as out:
+            log, err = pathlib.Path(out) / "stdout", pathlib.Path(out) / "stderr"
+            worker.stdin.write(json.dumps({"argv": argv, "log": str(log), "err": str(err)}) + "\n")
+            worker.stdin.flush()
+            if not select.select([worker.stdout], [], [], timeout)[0]:
+                worker.kill()
+                raise subprocess.TimeoutExpired(argv, timeout)
+            reply = worker.stdout.readline()
+            code = json.loads(reply)["code"] if reply else worker.wait()
+            stdout = log.read_text() if log.exists() else ""
+            stderr = err.read_text() if err.exists() else ""
+        # the worker's own line after each run (its memory and compiled steps) is not the command's
+        stdout = "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("study worker "))
+        if code == 0:
+            with self.lock:
+                self.idle[key].append(worker)
+        else:
+            worker.wait()
+        return subprocess.CompletedProcess(["tenure", *argv], code, stdout, stderr)
+
+    def close(self) -> None:
+        with self.lock:
+            workers, self.idle = [w for ws in self.idle.values() for w in ws], {}
+        for worker in workers:
+            worker.stdin.close()
+            worker.wait()
+
+
+_WORKERS = _Workers()
 
 
 def study_records(tmp_path, spec: dict) -> dict[str, dict]:

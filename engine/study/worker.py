@@ -7,8 +7,9 @@ method, every run's evaluation) reuse the executables the worker compiled for an
 to its own study.log (file descriptors 1 and 2 point there while it runs), its exit code is what
 the command would exit with, and signals reach it as they would reach `tenure train`.
 
-Protocol: one JSON request per line on stdin, {"argv": [...], "log": path}; one reply per line
-on the stdout the worker started with, {"code": int}. A run that does not exit 0 ends the
+Protocol: one JSON request per line on stdin, {"argv": [...], "log": path} (optionally "err":
+a second path that takes stderr apart from stdout); one reply per line on the stdout the worker
+started with, {"code": int}. A run that does not exit 0 ends the
 worker after its reply, so the next run starts in a fresh process.
 """
 from __future__ import annotations
@@ -23,13 +24,13 @@ import traceback
 
 
 @contextlib.contextmanager
-def _output_to(path: str):
+def _output_to(path: str, err_path: str | None = None):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "a") as log:
+    with open(path, "a") as log, open(err_path or path, "a") as err:
         os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+        os.dup2(err.fileno(), 2)
     try:
         yield
     finally:
@@ -72,7 +73,7 @@ def serve() -> None:
     code = 0
     for line in sys.stdin:
         request = json.loads(line)
-        with _output_to(request["log"]):
+        with _output_to(request["log"], request.get("err")):
             code = _run(request["argv"])
         replies.write(json.dumps({"code": code}) + "\n")
         replies.flush()
