@@ -1,4 +1,5 @@
-# Two commands: `make quickstart` and `make test`. Both build .venv from a Python >= 3.12.
+# Two commands: `make quickstart` and `make test` (`make test-long`: the real-model tests of
+# minutes). All build .venv from a Python >= 3.12.
 # `make torch-env` builds .torch-venv (Python 3.11: the CPU torch wheel is for 3.11), the
 # PyTorch reference for `tenure bench --compare torch` and `tenure hf check`.
 SHELL := /bin/bash
@@ -22,7 +23,7 @@ TORCH_PYTHON_BOOT ?= $(shell for c in python3.11 python3; do \
 TORCH_VENV := .torch-venv
 TORCH_STAMP := $(TORCH_VENV)/.installed
 
-.PHONY: quickstart test venv clean torch-env
+.PHONY: quickstart test test-long venv clean torch-env
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -52,9 +53,15 @@ quickstart: $(STAMP)
 # Test files run in parallel, one worker per core (each file stays on one worker, so its
 # module fixtures are built once), in collection order: tests/conftest.py puts the longest files
 # first (xdist would otherwise start the files with the most tests first); TEST_WORKERS=0 runs them in this process.
+# `make test` leaves out the tests marked `long` (a real model trained for minutes: the studies'
+# headlines, the task configs on MiniLM); `make test-long` runs those, and CI runs both.
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+	$(PYTEST) -m "not long"
+
+test-long: $(STAMP)
+	$(PYTEST) -m long --dist load   # a handful of long tests: spread one by one, not by file
 
 clean:
 	rm -rf $(VENV)

@@ -434,7 +434,7 @@ def test_an_anchor_at_random_initial_weights_is_refused():
     assert resolve(cfg)[1][1].l2sp.anchor == "stage_start"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(2400)  # stage A, then three stage-B branches of the real MiniLM
 def test_minilm_class_incremental_replay_forgets_far_less(tmp_path, head_rows):
     """The real pretrained MiniLM, 8 lexname classes split into two tasks, one shared head: plain

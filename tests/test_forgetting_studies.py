@@ -69,7 +69,7 @@ def short_test(tmp_path_factory, head_rows):
             "retrieval": head_rows("data/wordnet_retrieval/test.jsonl", 200, d / "retrieval.jsonl")}
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(2400)  # MiniLM stage A, then four stage-B branches, two with a Fisher pass each
 def test_minilm_fisher_variants_headline(tmp_path, short_test):
     """The Fisher-variants study (van de Ven 2025 on lexname tasks A, B, task-IL), seed 0, reduced
@@ -104,7 +104,7 @@ def test_minilm_fisher_variants_headline(tmp_path, short_test):
         forgetting, learned_b)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1800)  # two MiniLM runs at once, then one interpolation
 def test_minilm_curves_headline_lora_and_wise_beat_full_fine_tuning(tmp_path, monkeypatch, short_test):
     """Study 2b's headline (docs/forgetting.md) through `tenure study --jobs 2`, seed 0, 60 of the
@@ -153,7 +153,7 @@ MARGIN = 0.1
 DATA_VOLUME = STUDY_DIR / "data_volume.study.yaml"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1200)  # two MiniLM runs at once: ~85 s idle (2 x 30 s of startup and compile)
 def test_minilm_fewer_examples_open_a_wider_train_validation_gap(tmp_path, monkeypatch, head_rows):
     """Study 4, reduced: its base run with 100 and with 1000 training examples, seed 0, 32 steps of
@@ -226,7 +226,7 @@ def test_decoder_lm_perplexity_stage_tracking_and_a_stage_without_validation(tmp
         rec["R"][1][0] - rec["R"][0][0])
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(900)  # one tiny-GPT-2 stage A, then two stage-B branches
 def test_decoder_lm_replay_keeps_corpus_a_perplexity_lower_than_naive(tmp_path):
     """Study 3, reduced: seed 0, stage A of 200 steps from scratch with half the study's batch,

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from test_train_loop import TINY_BERT, data, summary  # noqa: F401  (the `data` fixture)
-from tests.cli_helpers import cli_env as env
+from tests.cli_helpers import cli_env as env, tenure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,14 +23,6 @@ def args(run_dir, data, steps, *extra):
             "data.max_length=32", "data.batch_size=8", "data.eval_batch_size=16", f"train.steps={steps}",
             "train.eval_every=1000", "train.log_every=2", "checkpoint.every_steps=1000", "optim.schedule=constant",
             "optim.warmup_ratio=0", "optim.lr=1e-3", "logging.progress=false", *extra]
-
-
-def tenure(*argv, check=True):
-    result = subprocess.run([sys.executable, "-m", "tenure.engine.cli", *map(str, argv)], cwd=ROOT, env=env(),
-                            capture_output=True, text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def start(*argv):

@@ -39,7 +39,7 @@ def reduced_config(path):
     return path / "config.yaml"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1800)  # inside the suite: about 8 min on a Zen 4 (AVX512-BF16), 19 min on an AVX2 Zen 3
 @pytest.mark.skipif(auto_compute_dtype() != "bfloat16" and os.environ.get("TENURE_TEST_EMULATED_BF16") != "1",
                     reason="this CPU has no bf16 instructions: the bf16 study runs emulated, 19 of the suite's 45 "

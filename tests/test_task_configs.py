@@ -47,7 +47,7 @@ def _run(name: str, tmp_path, head_rows, steps: int, rows: int, extra: list[str]
     return summary
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_pair_cls_config(run, tmp_path):
     s = run("pair_cls", steps=30, rows=48,
             extra=["data.max_length=48", "data.batch_size=16", "optim.lr=2e-4"])
@@ -56,26 +56,26 @@ def test_pair_cls_config(run, tmp_path):
     assert s["final"]["test/accuracy"] > majority + 0.05
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_ner_config(run):
     s = run("ner", steps=30, rows=48, extra=["optim.lr=3e-4"])
     assert s["final"]["test/f1"] > 0.2  # entity-level F1 of random tags is ~0
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_regression_config(run):
     s = run("regression", steps=60, rows=64,
             extra=["data.max_length=48", "data.batch_size=16", "optim.lr=1e-4"])
     assert s["final"]["test/spearman"] > 0.2
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_mlm_config(run):
     s = run("mlm", steps=20, rows=32, extra=["data.max_length=32"])
     assert s["final"]["test/perplexity"] < s["baseline"]["test/perplexity"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_embedding_config(run):
     s = run("embedding", steps=12, rows=64, extra=["data.length_buckets=[48]"])  # one width: half the compiles
     assert s["final"]["test/recall@1"] > 5 / 64  # chance is 1/64
