@@ -36,12 +36,14 @@ def head_rows():
     return head
 
 
-# The files with the longest real-model tests (`make test --durations`: 200-340 s each on 2 cores).
-# `--dist loadfile` hands files to the workers in collection order, so these go first: a long file
-# started last would run alone at the end while the other worker idles. SmolLM2's bf16 file leads:
-# the longest on a host without AMX (335 s in the suite on a Zen 4).
+# The longest files first. `--dist loadfile` hands files to the workers in collection order: a long
+# file started last would run alone at the end while the other worker idles. `make test-long`
+# (`--dist load`) starts with the longest real-model tests: SmolLM2's bf16 study (skipped without
+# bf16 instructions), then the studies' headlines. In `make test` (real-model tests of minutes left
+# out) the CLI-heavy files lead (`--durations=0`, AVX2 Zen 3: 655, 263, 232, 191, 174, 147 s).
 LONGEST_FIRST = ("test_smollm2_forgetting.py", "test_forgetting_studies.py", "test_continual.py",
-                 "test_task_configs.py")
+                 "test_task_configs.py", "test_lora_checkpoint.py", "test_safety_runs.py", "test_run_safety.py",
+                 "test_scan_layers.py", "test_multihost.py")
 
 
 def pytest_collection_modifyitems(items):
