@@ -61,7 +61,9 @@ class _Workers:
         atexit.register(self.close)
 
     def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-        key = tuple(sorted(env.items()))
+        # pytest names the running test in the environment; tenure never reads it, and a key that
+        # held it would start a worker for every test
+        key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
         with self.lock:
             idle = self.idle.setdefault(key, [])
             worker = idle.pop() if idle else None
@@ -84,6 +86,11 @@ class _Workers:
         if code == 0:
             with self.lock:
                 self.idle[key].append(worker)
+                spare = self.idle[key][2:]   # two per environment at most: each holds its compiled steps
+                del self.idle[key][2:]
+            for extra in spare:
+                extra.stdin.close()
+                extra.wait()
         else:
             worker.wait()
         return subprocess.CompletedProcess(["tenure", *argv], code, stdout, stderr)
