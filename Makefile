@@ -56,12 +56,13 @@ quickstart: $(STAMP)
 # `make test` leaves out the tests marked `long` (a real model trained for minutes: the studies'
 # headlines, the task configs on MiniLM); `make test-long` runs those, and CI runs both.
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder --durations=15
 test: $(STAMP)
-	$(PYTEST) -m "not long"
+	$(PYTEST) --dist loadfile -m "not long"
 
+# a handful of long tests: spread one by one, not by file
 test-long: $(STAMP)
-	$(PYTEST) -m long --dist load   # a handful of long tests: spread one by one, not by file
+	$(PYTEST) --dist load -m long
 
 clean:
 	rm -rf $(VENV)

@@ -13,6 +13,8 @@ import threading
 
 import yaml
 
+from tenure.engine.study.runner import WorkerPool
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -52,11 +54,11 @@ def tenure(*args, check=True, timeout=600, real_model=False) -> subprocess.Compl
 
 
 class _Workers:
-    """Idle study workers of this test process, by environment. A run that does not exit 0 ends
-    its worker (the worker's rule), so the next run gets a fresh one."""
+    """The idle study workers of this test process, a `WorkerPool` (the engine's) per environment.
+    A run that does not exit 0 ends its worker (the worker's rule), so the next run gets a fresh one."""
 
     def __init__(self):
-        self.idle: dict[tuple, list[subprocess.Popen]] = {}
+        self.pools: dict[tuple, WorkerPool] = {}
         self.lock = threading.Lock()
         atexit.register(self.close)
 
@@ -65,11 +67,9 @@ class _Workers:
         # held it would start a worker for every test
         key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
         with self.lock:
-            idle = self.idle.setdefault(key, [])
-            worker = idle.pop() if idle else None
-        if worker is None or worker.poll() is not None:
-            worker = subprocess.Popen([sys.executable, "-m", "tenure.engine.study.worker"], cwd=ROOT, env=env,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            pool = self.pools.setdefault(key, WorkerPool())
+        worker = pool.take() or subprocess.Popen([sys.executable, "-m", "tenure.engine.study.worker"], cwd=ROOT,
+                                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         with tempfile.TemporaryDirectory() as out:
             log, err = pathlib.Path(out) / "stdout", pathlib.Path(out) / "stderr"
             worker.stdin.write(json.dumps({"argv": argv, "log": str(log), "err": str(err)}) + "\n")
@@ -83,24 +83,20 @@ class _Workers:
             stderr = err.read_text() if err.exists() else ""
         # the worker's own line after each run (its memory and compiled steps) is not the command's
         stdout = "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("study worker "))
-        if code == 0:
-            with self.lock:
-                self.idle[key].append(worker)
-                spare = self.idle[key][2:]   # two per environment at most: each holds its compiled steps
-                del self.idle[key][2:]
-            for extra in spare:
-                extra.stdin.close()
-                extra.wait()
+        if code != 0:
+            worker.wait()
+        elif len(pool.idle) < 2:   # two per environment at most: each holds its compiled steps
+            pool.give(worker)
         else:
+            worker.stdin.close()
             worker.wait()
         return subprocess.CompletedProcess(["tenure", *argv], code, stdout, stderr)
 
     def close(self) -> None:
         with self.lock:
-            workers, self.idle = [w for ws in self.idle.values() for w in ws], {}
-        for worker in workers:
-            worker.stdin.close()
-            worker.wait()
+            pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            pool.close()
 
 
 _WORKERS = _Workers()

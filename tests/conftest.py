@@ -40,7 +40,7 @@ def head_rows():
 # file started last would run alone at the end while the other worker idles. `make test-long`
 # (`--dist load`) starts with the longest real-model tests: SmolLM2's bf16 study (skipped without
 # bf16 instructions), then the studies' headlines. In `make test` (real-model tests of minutes left
-# out) the CLI-heavy files lead (`--durations=0`, AVX2 Zen 3: 655, 263, 232, 191, 174, 147 s).
+# out) the CLI-heavy files lead (`--durations=0`, AVX2 Zen 3, cold cache: 687 s, then 157-191 s).
 LONGEST_FIRST = ("test_smollm2_forgetting.py", "test_forgetting_studies.py", "test_continual.py",
                  "test_task_configs.py", "test_lora_checkpoint.py", "test_safety_runs.py", "test_run_safety.py",
                  "test_scan_layers.py", "test_multihost.py")
