@@ -67,7 +67,7 @@ class _Workers:
         # held it would start a worker for every test
         key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
         with self.lock:
-            pool = self.pools.setdefault(key, WorkerPool())
+            pool = self.pools.setdefault(key, WorkerPool(keep=2))   # each holds its compiled steps
         worker = pool.take() or subprocess.Popen([sys.executable, "-m", "tenure.engine.study.worker"], cwd=ROOT,
                                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         with tempfile.TemporaryDirectory() as out:
@@ -85,11 +85,8 @@ class _Workers:
         stdout = "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("study worker "))
         if code != 0:
             worker.wait()
-        elif len(pool.idle) < 2:   # two per environment at most: each holds its compiled steps
-            pool.give(worker)
         else:
-            worker.stdin.close()
-            worker.wait()
+            pool.give(worker)
         return subprocess.CompletedProcess(["tenure", *argv], code, stdout, stderr)
 
     def close(self) -> None:

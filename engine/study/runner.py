@@ -95,10 +95,12 @@ _WORKER = (sys.executable, "-m", "tenure.engine.study.worker")
 
 class WorkerPool:
     """Idle study workers, kept across the `run_all` calls of one study (its first stages, the
-    trained runs, the interpolations) so later runs reuse what earlier ones compiled."""
+    trained runs, the interpolations) so later runs reuse what earlier ones compiled. `keep`: at
+    most that many idle (each holds its compiled steps); a worker given beyond it is ended."""
 
-    def __init__(self):
+    def __init__(self, keep: int | None = None):
         self.idle: list[subprocess.Popen] = []
+        self.keep = keep
         self.lock = threading.Lock()
 
     def take(self) -> subprocess.Popen | None:
@@ -111,7 +113,12 @@ class WorkerPool:
 
     def give(self, worker: subprocess.Popen) -> None:
         with self.lock:
-            self.idle.append(worker)
+            kept = self.keep is None or len(self.idle) < self.keep
+            if kept:
+                self.idle.append(worker)
+        if not kept:
+            worker.stdin.close()
+            worker.wait()
 
     def close(self) -> None:
         """End the idle workers (stdin closed: each exits)."""
