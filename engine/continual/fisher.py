@@ -86,6 +86,7 @@ from tenure.engine.tasks.kinds import TaskKind, kind_of
 from tenure.models.errors import TenureError
 
 FISHER_MODES = ("exact", "sampled", "empirical", "batched")
+FISHER_CHUNK = 8   # examples per device whose gradients are alive at once (make_fisher_step's `chunk`)
 _NO_LIMIT = np.int32(np.iinfo(np.int32).max)
 
 
@@ -184,7 +185,7 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 # ----------------------------------------------------------------------------- the step
 
 def make_fisher_step(model: Any, kind: str, mode: str, mask: Any, mesh: Mesh, param_shardings: Any,
-                     *, chunk: int = 8, temperature: float = 0.05, classes: tuple[int, ...] | None = None) -> Callable:
+                     *, chunk: int = FISHER_CHUNK, temperature: float = 0.05, classes: tuple[int, ...] | None = None) -> Callable:
     """jit-compiled `step(params, batch, key, budget=None) -> (sums, count, units)`.
 
     sums   pruned fp32 tree (masked leaves only) of the sum over the batch's real examples of the

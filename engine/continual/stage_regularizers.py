@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tenure.engine.train.build import Backbone, Tasks, config_key, process_where, lora_spec
+from tenure.engine.train.build import Backbone, Tasks, batch_shards, config_key, process_where, lora_spec
 from tenure.engine.data.pipeline import (EvalBatches, TaskFeaturizer, load_train_records, make_featurizer,
                                          to_global_batch)
 from tenure.engine.data.sources import select
-from tenure.engine.continual.fisher import fisher_diagonal, make_fisher_step, online_update, prune
+from tenure.engine.continual.fisher import FISHER_CHUNK, fisher_diagonal, make_fisher_step, online_update, prune
 from tenure.engine.tasks.kinds import KINDS
 from tenure.engine.tasks.losses import kl_to_start
 from tenure.engine.continual.regularizers import copy_f32, ewc_extra, ewc_term, l2sp_extra, l2sp_term
@@ -51,7 +51,15 @@ def _fisher_batches(backbone: Backbone, tasks: Tasks, name: str, examples: int, 
     featurizer = make_featurizer(data, kind, backbone.tokenizer, tasks.label_vocab, records)
     if tasks.multi:
         featurizer = TaskFeaturizer(featurizer, run_task.index)
-    batches = EvalBatches(records, featurizer, global_batch=data.global_eval_batch_size,
+    # Every row of a Fisher batch costs its backward passes, padding rows too: a batch holds the
+    # chosen examples (rounded up to one pass per data shard, or to whole passes of FISHER_CHUNK),
+    # not eval_batch_size rows.
+    shards = batch_shards(backbone.mesh) * jax.process_count()
+    per_shard = -(-len(records) // shards)
+    if per_shard > FISHER_CHUNK:
+        per_shard = -(-per_shard // FISHER_CHUNK) * FISHER_CHUNK
+    rows = min(data.global_eval_batch_size, per_shard * shards)
+    batches = EvalBatches(records, featurizer, global_batch=rows,
                           buckets=data.length_buckets, pad_id=backbone.tokenizer.pad_token_id or 0,
                           seed=seed, **process_where())
     return (to_global_batch(b, backbone.mesh) for b in batches)
