@@ -3,6 +3,11 @@
     .venv/bin/python scripts/bench_fisher.py                                 # quickstart MiniLM
     .venv/bin/python scripts/bench_fisher.py --modes sampled empirical --chunks 4 8 16
     .venv/bin/python scripts/bench_fisher.py configs/tasks/seq_cls.yaml data.max_length=64
+    .venv/bin/python scripts/bench_fisher.py configs/forgetting/split_lexnames.yaml --stage-examples 64 128
+
+`--stage-examples N ...` times instead the pass a stage takes: the exact / sampled / ... Fisher of the
+config's first task over N of its training records, batched as `ewc.examples: N` batches them
+(tenure.engine.continual.stage_regularizers), twice each after one warm-up, with that task's classes.
 
 Prints examples/s of the jitted train step and of `tenure.engine.continual.fisher.make_fisher_step` for each
 mode and chunk, on the same pipeline batches (taken beforehand: data time excluded), after one
@@ -50,6 +55,32 @@ def line(name: str, examples: int, seconds: tuple[float, float]) -> str:
             f"{examples / seconds[1]:8.1f} examples per CPU-second")
 
 
+def stage_pass(trainer: Trainer, counts: list[int]) -> None:
+    """Seconds of the Fisher pass the second stage takes (its `ewc.fisher` mode, the first task's
+    classes) over each count of the first task's records."""
+    from tenure.engine.continual.fisher import fisher_diagonal
+    from tenure.engine.continual.stage_regularizers import _fisher_batches, fisher_head
+    sr = trainer.build(0, trainer.start_params, {})
+    sr.train_iter.close()
+    name = next(iter(trainer.tasks.by_name))
+    stages = trainer.stages
+    mode = stages[min(1, len(stages) - 1)].ewc.fisher
+    _, classes = fisher_head(trainer.cfg, trainer.tasks, stages, min(1, len(stages) - 1), name)
+    step = make_fisher_step(sr.model, trainer.tasks.first.task.spec.kind, mode, sr.trainability.trainable_mask,
+                            trainer.backbone.mesh, sr.state_shardings.params, classes=classes)
+    for count in counts:
+        batches = list(_fisher_batches(trainer.backbone, trainer.tasks, name, count, 0, "ewc.examples"))
+        rows = [int(b["input_ids"].shape[0]) for b in batches]
+        times = []
+        for _ in range(3):   # the first call compiles
+            start = time.perf_counter()
+            fisher, n = fisher_diagonal(step, sr.state.params, batches, jax.random.key(0), max_examples=count)
+            jax.block_until_ready(fisher)
+            times.append(time.perf_counter() - start)
+        print(f"fisher {mode} of task {name}, {n} examples in batches of {rows} rows, {len(classes or ())} classes: "
+              f"{times[1]:.2f} s, {times[2]:.2f} s (first call, with its compile: {times[0]:.2f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="configs/tasks/seq_cls.yaml")
@@ -59,10 +90,14 @@ def main() -> None:
     parser.add_argument("--chunks", nargs="+", type=int, default=[8])
     parser.add_argument("--ewc", action="store_true", help="also time the train step with an EWC term")
     parser.add_argument("--exact-batches", type=int, default=1, help="timed batches for exact (C x slower)")
+    parser.add_argument("--stage-examples", nargs="+", type=int, help="time a stage's Fisher pass over N records")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
+    if args.stage_examples:
+        stage_pass(trainer, args.stage_examples)
+        return
     sr = trainer.build(0, trainer.start_params, {})   # the first stage's model, state and step
     kind = trainer.tasks.first.task.spec.kind
     mask = sr.trainability.trainable_mask
