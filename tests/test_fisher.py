@@ -549,8 +549,8 @@ def test_class_incremental_fisher_uses_the_task_s_own_classes():
 def test_fisher_batches_hold_the_chosen_examples_not_eval_batch_rows():
     """Every row of a Fisher batch costs its backward passes, padding rows too. A Fisher over fewer
     examples than eval_batch_size takes them in one batch of just those rows (rounded up to a pass
-    over the mesh's 8 data shards, or to whole passes of 8 per shard); more come in eval-size batches. The Fisher is the one the eval-size
-    padded batch gives (its padding rows weigh nothing), to float rounding."""
+    over the mesh's 8 data shards, or to whole passes of 8 a shard); more come in eval-size
+    batches. The Fisher is the one the eval-size padded batch gives, to float rounding."""
     from tenure.engine.config.schema import load_config
     from tenure.engine.continual.stage_regularizers import _fisher_batches
     from tenure.engine.train.trainer import Trainer
