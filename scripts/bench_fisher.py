@@ -63,9 +63,9 @@ def stage_pass(trainer: Trainer, counts: list[int]) -> None:
     sr = trainer.build(0, trainer.start_params, {})
     sr.train_iter.close()
     name = next(iter(trainer.tasks.by_name))
-    stages = trainer.stages
-    mode = stages[min(1, len(stages) - 1)].ewc.fisher
-    _, classes = fisher_head(trainer.cfg, trainer.tasks, stages, min(1, len(stages) - 1), name)
+    index = min(1, len(trainer.stages) - 1)
+    mode = trainer.stages[index].ewc.fisher
+    _, classes = fisher_head(trainer.cfg, trainer.tasks, trainer.stages, index, name)
     step = make_fisher_step(sr.model, trainer.tasks.first.task.spec.kind, mode, sr.trainability.trainable_mask,
                             trainer.backbone.mesh, sr.state_shardings.params, classes=classes)
     for count in counts:
